@@ -1,0 +1,385 @@
+//! Who a connection is (API key or JWT) and which channels it may use.
+
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+
+use crate::config::{Config, Scope};
+
+/// A set of scopes, as bits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Scopes(u8);
+
+impl Scopes {
+    fn bit(scope: Scope) -> u8 {
+        match scope {
+            Scope::Subscribe => 1,
+            Scope::Publish => 2,
+            Scope::Ingest => 4,
+            Scope::Admin => 8,
+        }
+    }
+
+    /// Scopes from a list.
+    pub fn from_list(list: &[Scope]) -> Self {
+        Scopes(list.iter().fold(0, |acc, s| acc | Self::bit(*s)))
+    }
+
+    /// True when `scope` is held (admin holds every scope).
+    pub fn has(self, scope: Scope) -> bool {
+        self.0 & (Self::bit(scope) | Self::bit(Scope::Admin)) != 0
+    }
+}
+
+/// An authenticated client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// Organization.
+    pub org: Box<str>,
+    /// User id (JWT `sub`), for `user:<id>:*` channels.
+    pub user: Option<Box<str>>,
+    /// API key id, for `key:<id>:*` channels.
+    pub key_id: Option<Box<str>>,
+    /// Scopes held.
+    pub scopes: Scopes,
+}
+
+/// The kinds of channel (first part of `type:id:category`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelKind {
+    /// `org:<org>:…`
+    Org,
+    /// `user:<user id>:…`
+    User,
+    /// `key:<key id>:…`
+    Key,
+}
+
+/// A parsed channel name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Channel<'a> {
+    /// Its kind.
+    pub kind: ChannelKind,
+    /// The org, user or key id.
+    pub id: &'a str,
+    /// The category.
+    pub category: &'a str,
+}
+
+/// Why a channel name was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChannelError {
+    /// Not `type:id:category` with a known type and sane characters.
+    #[error("channel must look like type:id:category with type org, user or key")]
+    Malformed,
+    /// Category not in the configured list.
+    #[error("unknown channel category {0:?}")]
+    UnknownCategory(String),
+}
+
+/// Longest accepted channel name.
+pub const MAX_CHANNEL_LEN: usize = 200;
+
+impl<'a> Channel<'a> {
+    /// Parse and check `name` against the configured categories.
+    pub fn parse(name: &'a str, categories: &[String]) -> Result<Self, ChannelError> {
+        if name.len() > MAX_CHANNEL_LEN {
+            return Err(ChannelError::Malformed);
+        }
+        let mut parts = name.splitn(3, ':');
+        let (Some(kind), Some(id), Some(category)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(ChannelError::Malformed);
+        };
+        let kind = match kind {
+            "org" => ChannelKind::Org,
+            "user" => ChannelKind::User,
+            "key" => ChannelKind::Key,
+            _ => return Err(ChannelError::Malformed),
+        };
+        let valid = |s: &str| {
+            !s.is_empty()
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@'))
+        };
+        if !valid(id) || !valid(category) {
+            return Err(ChannelError::Malformed);
+        }
+        if !categories.iter().any(|c| c == category) {
+            return Err(ChannelError::UnknownCategory(category.to_string()));
+        }
+        Ok(Channel { kind, id, category })
+    }
+
+    /// The org this channel belongs to, when the name says so.
+    pub fn org(&self) -> Option<&'a str> {
+        (self.kind == ChannelKind::Org).then_some(self.id)
+    }
+
+    /// `type:id`: every channel of one owner shares a shard (and so an ingest dedup table).
+    pub fn owner_key(name: &str) -> &str {
+        match name.rfind(':') {
+            Some(i) => &name[..i],
+            None => name,
+        }
+    }
+}
+
+impl Principal {
+    /// True when this principal may use `channel` for `scope`.
+    pub fn may(&self, scope: Scope, channel: &Channel<'_>) -> bool {
+        if !self.scopes.has(scope) {
+            return false;
+        }
+        if self.scopes.has(Scope::Admin) {
+            return true;
+        }
+        match channel.kind {
+            ChannelKind::Org => *self.org == *channel.id,
+            ChannelKind::User => self.user.as_deref() == Some(channel.id),
+            ChannelKind::Key => self.key_id.as_deref() == Some(channel.id),
+        }
+    }
+}
+
+/// Why a connection was refused; each maps to an HTTP status and a close code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// No key or token at all.
+    #[error("missing API key or token")]
+    Missing,
+    /// The API key is unknown.
+    #[error("invalid API key")]
+    BadKey,
+    /// The token is malformed, badly signed or lacks claims.
+    #[error("invalid token: {0}")]
+    BadToken(String),
+    /// The token has expired.
+    #[error("token expired")]
+    Expired,
+}
+
+impl AuthError {
+    /// Close code sent after the upgrade.
+    pub fn close_code(&self) -> u16 {
+        match self {
+            AuthError::Missing | AuthError::BadKey => 4401,
+            AuthError::BadToken(_) | AuthError::Expired => 4403,
+        }
+    }
+
+    /// Machine-readable reason (also the metrics label).
+    pub fn code(&self) -> &'static str {
+        match self {
+            AuthError::Missing => "missing_credentials",
+            AuthError::BadKey => "invalid_key",
+            AuthError::BadToken(_) => "invalid_token",
+            AuthError::Expired => "token_expired",
+        }
+    }
+}
+
+/// Credentials found in a request.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// API key secret (`?key=` or `X-API-Key`).
+    pub key: Option<String>,
+    /// JWT (`?token=` or `Authorization: Bearer`).
+    pub token: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    sub: String,
+    org: String,
+    #[serde(default)]
+    scopes: ScopeClaim,
+}
+
+/// `scopes` as a list or a space-separated string (both are common in the wild).
+#[derive(Deserialize, Default)]
+#[serde(untagged)]
+enum ScopeClaim {
+    List(Vec<String>),
+    Spaced(String),
+    #[default]
+    None,
+}
+
+/// Checks credentials. One per shard: keys resolve to shared `Rc<Principal>`s, so a key-authenticated
+/// connection costs no allocation.
+pub struct Authenticator {
+    keys: HashMap<String, Rc<Principal>>,
+    jwt: Option<(DecodingKey, Validation)>,
+}
+
+impl Authenticator {
+    /// Build from the configuration.
+    pub fn new(config: &Config) -> Self {
+        let keys = config
+            .api_keys
+            .iter()
+            .map(|k| {
+                let principal = Principal {
+                    org: k.org.as_str().into(),
+                    user: None,
+                    key_id: Some(k.id.as_str().into()),
+                    scopes: Scopes::from_list(&k.scopes),
+                };
+                (k.secret.clone(), Rc::new(principal))
+            })
+            .collect();
+        let jwt = (!config.auth.jwt_secret.is_empty()).then(|| {
+            let mut validation = Validation::new(Algorithm::HS256);
+            validation.leeway = config.auth.jwt_leeway_secs;
+            validation.set_required_spec_claims(&["exp", "sub"]);
+            (
+                DecodingKey::from_secret(config.auth.jwt_secret.as_bytes()),
+                validation,
+            )
+        });
+        Self { keys, jwt }
+    }
+
+    /// Resolve credentials to a principal. A key wins over a token when both are given.
+    pub fn authenticate(&self, creds: &Credentials) -> Result<Rc<Principal>, AuthError> {
+        if let Some(key) = &creds.key {
+            return self.keys.get(key).cloned().ok_or(AuthError::BadKey);
+        }
+        let Some(token) = &creds.token else {
+            return Err(AuthError::Missing);
+        };
+        let Some((key, validation)) = &self.jwt else {
+            return Err(AuthError::BadToken("tokens are not enabled".into()));
+        };
+        let data = jsonwebtoken::decode::<Claims>(token, key, validation).map_err(|e| {
+            match e.kind() {
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
+                _ => AuthError::BadToken(e.to_string()),
+            }
+        })?;
+        let claims = data.claims;
+        let scopes: Vec<Scope> = match claims.scopes {
+            ScopeClaim::List(list) => list.iter().filter_map(|s| parse_scope(s)).collect(),
+            ScopeClaim::Spaced(s) => s.split_whitespace().filter_map(parse_scope).collect(),
+            ScopeClaim::None => vec![Scope::Subscribe],
+        };
+        Ok(Rc::new(Principal {
+            org: claims.org.into(),
+            user: Some(claims.sub.into()),
+            key_id: None,
+            scopes: Scopes::from_list(&scopes),
+        }))
+    }
+}
+
+fn parse_scope(s: &str) -> Option<Scope> {
+    match s {
+        "subscribe" => Some(Scope::Subscribe),
+        "publish" => Some(Scope::Publish),
+        "ingest" => Some(Scope::Ingest),
+        "admin" => Some(Scope::Admin),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ApiKey;
+    use jsonwebtoken::{encode, EncodingKey, Header};
+
+    fn categories() -> Vec<String> {
+        crate::config::Channels::default().categories
+    }
+
+    fn config() -> Config {
+        let mut config = Config::default();
+        config.auth.jwt_secret = "jwt-secret".into();
+        config.api_keys.push(ApiKey {
+            id: "k1".into(),
+            secret: "s1".into(),
+            org: "acme".into(),
+            scopes: vec![Scope::Subscribe, Scope::Publish],
+        });
+        config
+    }
+
+    fn token(secret: &str, exp_offset: i64, scopes: serde_json::Value) -> String {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let claims = serde_json::json!({"sub":"u1","org":"acme","exp":now + exp_offset,"scopes":scopes});
+        encode(
+            &Header::default(),
+            &claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn parses_channels() {
+        let c = Channel::parse("org:acme:decisions", &categories()).unwrap();
+        assert_eq!((c.kind, c.id, c.category), (ChannelKind::Org, "acme", "decisions"));
+        for bad in ["org:acme", "team:x:decisions", "org::decisions", "org:a b:usage", ""] {
+            assert_eq!(Channel::parse(bad, &categories()), Err(ChannelError::Malformed), "{bad}");
+        }
+        assert!(matches!(
+            Channel::parse("org:acme:secrets", &categories()),
+            Err(ChannelError::UnknownCategory(_))
+        ));
+        assert_eq!(Channel::owner_key("org:acme:decisions"), "org:acme");
+    }
+
+    #[test]
+    fn keys_and_tokens_resolve_to_principals() {
+        let auth = Authenticator::new(&config());
+        let creds = |key: Option<&str>, token: Option<String>| Credentials {
+            key: key.map(String::from),
+            token,
+        };
+        let p = auth.authenticate(&creds(Some("s1"), None)).unwrap();
+        assert_eq!(&*p.org, "acme");
+        assert_eq!(auth.authenticate(&creds(Some("nope"), None)), Err(AuthError::BadKey));
+        assert_eq!(auth.authenticate(&creds(None, None)), Err(AuthError::Missing));
+
+        let ok = token("jwt-secret", 60, serde_json::json!(["subscribe", "ingest"]));
+        let p = auth.authenticate(&creds(None, Some(ok))).unwrap();
+        assert_eq!(p.user.as_deref(), Some("u1"));
+        assert!(p.scopes.has(Scope::Ingest) && !p.scopes.has(Scope::Publish));
+
+        let expired = token("jwt-secret", -10, serde_json::json!("subscribe"));
+        assert_eq!(auth.authenticate(&creds(None, Some(expired))), Err(AuthError::Expired));
+        let forged = token("other", 60, serde_json::json!("subscribe"));
+        let err = auth.authenticate(&creds(None, Some(forged))).unwrap_err();
+        assert_eq!(err.close_code(), 4403);
+        assert_eq!(AuthError::BadKey.close_code(), 4401);
+    }
+
+    #[test]
+    fn channel_permissions_follow_ownership_and_scope() {
+        let cats = categories();
+        let user = Principal {
+            org: "acme".into(),
+            user: Some("u1".into()),
+            key_id: None,
+            scopes: Scopes::from_list(&[Scope::Subscribe]),
+        };
+        let ch = |s| Channel::parse(s, &cats).unwrap();
+        assert!(user.may(Scope::Subscribe, &ch("org:acme:decisions")));
+        assert!(user.may(Scope::Subscribe, &ch("user:u1:notifications")));
+        assert!(!user.may(Scope::Subscribe, &ch("org:other:decisions")));
+        assert!(!user.may(Scope::Subscribe, &ch("user:u2:notifications")));
+        assert!(!user.may(Scope::Subscribe, &ch("key:k1:usage")));
+        assert!(!user.may(Scope::Publish, &ch("org:acme:decisions")));
+        let admin = Principal {
+            scopes: Scopes::from_list(&[Scope::Admin]),
+            ..user
+        };
+        assert!(admin.may(Scope::Ingest, &ch("org:other:decisions")));
+    }
+}

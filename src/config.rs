@@ -1,0 +1,462 @@
+//! Configuration: a TOML file, then `SHARDCAST_…` environment overrides, then the command line.
+//!
+//! Any field can be set from the environment: the variable name is `SHARDCAST_` followed by the
+//! field's path in upper case, sections joined with `__` (`SHARDCAST_LIMITS__MAX_MESSAGE_BYTES`).
+//! Values are read as TOML literals where they parse as one (numbers, booleans, arrays, inline
+//! tables such as `SHARDCAST_API_KEYS='[{id="a",secret="…",org="acme",scopes=["subscribe"]}]'`)
+//! and as plain strings otherwise.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::Deserialize;
+
+/// The secret of the demo key shipped in config/shardcast.toml.
+pub const DEMO_SECRET: &str = "demo-secret";
+
+/// Errors found while loading or checking the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// Path of the file.
+        path: String,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// The TOML (file or environment) does not fit the schema.
+    #[error("invalid configuration: {0}")]
+    Parse(String),
+    /// The values parse but cannot be used together.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// What to do when a connection's outbound queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackpressurePolicy {
+    /// Drop the oldest queued message and tell the client once per burst.
+    DropOldest,
+    /// Close the slow consumer with 1008.
+    Close,
+}
+
+/// How a refused credential is reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefuseWith {
+    /// HTTP 401 before the upgrade.
+    Http,
+    /// Upgrade, then close with 4401 (bad key) or 4403 (bad token): browsers can see close
+    /// codes but not HTTP statuses.
+    Close,
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address every shard listens on (SO_REUSEPORT).
+    pub listen: SocketAddr,
+    /// Number of shards (executors); 0 means one per CPU this process may run on.
+    pub shards: usize,
+    /// First CPU to pin shard 0 to, among the CPUs this process may run on.
+    pub cpu_offset: usize,
+    /// Most WebSocket connections held at once; further upgrades get HTTP 503.
+    pub max_connections: usize,
+    /// Listen backlog per shard.
+    pub backlog: u32,
+    /// Message size, queue and abuse limits.
+    pub limits: Limits,
+    /// Ping/pong and handshake timing.
+    pub websocket: WebSocket,
+    /// Token verification.
+    pub auth: Auth,
+    /// Channel naming.
+    pub channels: Channels,
+    /// Decision ingest.
+    pub ingest: Ingest,
+    /// Graceful shutdown.
+    pub shutdown: Shutdown,
+    /// Cross-shard mesh.
+    pub mesh: Mesh,
+    /// Diagnostic endpoints.
+    pub diagnostics: Diagnostics,
+    /// API keys.
+    pub api_keys: Vec<ApiKey>,
+}
+
+/// Limits applied to every connection.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest message a client may send (larger: close 1009).
+    pub max_message_bytes: usize,
+    /// Most messages queued for one connection.
+    pub outbound_queue_messages: usize,
+    /// Most bytes queued for one connection.
+    pub outbound_queue_bytes: usize,
+    /// What to do when the queue is full.
+    pub backpressure_policy: BackpressurePolicy,
+    /// Consecutive malformed messages tolerated before closing with 4400.
+    pub max_bad_messages: u32,
+}
+
+/// WebSocket timing.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebSocket {
+    /// Send a WebSocket ping after this long without hearing from the client.
+    pub ping_interval_ms: u64,
+    /// Drop a connection that has sent nothing (not even a pong) for this long.
+    pub idle_timeout_ms: u64,
+    /// Drop a connection that has not completed its HTTP request in this long.
+    pub handshake_timeout_ms: u64,
+}
+
+/// Token (JWT) settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Auth {
+    /// HS256 secret for JWTs; empty disables tokens.
+    pub jwt_secret: String,
+    /// Clock skew allowed when checking `exp`, in seconds.
+    pub jwt_leeway_secs: u64,
+    /// How refused credentials are reported.
+    pub refuse_with: RefuseWith,
+}
+
+/// Channel naming rules.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Channels {
+    /// Allowed categories (the third part of `type:id:category`).
+    pub categories: Vec<String>,
+}
+
+/// Decision ingest settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Ingest {
+    /// How long an idempotency key keeps deduplicating, in seconds.
+    pub dedup_window_secs: u64,
+    /// Most idempotency keys remembered per shard (oldest forgotten first).
+    pub dedup_max_entries: usize,
+}
+
+/// Graceful shutdown settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Shutdown {
+    /// Longest time spent flushing queues and closing connections.
+    pub drain_timeout_ms: u64,
+    /// Delay suggested to clients before they reconnect.
+    pub reconnect_in_ms: u64,
+}
+
+/// Cross-shard channel mesh settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Mesh {
+    /// Capacity of each shard-to-shard channel, in batches.
+    pub channel_capacity: usize,
+    /// Messages waiting for one peer shard before publishers are slowed down.
+    pub max_pending: usize,
+}
+
+/// Diagnostic endpoints.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Diagnostics {
+    /// Serve `/echo` (no auth; loopback only) for WebSocket conformance testing.
+    pub echo: bool,
+}
+
+/// A scope a principal may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    /// SUB / UNSUB.
+    Subscribe,
+    /// PUBLISH.
+    Publish,
+    /// INGEST.
+    Ingest,
+    /// Every channel, every operation.
+    Admin,
+}
+
+/// An API key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKey {
+    /// Public key id (used in `key:<id>:*` channels and logs).
+    pub id: String,
+    /// The secret clients present.
+    pub secret: String,
+    /// Organization the key belongs to.
+    pub org: String,
+    /// Scopes granted.
+    pub scopes: Vec<Scope>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            shards: 0,
+            cpu_offset: 0,
+            max_connections: 100_000,
+            backlog: 4096,
+            limits: Limits::default(),
+            websocket: WebSocket::default(),
+            auth: Auth::default(),
+            channels: Channels::default(),
+            ingest: Ingest::default(),
+            shutdown: Shutdown::default(),
+            mesh: Mesh::default(),
+            diagnostics: Diagnostics::default(),
+            api_keys: Vec::new(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 65536,
+            outbound_queue_messages: 1024,
+            outbound_queue_bytes: 4 << 20,
+            backpressure_policy: BackpressurePolicy::DropOldest,
+            max_bad_messages: 10,
+        }
+    }
+}
+
+impl Default for WebSocket {
+    fn default() -> Self {
+        Self {
+            ping_interval_ms: 30_000,
+            idle_timeout_ms: 75_000,
+            handshake_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl Default for Auth {
+    fn default() -> Self {
+        Self {
+            jwt_secret: String::new(),
+            jwt_leeway_secs: 0,
+            refuse_with: RefuseWith::Close,
+        }
+    }
+}
+
+impl Default for Channels {
+    fn default() -> Self {
+        Self {
+            categories: ["decisions", "notifications", "usage"]
+                .map(String::from)
+                .to_vec(),
+        }
+    }
+}
+
+impl Default for Ingest {
+    fn default() -> Self {
+        Self {
+            dedup_window_secs: 86_400,
+            dedup_max_entries: 1_000_000,
+        }
+    }
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Self {
+            drain_timeout_ms: 5_000,
+            reconnect_in_ms: 1_000,
+        }
+    }
+}
+
+impl Default for Mesh {
+    fn default() -> Self {
+        Self {
+            channel_capacity: 1024,
+            max_pending: 65_536,
+        }
+    }
+}
+
+impl Config {
+    /// Load `path` (if given), apply `SHARDCAST_…` variables from `env`, and check the result.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut table = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Parse(format!("{}: {e}", path.display())))?
+            }
+            None => toml::Table::new(),
+        };
+        for (name, value) in env {
+            if let Some(field) = name.strip_prefix("SHARDCAST_") {
+                apply_override(&mut table, field, &value)?;
+            }
+        }
+        let config: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Check values that parse but cannot work.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |msg: String| Err(ConfigError::Invalid(msg));
+        let exposed = !self.listen.ip().is_loopback();
+        if exposed && self.api_keys.iter().any(|k| k.secret == DEMO_SECRET) {
+            return invalid(format!(
+                "refusing to listen on {} with the demo API key configured; replace it \
+                 (SHARDCAST_API_KEYS) or listen on loopback",
+                self.listen
+            ));
+        }
+        if exposed && self.diagnostics.echo {
+            return invalid(format!(
+                "the unauthenticated /echo endpoint is loopback-only; disable diagnostics.echo \
+                 to listen on {}",
+                self.listen
+            ));
+        }
+        if self.limits.max_message_bytes == 0 || self.limits.outbound_queue_messages == 0 {
+            return invalid("limits must be greater than zero".into());
+        }
+        if self.limits.outbound_queue_bytes < self.limits.max_message_bytes {
+            return invalid("limits.outbound_queue_bytes must hold at least one message".into());
+        }
+        if self.channels.categories.is_empty() {
+            return invalid("channels.categories must not be empty".into());
+        }
+        if self.mesh.channel_capacity == 0 {
+            return invalid("mesh.channel_capacity must be greater than zero".into());
+        }
+        let mut secrets = std::collections::HashSet::new();
+        for key in &self.api_keys {
+            if key.id.is_empty() || key.secret.is_empty() || key.org.is_empty() {
+                return invalid("every api_keys entry needs id, secret and org".into());
+            }
+            if !secrets.insert(&key.secret) {
+                return invalid(format!("api key {} reuses another key's secret", key.id));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn apply_override(table: &mut toml::Table, field: &str, value: &str) -> Result<(), ConfigError> {
+    let path: Vec<String> = field.split("__").map(|p| p.to_ascii_lowercase()).collect();
+    let parsed = format!("v = {value}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_string()));
+    let (last, sections) = path
+        .split_last()
+        .ok_or_else(|| ConfigError::Parse(format!("empty variable name SHARDCAST_{field}")))?;
+    let mut node = table;
+    for section in sections {
+        let entry = node
+            .entry(section.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        node = entry.as_table_mut().ok_or_else(|| {
+            ConfigError::Parse(format!("SHARDCAST_{field}: {section} is not a section"))
+        })?;
+    }
+    node.insert(last.clone(), parsed);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn shipped_config_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/shardcast.toml");
+        let config = Config::load(Some(&path), []).unwrap();
+        assert!(config.listen.ip().is_loopback());
+        assert_eq!(config.api_keys[0].secret, DEMO_SECRET);
+    }
+
+    #[test]
+    fn environment_overrides_any_field() {
+        let config = Config::load(
+            None,
+            env(&[
+                ("SHARDCAST_SHARDS", "3"),
+                ("SHARDCAST_LIMITS__MAX_MESSAGE_BYTES", "1000"),
+                ("SHARDCAST_LIMITS__BACKPRESSURE_POLICY", "close"),
+                ("SHARDCAST_AUTH__JWT_SECRET", "s3cret with spaces"),
+                (
+                    "SHARDCAST_API_KEYS",
+                    r#"[{id="k1",secret="x",org="acme",scopes=["subscribe","admin"]}]"#,
+                ),
+                ("OTHER_VAR", "ignored"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.shards, 3);
+        assert_eq!(config.limits.max_message_bytes, 1000);
+        assert_eq!(
+            config.limits.backpressure_policy,
+            BackpressurePolicy::Close
+        );
+        assert_eq!(config.auth.jwt_secret, "s3cret with spaces");
+        assert_eq!(config.api_keys[0].scopes, vec![Scope::Subscribe, Scope::Admin]);
+    }
+
+    #[test]
+    fn refuses_demo_key_and_echo_off_loopback() {
+        let demo = r#"[{id="demo",secret="demo-secret",org="demo",scopes=["subscribe"]}]"#;
+        let err = Config::load(
+            None,
+            env(&[("SHARDCAST_LISTEN", "0.0.0.0:8080"), ("SHARDCAST_API_KEYS", demo)]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("demo API key"), "{err}");
+        let err = Config::load(
+            None,
+            env(&[
+                ("SHARDCAST_LISTEN", "0.0.0.0:8080"),
+                ("SHARDCAST_DIAGNOSTICS__ECHO", "true"),
+            ]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("loopback-only"), "{err}");
+    }
+
+    #[test]
+    fn unknown_fields_are_errors() {
+        let err = Config::load(None, env(&[("SHARDCAST_LIMITS__MAX_MESAGE_BYTES", "1")]))
+            .unwrap_err();
+        assert!(err.to_string().contains("max_mesage_bytes"), "{err}");
+    }
+}

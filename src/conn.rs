@@ -1,0 +1,495 @@
+//! One client connection: the HTTP request, the upgrade, then the WebSocket session.
+//!
+//! A connection is a single hand-written state machine polled by one task: it reads into the
+//! shard's scratch buffer (only inside a poll, so no connection holds a read buffer while it
+//! waits), decodes and handles what arrived, and writes everything queued for it with one
+//! `writev`. glommio keeps one waker per direction on a stream; one task polling both
+//! directions keeps both wakers its own.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+
+use futures_lite::{AsyncRead, AsyncWrite};
+use glommio::net::TcpStream;
+
+use crate::auth::Principal;
+use crate::codec::{self, Decoder, Event};
+use crate::config::RefuseWith;
+use crate::http;
+use crate::metrics::Counter;
+use crate::protocol;
+use crate::queue::Bounds;
+use crate::shard::{Peer, Phase, Shard};
+
+/// Reads handled per poll before yielding to other connections.
+const READ_BUDGET: usize = 16;
+/// Frames gathered into one `writev`.
+const MAX_IOVECS: usize = 64;
+/// Bounds that never drop: for the handshake response and close frames.
+const UNBOUNDED: Bounds = Bounds {
+    messages: usize::MAX,
+    bytes: usize::MAX,
+    drop_oldest: true,
+};
+
+enum Mode {
+    /// Reading the request head (bytes kept only while it is incomplete).
+    Http(Vec<u8>),
+    /// A plain HTTP response is queued; done once it is written.
+    HttpReply,
+    /// An authenticated WebSocket session.
+    Session(Rc<Principal>),
+    /// The diagnostic echo endpoint.
+    Echo,
+    /// Upgraded only to deliver a close code for refused credentials.
+    Refused,
+}
+
+/// Serve one accepted connection until it closes.
+pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
+    let peer = shard.add_conn();
+    let _ = stream.set_nodelay(true);
+    let mut conn = Conn {
+        shard,
+        peer,
+        stream,
+        decoder: Decoder::default(),
+        mode: Mode::Http(Vec::new()),
+        bad_messages: 0,
+        holds_slot: false,
+        close_queued: false,
+        close_received: false,
+        eof: false,
+    };
+    std::future::poll_fn(|cx| conn.poll(cx)).await;
+}
+
+struct Conn {
+    shard: Rc<Shard>,
+    peer: Rc<Peer>,
+    stream: TcpStream,
+    decoder: Decoder,
+    mode: Mode,
+    bad_messages: u32,
+    /// Holds one of the process's `max_connections` slots.
+    holds_slot: bool,
+    close_queued: bool,
+    close_received: bool,
+    eof: bool,
+}
+
+enum Step {
+    Progress,
+    Pending,
+    Done,
+}
+
+impl Conn {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        self.peer.set_waker(cx.waker());
+        for _ in 0..READ_BUDGET {
+            if self.peer.abort.get() {
+                return Poll::Ready(());
+            }
+            if let Some((code, reason, discard)) = self.peer.take_close_request() {
+                self.start_close(code, reason, discard);
+            }
+            if self.flush(cx).is_err() {
+                return Poll::Ready(());
+            }
+            if self.finished() {
+                return Poll::Ready(());
+            }
+            match self.read(cx) {
+                Step::Progress => {}
+                Step::Pending => return Poll::Pending,
+                Step::Done => return Poll::Ready(()),
+            }
+        }
+        // Fairness: let the shard's other connections run, then continue.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    fn finished(&self) -> bool {
+        let flushed = self.peer.out().borrow().is_empty();
+        match self.mode {
+            Mode::HttpReply => flushed,
+            Mode::Http(_) => self.eof,
+            _ => self.eof || (self.close_queued && self.close_received && flushed),
+        }
+    }
+
+    fn read(&mut self, cx: &mut Context<'_>) -> Step {
+        if self.eof || matches!(self.mode, Mode::HttpReply) {
+            return Step::Pending;
+        }
+        if matches!(self.mode, Mode::Session(_)) && !self.close_queued && self.shard.congested() {
+            self.shard.wait_uncongested(cx.waker());
+            return Step::Pending;
+        }
+        let shard = self.shard.clone();
+        let mut scratch = shard.scratch.borrow_mut();
+        match Pin::new(&mut self.stream).poll_read(cx, &mut scratch[..]) {
+            Poll::Ready(Ok(0)) => {
+                self.eof = true;
+                Step::Progress
+            }
+            Poll::Ready(Ok(n)) => {
+                self.peer.last_heard.set(shard.now_ms());
+                self.on_bytes(&mut scratch[..n]);
+                Step::Progress
+            }
+            Poll::Ready(Err(_)) => Step::Done,
+            Poll::Pending => Step::Pending,
+        }
+    }
+
+    /// Write queued frames: as many as fit in one `writev`, repeated until the socket is full.
+    fn flush(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        let fd = self.stream.as_raw_fd();
+        loop {
+            let mut out = self.peer.out().borrow_mut();
+            if out.is_empty() {
+                return Ok(());
+            }
+            let drops = out.take_unreported_drops();
+            if drops > 0 && !self.close_queued {
+                out.push_urgent(protocol::slow_consumer(drops));
+            }
+            let mut iov = [libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            }; MAX_IOVECS];
+            let n = out.fill_iovecs(&mut iov);
+            // SAFETY: the iovecs point into frames owned by `out`, which stays borrowed (and
+            // unchanged) until the call returns.
+            let written = unsafe { libc::writev(fd, iov.as_ptr(), n as libc::c_int) };
+            if written >= 0 {
+                let total: usize = iov[..n].iter().map(|v| v.iov_len).sum();
+                let sent = out.consume(written as usize);
+                self.shard.counters.add(Counter::MessagesSent, sent as u64);
+                if (written as usize) < total {
+                    drop(out);
+                    if !self.wait_writable(cx)? {
+                        return Ok(());
+                    }
+                }
+                continue;
+            }
+            let err = io::Error::last_os_error();
+            match err.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => {
+                    drop(out);
+                    if !self.wait_writable(cx)? {
+                        return Ok(());
+                    }
+                }
+                _ => return Err(err),
+            }
+        }
+    }
+
+    /// Register for writability (glommio does so only through `poll_write`, which first tries
+    /// one more send). Returns true if that send made progress and writing should go on.
+    fn wait_writable(&mut self, cx: &mut Context<'_>) -> io::Result<bool> {
+        let mut out = self.peer.out().borrow_mut();
+        let mut iov = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; 1];
+        if out.fill_iovecs(&mut iov) == 0 {
+            return Ok(false);
+        }
+        // SAFETY: as in `flush`, the slice points into a frame held by `out`.
+        let next = unsafe { std::slice::from_raw_parts(iov[0].iov_base as *const u8, iov[0].iov_len) };
+        match Pin::new(&mut self.stream).poll_write(cx, next) {
+            Poll::Ready(Ok(n)) => {
+                let sent = out.consume(n);
+                self.shard.counters.add(Counter::MessagesSent, sent as u64);
+                Ok(true)
+            }
+            Poll::Ready(Err(e)) => Err(e),
+            Poll::Pending => Ok(false),
+        }
+    }
+
+    fn on_bytes(&mut self, data: &mut [u8]) {
+        match &mut self.mode {
+            Mode::Http(head) => {
+                let parsed = if head.is_empty() {
+                    http::parse(data)
+                } else {
+                    head.extend_from_slice(data);
+                    http::parse(head)
+                };
+                match parsed {
+                    Ok(None) => {
+                        if head.is_empty() {
+                            head.extend_from_slice(data);
+                        }
+                    }
+                    Ok(Some((request, len))) => {
+                        // Bytes after the head are the client's first frames.
+                        let mut rest = if head.is_empty() {
+                            data[len..].to_vec()
+                        } else {
+                            head.split_off(len)
+                        };
+                        self.on_request(request);
+                        if !rest.is_empty() && self.is_websocket() {
+                            self.on_frames(&mut rest);
+                        }
+                    }
+                    Err(e) => {
+                        let status = match e {
+                            http::HeadError::TooLarge => 431,
+                            http::HeadError::Malformed => 400,
+                        };
+                        self.http_reply(http::error_response(status, "bad_request", &e.to_string(), ""));
+                    }
+                }
+            }
+            Mode::HttpReply => {}
+            Mode::Session(_) | Mode::Echo | Mode::Refused => self.on_frames(data),
+        }
+    }
+
+    fn is_websocket(&self) -> bool {
+        matches!(self.mode, Mode::Session(_) | Mode::Echo | Mode::Refused)
+    }
+
+    fn http_reply(&mut self, response: Vec<u8>) {
+        self.shard.send(&self.peer, Rc::from(response));
+        self.mode = Mode::HttpReply;
+    }
+
+    fn on_request(&mut self, request: http::Request) {
+        let shard = self.shard.clone();
+        let json = "application/json";
+        match (request.method.as_str(), request.path.as_str()) {
+            ("GET", "/ws") => self.upgrade(request, false),
+            ("GET", "/echo") if shard.config.diagnostics.echo => self.upgrade(request, true),
+            ("GET", "/health") => {
+                let status = if shard.global.ready.load(std::sync::atomic::Ordering::Relaxed) {
+                    "healthy"
+                } else {
+                    "shutting_down"
+                };
+                self.http_reply(http::response(200, json, "", &shard.global.health_json(status)))
+            }
+            ("GET", "/health/live") => {
+                self.http_reply(http::response(200, json, "", r#"{"status":"alive"}"#))
+            }
+            ("GET", "/health/ready") => {
+                let reply = if shard.global.ready.load(std::sync::atomic::Ordering::Relaxed) {
+                    http::response(200, json, "", r#"{"status":"ready"}"#)
+                } else {
+                    http::response(503, json, "", r#"{"status":"not_ready","reason":"shutting_down"}"#)
+                };
+                self.http_reply(reply)
+            }
+            ("GET", "/metrics") => self.http_reply(http::response(
+                200,
+                "text/plain; version=0.0.4",
+                "",
+                &shard.global.prometheus(),
+            )),
+            ("GET", "/info") => self.http_reply(http::response(200, json, "", &info_json(&shard))),
+            (_, "/ws" | "/health" | "/health/live" | "/health/ready" | "/metrics" | "/info") => {
+                self.http_reply(http::error_response(405, "method_not_allowed", "use GET", "Allow: GET\r\n"))
+            }
+            _ => self.http_reply(http::error_response(404, "not_found", "no such endpoint", "")),
+        }
+    }
+
+    fn upgrade(&mut self, request: http::Request, echo: bool) {
+        let shard = self.shard.clone();
+        if !request.upgrade {
+            let msg = "this endpoint speaks WebSocket only";
+            return self.http_reply(http::error_response(426, "upgrade_required", msg, "Upgrade: websocket\r\n"));
+        }
+        if !request.ws_version_ok {
+            let msg = "unsupported WebSocket version";
+            return self.http_reply(http::error_response(426, "bad_version", msg, "Sec-WebSocket-Version: 13\r\n"));
+        }
+        let Some(key) = request.ws_key.as_deref() else {
+            return self.http_reply(http::error_response(400, "bad_request", "missing Sec-WebSocket-Key", ""));
+        };
+        let principal = if echo {
+            None
+        } else {
+            match shard.auth.authenticate(&request.credentials) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    shard.global.auth_failed(e.code());
+                    if shard.config.auth.refuse_with == RefuseWith::Http {
+                        return self.http_reply(http::error_response(401, e.code(), &e.to_string(), ""));
+                    }
+                    shard.send(&self.peer, Rc::from(http::upgrade_response(key)));
+                    self.mode = Mode::Refused;
+                    self.enter(Phase::Open);
+                    return self.start_close(e.close_code(), e.code(), false);
+                }
+            }
+        };
+        if shard.shutting_down.get() {
+            return self.http_reply(http::error_response(503, "shutting_down", "server is restarting", "Retry-After: 1\r\n"));
+        }
+        if !shard.global.try_open(shard.config.max_connections) {
+            let msg = "server is at max_connections";
+            return self.http_reply(http::error_response(503, "over_capacity", msg, "Retry-After: 1\r\n"));
+        }
+        self.holds_slot = true;
+        shard.send(&self.peer, Rc::from(http::upgrade_response(key)));
+        self.enter(Phase::Open);
+        match principal {
+            Some(principal) => {
+                let id = format!("{:x}-{}-{}", shard.global.boot_id, shard.id, self.peer.id);
+                shard.send(&self.peer, protocol::ready(&id, shard.id));
+                self.mode = Mode::Session(principal);
+            }
+            None => self.mode = Mode::Echo,
+        }
+    }
+
+    fn enter(&self, phase: Phase) {
+        self.peer.phase.set(phase);
+        self.peer.phase_since.set(self.shard.now_ms());
+    }
+
+    fn on_frames(&mut self, data: &mut [u8]) {
+        let mut decoder = std::mem::take(&mut self.decoder);
+        let max = self.shard.config.limits.max_message_bytes;
+        let result = decoder.decode(data, max, &mut |event| self.on_event(event));
+        self.decoder = decoder;
+        if let Err(violation) = result {
+            self.shard.counters.add(Counter::BadMessages, 1);
+            self.start_close(violation.code, violation.reason, false);
+        }
+    }
+
+    /// Handle one decoded event; false stops decoding (the connection is closing).
+    fn on_event(&mut self, event: Event<'_>) -> bool {
+        if self.close_queued {
+            // After our close frame only the peer's close matters (RFC 6455 5.5.1).
+            if let Event::Close(_) = event {
+                self.close_received = true;
+                return false;
+            }
+            return true;
+        }
+        match event {
+            Event::Text(text) => self.on_text(text),
+            Event::Binary(bytes) => {
+                if matches!(self.mode, Mode::Echo) {
+                    self.shard.send(&self.peer, codec::frame(codec::opcode::BINARY, bytes));
+                } else {
+                    let refusal = protocol::Refusal::bad_request(
+                        "binary frames are not supported: send JSON in text frames",
+                    );
+                    self.refuse(&refusal);
+                }
+            }
+            Event::Ping(payload) => self.peer.send_urgent(codec::frame(codec::opcode::PONG, payload)),
+            Event::Pong(_) => {}
+            Event::Close(close) => {
+                self.close_received = true;
+                let code = close.map_or(1000, |(code, _)| code);
+                self.start_close(code, "", false);
+                return false;
+            }
+        }
+        !self.close_queued
+    }
+
+    fn on_text(&mut self, text: &str) {
+        let shard = self.shard.clone();
+        let principal = match &self.mode {
+            Mode::Session(p) => p.clone(),
+            Mode::Echo => {
+                return shard.send(&self.peer, codec::frame(codec::opcode::TEXT, text.as_bytes()))
+            }
+            _ => return,
+        };
+        shard.counters.add(Counter::MessagesReceived, 1);
+        let parsed = shard.parser.borrow_mut().parse(text.as_bytes());
+        match parsed {
+            Ok(request) => {
+                self.bad_messages = 0;
+                shard.request(&self.peer, &principal, request);
+            }
+            Err(refusal) => self.refuse(&refusal),
+        }
+    }
+
+    /// Answer a refused message; a client that keeps sending garbage is closed with 4400.
+    fn refuse(&mut self, refusal: &protocol::Refusal) {
+        let shard = self.shard.clone();
+        shard.send(&self.peer, protocol::refusal(refusal));
+        match refusal.code {
+            "invalid_decision" => shard.counters.add(Counter::DecisionsRejected, 1),
+            _ => {
+                shard.counters.add(Counter::BadMessages, 1);
+                self.bad_messages += 1;
+                if self.bad_messages >= shard.config.limits.max_bad_messages {
+                    self.start_close(4400, "too many malformed messages", false);
+                }
+            }
+        }
+    }
+
+    /// Queue a close frame (after what is queued, unless `discard`) and stop taking messages.
+    fn start_close(&mut self, code: u16, reason: &'static str, discard: bool) {
+        if !self.is_websocket() {
+            self.peer.abort.set(true);
+            return;
+        }
+        if self.close_queued {
+            return;
+        }
+        let mut out = self.peer.out().borrow_mut();
+        if discard {
+            out.clear();
+        }
+        out.push(codec::close_frame(code, reason), UNBOUNDED);
+        drop(out);
+        self.close_queued = true;
+        self.enter(Phase::Closing);
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.shard.remove_conn(&self.peer);
+        if self.holds_slot {
+            self.shard.global.close();
+        }
+    }
+}
+
+fn info_json(shard: &Shard) -> String {
+    let c = &shard.config;
+    format!(
+        concat!(
+            r#"{{"name":"shardcast","version":"{}","shards":{},"listen":"{}","#,
+            r#""uptimeSeconds":{},"protocol":{{"endpoint":"/ws","messages":["SUB","UNSUB","PUBLISH","INGEST","PING"],"#,
+            r#""schemas":["{}"],"categories":{:?}}},"#,
+            r#""limits":{{"maxMessageBytes":{},"outboundQueueMessages":{},"outboundQueueBytes":{},"maxConnections":{}}}}}"#
+        ),
+        env!("CARGO_PKG_VERSION"),
+        shard.nshards,
+        c.listen,
+        shard.global.started.elapsed().as_secs(),
+        crate::decision::SCHEMA,
+        c.channels.categories,
+        c.limits.max_message_bytes,
+        c.limits.outbound_queue_messages,
+        c.limits.outbound_queue_bytes,
+        c.max_connections,
+    )
+}

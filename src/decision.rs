@@ -1,0 +1,330 @@
+//! AI-governance decisions: validation, ids, timestamps and the idempotency table.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use simd_json::prelude::*;
+use simd_json::BorrowedValue;
+
+use crate::json;
+
+/// The only decision schema accepted.
+pub const SCHEMA: &str = "decision.v1";
+/// Accepted `direction` values.
+pub const DIRECTIONS: [&str; 2] = ["precheck", "postcheck"];
+/// Accepted `decision` values.
+pub const OUTCOMES: [&str; 5] = ["allow", "deny", "confirm", "redact", "block"];
+
+/// The checked fields of a decision (the rest of `data` travels as raw JSON).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    /// Organization the decision belongs to.
+    pub org_id: String,
+    /// precheck or postcheck.
+    pub direction: String,
+    /// The outcome (allow, deny, …).
+    pub decision: String,
+    /// Hash of the governed payload.
+    pub payload_hash: String,
+}
+
+impl Decision {
+    /// Check a decision's `data` object; the error names the offending field.
+    pub fn from_value(data: &BorrowedValue<'_>) -> Result<Self, String> {
+        if data.as_object().is_none() {
+            return Err("\"data\" must be an object".into());
+        }
+        let string = |name: &str| -> Result<Option<String>, String> {
+            match data.get(name) {
+                None => Ok(None),
+                Some(v) => match v.as_str() {
+                    Some(s) => Ok(Some(s.to_string())),
+                    None => Err(format!("data.{name} must be a string")),
+                },
+            }
+        };
+        let required = |name: &str| -> Result<String, String> {
+            match string(name)? {
+                Some(s) if !s.is_empty() => Ok(s),
+                _ => Err(format!("data.{name} is required")),
+            }
+        };
+        let org_id = required("orgId")?;
+        let direction = required("direction")?;
+        if !DIRECTIONS.contains(&direction.as_str()) {
+            return Err(format!("data.direction must be one of {DIRECTIONS:?}"));
+        }
+        let decision = required("decision")?;
+        if !OUTCOMES.contains(&decision.as_str()) {
+            return Err(format!("data.decision must be one of {OUTCOMES:?}"));
+        }
+        let payload_hash = required("payloadHash")?;
+        for name in ["tool", "scope", "correlationId"] {
+            string(name)?;
+        }
+        if let Some(latency) = data.get("latencyMs") {
+            if !latency.cast_f64().is_some_and(|l| l >= 0.0) {
+                return Err("data.latencyMs must be a non-negative number".into());
+            }
+        }
+        if let Some(tags) = data.get("tags") {
+            let ok = tags
+                .as_array()
+                .is_some_and(|t| t.iter().all(|tag| tag.as_str().is_some()));
+            if !ok {
+                return Err("data.tags must be an array of strings".into());
+            }
+        }
+        Ok(Decision {
+            org_id,
+            direction,
+            decision,
+            payload_hash,
+        })
+    }
+}
+
+/// Makes decision ids: `dec_` + 26 Crockford base32 characters (48-bit milliseconds, then 80
+/// bits from a per-shard generator), so ids sort by time and do not collide across shards or
+/// restarts.
+#[derive(Debug)]
+pub struct IdGenerator {
+    state: u64,
+}
+
+impl IdGenerator {
+    /// A generator seeded from the clock, the shard and the process.
+    pub fn new(shard: usize) -> Self {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        let seed = nanos ^ ((shard as u64) << 56) ^ (u64::from(std::process::id()) << 32);
+        Self {
+            state: seed | 1,
+        }
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        // splitmix64: fast, and every seed gives a full-period sequence.
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// A new id for a decision made at `unix_ms`.
+    pub fn next(&mut self, unix_ms: u64) -> String {
+        const ALPHABET: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+        let random = (u128::from(self.next_u64()) << 16) | u128::from(self.next_u64() >> 48);
+        let value = (u128::from(unix_ms & 0xFFFF_FFFF_FFFF) << 80) | (random & ((1 << 80) - 1));
+        let mut id = String::with_capacity(30);
+        id.push_str("dec_");
+        for i in (0..26).rev() {
+            id.push(ALPHABET[((value >> (i * 5)) & 31) as usize] as char);
+        }
+        id
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// RFC 3339 UTC timestamp with milliseconds, e.g. `2024-01-01T00:00:00.000Z`.
+pub fn rfc3339(unix_ms: u64) -> String {
+    let secs = unix_ms / 1000;
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        unix_ms % 1000
+    )
+}
+
+/// The decision as fanned out: the client's `data` members, byte for byte, after the server's
+/// `id` and `timestamp` (client-sent `id`/`timestamp` members are replaced, not duplicated).
+pub fn enrich(data: &[u8], decision_id: &str, timestamp: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() + 80);
+    out.extend_from_slice(br#"{"id":"#);
+    json::push_str(&mut out, decision_id);
+    out.extend_from_slice(br#","timestamp":"#);
+    json::push_str(&mut out, timestamp);
+    for (key, value) in json::object_members(data).unwrap_or_default() {
+        let name = &data[key.clone()];
+        if name == b"id" || name == b"timestamp" {
+            continue;
+        }
+        out.push(b',');
+        out.extend_from_slice(&data[key.start - 1..key.end + 1]);
+        out.push(b':');
+        out.extend_from_slice(&data[value]);
+    }
+    out.push(b'}');
+    out
+}
+
+/// What an idempotency key resolved to the first time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Original {
+    /// The decision id given then.
+    pub decision_id: String,
+    /// The channel sequence number given then.
+    pub seq: u64,
+}
+
+/// Remembers idempotency keys per org for a time window, up to a number of entries (oldest
+/// forgotten first). One per shard: every channel of an org is owned by one shard.
+#[derive(Debug)]
+pub struct DedupTable {
+    entries: HashMap<(Box<str>, Box<str>), Original>,
+    order: VecDeque<(Instant, Box<str>, Box<str>)>,
+    window: Duration,
+    max_entries: usize,
+}
+
+impl DedupTable {
+    /// An empty table.
+    pub fn new(window: Duration, max_entries: usize) -> Self {
+        Self {
+            entries: HashMap::new(),
+            order: VecDeque::new(),
+            window,
+            max_entries: max_entries.max(1),
+        }
+    }
+
+    /// The original outcome of `(org, key)`, if it is still remembered.
+    pub fn get(&mut self, org: &str, key: &str, now: Instant) -> Option<&Original> {
+        self.expire(now);
+        self.entries.get(&(Box::from(org), Box::from(key)))
+    }
+
+    /// Remember `(org, key)`.
+    pub fn insert(&mut self, org: &str, key: &str, original: Original, now: Instant) {
+        self.expire(now);
+        while self.entries.len() >= self.max_entries {
+            match self.order.pop_front() {
+                Some((_, o, k)) => {
+                    self.entries.remove(&(o, k));
+                }
+                None => break,
+            }
+        }
+        let (org, key): (Box<str>, Box<str>) = (org.into(), key.into());
+        self.order.push_back((now, org.clone(), key.clone()));
+        self.entries.insert((org, key), original);
+    }
+
+    /// Number of remembered keys.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True when nothing is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn expire(&mut self, now: Instant) {
+        while let Some((at, _, _)) = self.order.front() {
+            if now.duration_since(*at) < self.window {
+                break;
+            }
+            if let Some((_, o, k)) = self.order.pop_front() {
+                self.entries.remove(&(o, k));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_rfc3339() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(951_782_400_123), "2000-02-29T00:00:00.123Z");
+        assert_eq!(rfc3339(1_704_067_199_999), "2023-12-31T23:59:59.999Z");
+    }
+
+    #[test]
+    fn ids_are_unique_and_time_ordered() {
+        let mut gen = IdGenerator::new(0);
+        let a = gen.next(1_000);
+        let b = gen.next(1_000);
+        let c = gen.next(2_000);
+        assert_ne!(a, b);
+        assert!(a.starts_with("dec_") && a.len() == 30);
+        assert!(c > a && c > b);
+    }
+
+    #[test]
+    fn enrich_keeps_client_members_and_replaces_id() {
+        let data = br#"{ "orgId":"acme", "id":"mine", "tags":["a b"] }"#;
+        let out = enrich(data, "dec_1", "2024-01-01T00:00:00.000Z");
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{"id":"dec_1","timestamp":"2024-01-01T00:00:00.000Z","orgId":"acme","tags":["a b"]}"#
+        );
+    }
+
+    #[test]
+    fn dedup_forgets_after_window_and_capacity() {
+        let t0 = Instant::now();
+        let mut table = DedupTable::new(Duration::from_secs(10), 2);
+        let original = |n: u64| Original {
+            decision_id: format!("dec_{n}"),
+            seq: n,
+        };
+        table.insert("acme", "k1", original(1), t0);
+        assert_eq!(table.get("acme", "k1", t0).unwrap().seq, 1);
+        assert!(table.get("other", "k1", t0).is_none(), "keys are per org");
+        table.insert("acme", "k2", original(2), t0);
+        table.insert("acme", "k3", original(3), t0);
+        assert!(table.get("acme", "k1", t0).is_none(), "oldest evicted at capacity");
+        assert_eq!(table.len(), 2);
+        assert!(table.get("acme", "k3", t0 + Duration::from_secs(11)).is_none());
+        assert!(table.is_empty());
+    }
+
+    #[test]
+    fn decision_fields_are_checked() {
+        let check = |json: &str| {
+            let mut bytes = json.as_bytes().to_vec();
+            let value = simd_json::to_borrowed_value(&mut bytes).unwrap();
+            Decision::from_value(&value)
+        };
+        let ok = check(r#"{"orgId":"a","direction":"postcheck","decision":"deny","payloadHash":"h","latencyMs":3,"tags":["x"]}"#);
+        assert_eq!(ok.unwrap().decision, "deny");
+        for (json, field) in [
+            (r#"{"direction":"precheck","decision":"allow","payloadHash":"h"}"#, "orgId"),
+            (r#"{"orgId":"a","direction":"precheck","decision":"maybe","payloadHash":"h"}"#, "decision"),
+            (r#"{"orgId":"a","direction":"precheck","decision":"allow"}"#, "payloadHash"),
+            (r#"{"orgId":"a","direction":"precheck","decision":"allow","payloadHash":"h","latencyMs":-1}"#, "latencyMs"),
+            (r#"{"orgId":"a","direction":"precheck","decision":"allow","payloadHash":"h","tags":[1]}"#, "tags"),
+        ] {
+            let err = check(json).unwrap_err();
+            assert!(err.contains(field), "{json}: {err}");
+        }
+    }
+}

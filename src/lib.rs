@@ -1,0 +1,32 @@
+//! shardcast: a thread-per-core WebSocket server for real-time decision streaming.
+//!
+//! # Layout
+//! The protocol core is plain code that tests drive without sockets; I/O sits at the edges.
+//!
+//! - [`codec`]: WebSocket frames (RFC 6455), decode from a borrowed buffer, encode once.
+//! - [`http`]: the HTTP request head (httparse), the upgrade, plain responses.
+//! - [`protocol`]: client requests in (simd-json), server messages out.
+//! - [`json`]: raw value spans (so `data` is relayed byte for byte) and string escaping.
+//! - [`decision`]: decision validation, ids, timestamps, the idempotency table.
+//! - [`auth`]: API keys, JWTs, channel names and who may use them.
+//! - [`queue`]: a connection's bounded drop-oldest queue of shared frames.
+//! - [`shard`]: one shard's state and routing: subscriptions, owned channels, mesh messages.
+//! - [`mesh`]: the tasks moving message batches between shards (and why they cannot deadlock).
+//! - [`conn`]: one connection's state machine: read, handle, write.
+//! - [`metrics`]: per-shard counters and the `/health` and `/metrics` bodies.
+//! - [`server`]: start-up (fd limit, CPUs, listeners, executors) and graceful shutdown.
+//! - [`config`]: the TOML file and its `SHARDCAST_…` overrides.
+
+pub mod auth;
+pub mod codec;
+pub mod config;
+pub mod conn;
+pub mod decision;
+pub mod http;
+pub mod json;
+pub mod mesh;
+pub mod metrics;
+pub mod protocol;
+pub mod queue;
+pub mod server;
+pub mod shard;

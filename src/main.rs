@@ -1,0 +1,84 @@
+//! The `shardcast` binary: load the configuration, start the shards, stop on SIGTERM/SIGINT.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use shardcast::config::Config;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Thread-per-core WebSocket server for real-time decision streaming.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// Configuration file (TOML). Every field can also be set with SHARDCAST_… variables.
+    #[arg(long, default_value = "config/shardcast.toml")]
+    config: PathBuf,
+    /// Address to listen on (overrides the file and SHARDCAST_LISTEN).
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Number of shards, 0 for one per CPU (overrides the file and SHARDCAST_SHARDS).
+    #[arg(long)]
+    shards: Option<usize>,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SHARDCAST_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let mut config = match Config::load(Some(&args.config), std::env::vars()) {
+        Ok(config) => config,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if let Some(shards) = args.shards {
+        config.shards = shards;
+    }
+    if let Err(e) = config.validate() {
+        tracing::error!("{e}");
+        return ExitCode::from(2);
+    }
+    let server = match shardcast::server::start(config) {
+        Ok(server) => server,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::from(1);
+        }
+    };
+    // Scripts and tests read the real address (the configured port may be 0) from stdout.
+    println!("shardcast listening on ws://{}/ws", server.local_addr());
+    let stopper = server.stopper();
+    let signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT]);
+    match signals {
+        Ok(mut signals) => {
+            std::thread::spawn(move || {
+                let mut seen = 0;
+                for signal in signals.forever() {
+                    seen += 1;
+                    if seen > 1 {
+                        tracing::warn!("second signal: exiting without draining");
+                        std::process::exit(130);
+                    }
+                    tracing::info!(signal, "shutting down: draining connections");
+                    stopper.stop();
+                }
+            });
+        }
+        Err(e) => tracing::warn!("cannot watch signals ({e}); stop with SIGKILL"),
+    }
+    server.join();
+    tracing::info!("stopped");
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,294 @@
+//! Counters. Each shard counts in plain `Cell`s (nothing shared on the per-message path) and
+//! copies its totals into its slot of [`Global`] on a timer; the HTTP endpoints read the slots.
+//! Connection counts are shared atomics: they change per connection, not per message.
+
+use std::cell::{Cell, RefCell};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+/// Per-shard counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counter {
+    /// Messages received from clients.
+    MessagesReceived,
+    /// Frames written to clients.
+    MessagesSent,
+    /// Frames dropped from slow consumers' queues.
+    MessagesDropped,
+    /// Decisions accepted.
+    DecisionsProcessed,
+    /// Decisions answered from the idempotency table.
+    DecisionsDuplicate,
+    /// Decisions refused by validation.
+    DecisionsRejected,
+    /// Malformed client messages.
+    BadMessages,
+    /// Connections closed for being too slow (policy "close") or silent.
+    SlowConsumerCloses,
+}
+
+const COUNTERS: usize = 8;
+const AUTH_REASONS: [&str; 4] = [
+    "missing_credentials",
+    "invalid_key",
+    "invalid_token",
+    "token_expired",
+];
+
+fn new_histogram() -> Histogram<u64> {
+    // Microseconds, 1 µs to 60 s, 3 significant digits.
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("static histogram bounds are valid")
+}
+
+/// A shard's own counters.
+#[derive(Debug)]
+pub struct ShardCounters {
+    values: [Cell<u64>; COUNTERS],
+    fanout_latency: RefCell<Histogram<u64>>,
+}
+
+impl Default for ShardCounters {
+    fn default() -> Self {
+        Self {
+            values: Default::default(),
+            fanout_latency: RefCell::new(new_histogram()),
+        }
+    }
+}
+
+impl ShardCounters {
+    /// Add `n` to a counter.
+    #[inline]
+    pub fn add(&self, counter: Counter, n: u64) {
+        let cell = &self.values[counter as usize];
+        cell.set(cell.get() + n);
+    }
+
+    /// Current value of a counter.
+    pub fn get(&self, counter: Counter) -> u64 {
+        self.values[counter as usize].get()
+    }
+
+    /// Record the time from a message's arrival to its delivery into local queues.
+    pub fn record_fanout(&self, elapsed: Duration) {
+        let micros = (elapsed.as_micros() as u64).clamp(1, 60_000_000);
+        let _ = self.fanout_latency.borrow_mut().record(micros);
+    }
+
+    /// Copy totals into this shard's slot; the histogram moves over as a delta.
+    pub fn publish(&self, slot: &ShardSlot) {
+        for (cell, shared) in self.values.iter().zip(&slot.values) {
+            shared.store(cell.get(), Relaxed);
+        }
+        let mut local = self.fanout_latency.borrow_mut();
+        if local.len() > 0 {
+            if let Ok(mut shared) = slot.fanout_latency.lock() {
+                let _ = shared.add(&*local);
+            }
+            local.reset();
+        }
+    }
+}
+
+/// What one shard has published.
+#[derive(Debug)]
+pub struct ShardSlot {
+    values: [AtomicU64; COUNTERS],
+    fanout_latency: Mutex<Histogram<u64>>,
+}
+
+/// Process-wide state read by the HTTP endpoints.
+#[derive(Debug)]
+pub struct Global {
+    /// When the server started.
+    pub started: Instant,
+    /// Unix milliseconds at start: makes connection ids unique across restarts.
+    pub boot_id: u64,
+    /// One slot per shard.
+    pub shards: Vec<ShardSlot>,
+    /// WebSocket connections open now.
+    pub active: AtomicUsize,
+    /// WebSocket connections ever accepted.
+    pub total: AtomicU64,
+    /// Most WebSocket connections open at once.
+    pub peak: AtomicUsize,
+    /// Upgrades refused because of `max_connections`.
+    pub refused_capacity: AtomicU64,
+    auth_failures: [AtomicU64; 4],
+    /// False once shutdown has begun.
+    pub ready: AtomicBool,
+}
+
+impl Global {
+    /// State for `shards` shards.
+    pub fn new(shards: usize) -> Self {
+        Self {
+            started: Instant::now(),
+            boot_id: crate::decision::unix_ms(),
+            shards: (0..shards)
+                .map(|_| ShardSlot {
+                    values: Default::default(),
+                    fanout_latency: Mutex::new(new_histogram()),
+                })
+                .collect(),
+            active: AtomicUsize::new(0),
+            total: AtomicU64::new(0),
+            peak: AtomicUsize::new(0),
+            refused_capacity: AtomicU64::new(0),
+            auth_failures: Default::default(),
+            ready: AtomicBool::new(true),
+        }
+    }
+
+    /// Claim a connection slot; false when `max` are already open.
+    pub fn try_open(&self, max: usize) -> bool {
+        let claimed = self
+            .active
+            .fetch_update(Relaxed, Relaxed, |n| (n < max).then_some(n + 1));
+        match claimed {
+            Ok(previous) => {
+                self.total.fetch_add(1, Relaxed);
+                self.peak.fetch_max(previous + 1, Relaxed);
+                true
+            }
+            Err(_) => {
+                self.refused_capacity.fetch_add(1, Relaxed);
+                false
+            }
+        }
+    }
+
+    /// Release a connection slot.
+    pub fn close(&self) {
+        self.active.fetch_sub(1, Relaxed);
+    }
+
+    /// Count a refused credential by reason code.
+    pub fn auth_failed(&self, reason: &str) {
+        if let Some(i) = AUTH_REASONS.iter().position(|r| *r == reason) {
+            self.auth_failures[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Sum of a counter over all shards.
+    pub fn sum(&self, counter: Counter) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| s.values[counter as usize].load(Relaxed))
+            .sum()
+    }
+
+    /// `/health` body.
+    pub fn health_json(&self, status: &str) -> String {
+        let uptime = self.started.elapsed().as_secs();
+        let c = |counter| self.sum(counter);
+        format!(
+            concat!(
+                r#"{{"status":"{}","uptime":{{"seconds":{},"human":"{}h {}m"}},"shards":{},"#,
+                r#""metrics":{{"connections":{{"total":{},"active":{},"peak":{}}},"#,
+                r#""messages":{{"received":{},"sent":{},"dropped":{},"errors":{}}},"#,
+                r#""decisions":{{"processed":{},"duplicates":{},"errors":{}}}}}}}"#
+            ),
+            status,
+            uptime,
+            uptime / 3600,
+            uptime / 60 % 60,
+            self.shards.len(),
+            self.total.load(Relaxed),
+            self.active.load(Relaxed),
+            self.peak.load(Relaxed),
+            c(Counter::MessagesReceived),
+            c(Counter::MessagesSent),
+            c(Counter::MessagesDropped),
+            c(Counter::BadMessages),
+            c(Counter::DecisionsProcessed),
+            c(Counter::DecisionsDuplicate),
+            c(Counter::DecisionsRejected),
+        )
+    }
+
+    /// `/metrics` body (Prometheus text format 0.0.4).
+    pub fn prometheus(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::with_capacity(4096);
+        let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+        };
+        metric("shardcast_connections_active", "gauge", "Open WebSocket connections.", self.active.load(Relaxed) as u64);
+        metric("shardcast_connections_total", "counter", "WebSocket connections accepted.", self.total.load(Relaxed));
+        metric("shardcast_connections_peak", "gauge", "Most WebSocket connections open at once.", self.peak.load(Relaxed) as u64);
+        metric("shardcast_connections_refused_capacity_total", "counter", "Upgrades refused with 503 at max_connections.", self.refused_capacity.load(Relaxed));
+        metric("shardcast_messages_received_total", "counter", "Messages received from clients.", self.sum(Counter::MessagesReceived));
+        metric("shardcast_messages_sent_total", "counter", "Frames written to clients.", self.sum(Counter::MessagesSent));
+        metric("shardcast_messages_dropped_total", "counter", "Frames dropped from slow consumers' queues.", self.sum(Counter::MessagesDropped));
+        metric("shardcast_bad_messages_total", "counter", "Malformed client messages.", self.sum(Counter::BadMessages));
+        metric("shardcast_slow_consumer_closes_total", "counter", "Connections closed for being slow or silent.", self.sum(Counter::SlowConsumerCloses));
+        metric("shardcast_decisions_processed_total", "counter", "Decisions accepted.", self.sum(Counter::DecisionsProcessed));
+        metric("shardcast_decisions_duplicates_total", "counter", "Decisions deduplicated by idempotency key.", self.sum(Counter::DecisionsDuplicate));
+        metric("shardcast_decisions_rejected_total", "counter", "Decisions refused by validation.", self.sum(Counter::DecisionsRejected));
+        let _ = writeln!(out, "# HELP shardcast_auth_failures_total Refused credentials by reason.\n# TYPE shardcast_auth_failures_total counter");
+        for (reason, n) in AUTH_REASONS.iter().zip(&self.auth_failures) {
+            let _ = writeln!(out, "shardcast_auth_failures_total{{reason=\"{reason}\"}} {}", n.load(Relaxed));
+        }
+        let mut merged = new_histogram();
+        for slot in &self.shards {
+            if let Ok(h) = slot.fanout_latency.lock() {
+                let _ = merged.add(&*h);
+            }
+        }
+        let _ = writeln!(out, "# HELP shardcast_fanout_latency_seconds Time from a message's arrival to its delivery into subscriber queues.\n# TYPE shardcast_fanout_latency_seconds histogram");
+        for bound_us in [50u64, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000] {
+            let _ = writeln!(
+                out,
+                "shardcast_fanout_latency_seconds_bucket{{le=\"{}\"}} {}",
+                bound_us as f64 / 1e6,
+                merged.count_between(0, bound_us)
+            );
+        }
+        let total = merged.len();
+        let sum: f64 = merged.iter_recorded().map(|v| v.value_iterated_to() as f64 * v.count_at_value() as f64).sum();
+        let _ = writeln!(out, "shardcast_fanout_latency_seconds_bucket{{le=\"+Inf\"}} {total}");
+        let _ = writeln!(out, "shardcast_fanout_latency_seconds_sum {}", sum / 1e6);
+        let _ = writeln!(out, "shardcast_fanout_latency_seconds_count {total}");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_slots_respect_the_limit_and_track_peak() {
+        let g = Global::new(1);
+        assert!(g.try_open(2));
+        assert!(g.try_open(2));
+        assert!(!g.try_open(2));
+        g.close();
+        assert!(g.try_open(2));
+        assert_eq!(g.active.load(Relaxed), 2);
+        assert_eq!(g.peak.load(Relaxed), 2);
+        assert_eq!(g.total.load(Relaxed), 3);
+        assert_eq!(g.refused_capacity.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn published_counters_are_summed() {
+        let g = Global::new(2);
+        let a = ShardCounters::default();
+        let b = ShardCounters::default();
+        a.add(Counter::MessagesSent, 3);
+        b.add(Counter::MessagesSent, 4);
+        a.record_fanout(Duration::from_micros(200));
+        a.publish(&g.shards[0]);
+        b.publish(&g.shards[1]);
+        assert_eq!(g.sum(Counter::MessagesSent), 7);
+        let text = g.prometheus();
+        assert!(text.contains("shardcast_messages_sent_total 7"), "{text}");
+        assert!(text.contains("shardcast_fanout_latency_seconds_count 1"), "{text}");
+        assert!(g.health_json("healthy").contains(r#""sent":7"#));
+    }
+}

@@ -1,0 +1,462 @@
+//! The JSON wire protocol: client requests in, server frames out. No I/O, no shard state.
+
+use simd_json::prelude::*;
+use simd_json::BorrowedValue;
+
+use crate::codec::{Frame, FrameBuilder};
+use crate::json;
+
+/// Most channels in one SUB or UNSUB.
+pub const MAX_CHANNELS_PER_REQUEST: usize = 100;
+/// Longest request id or idempotency key.
+pub const MAX_ID_LEN: usize = 256;
+
+/// A request from a client. Raw fields (`data`, `id`, `timestamp`) are the exact bytes sent.
+#[derive(Debug, PartialEq)]
+pub enum Request<'a> {
+    /// Subscribe to channels.
+    Sub {
+        /// Channel names.
+        channels: Vec<String>,
+        /// Raw request id to echo, if any.
+        id: Option<&'a [u8]>,
+    },
+    /// Unsubscribe from channels.
+    Unsub {
+        /// Channel names.
+        channels: Vec<String>,
+        /// Raw request id to echo, if any.
+        id: Option<&'a [u8]>,
+    },
+    /// Ephemeral fan-out.
+    Publish {
+        /// Target channel.
+        channel: String,
+        /// Raw JSON of `data`.
+        data: &'a [u8],
+        /// Raw request id; an ACK is sent only when present.
+        id: Option<&'a [u8]>,
+    },
+    /// A governance decision to validate, deduplicate and fan out.
+    Ingest(Ingest<'a>),
+    /// Application-level heartbeat.
+    Ping {
+        /// Raw `timestamp` to echo.
+        timestamp: Option<&'a [u8]>,
+    },
+}
+
+/// An INGEST request.
+#[derive(Debug, PartialEq)]
+pub struct Ingest<'a> {
+    /// Target channel.
+    pub channel: String,
+    /// Idempotency key.
+    pub key: String,
+    /// Raw JSON of `data`.
+    pub data: &'a [u8],
+    /// The decision's fields, checked.
+    pub decision: crate::decision::Decision,
+}
+
+/// A refused request: a machine-readable code, a message, and the request id if one was found.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct Refusal {
+    /// Error code sent to the client.
+    pub code: &'static str,
+    /// Human-readable explanation.
+    pub message: String,
+    /// Raw request id (or idempotency key) to echo.
+    pub id: Option<Vec<u8>>,
+}
+
+impl Refusal {
+    /// A `bad_request` refusal.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Refusal {
+            code: "bad_request",
+            message: message.into(),
+            id: None,
+        }
+    }
+
+    fn with_id(mut self, id: Option<&[u8]>) -> Self {
+        self.id = id.map(<[u8]>::to_vec);
+        self
+    }
+}
+
+/// Reusable parse buffers (one per shard): simd-json rewrites its input, so requests are parsed
+/// from a copy.
+#[derive(Default)]
+pub struct Parser {
+    copy: Vec<u8>,
+    buffers: simd_json::Buffers,
+}
+
+impl std::fmt::Debug for Parser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Parser").finish_non_exhaustive()
+    }
+}
+
+impl Parser {
+    /// Parse one text message.
+    pub fn parse<'a>(&mut self, raw: &'a [u8]) -> Result<Request<'a>, Refusal> {
+        self.copy.clear();
+        self.copy.extend_from_slice(raw);
+        let value = simd_json::to_borrowed_value_with_buffers(&mut self.copy, &mut self.buffers)
+            .map_err(|e| Refusal::bad_request(format!("invalid JSON: {e}")))?;
+        let members = json::object_members(raw)
+            .ok_or_else(|| Refusal::bad_request("message must be a JSON object"))?;
+        let id = json::member(raw, &members, "id");
+        if let Some(id) = id {
+            if !matches!(id.first(), Some(b'"' | b'0'..=b'9' | b'-')) || id.len() > MAX_ID_LEN {
+                return Err(Refusal::bad_request("id must be a string or number"));
+            }
+        }
+        let kind = value
+            .get("type")
+            .and_then(|t| t.as_str())
+            .ok_or_else(|| Refusal::bad_request("missing \"type\"").with_id(id))?;
+        let result = match kind {
+            "SUB" | "UNSUB" => {
+                let channels = channel_list(&value)?;
+                Ok(if kind == "SUB" {
+                    Request::Sub { channels, id }
+                } else {
+                    Request::Unsub { channels, id }
+                })
+            }
+            "PUBLISH" => {
+                let channel = str_field(&value, "channel")?;
+                let data = json::member(raw, &members, "data")
+                    .ok_or_else(|| Refusal::bad_request("missing \"data\""))?;
+                Ok(Request::Publish { channel, data, id })
+            }
+            "INGEST" => parse_ingest(&value, raw, &members),
+            "PING" => Ok(Request::Ping {
+                timestamp: json::member(raw, &members, "timestamp"),
+            }),
+            other => Err(Refusal::bad_request(format!(
+                "unknown message type {other:?}; expected SUB, UNSUB, PUBLISH, INGEST or PING"
+            ))),
+        };
+        result.map_err(|r| if r.id.is_none() { r.with_id(id) } else { r })
+    }
+}
+
+fn str_field(value: &BorrowedValue<'_>, name: &str) -> Result<String, Refusal> {
+    match value.get(name).map(|v| v.as_str()) {
+        Some(Some(s)) => Ok(s.to_string()),
+        Some(None) => Err(Refusal::bad_request(format!("\"{name}\" must be a string"))),
+        None => Err(Refusal::bad_request(format!("missing \"{name}\""))),
+    }
+}
+
+fn channel_list(value: &BorrowedValue<'_>) -> Result<Vec<String>, Refusal> {
+    let list = value
+        .get("channels")
+        .and_then(|c| c.as_array())
+        .ok_or_else(|| Refusal::bad_request("\"channels\" must be an array of channel names"))?;
+    if list.is_empty() || list.len() > MAX_CHANNELS_PER_REQUEST {
+        return Err(Refusal::bad_request(format!(
+            "\"channels\" must hold 1 to {MAX_CHANNELS_PER_REQUEST} names"
+        )));
+    }
+    list.iter()
+        .map(|c| {
+            c.as_str()
+                .map(str::to_string)
+                .ok_or_else(|| Refusal::bad_request("channel names must be strings"))
+        })
+        .collect()
+}
+
+fn parse_ingest<'a>(
+    value: &BorrowedValue<'_>,
+    raw: &'a [u8],
+    members: &[(std::ops::Range<usize>, std::ops::Range<usize>)],
+) -> Result<Request<'a>, Refusal> {
+    let key = str_field(value, "idempotencyKey")?;
+    let raw_key = json::member(raw, members, "idempotencyKey");
+    if key.is_empty() || key.len() > MAX_ID_LEN {
+        return Err(Refusal::bad_request(format!(
+            "\"idempotencyKey\" must be 1 to {MAX_ID_LEN} bytes"
+        ))
+        .with_id(raw_key));
+    }
+    let channel = str_field(value, "channel").map_err(|r| r.with_id(raw_key))?;
+    match value.get("schema").and_then(|s| s.as_str()) {
+        Some(crate::decision::SCHEMA) => {}
+        _ => {
+            return Err(Refusal {
+                code: "invalid_decision",
+                message: format!("\"schema\" must be \"{}\"", crate::decision::SCHEMA),
+                id: raw_key.map(<[u8]>::to_vec),
+            })
+        }
+    }
+    let data = json::member(raw, members, "data");
+    let (Some(data), Some(fields)) = (data, value.get("data")) else {
+        return Err(Refusal::bad_request("missing \"data\"").with_id(raw_key));
+    };
+    let decision = crate::decision::Decision::from_value(fields).map_err(|message| Refusal {
+        code: "invalid_decision",
+        message,
+        id: raw_key.map(<[u8]>::to_vec),
+    })?;
+    Ok(Request::Ingest(Ingest {
+        channel,
+        key,
+        data,
+        decision,
+    }))
+}
+
+/// Kinds of fanned-out message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A PUBLISH, delivered as MESSAGE.
+    Message,
+    /// An INGEST, delivered as DECISION.
+    Decision,
+}
+
+fn text() -> FrameBuilder {
+    FrameBuilder::text()
+}
+
+fn push_opt_raw(out: &mut Vec<u8>, name: &str, raw: Option<&[u8]>) {
+    if let Some(raw) = raw {
+        out.push(b',');
+        json::push_str(out, name);
+        out.push(b':');
+        out.extend_from_slice(raw);
+    }
+}
+
+fn push_channels(out: &mut Vec<u8>, channels: &[impl AsRef<str>]) {
+    out.push(b'[');
+    for (i, c) in channels.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        json::push_str(out, c.as_ref());
+    }
+    out.push(b']');
+}
+
+/// `MESSAGE` / `DECISION` frame bytes, built once per message by the channel's owner shard.
+pub fn fanout_frame(kind: Kind, channel: &str, seq: u64, data: &[u8]) -> Vec<u8> {
+    let mut f = FrameBuilder::new(crate::codec::opcode::TEXT, 64 + channel.len() + data.len());
+    let out = f.payload_mut();
+    out.extend_from_slice(match kind {
+        Kind::Message => br#"{"type":"MESSAGE","channel":"#,
+        Kind::Decision => br#"{"type":"DECISION","channel":"#,
+    });
+    json::push_str(out, channel);
+    out.extend_from_slice(br#","seq":"#);
+    json::push_u64(out, seq);
+    out.extend_from_slice(br#","data":"#);
+    out.extend_from_slice(data);
+    out.push(b'}');
+    f.finish_vec()
+}
+
+/// `READY`.
+pub fn ready(connection_id: &str, shard: usize) -> Frame {
+    let mut f = text();
+    let out = f.payload_mut();
+    out.extend_from_slice(br#"{"type":"READY","connectionId":"#);
+    json::push_str(out, connection_id);
+    out.extend_from_slice(br#","shard":"#);
+    json::push_u64(out, shard as u64);
+    out.push(b'}');
+    f.finish()
+}
+
+/// `SUBSCRIBED` or `UNSUBSCRIBED`.
+pub fn subscribed(unsub: bool, channels: &[impl AsRef<str>], id: Option<&[u8]>) -> Frame {
+    let mut f = text();
+    let out = f.payload_mut();
+    out.extend_from_slice(if unsub {
+        br#"{"type":"UNSUBSCRIBED","channels":"#
+    } else {
+        br#"{"type":"SUBSCRIBED","channels":"#
+    });
+    push_channels(out, channels);
+    push_opt_raw(out, "id", id);
+    out.push(b'}');
+    f.finish()
+}
+
+/// `ERROR` with a code, a message, and optionally the request id and the channel concerned.
+pub fn error(code: &str, message: &str, id: Option<&[u8]>, channel: Option<&str>) -> Frame {
+    let mut f = text();
+    let out = f.payload_mut();
+    out.extend_from_slice(br#"{"type":"ERROR","code":"#);
+    json::push_str(out, code);
+    out.extend_from_slice(br#","message":"#);
+    json::push_str(out, message);
+    push_opt_raw(out, "id", id);
+    if let Some(channel) = channel {
+        out.extend_from_slice(br#","channel":"#);
+        json::push_str(out, channel);
+    }
+    out.push(b'}');
+    f.finish()
+}
+
+/// `ERROR` for a refused request.
+pub fn refusal(r: &Refusal) -> Frame {
+    error(r.code, &r.message, r.id.as_deref(), None)
+}
+
+/// `ERROR` telling a slow consumer how many messages it lost.
+pub fn slow_consumer(dropped: u64) -> Frame {
+    let mut f = text();
+    let out = f.payload_mut();
+    out.extend_from_slice(br#"{"type":"ERROR","code":"slow_consumer","dropped":"#);
+    json::push_u64(out, dropped);
+    out.extend_from_slice(
+        br#","message":"messages were dropped because this connection reads too slowly"}"#,
+    );
+    f.finish()
+}
+
+/// `ACK` for a PUBLISH.
+pub fn publish_ack(id: &[u8], seq: u64) -> Vec<u8> {
+    let mut f = text();
+    let out = f.payload_mut();
+    out.extend_from_slice(br#"{"type":"ACK","id":"#);
+    out.extend_from_slice(id);
+    out.extend_from_slice(br#","seq":"#);
+    json::push_u64(out, seq);
+    out.push(b'}');
+    f.finish_vec()
+}
+
+/// `ACK` for an INGEST.
+pub fn ingest_ack(key: &str, decision_id: &str, dedup: bool, seq: u64) -> Vec<u8> {
+    let mut f = text();
+    let out = f.payload_mut();
+    out.extend_from_slice(br#"{"type":"ACK","id":"#);
+    json::push_str(out, key);
+    out.extend_from_slice(br#","decisionId":"#);
+    json::push_str(out, decision_id);
+    out.extend_from_slice(if dedup {
+        br#","dedup":true,"seq":"#
+    } else {
+        br#","dedup":false,"seq":"#
+    });
+    json::push_u64(out, seq);
+    out.push(b'}');
+    f.finish_vec()
+}
+
+/// `PONG`, echoing the client's timestamp.
+pub fn pong(timestamp: Option<&[u8]>) -> Frame {
+    let mut f = text();
+    let out = f.payload_mut();
+    out.extend_from_slice(br#"{"type":"PONG""#);
+    push_opt_raw(out, "timestamp", timestamp);
+    out.push(b'}');
+    f.finish()
+}
+
+/// `SYSTEM` restart notice sent before a graceful shutdown.
+pub fn system_restart(reconnect_in_ms: u64) -> Frame {
+    let mut f = text();
+    let out = f.payload_mut();
+    out.extend_from_slice(br#"{"type":"SYSTEM","event":"restart","reconnectIn":"#);
+    json::push_u64(out, reconnect_in_ms);
+    out.push(b'}');
+    f.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn payload(frame: &[u8]) -> &str {
+        let start = if frame[1] & 0x7f == 126 { 4 } else { 2 };
+        std::str::from_utf8(&frame[start..]).unwrap()
+    }
+
+    #[test]
+    fn publish_keeps_data_bytes_exactly() {
+        let raw = br#"{"type":"PUBLISH","channel":"org:a:usage","id":"r1","data":{ "x" : 1.50, "s":"\u00e9" }}"#;
+        let req = Parser::default().parse(raw).unwrap();
+        assert_eq!(
+            req,
+            Request::Publish {
+                channel: "org:a:usage".into(),
+                data: br#"{ "x" : 1.50, "s":"\u00e9" }"#,
+                id: Some(br#""r1""#),
+            }
+        );
+    }
+
+    #[test]
+    fn malformed_requests_are_refused_with_reasons() {
+        let mut parser = Parser::default();
+        let cases: &[(&[u8], &str)] = &[
+            (b"{not json", "invalid JSON"),
+            (b"[1,2]", "JSON object"),
+            (br#"{"channels":[]}"#, "missing \"type\""),
+            (br#"{"type":"NOPE"}"#, "unknown message type"),
+            (br#"{"type":"SUB","channels":[]}"#, "1 to 100"),
+            (br#"{"type":"SUB","channels":"x"}"#, "array"),
+            (br#"{"type":"PUBLISH","channel":"org:a:usage"}"#, "missing \"data\""),
+            (br#"{"type":"PUBLISH","channel":5,"data":1}"#, "must be a string"),
+            (br#"{"type":"PING","id":{"a":1}}"#, "id must be"),
+        ];
+        for (raw, expect) in cases {
+            let err = parser.parse(raw).unwrap_err();
+            assert_eq!(err.code, "bad_request");
+            assert!(err.message.contains(expect), "{}: {}", String::from_utf8_lossy(raw), err.message);
+        }
+        let err = parser.parse(br#"{"type":"NOPE","id":"q"}"#).unwrap_err();
+        assert_eq!(err.id.as_deref(), Some(&br#""q""#[..]));
+    }
+
+    #[test]
+    fn ingest_is_validated() {
+        let mut parser = Parser::default();
+        let good = br#"{"type":"INGEST","channel":"org:acme:decisions","schema":"decision.v1","idempotencyKey":"k1","data":{"orgId":"acme","direction":"precheck","decision":"allow","payloadHash":"sha256:x"}}"#;
+        assert!(matches!(parser.parse(good), Ok(Request::Ingest(_))));
+        let bad = br#"{"type":"INGEST","channel":"org:acme:decisions","schema":"decision.v1","idempotencyKey":"k1","data":{"orgId":"acme","direction":"sideways","decision":"allow","payloadHash":"x"}}"#;
+        let err = parser.parse(bad).unwrap_err();
+        assert_eq!(err.code, "invalid_decision");
+        assert!(err.message.contains("direction"));
+        assert_eq!(err.id.as_deref(), Some(&br#""k1""#[..]));
+        let schema = br#"{"type":"INGEST","channel":"c","schema":"v0","idempotencyKey":"k2","data":{}}"#;
+        assert_eq!(parser.parse(schema).unwrap_err().code, "invalid_decision");
+    }
+
+    #[test]
+    fn server_messages_are_valid_json() {
+        let frames: Vec<Vec<u8>> = vec![
+            fanout_frame(Kind::Message, "org:a:usage", 7, br#"{"k":[1]}"#),
+            ready("c-1", 0).to_vec(),
+            subscribed(false, &["org:a:usage"], Some(b"3")).to_vec(),
+            error("forbidden", "no \"access\"", None, Some("org:b:usage")).to_vec(),
+            slow_consumer(12).to_vec(),
+            publish_ack(br#""x""#, 9),
+            ingest_ack("k", "dec_1", true, 4),
+            pong(Some(br#""2024-01-01T00:00:00Z""#)).to_vec(),
+            system_restart(1000).to_vec(),
+        ];
+        for f in &frames {
+            let text = payload(f);
+            let v: serde_json::Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert!(v["type"].is_string());
+        }
+        assert_eq!(
+            payload(&frames[0]),
+            r#"{"type":"MESSAGE","channel":"org:a:usage","seq":7,"data":{"k":[1]}}"#
+        );
+    }
+}

@@ -1,0 +1,288 @@
+//! Start-up and shutdown: file-descriptor limit, CPU placement, listeners, one glommio executor
+//! per shard, the channel mesh, and the graceful drain on SIGTERM/SIGINT.
+//!
+//! Everything that can fail is done before any executor starts: `MeshBuilder::join` waits for
+//! every shard, so a shard that failed on its own would hang the others.
+//!
+//! Shutdown: a signal thread tells every shard. Each shard stops accepting (its listener is
+//! dropped), sends `SYSTEM restart` to every client, lets the queues drain, closes with 1001,
+//! and returns once its connections are gone or `drain_timeout_ms` has passed.
+
+use std::net::SocketAddr;
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use glommio::channels::channel_mesh::MeshBuilder;
+use glommio::net::TcpListener;
+use glommio::{LocalExecutorBuilder, Placement};
+
+use crate::config::Config;
+use crate::mesh::{self, Batch};
+use crate::metrics::Global;
+use crate::shard::Shard;
+
+/// Errors that stop the server from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A socket could not be set up.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// An executor could not be started.
+    #[error("cannot start shard {shard}: {message}")]
+    Executor {
+        /// Shard index.
+        shard: usize,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// A running server.
+pub struct Server {
+    addr: SocketAddr,
+    global: Arc<Global>,
+    stops: Vec<flume::Sender<()>>,
+    shards: Vec<glommio::ExecutorJoinHandle<()>>,
+}
+
+impl Server {
+    /// The address actually bound (the port is real even if the config said 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Process-wide counters.
+    pub fn global(&self) -> &Arc<Global> {
+        &self.global
+    }
+
+    /// A handle that starts graceful shutdown.
+    pub fn stopper(&self) -> Stopper {
+        Stopper(self.stops.clone())
+    }
+
+    /// Wait for every shard to finish.
+    pub fn join(self) {
+        for handle in self.shards {
+            if let Err(e) = handle.join() {
+                tracing::error!("shard ended abnormally: {e}");
+            }
+        }
+    }
+}
+
+/// Starts graceful shutdown of a [`Server`].
+#[derive(Clone)]
+pub struct Stopper(Vec<flume::Sender<()>>);
+
+impl Stopper {
+    /// Ask every shard to drain and stop.
+    pub fn stop(&self) {
+        for tx in &self.0 {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// Raise the soft file-descriptor limit to the hard limit; returns the new soft limit.
+pub fn raise_fd_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 1024;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+    }
+    limit.rlim_cur as u64
+}
+
+/// CPUs this process may run on (`CpuSet::online()` ignores taskset and cgroups).
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: sched_getaffinity fills a zeroed cpu_set_t we own.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return vec![0];
+        }
+        let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
+            .filter(|&cpu| libc::CPU_ISSET(cpu, &set))
+            .collect();
+        if cpus.is_empty() {
+            vec![0]
+        } else {
+            cpus
+        }
+    }
+}
+
+fn listener_socket(addr: SocketAddr, backlog: u32) -> std::io::Result<socket2::Socket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog.min(i32::MAX as u32) as i32)?;
+    Ok(socket)
+}
+
+/// Start the server in the background.
+pub fn start(mut config: Config) -> Result<Server, ServerError> {
+    let fd_limit = raise_fd_limit();
+    // Leave room for listeners, the io_uring rings, logs and the database connections.
+    let capacity = fd_limit.saturating_sub(64) as usize;
+    if config.max_connections > capacity {
+        tracing::warn!(
+            "max_connections {} exceeds what the file-descriptor limit allows; using {capacity}",
+            config.max_connections
+        );
+        config.max_connections = capacity;
+    }
+    let cpus = allowed_cpus();
+    let nshards = if config.shards == 0 { cpus.len() } else { config.shards };
+    tracing::info!(
+        fd_limit,
+        max_connections = config.max_connections,
+        shards = nshards,
+        "file-descriptor limit {fd_limit}: this process can hold about {capacity} connections"
+    );
+
+    // Bind every shard's listener here, so a busy port fails start-up instead of one shard.
+    let first = listener_socket(config.listen, config.backlog).map_err(|source| ServerError::Listen {
+        addr: config.listen,
+        source,
+    })?;
+    let addr = first
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .unwrap_or(config.listen);
+    let mut sockets = vec![first];
+    for _ in 1..nshards {
+        let socket = listener_socket(addr, config.backlog)
+            .map_err(|source| ServerError::Listen { addr, source })?;
+        sockets.push(socket);
+    }
+
+    let config = Arc::new(config);
+    let global = Arc::new(Global::new(nshards));
+    let mesh = (nshards > 1).then(|| MeshBuilder::<Batch, _>::full(nshards, config.mesh.channel_capacity));
+    let mut stops = Vec::new();
+    let mut shards = Vec::new();
+    for (id, socket) in sockets.into_iter().enumerate() {
+        let (stop_tx, stop_rx) = flume::bounded(1);
+        stops.push(stop_tx);
+        let cpu = cpus[(config.cpu_offset + id) % cpus.len()];
+        let (config, global, mesh) = (config.clone(), global.clone(), mesh.clone());
+        let fd = socket.into_raw_fd();
+        let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu))
+            .name(&format!("shard-{id}"))
+            .spawn(move || async move {
+                // SAFETY: `fd` is a listening socket whose ownership moved into this closure.
+                let listener = unsafe { TcpListener::from_raw_fd(fd) };
+                run_shard(id, nshards, config, global, listener, mesh, stop_rx).await;
+            })
+            .map_err(|e| ServerError::Executor {
+                shard: id,
+                message: e.to_string(),
+            })?;
+        shards.push(handle);
+    }
+    tracing::info!("listening on ws://{addr}/ws with {nshards} shard(s)");
+    Ok(Server {
+        addr,
+        global,
+        stops,
+        shards,
+    })
+}
+
+async fn run_shard(
+    id: usize,
+    nshards: usize,
+    config: Arc<Config>,
+    global: Arc<Global>,
+    listener: TcpListener,
+    mesh: Option<MeshBuilder<Batch, glommio::channels::channel_mesh::Full>>,
+    stop: flume::Receiver<()>,
+) {
+    let drain = Duration::from_millis(config.shutdown.drain_timeout_ms);
+    let shard = Rc::new(Shard::new(id, nshards, config, global));
+    if let Some(mesh) = mesh {
+        match mesh.join().await {
+            Ok((senders, receivers)) => mesh::spawn(&shard, senders, receivers),
+            Err(_) => {
+                tracing::error!(shard = id, "could not join the channel mesh");
+                return;
+            }
+        }
+    }
+    let timers = glommio::spawn_local(timers(shard.clone()));
+    let accepting = accept_loop(shard.clone(), listener);
+    futures_lite::future::or(accepting, async {
+        let _ = stop.recv_async().await;
+    })
+    .await;
+    // The listener is gone: new connections are refused by the kernel from here on.
+    shard.global.ready.store(false, std::sync::atomic::Ordering::Relaxed);
+    shard.begin_shutdown();
+    let deadline = Instant::now() + drain;
+    while shard.conn_count() > 0 && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(5)).await;
+    }
+    let left = shard.conn_count();
+    if left > 0 {
+        tracing::warn!(shard = id, left, "drain timeout: dropping remaining connections");
+    }
+    shard.publish_counters();
+    drop(timers);
+}
+
+async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok(stream) => {
+                glommio::spawn_local(crate::conn::serve(shard.clone(), stream)).detach();
+            }
+            Err(e) => {
+                // Out of descriptors (or a transient error): back off instead of spinning.
+                tracing::warn!(shard = shard.id, "accept failed: {e}");
+                glommio::timer::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+/// The shard's clockwork: pings and timeouts, and publishing counters for the HTTP endpoints.
+async fn timers(shard: Rc<Shard>) {
+    let ws = &shard.config.websocket;
+    let tick_ms = [ws.ping_interval_ms / 2, ws.handshake_timeout_ms / 2, 100]
+        .into_iter()
+        .min()
+        .unwrap_or(100)
+        .max(5);
+    let ping = Shard::ping_frame();
+    loop {
+        glommio::timer::sleep(Duration::from_millis(tick_ms)).await;
+        shard.sweep(&ping);
+        shard.publish_counters();
+    }
+}

@@ -1,0 +1,829 @@
+//! One shard's state and its routing logic: local subscriptions, the channels it owns
+//! (sequence numbers, which shards want them, idempotency keys), and the mesh outboxes.
+//!
+//! Everything here runs on the shard's own thread: plain `Cell`/`RefCell`, no locks. Other shards
+//! are reached only through [`MeshMsg`]s. A channel is owned by one shard (a hash of its
+//! `type:id` prefix), which numbers its messages, frames each one once and sends that frame once
+//! to every shard with subscribers; each shard then hands the same bytes to its own subscribers.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::Waker;
+use std::time::{Duration, Instant};
+
+use indexmap::IndexMap;
+use smallvec::SmallVec;
+
+use crate::auth::{Authenticator, Channel, Principal};
+use crate::codec::{self, Frame};
+use crate::config::{BackpressurePolicy, Config, Scope};
+use crate::decision::{self, DedupTable, IdGenerator, Original};
+use crate::metrics::{Counter, Global, ShardCounters};
+use crate::protocol::{self, Kind, Parser, Refusal, Request};
+use crate::queue::{Bounds, OutQueue, Pushed};
+
+/// Where an answer must go: a connection on some shard, with the request id to echo.
+#[derive(Debug)]
+pub struct Origin {
+    /// Shard of the connection.
+    pub shard: usize,
+    /// Connection id on that shard.
+    pub conn: u64,
+    /// Raw request id (PUBLISH: an ACK is owed only when present).
+    pub id: Option<Box<[u8]>>,
+}
+
+/// What shards tell each other. Sent in batches; owned data only (it crosses threads).
+#[derive(Debug)]
+pub enum MeshMsg {
+    /// To a channel's owner: number and fan out this PUBLISH.
+    Publish {
+        /// Channel.
+        channel: Box<str>,
+        /// Raw `data`.
+        data: Vec<u8>,
+        /// Who to acknowledge.
+        origin: Origin,
+        /// When the publisher's shard received it.
+        t0: Instant,
+    },
+    /// To a channel's owner: deduplicate, number and fan out this INGEST.
+    Ingest {
+        /// Channel.
+        channel: Box<str>,
+        /// Org of the decision (idempotency keys are per org).
+        org: Box<str>,
+        /// Idempotency key.
+        key: Box<str>,
+        /// Raw `data`.
+        data: Vec<u8>,
+        /// Who to acknowledge.
+        origin: Origin,
+        /// When the sender's shard received it.
+        t0: Instant,
+    },
+    /// From a channel's owner: a framed message for this shard's subscribers.
+    Deliver {
+        /// Channel.
+        channel: Box<str>,
+        /// The complete frame, built once by the owner.
+        frame: Vec<u8>,
+        /// When the publisher's shard received it.
+        t0: Instant,
+    },
+    /// To a channel's owner: this shard does (or no longer does) have subscribers.
+    Interest {
+        /// Channel.
+        channel: Box<str>,
+        /// Subscribers present.
+        on: bool,
+        /// Non-zero: acknowledge with [`MeshMsg::InterestAck`] once registered.
+        token: u64,
+    },
+    /// From a channel's owner: the interest with this token is registered.
+    InterestAck {
+        /// Token from the request.
+        token: u64,
+    },
+    /// A frame for one connection on the receiving shard (an ACK, usually).
+    Reply {
+        /// Connection id.
+        conn: u64,
+        /// The frame.
+        frame: Vec<u8>,
+    },
+}
+
+/// Lifecycle of a connection, as the sweeper sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Reading the HTTP request.
+    Http,
+    /// WebSocket open.
+    Open,
+    /// Close frame queued or sent; waiting for the peer.
+    Closing,
+}
+
+/// The half of a connection the rest of the shard can reach: its outbound queue and the
+/// bookkeeping the sweeper needs. Everything else lives in the connection task.
+pub struct Peer {
+    /// Connection id (unique on this shard).
+    pub id: u64,
+    out: RefCell<OutQueue>,
+    waker: Cell<Option<Waker>>,
+    /// Close requested by the shard: code, reason, and whether queued frames are discarded.
+    close: Cell<Option<(u16, &'static str, bool)>>,
+    /// Set to drop the connection without a closing handshake.
+    pub abort: Cell<bool>,
+    /// Current phase.
+    pub phase: Cell<Phase>,
+    /// Shard clock (ms) when the phase began.
+    pub phase_since: Cell<u64>,
+    /// Shard clock (ms) when the client was last heard from.
+    pub last_heard: Cell<u64>,
+    /// Shard clock (ms) of the last ping sent.
+    pub last_ping: Cell<u64>,
+    /// Channels subscribed on this connection.
+    pub channels: RefCell<SmallVec<[Rc<str>; 2]>>,
+    /// Frames dropped from this connection's queue.
+    pub dropped: Cell<u64>,
+}
+
+impl Peer {
+    /// A new connection's shared half.
+    pub fn new(id: u64, now: u64) -> Self {
+        Self {
+            id,
+            out: RefCell::default(),
+            waker: Cell::new(None),
+            close: Cell::new(None),
+            abort: Cell::new(false),
+            phase: Cell::new(Phase::Http),
+            phase_since: Cell::new(now),
+            last_heard: Cell::new(now),
+            last_ping: Cell::new(now),
+            channels: RefCell::default(),
+            dropped: Cell::new(0),
+        }
+    }
+
+    /// The outbound queue (for the connection's writer).
+    pub fn out(&self) -> &RefCell<OutQueue> {
+        &self.out
+    }
+
+    /// Remember the connection task's waker.
+    pub fn set_waker(&self, waker: &Waker) {
+        let current = self.waker.take();
+        match current {
+            Some(w) if w.will_wake(waker) => self.waker.set(Some(w)),
+            _ => self.waker.set(Some(waker.clone())),
+        }
+    }
+
+    /// Wake the connection task.
+    pub fn wake(&self) {
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Ask the connection to close with `code` (discarding queued frames when `discard`).
+    pub fn request_close(&self, code: u16, reason: &'static str, discard: bool) {
+        if self.close.get().is_none() {
+            self.close.set(Some((code, reason, discard)));
+            self.wake();
+        }
+    }
+
+    /// Take a pending close request.
+    pub fn take_close_request(&self) -> Option<(u16, &'static str, bool)> {
+        self.close.take()
+    }
+
+    /// Queue a frame ahead of ordinary traffic (pongs, pings).
+    pub fn send_urgent(&self, frame: Frame) {
+        let mut out = self.out.borrow_mut();
+        let was_empty = out.is_empty();
+        out.push_urgent(frame);
+        drop(out);
+        if was_empty {
+            self.wake();
+        }
+    }
+}
+
+/// A channel owned by this shard.
+#[derive(Debug, Default)]
+struct Owned {
+    seq: u64,
+    /// Other shards with subscribers.
+    interest: SmallVec<[u16; 4]>,
+}
+
+/// A SUB waiting for owners on other shards to register this shard's interest.
+#[derive(Debug)]
+struct PendingSub {
+    conn: u64,
+    channels: Vec<String>,
+    id: Option<Box<[u8]>>,
+    waiting: usize,
+}
+
+/// Messages waiting to be sent to one peer shard.
+#[derive(Default)]
+pub struct Outbox {
+    msgs: RefCell<Vec<MeshMsg>>,
+    waker: Cell<Option<Waker>>,
+}
+
+/// One shard.
+pub struct Shard {
+    /// Shard index.
+    pub id: usize,
+    /// Number of shards.
+    pub nshards: usize,
+    /// Configuration.
+    pub config: Arc<Config>,
+    /// Process-wide counters and connection slots.
+    pub global: Arc<Global>,
+    /// Credential checks.
+    pub auth: Authenticator,
+    /// This shard's counters.
+    pub counters: ShardCounters,
+    /// Request parser buffers.
+    pub parser: RefCell<Parser>,
+    /// Read buffer shared by every connection of the shard (used only inside a poll).
+    pub scratch: RefCell<Vec<u8>>,
+    /// Set when graceful shutdown begins.
+    pub shutting_down: Cell<bool>,
+    bounds: Bounds,
+    started: Instant,
+    conns: RefCell<HashMap<u64, Rc<Peer>>>,
+    next_conn: Cell<u64>,
+    subs: RefCell<HashMap<Rc<str>, IndexMap<u64, Rc<Peer>>>>,
+    owned: RefCell<HashMap<Box<str>, Owned>>,
+    dedup: RefCell<DedupTable>,
+    ids: RefCell<IdGenerator>,
+    pending_subs: RefCell<HashMap<u64, PendingSub>>,
+    next_token: Cell<u64>,
+    outboxes: Vec<Outbox>,
+    congestion_waiters: RefCell<Vec<Waker>>,
+}
+
+/// Size of the per-shard read buffer.
+pub const SCRATCH_BYTES: usize = 64 * 1024;
+
+impl Shard {
+    /// A shard with no connections.
+    pub fn new(id: usize, nshards: usize, config: Arc<Config>, global: Arc<Global>) -> Self {
+        let limits = &config.limits;
+        let bounds = Bounds {
+            messages: limits.outbound_queue_messages,
+            bytes: limits.outbound_queue_bytes,
+            drop_oldest: limits.backpressure_policy == BackpressurePolicy::DropOldest,
+        };
+        let dedup = DedupTable::new(
+            Duration::from_secs(config.ingest.dedup_window_secs),
+            config.ingest.dedup_max_entries,
+        );
+        Self {
+            id,
+            nshards,
+            auth: Authenticator::new(&config),
+            counters: ShardCounters::default(),
+            parser: RefCell::default(),
+            scratch: RefCell::new(vec![0; SCRATCH_BYTES]),
+            shutting_down: Cell::new(false),
+            bounds,
+            started: Instant::now(),
+            conns: RefCell::default(),
+            next_conn: Cell::new(1),
+            subs: RefCell::default(),
+            owned: RefCell::default(),
+            dedup: RefCell::new(dedup),
+            ids: RefCell::new(IdGenerator::new(id)),
+            pending_subs: RefCell::default(),
+            next_token: Cell::new(1),
+            outboxes: (0..nshards).map(|_| Outbox::default()).collect(),
+            congestion_waiters: RefCell::default(),
+            config,
+            global,
+        }
+    }
+
+    /// Milliseconds since the shard started (the clock the sweeper uses).
+    pub fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// The shard that owns `channel`.
+    pub fn owner_of(&self, channel: &str) -> usize {
+        owner_of(channel, self.nshards)
+    }
+
+    // ----- connections -----
+
+    /// Register a new connection.
+    pub fn add_conn(&self) -> Rc<Peer> {
+        let id = self.next_conn.get();
+        self.next_conn.set(id + 1);
+        let peer = Rc::new(Peer::new(id, self.now_ms()));
+        self.conns.borrow_mut().insert(id, peer.clone());
+        peer
+    }
+
+    /// Forget a connection and its subscriptions.
+    pub fn remove_conn(&self, peer: &Peer) {
+        let channels = std::mem::take(&mut *peer.channels.borrow_mut());
+        for channel in channels {
+            self.unsubscribe_one(peer.id, &channel);
+        }
+        self.conns.borrow_mut().remove(&peer.id);
+    }
+
+    /// Number of connections (any phase) on this shard.
+    pub fn conn_count(&self) -> usize {
+        self.conns.borrow().len()
+    }
+
+    /// A snapshot of this shard's connections (for the sweeper and shutdown).
+    pub fn peers(&self) -> Vec<Rc<Peer>> {
+        self.conns.borrow().values().cloned().collect()
+    }
+
+    /// Queue an ordinary frame for `peer`, applying the backpressure policy.
+    pub fn send(&self, peer: &Peer, frame: Frame) {
+        if peer.phase.get() == Phase::Closing {
+            return; // Nothing may follow a close frame.
+        }
+        let mut out = peer.out.borrow_mut();
+        let was_empty = out.is_empty();
+        let pushed = out.push(frame, self.bounds);
+        drop(out);
+        match pushed {
+            Pushed::Queued { dropped: 0 } => {}
+            Pushed::Queued { dropped } => {
+                peer.dropped.set(peer.dropped.get() + u64::from(dropped));
+                self.counters.add(Counter::MessagesDropped, u64::from(dropped));
+            }
+            Pushed::Overflow => {
+                self.counters.add(Counter::MessagesDropped, 1);
+                self.counters.add(Counter::SlowConsumerCloses, 1);
+                peer.request_close(1008, "slow consumer", true);
+            }
+        }
+        if was_empty {
+            peer.wake();
+        }
+    }
+
+    fn send_to_conn(&self, conn: u64, frame: Frame) {
+        let peer = self.conns.borrow().get(&conn).cloned();
+        if let Some(peer) = peer {
+            self.send(&peer, frame);
+        }
+    }
+
+    /// Send a frame to a connection that may live on another shard.
+    fn reply(&self, origin: &Origin, frame: Vec<u8>) {
+        if origin.shard == self.id {
+            self.send_to_conn(origin.conn, Rc::from(frame));
+        } else {
+            self.route(
+                origin.shard,
+                MeshMsg::Reply {
+                    conn: origin.conn,
+                    frame,
+                },
+            );
+        }
+    }
+
+    // ----- client requests -----
+
+    /// Carry out a parsed request from `peer`, authenticated as `principal`.
+    pub fn request(&self, peer: &Rc<Peer>, principal: &Principal, request: Request<'_>) {
+        match request {
+            Request::Sub { channels, id } => self.subscribe(peer, principal, channels, id),
+            Request::Unsub { channels, id } => {
+                for channel in &channels {
+                    let removed = {
+                        let mut mine = peer.channels.borrow_mut();
+                        let before = mine.len();
+                        mine.retain(|c| **c != **channel);
+                        before != mine.len()
+                    };
+                    if removed {
+                        self.unsubscribe_one(peer.id, channel);
+                    }
+                }
+                self.send(peer, protocol::subscribed(true, &channels, id));
+            }
+            Request::Publish { channel, data, id } => {
+                if let Err(refusal) = self.check_channel(principal, Scope::Publish, &channel) {
+                    return self.send(peer, protocol::refusal(&refusal.with_raw_id(id)));
+                }
+                let origin = Origin {
+                    shard: self.id,
+                    conn: peer.id,
+                    id: id.map(Box::from),
+                };
+                let owner = self.owner_of(&channel);
+                let msg = MeshMsg::Publish {
+                    channel: channel.into(),
+                    data: data.to_vec(),
+                    origin,
+                    t0: Instant::now(),
+                };
+                self.route(owner, msg);
+            }
+            Request::Ingest(ingest) => {
+                let key_json = json_string(&ingest.key);
+                if let Err(refusal) = self.check_channel(principal, Scope::Ingest, &ingest.channel) {
+                    let refusal = refusal.with_raw_id(Some(&key_json));
+                    return self.send(peer, protocol::refusal(&refusal));
+                }
+                let channel_org = Channel::parse(&ingest.channel, &self.config.channels.categories)
+                    .ok()
+                    .and_then(|c| c.org().map(str::to_string));
+                let expected_org = channel_org.as_deref().unwrap_or(&principal.org);
+                if ingest.decision.org_id != expected_org {
+                    self.counters.add(Counter::DecisionsRejected, 1);
+                    let message = format!("data.orgId must be {expected_org:?}, the channel's org");
+                    let frame = protocol::error("invalid_decision", &message, Some(&key_json), None);
+                    return self.send(peer, frame);
+                }
+                let owner = self.owner_of(&ingest.channel);
+                let msg = MeshMsg::Ingest {
+                    channel: ingest.channel.into(),
+                    org: ingest.decision.org_id.into(),
+                    key: ingest.key.into(),
+                    data: ingest.data.to_vec(),
+                    origin: Origin {
+                        shard: self.id,
+                        conn: peer.id,
+                        id: None,
+                    },
+                    t0: Instant::now(),
+                };
+                self.route(owner, msg);
+            }
+            Request::Ping { timestamp } => self.send(peer, protocol::pong(timestamp)),
+        }
+    }
+
+    fn check_channel(&self, principal: &Principal, scope: Scope, name: &str) -> Result<(), Refusal> {
+        let channel = Channel::parse(name, &self.config.channels.categories).map_err(|e| Refusal {
+            code: "invalid_channel",
+            message: format!("{name:?}: {e}"),
+            id: None,
+        })?;
+        if principal.may(scope, &channel) {
+            Ok(())
+        } else {
+            Err(Refusal {
+                code: "forbidden",
+                message: format!("not allowed to {} on {name:?}", scope_verb(scope)),
+                id: None,
+            })
+        }
+    }
+
+    fn subscribe(&self, peer: &Rc<Peer>, principal: &Principal, names: Vec<String>, id: Option<&[u8]>) {
+        let mut accepted = Vec::with_capacity(names.len());
+        for name in names {
+            match self.check_channel(principal, Scope::Subscribe, &name) {
+                Ok(()) => accepted.push(name),
+                Err(refusal) => {
+                    let frame = protocol::error(refusal.code, &refusal.message, id, Some(&name));
+                    self.send(peer, frame);
+                }
+            }
+        }
+        if accepted.is_empty() {
+            return;
+        }
+        let token = self.next_token.get();
+        self.next_token.set(token + 1);
+        let mut waiting = 0;
+        for name in &accepted {
+            let channel: Rc<str> = Rc::from(name.as_str());
+            let newly = self
+                .subs
+                .borrow_mut()
+                .entry(channel.clone())
+                .or_default()
+                .insert(peer.id, peer.clone())
+                .is_none();
+            if newly {
+                peer.channels.borrow_mut().push(channel);
+            }
+            let owner = self.owner_of(name);
+            if owner != self.id {
+                // Every SUB asks the owner, even when this shard is already registered: the
+                // SUBSCRIBED reply must not overtake a registration still in flight.
+                waiting += 1;
+                let msg = MeshMsg::Interest {
+                    channel: name.as_str().into(),
+                    on: true,
+                    token,
+                };
+                self.route(owner, msg);
+            }
+        }
+        if waiting == 0 {
+            self.send(peer, protocol::subscribed(false, &accepted, id));
+        } else {
+            self.pending_subs.borrow_mut().insert(
+                token,
+                PendingSub {
+                    conn: peer.id,
+                    channels: accepted,
+                    id: id.map(Box::from),
+                    waiting,
+                },
+            );
+        }
+    }
+
+    fn unsubscribe_one(&self, conn: u64, channel: &str) {
+        let now_empty = {
+            let mut subs = self.subs.borrow_mut();
+            match subs.get_mut(channel) {
+                Some(members) => {
+                    members.swap_remove(&conn);
+                    let empty = members.is_empty();
+                    if empty {
+                        subs.remove(channel);
+                    }
+                    empty
+                }
+                None => false,
+            }
+        };
+        let owner = self.owner_of(channel);
+        if now_empty && owner != self.id {
+            let msg = MeshMsg::Interest {
+                channel: channel.into(),
+                on: false,
+                token: 0,
+            };
+            self.route(owner, msg);
+        }
+    }
+
+    // ----- the owner's side -----
+
+    /// Number, frame and fan out a message on a channel this shard owns; returns its seq.
+    fn fan_out(&self, channel: &str, kind: Kind, data: &[u8], t0: Instant) -> u64 {
+        let (seq, remote) = {
+            let mut owned = self.owned.borrow_mut();
+            if !owned.contains_key(channel) {
+                owned.insert(channel.into(), Owned::default());
+            }
+            let state = owned.get_mut(channel).expect("inserted above");
+            state.seq += 1;
+            (state.seq, state.interest.clone())
+        };
+        let frame = protocol::fanout_frame(kind, channel, seq, data);
+        for &shard in &remote {
+            let msg = MeshMsg::Deliver {
+                channel: channel.into(),
+                frame: frame.clone(),
+                t0,
+            };
+            self.route(usize::from(shard), msg);
+        }
+        self.deliver_local(channel, Rc::from(frame), t0);
+        seq
+    }
+
+    /// Hand one frame to every local subscriber of `channel`.
+    fn deliver_local(&self, channel: &str, frame: Frame, t0: Instant) {
+        let subs = self.subs.borrow();
+        if let Some(members) = subs.get(channel) {
+            for peer in members.values() {
+                self.send(peer, frame.clone());
+            }
+            self.counters.record_fanout(t0.elapsed());
+        }
+    }
+
+    fn ingest(&self, channel: &str, org: &str, key: &str, data: &[u8], origin: &Origin, t0: Instant) {
+        let now = Instant::now();
+        let seen = self.dedup.borrow_mut().get(org, key, now).cloned();
+        if let Some(original) = seen {
+            self.counters.add(Counter::DecisionsDuplicate, 1);
+            let ack = protocol::ingest_ack(key, &original.decision_id, true, original.seq);
+            return self.reply(origin, ack);
+        }
+        let ms = decision::unix_ms();
+        let decision_id = self.ids.borrow_mut().next(ms);
+        let data = decision::enrich(data, &decision_id, &decision::rfc3339(ms));
+        // Durable storage slots in here: the decision is committed before it is fanned out
+        // and acknowledged, so a client never holds an ACK for a decision a crash can lose.
+        let seq = self.fan_out(channel, Kind::Decision, &data, t0);
+        let original = Original {
+            decision_id,
+            seq,
+        };
+        let ack = protocol::ingest_ack(key, &original.decision_id, false, seq);
+        self.dedup.borrow_mut().insert(org, key, original, now);
+        self.counters.add(Counter::DecisionsProcessed, 1);
+        self.reply(origin, ack);
+    }
+
+    // ----- the mesh -----
+
+    /// Deliver `msg` to shard `to`: handled at once when that is this shard, else queued for the
+    /// mesh sender (never blocks: see `mesh.rs` for why).
+    pub fn route(&self, to: usize, msg: MeshMsg) {
+        if to == self.id {
+            return self.handle(to, msg);
+        }
+        let outbox = &self.outboxes[to];
+        let mut msgs = outbox.msgs.borrow_mut();
+        msgs.push(msg);
+        if msgs.len() == 1 {
+            drop(msgs);
+            if let Some(w) = outbox.waker.take() {
+                w.wake();
+            }
+        }
+    }
+
+    /// Handle a message from shard `from` (or from this shard).
+    pub fn handle(&self, from: usize, msg: MeshMsg) {
+        match msg {
+            MeshMsg::Publish {
+                channel,
+                data,
+                origin,
+                t0,
+            } => {
+                let seq = self.fan_out(&channel, Kind::Message, &data, t0);
+                if let Some(id) = &origin.id {
+                    self.reply(&origin, protocol::publish_ack(id, seq));
+                }
+            }
+            MeshMsg::Ingest {
+                channel,
+                org,
+                key,
+                data,
+                origin,
+                t0,
+            } => self.ingest(&channel, &org, &key, &data, &origin, t0),
+            MeshMsg::Deliver { channel, frame, t0 } => {
+                self.deliver_local(&channel, Rc::from(frame), t0)
+            }
+            MeshMsg::Interest { channel, on, token } => {
+                {
+                    let mut owned = self.owned.borrow_mut();
+                    let state = owned.entry(channel).or_default();
+                    let shard = from as u16;
+                    let present = state.interest.iter().position(|s| *s == shard);
+                    match (on, present) {
+                        (true, None) => state.interest.push(shard),
+                        (false, Some(i)) => {
+                            state.interest.swap_remove(i);
+                        }
+                        _ => {}
+                    }
+                }
+                if token != 0 {
+                    self.route(from, MeshMsg::InterestAck { token });
+                }
+            }
+            MeshMsg::InterestAck { token } => {
+                let done = {
+                    let mut pending = self.pending_subs.borrow_mut();
+                    match pending.get_mut(&token) {
+                        Some(p) if p.waiting > 1 => {
+                            p.waiting -= 1;
+                            None
+                        }
+                        Some(_) => pending.remove(&token),
+                        None => None,
+                    }
+                };
+                if let Some(p) = done {
+                    let frame = protocol::subscribed(false, &p.channels, p.id.as_deref());
+                    self.send_to_conn(p.conn, frame);
+                }
+            }
+            MeshMsg::Reply { conn, frame } => self.send_to_conn(conn, Rc::from(frame)),
+        }
+    }
+
+    /// Wait for messages for shard `to`, then take them all (one mesh send per batch).
+    pub fn poll_outbox(&self, to: usize, cx: &mut std::task::Context<'_>) -> std::task::Poll<Vec<MeshMsg>> {
+        let outbox = &self.outboxes[to];
+        let mut msgs = outbox.msgs.borrow_mut();
+        if msgs.is_empty() {
+            outbox.waker.set(Some(cx.waker().clone()));
+            return std::task::Poll::Pending;
+        }
+        let batch = std::mem::take(&mut *msgs);
+        drop(msgs);
+        if !self.congested() {
+            for w in self.congestion_waiters.borrow_mut().drain(..) {
+                w.wake();
+            }
+        }
+        std::task::Poll::Ready(batch)
+    }
+
+    /// True when some peer shard has too much waiting for it: publishers should pause.
+    pub fn congested(&self) -> bool {
+        let max = self.config.mesh.max_pending;
+        self.outboxes.iter().any(|o| o.msgs.borrow().len() >= max)
+    }
+
+    /// Wake `waker` once the mesh is no longer congested.
+    pub fn wait_uncongested(&self, waker: &Waker) {
+        self.congestion_waiters.borrow_mut().push(waker.clone());
+    }
+
+    // ----- timers -----
+
+    /// Ping quiet connections, drop dead or stuck ones. Called by the sweeper task.
+    pub fn sweep(&self, ping: &Frame) {
+        let now = self.now_ms();
+        let ws = &self.config.websocket;
+        for peer in self.peers() {
+            let quiet = now.saturating_sub(peer.last_heard.get());
+            let in_phase = now.saturating_sub(peer.phase_since.get());
+            match peer.phase.get() {
+                Phase::Http if in_phase > ws.handshake_timeout_ms => abort(&peer),
+                Phase::Closing if in_phase > CLOSE_TIMEOUT_MS => abort(&peer),
+                Phase::Open if quiet > ws.idle_timeout_ms => {
+                    self.counters.add(Counter::SlowConsumerCloses, 1);
+                    abort(&peer);
+                }
+                Phase::Open
+                    if quiet >= ws.ping_interval_ms
+                        && now.saturating_sub(peer.last_ping.get()) >= ws.ping_interval_ms =>
+                {
+                    peer.last_ping.set(now);
+                    peer.send_urgent(ping.clone());
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Start graceful shutdown: tell every client to reconnect later, then close with 1001.
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.set(true);
+        let notice = protocol::system_restart(self.config.shutdown.reconnect_in_ms);
+        for peer in self.peers() {
+            match peer.phase.get() {
+                Phase::Open => {
+                    self.send(&peer, notice.clone());
+                    peer.request_close(1001, "server restarting", false);
+                }
+                Phase::Http => abort(&peer),
+                Phase::Closing => {}
+            }
+        }
+    }
+
+    /// Publish counters for the HTTP endpoints.
+    pub fn publish_counters(&self) {
+        self.counters.publish(&self.global.shards[self.id]);
+    }
+
+    /// A shared ping frame.
+    pub fn ping_frame() -> Frame {
+        codec::frame(codec::opcode::PING, b"")
+    }
+}
+
+/// How long a closing connection may take to answer our close frame.
+pub const CLOSE_TIMEOUT_MS: u64 = 2_000;
+
+fn abort(peer: &Peer) {
+    peer.abort.set(true);
+    peer.wake();
+}
+
+fn scope_verb(scope: Scope) -> &'static str {
+    match scope {
+        Scope::Subscribe => "subscribe",
+        Scope::Publish => "publish",
+        Scope::Ingest => "ingest",
+        Scope::Admin => "administer",
+    }
+}
+
+fn json_string(s: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(s.len() + 2);
+    crate::json::push_str(&mut out, s);
+    out
+}
+
+/// The shard that owns `channel` among `nshards`: a fixed hash of its `type:id` prefix, so all
+/// of an org's channels (and its idempotency keys) live on one shard.
+pub fn owner_of(channel: &str, nshards: usize) -> usize {
+    if nshards <= 1 {
+        return 0;
+    }
+    // DefaultHasher::new() has fixed keys: the same answer on every thread and every run.
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    Channel::owner_key(channel).hash(&mut hasher);
+    (hasher.finish() % nshards as u64) as usize
+}
+
+impl Refusal {
+    /// Attach a raw request id.
+    pub fn with_raw_id(mut self, id: Option<&[u8]>) -> Self {
+        self.id = id.map(<[u8]>::to_vec);
+        self
+    }
+}
