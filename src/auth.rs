@@ -254,12 +254,11 @@ impl Authenticator {
         let Some((key, validation)) = &self.jwt else {
             return Err(AuthError::BadToken("tokens are not enabled".into()));
         };
-        let data = jsonwebtoken::decode::<Claims>(token, key, validation).map_err(|e| {
-            match e.kind() {
+        let data =
+            jsonwebtoken::decode::<Claims>(token, key, validation).map_err(|e| match e.kind() {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
                 _ => AuthError::BadToken(e.to_string()),
-            }
-        })?;
+            })?;
         let claims = data.claims;
         let scopes: Vec<Scope> = match claims.scopes {
             ScopeClaim::List(list) => list.iter().filter_map(|s| parse_scope(s)).collect(),
@@ -312,7 +311,8 @@ mod tests {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_secs() as i64;
-        let claims = serde_json::json!({"sub":"u1","org":"acme","exp":now + exp_offset,"scopes":scopes});
+        let claims =
+            serde_json::json!({"sub":"u1","org":"acme","exp":now + exp_offset,"scopes":scopes});
         encode(
             &Header::default(),
             &claims,
@@ -324,9 +324,22 @@ mod tests {
     #[test]
     fn parses_channels() {
         let c = Channel::parse("org:acme:decisions", &categories()).unwrap();
-        assert_eq!((c.kind, c.id, c.category), (ChannelKind::Org, "acme", "decisions"));
-        for bad in ["org:acme", "team:x:decisions", "org::decisions", "org:a b:usage", ""] {
-            assert_eq!(Channel::parse(bad, &categories()), Err(ChannelError::Malformed), "{bad}");
+        assert_eq!(
+            (c.kind, c.id, c.category),
+            (ChannelKind::Org, "acme", "decisions")
+        );
+        for bad in [
+            "org:acme",
+            "team:x:decisions",
+            "org::decisions",
+            "org:a b:usage",
+            "",
+        ] {
+            assert_eq!(
+                Channel::parse(bad, &categories()),
+                Err(ChannelError::Malformed),
+                "{bad}"
+            );
         }
         assert!(matches!(
             Channel::parse("org:acme:secrets", &categories()),
@@ -344,8 +357,14 @@ mod tests {
         };
         let p = auth.authenticate(&creds(Some("s1"), None)).unwrap();
         assert_eq!(&*p.org, "acme");
-        assert_eq!(auth.authenticate(&creds(Some("nope"), None)), Err(AuthError::BadKey));
-        assert_eq!(auth.authenticate(&creds(None, None)), Err(AuthError::Missing));
+        assert_eq!(
+            auth.authenticate(&creds(Some("nope"), None)),
+            Err(AuthError::BadKey)
+        );
+        assert_eq!(
+            auth.authenticate(&creds(None, None)),
+            Err(AuthError::Missing)
+        );
 
         let ok = token("jwt-secret", 60, serde_json::json!(["subscribe", "ingest"]));
         let p = auth.authenticate(&creds(None, Some(ok))).unwrap();
@@ -353,7 +372,10 @@ mod tests {
         assert!(p.scopes.has(Scope::Ingest) && !p.scopes.has(Scope::Publish));
 
         let expired = token("jwt-secret", -10, serde_json::json!("subscribe"));
-        assert_eq!(auth.authenticate(&creds(None, Some(expired))), Err(AuthError::Expired));
+        assert_eq!(
+            auth.authenticate(&creds(None, Some(expired))),
+            Err(AuthError::Expired)
+        );
         let forged = token("other", 60, serde_json::json!("subscribe"));
         let err = auth.authenticate(&creds(None, Some(forged))).unwrap_err();
         assert_eq!(err.close_code(), 4403);

@@ -159,7 +159,9 @@ impl Decoder {
             OpCode::Control(_) if len > MAX_CONTROL_PAYLOAD => {
                 Err(violation(1002, "control frame payload over 125 bytes"))
             }
-            OpCode::Data(_) if (self.message.len() as u64).saturating_add(len) > max_message as u64 => {
+            OpCode::Data(_)
+                if (self.message.len() as u64).saturating_add(len) > max_message as u64 =>
+            {
                 Err(violation(1009, "message too big"))
             }
             _ => Ok(()),

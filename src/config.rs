@@ -425,12 +425,12 @@ mod tests {
         .unwrap();
         assert_eq!(config.shards, 3);
         assert_eq!(config.limits.max_message_bytes, 1000);
-        assert_eq!(
-            config.limits.backpressure_policy,
-            BackpressurePolicy::Close
-        );
+        assert_eq!(config.limits.backpressure_policy, BackpressurePolicy::Close);
         assert_eq!(config.auth.jwt_secret, "s3cret with spaces");
-        assert_eq!(config.api_keys[0].scopes, vec![Scope::Subscribe, Scope::Admin]);
+        assert_eq!(
+            config.api_keys[0].scopes,
+            vec![Scope::Subscribe, Scope::Admin]
+        );
     }
 
     #[test]
@@ -438,7 +438,10 @@ mod tests {
         let demo = r#"[{id="demo",secret="demo-secret",org="demo",scopes=["subscribe"]}]"#;
         let err = Config::load(
             None,
-            env(&[("SHARDCAST_LISTEN", "0.0.0.0:8080"), ("SHARDCAST_API_KEYS", demo)]),
+            env(&[
+                ("SHARDCAST_LISTEN", "0.0.0.0:8080"),
+                ("SHARDCAST_API_KEYS", demo),
+            ]),
         )
         .unwrap_err();
         assert!(err.to_string().contains("demo API key"), "{err}");
@@ -455,8 +458,8 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_errors() {
-        let err = Config::load(None, env(&[("SHARDCAST_LIMITS__MAX_MESAGE_BYTES", "1")]))
-            .unwrap_err();
+        let err =
+            Config::load(None, env(&[("SHARDCAST_LIMITS__MAX_MESAGE_BYTES", "1")])).unwrap_err();
         assert!(err.to_string().contains("max_mesage_bytes"), "{err}");
     }
 }

@@ -206,7 +206,8 @@ impl Conn {
             return Ok(false);
         }
         // SAFETY: as in `flush`, the slice points into a frame held by `out`.
-        let next = unsafe { std::slice::from_raw_parts(iov[0].iov_base as *const u8, iov[0].iov_len) };
+        let next =
+            unsafe { std::slice::from_raw_parts(iov[0].iov_base as *const u8, iov[0].iov_len) };
         match Pin::new(&mut self.stream).poll_write(cx, next) {
             Poll::Ready(Ok(n)) => {
                 let sent = out.consume(n);
@@ -250,7 +251,12 @@ impl Conn {
                             http::HeadError::TooLarge => 431,
                             http::HeadError::Malformed => 400,
                         };
-                        self.http_reply(http::error_response(status, "bad_request", &e.to_string(), ""));
+                        self.http_reply(http::error_response(
+                            status,
+                            "bad_request",
+                            &e.to_string(),
+                            "",
+                        ));
                     }
                 }
             }
@@ -275,21 +281,39 @@ impl Conn {
             ("GET", "/ws") => self.upgrade(request, false),
             ("GET", "/echo") if shard.config.diagnostics.echo => self.upgrade(request, true),
             ("GET", "/health") => {
-                let status = if shard.global.ready.load(std::sync::atomic::Ordering::Relaxed) {
+                let status = if shard
+                    .global
+                    .ready
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                {
                     "healthy"
                 } else {
                     "shutting_down"
                 };
-                self.http_reply(http::response(200, json, "", &shard.global.health_json(status)))
+                self.http_reply(http::response(
+                    200,
+                    json,
+                    "",
+                    &shard.global.health_json(status),
+                ))
             }
             ("GET", "/health/live") => {
                 self.http_reply(http::response(200, json, "", r#"{"status":"alive"}"#))
             }
             ("GET", "/health/ready") => {
-                let reply = if shard.global.ready.load(std::sync::atomic::Ordering::Relaxed) {
+                let reply = if shard
+                    .global
+                    .ready
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                {
                     http::response(200, json, "", r#"{"status":"ready"}"#)
                 } else {
-                    http::response(503, json, "", r#"{"status":"not_ready","reason":"shutting_down"}"#)
+                    http::response(
+                        503,
+                        json,
+                        "",
+                        r#"{"status":"not_ready","reason":"shutting_down"}"#,
+                    )
                 };
                 self.http_reply(reply)
             }
@@ -301,9 +325,19 @@ impl Conn {
             )),
             ("GET", "/info") => self.http_reply(http::response(200, json, "", &info_json(&shard))),
             (_, "/ws" | "/health" | "/health/live" | "/health/ready" | "/metrics" | "/info") => {
-                self.http_reply(http::error_response(405, "method_not_allowed", "use GET", "Allow: GET\r\n"))
+                self.http_reply(http::error_response(
+                    405,
+                    "method_not_allowed",
+                    "use GET",
+                    "Allow: GET\r\n",
+                ))
             }
-            _ => self.http_reply(http::error_response(404, "not_found", "no such endpoint", "")),
+            _ => self.http_reply(http::error_response(
+                404,
+                "not_found",
+                "no such endpoint",
+                "",
+            )),
         }
     }
 
@@ -311,14 +345,29 @@ impl Conn {
         let shard = self.shard.clone();
         if !request.upgrade {
             let msg = "this endpoint speaks WebSocket only";
-            return self.http_reply(http::error_response(426, "upgrade_required", msg, "Upgrade: websocket\r\n"));
+            return self.http_reply(http::error_response(
+                426,
+                "upgrade_required",
+                msg,
+                "Upgrade: websocket\r\n",
+            ));
         }
         if !request.ws_version_ok {
             let msg = "unsupported WebSocket version";
-            return self.http_reply(http::error_response(426, "bad_version", msg, "Sec-WebSocket-Version: 13\r\n"));
+            return self.http_reply(http::error_response(
+                426,
+                "bad_version",
+                msg,
+                "Sec-WebSocket-Version: 13\r\n",
+            ));
         }
         let Some(key) = request.ws_key.as_deref() else {
-            return self.http_reply(http::error_response(400, "bad_request", "missing Sec-WebSocket-Key", ""));
+            return self.http_reply(http::error_response(
+                400,
+                "bad_request",
+                "missing Sec-WebSocket-Key",
+                "",
+            ));
         };
         let principal = if echo {
             None
@@ -328,7 +377,12 @@ impl Conn {
                 Err(e) => {
                     shard.global.auth_failed(e.code());
                     if shard.config.auth.refuse_with == RefuseWith::Http {
-                        return self.http_reply(http::error_response(401, e.code(), &e.to_string(), ""));
+                        return self.http_reply(http::error_response(
+                            401,
+                            e.code(),
+                            &e.to_string(),
+                            "",
+                        ));
                     }
                     shard.send(&self.peer, Rc::from(http::upgrade_response(key)));
                     self.mode = Mode::Refused;
@@ -338,11 +392,21 @@ impl Conn {
             }
         };
         if shard.shutting_down.get() {
-            return self.http_reply(http::error_response(503, "shutting_down", "server is restarting", "Retry-After: 1\r\n"));
+            return self.http_reply(http::error_response(
+                503,
+                "shutting_down",
+                "server is restarting",
+                "Retry-After: 1\r\n",
+            ));
         }
         if !shard.global.try_open(shard.config.max_connections) {
             let msg = "server is at max_connections";
-            return self.http_reply(http::error_response(503, "over_capacity", msg, "Retry-After: 1\r\n"));
+            return self.http_reply(http::error_response(
+                503,
+                "over_capacity",
+                msg,
+                "Retry-After: 1\r\n",
+            ));
         }
         self.holds_slot = true;
         shard.send(&self.peer, Rc::from(http::upgrade_response(key)));
@@ -368,8 +432,11 @@ impl Conn {
         let result = decoder.decode(data, max, &mut |event| self.on_event(event));
         self.decoder = decoder;
         if let Err(violation) = result {
+            // Fail the connection (RFC 6455 7.1.7): close frame, then close TCP without
+            // waiting for the peer's answer.
             self.shard.counters.add(Counter::BadMessages, 1);
             self.start_close(violation.code, violation.reason, false);
+            self.close_received = true;
         }
     }
 
@@ -387,7 +454,8 @@ impl Conn {
             Event::Text(text) => self.on_text(text),
             Event::Binary(bytes) => {
                 if matches!(self.mode, Mode::Echo) {
-                    self.shard.send(&self.peer, codec::frame(codec::opcode::BINARY, bytes));
+                    self.shard
+                        .send(&self.peer, codec::frame(codec::opcode::BINARY, bytes));
                 } else {
                     let refusal = protocol::Refusal::bad_request(
                         "binary frames are not supported: send JSON in text frames",
@@ -395,7 +463,9 @@ impl Conn {
                     self.refuse(&refusal);
                 }
             }
-            Event::Ping(payload) => self.peer.send_urgent(codec::frame(codec::opcode::PONG, payload)),
+            Event::Ping(payload) => self
+                .peer
+                .send_urgent(codec::frame(codec::opcode::PONG, payload)),
             Event::Pong(_) => {}
             Event::Close(close) => {
                 self.close_received = true;
@@ -412,7 +482,10 @@ impl Conn {
         let principal = match &self.mode {
             Mode::Session(p) => p.clone(),
             Mode::Echo => {
-                return shard.send(&self.peer, codec::frame(codec::opcode::TEXT, text.as_bytes()))
+                return shard.send(
+                    &self.peer,
+                    codec::frame(codec::opcode::TEXT, text.as_bytes()),
+                )
             }
             _ => return,
         };

@@ -100,9 +100,7 @@ impl IdGenerator {
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0);
         let seed = nanos ^ ((shard as u64) << 56) ^ (u64::from(std::process::id()) << 32);
-        Self {
-            state: seed | 1,
-        }
+        Self { state: seed | 1 }
     }
 
     fn next_u64(&mut self) -> u64 {
@@ -301,9 +299,14 @@ mod tests {
         assert!(table.get("other", "k1", t0).is_none(), "keys are per org");
         table.insert("acme", "k2", original(2), t0);
         table.insert("acme", "k3", original(3), t0);
-        assert!(table.get("acme", "k1", t0).is_none(), "oldest evicted at capacity");
+        assert!(
+            table.get("acme", "k1", t0).is_none(),
+            "oldest evicted at capacity"
+        );
         assert_eq!(table.len(), 2);
-        assert!(table.get("acme", "k3", t0 + Duration::from_secs(11)).is_none());
+        assert!(table
+            .get("acme", "k3", t0 + Duration::from_secs(11))
+            .is_none());
         assert!(table.is_empty());
     }
 
@@ -314,14 +317,31 @@ mod tests {
             let value = simd_json::to_borrowed_value(&mut bytes).unwrap();
             Decision::from_value(&value)
         };
-        let ok = check(r#"{"orgId":"a","direction":"postcheck","decision":"deny","payloadHash":"h","latencyMs":3,"tags":["x"]}"#);
+        let ok = check(
+            r#"{"orgId":"a","direction":"postcheck","decision":"deny","payloadHash":"h","latencyMs":3,"tags":["x"]}"#,
+        );
         assert_eq!(ok.unwrap().decision, "deny");
         for (json, field) in [
-            (r#"{"direction":"precheck","decision":"allow","payloadHash":"h"}"#, "orgId"),
-            (r#"{"orgId":"a","direction":"precheck","decision":"maybe","payloadHash":"h"}"#, "decision"),
-            (r#"{"orgId":"a","direction":"precheck","decision":"allow"}"#, "payloadHash"),
-            (r#"{"orgId":"a","direction":"precheck","decision":"allow","payloadHash":"h","latencyMs":-1}"#, "latencyMs"),
-            (r#"{"orgId":"a","direction":"precheck","decision":"allow","payloadHash":"h","tags":[1]}"#, "tags"),
+            (
+                r#"{"direction":"precheck","decision":"allow","payloadHash":"h"}"#,
+                "orgId",
+            ),
+            (
+                r#"{"orgId":"a","direction":"precheck","decision":"maybe","payloadHash":"h"}"#,
+                "decision",
+            ),
+            (
+                r#"{"orgId":"a","direction":"precheck","decision":"allow"}"#,
+                "payloadHash",
+            ),
+            (
+                r#"{"orgId":"a","direction":"precheck","decision":"allow","payloadHash":"h","latencyMs":-1}"#,
+                "latencyMs",
+            ),
+            (
+                r#"{"orgId":"a","direction":"precheck","decision":"allow","payloadHash":"h","tags":[1]}"#,
+                "tags",
+            ),
         ] {
             let err = check(json).unwrap_err();
             assert!(err.contains(field), "{json}: {err}");

@@ -98,16 +98,14 @@ fn percent_decode(s: &str) -> String {
     while i < bytes.len() {
         let hex = |b: u8| (b as char).to_digit(16);
         match bytes[i] {
-            b'%' if i + 2 < bytes.len() => {
-                match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                    (Some(h), Some(l)) => {
-                        out.push((h * 16 + l) as u8);
-                        i += 3;
-                        continue;
-                    }
-                    _ => out.push(b'%'),
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                    continue;
                 }
-            }
+                _ => out.push(b'%'),
+            },
             b'+' => out.push(b' '),
             b => out.push(b),
         }
@@ -193,7 +191,10 @@ mod tests {
         let mut big = b"GET / HTTP/1.1\r\nX: ".to_vec();
         big.extend(vec![b'a'; MAX_HEAD + 1]);
         assert_eq!(parse(&big), Err(HeadError::TooLarge));
-        assert_eq!(parse(b"\x16\x03\x01 hello\r\n\r\n"), Err(HeadError::Malformed));
+        assert_eq!(
+            parse(b"\x16\x03\x01 hello\r\n\r\n"),
+            Err(HeadError::Malformed)
+        );
     }
 
     #[test]

@@ -103,7 +103,9 @@ fn skip_value(input: &[u8], pos: usize) -> Option<usize> {
         }
         _ => {
             let mut i = pos;
-            while i < input.len() && !matches!(input[i], b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r') {
+            while i < input.len()
+                && !matches!(input[i], b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r')
+            {
                 i += 1;
             }
             Some(i)

@@ -27,7 +27,7 @@ struct Args {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SHARDCAST_LOG")
+            tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
@@ -60,7 +60,10 @@ fn main() -> ExitCode {
     // Scripts and tests read the real address (the configured port may be 0) from stdout.
     println!("shardcast listening on ws://{}/ws", server.local_addr());
     let stopper = server.stopper();
-    let signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT]);
+    let signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ]);
     match signals {
         Ok(mut signals) => {
             std::thread::spawn(move || {

@@ -215,23 +215,90 @@ impl Global {
         use std::fmt::Write;
         let mut out = String::with_capacity(4096);
         let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
         };
-        metric("shardcast_connections_active", "gauge", "Open WebSocket connections.", self.active.load(Relaxed) as u64);
-        metric("shardcast_connections_total", "counter", "WebSocket connections accepted.", self.total.load(Relaxed));
-        metric("shardcast_connections_peak", "gauge", "Most WebSocket connections open at once.", self.peak.load(Relaxed) as u64);
-        metric("shardcast_connections_refused_capacity_total", "counter", "Upgrades refused with 503 at max_connections.", self.refused_capacity.load(Relaxed));
-        metric("shardcast_messages_received_total", "counter", "Messages received from clients.", self.sum(Counter::MessagesReceived));
-        metric("shardcast_messages_sent_total", "counter", "Frames written to clients.", self.sum(Counter::MessagesSent));
-        metric("shardcast_messages_dropped_total", "counter", "Frames dropped from slow consumers' queues.", self.sum(Counter::MessagesDropped));
-        metric("shardcast_bad_messages_total", "counter", "Malformed client messages.", self.sum(Counter::BadMessages));
-        metric("shardcast_slow_consumer_closes_total", "counter", "Connections closed for being slow or silent.", self.sum(Counter::SlowConsumerCloses));
-        metric("shardcast_decisions_processed_total", "counter", "Decisions accepted.", self.sum(Counter::DecisionsProcessed));
-        metric("shardcast_decisions_duplicates_total", "counter", "Decisions deduplicated by idempotency key.", self.sum(Counter::DecisionsDuplicate));
-        metric("shardcast_decisions_rejected_total", "counter", "Decisions refused by validation.", self.sum(Counter::DecisionsRejected));
+        metric(
+            "shardcast_connections_active",
+            "gauge",
+            "Open WebSocket connections.",
+            self.active.load(Relaxed) as u64,
+        );
+        metric(
+            "shardcast_connections_total",
+            "counter",
+            "WebSocket connections accepted.",
+            self.total.load(Relaxed),
+        );
+        metric(
+            "shardcast_connections_peak",
+            "gauge",
+            "Most WebSocket connections open at once.",
+            self.peak.load(Relaxed) as u64,
+        );
+        metric(
+            "shardcast_connections_refused_capacity_total",
+            "counter",
+            "Upgrades refused with 503 at max_connections.",
+            self.refused_capacity.load(Relaxed),
+        );
+        metric(
+            "shardcast_messages_received_total",
+            "counter",
+            "Messages received from clients.",
+            self.sum(Counter::MessagesReceived),
+        );
+        metric(
+            "shardcast_messages_sent_total",
+            "counter",
+            "Frames written to clients.",
+            self.sum(Counter::MessagesSent),
+        );
+        metric(
+            "shardcast_messages_dropped_total",
+            "counter",
+            "Frames dropped from slow consumers' queues.",
+            self.sum(Counter::MessagesDropped),
+        );
+        metric(
+            "shardcast_bad_messages_total",
+            "counter",
+            "Malformed client messages.",
+            self.sum(Counter::BadMessages),
+        );
+        metric(
+            "shardcast_slow_consumer_closes_total",
+            "counter",
+            "Connections closed for being slow or silent.",
+            self.sum(Counter::SlowConsumerCloses),
+        );
+        metric(
+            "shardcast_decisions_processed_total",
+            "counter",
+            "Decisions accepted.",
+            self.sum(Counter::DecisionsProcessed),
+        );
+        metric(
+            "shardcast_decisions_duplicates_total",
+            "counter",
+            "Decisions deduplicated by idempotency key.",
+            self.sum(Counter::DecisionsDuplicate),
+        );
+        metric(
+            "shardcast_decisions_rejected_total",
+            "counter",
+            "Decisions refused by validation.",
+            self.sum(Counter::DecisionsRejected),
+        );
         let _ = writeln!(out, "# HELP shardcast_auth_failures_total Refused credentials by reason.\n# TYPE shardcast_auth_failures_total counter");
         for (reason, n) in AUTH_REASONS.iter().zip(&self.auth_failures) {
-            let _ = writeln!(out, "shardcast_auth_failures_total{{reason=\"{reason}\"}} {}", n.load(Relaxed));
+            let _ = writeln!(
+                out,
+                "shardcast_auth_failures_total{{reason=\"{reason}\"}} {}",
+                n.load(Relaxed)
+            );
         }
         let mut merged = new_histogram();
         for slot in &self.shards {
@@ -240,7 +307,10 @@ impl Global {
             }
         }
         let _ = writeln!(out, "# HELP shardcast_fanout_latency_seconds Time from a message's arrival to its delivery into subscriber queues.\n# TYPE shardcast_fanout_latency_seconds histogram");
-        for bound_us in [50u64, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000] {
+        for bound_us in [
+            50u64, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000,
+            1_000_000,
+        ] {
             let _ = writeln!(
                 out,
                 "shardcast_fanout_latency_seconds_bucket{{le=\"{}\"}} {}",
@@ -249,8 +319,14 @@ impl Global {
             );
         }
         let total = merged.len();
-        let sum: f64 = merged.iter_recorded().map(|v| v.value_iterated_to() as f64 * v.count_at_value() as f64).sum();
-        let _ = writeln!(out, "shardcast_fanout_latency_seconds_bucket{{le=\"+Inf\"}} {total}");
+        let sum: f64 = merged
+            .iter_recorded()
+            .map(|v| v.value_iterated_to() as f64 * v.count_at_value() as f64)
+            .sum();
+        let _ = writeln!(
+            out,
+            "shardcast_fanout_latency_seconds_bucket{{le=\"+Inf\"}} {total}"
+        );
         let _ = writeln!(out, "shardcast_fanout_latency_seconds_sum {}", sum / 1e6);
         let _ = writeln!(out, "shardcast_fanout_latency_seconds_count {total}");
         out
@@ -288,7 +364,10 @@ mod tests {
         assert_eq!(g.sum(Counter::MessagesSent), 7);
         let text = g.prometheus();
         assert!(text.contains("shardcast_messages_sent_total 7"), "{text}");
-        assert!(text.contains("shardcast_fanout_latency_seconds_count 1"), "{text}");
+        assert!(
+            text.contains("shardcast_fanout_latency_seconds_count 1"),
+            "{text}"
+        );
         assert!(g.health_json("healthy").contains(r#""sent":7"#));
     }
 }

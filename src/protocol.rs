@@ -409,14 +409,25 @@ mod tests {
             (br#"{"type":"NOPE"}"#, "unknown message type"),
             (br#"{"type":"SUB","channels":[]}"#, "1 to 100"),
             (br#"{"type":"SUB","channels":"x"}"#, "array"),
-            (br#"{"type":"PUBLISH","channel":"org:a:usage"}"#, "missing \"data\""),
-            (br#"{"type":"PUBLISH","channel":5,"data":1}"#, "must be a string"),
+            (
+                br#"{"type":"PUBLISH","channel":"org:a:usage"}"#,
+                "missing \"data\"",
+            ),
+            (
+                br#"{"type":"PUBLISH","channel":5,"data":1}"#,
+                "must be a string",
+            ),
             (br#"{"type":"PING","id":{"a":1}}"#, "id must be"),
         ];
         for (raw, expect) in cases {
             let err = parser.parse(raw).unwrap_err();
             assert_eq!(err.code, "bad_request");
-            assert!(err.message.contains(expect), "{}: {}", String::from_utf8_lossy(raw), err.message);
+            assert!(
+                err.message.contains(expect),
+                "{}: {}",
+                String::from_utf8_lossy(raw),
+                err.message
+            );
         }
         let err = parser.parse(br#"{"type":"NOPE","id":"q"}"#).unwrap_err();
         assert_eq!(err.id.as_deref(), Some(&br#""q""#[..]));
@@ -432,7 +443,8 @@ mod tests {
         assert_eq!(err.code, "invalid_decision");
         assert!(err.message.contains("direction"));
         assert_eq!(err.id.as_deref(), Some(&br#""k1""#[..]));
-        let schema = br#"{"type":"INGEST","channel":"c","schema":"v0","idempotencyKey":"k2","data":{}}"#;
+        let schema =
+            br#"{"type":"INGEST","channel":"c","schema":"v0","idempotencyKey":"k2","data":{}}"#;
         assert_eq!(parser.parse(schema).unwrap_err().code, "invalid_decision");
     }
 
@@ -451,7 +463,8 @@ mod tests {
         ];
         for f in &frames {
             let text = payload(f);
-            let v: serde_json::Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+            let v: serde_json::Value =
+                serde_json::from_str(text).unwrap_or_else(|e| panic!("{text}: {e}"));
             assert!(v["type"].is_string());
         }
         assert_eq!(

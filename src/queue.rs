@@ -41,6 +41,8 @@ pub struct OutQueue {
     head_written: usize,
     /// Frames dropped since the client was last told.
     unreported_drops: u64,
+    /// One past the last urgent frame: urgent frames keep their own order at the front.
+    urgent_end: usize,
 }
 
 impl OutQueue {
@@ -57,6 +59,9 @@ impl OutQueue {
             let victim = usize::from(self.head_written > 0);
             match self.frames.remove(victim) {
                 Some(old) => {
+                    if victim < self.urgent_end {
+                        self.urgent_end -= 1;
+                    }
                     self.bytes -= old.len();
                     dropped += 1;
                 }
@@ -69,11 +74,14 @@ impl OutQueue {
         Pushed::Queued { dropped }
     }
 
-    /// Queue `frame` ahead of everything not yet started (for control frames and notices).
+    /// Queue `frame` ahead of ordinary frames not yet started, after earlier urgent ones
+    /// (pongs must answer pings in order).
     pub fn push_urgent(&mut self, frame: Frame) {
-        let at = usize::from(self.head_written > 0).min(self.frames.len());
+        let started = usize::from(self.head_written > 0).min(self.frames.len());
+        let at = self.urgent_end.max(started);
         self.bytes += frame.len();
         self.frames.insert(at, frame);
+        self.urgent_end = at + 1;
     }
 
     /// Frames dropped since the last call (the caller tells the client once per burst).
@@ -130,6 +138,7 @@ impl OutQueue {
             self.bytes -= front.len();
             self.head_written = 0;
             self.frames.pop_front();
+            self.urgent_end = self.urgent_end.saturating_sub(1);
             completed += 1;
         }
         if self.frames.is_empty() && self.frames.capacity() > 16 {
@@ -144,6 +153,7 @@ impl OutQueue {
         self.frames = VecDeque::new();
         self.bytes = 0;
         self.head_written = 0;
+        self.urgent_end = 0;
     }
 }
 
@@ -182,7 +192,10 @@ mod tests {
             assert_eq!(q.push(f(i, 10), BOUNDS), Pushed::Queued { dropped: 0 });
         }
         assert_eq!(q.push(f(3, 10), BOUNDS), Pushed::Queued { dropped: 1 });
-        assert_eq!(contents(&q), [vec![1; 10], vec![2; 10], vec![3; 10]].concat());
+        assert_eq!(
+            contents(&q),
+            [vec![1; 10], vec![2; 10], vec![3; 10]].concat()
+        );
         // 20 + 90 bytes would exceed 100: one more goes, then 10 + 90 fits exactly.
         assert_eq!(q.push(f(4, 90), BOUNDS), Pushed::Queued { dropped: 2 });
         assert_eq!(q.len(), 2);
@@ -199,7 +212,10 @@ mod tests {
         }
         assert_eq!(q.consume(4), 0);
         q.push(f(3, 10), BOUNDS);
-        assert_eq!(contents(&q), [vec![0; 6], vec![2; 10], vec![3; 10]].concat());
+        assert_eq!(
+            contents(&q),
+            [vec![0; 6], vec![2; 10], vec![3; 10]].concat()
+        );
         assert_eq!(q.bytes(), 26);
         assert_eq!(q.consume(6 + 10), 2);
         assert_eq!(contents(&q), vec![3; 10]);
@@ -225,8 +241,17 @@ mod tests {
         q.push(f(1, 4), BOUNDS);
         q.push_urgent(f(0, 2));
         assert_eq!(contents(&q), vec![0, 0, 1, 1, 1, 1]);
+        q.push_urgent(f(5, 1));
+        assert_eq!(
+            contents(&q),
+            vec![0, 0, 5, 1, 1, 1, 1],
+            "urgent frames stay in order"
+        );
         q.consume(1);
         q.push_urgent(f(7, 1));
-        assert_eq!(contents(&q), vec![0, 7, 1, 1, 1, 1]);
+        assert_eq!(contents(&q), vec![0, 5, 7, 1, 1, 1, 1]);
+        q.consume(3);
+        q.push_urgent(f(8, 1));
+        assert_eq!(contents(&q), vec![8, 1, 1, 1, 1]);
     }
 }

@@ -157,7 +157,11 @@ pub fn start(mut config: Config) -> Result<Server, ServerError> {
         config.max_connections = capacity;
     }
     let cpus = allowed_cpus();
-    let nshards = if config.shards == 0 { cpus.len() } else { config.shards };
+    let nshards = if config.shards == 0 {
+        cpus.len()
+    } else {
+        config.shards
+    };
     tracing::info!(
         fd_limit,
         max_connections = config.max_connections,
@@ -166,10 +170,11 @@ pub fn start(mut config: Config) -> Result<Server, ServerError> {
     );
 
     // Bind every shard's listener here, so a busy port fails start-up instead of one shard.
-    let first = listener_socket(config.listen, config.backlog).map_err(|source| ServerError::Listen {
-        addr: config.listen,
-        source,
-    })?;
+    let first =
+        listener_socket(config.listen, config.backlog).map_err(|source| ServerError::Listen {
+            addr: config.listen,
+            source,
+        })?;
     let addr = first
         .local_addr()
         .ok()
@@ -184,7 +189,8 @@ pub fn start(mut config: Config) -> Result<Server, ServerError> {
 
     let config = Arc::new(config);
     let global = Arc::new(Global::new(nshards));
-    let mesh = (nshards > 1).then(|| MeshBuilder::<Batch, _>::full(nshards, config.mesh.channel_capacity));
+    let mesh =
+        (nshards > 1).then(|| MeshBuilder::<Batch, _>::full(nshards, config.mesh.channel_capacity));
     let mut stops = Vec::new();
     let mut shards = Vec::new();
     for (id, socket) in sockets.into_iter().enumerate() {
@@ -242,7 +248,10 @@ async fn run_shard(
     })
     .await;
     // The listener is gone: new connections are refused by the kernel from here on.
-    shard.global.ready.store(false, std::sync::atomic::Ordering::Relaxed);
+    shard
+        .global
+        .ready
+        .store(false, std::sync::atomic::Ordering::Relaxed);
     shard.begin_shutdown();
     let deadline = Instant::now() + drain;
     while shard.conn_count() > 0 && Instant::now() < deadline {
@@ -250,7 +259,11 @@ async fn run_shard(
     }
     let left = shard.conn_count();
     if left > 0 {
-        tracing::warn!(shard = id, left, "drain timeout: dropping remaining connections");
+        tracing::warn!(
+            shard = id,
+            left,
+            "drain timeout: dropping remaining connections"
+        );
     }
     shard.publish_counters();
     drop(timers);

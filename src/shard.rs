@@ -349,7 +349,8 @@ impl Shard {
             Pushed::Queued { dropped: 0 } => {}
             Pushed::Queued { dropped } => {
                 peer.dropped.set(peer.dropped.get() + u64::from(dropped));
-                self.counters.add(Counter::MessagesDropped, u64::from(dropped));
+                self.counters
+                    .add(Counter::MessagesDropped, u64::from(dropped));
             }
             Pushed::Overflow => {
                 self.counters.add(Counter::MessagesDropped, 1);
@@ -424,7 +425,8 @@ impl Shard {
             }
             Request::Ingest(ingest) => {
                 let key_json = json_string(&ingest.key);
-                if let Err(refusal) = self.check_channel(principal, Scope::Ingest, &ingest.channel) {
+                if let Err(refusal) = self.check_channel(principal, Scope::Ingest, &ingest.channel)
+                {
                     let refusal = refusal.with_raw_id(Some(&key_json));
                     return self.send(peer, protocol::refusal(&refusal));
                 }
@@ -435,7 +437,8 @@ impl Shard {
                 if ingest.decision.org_id != expected_org {
                     self.counters.add(Counter::DecisionsRejected, 1);
                     let message = format!("data.orgId must be {expected_org:?}, the channel's org");
-                    let frame = protocol::error("invalid_decision", &message, Some(&key_json), None);
+                    let frame =
+                        protocol::error("invalid_decision", &message, Some(&key_json), None);
                     return self.send(peer, frame);
                 }
                 let owner = self.owner_of(&ingest.channel);
@@ -457,12 +460,18 @@ impl Shard {
         }
     }
 
-    fn check_channel(&self, principal: &Principal, scope: Scope, name: &str) -> Result<(), Refusal> {
-        let channel = Channel::parse(name, &self.config.channels.categories).map_err(|e| Refusal {
-            code: "invalid_channel",
-            message: format!("{name:?}: {e}"),
-            id: None,
-        })?;
+    fn check_channel(
+        &self,
+        principal: &Principal,
+        scope: Scope,
+        name: &str,
+    ) -> Result<(), Refusal> {
+        let channel =
+            Channel::parse(name, &self.config.channels.categories).map_err(|e| Refusal {
+                code: "invalid_channel",
+                message: format!("{name:?}: {e}"),
+                id: None,
+            })?;
         if principal.may(scope, &channel) {
             Ok(())
         } else {
@@ -474,7 +483,13 @@ impl Shard {
         }
     }
 
-    fn subscribe(&self, peer: &Rc<Peer>, principal: &Principal, names: Vec<String>, id: Option<&[u8]>) {
+    fn subscribe(
+        &self,
+        peer: &Rc<Peer>,
+        principal: &Principal,
+        names: Vec<String>,
+        id: Option<&[u8]>,
+    ) {
         let mut accepted = Vec::with_capacity(names.len());
         for name in names {
             match self.check_channel(principal, Scope::Subscribe, &name) {
@@ -594,7 +609,15 @@ impl Shard {
         }
     }
 
-    fn ingest(&self, channel: &str, org: &str, key: &str, data: &[u8], origin: &Origin, t0: Instant) {
+    fn ingest(
+        &self,
+        channel: &str,
+        org: &str,
+        key: &str,
+        data: &[u8],
+        origin: &Origin,
+        t0: Instant,
+    ) {
         let now = Instant::now();
         let seen = self.dedup.borrow_mut().get(org, key, now).cloned();
         if let Some(original) = seen {
@@ -608,10 +631,7 @@ impl Shard {
         // Durable storage slots in here: the decision is committed before it is fanned out
         // and acknowledged, so a client never holds an ACK for a decision a crash can lose.
         let seq = self.fan_out(channel, Kind::Decision, &data, t0);
-        let original = Original {
-            decision_id,
-            seq,
-        };
+        let original = Original { decision_id, seq };
         let ack = protocol::ingest_ack(key, &original.decision_id, false, seq);
         self.dedup.borrow_mut().insert(org, key, original, now);
         self.counters.add(Counter::DecisionsProcessed, 1);
@@ -702,7 +722,11 @@ impl Shard {
     }
 
     /// Wait for messages for shard `to`, then take them all (one mesh send per batch).
-    pub fn poll_outbox(&self, to: usize, cx: &mut std::task::Context<'_>) -> std::task::Poll<Vec<MeshMsg>> {
+    pub fn poll_outbox(
+        &self,
+        to: usize,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Vec<MeshMsg>> {
         let outbox = &self.outboxes[to];
         let mut msgs = outbox.msgs.borrow_mut();
         if msgs.is_empty() {

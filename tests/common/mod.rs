@@ -1,0 +1,333 @@
+//! Test harness: a real `shardcast` process on an ephemeral port, and real WebSocket clients.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::{Message, WebSocket};
+
+/// Longest any single wait in a test may take before the test fails.
+pub const WAIT: Duration = Duration::from_secs(20);
+/// Secret of the admin key every test server has.
+pub const ADMIN: &str = "admin-secret";
+/// Secret of a key for org "acme" with subscribe, publish and ingest.
+pub const ACME: &str = "acme-secret";
+/// Secret of a key for org "acme" that may only subscribe.
+pub const ACME_READONLY: &str = "acme-ro-secret";
+/// JWT secret of every test server.
+pub const JWT_SECRET: &str = "test-jwt-secret";
+
+/// A running server process, killed when dropped.
+pub struct Server {
+    pub child: Child,
+    pub addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    /// Start a server with 2 shards and `extra` TOML appended to the base test config.
+    pub fn start(extra: &str) -> Server {
+        Self::start_with(2, extra)
+    }
+
+    /// Start a server with `shards` shards.
+    pub fn start_with(shards: usize, extra: &str) -> Server {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("shardcast.toml");
+        let config = format!(
+            r#"
+listen = "127.0.0.1:0"
+shards = {shards}
+{extra}
+
+[auth]
+jwt_secret = "{JWT_SECRET}"
+
+[[api_keys]]
+id = "admin"
+secret = "{ADMIN}"
+org = "ops"
+scopes = ["admin"]
+
+[[api_keys]]
+id = "acme-key"
+secret = "{ACME}"
+org = "acme"
+scopes = ["subscribe", "publish", "ingest"]
+
+[[api_keys]]
+id = "acme-ro"
+secret = "{ACME_READONLY}"
+org = "acme"
+scopes = ["subscribe"]
+"#
+        );
+        std::fs::write(&path, config).expect("write config");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_shardcast"))
+            .arg("--config")
+            .arg(&path)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start shardcast");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read listen line");
+        let addr = line
+            .trim()
+            .strip_prefix("shardcast listening on ws://")
+            .and_then(|s| s.strip_suffix("/ws"))
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .parse()
+            .expect("address");
+        Server {
+            child,
+            addr,
+            _dir: dir,
+        }
+    }
+
+    /// Connect to `path` (with its query) and expect READY.
+    pub fn client(&self, path: &str) -> Client {
+        let mut c = Client::connect(self.addr, path).expect("connect");
+        let ready = c.recv();
+        assert_eq!(ready["type"], "READY", "{ready}");
+        c.shard = ready["shard"].as_u64().expect("shard") as usize;
+        c
+    }
+
+    /// Connect with an API key until the connection lands on `shard`.
+    pub fn client_on(&self, secret: &str, shard: usize) -> Client {
+        for _ in 0..200 {
+            let c = self.client(&format!("/ws?key={secret}"));
+            if c.shard == shard {
+                return c;
+            }
+        }
+        panic!("no connection landed on shard {shard}");
+    }
+
+    /// GET a path; returns status and body.
+    pub fn get(&self, path: &str) -> (u16, String) {
+        http_get(self.addr, path, "")
+    }
+
+    /// `/health` as JSON.
+    pub fn health(&self) -> Value {
+        let (status, body) = self.get("/health");
+        assert_eq!(status, 200);
+        serde_json::from_str(&body).expect("health JSON")
+    }
+
+    /// Poll `/health` until `pred` holds (counters are published every 100 ms).
+    pub fn wait_health(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let h = self.health();
+            if pred(&h) {
+                return h;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {h}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Resident memory of the server process in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS")
+    }
+
+    /// Send SIGTERM.
+    pub fn terminate(&self) {
+        // SAFETY: sending a signal to our own child.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+    }
+
+    /// Wait for the process to exit; returns its status code.
+    pub fn wait_exit(&mut self) -> Option<i32> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status.code();
+            }
+            assert!(Instant::now() < deadline, "server did not exit");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A plain HTTP GET with optional extra header lines; returns status and body.
+pub fn http_get(addr: SocketAddr, path: &str, headers: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\n{headers}\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("read response");
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("bad response {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1)
+        .unwrap_or("")
+        .to_string();
+    (status, body)
+}
+
+/// A WebSocket client (tungstenite, blocking, with a read timeout so a missing message fails
+/// the test instead of hanging it).
+pub struct Client {
+    pub ws: WebSocket<TcpStream>,
+    pub shard: usize,
+}
+
+impl Client {
+    /// Connect and upgrade; does not read READY.
+    pub fn connect(addr: SocketAddr, path: &str) -> Result<Client, tungstenite::Error> {
+        let stream = TcpStream::connect(addr).expect("tcp connect");
+        Self::over(stream, addr, path)
+    }
+
+    /// Upgrade over an already connected stream.
+    pub fn over(
+        stream: TcpStream,
+        addr: SocketAddr,
+        path: &str,
+    ) -> Result<Client, tungstenite::Error> {
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        stream.set_nodelay(true).unwrap();
+        let url = format!("ws://{addr}{path}");
+        let (ws, _) = tungstenite::client(url.as_str(), stream).map_err(|e| match e {
+            tungstenite::HandshakeError::Failure(e) => e,
+            tungstenite::HandshakeError::Interrupted(_) => panic!("interrupted handshake"),
+        })?;
+        Ok(Client { ws, shard: 0 })
+    }
+
+    /// Send a JSON text message.
+    pub fn send(&mut self, v: Value) {
+        self.ws.send(Message::text(v.to_string())).expect("send");
+    }
+
+    /// Send raw text.
+    pub fn send_text(&mut self, text: &str) {
+        self.ws.send(Message::text(text)).expect("send");
+    }
+
+    /// Next message, which must be JSON text.
+    pub fn recv(&mut self) -> Value {
+        loop {
+            match self.ws.read() {
+                Ok(Message::Text(t)) => {
+                    return serde_json::from_str(&t).unwrap_or_else(|e| panic!("{t}: {e}"))
+                }
+                Ok(Message::Ping(_)) | Ok(Message::Pong(_)) => continue,
+                Ok(other) => panic!("expected text, got {other:?}"),
+                Err(e) => panic!("read failed: {e}"),
+            }
+        }
+    }
+
+    /// Next message of the given type, skipping others.
+    pub fn recv_type(&mut self, kind: &str) -> Value {
+        loop {
+            let v = self.recv();
+            if v["type"] == kind {
+                return v;
+            }
+        }
+    }
+
+    /// Read until the server closes; returns the close code.
+    pub fn recv_close(&mut self) -> Option<u16> {
+        loop {
+            match self.ws.read() {
+                Ok(Message::Close(frame)) => return frame.map(|f| u16::from(f.code)),
+                Ok(_) => continue,
+                Err(tungstenite::Error::ConnectionClosed) => return None,
+                Err(e) => panic!("read failed while waiting for close: {e}"),
+            }
+        }
+    }
+
+    /// SUB and wait for SUBSCRIBED.
+    pub fn subscribe(&mut self, channels: &[&str]) -> Value {
+        self.send(json!({"type":"SUB","channels":channels,"id":"sub"}));
+        let v = self.recv();
+        assert_eq!(v["type"], "SUBSCRIBED", "{v}");
+        v
+    }
+
+    /// Round trip a PING: proves the connection still serves.
+    pub fn ping(&mut self) {
+        self.send(json!({"type":"PING","timestamp":"t"}));
+        let v = self.recv_type("PONG");
+        assert_eq!(v["timestamp"], "t");
+    }
+
+    /// The close code from a `tungstenite` close frame.
+    pub fn code(code: CloseCode) -> u16 {
+        code.into()
+    }
+}
+
+/// A decision `data` object for `org`.
+pub fn decision(org: &str) -> Value {
+    json!({
+        "orgId": org,
+        "direction": "precheck",
+        "decision": "allow",
+        "tool": "web.fetch",
+        "payloadHash": "sha256:abc",
+        "latencyMs": 12,
+        "tags": ["test"]
+    })
+}
+
+/// An INGEST message.
+pub fn ingest(channel: &str, key: &str, data: Value) -> Value {
+    json!({"type":"INGEST","channel":channel,"schema":"decision.v1","idempotencyKey":key,"data":data})
+}
+
+/// Channels with the given category whose owners are shard 0 and shard 1 (of 2).
+pub fn channels_owned_by_each_shard(category: &str) -> [String; 2] {
+    let mut found: [Option<String>; 2] = [None, None];
+    for i in 0.. {
+        let name = format!("org:team{i}:{category}");
+        let owner = shardcast::shard::owner_of(&name, 2);
+        if found[owner].is_none() {
+            found[owner] = Some(name);
+        }
+        if found.iter().all(Option::is_some) {
+            break;
+        }
+    }
+    found.map(|c| c.expect("found"))
+}
