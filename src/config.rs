@@ -64,7 +64,8 @@ pub struct Config {
     pub shards: usize,
     /// First CPU to pin shard 0 to, among the CPUs this process may run on.
     pub cpu_offset: usize,
-    /// Most WebSocket connections held at once; further upgrades get HTTP 503.
+    /// Most WebSocket connections held at once (0: as many as the file-descriptor limit
+    /// allows); further upgrades get HTTP 503.
     pub max_connections: usize,
     /// Listen backlog per shard.
     pub backlog: u32,
@@ -208,7 +209,7 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             shards: 0,
             cpu_offset: 0,
-            max_connections: 100_000,
+            max_connections: 0,
             backlog: 4096,
             limits: Limits::default(),
             websocket: WebSocket::default(),

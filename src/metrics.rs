@@ -84,7 +84,7 @@ impl ShardCounters {
             shared.store(cell.get(), Relaxed);
         }
         let mut local = self.fanout_latency.borrow_mut();
-        if local.len() > 0 {
+        if !local.is_empty() {
             if let Ok(mut shared) = slot.fanout_latency.lock() {
                 let _ = shared.add(&*local);
             }

@@ -112,7 +112,7 @@ pub fn raise_fd_limit() -> u64 {
             }
         }
     }
-    limit.rlim_cur as u64
+    limit.rlim_cur
 }
 
 /// CPUs this process may run on (`CpuSet::online()` ignores taskset and cgroups).
@@ -149,7 +149,9 @@ pub fn start(mut config: Config) -> Result<Server, ServerError> {
     let fd_limit = raise_fd_limit();
     // Leave room for listeners, the io_uring rings, logs and the database connections.
     let capacity = fd_limit.saturating_sub(64) as usize;
-    if config.max_connections > capacity {
+    if config.max_connections == 0 {
+        config.max_connections = capacity;
+    } else if config.max_connections > capacity {
         tracing::warn!(
             "max_connections {} exceeds what the file-descriptor limit allows; using {capacity}",
             config.max_connections

@@ -214,6 +214,9 @@ struct PendingSub {
     waiting: usize,
 }
 
+/// A channel's local subscribers by connection id: O(1) removal, dense iteration for fan-out.
+type Subscribers = IndexMap<u64, Rc<Peer>>;
+
 /// Messages waiting to be sent to one peer shard.
 #[derive(Default)]
 pub struct Outbox {
@@ -245,7 +248,7 @@ pub struct Shard {
     started: Instant,
     conns: RefCell<HashMap<u64, Rc<Peer>>>,
     next_conn: Cell<u64>,
-    subs: RefCell<HashMap<Rc<str>, IndexMap<u64, Rc<Peer>>>>,
+    subs: RefCell<HashMap<Rc<str>, Subscribers>>,
     owned: RefCell<HashMap<Box<str>, Owned>>,
     dedup: RefCell<DedupTable>,
     ids: RefCell<IdGenerator>,

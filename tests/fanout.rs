@@ -29,15 +29,20 @@ fn every_subscriber_gets_every_publish_once_in_order() {
         .map(|shard| server.client_on(ADMIN, shard))
         .collect();
 
-    let expected = 2 * PER_PUBLISHER * channels.len();
+    // Each publisher ends with one acknowledged marker on the first channel.
+    let expected = 2 * PER_PUBLISHER * channels.len() + 2;
+    let window = Window::new(subscribers.len(), 256);
     let readers: Vec<_> = subscribers
         .into_iter()
-        .map(|mut c| {
+        .enumerate()
+        .map(|(i, mut c)| {
+            let window = window.clone();
             thread::spawn(move || {
                 let mut last_seq: HashMap<String, u64> = HashMap::new();
                 let mut last_n: HashMap<(String, u64), u64> = HashMap::new();
-                for _ in 0..expected {
+                for got in 1..=expected as u64 {
                     let m = c.recv();
+                    window.received(i, got);
                     assert_eq!(m["type"], "MESSAGE", "{m}");
                     let channel = m["channel"].as_str().unwrap().to_string();
                     let seq = m["seq"].as_u64().unwrap();
@@ -61,14 +66,16 @@ fn every_subscriber_gets_every_publish_once_in_order() {
         .enumerate()
         .map(|(p, mut c)| {
             let channels = channels.clone();
+            let window = window.clone();
             thread::spawn(move || {
                 for n in 1..=PER_PUBLISHER {
                     for ch in &channels {
+                        window.before_send();
                         c.send(json!({"type":"PUBLISH","channel":ch,"data":{"p":p,"n":n}}));
                     }
                 }
                 // A final acknowledged publish proves everything before it was accepted.
-                c.send(json!({"type":"PUBLISH","channel":channels[0],"data":{"p":9,"n":1},"id":"last"}));
+                c.send(json!({"type":"PUBLISH","channel":channels[0],"data":{"p":10 + p,"n":1},"id":"last"}));
                 c.recv_type("ACK")
             })
         })
@@ -149,14 +156,18 @@ fn slow_consumer_drops_oldest_without_hurting_others() {
 
     const COUNT: u64 = 20_000;
     let payload = "x".repeat(2000);
+    let window = Window::new(1, 64);
+    let progress = window.clone();
     let reader = thread::spawn(move || {
         for n in 1..=COUNT {
             let m = normal.recv();
+            progress.received(0, n);
             assert_eq!(m["seq"], n, "normal subscriber missed a message");
         }
     });
     let mut publisher = server.client(&format!("/ws?key={ACME}"));
     for n in 0..COUNT {
+        window.before_send();
         publisher.send(json!({"type":"PUBLISH","channel":channel,"data":{"n":n,"pad":payload}}));
     }
     reader.join().unwrap();

@@ -44,9 +44,6 @@ listen = "127.0.0.1:0"
 shards = {shards}
 {extra}
 
-[auth]
-jwt_secret = "{JWT_SECRET}"
-
 [[api_keys]]
 id = "admin"
 secret = "{ADMIN}"
@@ -71,6 +68,7 @@ scopes = ["subscribe"]
             .arg("--config")
             .arg(&path)
             .env("RUST_LOG", "warn")
+            .env("SHARDCAST_AUTH__JWT_SECRET", JWT_SECRET)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -330,4 +328,46 @@ pub fn channels_owned_by_each_shard(category: &str) -> [String; 2] {
         }
     }
     found.map(|c| c.expect("found"))
+}
+
+/// End-to-end flow control for tests whose clients are slower than the server: publishers
+/// call `before_send` and wait while more than `window` messages are unread by the slowest
+/// tracked reader; readers call `received`. A client that reads slower than it publishes
+/// would otherwise be a slow consumer, which is a different test.
+pub struct Window {
+    state: std::sync::Mutex<(u64, Vec<u64>)>,
+    changed: std::sync::Condvar,
+    window: u64,
+}
+
+impl Window {
+    /// Track `readers` readers.
+    pub fn new(readers: usize, window: u64) -> std::sync::Arc<Window> {
+        std::sync::Arc::new(Window {
+            state: std::sync::Mutex::new((0, vec![0; readers])),
+            changed: std::sync::Condvar::new(),
+            window,
+        })
+    }
+
+    /// Wait until one more message may be sent, and count it as sent.
+    pub fn before_send(&self) {
+        let guard = self.state.lock().unwrap();
+        let mut guard = self
+            .changed
+            .wait_timeout_while(guard, WAIT, |(sent, got)| {
+                *sent - got.iter().min().copied().unwrap_or(0) >= self.window
+            })
+            .unwrap()
+            .0;
+        guard.0 += 1;
+    }
+
+    /// Reader `i` has received `n` messages in all.
+    pub fn received(&self, i: usize, n: u64) {
+        if n % 16 == 0 {
+            self.state.lock().unwrap().1[i] = n;
+            self.changed.notify_all();
+        }
+    }
 }

@@ -1,0 +1,96 @@
+//! Operations: health endpoints, connection limits, graceful shutdown.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+
+#[test]
+fn health_endpoints_report_state() {
+    let server = Server::start("");
+    let mut c = server.client(&format!("/ws?key={ACME}"));
+    c.subscribe(&["org:acme:usage"]);
+    c.send(json!({"type":"PUBLISH","channel":"org:acme:usage","data":1,"id":"a"}));
+    c.recv_type("ACK");
+
+    let h = server.wait_health("counters", |h| h["metrics"]["messages"]["received"] == 2);
+    assert_eq!(h["status"], "healthy");
+    assert_eq!(h["shards"], 2);
+    assert_eq!(h["metrics"]["connections"]["active"], 1);
+    assert_eq!(h["metrics"]["connections"]["total"], 1);
+    assert_eq!(h["metrics"]["connections"]["peak"], 1);
+    assert!(h["uptime"]["seconds"].is_u64());
+    assert!(h["metrics"]["decisions"]["processed"].is_u64());
+
+    assert_eq!(
+        server.get("/health/live"),
+        (200, r#"{"status":"alive"}"#.into())
+    );
+    assert_eq!(
+        server.get("/health/ready"),
+        (200, r#"{"status":"ready"}"#.into())
+    );
+    let (status, metrics) = server.get("/metrics");
+    assert_eq!(status, 200);
+    for name in [
+        "shardcast_connections_active 1",
+        "shardcast_messages_received_total",
+        "shardcast_messages_sent_total",
+        "shardcast_messages_dropped_total",
+        "shardcast_auth_failures_total{reason=\"invalid_key\"}",
+        "shardcast_fanout_latency_seconds_bucket{le=\"+Inf\"}",
+        "shardcast_fanout_latency_seconds_count",
+    ] {
+        assert!(metrics.contains(name), "missing {name} in\n{metrics}");
+    }
+    let (status, info) = server.get("/info");
+    assert_eq!(status, 200);
+    let info: Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["name"], "shardcast");
+    assert_eq!(info["shards"], 2);
+    assert_eq!(server.get("/nope").0, 404);
+    assert_eq!(
+        server.get("/ws").0,
+        426,
+        "a plain GET on /ws is told to upgrade"
+    );
+}
+
+#[test]
+fn upgrades_past_max_connections_get_503() {
+    let server = Server::start("max_connections = 2\n");
+    let _a = server.client(&format!("/ws?key={ACME}"));
+    let _b = server.client(&format!("/ws?key={ACME}"));
+    match Client::connect(server.addr, &format!("/ws?key={ACME}")) {
+        Err(tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 503),
+        Err(e) => panic!("unexpected {e}"),
+        Ok(_) => panic!("third connection should be refused"),
+    }
+    // Health checks still answer at capacity.
+    assert_eq!(server.get("/health/live").0, 200);
+    drop(_a);
+    server.wait_health("a slot to free up", |h| {
+        h["metrics"]["connections"]["active"] == 1
+    });
+    server.client(&format!("/ws?key={ACME}"));
+}
+
+#[test]
+fn sigterm_sends_restart_notice_and_closes_with_1001() {
+    let mut server = Server::start("[shutdown]\nreconnect_in_ms = 2500\ndrain_timeout_ms = 3000\n");
+    let mut clients: Vec<Client> = [0, 1].iter().map(|&s| server.client_on(ACME, s)).collect();
+    for c in &mut clients {
+        c.subscribe(&["org:acme:usage"]);
+    }
+    server.terminate();
+    for c in &mut clients {
+        let notice = c.recv();
+        assert_eq!(
+            notice,
+            json!({"type":"SYSTEM","event":"restart","reconnectIn":2500})
+        );
+        assert_eq!(c.recv_close(), Some(1001));
+    }
+    drop(clients);
+    assert_eq!(server.wait_exit(), Some(0));
+}
