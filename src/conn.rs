@@ -566,3 +566,19 @@ fn info_json(shard: &Shard) -> String {
         c.max_connections,
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Per-connection memory is mostly these structs: keep them from growing unnoticed.
+    #[test]
+    fn connection_state_stays_small() {
+        let conn = std::mem::size_of::<Conn>();
+        let peer = std::mem::size_of::<Peer>();
+        let stream = std::mem::size_of::<TcpStream>();
+        println!("Conn {conn} B (TcpStream {stream} B), Peer {peer} B");
+        assert!(conn <= 256, "Conn is {conn} bytes");
+        assert!(peer <= 256, "Peer is {peer} bytes");
+    }
+}
