@@ -286,18 +286,31 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
     }
 }
 
-/// The shard's clockwork: pings and timeouts, and publishing counters for the HTTP endpoints.
+/// The shard's clockwork: publishing counters for the HTTP endpoints every 100 ms, and a sweep
+/// (pings and timeouts) at a quarter of the shortest timeout, between 10 ms and 1 s.
 async fn timers(shard: Rc<Shard>) {
+    const PUBLISH_MS: u64 = 100;
     let ws = &shard.config.websocket;
-    let tick_ms = [ws.ping_interval_ms / 2, ws.handshake_timeout_ms / 2, 100]
-        .into_iter()
-        .min()
-        .unwrap_or(100)
-        .max(5);
+    let shortest = ws
+        .ping_interval_ms
+        .min(ws.idle_timeout_ms)
+        .min(ws.handshake_timeout_ms)
+        .min(crate::shard::CLOSE_TIMEOUT_MS);
+    let sweep_ms = (shortest / 4).clamp(10, 1_000);
+    let tick_ms = sweep_ms.min(PUBLISH_MS);
     let ping = Shard::ping_frame();
+    let (mut since_sweep, mut since_publish) = (0, 0);
     loop {
         glommio::timer::sleep(Duration::from_millis(tick_ms)).await;
-        shard.sweep(&ping);
-        shard.publish_counters();
+        since_sweep += tick_ms;
+        since_publish += tick_ms;
+        if since_sweep >= sweep_ms {
+            since_sweep = 0;
+            shard.sweep(&ping);
+        }
+        if since_publish >= PUBLISH_MS {
+            since_publish = 0;
+            shard.publish_counters();
+        }
     }
 }
