@@ -103,6 +103,26 @@ pub struct Limits {
     pub backpressure_policy: BackpressurePolicy,
     /// Consecutive malformed messages tolerated before closing with 4400.
     pub max_bad_messages: u32,
+    /// Messages a client may send per second (0: unlimited); more get `rate_limited`.
+    pub messages_per_second: u32,
+    /// Messages a client may send in a burst (0: one second's worth).
+    pub message_burst: u32,
+    /// Consecutive rate-limited messages tolerated before closing with 4429.
+    pub max_rate_limited: u32,
+}
+
+impl Limits {
+    /// The client message rate limit.
+    pub fn rate(&self) -> crate::rate::Rate {
+        crate::rate::Rate {
+            per_second: self.messages_per_second,
+            burst: if self.message_burst == 0 {
+                self.messages_per_second
+            } else {
+                self.message_burst
+            },
+        }
+    }
 }
 
 /// WebSocket timing.
@@ -232,6 +252,9 @@ impl Default for Limits {
             outbound_queue_bytes: 4 << 20,
             backpressure_policy: BackpressurePolicy::DropOldest,
             max_bad_messages: 10,
+            messages_per_second: 0,
+            message_burst: 0,
+            max_rate_limited: 100,
         }
     }
 }

@@ -22,6 +22,7 @@ use crate::http;
 use crate::metrics::Counter;
 use crate::protocol;
 use crate::queue::Bounds;
+use crate::rate::TokenBucket;
 use crate::shard::{Peer, Phase, Shard};
 
 /// Reads handled per poll before yielding to other connections.
@@ -59,6 +60,8 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
         decoder: Decoder::default(),
         mode: Mode::Http(Vec::new()),
         bad_messages: 0,
+        limited_messages: 0,
+        bucket: TokenBucket::default(),
         holds_slot: false,
         close_queued: false,
         close_received: false,
@@ -74,6 +77,9 @@ struct Conn {
     decoder: Decoder,
     mode: Mode,
     bad_messages: u32,
+    /// Consecutive messages refused for exceeding the rate limit.
+    limited_messages: u32,
+    bucket: TokenBucket,
     /// Holds one of the process's `max_connections` slots.
     holds_slot: bool,
     close_queued: bool,
@@ -415,6 +421,7 @@ impl Conn {
             Some(principal) => {
                 let id = format!("{:x}-{}-{}", shard.global.boot_id, shard.id, self.peer.id);
                 shard.send(&self.peer, protocol::ready(&id, shard.id));
+                self.bucket = TokenBucket::full(shard.config.limits.rate(), shard.now_ms());
                 self.mode = Mode::Session(principal);
             }
             None => self.mode = Mode::Echo,
@@ -490,6 +497,16 @@ impl Conn {
             _ => return,
         };
         shard.counters.add(Counter::MessagesReceived, 1);
+        let limits = &shard.config.limits;
+        if let Err(retry_after_ms) = self.bucket.take(limits.rate(), shard.now_ms()) {
+            shard.send(&self.peer, protocol::rate_limited(retry_after_ms));
+            self.limited_messages += 1;
+            if self.limited_messages >= limits.max_rate_limited {
+                self.start_close(4429, "rate limit exceeded", false);
+            }
+            return;
+        }
+        self.limited_messages = 0;
         let parsed = shard.parser.borrow_mut().parse(text.as_bytes());
         match parsed {
             Ok(request) => {

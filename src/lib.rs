@@ -10,6 +10,7 @@
 //! - [`decision`]: decision validation, ids, timestamps, the idempotency table.
 //! - [`auth`]: API keys, JWTs, channel names and who may use them.
 //! - [`queue`]: a connection's bounded drop-oldest queue of shared frames.
+//! - [`rate`]: the per-connection message rate limit.
 //! - [`shard`]: one shard's state and routing: subscriptions, owned channels, mesh messages.
 //! - [`mesh`]: the tasks moving message batches between shards (and why they cannot deadlock).
 //! - [`conn`]: one connection's state machine: read, handle, write.
@@ -28,5 +29,6 @@ pub mod mesh;
 pub mod metrics;
 pub mod protocol;
 pub mod queue;
+pub mod rate;
 pub mod server;
 pub mod shard;

@@ -326,6 +326,18 @@ pub fn slow_consumer(dropped: u64) -> Frame {
     f.finish()
 }
 
+/// `ERROR` for a message over the connection's rate limit (the message was not processed).
+pub fn rate_limited(retry_after_ms: u64) -> Frame {
+    let mut f = text();
+    let out = f.payload_mut();
+    out.extend_from_slice(br#"{"type":"ERROR","code":"rate_limited","retryAfterMs":"#);
+    json::push_u64(out, retry_after_ms);
+    out.extend_from_slice(
+        br#","message":"message rate limit exceeded; this message was not processed"}"#,
+    );
+    f.finish()
+}
+
 /// `ACK` for a PUBLISH.
 pub fn publish_ack(id: &[u8], seq: u64) -> Vec<u8> {
     let mut f = text();
@@ -456,6 +468,7 @@ mod tests {
             subscribed(false, &["org:a:usage"], Some(b"3")).to_vec(),
             error("forbidden", "no \"access\"", None, Some("org:b:usage")).to_vec(),
             slow_consumer(12).to_vec(),
+            rate_limited(40).to_vec(),
             publish_ack(br#""x""#, 9),
             ingest_ack("k", "dec_1", true, 4),
             pong(Some(br#""2024-01-01T00:00:00Z""#)).to_vec(),

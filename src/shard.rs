@@ -854,3 +854,251 @@ impl Refusal {
         self
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Routing driven without sockets or executors: shards are wired by a simulated mesh that
+    //! moves outbox batches by hand, so every interleaving here is deterministic.
+    use super::*;
+    use crate::auth::Scopes;
+    use crate::protocol::Parser;
+    use std::task::{Context, Poll};
+
+    struct Sim {
+        shards: Vec<Shard>,
+    }
+
+    impl Sim {
+        fn new(n: usize) -> Self {
+            let config = Arc::new(Config::default());
+            let global = Arc::new(Global::new(n));
+            Sim {
+                shards: (0..n)
+                    .map(|id| Shard::new(id, n, config.clone(), global.clone()))
+                    .collect(),
+            }
+        }
+
+        /// Deliver every queued mesh batch until nothing moves.
+        fn settle(&self) {
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            loop {
+                let mut moved = false;
+                for (from, shard) in self.shards.iter().enumerate() {
+                    for to in 0..self.shards.len() {
+                        if to == from {
+                            continue;
+                        }
+                        if let Poll::Ready(batch) = shard.poll_outbox(to, &mut cx) {
+                            moved = true;
+                            for msg in batch {
+                                self.shards[to].handle(from, msg);
+                            }
+                        }
+                    }
+                }
+                if !moved {
+                    return;
+                }
+            }
+        }
+
+        fn request(&self, shard: usize, peer: &Rc<Peer>, json: &str) {
+            let principal = admin();
+            let mut parser = Parser::default();
+            let request = parser.parse(json.as_bytes()).expect("valid request");
+            self.shards[shard].request(peer, &principal, request);
+        }
+    }
+
+    fn admin() -> Principal {
+        Principal {
+            org: "ops".into(),
+            user: None,
+            key_id: None,
+            scopes: Scopes::from_list(&[Scope::Admin]),
+        }
+    }
+
+    /// Take every queued frame's payload as text.
+    fn drain(peer: &Peer) -> Vec<String> {
+        let mut out = peer.out().borrow_mut();
+        let mut texts = Vec::new();
+        while !out.is_empty() {
+            let mut iov = [libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            }];
+            out.fill_iovecs(&mut iov);
+            // SAFETY: the iovec points into a frame owned by `out`.
+            let frame =
+                unsafe { std::slice::from_raw_parts(iov[0].iov_base as *const u8, iov[0].iov_len) };
+            let start = match frame[1] & 0x7f {
+                126 => 4,
+                127 => 10,
+                _ => 2,
+            };
+            texts.push(String::from_utf8_lossy(&frame[start..]).into_owned());
+            out.consume(frame.len());
+        }
+        texts
+    }
+
+    /// A channel owned by `owner` of 2 shards.
+    fn channel_owned_by(owner: usize) -> String {
+        (0..)
+            .map(|i| format!("org:o{i}:usage"))
+            .find(|c| owner_of(c, 2) == owner)
+            .expect("some channel hashes to each shard")
+    }
+
+    #[test]
+    fn subscribed_waits_for_the_owner_to_register_interest() {
+        let sim = Sim::new(2);
+        let channel = channel_owned_by(0);
+        let peer = sim.shards[1].add_conn();
+        sim.request(
+            1,
+            &peer,
+            &format!(r#"{{"type":"SUB","channels":["{channel}"],"id":1}}"#),
+        );
+        assert!(
+            drain(&peer).is_empty(),
+            "SUBSCRIBED must wait for the owner"
+        );
+        sim.settle();
+        assert_eq!(
+            drain(&peer),
+            vec![format!(
+                r#"{{"type":"SUBSCRIBED","channels":["{channel}"],"id":1}}"#
+            )]
+        );
+    }
+
+    #[test]
+    fn publish_crosses_shards_once_and_is_numbered_by_the_owner() {
+        let sim = Sim::new(2);
+        let channel = channel_owned_by(0);
+        let subs: Vec<_> = [0, 1, 1]
+            .iter()
+            .map(|&s| (s, sim.shards[s].add_conn()))
+            .collect();
+        for (s, peer) in &subs {
+            sim.request(
+                *s,
+                peer,
+                &format!(r#"{{"type":"SUB","channels":["{channel}"]}}"#),
+            );
+        }
+        sim.settle();
+        for (_, peer) in &subs {
+            drain(peer);
+        }
+        let publisher = sim.shards[1].add_conn();
+        for n in 1..=3 {
+            sim.request(
+                1,
+                &publisher,
+                &format!(r#"{{"type":"PUBLISH","channel":"{channel}","data":{n},"id":"p{n}"}}"#),
+            );
+        }
+        // Before the mesh moves, nothing is delivered: the owner (shard 0) numbers messages.
+        assert!(subs.iter().all(|(_, p)| p.out().borrow().is_empty()));
+        sim.settle();
+        for (_, peer) in &subs {
+            let expected: Vec<String> = (1..=3)
+                .map(|n| {
+                    format!(r#"{{"type":"MESSAGE","channel":"{channel}","seq":{n},"data":{n}}}"#)
+                })
+                .collect();
+            assert_eq!(drain(peer), expected);
+        }
+        let acks = drain(&publisher);
+        assert_eq!(acks[2], r#"{"type":"ACK","id":"p3","seq":3}"#);
+    }
+
+    #[test]
+    fn owner_stops_forwarding_when_the_last_remote_subscriber_leaves() {
+        let sim = Sim::new(2);
+        let channel = channel_owned_by(0);
+        let remote = sim.shards[1].add_conn();
+        sim.request(
+            1,
+            &remote,
+            &format!(r#"{{"type":"SUB","channels":["{channel}"]}}"#),
+        );
+        sim.settle();
+        sim.request(
+            1,
+            &remote,
+            &format!(r#"{{"type":"UNSUB","channels":["{channel}"]}}"#),
+        );
+        sim.settle();
+        drain(&remote);
+        let publisher = sim.shards[0].add_conn();
+        sim.request(
+            0,
+            &publisher,
+            &format!(r#"{{"type":"PUBLISH","channel":"{channel}","data":0}}"#),
+        );
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        assert!(
+            sim.shards[0].poll_outbox(1, &mut cx).is_pending(),
+            "nothing is sent to a shard without subscribers"
+        );
+        // A closed connection's subscriptions go the same way.
+        sim.request(
+            1,
+            &remote,
+            &format!(r#"{{"type":"SUB","channels":["{channel}"]}}"#),
+        );
+        sim.settle();
+        sim.shards[1].remove_conn(&remote);
+        sim.settle();
+        sim.request(
+            0,
+            &publisher,
+            &format!(r#"{{"type":"PUBLISH","channel":"{channel}","data":0}}"#),
+        );
+        assert!(sim.shards[0].poll_outbox(1, &mut cx).is_pending());
+    }
+
+    #[test]
+    fn ingest_is_deduplicated_by_the_owner_across_shards() {
+        let sim = Sim::new(2);
+        let channel = channel_owned_by(1).replace(":usage", ":decisions");
+        let org = channel.split(':').nth(1).unwrap().to_string();
+        let ingest = |key: &str| {
+            format!(
+                r#"{{"type":"INGEST","channel":"{channel}","schema":"decision.v1","idempotencyKey":"{key}","data":{{"orgId":"{org}","direction":"precheck","decision":"allow","payloadHash":"h"}}}}"#
+            )
+        };
+        let a = sim.shards[0].add_conn();
+        let b = sim.shards[1].add_conn();
+        sim.request(0, &a, &ingest("k"));
+        sim.settle();
+        sim.request(1, &b, &ingest("k"));
+        sim.settle();
+        let first = drain(&a);
+        let second = drain(&b);
+        assert!(first[0].contains(r#""dedup":false,"seq":1"#), "{first:?}");
+        assert!(second[0].contains(r#""dedup":true,"seq":1"#), "{second:?}");
+        let id = |s: &str| s.split(r#""decisionId":""#).nth(1).unwrap()[..30].to_string();
+        assert_eq!(id(&first[0]), id(&second[0]));
+        assert_eq!(sim.shards[1].counters.get(Counter::DecisionsDuplicate), 1);
+    }
+
+    #[test]
+    fn slow_peer_drops_are_counted() {
+        let mut config = Config::default();
+        config.limits.outbound_queue_messages = 4;
+        let shard = Shard::new(0, 1, Arc::new(config), Arc::new(Global::new(1)));
+        let peer = shard.add_conn();
+        for _ in 0..10 {
+            shard.send(&peer, codec::frame(codec::opcode::TEXT, b"x"));
+        }
+        assert_eq!(peer.dropped.get(), 6);
+        assert_eq!(shard.counters.get(Counter::MessagesDropped), 6);
+        assert_eq!(peer.out().borrow().len(), 4);
+    }
+}

@@ -359,3 +359,41 @@ fn silent_connections_are_pinged_then_dropped() {
         h["metrics"]["connections"]["active"] == 1
     });
 }
+
+#[test]
+fn message_rate_limit_refuses_then_closes_with_4429() {
+    let server = Server::start(
+        "[limits]\nmessages_per_second = 1\nmessage_burst = 3\nmax_rate_limited = 5\n",
+    );
+    let mut c = server.client(&format!("/ws?key={ACME}"));
+    // 15 messages at once against 3 of burst and 1/s: the burst passes, then refusals, then
+    // (after 5 refusals in a row) the close. A token refilled mid-way only delays the close.
+    for _ in 0..15 {
+        c.send(json!({"type":"PING"}));
+    }
+    let (mut pongs, mut limited) = (0, 0);
+    let code = loop {
+        match c.ws.read() {
+            Ok(tungstenite::Message::Text(t)) => {
+                let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                match v["type"].as_str() {
+                    Some("PONG") => pongs += 1,
+                    Some("ERROR") => {
+                        assert_eq!(v["code"], "rate_limited", "{v}");
+                        assert!(v["retryAfterMs"].as_u64().unwrap() <= 1000);
+                        limited += 1;
+                    }
+                    _ => panic!("unexpected {v}"),
+                }
+            }
+            Ok(tungstenite::Message::Close(f)) => break f.map(|f| u16::from(f.code)),
+            Ok(_) => {}
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(code, Some(4429));
+    assert!(pongs >= 3, "the burst is allowed");
+    assert!(limited >= 5);
+    // Others are unaffected.
+    server.client(&format!("/ws?key={ACME}")).ping();
+}
