@@ -1,0 +1,195 @@
+//! Protocol adapters: how a scenario subscribes, publishes and recognises deliveries on each
+//! kind of server, so the same scenario runs against all of them.
+
+use crate::ws::{field_u64, memfind};
+
+/// The server's protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    /// shardcast's own protocol: SUB, PUBLISH with ACK, MESSAGE.
+    Shardcast,
+    /// A plain broadcast server: every text message goes to every connection.
+    Broadcast,
+    /// Socket.IO 4 (Engine.IO v4 over WebSocket): `42["msg",…]` broadcast to everyone.
+    Socketio,
+}
+
+/// What a server frame means to a scenario.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Incoming<'a> {
+    /// A delivered message; the slice is its data (containing `"t":`, `"p":`, `"s":`).
+    Delivery(&'a [u8]),
+    /// An acknowledgement of a PUBLISH or INGEST.
+    Ack,
+    /// The connection may start its role (READY, SUBSCRIBED, or Socket.IO's namespace ack).
+    Ready,
+    /// The protocol needs this text sent back (Socket.IO ping).
+    Reply(&'static [u8]),
+    /// Anything else.
+    Other,
+}
+
+impl Proto {
+    /// The request path, with credentials where the protocol has them.
+    pub fn path(self, key: &str) -> String {
+        match self {
+            Proto::Shardcast => format!("/ws?key={key}"),
+            Proto::Broadcast => "/".into(),
+            Proto::Socketio => "/socket.io/?EIO=4&transport=websocket".into(),
+        }
+    }
+
+    /// Texts to send once the upgrade is done; `subscribe` names the channel to join.
+    pub fn on_open(self, subscribe: Option<&str>, out: &mut dyn FnMut(&[u8])) {
+        match self {
+            Proto::Shardcast => {
+                if let Some(channel) = subscribe {
+                    out(format!(r#"{{"type":"SUB","channels":["{channel}"]}}"#).as_bytes());
+                }
+            }
+            Proto::Broadcast => {}
+            Proto::Socketio => {}
+        }
+    }
+
+    /// How many `Ready` signals a connection waits for before it counts as ready.
+    pub fn readies_needed(self, subscriber: bool) -> u32 {
+        match self {
+            Proto::Shardcast => 1 + u32::from(subscriber), // READY, then SUBSCRIBED
+            Proto::Broadcast => 0,
+            Proto::Socketio => 1,
+        }
+    }
+
+    /// True when a publisher receives its own messages (then they serve as its acks).
+    pub fn echoes_to_sender(self) -> bool {
+        !matches!(self, Proto::Shardcast)
+    }
+
+    /// Append the text of one publish of `data` (a JSON object) to `channel`.
+    pub fn publish(self, out: &mut Vec<u8>, channel: &str, data: &[u8], ack: bool) {
+        match self {
+            Proto::Shardcast => {
+                out.extend_from_slice(br#"{"type":"PUBLISH","channel":""#);
+                out.extend_from_slice(channel.as_bytes());
+                out.extend_from_slice(if ack {
+                    br#"","id":1,"data":"#
+                } else {
+                    br#"","data":"#
+                });
+                out.extend_from_slice(data);
+                out.push(b'}');
+            }
+            Proto::Broadcast => out.extend_from_slice(data),
+            Proto::Socketio => {
+                out.extend_from_slice(br#"42["msg","#);
+                out.extend_from_slice(data);
+                out.push(b']');
+            }
+        }
+    }
+
+    /// Classify a text frame from the server.
+    pub fn classify(self, text: &[u8]) -> Incoming<'_> {
+        match self {
+            Proto::Shardcast => {
+                const MESSAGE: &[u8] = br#"{"type":"MESSAGE","#;
+                if text.starts_with(MESSAGE) {
+                    return match memfind(text, br#","data":"#) {
+                        Some(at) => Incoming::Delivery(&text[at + 8..]),
+                        None => Incoming::Other,
+                    };
+                }
+                if text.starts_with(br#"{"type":"ACK""#) {
+                    Incoming::Ack
+                } else if text.starts_with(br#"{"type":"READY""#)
+                    || text.starts_with(br#"{"type":"SUBSCRIBED""#)
+                {
+                    Incoming::Ready
+                } else {
+                    Incoming::Other
+                }
+            }
+            Proto::Broadcast => Incoming::Delivery(text),
+            Proto::Socketio => match text {
+                [b'4', b'2', ..] => Incoming::Delivery(&text[2..]),
+                [b'4', b'0', ..] => Incoming::Ready,
+                [b'0', ..] => Incoming::Reply(b"40"), // open packet: join the default namespace
+                [b'2'] => Incoming::Reply(b"3"),      // ping: pong
+                _ => Incoming::Other,
+            },
+        }
+    }
+}
+
+/// The timing fields every published payload carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    /// Send time, nanoseconds since the run's epoch.
+    pub t: u64,
+    /// Publisher index.
+    pub p: u64,
+    /// Publisher's sequence number (from 1).
+    pub s: u64,
+}
+
+/// Write a payload of about `size` bytes carrying `stamp`.
+pub fn payload(out: &mut Vec<u8>, stamp: Stamp, size: usize) {
+    let start = out.len();
+    out.extend_from_slice(
+        format!(r#"{{"t":{},"p":{},"s":{},"x":""#, stamp.t, stamp.p, stamp.s).as_bytes(),
+    );
+    let used = out.len() - start + 2;
+    out.extend(std::iter::repeat_n(b'x', size.saturating_sub(used)));
+    out.extend_from_slice(b"\"}");
+}
+
+/// Read the stamp from a delivered payload.
+pub fn stamp(data: &[u8]) -> Option<Stamp> {
+    Some(Stamp {
+        t: field_u64(data, br#""t":"#)?,
+        p: field_u64(data, br#""p":"#)?,
+        s: field_u64(data, br#""s":"#)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_have_the_requested_size_and_round_trip() {
+        let mut out = Vec::new();
+        let st = Stamp {
+            t: 123456789,
+            p: 2,
+            s: 77,
+        };
+        payload(&mut out, st, 100);
+        assert_eq!(out.len(), 100);
+        assert!(serde_json::from_slice::<serde_json::Value>(&out).is_ok());
+        assert_eq!(stamp(&out), Some(st));
+    }
+
+    #[test]
+    fn classifies_each_protocol() {
+        let msg = br#"{"type":"MESSAGE","channel":"c","seq":3,"data":{"t":1,"p":0,"s":1,"x":""}}"#;
+        match Proto::Shardcast.classify(msg) {
+            Incoming::Delivery(d) => assert_eq!(stamp(d).unwrap().t, 1),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            Proto::Shardcast.classify(br#"{"type":"ACK","id":1,"seq":3}"#),
+            Incoming::Ack
+        );
+        assert_eq!(Proto::Socketio.classify(b"2"), Incoming::Reply(b"3"));
+        assert_eq!(
+            Proto::Socketio.classify(b"40{\"sid\":\"x\"}"),
+            Incoming::Ready
+        );
+        let mut out = Vec::new();
+        Proto::Socketio.publish(&mut out, "c", b"{}", false);
+        assert_eq!(out, b"42[\"msg\",{}]");
+    }
+}

@@ -1,0 +1,178 @@
+//! The `connect` scenario: open N connections at a given concurrency, hold them, and report
+//! connect rate, connect latency, and the server's memory per connection.
+
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+use crate::adapter::{Incoming, Proto};
+use crate::net::{Engine, Handler, Outs};
+use crate::report::{Latency, Report};
+use crate::sys;
+
+/// Parameters.
+#[derive(Debug, Clone, clap::Args, serde::Serialize)]
+pub struct Params {
+    /// Server address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub addr: std::net::SocketAddr,
+    /// Server protocol.
+    #[arg(long, value_enum, default_value = "shardcast")]
+    pub proto: Proto,
+    /// API key (shardcast).
+    #[arg(long, default_value = "bench-secret")]
+    pub key: String,
+    /// Connections to open.
+    #[arg(short = 'n', long, default_value_t = 1000)]
+    pub connections: usize,
+    /// Connections being opened at once.
+    #[arg(short = 'c', long, default_value_t = 256)]
+    pub concurrency: usize,
+    /// Seconds to hold the connections once open (memory is read at the end).
+    #[arg(long, default_value_t = 1.0)]
+    pub hold: f64,
+    /// Server pid, for its memory growth.
+    #[arg(long)]
+    pub pid: Option<u32>,
+    /// Label for the server in reports.
+    #[arg(long, default_value = "shardcast")]
+    pub label: String,
+}
+
+struct State {
+    proto: Proto,
+    started: Vec<Instant>,
+    readies_left: Vec<u32>,
+    ready: usize,
+    failed: usize,
+    first_error: Option<String>,
+    latency: Histogram<u64>,
+}
+
+impl State {
+    fn became_ready(&mut self, id: usize) {
+        self.ready += 1;
+        let _ = self
+            .latency
+            .record(self.started[id].elapsed().as_nanos() as u64);
+    }
+}
+
+impl Handler for State {
+    fn on_open(&mut self, id: usize, outs: &mut Outs) {
+        self.proto.on_open(None, &mut |t| outs.text(id, t));
+        if self.readies_left[id] == 0 {
+            self.became_ready(id);
+        }
+    }
+
+    fn on_text(&mut self, id: usize, text: &[u8], outs: &mut Outs) {
+        match self.proto.classify(text) {
+            Incoming::Ready if self.readies_left[id] > 0 => {
+                self.readies_left[id] -= 1;
+                if self.readies_left[id] == 0 {
+                    self.became_ready(id);
+                }
+            }
+            Incoming::Reply(t) => outs.text(id, t),
+            _ => {}
+        }
+    }
+
+    fn on_dead(&mut self, _id: usize, error: Option<std::io::Error>) {
+        self.failed += 1;
+        if self.first_error.is_none() {
+            self.first_error = Some(error.map_or("closed by server".into(), |e| e.to_string()));
+        }
+    }
+}
+
+/// Run the scenario.
+pub fn run(params: &Params) -> Result<Report, String> {
+    let fd_limit = sys::raise_fd_limit();
+    if params.connections as u64 + 16 > fd_limit {
+        eprintln!(
+            "warning: client fd limit {fd_limit} is below {} connections",
+            params.connections
+        );
+    }
+    let mut engine = Engine::new(params.addr.to_string()).map_err(|e| e.to_string())?;
+    let mut state = State {
+        proto: params.proto,
+        started: Vec::with_capacity(params.connections),
+        readies_left: Vec::with_capacity(params.connections),
+        ready: 0,
+        failed: 0,
+        first_error: None,
+        latency: Histogram::new_with_bounds(1, 120_000_000_000, 3).expect("histogram"),
+    };
+    let rss_before = params.pid.and_then(sys::rss_kib);
+    let cpu_before = params.pid.and_then(sys::process_cpu);
+    let own_before = sys::own_cpu();
+    let path = params.proto.path(&params.key);
+    let begun = Instant::now();
+    let deadline = begun + Duration::from_secs(120);
+    let mut opened = 0;
+    while state.ready + state.failed < params.connections && Instant::now() < deadline {
+        while opened < params.connections
+            && opened - state.ready - state.failed < params.concurrency
+        {
+            let src = std::net::Ipv4Addr::new(127, 0, 0, 2 + (opened % 253) as u8);
+            match engine.connect(params.addr, Some(src), &path) {
+                Ok(_) => {
+                    state.started.push(Instant::now());
+                    state.readies_left.push(params.proto.readies_needed(false));
+                }
+                Err(e) => {
+                    // Keep ids aligned with the engine's: count it as a failure.
+                    state.failed += 1;
+                    state.first_error.get_or_insert(e.to_string());
+                    opened += 1;
+                    continue;
+                }
+            }
+            opened += 1;
+        }
+        engine
+            .turn(Some(Duration::from_millis(5)), &mut state)
+            .map_err(|e| e.to_string())?;
+    }
+    let elapsed = begun.elapsed().as_secs_f64();
+    let own_cpu = (sys::own_cpu() - own_before).as_secs_f64();
+    let cpu_after = params.pid.and_then(sys::process_cpu);
+    // Hold, answering pings, then read memory.
+    let hold_until = Instant::now() + Duration::from_secs_f64(params.hold);
+    while Instant::now() < hold_until {
+        engine
+            .turn(Some(Duration::from_millis(50)), &mut state)
+            .map_err(|e| e.to_string())?;
+    }
+    let rss_after = params.pid.and_then(sys::rss_kib);
+    let mut report = Report::new(
+        "connect",
+        &params.label,
+        serde_json::to_value(params).unwrap_or_default(),
+    );
+    report.add("connections ok", state.ready as f64, "");
+    report.add("connections failed", state.failed as f64, "");
+    report.add("connect rate", state.ready as f64 / elapsed, "/s");
+    report.add("client cpu busy", 100.0 * own_cpu / elapsed, "%");
+    if let (Some(b), Some(a)) = (cpu_before, cpu_after) {
+        report.add(
+            "server cpu busy",
+            100.0 * (a - b).as_secs_f64() / elapsed,
+            "%",
+        );
+    }
+    if let (Some(before), Some(after)) = (rss_before, rss_after) {
+        report.add("server rss before", before as f64, "KiB");
+        report.add("server rss after", after as f64, "KiB");
+        let per = after.saturating_sub(before) as f64 * 1024.0 / state.ready.max(1) as f64;
+        report.add("server rss per connection", per.round(), "B");
+    }
+    report.latency = Latency::from_ns(&state.latency);
+    if let Some(e) = &state.first_error {
+        eprintln!("first connection error: {e}");
+    }
+    Ok(report)
+}

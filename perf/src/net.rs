@@ -1,0 +1,339 @@
+//! A single-threaded epoll (mio) engine for many WebSocket client connections.
+//!
+//! One thread, one scratch read buffer, frames parsed in place: the load generator must not
+//! be the bottleneck. Scenarios plug in through [`Handler`]; what they send goes into
+//! per-connection output buffers that are flushed once per loop iteration.
+
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::time::Duration;
+
+use mio::net::TcpStream;
+use mio::{Events, Interest, Poll, Token};
+
+use crate::ws;
+
+/// Where a connection is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// TCP connect in progress.
+    Connecting,
+    /// Upgrade request sent, waiting for 101.
+    Upgrading,
+    /// WebSocket open.
+    Open,
+    /// Closed or failed.
+    Dead,
+}
+
+struct Conn {
+    stream: TcpStream,
+    phase: Phase,
+    /// Bytes of an incomplete frame or response head.
+    partial: Vec<u8>,
+}
+
+/// Output side, separate from the sockets so handlers can send while input is being parsed.
+#[derive(Default)]
+pub struct Outs {
+    bufs: Vec<Vec<u8>>,
+    sent: Vec<usize>,
+    dirty: Vec<usize>,
+}
+
+impl Outs {
+    /// Queue a text frame for connection `id`.
+    pub fn text(&mut self, id: usize, payload: &[u8]) {
+        self.frame(id, 1, payload);
+    }
+
+    fn frame(&mut self, id: usize, opcode: u8, payload: &[u8]) {
+        let buf = &mut self.bufs[id];
+        if buf.is_empty() {
+            self.dirty.push(id);
+        }
+        ws::push_frame(buf, opcode, payload);
+    }
+
+    fn raw(&mut self, id: usize, bytes: &[u8]) {
+        let buf = &mut self.bufs[id];
+        if buf.is_empty() {
+            self.dirty.push(id);
+        }
+        buf.extend_from_slice(bytes);
+    }
+
+    /// Bytes waiting to be written to `id`.
+    pub fn pending(&self, id: usize) -> usize {
+        self.bufs[id].len() - self.sent[id]
+    }
+}
+
+/// What a scenario does with connection events.
+pub trait Handler {
+    /// Connection `id` finished its upgrade.
+    fn on_open(&mut self, id: usize, outs: &mut Outs);
+    /// A text frame arrived on `id`.
+    fn on_text(&mut self, id: usize, text: &[u8], outs: &mut Outs);
+    /// Connection `id` failed or closed.
+    fn on_dead(&mut self, id: usize, error: Option<io::Error>);
+}
+
+/// The engine.
+pub struct Engine {
+    poll: Poll,
+    events: Events,
+    conns: Vec<Conn>,
+    /// Output buffers.
+    pub outs: Outs,
+    read_buf: Vec<u8>,
+    host: String,
+    paths: Vec<String>,
+    /// Frames received (all kinds).
+    pub frames_in: u64,
+    /// Bytes received.
+    pub bytes_in: u64,
+}
+
+impl Engine {
+    /// A new engine talking to `host` (for the Host header).
+    pub fn new(host: String) -> io::Result<Self> {
+        Ok(Self {
+            poll: Poll::new()?,
+            events: Events::with_capacity(4096),
+            conns: Vec::new(),
+            outs: Outs::default(),
+            read_buf: vec![0; 256 * 1024],
+            host,
+            paths: Vec::new(),
+            frames_in: 0,
+            bytes_in: 0,
+        })
+    }
+
+    /// Start connecting to `addr` from `src` (spread sources to get past ~28k ports per
+    /// address pair); returns the connection id.
+    pub fn connect(
+        &mut self,
+        addr: SocketAddr,
+        src: Option<Ipv4Addr>,
+        path: &str,
+    ) -> io::Result<usize> {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        socket.set_nonblocking(true)?;
+        socket.set_tcp_nodelay(true)?;
+        if let Some(src) = src {
+            socket.bind(&SocketAddr::V4(SocketAddrV4::new(src, 0)).into())?;
+        }
+        match socket.connect(&addr.into()) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+            Err(e) => return Err(e),
+        }
+        let mut stream = TcpStream::from_std(socket.into());
+        let id = self.conns.len();
+        self.poll.registry().register(
+            &mut stream,
+            Token(id),
+            Interest::READABLE | Interest::WRITABLE,
+        )?;
+        self.conns.push(Conn {
+            stream,
+            phase: Phase::Connecting,
+            partial: Vec::new(),
+        });
+        self.paths.push(path.to_string());
+        self.outs.bufs.push(Vec::new());
+        self.outs.sent.push(0);
+        Ok(id)
+    }
+
+    /// Phase of connection `id`.
+    pub fn phase(&self, id: usize) -> Phase {
+        self.conns[id].phase
+    }
+
+    /// Number of connections ever opened.
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Close connection `id` (without a closing handshake: the server must cope).
+    pub fn close(&mut self, id: usize) {
+        let conn = &mut self.conns[id];
+        if conn.phase != Phase::Dead {
+            conn.phase = Phase::Dead;
+            let _ = self.poll.registry().deregister(&mut conn.stream);
+            let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+            conn.partial = Vec::new();
+            self.outs.bufs[id] = Vec::new();
+        }
+    }
+
+    /// Wait up to `timeout` for events, handle them, then flush output.
+    pub fn turn(&mut self, timeout: Option<Duration>, handler: &mut dyn Handler) -> io::Result<()> {
+        self.flush(handler);
+        match self.poll.poll(&mut self.events, timeout) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        let ready: Vec<(usize, bool, bool)> = self
+            .events
+            .iter()
+            .map(|e| {
+                (
+                    e.token().0,
+                    e.is_readable() || e.is_read_closed() || e.is_error(),
+                    e.is_writable(),
+                )
+            })
+            .collect();
+        for (id, readable, writable) in ready {
+            if writable {
+                self.on_writable(id, handler);
+            }
+            if readable {
+                self.on_readable(id, handler);
+            }
+        }
+        self.flush(handler);
+        Ok(())
+    }
+
+    fn fail(&mut self, id: usize, error: Option<io::Error>, handler: &mut dyn Handler) {
+        if self.conns[id].phase != Phase::Dead {
+            self.close(id);
+            handler.on_dead(id, error);
+        }
+    }
+
+    fn on_writable(&mut self, id: usize, handler: &mut dyn Handler) {
+        if self.conns[id].phase == Phase::Connecting {
+            match self.conns[id].stream.take_error() {
+                Ok(None) => {}
+                Ok(Some(e)) | Err(e) => return self.fail(id, Some(e), handler),
+            }
+            if self.conns[id].stream.peer_addr().is_err() {
+                return; // Not connected yet (spurious wakeup).
+            }
+            self.conns[id].phase = Phase::Upgrading;
+            let request = ws::upgrade_request(&self.host, &self.paths[id]);
+            self.outs.raw(id, &request);
+        }
+        if self.outs.pending(id) > 0 && !self.outs.dirty.contains(&id) {
+            self.outs.dirty.push(id);
+        }
+    }
+
+    fn on_readable(&mut self, id: usize, handler: &mut dyn Handler) {
+        loop {
+            let conn = &mut self.conns[id];
+            if conn.phase == Phase::Dead || conn.phase == Phase::Connecting {
+                return;
+            }
+            let n = match conn.stream.read(&mut self.read_buf) {
+                Ok(0) => return self.fail(id, None, handler),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return self.fail(id, Some(e), handler),
+            };
+            self.bytes_in += n as u64;
+            let mut read_buf = std::mem::take(&mut self.read_buf);
+            let keep_going = self.consume(id, &read_buf[..n], handler);
+            std::mem::swap(&mut self.read_buf, &mut read_buf);
+            if !keep_going || n < self.read_buf.len() {
+                // A short read means the socket is drained; new data brings a new edge.
+                return;
+            }
+        }
+    }
+
+    /// Parse `data` (after any partial bytes) for connection `id`; false if it died.
+    fn consume(&mut self, id: usize, data: &[u8], handler: &mut dyn Handler) -> bool {
+        let mut partial = std::mem::take(&mut self.conns[id].partial);
+        let input: &[u8] = if partial.is_empty() {
+            data
+        } else {
+            partial.extend_from_slice(data);
+            &partial
+        };
+        let mut pos = 0;
+        if self.conns[id].phase == Phase::Upgrading {
+            match ws::response_head(input) {
+                None => {
+                    let rest = input.to_vec();
+                    self.conns[id].partial = rest;
+                    return true;
+                }
+                Some((_, false)) => {
+                    let head = String::from_utf8_lossy(&input[..input.len().min(200)]).into_owned();
+                    self.fail(id, Some(io::Error::other(head)), handler);
+                    return false;
+                }
+                Some((end, true)) => {
+                    pos = end;
+                    self.conns[id].phase = Phase::Open;
+                    handler.on_open(id, &mut self.outs);
+                }
+            }
+        }
+        while let Some((frame, len)) = ws::parse_frame(&input[pos..]) {
+            pos += len;
+            self.frames_in += 1;
+            match frame.opcode {
+                1 => handler.on_text(id, frame.payload, &mut self.outs),
+                9 => self.outs.frame(id, 10, frame.payload),
+                8 => {
+                    self.fail(id, None, handler);
+                    return false;
+                }
+                _ => {}
+            }
+        }
+        let rest = &input[pos..];
+        if !rest.is_empty() {
+            let rest = rest.to_vec();
+            self.conns[id].partial = rest;
+        } else if partial.capacity() > 0 {
+            partial.clear();
+            self.conns[id].partial = partial;
+        }
+        true
+    }
+
+    /// Write every connection's pending output.
+    pub fn flush(&mut self, handler: &mut dyn Handler) {
+        let dirty = std::mem::take(&mut self.outs.dirty);
+        for &id in &dirty {
+            if matches!(self.conns[id].phase, Phase::Dead | Phase::Connecting) {
+                continue;
+            }
+            loop {
+                let start = self.outs.sent[id];
+                let buf = &self.outs.bufs[id];
+                if start >= buf.len() {
+                    self.outs.bufs[id].clear();
+                    self.outs.sent[id] = 0;
+                    break;
+                }
+                match self.conns[id].stream.write(&buf[start..]) {
+                    Ok(n) => self.outs.sent[id] += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        self.fail(id, Some(e), handler);
+                        break;
+                    }
+                }
+            }
+        }
+        // Connections left with output wait for a writable event, which re-queues them.
+        let mut dirty = dirty;
+        dirty.clear();
+        if self.outs.dirty.is_empty() {
+            self.outs.dirty = dirty;
+        }
+    }
+}
