@@ -1,7 +1,7 @@
 //! Protocol adapters: how a scenario subscribes, publishes and recognises deliveries on each
 //! kind of server, so the same scenario runs against all of them.
 
-use crate::ws::{field_u64, memfind};
+use crate::ws::{digits, field_u64, memfind};
 
 /// The server's protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -94,12 +94,18 @@ impl Proto {
     pub fn classify(self, text: &[u8]) -> Incoming<'_> {
         match self {
             Proto::Shardcast => {
-                const MESSAGE: &[u8] = br#"{"type":"MESSAGE","#;
-                if text.starts_with(MESSAGE) {
-                    return match memfind(text, br#","data":"#) {
-                        Some(at) => Incoming::Delivery(&text[at + 8..]),
-                        None => Incoming::Other,
-                    };
+                const MESSAGE: &[u8] = br#"{"type":"MESSAGE","channel":""#;
+                if let Some(rest) = text.strip_prefix(MESSAGE) {
+                    // The channel name ends at the first quote (bench channels have no escapes).
+                    let after_channel = memchr::memchr(b'"', rest).map_or(0, |i| i + 1);
+                    let rest = &rest[after_channel..];
+                    // Fast path: `,"seq":N,"data":` follows the channel; search only if not.
+                    let data = rest
+                        .strip_prefix(br#","seq":"#)
+                        .and_then(|r| digits(r).map(|(_, n)| &r[n..]))
+                        .and_then(|r| r.strip_prefix(br#","data":"#))
+                        .or_else(|| memfind(rest, br#","data":"#).map(|at| &rest[at + 8..]));
+                    return data.map_or(Incoming::Other, Incoming::Delivery);
                 }
                 if text.starts_with(br#"{"type":"ACK""#) {
                     Incoming::Ack
@@ -145,8 +151,17 @@ pub fn payload(out: &mut Vec<u8>, stamp: Stamp, size: usize) {
     out.extend_from_slice(b"\"}");
 }
 
-/// Read the stamp from a delivered payload.
+/// Read the stamp from a delivered payload: straight through when it starts the way
+/// [`payload`] writes it, by search otherwise.
 pub fn stamp(data: &[u8]) -> Option<Stamp> {
+    if let Some(rest) = data.strip_prefix(br#"{"t":"#) {
+        let (t, n) = digits(rest)?;
+        let rest = rest[n..].strip_prefix(br#","p":"#)?;
+        let (p, n) = digits(rest)?;
+        let rest = rest[n..].strip_prefix(br#","s":"#)?;
+        let (s, _) = digits(rest)?;
+        return Some(Stamp { t, p, s });
+    }
     Some(Stamp {
         t: field_u64(data, br#""t":"#)?,
         p: field_u64(data, br#""p":"#)?,

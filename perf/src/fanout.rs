@@ -156,6 +156,12 @@ impl Handler for State {
         }
     }
 
+    fn on_read(&mut self) {
+        if self.measuring {
+            self.now();
+        }
+    }
+
     fn on_dead(&mut self, id: usize, error: Option<std::io::Error>) {
         if self.roles[id] != Role::Churner {
             self.dead += 1;

@@ -77,6 +77,8 @@ pub trait Handler {
     fn on_text(&mut self, id: usize, text: &[u8], outs: &mut Outs);
     /// Connection `id` failed or closed.
     fn on_dead(&mut self, id: usize, error: Option<io::Error>);
+    /// Bytes were just read (one clock reading per read serves every frame in it).
+    fn on_read(&mut self) {}
 }
 
 /// The engine.
@@ -240,6 +242,7 @@ impl Engine {
                 Err(e) => return self.fail(id, Some(e), handler),
             };
             self.bytes_in += n as u64;
+            handler.on_read();
             let mut read_buf = std::mem::take(&mut self.read_buf);
             let keep_going = self.consume(id, &read_buf[..n], handler);
             std::mem::swap(&mut self.read_buf, &mut read_buf);

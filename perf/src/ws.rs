@@ -91,41 +91,24 @@ pub fn response_head(buf: &[u8]) -> Option<(usize, bool)> {
 /// The unsigned integer after `key` (e.g. `"t":`) in `text`.
 pub fn field_u64(text: &[u8], key: &[u8]) -> Option<u64> {
     let at = memfind(text, key)? + key.len();
-    let mut n: u64 = 0;
-    let mut any = false;
-    for &b in &text[at..] {
-        if !b.is_ascii_digit() {
-            break;
-        }
-        n = n.wrapping_mul(10).wrapping_add(u64::from(b - b'0'));
-        any = true;
-    }
-    any.then_some(n)
+    digits(&text[at..]).map(|(n, _)| n)
 }
 
-/// Position of `needle` in `hay`.
-pub fn memfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    if needle.is_empty() || hay.len() < needle.len() {
+/// The unsigned integer at the start of `text`, and how many bytes it took.
+pub fn digits(text: &[u8]) -> Option<(u64, usize)> {
+    let len = text.iter().take_while(|b| b.is_ascii_digit()).count();
+    if len == 0 {
         return None;
     }
-    let first = needle[0];
-    let mut i = 0;
-    while i + needle.len() <= hay.len() {
-        match hay[i..hay.len() - needle.len() + 1]
-            .iter()
-            .position(|&b| b == first)
-        {
-            Some(p) => {
-                let at = i + p;
-                if &hay[at..at + needle.len()] == needle {
-                    return Some(at);
-                }
-                i = at + 1;
-            }
-            None => return None,
-        }
-    }
-    None
+    let n = text[..len].iter().fold(0u64, |n, &b| {
+        n.wrapping_mul(10).wrapping_add(u64::from(b - b'0'))
+    });
+    Some((n, len))
+}
+
+/// Position of `needle` in `hay` (SIMD search from memchr).
+pub fn memfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    memchr::memmem::find(hay, needle)
 }
 
 #[cfg(test)]
