@@ -28,9 +28,11 @@ pub enum Counter {
     BadMessages,
     /// Connections closed for being too slow (policy "close") or silent.
     SlowConsumerCloses,
+    /// Write system calls to clients (frames sent / writes = batching achieved).
+    Writes,
 }
 
-const COUNTERS: usize = 8;
+const COUNTERS: usize = 9;
 const AUTH_REASONS: [&str; 4] = [
     "missing_credentials",
     "invalid_key",
@@ -267,6 +269,12 @@ impl Global {
             "counter",
             "Malformed client messages.",
             self.sum(Counter::BadMessages),
+        );
+        metric(
+            "shardcast_write_syscalls_total",
+            "counter",
+            "Writes to client sockets (each carries every frame queued at the time).",
+            self.sum(Counter::Writes),
         );
         metric(
             "shardcast_slow_consumer_closes_total",

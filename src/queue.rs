@@ -104,25 +104,18 @@ impl OutQueue {
         self.bytes - self.head_written
     }
 
-    /// Fill `iov` with the unwritten bytes, front first; returns how many entries were used.
-    pub fn fill_iovecs(&self, iov: &mut [libc::iovec]) -> usize {
-        let mut n = 0;
+    /// Append the unwritten bytes of queued frames to `buf`, front first, whole frames only,
+    /// stopping once `buf` holds at least `limit` bytes; returns how many bytes were added.
+    pub fn gather(&self, buf: &mut Vec<u8>, limit: usize) -> usize {
+        let start = buf.len();
         for (i, frame) in self.frames.iter().enumerate() {
-            if n == iov.len() {
+            if buf.len() - start >= limit {
                 break;
             }
-            let bytes = if i == 0 {
-                &frame[self.head_written..]
-            } else {
-                &frame[..]
-            };
-            iov[n] = libc::iovec {
-                iov_base: bytes.as_ptr() as *mut libc::c_void,
-                iov_len: bytes.len(),
-            };
-            n += 1;
+            let skip = if i == 0 { self.head_written } else { 0 };
+            buf.extend_from_slice(&frame[skip..]);
         }
-        n
+        buf.len() - start
     }
 
     /// Record that `written` bytes went out; returns how many whole frames were completed.
@@ -141,11 +134,20 @@ impl OutQueue {
             self.urgent_end = self.urgent_end.saturating_sub(1);
             completed += 1;
         }
-        if self.frames.is_empty() && self.frames.capacity() > 16 {
-            // An idle connection should not keep a burst's worth of slots.
+        completed
+    }
+
+    /// Give back the slots of an empty queue. Called by the sweeper, not after every write:
+    /// a busy connection would otherwise regrow its queue on every burst.
+    pub fn shrink_if_idle(&mut self) {
+        if self.frames.is_empty() && self.frames.capacity() > 0 {
             self.frames = VecDeque::new();
         }
-        completed
+    }
+
+    /// Heap bytes held for queue slots.
+    pub fn slot_bytes(&self) -> usize {
+        self.frames.capacity() * std::mem::size_of::<Frame>()
     }
 
     /// Forget everything queued.
@@ -173,16 +175,9 @@ mod tests {
     };
 
     fn contents(q: &OutQueue) -> Vec<u8> {
-        let mut iov = [libc::iovec {
-            iov_base: std::ptr::null_mut(),
-            iov_len: 0,
-        }; 8];
-        let n = q.fill_iovecs(&mut iov);
-        iov[..n]
-            .iter()
-            .flat_map(|v| unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) })
-            .copied()
-            .collect()
+        let mut buf = Vec::new();
+        q.gather(&mut buf, usize::MAX);
+        buf
     }
 
     #[test]
@@ -219,6 +214,38 @@ mod tests {
         assert_eq!(q.bytes(), 26);
         assert_eq!(q.consume(6 + 10), 2);
         assert_eq!(contents(&q), vec![3; 10]);
+    }
+
+    #[test]
+    fn gather_takes_whole_frames_up_to_the_limit() {
+        let mut q = OutQueue::default();
+        for i in 0..3 {
+            q.push(f(i, 10), BOUNDS);
+        }
+        q.consume(4);
+        let mut buf = Vec::new();
+        assert_eq!(
+            q.gather(&mut buf, 1),
+            6,
+            "at least the rest of the first frame"
+        );
+        buf.clear();
+        assert_eq!(q.gather(&mut buf, 7), 16);
+        buf.clear();
+        assert_eq!(q.gather(&mut buf, 1000), 26);
+    }
+
+    #[test]
+    fn idle_queue_gives_its_slots_back() {
+        let mut q = OutQueue::default();
+        for i in 0..3 {
+            q.push(f(i, 10), BOUNDS);
+        }
+        q.shrink_if_idle();
+        assert!(q.slot_bytes() > 0, "a queue with frames keeps its slots");
+        q.consume(30);
+        q.shrink_if_idle();
+        assert_eq!(q.slot_bytes(), 0);
     }
 
     #[test]

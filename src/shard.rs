@@ -244,6 +244,8 @@ pub struct Shard {
     pub scratch: RefCell<Vec<u8>>,
     /// Set when graceful shutdown begins.
     pub shutting_down: Cell<bool>,
+    /// Where a connection gathers its queued frames for one send (used only inside a poll).
+    pub write_buf: RefCell<Vec<u8>>,
     bounds: Bounds,
     started: Instant,
     conns: RefCell<HashMap<u64, Rc<Peer>>>,
@@ -282,6 +284,7 @@ impl Shard {
             parser: RefCell::default(),
             scratch: RefCell::new(vec![0; SCRATCH_BYTES]),
             shutting_down: Cell::new(false),
+            write_buf: RefCell::new(Vec::with_capacity(256 * 1024)),
             bounds,
             started: Instant::now(),
             conns: RefCell::default(),
@@ -764,6 +767,7 @@ impl Shard {
         let now = self.now_ms();
         let ws = &self.config.websocket;
         for peer in self.peers() {
+            peer.out.borrow_mut().shrink_if_idle();
             let quiet = now.saturating_sub(peer.last_heard.get());
             let in_phase = now.saturating_sub(peer.phase_since.get());
             match peer.phase.get() {
@@ -925,14 +929,8 @@ mod tests {
         let mut out = peer.out().borrow_mut();
         let mut texts = Vec::new();
         while !out.is_empty() {
-            let mut iov = [libc::iovec {
-                iov_base: std::ptr::null_mut(),
-                iov_len: 0,
-            }];
-            out.fill_iovecs(&mut iov);
-            // SAFETY: the iovec points into a frame owned by `out`.
-            let frame =
-                unsafe { std::slice::from_raw_parts(iov[0].iov_base as *const u8, iov[0].iov_len) };
+            let mut frame = Vec::new();
+            out.gather(&mut frame, 1);
             let start = match frame[1] & 0x7f {
                 126 => 4,
                 127 => 10,
