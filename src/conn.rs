@@ -175,9 +175,11 @@ impl Conn {
                 buf.clear();
                 out.gather(&mut buf, WRITE_CHUNK);
             }
+            // Accepted sockets are in blocking mode (glommio passes MSG_DONTWAIT per call
+            // instead): without MSG_DONTWAIT one slow consumer would stall the whole shard.
+            let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
             // SAFETY: `buf` is a live, initialised buffer of `buf.len()` bytes.
-            let sent =
-                unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL) };
+            let sent = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), flags) };
             shard.counters.add(Counter::Writes, 1);
             let written = if sent >= 0 {
                 sent as usize
