@@ -4,18 +4,11 @@
 //! Every scenario prints a table and can write JSON (`--json FILE`); `table` prints several
 //! JSON results side by side and `plot` draws their latency percentile curves as SVG.
 
-mod adapter;
-mod connect;
-mod fanout;
-mod net;
-mod report;
-mod sys;
-mod ws;
-
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use shardcast_bench::{connect, fanout, report};
 
 #[derive(Parser)]
 #[command(version, about)]

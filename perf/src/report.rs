@@ -78,6 +78,11 @@ impl Report {
         self.figures.push((name.into(), value, unit.into()));
     }
 
+    /// A figure by name.
+    pub fn get(&self, name: &str) -> Option<f64> {
+        self.figures.iter().find(|f| f.0 == name).map(|f| f.1)
+    }
+
     fn rows(&self) -> Vec<(String, String)> {
         let mut rows: Vec<(String, String)> = self
             .figures

@@ -1,0 +1,114 @@
+//! Every load-generator scenario, run for about a second against a real server, so perf/
+//! cannot rot. Counts are asserted (no loss, no duplicates at a low rate), never timings.
+
+mod common;
+
+use common::*;
+use shardcast_bench::adapter::Proto;
+use shardcast_bench::{connect, fanout};
+
+fn fanout_params(server: &Server) -> fanout::Params {
+    fanout::Params {
+        addr: server.addr,
+        proto: Proto::Shardcast,
+        key: ADMIN.into(),
+        subscribers: 40,
+        channels: 3,
+        publishers: 2,
+        rate: 400,
+        window: 16,
+        size: 100,
+        duration: 1.0,
+        concurrency: 16,
+        churn: 0,
+        pid: Some(server.child.id()),
+        label: "shardcast".into(),
+    }
+}
+
+fn figure(report: &shardcast_bench::report::Report, name: &str) -> f64 {
+    report
+        .get(name)
+        .unwrap_or_else(|| panic!("no figure {name:?} in {:?}", report.figures))
+}
+
+fn assert_complete(report: &shardcast_bench::report::Report) {
+    assert!(figure(report, "expected") > 0.0, "nothing was published");
+    assert_eq!(
+        figure(report, "received"),
+        figure(report, "expected"),
+        "{:?}",
+        report.figures
+    );
+    assert_eq!(figure(report, "lost"), 0.0);
+    assert_eq!(figure(report, "duplicated"), 0.0);
+    assert_eq!(figure(report, "out of order"), 0.0);
+    assert_eq!(figure(report, "connections failed"), 0.0);
+    assert!(report.latency.as_ref().is_some_and(|l| l.count > 0));
+}
+
+#[test]
+fn connect_scenario_opens_and_holds_every_connection() {
+    let server = Server::start("");
+    let params = connect::Params {
+        addr: server.addr,
+        proto: Proto::Shardcast,
+        key: ADMIN.into(),
+        connections: 300,
+        concurrency: 32,
+        hold: 0.1,
+        pid: Some(server.child.id()),
+        label: "shardcast".into(),
+    };
+    let report = connect::run(&params).expect("connect scenario");
+    assert_eq!(figure(&report, "connections ok"), 300.0);
+    assert_eq!(figure(&report, "connections failed"), 0.0);
+    assert!(figure(&report, "server rss after") > 0.0);
+}
+
+#[test]
+fn fanout_scenario_at_a_rate_loses_nothing() {
+    let server = Server::start("");
+    let report = fanout::run(&fanout_params(&server), false, "fanout").expect("fanout");
+    assert_complete(&report);
+}
+
+#[test]
+fn fanout_scenario_with_an_ack_window_loses_nothing() {
+    let server = Server::start("");
+    let params = fanout::Params {
+        rate: 0,
+        ..fanout_params(&server)
+    };
+    let report = fanout::run(&params, false, "fanout").expect("fanout");
+    assert_complete(&report);
+}
+
+#[test]
+fn ingest_scenario_gets_every_ack() {
+    let server = Server::start("");
+    let params = fanout::Params {
+        publishers: 4,
+        rate: 0,
+        window: 8,
+        ..fanout_params(&server)
+    };
+    let report = fanout::run(&params, true, "ingest").expect("ingest");
+    assert!(figure(&report, "acked") > 0.0);
+    assert_eq!(figure(&report, "acked"), figure(&report, "sent"));
+    server.wait_health("decisions to be counted", |h| {
+        h["metrics"]["decisions"]["processed"].as_f64() == report.get("acked")
+    });
+}
+
+#[test]
+fn churn_scenario_keeps_fanout_whole_while_connections_come_and_go() {
+    let server = Server::start("");
+    let params = fanout::Params {
+        churn: 100,
+        ..fanout_params(&server)
+    };
+    let report = fanout::run(&params, false, "churn").expect("churn");
+    assert_complete(&report);
+    assert!(figure(&report, "churned connections") > 0.0);
+}
