@@ -491,7 +491,7 @@ pub fn run(params: &Params, ingest: bool, scenario: &str) -> Result<Report, Stri
         report.add(&format!("core {core} softirq"), *softirq, "%");
     }
     report.latency = Latency::from_ns(&state.latency);
-    let live = (0..engine.len())
+    let live = (0..engine.connections())
         .filter(|&i| engine.phase(i) == Phase::Open)
         .count();
     if let Some(e) = &state.first_error {

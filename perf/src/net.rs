@@ -156,7 +156,7 @@ impl Engine {
     }
 
     /// Number of connections ever opened.
-    pub fn len(&self) -> usize {
+    pub fn connections(&self) -> usize {
         self.conns.len()
     }
 
