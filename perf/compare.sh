@@ -14,7 +14,7 @@ shift
 servers=${SERVERS:-"shardcast tokio node-ws socketio"}
 out=perf/results
 mkdir -p "$out"
-cargo build --release --quiet --bin shardcast -p shardcast-bench
+cargo build --release --quiet --workspace
 if [ "$servers" != "shardcast" ]; then perf/reference/setup.sh >/dev/null; fi
 
 wait_port() {

@@ -30,7 +30,7 @@ async fn main() {
         tokio::spawn(async move {
             let mut config = WebSocketConfig::default();
             if let Some(size) = read_buffer {
-                config = config.read_buffer_size(size).write_buffer_size(0);
+                config = config.read_buffer_size(size);
             }
             let Ok(ws) = tokio_tungstenite::accept_async_with_config(stream, Some(config)).await else {
                 return;
