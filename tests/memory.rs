@@ -1,0 +1,103 @@
+//! Heap bytes per idle connection, counted exactly by a counting allocator around an
+//! in-process server (RSS is too coarse and noisy to assert on). Idle connections must stay
+//! cheap: this fails if one grows past the budget.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicIsize, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use shardcast::config::{ApiKey, Config, Scope};
+
+struct Counting;
+
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+// SAFETY: forwards to the system allocator, only counting sizes.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE.fetch_add(layout.size() as isize, Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size() as isize, Relaxed);
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LIVE.fetch_add(new_size as isize - layout.size() as isize, Relaxed);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// Heap bytes one idle, authenticated WebSocket connection may hold on the server.
+const BUDGET: isize = 1100;
+
+fn open(addr: std::net::SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(b"GET /ws?key=mem-secret HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").unwrap();
+    // Read until READY (the 101 head, then one text frame mentioning READY).
+    let mut buf = [0u8; 512];
+    let mut got = 0;
+    while !buf[..got].windows(5).any(|w| w == b"READY") {
+        let n = s.read(&mut buf[got..]).unwrap();
+        assert!(n > 0, "server closed during handshake");
+        got += n;
+    }
+    s
+}
+
+/// Live heap bytes once they stop changing (the sweeper frees idle queue slots).
+fn settled() -> isize {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = LIVE.load(Relaxed);
+    loop {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = LIVE.load(Relaxed);
+        if now == last || Instant::now() > deadline {
+            return now;
+        }
+        last = now;
+    }
+}
+
+#[test]
+fn idle_connection_heap_stays_within_budget() {
+    let mut config = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        shards: 1,
+        ..Config::default()
+    };
+    // A short handshake timeout makes the sweeper run every 10 ms.
+    config.websocket.handshake_timeout_ms = 40;
+    config.api_keys.push(ApiKey {
+        id: "mem".into(),
+        secret: "mem-secret".into(),
+        org: "mem".into(),
+        scopes: vec![Scope::Subscribe],
+    });
+    let server = shardcast::server::start(config).expect("server starts");
+    let addr = server.local_addr();
+    const N: usize = 1000;
+    let mut warm: Vec<TcpStream> = (0..100).map(|_| open(addr)).collect();
+    let mut held: Vec<TcpStream> = Vec::with_capacity(N);
+    let before = settled();
+    for _ in 0..N {
+        held.push(open(addr));
+    }
+    let after = settled();
+    let per_connection = (after - before) / N as isize;
+    println!("heap per idle connection: {per_connection} B");
+    assert!(
+        per_connection <= BUDGET,
+        "each idle connection holds {per_connection} B of heap (budget {BUDGET} B)"
+    );
+    warm.clear();
+    held.clear();
+    server.stopper().stop();
+    server.join();
+}
