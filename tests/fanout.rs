@@ -142,15 +142,7 @@ fn slow_consumer_drops_oldest_without_hurting_others() {
     let server =
         Server::start("[limits]\noutbound_queue_messages = 64\noutbound_queue_bytes = 262144\n");
     let channel = "org:acme:usage";
-    // A tiny receive buffer makes the kernel stop taking bytes for the slow client early.
-    let slow_socket =
-        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    slow_socket.set_recv_buffer_size(4096).unwrap();
-    slow_socket.connect(&server.addr.into()).unwrap();
-    let mut slow =
-        Client::over(slow_socket.into(), server.addr, &format!("/ws?key={ACME}")).unwrap();
-    assert_eq!(slow.recv()["type"], "READY");
-    slow.subscribe(&[channel]);
+    let mut slow = slow_subscriber(&server, channel);
     let mut normal = server.client(&format!("/ws?key={ACME}"));
     normal.subscribe(&[channel]);
     let rss_before = server.rss_kib();
@@ -213,14 +205,7 @@ fn slow_consumer_closed_under_close_policy() {
         "[limits]\noutbound_queue_messages = 16\noutbound_queue_bytes = 65536\nbackpressure_policy = \"close\"\n",
     );
     let channel = "org:acme:usage";
-    let slow_socket =
-        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    slow_socket.set_recv_buffer_size(4096).unwrap();
-    slow_socket.connect(&server.addr.into()).unwrap();
-    let mut slow =
-        Client::over(slow_socket.into(), server.addr, &format!("/ws?key={ACME}")).unwrap();
-    assert_eq!(slow.recv()["type"], "READY");
-    slow.subscribe(&[channel]);
+    let mut slow = slow_subscriber(&server, channel);
     let mut publisher = server.client(&format!("/ws?key={ACME}"));
     let payload = "y".repeat(2000);
     for n in 0..5_000 {
@@ -237,4 +222,16 @@ fn slow_consumer_closed_under_close_policy() {
     assert_eq!(code, Some(1008));
     let v: Value = server.health();
     assert!(v["metrics"]["connections"]["total"].as_u64().unwrap() >= 2);
+}
+
+/// A subscriber that will not read: a tiny receive buffer makes the kernel stop taking bytes
+/// for it early, so the server's queue for it fills.
+fn slow_subscriber(server: &Server, channel: &str) -> Client {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&server.addr.into()).unwrap();
+    let mut slow = Client::over(socket.into(), server.addr, &format!("/ws?key={ACME}")).unwrap();
+    assert_eq!(slow.recv()["type"], "READY");
+    slow.subscribe(&[channel]);
+    slow
 }
