@@ -1,6 +1,7 @@
 //! AI-governance decisions: validation, ids, timestamps and the idempotency table.
 
 use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use simd_json::prelude::*;
@@ -113,16 +114,37 @@ impl IdGenerator {
     }
 
     /// A new id for a decision made at `unix_ms`.
-    pub fn next(&mut self, unix_ms: u64) -> String {
-        const ALPHABET: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+    pub fn next(&mut self, unix_ms: u64) -> DecisionId {
         let random = (u128::from(self.next_u64()) << 16) | u128::from(self.next_u64() >> 48);
-        let value = (u128::from(unix_ms & 0xFFFF_FFFF_FFFF) << 80) | (random & ((1 << 80) - 1));
-        let mut id = String::with_capacity(30);
-        id.push_str("dec_");
-        for i in (0..26).rev() {
-            id.push(ALPHABET[((value >> (i * 5)) & 31) as usize] as char);
+        DecisionId((u128::from(unix_ms & 0xFFFF_FFFF_FFFF) << 80) | (random & ((1 << 80) - 1)))
+    }
+}
+
+/// A decision id as a number (16 bytes, no allocation); [`DecisionId::text`] spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecisionId(u128);
+
+/// A decision id spelled out: `dec_` and 26 Crockford base32 characters.
+#[derive(Debug, Clone, Copy)]
+pub struct DecisionIdText([u8; 30]);
+
+impl DecisionId {
+    /// The id as text.
+    pub fn text(self) -> DecisionIdText {
+        const ALPHABET: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+        let mut out = *b"dec_00000000000000000000000000";
+        for (i, byte) in out[4..].iter_mut().enumerate() {
+            *byte = ALPHABET[((self.0 >> ((25 - i) * 5)) & 31) as usize];
         }
-        id
+        DecisionIdText(out)
+    }
+}
+
+impl DecisionIdText {
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        // Only ASCII from ALPHABET and the "dec_" prefix is ever written.
+        std::str::from_utf8(&self.0).unwrap_or("dec_")
     }
 }
 
@@ -181,20 +203,24 @@ pub fn enrich(data: &[u8], decision_id: &str, timestamp: &str) -> Vec<u8> {
 }
 
 /// What an idempotency key resolved to the first time.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Original {
     /// The decision id given then.
-    pub decision_id: String,
+    pub decision_id: DecisionId,
     /// The channel sequence number given then.
     pub seq: u64,
 }
 
 /// Remembers idempotency keys per org for a time window, up to a number of entries (oldest
 /// forgotten first). One per shard: every channel of an org is owned by one shard.
+///
+/// Each remembered key is one allocation (`org`, a NUL, `key`), shared by the map and the
+/// expiry queue; lookups compose the key in a reusable buffer and allocate nothing.
 #[derive(Debug)]
 pub struct DedupTable {
-    entries: HashMap<(Box<str>, Box<str>), Original>,
-    order: VecDeque<(Instant, Box<str>, Box<str>)>,
+    entries: HashMap<Rc<str>, Original>,
+    order: VecDeque<(Instant, Rc<str>)>,
+    key: String,
     window: Duration,
     max_entries: usize,
 }
@@ -205,15 +231,24 @@ impl DedupTable {
         Self {
             entries: HashMap::new(),
             order: VecDeque::new(),
+            key: String::new(),
             window,
             max_entries: max_entries.max(1),
         }
     }
 
+    fn compose(&mut self, org: &str, key: &str) {
+        self.key.clear();
+        self.key.push_str(org);
+        self.key.push('\0');
+        self.key.push_str(key);
+    }
+
     /// The original outcome of `(org, key)`, if it is still remembered.
-    pub fn get(&mut self, org: &str, key: &str, now: Instant) -> Option<&Original> {
+    pub fn get(&mut self, org: &str, key: &str, now: Instant) -> Option<Original> {
         self.expire(now);
-        self.entries.get(&(Box::from(org), Box::from(key)))
+        self.compose(org, key);
+        self.entries.get(self.key.as_str()).copied()
     }
 
     /// Remember `(org, key)`.
@@ -221,15 +256,16 @@ impl DedupTable {
         self.expire(now);
         while self.entries.len() >= self.max_entries {
             match self.order.pop_front() {
-                Some((_, o, k)) => {
-                    self.entries.remove(&(o, k));
+                Some((_, old)) => {
+                    self.entries.remove(&old);
                 }
                 None => break,
             }
         }
-        let (org, key): (Box<str>, Box<str>) = (org.into(), key.into());
-        self.order.push_back((now, org.clone(), key.clone()));
-        self.entries.insert((org, key), original);
+        self.compose(org, key);
+        let shared: Rc<str> = Rc::from(self.key.as_str());
+        self.order.push_back((now, shared.clone()));
+        self.entries.insert(shared, original);
     }
 
     /// Number of remembered keys.
@@ -243,12 +279,12 @@ impl DedupTable {
     }
 
     fn expire(&mut self, now: Instant) {
-        while let Some((at, _, _)) = self.order.front() {
+        while let Some((at, _)) = self.order.front() {
             if now.duration_since(*at) < self.window {
                 break;
             }
-            if let Some((_, o, k)) = self.order.pop_front() {
-                self.entries.remove(&(o, k));
+            if let Some((_, old)) = self.order.pop_front() {
+                self.entries.remove(&old);
             }
         }
     }
@@ -268,9 +304,9 @@ mod tests {
     #[test]
     fn ids_are_unique_and_time_ordered() {
         let mut gen = IdGenerator::new(0);
-        let a = gen.next(1_000);
-        let b = gen.next(1_000);
-        let c = gen.next(2_000);
+        let a = gen.next(1_000).text().as_str().to_string();
+        let b = gen.next(1_000).text().as_str().to_string();
+        let c = gen.next(2_000).text().as_str().to_string();
         assert_ne!(a, b);
         assert!(a.starts_with("dec_") && a.len() == 30);
         assert!(c > a && c > b);
@@ -290,8 +326,9 @@ mod tests {
     fn dedup_forgets_after_window_and_capacity() {
         let t0 = Instant::now();
         let mut table = DedupTable::new(Duration::from_secs(10), 2);
-        let original = |n: u64| Original {
-            decision_id: format!("dec_{n}"),
+        let mut ids = IdGenerator::new(0);
+        let mut original = |n: u64| Original {
+            decision_id: ids.next(n),
             seq: n,
         };
         table.insert("acme", "k1", original(1), t0);

@@ -625,20 +625,22 @@ impl Shard {
         t0: Instant,
     ) {
         let now = Instant::now();
-        let seen = self.dedup.borrow_mut().get(org, key, now).cloned();
+        let seen = self.dedup.borrow_mut().get(org, key, now);
         if let Some(original) = seen {
             self.counters.add(Counter::DecisionsDuplicate, 1);
-            let ack = protocol::ingest_ack(key, &original.decision_id, true, original.seq);
+            let id = original.decision_id.text();
+            let ack = protocol::ingest_ack(key, id.as_str(), true, original.seq);
             return self.reply(origin, ack);
         }
         let ms = decision::unix_ms();
         let decision_id = self.ids.borrow_mut().next(ms);
-        let data = decision::enrich(data, &decision_id, &decision::rfc3339(ms));
+        let id = decision_id.text();
+        let data = decision::enrich(data, id.as_str(), &decision::rfc3339(ms));
         // Durable storage slots in here: the decision is committed before it is fanned out
         // and acknowledged, so a client never holds an ACK for a decision a crash can lose.
         let seq = self.fan_out(channel, Kind::Decision, &data, t0);
         let original = Original { decision_id, seq };
-        let ack = protocol::ingest_ack(key, &original.decision_id, false, seq);
+        let ack = protocol::ingest_ack(key, id.as_str(), false, seq);
         self.dedup.borrow_mut().insert(org, key, original, now);
         self.counters.add(Counter::DecisionsProcessed, 1);
         self.reply(origin, ack);
