@@ -53,6 +53,8 @@ pub struct Ingest<'a> {
     pub channel: String,
     /// Idempotency key.
     pub key: String,
+    /// The key as sent (a JSON string), echoed in refusals.
+    pub raw_key: &'a [u8],
     /// Raw JSON of `data`.
     pub data: &'a [u8],
     /// The decision's fields, checked.
@@ -81,7 +83,8 @@ impl Refusal {
         }
     }
 
-    fn with_id(mut self, id: Option<&[u8]>) -> Self {
+    /// Attach a raw request id (or idempotency key) to echo.
+    pub fn with_id(mut self, id: Option<&[u8]>) -> Self {
         self.id = id.map(<[u8]>::to_vec);
         self
     }
@@ -210,6 +213,8 @@ fn parse_ingest<'a>(
     Ok(Request::Ingest(Ingest {
         channel,
         key,
+        // str_field found a string member, so the raw span exists.
+        raw_key: raw_key.unwrap_or(b"null"),
         data,
         decision,
     }))

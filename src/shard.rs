@@ -413,7 +413,7 @@ impl Shard {
             }
             Request::Publish { channel, data, id } => {
                 if let Err(refusal) = self.check_channel(principal, Scope::Publish, &channel) {
-                    return self.send(peer, protocol::refusal(&refusal.with_raw_id(id)));
+                    return self.send(peer, protocol::refusal(&refusal.with_id(id)));
                 }
                 let origin = Origin {
                     shard: self.id,
@@ -430,21 +430,18 @@ impl Shard {
                 self.route(owner, msg);
             }
             Request::Ingest(ingest) => {
-                let key_json = json_string(&ingest.key);
-                if let Err(refusal) = self.check_channel(principal, Scope::Ingest, &ingest.channel)
-                {
-                    let refusal = refusal.with_raw_id(Some(&key_json));
-                    return self.send(peer, protocol::refusal(&refusal));
-                }
-                let channel_org = Channel::parse(&ingest.channel, &self.config.channels.categories)
-                    .ok()
-                    .and_then(|c| c.org().map(str::to_string));
-                let expected_org = channel_org.as_deref().unwrap_or(&principal.org);
+                let key = Some(ingest.raw_key);
+                let channel = match self.check_channel(principal, Scope::Ingest, &ingest.channel) {
+                    Ok(channel) => channel,
+                    Err(refusal) => {
+                        return self.send(peer, protocol::refusal(&refusal.with_id(key)));
+                    }
+                };
+                let expected_org = channel.org().unwrap_or(&principal.org);
                 if ingest.decision.org_id != expected_org {
                     self.counters.add(Counter::DecisionsRejected, 1);
                     let message = format!("data.orgId must be {expected_org:?}, the channel's org");
-                    let frame =
-                        protocol::error("invalid_decision", &message, Some(&key_json), None);
+                    let frame = protocol::error("invalid_decision", &message, key, None);
                     return self.send(peer, frame);
                 }
                 let owner = self.owner_of(&ingest.channel);
@@ -466,12 +463,13 @@ impl Shard {
         }
     }
 
-    fn check_channel(
+    /// Parse `name` and check that `principal` may use it for `scope`.
+    fn check_channel<'a>(
         &self,
         principal: &Principal,
         scope: Scope,
-        name: &str,
-    ) -> Result<(), Refusal> {
+        name: &'a str,
+    ) -> Result<Channel<'a>, Refusal> {
         let channel =
             Channel::parse(name, &self.config.channels.categories).map_err(|e| Refusal {
                 code: "invalid_channel",
@@ -479,7 +477,7 @@ impl Shard {
                 id: None,
             })?;
         if principal.may(scope, &channel) {
-            Ok(())
+            Ok(channel)
         } else {
             Err(Refusal {
                 code: "forbidden",
@@ -498,7 +496,10 @@ impl Shard {
     ) {
         let mut accepted = Vec::with_capacity(names.len());
         for name in names {
-            match self.check_channel(principal, Scope::Subscribe, &name) {
+            let allowed = self
+                .check_channel(principal, Scope::Subscribe, &name)
+                .map(drop);
+            match allowed {
                 Ok(()) => accepted.push(name),
                 Err(refusal) => {
                     let frame = protocol::error(refusal.code, &refusal.message, id, Some(&name));
@@ -835,12 +836,6 @@ fn scope_verb(scope: Scope) -> &'static str {
     }
 }
 
-fn json_string(s: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(s.len() + 2);
-    crate::json::push_str(&mut out, s);
-    out
-}
-
 /// The shard that owns `channel` among `nshards`: a fixed hash of its `type:id` prefix, so all
 /// of an org's channels (and its idempotency keys) live on one shard.
 pub fn owner_of(channel: &str, nshards: usize) -> usize {
@@ -851,14 +846,6 @@ pub fn owner_of(channel: &str, nshards: usize) -> usize {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     Channel::owner_key(channel).hash(&mut hasher);
     (hasher.finish() % nshards as u64) as usize
-}
-
-impl Refusal {
-    /// Attach a raw request id.
-    pub fn with_raw_id(mut self, id: Option<&[u8]>) -> Self {
-        self.id = id.map(<[u8]>::to_vec);
-        self
-    }
 }
 
 #[cfg(test)]
