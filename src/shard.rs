@@ -420,12 +420,16 @@ impl Shard {
                     conn: peer.id,
                     id: id.map(Box::from),
                 };
-                let owner = self.owner_of(&channel);
+                let (owner, t0) = (self.owner_of(&channel), Instant::now());
+                if owner == self.id {
+                    // Owned here: no need to copy the message into a mesh message.
+                    return self.publish_as_owner(&channel, data, &origin, t0);
+                }
                 let msg = MeshMsg::Publish {
                     channel: channel.into(),
                     data: data.to_vec(),
                     origin,
-                    t0: Instant::now(),
+                    t0,
                 };
                 self.route(owner, msg);
             }
@@ -444,18 +448,30 @@ impl Shard {
                     let frame = protocol::error("invalid_decision", &message, key, None);
                     return self.send(peer, frame);
                 }
-                let owner = self.owner_of(&ingest.channel);
+                let origin = Origin {
+                    shard: self.id,
+                    conn: peer.id,
+                    id: None,
+                };
+                let (owner, t0) = (self.owner_of(&ingest.channel), Instant::now());
+                let org = &ingest.decision.org_id;
+                if owner == self.id {
+                    return self.ingest(
+                        &ingest.channel,
+                        org,
+                        &ingest.key,
+                        ingest.data,
+                        &origin,
+                        t0,
+                    );
+                }
                 let msg = MeshMsg::Ingest {
-                    channel: ingest.channel.into(),
-                    org: ingest.decision.org_id.into(),
-                    key: ingest.key.into(),
+                    channel: ingest.channel.as_str().into(),
+                    org: org.as_str().into(),
+                    key: ingest.key.as_str().into(),
                     data: ingest.data.to_vec(),
-                    origin: Origin {
-                        shard: self.id,
-                        conn: peer.id,
-                        id: None,
-                    },
-                    t0: Instant::now(),
+                    origin,
+                    t0,
                 };
                 self.route(owner, msg);
             }
@@ -605,6 +621,14 @@ impl Shard {
         seq
     }
 
+    /// Number and fan out a PUBLISH on a channel this shard owns; ACK it if it had an id.
+    fn publish_as_owner(&self, channel: &str, data: &[u8], origin: &Origin, t0: Instant) {
+        let seq = self.fan_out(channel, Kind::Message, data, t0);
+        if let Some(id) = &origin.id {
+            self.reply(origin, protocol::publish_ack(id, seq));
+        }
+    }
+
     /// Hand one frame to every local subscriber of `channel`.
     fn deliver_local(&self, channel: &str, frame: Frame, t0: Instant) {
         let subs = self.subs.borrow();
@@ -674,12 +698,7 @@ impl Shard {
                 data,
                 origin,
                 t0,
-            } => {
-                let seq = self.fan_out(&channel, Kind::Message, &data, t0);
-                if let Some(id) = &origin.id {
-                    self.reply(&origin, protocol::publish_ack(id, seq));
-                }
-            }
+            } => self.publish_as_owner(&channel, &data, &origin, t0),
             MeshMsg::Ingest {
                 channel,
                 org,
