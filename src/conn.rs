@@ -3,23 +3,20 @@
 //! A connection is a single hand-written state machine polled by one task: it reads into the
 //! shard's scratch buffer (only inside a poll, so no connection holds a read buffer while it
 //! waits), decodes and handles what arrived, and writes everything queued for it with one
-//! `writev`. glommio keeps one waker per direction on a stream; one task polling both
-//! directions keeps both wakers its own.
+//! `send`. The socket's readiness comes from the shard's [`Poller`]: the shard's readiness
+//! task records it in the peer's `readiness` bits and wakes the task (see [`on_ready`]).
 
 use std::io;
-use std::os::fd::AsRawFd;
-use std::pin::Pin;
+use std::os::fd::OwnedFd;
 use std::rc::Rc;
 use std::task::{Context, Poll};
-
-use futures_lite::{AsyncRead, AsyncWrite};
-use glommio::net::TcpStream;
 
 use crate::auth::Principal;
 use crate::codec::{self, Decoder, Event};
 use crate::config::RefuseWith;
 use crate::http;
 use crate::metrics::Counter;
+use crate::poller::{self, Poller, Watched};
 use crate::protocol;
 use crate::queue::Bounds;
 use crate::rate::TokenBucket;
@@ -49,17 +46,54 @@ enum Mode {
     Refused,
 }
 
-/// Serve one accepted connection until it closes.
+/// `Peer::readiness` bits.
+mod ready {
+    /// The socket may have bytes to read (cleared when a read comes back short).
+    pub const READABLE: u8 = 1;
+    /// The poller dropped the read watch: the connection must watch again.
+    pub const REWATCH: u8 = 2;
+    /// A writability watch is armed.
+    pub const WRITE_WATCHED: u8 = 4;
+}
+
+/// Record what the shard's poller reported for `peer`'s socket and wake its task.
+pub fn on_ready(peer: &Peer, event: poller::Event) {
+    let bits = peer.readiness.get();
+    let bits = if event.writable {
+        bits & !ready::WRITE_WATCHED
+    } else if event.ended {
+        bits | ready::READABLE | ready::REWATCH
+    } else {
+        bits | ready::READABLE
+    };
+    peer.readiness.set(bits);
+    peer.wake();
+}
+
+/// Serve one accepted connection (a non-blocking socket) until it closes.
 ///
 /// Returns the connection's state machine as the task's whole future. (An `async fn` would
 /// also keep its arguments next to the state built from them: 128 B more per connection.)
-pub fn serve(shard: Rc<Shard>, stream: TcpStream) -> impl std::future::Future<Output = ()> {
+pub fn serve(
+    shard: Rc<Shard>,
+    poller: Rc<Poller>,
+    fd: OwnedFd,
+) -> io::Result<impl std::future::Future<Output = ()>> {
+    let _ = socket2::SockRef::from(&fd).set_tcp_nodelay(true);
     let peer = shard.add_conn();
-    let _ = stream.set_nodelay(true);
+    let socket = match Watched::new(fd, poller, peer.id) {
+        Ok(socket) => socket,
+        Err(e) => {
+            shard.remove_conn(&peer);
+            return Err(e);
+        }
+    };
+    // Read at once: the request may already be waiting.
+    peer.readiness.set(ready::READABLE);
     let mut conn = Conn {
         shard,
         peer,
-        stream,
+        socket,
         decoder: Decoder::default(),
         mode: Mode::Http(Vec::new()),
         bad_messages: 0,
@@ -70,13 +104,13 @@ pub fn serve(shard: Rc<Shard>, stream: TcpStream) -> impl std::future::Future<Ou
         close_received: false,
         eof: false,
     };
-    std::future::poll_fn(move |cx| conn.poll(cx))
+    Ok(std::future::poll_fn(move |cx| conn.poll(cx)))
 }
 
 struct Conn {
     shard: Rc<Shard>,
     peer: Rc<Peer>,
-    stream: TcpStream,
+    socket: Watched,
     decoder: Decoder,
     mode: Mode,
     bad_messages: u32,
@@ -99,6 +133,13 @@ enum Step {
 impl Conn {
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         self.peer.set_waker(cx.waker());
+        if self.peer.readiness.get() & ready::REWATCH != 0 {
+            self.clear(ready::REWATCH);
+            let socket = &self.socket;
+            if socket.poller().watch(socket.fd(), self.peer.id).is_err() {
+                return Poll::Ready(());
+            }
+        }
         for _ in 0..READ_BUDGET {
             if self.peer.abort.get() {
                 return Poll::Ready(());
@@ -106,7 +147,7 @@ impl Conn {
             if let Some((code, reason, discard)) = self.peer.take_close_request() {
                 self.start_close(code, reason, discard);
             }
-            if self.flush(cx).is_err() {
+            if self.flush().is_err() {
                 return Poll::Ready(());
             }
             if self.finished() {
@@ -140,29 +181,54 @@ impl Conn {
             self.shard.wait_uncongested(cx.waker());
             return Step::Pending;
         }
+        if self.peer.readiness.get() & ready::READABLE == 0 {
+            return Step::Pending;
+        }
         let shard = self.shard.clone();
         let mut scratch = shard.scratch.borrow_mut();
-        match Pin::new(&mut self.stream).poll_read(cx, &mut scratch[..]) {
-            Poll::Ready(Ok(0)) => {
-                self.eof = true;
-                Step::Progress
-            }
-            Poll::Ready(Ok(n)) => {
-                self.peer.last_heard.set(shard.now_ms());
-                self.on_bytes(&mut scratch[..n]);
-                Step::Progress
-            }
-            Poll::Ready(Err(_)) => Step::Done,
-            Poll::Pending => Step::Pending,
+        // SAFETY: `scratch` is a live buffer of `scratch.len()` bytes.
+        let n = unsafe {
+            libc::recv(
+                self.socket.fd(),
+                scratch.as_mut_ptr().cast(),
+                scratch.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            return match io::Error::last_os_error().kind() {
+                io::ErrorKind::WouldBlock => {
+                    self.clear(ready::READABLE);
+                    Step::Pending
+                }
+                io::ErrorKind::Interrupted => Step::Progress,
+                _ => Step::Done,
+            };
         }
+        let n = n as usize;
+        if n == 0 {
+            self.eof = true;
+            return Step::Progress;
+        }
+        // A short read emptied the socket; the poller reports the next arrival.
+        if n < scratch.len() {
+            self.clear(ready::READABLE);
+        }
+        self.peer.last_heard.set(shard.now_ms());
+        self.on_bytes(&mut scratch[..n]);
+        Step::Progress
+    }
+
+    fn clear(&self, bits: u8) {
+        self.peer.readiness.set(self.peer.readiness.get() & !bits);
     }
 
     /// Write queued frames. They are gathered into the shard's write buffer (whole frames, up
     /// to `WRITE_CHUNK`) and sent with one `send`. Against `writev` of the same frames,
     /// interleaved runs of fanout -n 1000 -w 64 showed the same spread of server CPU per
     /// delivery; the single buffer is simpler and needs no iovec bookkeeping.
-    fn flush(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
-        let fd = self.stream.as_raw_fd();
+    fn flush(&mut self) -> io::Result<()> {
+        let fd = self.socket.fd();
         let shard = self.shard.clone();
         let mut buf = shard.write_buf.borrow_mut();
         loop {
@@ -178,8 +244,7 @@ impl Conn {
                 buf.clear();
                 out.gather(&mut buf, WRITE_CHUNK);
             }
-            // Sockets accepted through glommio's accept are in blocking mode (glommio passes
-            // MSG_DONTWAIT per call instead): without it one slow consumer would stall the shard.
+            // MSG_DONTWAIT whatever the socket's mode: one blocked send would stall the shard.
             let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
             // SAFETY: `buf` is a live, initialised buffer of `buf.len()` bytes.
             let sent = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), flags) };
@@ -190,14 +255,13 @@ impl Conn {
                 let err = io::Error::last_os_error();
                 match err.kind() {
                     io::ErrorKind::Interrupted => continue,
-                    // glommio registers for writability only inside `poll_write`, which first
-                    // tries one more send of its own.
                     io::ErrorKind::WouldBlock => {
-                        match Pin::new(&mut self.stream).poll_write(cx, &buf) {
-                            Poll::Ready(Ok(n)) => n,
-                            Poll::Ready(Err(e)) => return Err(e),
-                            Poll::Pending => return Ok(()),
+                        let bits = self.peer.readiness.get();
+                        if bits & ready::WRITE_WATCHED == 0 {
+                            self.socket.poller().watch_writable(fd, self.peer.id)?;
+                            self.peer.readiness.set(bits | ready::WRITE_WATCHED);
                         }
+                        return Ok(());
                     }
                     _ => return Err(err),
                 }
@@ -575,8 +639,7 @@ mod tests {
     fn connection_state_stays_small() {
         let conn = std::mem::size_of::<Conn>();
         let peer = std::mem::size_of::<Peer>();
-        let stream = std::mem::size_of::<TcpStream>();
-        println!("Conn {conn} B (TcpStream {stream} B), Peer {peer} B");
+        println!("Conn {conn} B, Peer {peer} B");
         assert!(conn <= 256, "Conn is {conn} bytes");
         assert!(peer <= 256, "Peer is {peer} bytes");
     }

@@ -14,6 +14,7 @@
 //! - [`shard`]: one shard's state and routing: subscriptions, owned channels, mesh messages.
 //! - [`mesh`]: the tasks moving message batches between shards (and why they cannot deadlock).
 //! - [`conn`]: one connection's state machine: read, handle, write.
+//! - [`poller`]: socket readiness from the shard's own io_uring (no per-socket heap).
 //! - [`metrics`]: per-shard counters and the `/health` and `/metrics` bodies.
 //! - [`server`]: start-up (fd limit, CPUs, listeners, executors) and graceful shutdown.
 //! - [`config`]: the TOML file and its `SHARDCAST_…` overrides.
@@ -27,6 +28,7 @@ pub mod http;
 pub mod json;
 pub mod mesh;
 pub mod metrics;
+pub mod poller;
 pub mod protocol;
 pub mod queue;
 pub mod rate;

@@ -8,19 +8,21 @@
 //! dropped), sends `SYSTEM restart` to every client, lets the queues drain, closes with 1001,
 //! and returns once its connections are gone or `drain_timeout_ms` has passed.
 
+use std::cell::Cell;
 use std::net::SocketAddr;
-use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::Arc;
+use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use glommio::channels::channel_mesh::MeshBuilder;
-use glommio::net::TcpListener;
 use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::config::Config;
 use crate::mesh::{self, Batch};
 use crate::metrics::Global;
+use crate::poller::{self, Poller, Ring, Watched};
 use crate::shard::Shard;
 
 /// Errors that stop the server from starting.
@@ -31,6 +33,14 @@ pub enum ServerError {
     Listen {
         /// The address.
         addr: SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A shard's readiness ring could not be made.
+    #[error("cannot set up io_uring for shard {shard}: {source}")]
+    Ring {
+        /// Shard index.
+        shard: usize,
         /// The error.
         source: std::io::Error,
     },
@@ -202,14 +212,13 @@ pub fn start(mut config: Config) -> Result<Server, ServerError> {
         stops.push(stop_tx);
         let cpu = cpus[(config.cpu_offset + id) % cpus.len()];
         let (config, global, mesh) = (config.clone(), global.clone(), mesh.clone());
-        let fd = socket.into_raw_fd();
+        let per_shard = (config.max_connections / nshards + 1).min(u32::MAX as usize) as u32;
+        let ring =
+            Ring::new(per_shard).map_err(|source| ServerError::Ring { shard: id, source })?;
+        let listener = OwnedFd::from(socket);
         let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard-{id}"))
-            .spawn(move || async move {
-                // SAFETY: `fd` is a listening socket whose ownership moved into this closure.
-                let listener = unsafe { TcpListener::from_raw_fd(fd) };
-                run_shard(id, nshards, config, global, (listener, fd), mesh, stop_rx).await;
-            })
+            .spawn(move || run_shard(id, nshards, config, global, (listener, ring), mesh, stop_rx))
             .map_err(|e| ServerError::Executor {
                 shard: id,
                 message: e.to_string(),
@@ -230,12 +239,13 @@ async fn run_shard(
     nshards: usize,
     config: Arc<Config>,
     global: Arc<Global>,
-    (listener, listener_fd): (TcpListener, RawFd),
+    (listener, ring): (OwnedFd, Ring),
     mesh: Option<MeshBuilder<Batch, glommio::channels::channel_mesh::Full>>,
     stop: flume::Receiver<()>,
 ) {
     let drain = Duration::from_millis(config.shutdown.drain_timeout_ms);
     let shard = Rc::new(Shard::new(id, nshards, config, global));
+    let poller = Rc::new(Poller::new(ring));
     if let Some(mesh) = mesh {
         match mesh.join().await {
             Ok((senders, receivers)) => mesh::spawn(&shard, senders, receivers),
@@ -246,7 +256,9 @@ async fn run_shard(
         }
     }
     let timers = glommio::spawn_local(timers(shard.clone()));
-    let accepting = accept_loop(shard.clone(), listener, listener_fd);
+    let accepts = Rc::new(Accepts::default());
+    let readiness = glommio::spawn_local(readiness(shard.clone(), poller.clone(), accepts.clone()));
+    let accepting = accept_loop(shard.clone(), poller, listener, accepts);
     futures_lite::future::or(accepting, async {
         let _ = stop.recv_async().await;
     })
@@ -271,46 +283,104 @@ async fn run_shard(
     }
     shard.publish_counters();
     drop(timers);
+    drop(readiness);
 }
 
-/// `fd` is `listener`'s descriptor (glommio's listener does not expose it).
-async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, fd: RawFd) {
+/// Token of the listener in the shard's poller (connections use their ids).
+const LISTENER: u64 = poller::MAX_TOKEN;
+
+/// What the readiness task tells the accept loop.
+#[derive(Default)]
+struct Accepts {
+    /// Connections may be waiting.
+    pending: Cell<bool>,
+    /// The poller dropped the listener's watch.
+    rewatch: Cell<bool>,
+    waker: Cell<Option<Waker>>,
+}
+
+/// Hand the poller's events to the connections (and the accept loop) they are for.
+async fn readiness(shard: Rc<Shard>, poller: Rc<Poller>, accepts: Rc<Accepts>) {
     loop {
-        // Fast path: accept4 straight away while connections are waiting, with the new socket
-        // non-blocking from the start. glommio's accept costs three extra fcntl calls per
-        // connection (it toggles the listener's mode around each try) and returns a socket in
-        // blocking mode; its io_uring accept is kept for waiting when nothing is pending.
+        poller.drain(|event| {
+            if event.token == LISTENER {
+                accepts.pending.set(true);
+                accepts.rewatch.set(accepts.rewatch.get() || event.ended);
+                if let Some(waker) = accepts.waker.take() {
+                    waker.wake();
+                }
+            } else if let Some(peer) = shard.peer(event.token) {
+                crate::conn::on_ready(&peer, event);
+            }
+        });
+        if let Err(e) = poller.wait().await {
+            tracing::error!(shard = shard.id, "waiting for socket readiness failed: {e}");
+            glommio::timer::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Accept connections until the future is dropped (which stops watching the listener and
+/// closes it).
+async fn accept_loop(
+    shard: Rc<Shard>,
+    poller: Rc<Poller>,
+    listener: OwnedFd,
+    accepts: Rc<Accepts>,
+) {
+    let listener = match Watched::new(listener, poller.clone(), LISTENER) {
+        Ok(listener) => listener,
+        Err(e) => {
+            tracing::error!(shard = shard.id, "cannot watch the listener: {e}");
+            return std::future::pending().await;
+        }
+    };
+    loop {
         // SAFETY: accept4 on our listening socket, with no address buffer.
         let accepted = unsafe {
             libc::accept4(
-                fd,
+                listener.fd(),
                 std::ptr::null_mut(),
                 std::ptr::null_mut(),
                 libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
             )
         };
-        let stream = if accepted >= 0 {
+        let error = if accepted >= 0 {
             // SAFETY: a freshly accepted socket that nothing else owns.
-            Ok(unsafe { glommio::net::TcpStream::from_raw_fd(accepted) })
+            let fd = unsafe { OwnedFd::from_raw_fd(accepted) };
+            match crate::conn::serve(shard.clone(), poller.clone(), fd) {
+                Ok(conn) => {
+                    glommio::spawn_local(conn).detach();
+                    continue;
+                }
+                Err(e) => e,
+            }
         } else {
             match std::io::Error::last_os_error() {
                 e if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    listener.accept().await.map_err(Into::into)
+                    if accepts.rewatch.take() {
+                        if let Err(e) = poller.watch(listener.fd(), LISTENER) {
+                            tracing::error!(shard = shard.id, "cannot watch the listener: {e}");
+                        }
+                    }
+                    std::future::poll_fn(|cx| {
+                        if accepts.pending.take() {
+                            Poll::Ready(())
+                        } else {
+                            accepts.waker.set(Some(cx.waker().clone()));
+                            Poll::Pending
+                        }
+                    })
+                    .await;
+                    continue;
                 }
                 e if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                e => Err(e),
+                e => e,
             }
         };
-        match stream {
-            Ok(stream) => {
-                glommio::spawn_local(crate::conn::serve(shard.clone(), stream)).detach();
-            }
-            Err(e) => {
-                // Out of descriptors (or a transient error): back off instead of spinning.
-                tracing::warn!(shard = shard.id, "accept failed: {e}");
-                glommio::timer::sleep(Duration::from_millis(20)).await;
-            }
-        }
+        // Out of descriptors (or a transient error): back off instead of spinning.
+        tracing::warn!(shard = shard.id, "accept failed: {error}");
+        glommio::timer::sleep(Duration::from_millis(20)).await;
     }
 }
 

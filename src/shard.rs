@@ -131,6 +131,8 @@ pub struct Peer {
     pub channels: RefCell<SmallVec<[Rc<str>; 2]>>,
     /// Frames dropped from this connection's queue.
     pub dropped: Cell<u64>,
+    /// Socket readiness bits, kept by the connection's I/O (see `conn::on_ready`).
+    pub readiness: Cell<u8>,
 }
 
 impl Peer {
@@ -148,6 +150,7 @@ impl Peer {
             last_ping: Cell::new(now),
             channels: RefCell::default(),
             dropped: Cell::new(0),
+            readiness: Cell::new(0),
         }
     }
 
@@ -330,6 +333,11 @@ impl Shard {
             self.unsubscribe_one(peer.id, &channel);
         }
         self.conns.borrow_mut().remove(&peer.id);
+    }
+
+    /// The connection with this id, if it is still open.
+    pub fn peer(&self, id: u64) -> Option<Rc<Peer>> {
+        self.conns.borrow().get(&id).cloned()
     }
 
     /// Number of connections (any phase) on this shard.

@@ -34,7 +34,7 @@ unsafe impl GlobalAlloc for Counting {
 static ALLOCATOR: Counting = Counting;
 
 /// Heap bytes one idle, authenticated WebSocket connection may hold on the server.
-const BUDGET: isize = 1100;
+const BUDGET: isize = 512;
 
 fn open(addr: std::net::SocketAddr) -> TcpStream {
     let mut s = TcpStream::connect(addr).unwrap();
