@@ -30,9 +30,13 @@ pub enum Counter {
     SlowConsumerCloses,
     /// Write system calls to clients (frames sent / writes = batching achieved).
     Writes,
+    /// Batches handed to other shards over the channel mesh.
+    MeshBatches,
+    /// Messages in those batches.
+    MeshMessages,
 }
 
-const COUNTERS: usize = 9;
+const COUNTERS: usize = 11;
 const AUTH_REASONS: [&str; 4] = [
     "missing_credentials",
     "invalid_key",
@@ -275,6 +279,18 @@ impl Global {
             "counter",
             "Writes to client sockets (each carries every frame queued at the time).",
             self.sum(Counter::Writes),
+        );
+        metric(
+            "shardcast_mesh_batches_total",
+            "counter",
+            "Batches handed to other shards (messages / batches = batching achieved).",
+            self.sum(Counter::MeshBatches),
+        );
+        metric(
+            "shardcast_mesh_messages_total",
+            "counter",
+            "Messages forwarded to other shards.",
+            self.sum(Counter::MeshMessages),
         );
         metric(
             "shardcast_slow_consumer_closes_total",

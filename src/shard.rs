@@ -771,6 +771,8 @@ impl Shard {
         }
         let batch = std::mem::take(&mut *msgs);
         drop(msgs);
+        self.counters.add(Counter::MeshBatches, 1);
+        self.counters.add(Counter::MeshMessages, batch.len() as u64);
         if !self.congested() {
             for w in self.congestion_waiters.borrow_mut().drain(..) {
                 w.wake();

@@ -89,6 +89,14 @@ fn every_subscriber_gets_every_publish_once_in_order() {
         let seqs = r.join().unwrap();
         assert_eq!(seqs.len(), 2);
     }
+    // Every publish crossed the mesh at least once (each channel has subscribers on both
+    // shards), and the counters show how many messages each hand-off carried.
+    let crossed = server.wait_metric("shardcast_mesh_messages_total", expected as u64);
+    let batches = server.wait_metric("shardcast_mesh_batches_total", 1);
+    assert!(
+        batches <= crossed,
+        "{batches} batches for {crossed} messages"
+    );
 }
 
 /// `data` arrives byte for byte as published, and ACK carries the seq.

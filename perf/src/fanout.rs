@@ -350,7 +350,7 @@ pub fn run(params: &Params, ingest: bool, scenario: &str) -> Result<Report, Stri
             engine.outs.text(pub_conn[p], &buf);
             sent_per_channel[channel] += 1;
         };
-        if params.rate > 0 && !ingest {
+        if params.rate > 0 {
             let target = (params.rate as f64 * elapsed.as_secs_f64()) as u64;
             while sent < target {
                 let p = next_publisher % publishers;

@@ -140,6 +140,26 @@ scopes = ["subscribe"]
         }
     }
 
+    /// Wait until the Prometheus counter `name` reaches at least `min`; returns its value.
+    pub fn wait_metric(&self, name: &str, min: u64) -> u64 {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let (_, text) = self.get("/metrics");
+            let value = text
+                .lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+                .unwrap_or(0);
+            if value >= min {
+                return value;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {name} >= {min} (at {value})"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Resident memory of the server process in KiB.
     pub fn rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
