@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run one scenario against shardcast and each reference server, server pinned to core 0 and
-# load to core 1, and print one table (plus perf/results/<scenario>-<server>.json and a plot).
+# load to core 1, and print one table (plus perf/results/<scenario>-<server>.json and a plot
+# named for the scenario and its arguments).
 #
 # Usage: perf/compare.sh SCENARIO [shardcast-bench args...]
 #   perf/compare.sh fanout -n 1000 -d 5            # as fast as a 64-message window allows
@@ -51,7 +52,9 @@ for server in $servers; do
 done
 ./target/release/shardcast-bench table "${files[@]}"
 if [ "$scenario" != connect ]; then
-  ./target/release/shardcast-bench plot "${files[@]}" -o "$out/$scenario.svg" \
+  # One plot per scenario and arguments: "fanout -n 1000 -r 100" -> fanout-n-1000-r-100.svg
+  plot="$out/$scenario$(printf -- '-%s' "$@" | tr -cs 'a-zA-Z0-9.\n' '-' | sed 's/-*$//').svg"
+  ./target/release/shardcast-bench plot "${files[@]}" -o "$plot" \
     --title "$scenario: publish → deliver latency ($*)"
-  echo "plot: $out/$scenario.svg"
+  echo "plot: $plot"
 fi
