@@ -16,6 +16,8 @@
 //! - [`conn`]: one connection's state machine: read, handle, write.
 //! - [`poller`]: socket readiness from the shard's own io_uring (no per-socket heap).
 //! - [`metrics`]: per-shard counters and the `/health` and `/metrics` bodies.
+//! - [`storage`]: durable decisions: SQLite (and soon PostgreSQL) behind a group-committing
+//!   writer thread.
 //! - [`server`]: start-up (fd limit, CPUs, listeners, executors) and graceful shutdown.
 //! - [`config`]: the TOML file and its `SHARDCAST_…` overrides.
 
@@ -34,3 +36,4 @@ pub mod queue;
 pub mod rate;
 pub mod server;
 pub mod shard;
+pub mod storage;

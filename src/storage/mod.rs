@@ -1,0 +1,354 @@
+//! Durable decisions: the stores, and the thread that group-commits to them.
+//!
+//! Shards never touch a database. A shard hands each decision to the [`Writer`] over a bounded
+//! flume channel and gets the [`Outcome`] back on a channel of its own. The writer runs on a
+//! thread of its own: it takes everything that is waiting as one batch and commits it in one
+//! transaction (group commit), so the cost of a commit is shared by every decision that arrived
+//! while the previous one ran. When the store is down, every request gets
+//! [`Outcome::Unavailable`] at once (never a false "stored"), the writer reconnects with
+//! backoff, and a full queue refuses new work instead of growing.
+//!
+//! Not wired into the shards yet (issue 4 is in progress): this layer is tested on its own,
+//! against SQLite files and the PostgreSQL server of the machine.
+
+pub mod postgres;
+pub mod sqlite;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Errors of the storage layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// The `[storage] url` is not one we know.
+    #[error(
+        "unsupported storage url {0:?}: use \"memory\", \"sqlite://PATH\" or \"postgres://…\""
+    )]
+    Url(String),
+    /// SQLite said no.
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// PostgreSQL said no (or could not be reached).
+    #[error("postgres: {0}")]
+    Postgres(#[from] ::postgres::Error),
+    /// The database answered something that cannot be.
+    #[error("inconsistent storage: {0}")]
+    Inconsistent(String),
+    /// A file or directory could not be made.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// A migration could not be applied.
+    #[error("migration {version}: {message}")]
+    Migration {
+        /// The migration's version.
+        version: u32,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// Where decisions are kept, from `[storage] url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// Nowhere: nothing survives a restart (benchmarks).
+    Memory,
+    /// An embedded SQLite database file.
+    Sqlite(PathBuf),
+    /// A PostgreSQL server (connection string as given).
+    Postgres(String),
+}
+
+impl Backend {
+    /// Parse a storage url.
+    pub fn parse(url: &str) -> Result<Self, StorageError> {
+        if url == "memory" {
+            Ok(Self::Memory)
+        } else if let Some(path) = url.strip_prefix("sqlite://") {
+            if path.is_empty() {
+                return Err(StorageError::Url(url.into()));
+            }
+            Ok(Self::Sqlite(PathBuf::from(path)))
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Self::Postgres(url.into()))
+        } else {
+            Err(StorageError::Url(url.into()))
+        }
+    }
+}
+
+/// One decision as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    /// The decision id sent to clients (`dec_…`).
+    pub id: String,
+    /// Organization.
+    pub org: String,
+    /// Channel it was ingested on.
+    pub channel: String,
+    /// The channel's sequence number for it.
+    pub seq: u64,
+    /// Schema name (`decision.v1`).
+    pub schema: String,
+    /// The client's idempotency key.
+    pub idempotency_key: String,
+    /// precheck or postcheck.
+    pub direction: String,
+    /// The outcome (allow, deny, …).
+    pub decision: String,
+    /// Tool the decision is about, when given.
+    pub tool: Option<String>,
+    /// Scope, when given.
+    pub scope: Option<String>,
+    /// Hash of the governed payload.
+    pub payload_hash: String,
+    /// How long the decision took, when given.
+    pub latency_ms: Option<f64>,
+    /// Correlation id, when given.
+    pub correlation_id: Option<String>,
+    /// Tags as a JSON array, when given.
+    pub tags: Option<String>,
+    /// The whole `data` object as fanned out (JSON).
+    pub data: String,
+    /// Server time of acceptance, Unix milliseconds.
+    pub created_ms: i64,
+}
+
+/// What became of one submitted decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Committed.
+    Stored,
+    /// The (org, idempotency key) was already stored: the original's id and seq.
+    Duplicate {
+        /// The original decision's id.
+        id: String,
+        /// The original decision's seq.
+        seq: u64,
+    },
+    /// Not stored: the store is down, failing or overloaded (the reason, for logs).
+    Unavailable(String),
+}
+
+/// The answer to one request, sent back to the shard that asked.
+#[derive(Debug)]
+pub struct Completion {
+    /// The shard's token for the request.
+    pub token: u64,
+    /// What became of it.
+    pub outcome: Outcome,
+}
+
+/// A decision to store, and where to say what became of it.
+pub struct Request {
+    /// The decision.
+    pub record: Record,
+    /// Returned in the completion.
+    pub token: u64,
+    /// The asking shard's completion channel.
+    pub reply: flume::Sender<Completion>,
+}
+
+/// What a store knows at start-up, for the shards.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Recovered {
+    /// Highest stored seq of each channel, so sequences continue after a restart.
+    pub channel_seqs: Vec<(String, u64)>,
+}
+
+/// A database the writer commits to.
+pub trait Store: Send {
+    /// Store `batch` in one transaction; one outcome per record, in order. An error means
+    /// nothing of the batch is stored.
+    fn commit(&mut self, batch: &[&Record]) -> Result<Vec<Outcome>, StorageError>;
+    /// Check the connection (called when idle, for readiness).
+    fn ping(&mut self) -> Result<(), StorageError>;
+}
+
+/// Whether the store can take writes, for `/health/ready`.
+#[derive(Debug, Default)]
+pub struct Status {
+    ready: AtomicBool,
+    reason: Mutex<String>,
+    commits: AtomicU64,
+}
+
+impl Status {
+    /// Transactions committed so far (decisions stored / commits = group commit at work).
+    pub fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
+    }
+
+    /// True while the last attempt to reach the store succeeded.
+    pub fn ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// Why the store is not ready (empty when it is).
+    pub fn reason(&self) -> String {
+        self.reason.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    fn set(&self, result: Result<(), String>) {
+        let ready = result.is_ok();
+        if let Ok(mut reason) = self.reason.lock() {
+            *reason = result.err().unwrap_or_default();
+        }
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+}
+
+/// Writer settings.
+#[derive(Debug, Clone, Copy)]
+pub struct WriterConfig {
+    /// Requests waiting at most; beyond it submissions are refused.
+    pub queue_capacity: usize,
+    /// Most records in one transaction.
+    pub max_batch: usize,
+    /// First reconnection delay; doubles up to `max_backoff`.
+    pub min_backoff: Duration,
+    /// Longest reconnection delay.
+    pub max_backoff: Duration,
+    /// How often an idle writer checks the store.
+    pub ping_interval: Duration,
+}
+
+impl Default for WriterConfig {
+    fn default() -> Self {
+        Self {
+            queue_capacity: 65_536,
+            max_batch: 4_096,
+            min_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+            ping_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Why a request was not even queued.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    /// The write queue is full (the store is slower than the ingest rate).
+    #[error("storage write queue is full")]
+    Full,
+    /// The writer has stopped.
+    #[error("storage writer has stopped")]
+    Stopped,
+}
+
+/// The shards' handle on the storage thread.
+#[derive(Clone)]
+pub struct Writer {
+    requests: flume::Sender<Request>,
+    status: Arc<Status>,
+}
+
+impl Writer {
+    /// Start the writer thread. `connect` opens the store; it is called again, with backoff,
+    /// after a failure. The thread ends when every `Writer` clone is dropped.
+    pub fn spawn<F>(config: WriterConfig, connect: F) -> std::io::Result<(Self, JoinHandle<()>)>
+    where
+        F: FnMut() -> Result<Box<dyn Store>, StorageError> + Send + 'static,
+    {
+        let (requests, inbox) = flume::bounded(config.queue_capacity.max(1));
+        let status = Arc::new(Status::default());
+        let thread_status = status.clone();
+        let handle = std::thread::Builder::new()
+            .name("storage".into())
+            .spawn(move || run(config, connect, inbox, &thread_status))?;
+        Ok((Self { requests, status }, handle))
+    }
+
+    /// Queue a decision; refused at once when the queue is full.
+    pub fn submit(&self, request: Request) -> Result<(), SubmitError> {
+        self.requests.try_send(request).map_err(|e| match e {
+            flume::TrySendError::Full(_) => SubmitError::Full,
+            flume::TrySendError::Disconnected(_) => SubmitError::Stopped,
+        })
+    }
+
+    /// Whether the store is reachable.
+    pub fn status(&self) -> &Status {
+        &self.status
+    }
+}
+
+fn run<F>(config: WriterConfig, mut connect: F, inbox: flume::Receiver<Request>, status: &Status)
+where
+    F: FnMut() -> Result<Box<dyn Store>, StorageError>,
+{
+    let mut store: Option<Box<dyn Store>> = None;
+    let mut backoff = config.min_backoff;
+    let mut next_attempt = Instant::now();
+    let mut batch: Vec<Request> = Vec::new();
+    loop {
+        // Connect (or reconnect) no more often than the backoff allows; until then requests
+        // are answered Unavailable rather than held.
+        if store.is_none() && Instant::now() >= next_attempt {
+            match connect() {
+                Ok(s) => {
+                    store = Some(s);
+                    backoff = config.min_backoff;
+                    status.set(Ok(()));
+                }
+                Err(e) => {
+                    tracing::warn!("storage unavailable, retrying in {backoff:?}: {e}");
+                    status.set(Err(e.to_string()));
+                    next_attempt = Instant::now() + backoff;
+                    backoff = (backoff * 2).min(config.max_backoff);
+                }
+            }
+        }
+        let wait = if store.is_some() {
+            config.ping_interval
+        } else {
+            next_attempt.saturating_duration_since(Instant::now())
+        };
+        let first = match inbox.recv_timeout(wait) {
+            Ok(request) => request,
+            Err(flume::RecvTimeoutError::Timeout) => {
+                if let Some(s) = store.as_mut() {
+                    if let Err(e) = s.ping() {
+                        tracing::warn!("storage connection lost: {e}");
+                        status.set(Err(e.to_string()));
+                        store = None;
+                    }
+                }
+                continue;
+            }
+            Err(flume::RecvTimeoutError::Disconnected) => return,
+        };
+        // Group commit: everything that arrived while the last commit ran goes in this one.
+        batch.push(first);
+        batch.extend(inbox.try_iter().take(config.max_batch.saturating_sub(1)));
+        let outcomes = match store.as_mut() {
+            None => Err(status.reason()),
+            Some(s) => {
+                let records: Vec<&Record> = batch.iter().map(|r| &r.record).collect();
+                s.commit(&records).map_err(|e| e.to_string())
+            }
+        };
+        match outcomes {
+            Ok(outcomes) => {
+                status.commits.fetch_add(1, Ordering::Relaxed);
+                for (request, outcome) in batch.drain(..).zip(outcomes) {
+                    let token = request.token;
+                    let _ = request.reply.send(Completion { token, outcome });
+                }
+            }
+            Err(reason) => {
+                if store.take().is_some() {
+                    tracing::warn!("storage commit failed: {reason}");
+                    status.set(Err(reason.clone()));
+                }
+                for request in batch.drain(..) {
+                    let outcome = Outcome::Unavailable(reason.clone());
+                    let token = request.token;
+                    let _ = request.reply.send(Completion { token, outcome });
+                }
+            }
+        }
+    }
+}

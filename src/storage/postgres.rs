@@ -1,0 +1,365 @@
+//! The production store: PostgreSQL through the `postgres` crate (blocking, on the writer's
+//! thread). A batch is one transaction holding one multi-row `INSERT … SELECT FROM UNNEST`,
+//! whatever its size, so a commit costs one round trip for the insert and one for the
+//! originals of any duplicates.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use postgres::{Client, NoTls};
+
+use super::{Outcome, Record, Recovered, StorageError, Store};
+
+/// Versioned migrations, applied in order; a database remembers which it has.
+const MIGRATIONS: &[(i32, &str)] = &[(
+    1,
+    include_str!("../../migrations/postgres/0001_decisions.sql"),
+)];
+
+/// Serializes migrations between servers starting against the same database.
+const MIGRATION_LOCK: i64 = 0x5348_4152_4443_4153; // "SHARDCAS"
+
+/// A PostgreSQL database of decisions.
+pub struct Postgres {
+    client: Client,
+}
+
+impl Postgres {
+    /// Connect (5 s timeout unless the url sets one) and migrate.
+    pub fn connect(url: &str) -> Result<Self, StorageError> {
+        let mut config: postgres::Config = url.parse()?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(5));
+        }
+        let client = config.connect(NoTls)?;
+        let mut db = Self { client };
+        db.migrate()?;
+        Ok(db)
+    }
+
+    /// The schema version this database is at.
+    pub fn version(&mut self) -> Result<i32, StorageError> {
+        let row = self.client.query_one(
+            "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+            &[],
+        )?;
+        Ok(row.get(0))
+    }
+
+    fn migrate(&mut self) -> Result<(), StorageError> {
+        let mut tx = self.client.transaction()?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                 version    INTEGER PRIMARY KEY,
+                 applied_ms BIGINT  NOT NULL
+             )",
+        )?;
+        let current: i32 = tx
+            .query_one(
+                "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+                &[],
+            )?
+            .get(0);
+        for &(version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+            tx.batch_execute(sql).map_err(|e| StorageError::Migration {
+                version: version as u32,
+                message: e.to_string(),
+            })?;
+            tx.execute(
+                "INSERT INTO schema_migrations (version, applied_ms) VALUES ($1, $2)",
+                &[&version, &(crate::decision::unix_ms() as i64)],
+            )?;
+            tracing::info!(version, "applied storage migration");
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// What the shards need at start-up.
+    pub fn recover(&mut self) -> Result<Recovered, StorageError> {
+        let rows = self.client.query(
+            "SELECT channel, MAX(seq) FROM decisions GROUP BY channel",
+            &[],
+        )?;
+        let channel_seqs = rows
+            .iter()
+            .map(|row| (row.get::<_, String>(0), row.get::<_, i64>(1) as u64))
+            .collect();
+        Ok(Recovered { channel_seqs })
+    }
+
+    /// The stored decision with this (org, idempotency key), if any.
+    pub fn find(&mut self, org: &str, key: &str) -> Result<Option<Record>, StorageError> {
+        let row = self.client.query_opt(
+            "SELECT id, org, channel, seq, schema, idempotency_key, direction, decision, tool,
+                    scope, payload_hash, latency_ms, correlation_id, tags::text, data::text,
+                    created_ms
+             FROM decisions WHERE org = $1 AND idempotency_key = $2",
+            &[&org, &key],
+        )?;
+        Ok(row.map(|row| Record {
+            id: row.get(0),
+            org: row.get(1),
+            channel: row.get(2),
+            seq: row.get::<_, i64>(3) as u64,
+            schema: row.get(4),
+            idempotency_key: row.get(5),
+            direction: row.get(6),
+            decision: row.get(7),
+            tool: row.get(8),
+            scope: row.get(9),
+            payload_hash: row.get(10),
+            latency_ms: row.get(11),
+            correlation_id: row.get(12),
+            tags: row.get(13),
+            data: row.get(14),
+            created_ms: row.get(15),
+        }))
+    }
+}
+
+impl Store for Postgres {
+    fn commit(&mut self, batch: &[&Record]) -> Result<Vec<Outcome>, StorageError> {
+        let column = |f: fn(&Record) -> &str| batch.iter().map(|r| f(r)).collect::<Vec<_>>();
+        let optional =
+            |f: fn(&Record) -> Option<&str>| batch.iter().map(|r| f(r)).collect::<Vec<_>>();
+        let ids = column(|r| &r.id);
+        let orgs = column(|r| &r.org);
+        let keys = column(|r| &r.idempotency_key);
+        let seqs: Vec<i64> = batch.iter().map(|r| r.seq as i64).collect();
+        let latencies: Vec<Option<f64>> = batch.iter().map(|r| r.latency_ms).collect();
+        let created: Vec<i64> = batch.iter().map(|r| r.created_ms).collect();
+        let mut tx = self.client.transaction()?;
+        let inserted: HashSet<String> = tx
+            .query(
+                "INSERT INTO decisions (id, org, channel, seq, schema, idempotency_key,
+                     direction, decision, tool, scope, payload_hash, latency_ms,
+                     correlation_id, tags, data, created_ms)
+                 SELECT id, org, channel, seq, schema, key, direction, decision, tool, scope,
+                        hash, latency, correlation, tags::jsonb, data::json, created
+                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[],
+                             $6::text[], $7::text[], $8::text[], $9::text[], $10::text[],
+                             $11::text[], $12::float8[], $13::text[], $14::text[],
+                             $15::text[], $16::int8[])
+                      AS t(id, org, channel, seq, schema, key, direction, decision, tool,
+                           scope, hash, latency, correlation, tags, data, created)
+                 ON CONFLICT (org, idempotency_key) DO NOTHING
+                 RETURNING id",
+                &[
+                    &ids,
+                    &orgs,
+                    &column(|r| &r.channel),
+                    &seqs,
+                    &column(|r| &r.schema),
+                    &keys,
+                    &column(|r| &r.direction),
+                    &column(|r| &r.decision),
+                    &optional(|r| r.tool.as_deref()),
+                    &optional(|r| r.scope.as_deref()),
+                    &column(|r| &r.payload_hash),
+                    &latencies,
+                    &optional(|r| r.correlation_id.as_deref()),
+                    &optional(|r| r.tags.as_deref()),
+                    &column(|r| &r.data),
+                    &created,
+                ],
+            )?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        // Whatever was not inserted collided with a stored (or earlier in this batch) key.
+        let mut originals = HashMap::new();
+        if inserted.len() < batch.len() {
+            let rows = tx.query(
+                "SELECT org, idempotency_key, id, seq FROM decisions
+                 WHERE (org, idempotency_key) IN (SELECT * FROM UNNEST($1::text[], $2::text[]))",
+                &[&orgs, &keys],
+            )?;
+            for row in rows {
+                let key: (String, String) = (row.get(0), row.get(1));
+                originals.insert(key, (row.get::<_, String>(2), row.get::<_, i64>(3) as u64));
+            }
+        }
+        // Each returned id stands for one inserted row: the first record that carries it.
+        let mut inserted = inserted;
+        let outcomes = batch
+            .iter()
+            .map(|r| {
+                if inserted.remove(&r.id) {
+                    return Ok(Outcome::Stored);
+                }
+                let key = (r.org.clone(), r.idempotency_key.clone());
+                match originals.get(&key) {
+                    Some((id, seq)) => Ok(Outcome::Duplicate {
+                        id: id.clone(),
+                        seq: *seq,
+                    }),
+                    None => Err(StorageError::Inconsistent(format!(
+                        "decision {} was neither stored nor found",
+                        r.id
+                    ))),
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        tx.commit()?;
+        Ok(outcomes)
+    }
+
+    fn ping(&mut self) -> Result<(), StorageError> {
+        self.client.simple_query("SELECT 1")?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::storage::sqlite::tests::record;
+
+    /// A connection string for a schema of the test's own in the test database, or `None` when
+    /// PostgreSQL is not running here (a failure under CI=true, where it must be).
+    pub(crate) fn test_database(name: &str) -> Option<String> {
+        let base = std::env::var("SHARDCAST_TEST_POSTGRES")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+        let mut admin = match Client::connect(&base, NoTls) {
+            Ok(client) => client,
+            Err(e) if std::env::var("CI").as_deref() != Ok("true") => {
+                eprintln!(
+                    "SKIPPED: PostgreSQL not reachable at {base} ({e}); start it to run {name}"
+                );
+                return None;
+            }
+            Err(e) => panic!("PostgreSQL must be reachable at {base} under CI=true: {e}"),
+        };
+        let schema = format!("shardcast_{name}_{}", std::process::id());
+        admin
+            .batch_execute(&format!(
+                "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"
+            ))
+            .expect("create test schema");
+        let separator = if base.contains('?') { '&' } else { '?' };
+        Some(format!("{base}{separator}options=-csearch_path%3D{schema}"))
+    }
+
+    #[test]
+    fn stores_and_deduplicates_by_org_and_key_across_reconnect() {
+        let Some(url) = test_database("dedup") else {
+            return;
+        };
+        let mut db = Postgres::connect(&url).unwrap();
+        assert_eq!(db.version().unwrap(), 1);
+        let a = record("acme", "k1", "org:acme:decisions", 1);
+        let again = record("acme", "k1", "org:acme:decisions", 2);
+        let other_org = record("beta", "k1", "org:beta:decisions", 1);
+        let outcomes = db.commit(&[&a, &again, &other_org]).unwrap();
+        let original = Outcome::Duplicate {
+            id: a.id.clone(),
+            seq: 1,
+        };
+        assert_eq!(
+            outcomes,
+            vec![Outcome::Stored, original.clone(), Outcome::Stored]
+        );
+        assert_eq!(db.find("acme", "k1").unwrap(), Some(a.clone()));
+        drop(db);
+
+        let mut db = Postgres::connect(&url).unwrap();
+        assert_eq!(db.version().unwrap(), 1, "migrations run once");
+        assert_eq!(db.commit(&[&again]).unwrap(), vec![original]);
+        let next = record("acme", "k2", "org:acme:decisions", 2);
+        assert_eq!(db.commit(&[&next]).unwrap(), vec![Outcome::Stored]);
+        let mut seqs = db.recover().unwrap().channel_seqs;
+        seqs.sort();
+        assert_eq!(
+            seqs,
+            vec![
+                ("org:acme:decisions".to_string(), 2),
+                ("org:beta:decisions".to_string(), 1)
+            ]
+        );
+    }
+
+    #[test]
+    fn data_keeps_its_exact_text_and_a_failed_batch_stores_nothing() {
+        let Some(url) = test_database("exact") else {
+            return;
+        };
+        let mut db = Postgres::connect(&url).unwrap();
+        let mut a = record("acme", "k1", "org:acme:decisions", 1);
+        a.data = r#"{"z":1,  "a":[1.50,"x"]}"#.into();
+        a.tool = None;
+        a.latency_ms = None;
+        let clash = record("acme", "k2", "org:acme:decisions", 1);
+        assert!(db.commit(&[&a, &clash]).is_err());
+        assert_eq!(db.find("acme", "k1").unwrap(), None);
+        assert_eq!(db.commit(&[&a]).unwrap(), vec![Outcome::Stored]);
+        assert_eq!(db.find("acme", "k1").unwrap(), Some(a));
+    }
+
+    #[test]
+    fn writer_reports_a_lost_connection_then_reconnects() {
+        use crate::storage::{Completion, Request, Writer, WriterConfig};
+        let Some(url) = test_database("lost") else {
+            return;
+        };
+        let url = format!(
+            "{url}&application_name=shardcast_lost_{}",
+            std::process::id()
+        );
+        let config = WriterConfig {
+            min_backoff: Duration::from_millis(10),
+            ping_interval: Duration::from_secs(3600),
+            ..WriterConfig::default()
+        };
+        let connect_url = url.clone();
+        let (writer, _thread) = Writer::spawn(config, move || {
+            Ok(Box::new(Postgres::connect(&connect_url)?) as Box<dyn Store>)
+        })
+        .unwrap();
+        let (reply, completions) = flume::unbounded::<Completion>();
+        let submit = |n: u64| {
+            let record = record("acme", &format!("k{n}"), "org:acme:decisions", n);
+            let reply = reply.clone();
+            writer
+                .submit(Request {
+                    record,
+                    token: n,
+                    reply,
+                })
+                .unwrap();
+            completions.recv().unwrap().outcome
+        };
+        assert_eq!(submit(1), Outcome::Stored);
+
+        // The server drops the writer's connection: the next commit fails, and says so.
+        let mut admin = Client::connect(&url, NoTls).unwrap();
+        let killed: i64 = admin
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                 WHERE application_name = current_setting('application_name')
+                   AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(killed, 1);
+        assert!(matches!(submit(2), Outcome::Unavailable(_)));
+        assert!(!writer.status().ready());
+        let mut n = 3;
+        while submit(n) != Outcome::Stored {
+            n += 1;
+        }
+        assert!(writer.status().ready());
+        assert!(admin
+            .query_opt("SELECT 1 FROM decisions WHERE idempotency_key = 'k2'", &[])
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn an_unreachable_server_is_an_error_not_a_hang() {
+        let err = Postgres::connect("postgres://postgres@127.0.0.1:1/test").err();
+        assert!(matches!(err, Some(StorageError::Postgres(_))), "{err:?}");
+    }
+}

@@ -1,0 +1,390 @@
+//! The embedded store: one SQLite file in WAL mode, migrated on open.
+//!
+//! `synchronous = FULL`: a commit returns only once the WAL is on disk, so an ACK sent after it
+//! survives a crash of the process or of the machine.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+
+use super::{Outcome, Record, Recovered, StorageError, Store};
+
+/// Versioned migrations, applied in order; a database remembers which it has.
+const MIGRATIONS: &[(u32, &str)] = &[(
+    1,
+    include_str!("../../migrations/sqlite/0001_decisions.sql"),
+)];
+
+/// A SQLite database of decisions.
+pub struct Sqlite {
+    conn: Connection,
+}
+
+impl Sqlite {
+    /// Open (creating the file and its directory if needed) and migrate.
+    pub fn open(path: &Path) -> Result<Self, StorageError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        let mut db = Self { conn };
+        db.migrate()?;
+        Ok(db)
+    }
+
+    /// The schema version this database is at.
+    pub fn version(&self) -> Result<u32, StorageError> {
+        Ok(self.conn.query_row(
+            "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+            [],
+            |row| row.get(0),
+        )?)
+    }
+
+    fn migrate(&mut self) -> Result<(), StorageError> {
+        self.conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                 version    INTEGER PRIMARY KEY,
+                 applied_ms INTEGER NOT NULL
+             )",
+        )?;
+        let current = self.version()?;
+        for &(version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+            let tx = self.conn.transaction()?;
+            tx.execute_batch(sql).map_err(|e| StorageError::Migration {
+                version,
+                message: e.to_string(),
+            })?;
+            tx.execute(
+                "INSERT INTO schema_migrations (version, applied_ms) VALUES (?1, ?2)",
+                params![version, crate::decision::unix_ms() as i64],
+            )?;
+            tx.commit()?;
+            tracing::info!(version, "applied storage migration");
+        }
+        Ok(())
+    }
+
+    /// What the shards need at start-up.
+    pub fn recover(&self) -> Result<Recovered, StorageError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT channel, MAX(seq) FROM decisions GROUP BY channel")?;
+        let channel_seqs = stmt
+            .query_map([], |row| {
+                Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)? as u64))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Recovered { channel_seqs })
+    }
+
+    /// The stored decision with this (org, idempotency key), if any.
+    pub fn find(&self, org: &str, key: &str) -> Result<Option<Record>, StorageError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT id, org, channel, seq, schema, idempotency_key, direction, decision,
+                        tool, scope, payload_hash, latency_ms, correlation_id, tags, data,
+                        created_ms
+                 FROM decisions WHERE org = ?1 AND idempotency_key = ?2",
+                params![org, key],
+                |row| {
+                    Ok(Record {
+                        id: row.get(0)?,
+                        org: row.get(1)?,
+                        channel: row.get(2)?,
+                        seq: row.get::<_, i64>(3)? as u64,
+                        schema: row.get(4)?,
+                        idempotency_key: row.get(5)?,
+                        direction: row.get(6)?,
+                        decision: row.get(7)?,
+                        tool: row.get(8)?,
+                        scope: row.get(9)?,
+                        payload_hash: row.get(10)?,
+                        latency_ms: row.get(11)?,
+                        correlation_id: row.get(12)?,
+                        tags: row.get(13)?,
+                        data: row.get(14)?,
+                        created_ms: row.get(15)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+}
+
+impl Store for Sqlite {
+    fn commit(&mut self, batch: &[&Record]) -> Result<Vec<Outcome>, StorageError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut outcomes = Vec::with_capacity(batch.len());
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO decisions (id, org, channel, seq, schema, idempotency_key,
+                     direction, decision, tool, scope, payload_hash, latency_ms,
+                     correlation_id, tags, data, created_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
+                 ON CONFLICT (org, idempotency_key) DO NOTHING",
+            )?;
+            let mut original = tx.prepare_cached(
+                "SELECT id, seq FROM decisions WHERE org = ?1 AND idempotency_key = ?2",
+            )?;
+            for r in batch {
+                let inserted = insert.execute(params![
+                    r.id,
+                    r.org,
+                    r.channel,
+                    r.seq as i64,
+                    r.schema,
+                    r.idempotency_key,
+                    r.direction,
+                    r.decision,
+                    r.tool,
+                    r.scope,
+                    r.payload_hash,
+                    r.latency_ms,
+                    r.correlation_id,
+                    r.tags,
+                    r.data,
+                    r.created_ms,
+                ])?;
+                outcomes.push(if inserted == 1 {
+                    Outcome::Stored
+                } else {
+                    let (id, seq) = original
+                        .query_row(params![r.org, r.idempotency_key], |row| {
+                            Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)? as u64))
+                        })?;
+                    Outcome::Duplicate { id, seq }
+                });
+            }
+        }
+        tx.commit()?;
+        Ok(outcomes)
+    }
+
+    fn ping(&mut self) -> Result<(), StorageError> {
+        self.conn.query_row("SELECT 1", [], |_| Ok(()))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::storage::{Completion, Request, SubmitError, Writer, WriterConfig};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    pub(crate) fn record(org: &str, key: &str, channel: &str, seq: u64) -> Record {
+        Record {
+            id: format!("dec_{org}_{key}_{seq}"),
+            org: org.into(),
+            channel: channel.into(),
+            seq,
+            schema: "decision.v1".into(),
+            idempotency_key: key.into(),
+            direction: "precheck".into(),
+            decision: "allow".into(),
+            tool: Some("search".into()),
+            scope: None,
+            payload_hash: "sha256:x".into(),
+            latency_ms: Some(1.5),
+            correlation_id: None,
+            tags: Some(r#"["a"]"#.into()),
+            data: r#"{"orgId":"acme"}"#.into(),
+            created_ms: 1_700_000_000_000,
+        }
+    }
+
+    #[test]
+    fn stores_and_deduplicates_by_org_and_key_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nested/dir/shardcast.db");
+        let mut db = Sqlite::open(&path).unwrap();
+        assert_eq!(db.version().unwrap(), 1);
+        let a = record("acme", "k1", "org:acme:decisions", 1);
+        let again = record("acme", "k1", "org:acme:decisions", 2);
+        let other_org = record("beta", "k1", "org:beta:decisions", 1);
+        let outcomes = db.commit(&[&a, &again, &other_org]).unwrap();
+        let original = Outcome::Duplicate {
+            id: a.id.clone(),
+            seq: 1,
+        };
+        assert_eq!(
+            outcomes,
+            vec![Outcome::Stored, original.clone(), Outcome::Stored]
+        );
+        assert_eq!(db.find("acme", "k1").unwrap(), Some(a.clone()));
+        drop(db);
+
+        // After a restart the database still answers with the original.
+        let mut db = Sqlite::open(&path).unwrap();
+        assert_eq!(db.version().unwrap(), 1, "migrations run once");
+        assert_eq!(db.commit(&[&again]).unwrap(), vec![original]);
+        let next = record("acme", "k2", "org:acme:decisions", 2);
+        assert_eq!(db.commit(&[&next]).unwrap(), vec![Outcome::Stored]);
+        let recovered = db.recover().unwrap();
+        let mut seqs = recovered.channel_seqs;
+        seqs.sort();
+        assert_eq!(
+            seqs,
+            vec![
+                ("org:acme:decisions".to_string(), 2),
+                ("org:beta:decisions".to_string(), 1)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_failed_batch_stores_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = Sqlite::open(&dir.path().join("db")).unwrap();
+        let a = record("acme", "k1", "org:acme:decisions", 1);
+        // Same channel and seq as `a` under another key: the batch must fail as a whole.
+        let clash = record("acme", "k2", "org:acme:decisions", 1);
+        assert!(db.commit(&[&a, &clash]).is_err());
+        assert_eq!(db.find("acme", "k1").unwrap(), None);
+    }
+
+    #[test]
+    fn writer_group_commits_and_answers_every_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        // The writer connects only once every request is queued: they must all share a commit.
+        let (gate, held) = flume::bounded::<()>(0);
+        let (writer, thread) = Writer::spawn(WriterConfig::default(), move || {
+            let _ = held.recv();
+            Ok(Box::new(Sqlite::open(&path)?) as Box<dyn Store>)
+        })
+        .unwrap();
+        let (reply, completions) = flume::unbounded::<Completion>();
+        for n in 0..1000u64 {
+            let key = format!("k{}", n % 500); // every key twice
+            let record = record("acme", &key, "org:acme:decisions", n + 1);
+            writer
+                .submit(Request {
+                    record,
+                    token: n,
+                    reply: reply.clone(),
+                })
+                .unwrap();
+        }
+        drop(gate);
+        let mut stored = 0;
+        let mut duplicates = 0;
+        for expected in 0..1000u64 {
+            let c = completions.recv().unwrap();
+            assert_eq!(c.token, expected, "completions come back in order");
+            match c.outcome {
+                Outcome::Stored => stored += 1,
+                Outcome::Duplicate { seq, .. } => {
+                    assert_eq!(seq, expected + 1 - 500);
+                    duplicates += 1;
+                }
+                Outcome::Unavailable(reason) => panic!("unavailable: {reason}"),
+            }
+        }
+        assert_eq!((stored, duplicates), (500, 500));
+        assert_eq!(
+            writer.status().commits(),
+            1,
+            "one transaction for the whole group"
+        );
+        assert!(writer.status().ready());
+        drop(writer);
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn writer_answers_unavailable_while_the_store_is_down_then_recovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let up = std::sync::Arc::new(AtomicBool::new(false));
+        let (connect_path, connect_up) = (path.clone(), up.clone());
+        let config = WriterConfig {
+            min_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(10),
+            ..WriterConfig::default()
+        };
+        let (writer, _thread) = Writer::spawn(config, move || {
+            if !connect_up.load(Ordering::Relaxed) {
+                return Err(StorageError::Io(std::io::Error::other("database is down")));
+            }
+            Ok(Box::new(Sqlite::open(&connect_path)?) as Box<dyn Store>)
+        })
+        .unwrap();
+        let (reply, completions) = flume::unbounded::<Completion>();
+        let submit = |n: u64| {
+            let record = record("acme", &format!("k{n}"), "org:acme:decisions", n);
+            writer
+                .submit(Request {
+                    record,
+                    token: n,
+                    reply: reply.clone(),
+                })
+                .unwrap();
+        };
+        submit(1);
+        let down = completions.recv().unwrap();
+        assert!(
+            matches!(&down.outcome, Outcome::Unavailable(r) if r.contains("database is down")),
+            "{down:?}"
+        );
+        assert!(!writer.status().ready());
+        assert!(writer.status().reason().contains("database is down"));
+
+        up.store(true, Ordering::Relaxed);
+        let mut n = 2;
+        loop {
+            submit(n);
+            match completions.recv().unwrap().outcome {
+                Outcome::Stored => break,
+                Outcome::Unavailable(_) => n += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(writer.status().ready());
+        assert!(Sqlite::open(&path)
+            .unwrap()
+            .find("acme", &format!("k{n}"))
+            .unwrap()
+            .is_some());
+    }
+
+    #[test]
+    fn a_full_queue_refuses_instead_of_growing() {
+        // The writer is held inside `connect` until the gate closes: nothing leaves the queue.
+        let (gate, held) = flume::bounded::<()>(0);
+        let (writer, thread) = Writer::spawn(
+            WriterConfig {
+                queue_capacity: 2,
+                ..WriterConfig::default()
+            },
+            move || {
+                let _ = held.recv();
+                Err(StorageError::Io(std::io::Error::other("slow")))
+            },
+        )
+        .unwrap();
+        let (reply, _completions) = flume::unbounded::<Completion>();
+        let results: Vec<_> = (0..3)
+            .map(|n| {
+                writer.submit(Request {
+                    record: record("acme", &format!("k{n}"), "c", n),
+                    token: n,
+                    reply: reply.clone(),
+                })
+            })
+            .collect();
+        assert_eq!(results[..2], [Ok(()), Ok(())]);
+        assert_eq!(results[2], Err(SubmitError::Full));
+        drop(gate);
+        drop(writer);
+        thread.join().unwrap();
+    }
+}
