@@ -79,6 +79,8 @@ pub struct Config {
     pub channels: Channels,
     /// Decision ingest.
     pub ingest: Ingest,
+    /// Durable decisions.
+    pub storage: Storage,
     /// Graceful shutdown.
     pub shutdown: Shutdown,
     /// Cross-shard mesh.
@@ -167,6 +169,41 @@ pub struct Ingest {
     pub dedup_max_entries: usize,
 }
 
+/// When an INGEST is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AckMode {
+    /// After the transaction holding the decision has committed.
+    Durable,
+    /// On receipt; the decision is written behind.
+    Received,
+}
+
+/// Where decisions are stored, and when they are acknowledged.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Storage {
+    /// `"sqlite://PATH"` (embedded), `"postgres://…"`, or `"memory"` (nothing durable).
+    pub url: String,
+    /// When an INGEST is acknowledged.
+    pub ack: AckMode,
+    /// Decisions waiting for the database at most; beyond it INGEST gets `storage_unavailable`.
+    pub queue_capacity: usize,
+    /// Most decisions committed in one transaction.
+    pub max_batch: usize,
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Self {
+            url: "sqlite://data/shardcast.db".into(),
+            ack: AckMode::Durable,
+            queue_capacity: 65_536,
+            max_batch: 4_096,
+        }
+    }
+}
+
 /// Graceful shutdown settings.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -236,6 +273,7 @@ impl Default for Config {
             auth: Auth::default(),
             channels: Channels::default(),
             ingest: Ingest::default(),
+            storage: Storage::default(),
             shutdown: Shutdown::default(),
             mesh: Mesh::default(),
             diagnostics: Diagnostics::default(),
@@ -371,6 +409,12 @@ impl Config {
         }
         if self.channels.categories.is_empty() {
             return invalid("channels.categories must not be empty".into());
+        }
+        if let Err(e) = crate::storage::Backend::parse(&self.storage.url) {
+            return invalid(format!("storage.url: {e}"));
+        }
+        if self.storage.queue_capacity == 0 || self.storage.max_batch == 0 {
+            return invalid("storage.queue_capacity and storage.max_batch must be positive".into());
         }
         if self.mesh.channel_capacity == 0 {
             return invalid("mesh.channel_capacity must be greater than zero".into());

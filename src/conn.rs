@@ -353,19 +353,28 @@ impl Conn {
                 self.http_reply(http::response(200, json, "", r#"{"status":"alive"}"#))
             }
             ("GET", "/health/ready") => {
-                let reply = if shard
+                let accepting = shard
                     .global
                     .ready
-                    .load(std::sync::atomic::Ordering::Relaxed)
-                {
-                    http::response(200, json, "", r#"{"status":"ready"}"#)
-                } else {
-                    http::response(
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                let storage = shard.storage_status().filter(|s| !s.ready());
+                let reply = match (accepting, storage) {
+                    (false, _) => http::response(
                         503,
                         json,
                         "",
                         r#"{"status":"not_ready","reason":"shutting_down"}"#,
-                    )
+                    ),
+                    (true, Some(status)) => {
+                        let mut body =
+                            br#"{"status":"not_ready","reason":"storage_unavailable","detail":"#
+                                .to_vec();
+                        crate::json::push_str(&mut body, &status.reason());
+                        body.push(b'}');
+                        let body = String::from_utf8_lossy(&body).into_owned();
+                        http::response(503, json, "", &body)
+                    }
+                    (true, None) => http::response(200, json, "", r#"{"status":"ready"}"#),
                 };
                 self.http_reply(reply)
             }

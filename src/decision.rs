@@ -27,6 +27,16 @@ pub struct Decision {
     pub decision: String,
     /// Hash of the governed payload.
     pub payload_hash: String,
+    /// The tool governed, when given.
+    pub tool: Option<String>,
+    /// Scope, when given.
+    pub scope: Option<String>,
+    /// Correlation id, when given.
+    pub correlation_id: Option<String>,
+    /// How long the decision took, when given.
+    pub latency_ms: Option<f64>,
+    /// Tags as a JSON array, when given.
+    pub tags: Option<String>,
 }
 
 impl Decision {
@@ -60,27 +70,42 @@ impl Decision {
             return Err(format!("data.decision must be one of {OUTCOMES:?}"));
         }
         let payload_hash = required("payloadHash")?;
-        for name in ["tool", "scope", "correlationId"] {
-            string(name)?;
-        }
-        if let Some(latency) = data.get("latencyMs") {
-            if !latency.cast_f64().is_some_and(|l| l >= 0.0) {
-                return Err("data.latencyMs must be a non-negative number".into());
+        let (tool, scope) = (string("tool")?, string("scope")?);
+        let correlation_id = string("correlationId")?;
+        let latency_ms = match data.get("latencyMs") {
+            None => None,
+            Some(latency) => match latency.cast_f64() {
+                Some(l) if l >= 0.0 => Some(l),
+                _ => return Err("data.latencyMs must be a non-negative number".into()),
+            },
+        };
+        let tags = match data.get("tags") {
+            None => None,
+            Some(tags) => {
+                let Some(list) = tags.as_array().filter(|t| t.iter().all(|t| t.is_str())) else {
+                    return Err("data.tags must be an array of strings".into());
+                };
+                let mut json = b"[".to_vec();
+                for (i, tag) in list.iter().enumerate() {
+                    if i > 0 {
+                        json.push(b',');
+                    }
+                    crate::json::push_str(&mut json, tag.as_str().unwrap_or_default());
+                }
+                json.push(b']');
+                Some(String::from_utf8(json).unwrap_or_default())
             }
-        }
-        if let Some(tags) = data.get("tags") {
-            let ok = tags
-                .as_array()
-                .is_some_and(|t| t.iter().all(|tag| tag.as_str().is_some()));
-            if !ok {
-                return Err("data.tags must be an array of strings".into());
-            }
-        }
+        };
         Ok(Decision {
             org_id,
             direction,
             decision,
             payload_hash,
+            tool,
+            scope,
+            correlation_id,
+            latency_ms,
+            tags,
         })
     }
 }
@@ -137,6 +162,20 @@ impl DecisionId {
             *byte = ALPHABET[((self.0 >> ((25 - i) * 5)) & 31) as usize];
         }
         DecisionIdText(out)
+    }
+}
+
+impl DecisionId {
+    /// Read an id back from its text (as stored).
+    pub fn parse(text: &str) -> Option<Self> {
+        const ALPHABET: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+        let digits = text.strip_prefix("dec_").filter(|d| d.len() == 26)?;
+        let mut value: u128 = 0;
+        for c in digits.bytes() {
+            let digit = ALPHABET.iter().position(|&a| a == c)?;
+            value = (value << 5) | digit as u128;
+        }
+        Some(Self(value))
     }
 }
 

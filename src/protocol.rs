@@ -58,7 +58,7 @@ pub struct Ingest<'a> {
     /// Raw JSON of `data`.
     pub data: &'a [u8],
     /// The decision's fields, checked.
-    pub decision: crate::decision::Decision,
+    pub decision: Box<crate::decision::Decision>,
 }
 
 /// A refused request: a machine-readable code, a message, and the request id if one was found.
@@ -216,7 +216,7 @@ fn parse_ingest<'a>(
         // str_field found a string member, so the raw span exists.
         raw_key: raw_key.unwrap_or(b"null"),
         data,
-        decision,
+        decision: Box::new(decision),
     }))
 }
 
@@ -369,6 +369,21 @@ pub fn ingest_ack(key: &str, decision_id: &str, dedup: bool, seq: u64) -> Vec<u8
         br#","dedup":false,"seq":"#
     });
     json::push_u64(out, seq);
+    out.push(b'}');
+    f.finish_vec()
+}
+
+/// `ERROR storage_unavailable` for an INGEST (never an ACK: the decision was not stored).
+pub fn storage_unavailable(key: &str) -> Vec<u8> {
+    let mut f = text();
+    let out = f.payload_mut();
+    out.extend_from_slice(br#"{"type":"ERROR","code":"storage_unavailable","message":"#);
+    json::push_str(
+        out,
+        "the decision store is unavailable; retry with the same idempotencyKey",
+    );
+    out.extend_from_slice(br#","id":"#);
+    json::push_str(out, key);
     out.push(b'}');
     f.finish_vec()
 }

@@ -23,7 +23,8 @@ use crate::config::Config;
 use crate::mesh::{self, Batch};
 use crate::metrics::Global;
 use crate::poller::{self, Poller, Ring, Watched};
-use crate::shard::Shard;
+use crate::shard::{Shard, StorageLink};
+use crate::storage::{self, Backend, Completion, Recovered, StorageError, Store, Writer};
 
 /// Errors that stop the server from starting.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +37,9 @@ pub enum ServerError {
         /// The error.
         source: std::io::Error,
     },
+    /// The decision store could not be opened.
+    #[error("cannot open storage: {0}")]
+    Storage(#[from] StorageError),
     /// A shard's readiness ring could not be made.
     #[error("cannot set up io_uring for shard {shard}: {source}")]
     Ring {
@@ -60,6 +64,7 @@ pub struct Server {
     global: Arc<Global>,
     stops: Vec<flume::Sender<()>>,
     shards: Vec<glommio::ExecutorJoinHandle<()>>,
+    storage: Option<(Writer, std::thread::JoinHandle<()>)>,
 }
 
 impl Server {
@@ -78,12 +83,18 @@ impl Server {
         Stopper(self.stops.clone())
     }
 
-    /// Wait for every shard to finish.
+    /// Wait for every shard to finish, then for the storage writer to commit what it holds.
     pub fn join(self) {
         for handle in self.shards {
             if let Err(e) = handle.join() {
                 tracing::error!("shard ended abnormally: {e}");
             }
+        }
+        // The shards are gone; the writer commits what is still queued (decisions written
+        // behind under ack = "received"), then ends.
+        if let Some((writer, thread)) = self.storage {
+            writer.stop();
+            let _ = thread.join();
         }
     }
 }
@@ -201,6 +212,11 @@ pub fn start(mut config: Config) -> Result<Server, ServerError> {
         sockets.push(socket);
     }
 
+    let (writer, thread, recovered) = match open_storage(&config)? {
+        Some((writer, thread, recovered)) => (Some(writer), Some(thread), recovered),
+        None => (None, None, Recovered::default()),
+    };
+    let recovered = Arc::new(recovered);
     let config = Arc::new(config);
     let global = Arc::new(Global::new(nshards));
     let mesh =
@@ -216,9 +232,24 @@ pub fn start(mut config: Config) -> Result<Server, ServerError> {
         let ring =
             Ring::new(per_shard).map_err(|source| ServerError::Ring { shard: id, source })?;
         let listener = OwnedFd::from(socket);
+        let link = writer.as_ref().map(|writer| {
+            let (completions, inbox) = flume::unbounded();
+            let durable = config.storage.ack == crate::config::AckMode::Durable;
+            let link = StorageLink {
+                writer: writer.clone(),
+                completions,
+                durable,
+            };
+            (link, inbox, recovered.clone())
+        });
+        let parts = ShardParts {
+            listener,
+            ring,
+            storage: link,
+        };
         let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard-{id}"))
-            .spawn(move || run_shard(id, nshards, config, global, (listener, ring), mesh, stop_rx))
+            .spawn(move || run_shard(id, nshards, config, global, parts, mesh, stop_rx))
             .map_err(|e| ServerError::Executor {
                 shard: id,
                 message: e.to_string(),
@@ -231,7 +262,63 @@ pub fn start(mut config: Config) -> Result<Server, ServerError> {
         global,
         stops,
         shards,
+        storage: writer.zip(thread),
     })
+}
+
+/// What a shard's executor is handed at start.
+struct ShardParts {
+    listener: OwnedFd,
+    ring: Ring,
+    /// The writer link, this shard's completions, and what the store recovered.
+    storage: Option<(StorageLink, flume::Receiver<Completion>, Arc<Recovered>)>,
+}
+
+/// Open the configured store (migrating it and reading what the shards need to continue), and
+/// start its writer thread; `None` for "memory".
+fn open_storage(
+    config: &Config,
+) -> Result<Option<(Writer, std::thread::JoinHandle<()>, Recovered)>, ServerError> {
+    type Connect = Box<dyn FnMut() -> Result<Box<dyn Store>, StorageError> + Send>;
+    let (connect, recovered): (Connect, Recovered) = match Backend::parse(&config.storage.url)? {
+        Backend::Memory => {
+            tracing::warn!(
+                "storage url is \"memory\": decisions are NOT durable, and idempotency keys \
+                 are forgotten on restart"
+            );
+            return Ok(None);
+        }
+        Backend::Sqlite(path) => {
+            let db = storage::sqlite::Sqlite::open(&path)?;
+            let recovered = db.recover()?;
+            tracing::info!("decisions stored in SQLite at {}", path.display());
+            // The writer starts with the connection already open, and reopens after failures.
+            let mut first = Some(db);
+            let connect: Connect = Box::new(move || match first.take() {
+                Some(db) => Ok(Box::new(db) as Box<dyn Store>),
+                None => Ok(Box::new(storage::sqlite::Sqlite::open(&path)?)),
+            });
+            (connect, recovered)
+        }
+        Backend::Postgres(url) => {
+            let mut db = storage::postgres::Postgres::connect(&url)?;
+            let recovered = db.recover()?;
+            tracing::info!("decisions stored in PostgreSQL");
+            let mut first = Some(db);
+            let connect: Connect = Box::new(move || match first.take() {
+                Some(db) => Ok(Box::new(db) as Box<dyn Store>),
+                None => Ok(Box::new(storage::postgres::Postgres::connect(&url)?)),
+            });
+            (connect, recovered)
+        }
+    };
+    let writer_config = storage::WriterConfig {
+        queue_capacity: config.storage.queue_capacity,
+        max_batch: config.storage.max_batch,
+        ..storage::WriterConfig::default()
+    };
+    let (writer, handle) = Writer::spawn(writer_config, connect).map_err(StorageError::Io)?;
+    Ok(Some((writer, handle, recovered)))
 }
 
 async fn run_shard(
@@ -239,12 +326,31 @@ async fn run_shard(
     nshards: usize,
     config: Arc<Config>,
     global: Arc<Global>,
-    (listener, ring): (OwnedFd, Ring),
+    parts: ShardParts,
     mesh: Option<MeshBuilder<Batch, glommio::channels::channel_mesh::Full>>,
     stop: flume::Receiver<()>,
 ) {
     let drain = Duration::from_millis(config.shutdown.drain_timeout_ms);
-    let shard = Rc::new(Shard::new(id, nshards, config, global));
+    let ShardParts {
+        listener,
+        ring,
+        storage,
+    } = parts;
+    let mut shard = Shard::new(id, nshards, config, global);
+    let completions = storage.map(|(link, inbox, recovered)| {
+        shard.attach_storage(link, &recovered.channel_seqs);
+        inbox
+    });
+    let shard = Rc::new(shard);
+    // Storage outcomes come back from the writer thread; only this task waits for them.
+    let stored = completions.map(|inbox| {
+        let shard = shard.clone();
+        glommio::spawn_local(async move {
+            while let Ok(completion) = inbox.recv_async().await {
+                shard.stored(completion);
+            }
+        })
+    });
     let poller = Rc::new(Poller::new(ring));
     if let Some(mesh) = mesh {
         match mesh.join().await {
@@ -270,7 +376,9 @@ async fn run_shard(
         .store(false, std::sync::atomic::Ordering::Relaxed);
     shard.begin_shutdown();
     let deadline = Instant::now() + drain;
-    while shard.conn_count() > 0 && Instant::now() < deadline {
+    // Connections first; then decisions still waiting for their commit, so their ACKs go out
+    // (or their clients learn they were not stored) before the shard stops.
+    while (shard.conn_count() > 0 || shard.unconfirmed_count() > 0) && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(5)).await;
     }
     let left = shard.conn_count();
@@ -284,6 +392,7 @@ async fn run_shard(
     shard.publish_counters();
     drop(timers);
     drop(readiness);
+    drop(stored);
 }
 
 /// Token of the listener in the shard's poller (connections use their ids).

@@ -7,7 +7,7 @@
 //! to every shard with subscribers; each shard then hands the same bytes to its own subscribers.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -20,10 +20,11 @@ use smallvec::SmallVec;
 use crate::auth::{Authenticator, Channel, Principal};
 use crate::codec::{self, Frame};
 use crate::config::{BackpressurePolicy, Config, Scope};
-use crate::decision::{self, DedupTable, IdGenerator, Original};
+use crate::decision::{self, Decision, DecisionId, DedupTable, IdGenerator, Original};
 use crate::metrics::{Counter, Global, ShardCounters};
 use crate::protocol::{self, Kind, Parser, Refusal, Request};
 use crate::queue::{Bounds, OutQueue, Pushed};
+use crate::storage;
 
 /// Where an answer must go: a connection on some shard, with the request id to echo.
 #[derive(Debug)]
@@ -54,8 +55,8 @@ pub enum MeshMsg {
     Ingest {
         /// Channel.
         channel: Box<str>,
-        /// Org of the decision (idempotency keys are per org).
-        org: Box<str>,
+        /// The validated decision (its org scopes the idempotency key).
+        decision: Box<Decision>,
         /// Idempotency key.
         key: Box<str>,
         /// Raw `data`.
@@ -206,6 +207,50 @@ struct Owned {
     seq: u64,
     /// Other shards with subscribers.
     interest: SmallVec<[u16; 4]>,
+    /// Messages numbered after a decision that is not committed yet, in seq order: they wait
+    /// so that subscribers see every seq in order (empty unless `ack = "durable"`).
+    held: VecDeque<Held>,
+}
+
+/// A numbered message held back until the decisions before it are committed.
+#[derive(Debug)]
+struct Held {
+    frame: Vec<u8>,
+    t0: Instant,
+    hold: Hold,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hold {
+    /// A decision waiting for storage request `token`.
+    Commit(u64),
+    /// Free to go once everything before it has gone.
+    Ready,
+    /// Not stored after all (a duplicate, or storage failed): nothing to deliver.
+    Void,
+}
+
+/// The shard's side of the storage writer.
+pub struct StorageLink {
+    /// The writer's queue.
+    pub writer: storage::Writer,
+    /// Where this shard's completions come back (read by the server's completion task).
+    pub completions: flume::Sender<storage::Completion>,
+    /// ACK only after commit (`ack = "durable"`).
+    pub durable: bool,
+}
+
+/// A decision sent to storage whose outcome this shard is waiting for.
+#[derive(Debug)]
+struct Unconfirmed {
+    channel: Box<str>,
+    org: Box<str>,
+    key: Box<str>,
+    decision_id: DecisionId,
+    seq: u64,
+    origin: Origin,
+    /// Later INGESTs of the same key, answered with the same outcome.
+    waiters: Vec<Origin>,
 }
 
 /// A SUB waiting for owners on other shards to register this shard's interest.
@@ -259,6 +304,12 @@ pub struct Shard {
     ids: RefCell<IdGenerator>,
     pending_subs: RefCell<HashMap<u64, PendingSub>>,
     next_token: Cell<u64>,
+    storage: Option<StorageLink>,
+    /// Highest stored seq of channels not yet touched since start-up.
+    stored_seqs: RefCell<HashMap<Box<str>, u64>>,
+    unconfirmed: RefCell<HashMap<u64, Unconfirmed>>,
+    /// "org\0key" of each unconfirmed decision, to its storage token.
+    unconfirmed_keys: RefCell<HashMap<Box<str>, u64>>,
     outboxes: Vec<Outbox>,
     congestion_waiters: RefCell<Vec<Waker>>,
 }
@@ -298,11 +349,33 @@ impl Shard {
             ids: RefCell::new(IdGenerator::new(id)),
             pending_subs: RefCell::default(),
             next_token: Cell::new(1),
+            storage: None,
+            stored_seqs: RefCell::default(),
+            unconfirmed: RefCell::default(),
+            unconfirmed_keys: RefCell::default(),
             outboxes: (0..nshards).map(|_| Outbox::default()).collect(),
             congestion_waiters: RefCell::default(),
             config,
             global,
         }
+    }
+
+    /// Store decisions through `link`; `seqs` are the stored channels' highest seqs, so that
+    /// their sequences continue where they were.
+    pub fn attach_storage(&mut self, link: StorageLink, seqs: &[(String, u64)]) {
+        self.storage = Some(link);
+        let mine = seqs.iter().filter(|(c, _)| self.owner_of(c) == self.id);
+        *self.stored_seqs.get_mut() = mine.map(|(c, s)| (c.as_str().into(), *s)).collect();
+    }
+
+    /// Whether the decision store is reachable (`None` when storage is "memory").
+    pub fn storage_status(&self) -> Option<&storage::Status> {
+        self.storage.as_ref().map(|link| link.writer.status())
+    }
+
+    /// Decisions sent to storage and not yet answered.
+    pub fn unconfirmed_count(&self) -> usize {
+        self.unconfirmed.borrow().len()
     }
 
     /// Milliseconds since the shard started (the clock the sweeper uses).
@@ -462,20 +535,19 @@ impl Shard {
                     id: None,
                 };
                 let (owner, t0) = (self.owner_of(&ingest.channel), Instant::now());
-                let org = &ingest.decision.org_id;
                 if owner == self.id {
                     return self.ingest(
                         &ingest.channel,
-                        org,
+                        &ingest.decision,
                         &ingest.key,
                         ingest.data,
-                        &origin,
+                        origin,
                         t0,
                     );
                 }
                 let msg = MeshMsg::Ingest {
                     channel: ingest.channel.as_str().into(),
-                    org: org.as_str().into(),
+                    decision: ingest.decision,
                     key: ingest.key.as_str().into(),
                     data: ingest.data.to_vec(),
                     origin,
@@ -606,17 +678,49 @@ impl Shard {
     // ----- the owner's side -----
 
     /// Number, frame and fan out a message on a channel this shard owns; returns its seq.
+    /// The owner's state for `channel`, made on first use (continuing a stored sequence).
+    fn owned_entry<'a>(
+        &self,
+        owned: &'a mut HashMap<Box<str>, Owned>,
+        channel: &str,
+    ) -> &'a mut Owned {
+        if !owned.contains_key(channel) {
+            let seq = self.stored_seqs.borrow_mut().remove(channel).unwrap_or(0);
+            owned.insert(
+                channel.into(),
+                Owned {
+                    seq,
+                    ..Owned::default()
+                },
+            );
+        }
+        owned.get_mut(channel).expect("inserted above")
+    }
+
+    /// Number a message on `channel` and fan it out (or hold it behind an uncommitted
+    /// decision).
     fn fan_out(&self, channel: &str, kind: Kind, data: &[u8], t0: Instant) -> u64 {
-        let (seq, remote) = {
-            let mut owned = self.owned.borrow_mut();
-            if !owned.contains_key(channel) {
-                owned.insert(channel.into(), Owned::default());
-            }
-            let state = owned.get_mut(channel).expect("inserted above");
-            state.seq += 1;
-            (state.seq, state.interest.clone())
-        };
+        let mut owned = self.owned.borrow_mut();
+        let state = self.owned_entry(&mut owned, channel);
+        state.seq += 1;
+        let seq = state.seq;
         let frame = protocol::fanout_frame(kind, channel, seq, data);
+        if state.held.is_empty() {
+            drop(owned);
+            self.emit(channel, frame, t0);
+        } else {
+            let hold = Hold::Ready;
+            state.held.push_back(Held { frame, t0, hold });
+        }
+        seq
+    }
+
+    /// Send a numbered frame to every subscriber of `channel`, here and on other shards.
+    fn emit(&self, channel: &str, frame: Vec<u8>, t0: Instant) {
+        let remote = match self.owned.borrow().get(channel) {
+            Some(state) => state.interest.clone(),
+            None => SmallVec::new(),
+        };
         for &shard in &remote {
             let msg = MeshMsg::Deliver {
                 channel: channel.into(),
@@ -626,7 +730,6 @@ impl Shard {
             self.route(usize::from(shard), msg);
         }
         self.deliver_local(channel, Rc::from(frame), t0);
-        seq
     }
 
     /// Number and fan out a PUBLISH on a channel this shard owns; ACK it if it had an id.
@@ -648,35 +751,220 @@ impl Shard {
         }
     }
 
+    /// Deduplicate, number, store (unless storage is "memory") and fan out a decision on a
+    /// channel this shard owns. Under `ack = "durable"` the ACK and the fan-out wait for the
+    /// commit (see [`Shard::stored`]); under "received" both happen at once and the decision is
+    /// written behind.
     fn ingest(
         &self,
         channel: &str,
-        org: &str,
+        decision: &Decision,
         key: &str,
         data: &[u8],
-        origin: &Origin,
+        origin: Origin,
         t0: Instant,
     ) {
+        let org = decision.org_id.as_str();
         let now = Instant::now();
         let seen = self.dedup.borrow_mut().get(org, key, now);
         if let Some(original) = seen {
             self.counters.add(Counter::DecisionsDuplicate, 1);
             let id = original.decision_id.text();
             let ack = protocol::ingest_ack(key, id.as_str(), true, original.seq);
-            return self.reply(origin, ack);
+            return self.reply(&origin, ack);
+        }
+        let pending_key = format!("{org}\0{key}").into_boxed_str();
+        if let Some(token) = self.unconfirmed_keys.borrow().get(&pending_key) {
+            // The same key is being stored right now: it gets that decision's outcome.
+            if let Some(first) = self.unconfirmed.borrow_mut().get_mut(token) {
+                first.waiters.push(origin);
+            }
+            return;
         }
         let ms = decision::unix_ms();
         let decision_id = self.ids.borrow_mut().next(ms);
         let id = decision_id.text();
         let data = decision::enrich(data, id.as_str(), &decision::rfc3339(ms));
-        // Durable storage slots in here: the decision is committed before it is fanned out
-        // and acknowledged, so a client never holds an ACK for a decision a crash can lose.
-        let seq = self.fan_out(channel, Kind::Decision, &data, t0);
-        let original = Original { decision_id, seq };
-        let ack = protocol::ingest_ack(key, id.as_str(), false, seq);
-        self.dedup.borrow_mut().insert(org, key, original, now);
-        self.counters.add(Counter::DecisionsProcessed, 1);
-        self.reply(origin, ack);
+        let Some(link) = &self.storage else {
+            let seq = self.fan_out(channel, Kind::Decision, &data, t0);
+            let original = Original { decision_id, seq };
+            self.dedup.borrow_mut().insert(org, key, original, now);
+            self.counters.add(Counter::DecisionsProcessed, 1);
+            return self.reply(&origin, protocol::ingest_ack(key, id.as_str(), false, seq));
+        };
+        // Numbered now: the stored row carries its seq.
+        let mut owned = self.owned.borrow_mut();
+        let state = self.owned_entry(&mut owned, channel);
+        state.seq += 1;
+        let seq = state.seq;
+        let frame = protocol::fanout_frame(Kind::Decision, channel, seq, &data);
+        let token = self.next_token.get();
+        self.next_token.set(token + 1);
+        let record = storage::Record {
+            id: id.as_str().into(),
+            org: org.into(),
+            channel: channel.into(),
+            seq,
+            schema: decision::SCHEMA.into(),
+            idempotency_key: key.into(),
+            direction: decision.direction.clone(),
+            decision: decision.decision.clone(),
+            tool: decision.tool.clone(),
+            scope: decision.scope.clone(),
+            payload_hash: decision.payload_hash.clone(),
+            latency_ms: decision.latency_ms,
+            correlation_id: decision.correlation_id.clone(),
+            tags: decision.tags.clone(),
+            data: String::from_utf8_lossy(&data).into_owned(),
+            created_ms: ms as i64,
+        };
+        let reply = link.completions.clone();
+        if let Err(e) = link.writer.submit(storage::Request {
+            record,
+            token,
+            reply,
+        }) {
+            // Nothing was numbered since: the seq is given back.
+            state.seq -= 1;
+            drop(owned);
+            tracing::warn!(shard = self.id, "decision refused: {e}");
+            return self.reply(&origin, protocol::storage_unavailable(key));
+        }
+        if !link.durable {
+            drop(owned);
+            self.emit(channel, frame, t0);
+            self.dedup
+                .borrow_mut()
+                .insert(org, key, Original { decision_id, seq }, now);
+            self.counters.add(Counter::DecisionsProcessed, 1);
+            return self.reply(&origin, protocol::ingest_ack(key, id.as_str(), false, seq));
+        }
+        let hold = Hold::Commit(token);
+        state.held.push_back(Held { frame, t0, hold });
+        drop(owned);
+        self.unconfirmed_keys
+            .borrow_mut()
+            .insert(pending_key, token);
+        let unconfirmed = Unconfirmed {
+            channel: channel.into(),
+            org: org.into(),
+            key: key.into(),
+            decision_id,
+            seq,
+            origin,
+            waiters: Vec::new(),
+        };
+        self.unconfirmed.borrow_mut().insert(token, unconfirmed);
+    }
+
+    /// What storage did with a decision: acknowledge and release it, or answer with the
+    /// original (a duplicate) or `storage_unavailable` (never an ACK for what is not stored).
+    pub fn stored(&self, completion: storage::Completion) {
+        let Some(u) = self.unconfirmed.borrow_mut().remove(&completion.token) else {
+            // Written behind (ack = "received"): the client already has its ACK.
+            if let storage::Outcome::Unavailable(reason) | storage::Outcome::Failed(reason) =
+                completion.outcome
+            {
+                tracing::error!(
+                    shard = self.id,
+                    "an acknowledged decision was not stored: {reason}"
+                );
+            }
+            return;
+        };
+        self.unconfirmed_keys
+            .borrow_mut()
+            .remove(format!("{}\0{}", u.org, u.key).as_str());
+        let everyone = std::iter::once(&u.origin).chain(&u.waiters);
+        // (what the held message becomes, whether its seq may be reused)
+        let (hold, unused) = match completion.outcome {
+            storage::Outcome::Stored => {
+                let original = Original {
+                    decision_id: u.decision_id,
+                    seq: u.seq,
+                };
+                self.dedup
+                    .borrow_mut()
+                    .insert(&u.org, &u.key, original, Instant::now());
+                self.counters.add(Counter::DecisionsProcessed, 1);
+                let id = u.decision_id.text();
+                for (n, to) in everyone.enumerate() {
+                    let dedup = n > 0;
+                    self.counters
+                        .add(Counter::DecisionsDuplicate, u64::from(dedup));
+                    self.reply(to, protocol::ingest_ack(&u.key, id.as_str(), dedup, u.seq));
+                }
+                (Hold::Ready, false)
+            }
+            storage::Outcome::Duplicate { id, seq } => {
+                if let Some(decision_id) = DecisionId::parse(&id) {
+                    let original = Original { decision_id, seq };
+                    self.dedup
+                        .borrow_mut()
+                        .insert(&u.org, &u.key, original, Instant::now());
+                }
+                for to in everyone {
+                    self.counters.add(Counter::DecisionsDuplicate, 1);
+                    self.reply(to, protocol::ingest_ack(&u.key, &id, true, seq));
+                }
+                // Known not inserted: its number can go to the next message.
+                (Hold::Void, true)
+            }
+            storage::Outcome::Unavailable(reason) => {
+                tracing::debug!(shard = self.id, "decision not stored: {reason}");
+                for to in everyone {
+                    self.reply(to, protocol::storage_unavailable(&u.key));
+                }
+                // Nothing was attempted: the number can go to the next message.
+                (Hold::Void, true)
+            }
+            storage::Outcome::Failed(reason) => {
+                tracing::warn!(shard = self.id, "decision not stored: {reason}");
+                for to in everyone {
+                    self.reply(to, protocol::storage_unavailable(&u.key));
+                }
+                // The commit may still have reached the disk (a connection lost before its
+                // answer): never reuse the number, or the next insert would collide.
+                (Hold::Void, false)
+            }
+        };
+        self.release(&u.channel, completion.token, hold, unused);
+    }
+
+    /// Settle the held message of storage request `token`, then send everything at the front
+    /// of the channel's held queue that may go. An `unused` number at the end of the queue is
+    /// given back so the sequence has no hole.
+    fn release(&self, channel: &str, token: u64, hold: Hold, unused: bool) {
+        let mut ready = Vec::new();
+        {
+            let mut owned = self.owned.borrow_mut();
+            let Some(state) = owned.get_mut(channel) else {
+                return;
+            };
+            if let Some(i) = state
+                .held
+                .iter()
+                .position(|h| h.hold == Hold::Commit(token))
+            {
+                state.held[i].hold = hold;
+                if unused && i + 1 == state.held.len() {
+                    state.held.pop_back();
+                    state.seq -= 1;
+                }
+            }
+            while let Some(front) = state.held.front() {
+                match front.hold {
+                    Hold::Commit(_) => break,
+                    Hold::Void => {
+                        state.held.pop_front();
+                    }
+                    Hold::Ready => ready.extend(state.held.pop_front()),
+                }
+            }
+        }
+        for held in ready {
+            self.emit(channel, held.frame, held.t0);
+        }
     }
 
     // ----- the mesh -----
@@ -709,19 +997,19 @@ impl Shard {
             } => self.publish_as_owner(&channel, &data, &origin, t0),
             MeshMsg::Ingest {
                 channel,
-                org,
+                decision,
                 key,
                 data,
                 origin,
                 t0,
-            } => self.ingest(&channel, &org, &key, &data, &origin, t0),
+            } => self.ingest(&channel, &decision, &key, &data, origin, t0),
             MeshMsg::Deliver { channel, frame, t0 } => {
                 self.deliver_local(&channel, Rc::from(frame), t0)
             }
             MeshMsg::Interest { channel, on, token } => {
                 {
                     let mut owned = self.owned.borrow_mut();
-                    let state = owned.entry(channel).or_default();
+                    let state = self.owned_entry(&mut owned, &channel);
                     let shard = from as u16;
                     let present = state.interest.iter().position(|s| *s == shard);
                     match (on, present) {

@@ -72,6 +72,8 @@ fn idle_connection_heap_stays_within_budget() {
         shards: 1,
         ..Config::default()
     };
+    // Idle connections are the subject: nothing to store.
+    config.storage.url = "memory".into();
     // A short handshake timeout makes the sweeper run every 10 ms.
     config.websocket.handshake_timeout_ms = 40;
     config.api_keys.push(ApiKey {

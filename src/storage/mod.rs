@@ -32,7 +32,7 @@ pub enum StorageError {
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
     /// PostgreSQL said no (or could not be reached).
-    #[error("postgres: {0}")]
+    #[error("postgres: {}", with_sources(.0))]
     Postgres(#[from] ::postgres::Error),
     /// The database answered something that cannot be.
     #[error("inconsistent storage: {0}")]
@@ -48,6 +48,18 @@ pub enum StorageError {
         /// What went wrong.
         message: String,
     },
+}
+
+/// An error and its causes on one line ("db error" alone says little).
+fn with_sources(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// Where decisions are kept, from `[storage] url`.
@@ -128,8 +140,11 @@ pub enum Outcome {
         /// The original decision's seq.
         seq: u64,
     },
-    /// Not stored: the store is down, failing or overloaded (the reason, for logs).
+    /// Not stored: the store was down, so nothing was attempted (the reason, for logs).
     Unavailable(String),
+    /// Not acknowledged: the commit failed. If the connection was lost during the commit
+    /// the rows may still be there, so nothing of the batch may be reused.
+    Failed(String),
 }
 
 /// The answer to one request, sent back to the shard that asked.
@@ -241,8 +256,17 @@ pub enum SubmitError {
 /// The shards' handle on the storage thread.
 #[derive(Clone)]
 pub struct Writer {
-    requests: flume::Sender<Request>,
+    requests: flume::Sender<Job>,
     status: Arc<Status>,
+}
+
+/// What the writer's queue carries.
+// Boxing the request would cost an allocation per decision for the sake of a one-off `Stop`.
+#[allow(clippy::large_enum_variant)]
+enum Job {
+    Write(Request),
+    /// Everything queued before it is done: end the thread.
+    Stop,
 }
 
 impl Writer {
@@ -263,10 +287,18 @@ impl Writer {
 
     /// Queue a decision; refused at once when the queue is full.
     pub fn submit(&self, request: Request) -> Result<(), SubmitError> {
-        self.requests.try_send(request).map_err(|e| match e {
-            flume::TrySendError::Full(_) => SubmitError::Full,
-            flume::TrySendError::Disconnected(_) => SubmitError::Stopped,
-        })
+        self.requests
+            .try_send(Job::Write(request))
+            .map_err(|e| match e {
+                flume::TrySendError::Full(_) => SubmitError::Full,
+                flume::TrySendError::Disconnected(_) => SubmitError::Stopped,
+            })
+    }
+
+    /// Let the thread finish what is queued, then end (server shutdown). Later submissions
+    /// are refused.
+    pub fn stop(&self) {
+        let _ = self.requests.send(Job::Stop);
     }
 
     /// Whether the store is reachable.
@@ -275,7 +307,7 @@ impl Writer {
     }
 }
 
-fn run<F>(config: WriterConfig, mut connect: F, inbox: flume::Receiver<Request>, status: &Status)
+fn run<F>(config: WriterConfig, mut connect: F, inbox: flume::Receiver<Job>, status: &Status)
 where
     F: FnMut() -> Result<Box<dyn Store>, StorageError>,
 {
@@ -307,7 +339,8 @@ where
             next_attempt.saturating_duration_since(Instant::now())
         };
         let first = match inbox.recv_timeout(wait) {
-            Ok(request) => request,
+            Ok(Job::Write(request)) => request,
+            Ok(Job::Stop) => return,
             Err(flume::RecvTimeoutError::Timeout) => {
                 if let Some(s) = store.as_mut() {
                     if let Err(e) = s.ping() {
@@ -322,12 +355,23 @@ where
         };
         // Group commit: everything that arrived while the last commit ran goes in this one.
         batch.push(first);
-        batch.extend(inbox.try_iter().take(config.max_batch.saturating_sub(1)));
+        let mut stop = false;
+        while batch.len() < config.max_batch {
+            match inbox.try_recv() {
+                Ok(Job::Write(request)) => batch.push(request),
+                Ok(Job::Stop) => {
+                    stop = true;
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
         let outcomes = match store.as_mut() {
-            None => Err(status.reason()),
+            None => Err(Outcome::Unavailable(status.reason())),
             Some(s) => {
                 let records: Vec<&Record> = batch.iter().map(|r| &r.record).collect();
-                s.commit(&records).map_err(|e| e.to_string())
+                s.commit(&records)
+                    .map_err(|e| Outcome::Failed(e.to_string()))
             }
         };
         match outcomes {
@@ -338,17 +382,21 @@ where
                     let _ = request.reply.send(Completion { token, outcome });
                 }
             }
-            Err(reason) => {
-                if store.take().is_some() {
+            Err(outcome) => {
+                if let Outcome::Failed(reason) = &outcome {
                     tracing::warn!("storage commit failed: {reason}");
                     status.set(Err(reason.clone()));
+                    store = None;
                 }
                 for request in batch.drain(..) {
-                    let outcome = Outcome::Unavailable(reason.clone());
+                    let outcome = outcome.clone();
                     let token = request.token;
                     let _ = request.reply.send(Completion { token, outcome });
                 }
             }
+        }
+        if stop {
+            return;
         }
     }
 }

@@ -344,7 +344,7 @@ pub(crate) mod tests {
             .unwrap()
             .get(0);
         assert_eq!(killed, 1);
-        assert!(matches!(submit(2), Outcome::Unavailable(_)));
+        assert!(matches!(submit(2), Outcome::Failed(_)));
         assert!(!writer.status().ready());
         let mut n = 3;
         while submit(n) != Outcome::Stored {

@@ -286,7 +286,7 @@ pub(crate) mod tests {
                     assert_eq!(seq, expected + 1 - 500);
                     duplicates += 1;
                 }
-                Outcome::Unavailable(reason) => panic!("unavailable: {reason}"),
+                Outcome::Unavailable(reason) | Outcome::Failed(reason) => panic!("{reason}"),
             }
         }
         assert_eq!((stored, duplicates), (500, 500));

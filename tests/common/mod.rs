@@ -25,7 +25,7 @@ pub const JWT_SECRET: &str = "test-jwt-secret";
 pub struct Server {
     pub child: Child,
     pub addr: SocketAddr,
-    _dir: tempfile::TempDir,
+    dir: Option<tempfile::TempDir>,
 }
 
 impl Server {
@@ -34,15 +34,23 @@ impl Server {
         Self::start_with(2, extra)
     }
 
-    /// Start a server with `shards` shards.
+    /// Start a server with `shards` shards. Unless `extra` has a `[storage]` section, decisions
+    /// go to a SQLite file in the server's temporary directory (the default backend).
     pub fn start_with(shards: usize, extra: &str) -> Server {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("shardcast.toml");
+        let storage = if extra.contains("[storage]") {
+            String::new()
+        } else {
+            let db = dir.path().join("decisions.db");
+            format!("[storage]\nurl = \"sqlite://{}\"\n", db.display())
+        };
         let config = format!(
             r#"
 listen = "127.0.0.1:0"
 shards = {shards}
 {extra}
+{storage}
 
 [[api_keys]]
 id = "admin"
@@ -64,6 +72,20 @@ scopes = ["subscribe"]
 "#
         );
         std::fs::write(&path, config).expect("write config");
+        Self::spawn(dir)
+    }
+
+    /// Kill the server with SIGKILL (nothing flushed, nothing said to clients) and start it
+    /// again from the same configuration and data directory.
+    pub fn kill_and_restart(mut self) -> Server {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let dir = self.dir.take().expect("a running server has its directory");
+        Self::spawn(dir)
+    }
+
+    fn spawn(dir: tempfile::TempDir) -> Server {
+        let path = dir.path().join("shardcast.toml");
         let mut child = Command::new(env!("CARGO_BIN_EXE_shardcast"))
             .arg("--config")
             .arg(&path)
@@ -88,7 +110,7 @@ scopes = ["subscribe"]
         Server {
             child,
             addr,
-            _dir: dir,
+            dir: Some(dir),
         }
     }
 
@@ -156,6 +178,19 @@ scopes = ["subscribe"]
                 Instant::now() < deadline,
                 "timed out waiting for {name} >= {min} (at {value})"
             );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Wait until `/health/ready` answers 200.
+    pub fn wait_ready(&self) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let (status, body) = self.get("/health/ready");
+            if status == 200 {
+                return;
+            }
+            assert!(Instant::now() < deadline, "not ready: {status} {body}");
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -389,5 +424,20 @@ impl Window {
             self.state.lock().unwrap().1[i] = n;
             self.changed.notify_all();
         }
+    }
+}
+
+/// The PostgreSQL server tests use, or `None` (with a loud note) when it is not running here;
+/// under CI=true it must be.
+pub fn postgres_admin(test: &str) -> Option<postgres::Client> {
+    let url = std::env::var("SHARDCAST_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    match postgres::Client::connect(&url, postgres::NoTls) {
+        Ok(client) => Some(client),
+        Err(e) if std::env::var("CI").as_deref() != Ok("true") => {
+            eprintln!("SKIPPED {test}: PostgreSQL not reachable at {url} ({e})");
+            None
+        }
+        Err(e) => panic!("PostgreSQL must be reachable at {url} under CI=true: {e}"),
     }
 }
