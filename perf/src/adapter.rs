@@ -22,6 +22,8 @@ pub enum Incoming<'a> {
     Delivery(&'a [u8]),
     /// An acknowledgement of a PUBLISH or INGEST.
     Ack,
+    /// A refusal (shardcast's ERROR), e.g. storage_unavailable: the request is over, unacked.
+    Refused,
     /// The connection may start its role (READY, SUBSCRIBED, or Socket.IO's namespace ack).
     Ready,
     /// The protocol needs this text sent back (Socket.IO ping).
@@ -109,6 +111,8 @@ impl Proto {
                 }
                 if text.starts_with(br#"{"type":"ACK""#) {
                     Incoming::Ack
+                } else if text.starts_with(br#"{"type":"ERROR""#) {
+                    Incoming::Refused
                 } else if text.starts_with(br#"{"type":"READY""#)
                     || text.starts_with(br#"{"type":"SUBSCRIBED""#)
                 {

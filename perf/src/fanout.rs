@@ -84,6 +84,8 @@ struct State {
     publishers: usize,
     inflight: Vec<u32>,
     acked: u64,
+    /// Requests answered with an ERROR instead of an ACK.
+    refused: u64,
     received: u64,
     duplicates: u64,
     out_of_order: u64,
@@ -140,6 +142,15 @@ impl Handler for State {
                                 let _ = self.latency.record(now.saturating_sub(sent).max(1));
                             }
                         }
+                    }
+                }
+            }
+            Incoming::Refused => {
+                if let Role::Publisher(p) = self.roles[id] {
+                    self.inflight[p] = self.inflight[p].saturating_sub(1);
+                    self.refused += 1;
+                    if self.ingest {
+                        self.pending_acks[p].pop_front();
                     }
                 }
             }
@@ -279,6 +290,7 @@ pub fn run(params: &Params, ingest: bool, scenario: &str) -> Result<Report, Stri
         publishers,
         inflight: vec![0; publishers],
         acked: 0,
+        refused: 0,
         received: 0,
         duplicates: 0,
         out_of_order: 0,
@@ -421,7 +433,8 @@ pub fn run(params: &Params, ingest: bool, scenario: &str) -> Result<Report, Stri
     };
     let drain_deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < drain_deadline
-        && ((!ingest && state.received < expected) || (ingest && state.acked < sent))
+        && ((!ingest && state.received < expected)
+            || (ingest && state.acked + state.refused < sent))
     {
         engine
             .turn(Some(Duration::from_millis(2)), &mut state)
@@ -441,6 +454,7 @@ pub fn run(params: &Params, ingest: bool, scenario: &str) -> Result<Report, Stri
     if ingest {
         report.add("acked", state.acked as f64, "acks");
         report.add("acks/s", state.acked as f64 / publish_secs, "/s");
+        report.add("refused", state.refused as f64, "msgs");
     } else {
         report.add(
             "deliveries/s",
