@@ -24,7 +24,7 @@ use crate::mesh::{self, Batch};
 use crate::metrics::Global;
 use crate::poller::{self, Poller, Ring, Watched};
 use crate::shard::{Shard, StorageLink};
-use crate::storage::{self, Backend, Completion, Recovered, StorageError, Store, Writer};
+use crate::storage::{self, Backend, Completion, Recovered, StorageError, Writer};
 
 /// Errors that stop the server from starting.
 #[derive(Debug, thiserror::Error)]
@@ -279,39 +279,27 @@ struct ShardParts {
 fn open_storage(
     config: &Config,
 ) -> Result<Option<(Writer, std::thread::JoinHandle<()>, Recovered)>, ServerError> {
-    type Connect = Box<dyn FnMut() -> Result<Box<dyn Store>, StorageError> + Send>;
-    let (connect, recovered): (Connect, Recovered) = match Backend::parse(&config.storage.url)? {
-        Backend::Memory => {
-            tracing::warn!(
-                "storage url is \"memory\": decisions are NOT durable, and idempotency keys \
-                 are forgotten on restart"
-            );
-            return Ok(None);
-        }
-        Backend::Sqlite(path) => {
-            let db = storage::sqlite::Sqlite::open(&path)?;
-            let recovered = db.recover()?;
-            tracing::info!("decisions stored in SQLite at {}", path.display());
-            // The writer starts with the connection already open, and reopens after failures.
-            let mut first = Some(db);
-            let connect: Connect = Box::new(move || match first.take() {
-                Some(db) => Ok(Box::new(db) as Box<dyn Store>),
-                None => Ok(Box::new(storage::sqlite::Sqlite::open(&path)?)),
-            });
-            (connect, recovered)
-        }
-        Backend::Postgres(url) => {
-            let mut db = storage::postgres::Postgres::connect(&url)?;
-            let recovered = db.recover()?;
-            tracing::info!("decisions stored in PostgreSQL");
-            let mut first = Some(db);
-            let connect: Connect = Box::new(move || match first.take() {
-                Some(db) => Ok(Box::new(db) as Box<dyn Store>),
-                None => Ok(Box::new(storage::postgres::Postgres::connect(&url)?)),
-            });
-            (connect, recovered)
-        }
+    let backend = Backend::parse(&config.storage.url)?;
+    let what = match &backend {
+        Backend::Memory => String::new(),
+        Backend::Sqlite(path) => format!("SQLite at {}", path.display()),
+        // Not the url: it may hold a password.
+        Backend::Postgres(_) => "PostgreSQL".into(),
     };
+    let Some(mut connect) = storage::connector(backend) else {
+        tracing::warn!(
+            "storage url is \"memory\": decisions are NOT durable, and idempotency keys are \
+             forgotten on restart"
+        );
+        return Ok(None);
+    };
+    // Opened (and migrated) here, so that a store that cannot be reached stops start-up.
+    let mut store = connect()?;
+    let recovered = store.recover()?;
+    tracing::info!("decisions stored in {what}");
+    // The writer starts with this connection, and reconnects through `connect` after failures.
+    let mut first = Some(store);
+    let connect = move || first.take().map_or_else(&mut connect, Ok);
     let writer_config = storage::WriterConfig {
         queue_capacity: config.storage.queue_capacity,
         max_batch: config.storage.max_batch,

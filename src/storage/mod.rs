@@ -180,6 +180,28 @@ pub trait Store: Send {
     fn commit(&mut self, batch: &[&Record]) -> Result<Vec<Outcome>, StorageError>;
     /// Check the connection (called when idle, for readiness).
     fn ping(&mut self) -> Result<(), StorageError>;
+    /// The schema version the database is at.
+    fn version(&mut self) -> Result<u32, StorageError>;
+    /// What the shards need at start-up.
+    fn recover(&mut self) -> Result<Recovered, StorageError>;
+    /// The stored decision with this (org, idempotency key), if any.
+    fn find(&mut self, org: &str, key: &str) -> Result<Option<Record>, StorageError>;
+}
+
+/// Opens a store; called again, with backoff, after a failure.
+pub type Connect = Box<dyn FnMut() -> Result<Box<dyn Store>, StorageError> + Send>;
+
+/// How to open `backend`; `None` for "memory", which stores nothing.
+pub fn connector(backend: Backend) -> Option<Connect> {
+    match backend {
+        Backend::Memory => None,
+        Backend::Sqlite(path) => Some(Box::new(move || {
+            Ok(Box::new(sqlite::Sqlite::open(&path)?) as Box<dyn Store>)
+        })),
+        Backend::Postgres(url) => Some(Box::new(move || {
+            Ok(Box::new(postgres::Postgres::connect(&url)?) as Box<dyn Store>)
+        })),
+    }
 }
 
 /// Whether the store can take writes, for `/health/ready`.
@@ -398,5 +420,73 @@ where
         if stop {
             return;
         }
+    }
+}
+
+/// What every store must do, checked against each backend by its own tests.
+#[cfg(test)]
+pub(crate) mod contract {
+    use super::*;
+
+    pub(crate) fn record(org: &str, key: &str, channel: &str, seq: u64) -> Record {
+        Record {
+            id: format!("dec_{org}_{key}_{seq}"),
+            org: org.into(),
+            channel: channel.into(),
+            seq,
+            schema: "decision.v1".into(),
+            idempotency_key: key.into(),
+            direction: "precheck".into(),
+            decision: "allow".into(),
+            tool: Some("search".into()),
+            scope: None,
+            payload_hash: "sha256:x".into(),
+            latency_ms: Some(1.5),
+            correlation_id: None,
+            tags: Some(r#"["a"]"#.into()),
+            data: r#"{"orgId":"acme"}"#.into(),
+            created_ms: 1_700_000_000_000,
+        }
+    }
+
+    /// Deduplication by (org, key) in a batch and across reconnects, migrations once, seqs
+    /// recovered, the exact text of `data` kept, and all-or-nothing batches.
+    pub(crate) fn check(open: &mut dyn FnMut() -> Box<dyn Store>) {
+        let mut db = open();
+        assert_eq!(db.version().unwrap(), 1);
+        let mut a = record("acme", "k1", "org:acme:decisions", 1);
+        a.data = r#"{"z":1,  "a":[1.50,"x"]}"#.into();
+        let again = record("acme", "k1", "org:acme:decisions", 2);
+        let other_org = record("beta", "k1", "org:beta:decisions", 1);
+        let outcomes = db.commit(&[&a, &again, &other_org]).unwrap();
+        let original = Outcome::Duplicate {
+            id: a.id.clone(),
+            seq: 1,
+        };
+        assert_eq!(
+            outcomes,
+            [Outcome::Stored, original.clone(), Outcome::Stored]
+        );
+        assert_eq!(db.find("acme", "k1").unwrap(), Some(a.clone()));
+        drop(db);
+
+        // Reopened, as after a restart: the database still answers with the original.
+        let mut db = open();
+        assert_eq!(db.version().unwrap(), 1, "migrations run once");
+        assert_eq!(db.commit(&[&again]).unwrap(), [original]);
+        let mut next = record("acme", "k2", "org:acme:decisions", 2);
+        (next.tool, next.latency_ms, next.tags) = (None, None, None);
+        assert_eq!(db.commit(&[&next]).unwrap(), [Outcome::Stored]);
+        assert_eq!(db.find("acme", "k2").unwrap(), Some(next));
+        let mut seqs = db.recover().unwrap().channel_seqs;
+        seqs.sort();
+        let expected = [("org:acme:decisions", 2), ("org:beta:decisions", 1)];
+        assert_eq!(seqs, expected.map(|(c, s)| (c.to_string(), s)));
+
+        // A batch that cannot be stored whole stores nothing.
+        let fine = record("acme", "k3", "org:acme:decisions", 3);
+        let clash = record("acme", "k4", "org:acme:decisions", 3);
+        assert!(db.commit(&[&fine, &clash]).is_err());
+        assert_eq!(db.find("acme", "k3").unwrap(), None);
     }
 }

@@ -37,15 +37,6 @@ impl Postgres {
         Ok(db)
     }
 
-    /// The schema version this database is at.
-    pub fn version(&mut self) -> Result<i32, StorageError> {
-        let row = self.client.query_one(
-            "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
-            &[],
-        )?;
-        Ok(row.get(0))
-    }
-
     fn migrate(&mut self) -> Result<(), StorageError> {
         let mut tx = self.client.transaction()?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
@@ -74,48 +65,6 @@ impl Postgres {
         }
         tx.commit()?;
         Ok(())
-    }
-
-    /// What the shards need at start-up.
-    pub fn recover(&mut self) -> Result<Recovered, StorageError> {
-        let rows = self.client.query(
-            "SELECT channel, MAX(seq) FROM decisions GROUP BY channel",
-            &[],
-        )?;
-        let channel_seqs = rows
-            .iter()
-            .map(|row| (row.get::<_, String>(0), row.get::<_, i64>(1) as u64))
-            .collect();
-        Ok(Recovered { channel_seqs })
-    }
-
-    /// The stored decision with this (org, idempotency key), if any.
-    pub fn find(&mut self, org: &str, key: &str) -> Result<Option<Record>, StorageError> {
-        let row = self.client.query_opt(
-            "SELECT id, org, channel, seq, schema, idempotency_key, direction, decision, tool,
-                    scope, payload_hash, latency_ms, correlation_id, tags::text, data::text,
-                    created_ms
-             FROM decisions WHERE org = $1 AND idempotency_key = $2",
-            &[&org, &key],
-        )?;
-        Ok(row.map(|row| Record {
-            id: row.get(0),
-            org: row.get(1),
-            channel: row.get(2),
-            seq: row.get::<_, i64>(3) as u64,
-            schema: row.get(4),
-            idempotency_key: row.get(5),
-            direction: row.get(6),
-            decision: row.get(7),
-            tool: row.get(8),
-            scope: row.get(9),
-            payload_hash: row.get(10),
-            latency_ms: row.get(11),
-            correlation_id: row.get(12),
-            tags: row.get(13),
-            data: row.get(14),
-            created_ms: row.get(15),
-        }))
     }
 }
 
@@ -210,16 +159,64 @@ impl Store for Postgres {
         self.client.simple_query("SELECT 1")?;
         Ok(())
     }
+
+    fn version(&mut self) -> Result<u32, StorageError> {
+        let row = self.client.query_one(
+            "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+            &[],
+        )?;
+        Ok(row.get::<_, i32>(0) as u32)
+    }
+
+    fn recover(&mut self) -> Result<Recovered, StorageError> {
+        let rows = self.client.query(
+            "SELECT channel, MAX(seq) FROM decisions GROUP BY channel",
+            &[],
+        )?;
+        let channel_seqs = rows
+            .iter()
+            .map(|row| (row.get::<_, String>(0), row.get::<_, i64>(1) as u64))
+            .collect();
+        Ok(Recovered { channel_seqs })
+    }
+
+    fn find(&mut self, org: &str, key: &str) -> Result<Option<Record>, StorageError> {
+        let row = self.client.query_opt(
+            "SELECT id, org, channel, seq, schema, idempotency_key, direction, decision, tool,
+                    scope, payload_hash, latency_ms, correlation_id, tags::text, data::text,
+                    created_ms
+             FROM decisions WHERE org = $1 AND idempotency_key = $2",
+            &[&org, &key],
+        )?;
+        Ok(row.map(|row| Record {
+            id: row.get(0),
+            org: row.get(1),
+            channel: row.get(2),
+            seq: row.get::<_, i64>(3) as u64,
+            schema: row.get(4),
+            idempotency_key: row.get(5),
+            direction: row.get(6),
+            decision: row.get(7),
+            tool: row.get(8),
+            scope: row.get(9),
+            payload_hash: row.get(10),
+            latency_ms: row.get(11),
+            correlation_id: row.get(12),
+            tags: row.get(13),
+            data: row.get(14),
+            created_ms: row.get(15),
+        }))
+    }
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-    use crate::storage::sqlite::tests::record;
+    use crate::storage::contract::{self, record};
 
     /// A connection string for a schema of the test's own in the test database, or `None` when
     /// PostgreSQL is not running here (a failure under CI=true, where it must be).
-    pub(crate) fn test_database(name: &str) -> Option<String> {
+    fn test_database(name: &str) -> Option<String> {
         let base = std::env::var("SHARDCAST_TEST_POSTGRES")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
         let mut admin = match Client::connect(&base, NoTls) {
@@ -243,58 +240,11 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn stores_and_deduplicates_by_org_and_key_across_reconnect() {
-        let Some(url) = test_database("dedup") else {
+    fn keeps_the_store_contract() {
+        let Some(url) = test_database("contract") else {
             return;
         };
-        let mut db = Postgres::connect(&url).unwrap();
-        assert_eq!(db.version().unwrap(), 1);
-        let a = record("acme", "k1", "org:acme:decisions", 1);
-        let again = record("acme", "k1", "org:acme:decisions", 2);
-        let other_org = record("beta", "k1", "org:beta:decisions", 1);
-        let outcomes = db.commit(&[&a, &again, &other_org]).unwrap();
-        let original = Outcome::Duplicate {
-            id: a.id.clone(),
-            seq: 1,
-        };
-        assert_eq!(
-            outcomes,
-            vec![Outcome::Stored, original.clone(), Outcome::Stored]
-        );
-        assert_eq!(db.find("acme", "k1").unwrap(), Some(a.clone()));
-        drop(db);
-
-        let mut db = Postgres::connect(&url).unwrap();
-        assert_eq!(db.version().unwrap(), 1, "migrations run once");
-        assert_eq!(db.commit(&[&again]).unwrap(), vec![original]);
-        let next = record("acme", "k2", "org:acme:decisions", 2);
-        assert_eq!(db.commit(&[&next]).unwrap(), vec![Outcome::Stored]);
-        let mut seqs = db.recover().unwrap().channel_seqs;
-        seqs.sort();
-        assert_eq!(
-            seqs,
-            vec![
-                ("org:acme:decisions".to_string(), 2),
-                ("org:beta:decisions".to_string(), 1)
-            ]
-        );
-    }
-
-    #[test]
-    fn data_keeps_its_exact_text_and_a_failed_batch_stores_nothing() {
-        let Some(url) = test_database("exact") else {
-            return;
-        };
-        let mut db = Postgres::connect(&url).unwrap();
-        let mut a = record("acme", "k1", "org:acme:decisions", 1);
-        a.data = r#"{"z":1,  "a":[1.50,"x"]}"#.into();
-        a.tool = None;
-        a.latency_ms = None;
-        let clash = record("acme", "k2", "org:acme:decisions", 1);
-        assert!(db.commit(&[&a, &clash]).is_err());
-        assert_eq!(db.find("acme", "k1").unwrap(), None);
-        assert_eq!(db.commit(&[&a]).unwrap(), vec![Outcome::Stored]);
-        assert_eq!(db.find("acme", "k1").unwrap(), Some(a));
+        contract::check(&mut || Box::new(Postgres::connect(&url).unwrap()) as Box<dyn Store>);
     }
 
     #[test]

@@ -36,15 +36,6 @@ impl Sqlite {
         Ok(db)
     }
 
-    /// The schema version this database is at.
-    pub fn version(&self) -> Result<u32, StorageError> {
-        Ok(self.conn.query_row(
-            "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
-            [],
-            |row| row.get(0),
-        )?)
-    }
-
     fn migrate(&mut self) -> Result<(), StorageError> {
         self.conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -52,7 +43,7 @@ impl Sqlite {
                  applied_ms INTEGER NOT NULL
              )",
         )?;
-        let current = self.version()?;
+        let current = Store::version(self)?;
         for &(version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
             let tx = self.conn.transaction()?;
             tx.execute_batch(sql).map_err(|e| StorageError::Migration {
@@ -67,53 +58,6 @@ impl Sqlite {
             tracing::info!(version, "applied storage migration");
         }
         Ok(())
-    }
-
-    /// What the shards need at start-up.
-    pub fn recover(&self) -> Result<Recovered, StorageError> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT channel, MAX(seq) FROM decisions GROUP BY channel")?;
-        let channel_seqs = stmt
-            .query_map([], |row| {
-                Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)? as u64))
-            })?
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Recovered { channel_seqs })
-    }
-
-    /// The stored decision with this (org, idempotency key), if any.
-    pub fn find(&self, org: &str, key: &str) -> Result<Option<Record>, StorageError> {
-        Ok(self
-            .conn
-            .query_row(
-                "SELECT id, org, channel, seq, schema, idempotency_key, direction, decision,
-                        tool, scope, payload_hash, latency_ms, correlation_id, tags, data,
-                        created_ms
-                 FROM decisions WHERE org = ?1 AND idempotency_key = ?2",
-                params![org, key],
-                |row| {
-                    Ok(Record {
-                        id: row.get(0)?,
-                        org: row.get(1)?,
-                        channel: row.get(2)?,
-                        seq: row.get::<_, i64>(3)? as u64,
-                        schema: row.get(4)?,
-                        idempotency_key: row.get(5)?,
-                        direction: row.get(6)?,
-                        decision: row.get(7)?,
-                        tool: row.get(8)?,
-                        scope: row.get(9)?,
-                        payload_hash: row.get(10)?,
-                        latency_ms: row.get(11)?,
-                        correlation_id: row.get(12)?,
-                        tags: row.get(13)?,
-                        data: row.get(14)?,
-                        created_ms: row.get(15)?,
-                    })
-                },
-            )
-            .optional()?)
     }
 }
 
@@ -172,83 +116,73 @@ impl Store for Sqlite {
         self.conn.query_row("SELECT 1", [], |_| Ok(()))?;
         Ok(())
     }
+
+    fn version(&mut self) -> Result<u32, StorageError> {
+        Ok(self.conn.query_row(
+            "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+            [],
+            |row| row.get(0),
+        )?)
+    }
+
+    fn recover(&mut self) -> Result<Recovered, StorageError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT channel, MAX(seq) FROM decisions GROUP BY channel")?;
+        let channel_seqs = stmt
+            .query_map([], |row| {
+                Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)? as u64))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Recovered { channel_seqs })
+    }
+
+    fn find(&mut self, org: &str, key: &str) -> Result<Option<Record>, StorageError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT id, org, channel, seq, schema, idempotency_key, direction, decision,
+                        tool, scope, payload_hash, latency_ms, correlation_id, tags, data,
+                        created_ms
+                 FROM decisions WHERE org = ?1 AND idempotency_key = ?2",
+                params![org, key],
+                |row| {
+                    Ok(Record {
+                        id: row.get(0)?,
+                        org: row.get(1)?,
+                        channel: row.get(2)?,
+                        seq: row.get::<_, i64>(3)? as u64,
+                        schema: row.get(4)?,
+                        idempotency_key: row.get(5)?,
+                        direction: row.get(6)?,
+                        decision: row.get(7)?,
+                        tool: row.get(8)?,
+                        scope: row.get(9)?,
+                        payload_hash: row.get(10)?,
+                        latency_ms: row.get(11)?,
+                        correlation_id: row.get(12)?,
+                        tags: row.get(13)?,
+                        data: row.get(14)?,
+                        created_ms: row.get(15)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
+    use crate::storage::contract::{self, record};
     use crate::storage::{Completion, Request, SubmitError, Writer, WriterConfig};
     use std::sync::atomic::{AtomicBool, Ordering};
 
-    pub(crate) fn record(org: &str, key: &str, channel: &str, seq: u64) -> Record {
-        Record {
-            id: format!("dec_{org}_{key}_{seq}"),
-            org: org.into(),
-            channel: channel.into(),
-            seq,
-            schema: "decision.v1".into(),
-            idempotency_key: key.into(),
-            direction: "precheck".into(),
-            decision: "allow".into(),
-            tool: Some("search".into()),
-            scope: None,
-            payload_hash: "sha256:x".into(),
-            latency_ms: Some(1.5),
-            correlation_id: None,
-            tags: Some(r#"["a"]"#.into()),
-            data: r#"{"orgId":"acme"}"#.into(),
-            created_ms: 1_700_000_000_000,
-        }
-    }
-
     #[test]
-    fn stores_and_deduplicates_by_org_and_key_across_reopen() {
+    fn keeps_the_store_contract() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("nested/dir/shardcast.db");
-        let mut db = Sqlite::open(&path).unwrap();
-        assert_eq!(db.version().unwrap(), 1);
-        let a = record("acme", "k1", "org:acme:decisions", 1);
-        let again = record("acme", "k1", "org:acme:decisions", 2);
-        let other_org = record("beta", "k1", "org:beta:decisions", 1);
-        let outcomes = db.commit(&[&a, &again, &other_org]).unwrap();
-        let original = Outcome::Duplicate {
-            id: a.id.clone(),
-            seq: 1,
-        };
-        assert_eq!(
-            outcomes,
-            vec![Outcome::Stored, original.clone(), Outcome::Stored]
-        );
-        assert_eq!(db.find("acme", "k1").unwrap(), Some(a.clone()));
-        drop(db);
-
-        // After a restart the database still answers with the original.
-        let mut db = Sqlite::open(&path).unwrap();
-        assert_eq!(db.version().unwrap(), 1, "migrations run once");
-        assert_eq!(db.commit(&[&again]).unwrap(), vec![original]);
-        let next = record("acme", "k2", "org:acme:decisions", 2);
-        assert_eq!(db.commit(&[&next]).unwrap(), vec![Outcome::Stored]);
-        let recovered = db.recover().unwrap();
-        let mut seqs = recovered.channel_seqs;
-        seqs.sort();
-        assert_eq!(
-            seqs,
-            vec![
-                ("org:acme:decisions".to_string(), 2),
-                ("org:beta:decisions".to_string(), 1)
-            ]
-        );
-    }
-
-    #[test]
-    fn a_failed_batch_stores_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut db = Sqlite::open(&dir.path().join("db")).unwrap();
-        let a = record("acme", "k1", "org:acme:decisions", 1);
-        // Same channel and seq as `a` under another key: the batch must fail as a whole.
-        let clash = record("acme", "k2", "org:acme:decisions", 1);
-        assert!(db.commit(&[&a, &clash]).is_err());
-        assert_eq!(db.find("acme", "k1").unwrap(), None);
+        contract::check(&mut || Box::new(Sqlite::open(&path).unwrap()) as Box<dyn Store>);
     }
 
     #[test]
