@@ -191,6 +191,8 @@ pub struct Storage {
     pub queue_capacity: usize,
     /// Most decisions committed in one transaction.
     pub max_batch: usize,
+    /// Days a decision is kept (0: for ever); a background job deletes older ones.
+    pub retention_days: u64,
 }
 
 impl Default for Storage {
@@ -200,6 +202,7 @@ impl Default for Storage {
             ack: AckMode::Durable,
             queue_capacity: 65_536,
             max_batch: 4_096,
+            retention_days: 0,
         }
     }
 }

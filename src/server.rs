@@ -303,6 +303,8 @@ fn open_storage(
     let writer_config = storage::WriterConfig {
         queue_capacity: config.storage.queue_capacity,
         max_batch: config.storage.max_batch,
+        retention: (config.storage.retention_days > 0)
+            .then(|| Duration::from_secs(config.storage.retention_days * 86_400)),
         ..storage::WriterConfig::default()
     };
     let (writer, handle) = Writer::spawn(writer_config, connect).map_err(StorageError::Io)?;

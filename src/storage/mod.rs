@@ -186,6 +186,8 @@ pub trait Store: Send {
     fn recover(&mut self) -> Result<Recovered, StorageError>;
     /// The stored decision with this (org, idempotency key), if any.
     fn find(&mut self, org: &str, key: &str) -> Result<Option<Record>, StorageError>;
+    /// Delete at most `limit` decisions created before `before_ms`; returns how many went.
+    fn trim(&mut self, before_ms: i64, limit: usize) -> Result<usize, StorageError>;
 }
 
 /// Opens a store; called again, with backoff, after a failure.
@@ -250,7 +252,14 @@ pub struct WriterConfig {
     pub max_backoff: Duration,
     /// How often an idle writer checks the store.
     pub ping_interval: Duration,
+    /// Decisions older than this are deleted (`None`: kept for ever).
+    pub retention: Option<Duration>,
+    /// How often old decisions are looked for.
+    pub trim_interval: Duration,
 }
+
+/// Decisions deleted per trimming transaction, so that writes are never held up for long.
+const TRIM_CHUNK: usize = 10_000;
 
 impl Default for WriterConfig {
     fn default() -> Self {
@@ -260,6 +269,8 @@ impl Default for WriterConfig {
             min_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(5),
             ping_interval: Duration::from_secs(1),
+            retention: None,
+            trim_interval: Duration::from_secs(60),
         }
     }
 }
@@ -336,6 +347,7 @@ where
     let mut store: Option<Box<dyn Store>> = None;
     let mut backoff = config.min_backoff;
     let mut next_attempt = Instant::now();
+    let mut next_trim = Instant::now();
     let mut batch: Vec<Request> = Vec::new();
     loop {
         // Connect (or reconnect) no more often than the backoff allows; until then requests
@@ -355,14 +367,47 @@ where
                 }
             }
         }
+        // Retention: one chunk at a time between batches, sooner again while more is left.
+        if let (Some(s), Some(retention)) = (store.as_mut(), config.retention) {
+            if Instant::now() >= next_trim {
+                let before =
+                    crate::decision::unix_ms().saturating_sub(retention.as_millis() as u64);
+                match s.trim(before as i64, TRIM_CHUNK) {
+                    Ok(deleted) => {
+                        if deleted > 0 {
+                            tracing::info!(deleted, "trimmed decisions past retention");
+                        }
+                        next_trim = Instant::now();
+                        if deleted < TRIM_CHUNK {
+                            next_trim += config.trim_interval;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!("storage trim failed: {e}");
+                        status.set(Err(e.to_string()));
+                        store = None;
+                        continue;
+                    }
+                }
+            }
+        }
         let wait = if store.is_some() {
-            config.ping_interval
+            let trim = match config.retention {
+                Some(_) => next_trim.saturating_duration_since(Instant::now()),
+                None => config.ping_interval,
+            };
+            config.ping_interval.min(trim)
         } else {
             next_attempt.saturating_duration_since(Instant::now())
         };
         let first = match inbox.recv_timeout(wait) {
             Ok(Job::Write(request)) => request,
             Ok(Job::Stop) => return,
+            Err(flume::RecvTimeoutError::Timeout)
+                if config.retention.is_some() && Instant::now() >= next_trim =>
+            {
+                continue
+            }
             Err(flume::RecvTimeoutError::Timeout) => {
                 if let Some(s) = store.as_mut() {
                     if let Err(e) = s.ping() {
@@ -488,5 +533,17 @@ pub(crate) mod contract {
         let clash = record("acme", "k4", "org:acme:decisions", 3);
         assert!(db.commit(&[&fine, &clash]).is_err());
         assert_eq!(db.find("acme", "k3").unwrap(), None);
+
+        // Retention: only what is older than the cut goes, a chunk at a time.
+        let mut old = record("acme", "old", "org:acme:decisions", 10);
+        old.created_ms = 1_000;
+        let mut older = record("acme", "older", "org:acme:decisions", 11);
+        older.created_ms = 500;
+        db.commit(&[&old, &older]).unwrap();
+        assert_eq!(db.trim(2_000, 1).unwrap(), 1);
+        assert_eq!(db.trim(2_000, 10).unwrap(), 1);
+        assert_eq!(db.trim(2_000, 10).unwrap(), 0);
+        assert_eq!(db.find("acme", "old").unwrap(), None);
+        assert!(db.find("acme", "k2").unwrap().is_some());
     }
 }

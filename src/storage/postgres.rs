@@ -160,6 +160,15 @@ impl Store for Postgres {
         Ok(())
     }
 
+    fn trim(&mut self, before_ms: i64, limit: usize) -> Result<usize, StorageError> {
+        let deleted = self.client.execute(
+            "DELETE FROM decisions WHERE id IN
+                 (SELECT id FROM decisions WHERE created_ms < $1 LIMIT $2)",
+            &[&before_ms, &(limit as i64)],
+        )?;
+        Ok(deleted as usize)
+    }
+
     fn version(&mut self) -> Result<u32, StorageError> {
         let row = self.client.query_one(
             "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",

@@ -117,6 +117,14 @@ impl Store for Sqlite {
         Ok(())
     }
 
+    fn trim(&mut self, before_ms: i64, limit: usize) -> Result<usize, StorageError> {
+        Ok(self.conn.execute(
+            "DELETE FROM decisions WHERE rowid IN
+                 (SELECT rowid FROM decisions WHERE created_ms < ?1 LIMIT ?2)",
+            params![before_ms, limit as i64],
+        )?)
+    }
+
     fn version(&mut self) -> Result<u32, StorageError> {
         Ok(self.conn.query_row(
             "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
@@ -288,6 +296,41 @@ mod tests {
             .find("acme", &format!("k{n}"))
             .unwrap()
             .is_some());
+    }
+
+    #[test]
+    fn writer_deletes_decisions_past_retention() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let mut old = record("acme", "old", "org:acme:decisions", 1);
+        old.created_ms = 1_000; // 1970
+        Sqlite::open(&path).unwrap().commit(&[&old]).unwrap();
+        let config = WriterConfig {
+            retention: Some(Duration::from_secs(86_400)),
+            ..WriterConfig::default()
+        };
+        let connect_path = path.clone();
+        let (writer, thread) = Writer::spawn(config, move || {
+            Ok(Box::new(Sqlite::open(&connect_path)?) as Box<dyn Store>)
+        })
+        .unwrap();
+        // The writer trims as soon as it is connected, before it takes its first batch.
+        let (reply, completions) = flume::unbounded::<Completion>();
+        let mut new = record("acme", "new", "org:acme:decisions", 2);
+        new.created_ms = crate::decision::unix_ms() as i64;
+        writer
+            .submit(Request {
+                record: new,
+                token: 1,
+                reply,
+            })
+            .unwrap();
+        assert_eq!(completions.recv().unwrap().outcome, Outcome::Stored);
+        writer.stop();
+        thread.join().unwrap();
+        let mut db = Sqlite::open(&path).unwrap();
+        assert_eq!(db.find("acme", "old").unwrap(), None);
+        assert!(db.find("acme", "new").unwrap().is_some());
     }
 
     #[test]
