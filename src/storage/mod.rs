@@ -8,8 +8,9 @@
 //! [`Outcome::Unavailable`] at once (never a false "stored"), the writer reconnects with
 //! backoff, and a full queue refuses new work instead of growing.
 //!
-//! Not wired into the shards yet (issue 4 is in progress): this layer is tested on its own,
-//! against SQLite files and the PostgreSQL server of the machine.
+//! The shard side (numbering, holding a decision's ACK and frame until its commit, answering
+//! duplicates and refusals) is `Shard::ingest` and `Shard::stored`; start-up (open, migrate,
+//! recover the channels' seqs) is `server::open_storage`.
 
 pub mod postgres;
 pub mod sqlite;
