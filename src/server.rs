@@ -212,7 +212,7 @@ pub fn start(mut config: Config) -> Result<Server, ServerError> {
         sockets.push(socket);
     }
 
-    let (writer, thread, recovered) = match open_storage(&config)? {
+    let (writer, thread, recovered) = match open_storage(&config, nshards)? {
         Some((writer, thread, recovered)) => (Some(writer), Some(thread), recovered),
         None => (None, None, Recovered::default()),
     };
@@ -278,6 +278,7 @@ struct ShardParts {
 /// start its writer thread; `None` for "memory".
 fn open_storage(
     config: &Config,
+    nshards: usize,
 ) -> Result<Option<(Writer, std::thread::JoinHandle<()>, Recovered)>, ServerError> {
     let backend = Backend::parse(&config.storage.url)?;
     let what = match &backend {
@@ -295,7 +296,11 @@ fn open_storage(
     };
     // Opened (and migrated) here, so that a store that cannot be reached stops start-up.
     let mut store = connect()?;
-    let recovered = store.recover()?;
+    // Keys within the deduplication window, as many as the shards' tables hold.
+    let window_ms = config.ingest.dedup_window_secs.saturating_mul(1000);
+    let since = crate::decision::unix_ms().saturating_sub(window_ms);
+    let limit = config.ingest.dedup_max_entries.saturating_mul(nshards);
+    let recovered = store.recover(since.min(i64::MAX as u64) as i64, limit)?;
     tracing::info!("decisions stored in {what}");
     // The writer starts with this connection, and reconnects through `connect` after failures.
     let mut first = Some(store);
@@ -328,7 +333,7 @@ async fn run_shard(
     } = parts;
     let mut shard = Shard::new(id, nshards, config, global);
     let completions = storage.map(|(link, inbox, recovered)| {
-        shard.attach_storage(link, &recovered.channel_seqs);
+        shard.attach_storage(link, &recovered);
         inbox
     });
     let shard = Rc::new(shard);

@@ -360,12 +360,29 @@ impl Shard {
         }
     }
 
-    /// Store decisions through `link`; `seqs` are the stored channels' highest seqs, so that
-    /// their sequences continue where they were.
-    pub fn attach_storage(&mut self, link: StorageLink, seqs: &[(String, u64)]) {
+    /// Store decisions through `link`, continuing the stored channels' sequences and knowing
+    /// the recent idempotency keys of the channels this shard owns.
+    pub fn attach_storage(&mut self, link: StorageLink, recovered: &storage::Recovered) {
         self.storage = Some(link);
-        let mine = seqs.iter().filter(|(c, _)| self.owner_of(c) == self.id);
+        let seqs = recovered.channel_seqs.iter();
+        let mine = seqs.filter(|(c, _)| self.owner_of(c) == self.id);
         *self.stored_seqs.get_mut() = mine.map(|(c, s)| (c.as_str().into(), *s)).collect();
+        let now = Instant::now();
+        let (id, nshards) = (self.id, self.nshards);
+        let dedup = self.dedup.get_mut();
+        // Oldest first, so that a full table keeps the newest.
+        for recent in recovered.recent.iter().rev() {
+            if owner_of(&recent.channel, nshards) != id {
+                continue;
+            }
+            if let Some(decision_id) = DecisionId::parse(&recent.id) {
+                let original = Original {
+                    decision_id,
+                    seq: recent.seq,
+                };
+                dedup.insert(&recent.org, &recent.key, original, now);
+            }
+        }
     }
 
     /// Whether the decision store is reachable (`None` when storage is "memory").

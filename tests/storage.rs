@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::time::{Duration, Instant};
+
 use common::{decision, ingest, Client, Server, ACME};
 use serde_json::{json, Value};
 
@@ -52,6 +54,46 @@ fn acknowledged_decisions_survive_kill_9_and_keep_deduplicating() {
     let delivered = sub.recv();
     assert_eq!(delivered["type"], "DECISION");
     assert_eq!(delivered["seq"], N + 1);
+}
+
+#[test]
+fn acknowledged_on_receipt_still_deduplicates_after_kill_9() {
+    let server = Server::start("[storage]\nack = \"received\"\n");
+    let mut producer = server.client_on(ACME, 0);
+    let ack = ingest_one(&mut producer, "behind");
+    assert_eq!(ack["dedup"], false);
+    // Written behind: wait until the row is in the default SQLite file, then kill.
+    let db = server.data_dir().join("decisions.db");
+    let deadline = Instant::now() + common::WAIT;
+    while stored_keys(&db, "behind") == 0 {
+        assert!(Instant::now() < deadline, "never written");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(producer);
+
+    let server = server.kill_and_restart();
+    let mut sub = server.client_on(ACME, 1);
+    sub.subscribe(&[CHANNEL]);
+    let mut producer = server.client_on(ACME, 0);
+    // Known from the store at start-up: answered at once, and not fanned out again.
+    let again = ingest_one(&mut producer, "behind");
+    assert_eq!(again["dedup"], true, "{again}");
+    assert_eq!(again["decisionId"], ack["decisionId"]);
+    producer.send(json!({"type":"PUBLISH","channel":CHANNEL,"data":"marker","id":"m"}));
+    assert_eq!(sub.recv()["data"], "marker");
+}
+
+/// Rows stored under idempotency key `key` (0 while the database is not there yet).
+fn stored_keys(db: &std::path::Path, key: &str) -> i64 {
+    let Ok(conn) = rusqlite::Connection::open(db) else {
+        return 0;
+    };
+    conn.query_row(
+        "SELECT count(*) FROM decisions WHERE idempotency_key = ?1",
+        [key],
+        |row| row.get(0),
+    )
+    .unwrap_or(0)
 }
 
 #[test]

@@ -172,6 +172,24 @@ pub struct Request {
 pub struct Recovered {
     /// Highest stored seq of each channel, so sequences continue after a restart.
     pub channel_seqs: Vec<(String, u64)>,
+    /// The newest idempotency keys, newest first, to warm the shards' caches: a known key must
+    /// not be fanned out again before the database could say so (ack = "received").
+    pub recent: Vec<RecentKey>,
+}
+
+/// A stored decision's identity, for the idempotency cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecentKey {
+    /// Organization.
+    pub org: String,
+    /// Idempotency key.
+    pub key: String,
+    /// Channel (its owner shard keeps the key).
+    pub channel: String,
+    /// Decision id.
+    pub id: String,
+    /// Seq on the channel.
+    pub seq: u64,
 }
 
 /// A database the writer commits to.
@@ -183,8 +201,9 @@ pub trait Store: Send {
     fn ping(&mut self) -> Result<(), StorageError>;
     /// The schema version the database is at.
     fn version(&mut self) -> Result<u32, StorageError>;
-    /// What the shards need at start-up.
-    fn recover(&mut self) -> Result<Recovered, StorageError>;
+    /// What the shards need at start-up: every channel's highest seq, and up to `limit` of
+    /// the newest keys created at or after `since_ms`.
+    fn recover(&mut self, since_ms: i64, limit: usize) -> Result<Recovered, StorageError>;
     /// The stored decision with this (org, idempotency key), if any.
     fn find(&mut self, org: &str, key: &str) -> Result<Option<Record>, StorageError>;
     /// Delete at most `limit` decisions created before `before_ms`; returns how many went.
@@ -524,10 +543,20 @@ pub(crate) mod contract {
         (next.tool, next.latency_ms, next.tags) = (None, None, None);
         assert_eq!(db.commit(&[&next]).unwrap(), [Outcome::Stored]);
         assert_eq!(db.find("acme", "k2").unwrap(), Some(next));
-        let mut seqs = db.recover().unwrap().channel_seqs;
+        let recovered = db.recover(0, 2).unwrap();
+        let mut seqs = recovered.channel_seqs;
         seqs.sort();
         let expected = [("org:acme:decisions", 2), ("org:beta:decisions", 1)];
         assert_eq!(seqs, expected.map(|(c, s)| (c.to_string(), s)));
+        let keys: Vec<_> = recovered
+            .recent
+            .iter()
+            .map(|r| (&*r.org, &*r.key, r.seq))
+            .collect();
+        assert_eq!(keys.len(), 2, "{keys:?}");
+        assert!(keys.contains(&("acme", "k2", 2)), "{keys:?}");
+        let future = db.recover(i64::MAX, 10).unwrap();
+        assert!(future.recent.is_empty());
 
         // A batch that cannot be stored whole stores nothing.
         let fine = record("acme", "k3", "org:acme:decisions", 3);

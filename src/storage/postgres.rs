@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use postgres::{Client, NoTls};
 
-use super::{Outcome, Record, Recovered, StorageError, Store};
+use super::{Outcome, RecentKey, Record, Recovered, StorageError, Store};
 
 /// Versioned migrations, applied in order; a database remembers which it has.
 const MIGRATIONS: &[(i32, &str)] = &[(
@@ -177,7 +177,7 @@ impl Store for Postgres {
         Ok(row.get::<_, i32>(0) as u32)
     }
 
-    fn recover(&mut self) -> Result<Recovered, StorageError> {
+    fn recover(&mut self, since_ms: i64, limit: usize) -> Result<Recovered, StorageError> {
         let rows = self.client.query(
             "SELECT channel, MAX(seq) FROM decisions GROUP BY channel",
             &[],
@@ -186,7 +186,25 @@ impl Store for Postgres {
             .iter()
             .map(|row| (row.get::<_, String>(0), row.get::<_, i64>(1) as u64))
             .collect();
-        Ok(Recovered { channel_seqs })
+        let rows = self.client.query(
+            "SELECT org, idempotency_key, channel, id, seq FROM decisions
+             WHERE created_ms >= $1 ORDER BY created_ms DESC LIMIT $2",
+            &[&since_ms, &(limit.min(i64::MAX as usize) as i64)],
+        )?;
+        let recent = rows
+            .iter()
+            .map(|row| RecentKey {
+                org: row.get(0),
+                key: row.get(1),
+                channel: row.get(2),
+                id: row.get(3),
+                seq: row.get::<_, i64>(4) as u64,
+            })
+            .collect();
+        Ok(Recovered {
+            channel_seqs,
+            recent,
+        })
     }
 
     fn find(&mut self, org: &str, key: &str) -> Result<Option<Record>, StorageError> {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use super::{Outcome, Record, Recovered, StorageError, Store};
+use super::{Outcome, RecentKey, Record, Recovered, StorageError, Store};
 
 /// Versioned migrations, applied in order; a database remembers which it has.
 const MIGRATIONS: &[(u32, &str)] = &[(
@@ -133,7 +133,7 @@ impl Store for Sqlite {
         )?)
     }
 
-    fn recover(&mut self) -> Result<Recovered, StorageError> {
+    fn recover(&mut self, since_ms: i64, limit: usize) -> Result<Recovered, StorageError> {
         let mut stmt = self
             .conn
             .prepare("SELECT channel, MAX(seq) FROM decisions GROUP BY channel")?;
@@ -142,7 +142,25 @@ impl Store for Sqlite {
                 Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)? as u64))
             })?
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Recovered { channel_seqs })
+        let mut stmt = self.conn.prepare(
+            "SELECT org, idempotency_key, channel, id, seq FROM decisions
+             WHERE created_ms >= ?1 ORDER BY created_ms DESC LIMIT ?2",
+        )?;
+        let recent = stmt
+            .query_map(params![since_ms, limit as i64], |row| {
+                Ok(RecentKey {
+                    org: row.get(0)?,
+                    key: row.get(1)?,
+                    channel: row.get(2)?,
+                    id: row.get(3)?,
+                    seq: row.get::<_, i64>(4)? as u64,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Recovered {
+            channel_seqs,
+            recent,
+        })
     }
 
     fn find(&mut self, org: &str, key: &str) -> Result<Option<Record>, StorageError> {

@@ -34,16 +34,21 @@ impl Server {
         Self::start_with(2, extra)
     }
 
-    /// Start a server with `shards` shards. Unless `extra` has a `[storage]` section, decisions
-    /// go to a SQLite file in the server's temporary directory (the default backend).
+    /// Start a server with `shards` shards. Unless `extra` names a storage `url`, decisions go
+    /// to a SQLite file in the server's temporary directory (the default backend).
     pub fn start_with(shards: usize, extra: &str) -> Server {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("shardcast.toml");
-        let storage = if extra.contains("[storage]") {
-            String::new()
-        } else {
-            let db = dir.path().join("decisions.db");
-            format!("[storage]\nurl = \"sqlite://{}\"\n", db.display())
+        // A SQLite file in the server's own directory, unless the test names its store.
+        let db = dir.path().join("decisions.db");
+        let url = format!("url = \"sqlite://{}\"\n", db.display());
+        let (extra, storage) = match extra.find("[storage]\n") {
+            None => (extra.to_string(), format!("[storage]\n{url}")),
+            Some(_) if extra.contains("url =") => (extra.to_string(), String::new()),
+            Some(at) => {
+                let (before, after) = extra.split_at(at + "[storage]\n".len());
+                (format!("{before}{url}{after}"), String::new())
+            }
         };
         let config = format!(
             r#"
@@ -73,6 +78,15 @@ scopes = ["subscribe"]
         );
         std::fs::write(&path, config).expect("write config");
         Self::spawn(dir)
+    }
+
+    /// The server's data directory (its config, and the default SQLite database
+    /// `decisions.db`).
+    pub fn data_dir(&self) -> &std::path::Path {
+        self.dir
+            .as_ref()
+            .expect("a running server has its directory")
+            .path()
     }
 
     /// Kill the server with SIGKILL (nothing flushed, nothing said to clients) and start it
