@@ -243,6 +243,8 @@ pub struct StorageLink {
 /// A decision sent to storage whose outcome this shard is waiting for.
 #[derive(Debug)]
 struct Unconfirmed {
+    /// Its key in `unconfirmed_keys`.
+    pending_key: Rc<str>,
     channel: Box<str>,
     org: Box<str>,
     key: Box<str>,
@@ -309,7 +311,7 @@ pub struct Shard {
     stored_seqs: RefCell<HashMap<Box<str>, u64>>,
     unconfirmed: RefCell<HashMap<u64, Unconfirmed>>,
     /// "org\0key" of each unconfirmed decision, to its storage token.
-    unconfirmed_keys: RefCell<HashMap<Box<str>, u64>>,
+    unconfirmed_keys: RefCell<HashMap<Rc<str>, u64>>,
     outboxes: Vec<Outbox>,
     congestion_waiters: RefCell<Vec<Waker>>,
 }
@@ -723,8 +725,9 @@ impl Shard {
         let seq = state.seq;
         let frame = protocol::fanout_frame(kind, channel, seq, data);
         if state.held.is_empty() {
+            let remote = state.interest.clone();
             drop(owned);
-            self.emit(channel, frame, t0);
+            self.emit(channel, frame, &remote, t0);
         } else {
             let hold = Hold::Ready;
             state.held.push_back(Held { frame, t0, hold });
@@ -732,13 +735,10 @@ impl Shard {
         seq
     }
 
-    /// Send a numbered frame to every subscriber of `channel`, here and on other shards.
-    fn emit(&self, channel: &str, frame: Vec<u8>, t0: Instant) {
-        let remote = match self.owned.borrow().get(channel) {
-            Some(state) => state.interest.clone(),
-            None => SmallVec::new(),
-        };
-        for &shard in &remote {
+    /// Send a numbered frame to every subscriber of `channel`, here and on the `remote`
+    /// shards that have subscribers.
+    fn emit(&self, channel: &str, frame: Vec<u8>, remote: &[u16], t0: Instant) {
+        for &shard in remote {
             let msg = MeshMsg::Deliver {
                 channel: channel.into(),
                 frame: frame.clone(),
@@ -790,14 +790,21 @@ impl Shard {
             let ack = protocol::ingest_ack(key, id.as_str(), true, original.seq);
             return self.reply(&origin, ack);
         }
-        let pending_key = format!("{org}\0{key}").into_boxed_str();
-        if let Some(token) = self.unconfirmed_keys.borrow().get(&pending_key) {
-            // The same key is being stored right now: it gets that decision's outcome.
-            if let Some(first) = self.unconfirmed.borrow_mut().get_mut(token) {
-                first.waiters.push(origin);
+        // Only durable decisions wait for their commit, so only they can be met in flight.
+        let durable = self.storage.as_ref().is_some_and(|link| link.durable);
+        let pending_key: Option<Rc<str>> = if durable {
+            let pending_key: Rc<str> = Rc::from(format!("{org}\0{key}"));
+            if let Some(token) = self.unconfirmed_keys.borrow().get(&pending_key) {
+                // The same key is being stored right now: it gets that decision's outcome.
+                if let Some(first) = self.unconfirmed.borrow_mut().get_mut(token) {
+                    first.waiters.push(origin);
+                }
+                return;
             }
-            return;
-        }
+            Some(pending_key)
+        } else {
+            None
+        };
         let ms = decision::unix_ms();
         let decision_id = self.ids.borrow_mut().next(ms);
         let id = decision_id.text();
@@ -832,7 +839,9 @@ impl Shard {
             latency_ms: decision.latency_ms,
             correlation_id: decision.correlation_id.clone(),
             tags: decision.tags.clone(),
-            data: String::from_utf8_lossy(&data).into_owned(),
+            // Valid UTF-8 (a text frame's, enriched with ASCII): moved, not copied.
+            data: String::from_utf8(data)
+                .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
             created_ms: ms as i64,
         };
         let reply = link.completions.clone();
@@ -847,22 +856,24 @@ impl Shard {
             tracing::warn!(shard = self.id, "decision refused: {e}");
             return self.reply(&origin, protocol::storage_unavailable(key));
         }
-        if !link.durable {
+        let Some(pending_key) = pending_key else {
+            let remote = state.interest.clone();
             drop(owned);
-            self.emit(channel, frame, t0);
+            self.emit(channel, frame, &remote, t0);
             self.dedup
                 .borrow_mut()
                 .insert(org, key, Original { decision_id, seq }, now);
             self.counters.add(Counter::DecisionsProcessed, 1);
             return self.reply(&origin, protocol::ingest_ack(key, id.as_str(), false, seq));
-        }
+        };
         let hold = Hold::Commit(token);
         state.held.push_back(Held { frame, t0, hold });
         drop(owned);
         self.unconfirmed_keys
             .borrow_mut()
-            .insert(pending_key, token);
+            .insert(pending_key.clone(), token);
         let unconfirmed = Unconfirmed {
+            pending_key,
             channel: channel.into(),
             org: org.into(),
             key: key.into(),
@@ -889,9 +900,7 @@ impl Shard {
             }
             return;
         };
-        self.unconfirmed_keys
-            .borrow_mut()
-            .remove(format!("{}\0{}", u.org, u.key).as_str());
+        self.unconfirmed_keys.borrow_mut().remove(&u.pending_key);
         let everyone = std::iter::once(&u.origin).chain(&u.waiters);
         // (what the held message becomes, whether its seq may be reused)
         let (hold, unused) = match completion.outcome {
@@ -953,7 +962,7 @@ impl Shard {
     /// given back so the sequence has no hole.
     fn release(&self, channel: &str, token: u64, hold: Hold, unused: bool) {
         let mut ready = Vec::new();
-        {
+        let remote = {
             let mut owned = self.owned.borrow_mut();
             let Some(state) = owned.get_mut(channel) else {
                 return;
@@ -978,9 +987,10 @@ impl Shard {
                     Hold::Ready => ready.extend(state.held.pop_front()),
                 }
             }
-        }
+            state.interest.clone()
+        };
         for held in ready {
-            self.emit(channel, held.frame, held.t0);
+            self.emit(channel, held.frame, &remote, held.t0);
         }
     }
 
