@@ -148,6 +148,7 @@ fn cross_shard(c: &mut Criterion) {
                     1,
                     MeshMsg::Deliver {
                         channel: channel.as_str().into(),
+                        seq: 1,
                         frame: frame.clone(),
                         t0: Instant::now(),
                     },

@@ -81,6 +81,8 @@ pub struct Config {
     pub ingest: Ingest,
     /// Durable decisions.
     pub storage: Storage,
+    /// Recent messages kept per channel for `SUB` with `since`.
+    pub history: History,
     /// Graceful shutdown.
     pub shutdown: Shutdown,
     /// Cross-shard mesh.
@@ -207,6 +209,35 @@ impl Default for Storage {
     }
 }
 
+/// Recent messages each channel's owner keeps, so a reconnecting client can catch up.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct History {
+    /// Messages kept per channel (0: none; stored decisions are still replayed from the store).
+    pub size: usize,
+    /// Seconds a message stays replayable from memory (0: no age limit).
+    pub ttl_secs: u64,
+}
+
+impl Default for History {
+    fn default() -> Self {
+        Self {
+            size: 1_000,
+            ttl_secs: 3_600,
+        }
+    }
+}
+
+impl History {
+    /// The ring's limits.
+    pub fn limits(&self) -> crate::history::Limits {
+        crate::history::Limits {
+            size: self.size,
+            ttl_ms: self.ttl_secs.saturating_mul(1_000),
+        }
+    }
+}
+
 /// Graceful shutdown settings.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -277,6 +308,7 @@ impl Default for Config {
             channels: Channels::default(),
             ingest: Ingest::default(),
             storage: Storage::default(),
+            history: History::default(),
             shutdown: Shutdown::default(),
             mesh: Mesh::default(),
             diagnostics: Diagnostics::default(),

@@ -11,13 +11,14 @@
 //! - [`auth`]: API keys, JWTs, channel names and who may use them.
 //! - [`queue`]: a connection's bounded drop-oldest queue of shared frames.
 //! - [`rate`]: the per-connection message rate limit.
+//! - [`history`]: a channel's recent messages, for clients catching up with `since`.
 //! - [`shard`]: one shard's state and routing: subscriptions, owned channels, mesh messages.
 //! - [`mesh`]: the tasks moving message batches between shards (and why they cannot deadlock).
 //! - [`conn`]: one connection's state machine: read, handle, write.
 //! - [`poller`]: socket readiness from the shard's own io_uring (no per-socket heap).
 //! - [`metrics`]: per-shard counters and the `/health` and `/metrics` bodies.
-//! - [`storage`]: durable decisions: SQLite (and soon PostgreSQL) behind a group-committing
-//!   writer thread.
+//! - [`storage`]: durable decisions: SQLite or PostgreSQL behind a group-committing writer
+//!   thread, and a reader thread for history and queries.
 //! - [`server`]: start-up (fd limit, CPUs, listeners, executors) and graceful shutdown.
 //! - [`config`]: the TOML file and its `SHARDCAST_…` overrides.
 
@@ -26,6 +27,7 @@ pub mod codec;
 pub mod config;
 pub mod conn;
 pub mod decision;
+pub mod history;
 pub mod http;
 pub mod json;
 pub mod mesh;

@@ -20,6 +20,10 @@ pub enum Request<'a> {
         channels: Vec<String>,
         /// Raw request id to echo, if any.
         id: Option<&'a [u8]>,
+        /// `since`: per channel, the last seq the client has; what came after is replayed.
+        since: Vec<(String, u64)>,
+        /// `epoch`: the server epoch those seqs belong to (from an earlier SUBSCRIBED).
+        epoch: Option<u64>,
     },
     /// Unsubscribe from channels.
     Unsub {
@@ -124,14 +128,27 @@ impl Parser {
             .and_then(|t| t.as_str())
             .ok_or_else(|| Refusal::bad_request("missing \"type\"").with_id(id))?;
         let result = match kind {
-            "SUB" | "UNSUB" => {
+            "SUB" => {
                 let channels = channel_list(&value)?;
-                Ok(if kind == "SUB" {
-                    Request::Sub { channels, id }
-                } else {
-                    Request::Unsub { channels, id }
+                let since = since_map(&value, &channels)?;
+                let epoch = match value.get("epoch") {
+                    None => None,
+                    Some(e) => Some(
+                        e.as_u64()
+                            .ok_or_else(|| Refusal::bad_request("\"epoch\" must be a number"))?,
+                    ),
+                };
+                Ok(Request::Sub {
+                    channels,
+                    id,
+                    since,
+                    epoch,
                 })
             }
+            "UNSUB" => Ok(Request::Unsub {
+                channels: channel_list(&value)?,
+                id,
+            }),
             "PUBLISH" => {
                 let channel = str_field(&value, "channel")?;
                 let data = json::member(raw, &members, "data")
@@ -173,6 +190,33 @@ fn channel_list(value: &BorrowedValue<'_>) -> Result<Vec<String>, Refusal> {
             c.as_str()
                 .map(str::to_string)
                 .ok_or_else(|| Refusal::bad_request("channel names must be strings"))
+        })
+        .collect()
+}
+
+/// `since`: an object of channel name to last seen seq, naming only channels being subscribed.
+fn since_map(
+    value: &BorrowedValue<'_>,
+    channels: &[String],
+) -> Result<Vec<(String, u64)>, Refusal> {
+    let Some(since) = value.get("since") else {
+        return Ok(Vec::new());
+    };
+    let since = since.as_object().ok_or_else(|| {
+        Refusal::bad_request("\"since\" must be an object of channel name to last seq")
+    })?;
+    since
+        .iter()
+        .map(|(name, seq)| {
+            if !channels.iter().any(|c| c == name.as_ref()) {
+                return Err(Refusal::bad_request(format!(
+                    "\"since\" names {name:?}, which is not in \"channels\""
+                )));
+            }
+            let seq = seq.as_u64().ok_or_else(|| {
+                Refusal::bad_request(format!("\"since\".{name:?} must be a seq (0 or more)"))
+            })?;
+            Ok((name.to_string(), seq))
         })
         .collect()
 }
@@ -282,17 +326,43 @@ pub fn ready(connection_id: &str, shard: usize) -> Frame {
     f.finish()
 }
 
-/// `SUBSCRIBED` or `UNSUBSCRIBED`.
-pub fn subscribed(unsub: bool, channels: &[impl AsRef<str>], id: Option<&[u8]>) -> Frame {
+/// `UNSUBSCRIBED`.
+pub fn unsubscribed(channels: &[impl AsRef<str>], id: Option<&[u8]>) -> Frame {
     let mut f = text();
     let out = f.payload_mut();
-    out.extend_from_slice(if unsub {
-        br#"{"type":"UNSUBSCRIBED","channels":"#
-    } else {
-        br#"{"type":"SUBSCRIBED","channels":"#
-    });
+    out.extend_from_slice(br#"{"type":"UNSUBSCRIBED","channels":"#);
     push_channels(out, channels);
     push_opt_raw(out, "id", id);
+    out.push(b'}');
+    f.finish()
+}
+
+/// `SUBSCRIBED`, with the server's `epoch` and, for channels asked with `since`, whether the
+/// replay that follows is complete.
+pub fn subscribed(
+    channels: &[impl AsRef<str>],
+    id: Option<&[u8]>,
+    epoch: u64,
+    recovered: &[(impl AsRef<str>, bool)],
+) -> Frame {
+    let mut f = text();
+    let out = f.payload_mut();
+    out.extend_from_slice(br#"{"type":"SUBSCRIBED","channels":"#);
+    push_channels(out, channels);
+    push_opt_raw(out, "id", id);
+    out.extend_from_slice(br#","epoch":"#);
+    json::push_u64(out, epoch);
+    if !recovered.is_empty() {
+        out.extend_from_slice(br#","recovered":{"#);
+        for (i, (channel, complete)) in recovered.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            json::push_str(out, channel.as_ref());
+            out.extend_from_slice(if *complete { b":true" } else { b":false" });
+        }
+        out.push(b'}');
+    }
     out.push(b'}');
     f.finish()
 }
@@ -450,6 +520,22 @@ mod tests {
                 "must be a string",
             ),
             (br#"{"type":"PING","id":{"a":1}}"#, "id must be"),
+            (
+                br#"{"type":"SUB","channels":["a"],"since":[1]}"#,
+                "must be an object",
+            ),
+            (
+                br#"{"type":"SUB","channels":["a"],"since":{"b":1}}"#,
+                "not in \"channels\"",
+            ),
+            (
+                br#"{"type":"SUB","channels":["a"],"since":{"a":-1}}"#,
+                "must be a seq",
+            ),
+            (
+                br#"{"type":"SUB","channels":["a"],"epoch":"x"}"#,
+                "\"epoch\" must be a number",
+            ),
         ];
         for (raw, expect) in cases {
             let err = parser.parse(raw).unwrap_err();
@@ -463,6 +549,21 @@ mod tests {
         }
         let err = parser.parse(br#"{"type":"NOPE","id":"q"}"#).unwrap_err();
         assert_eq!(err.id.as_deref(), Some(&br#""q""#[..]));
+    }
+
+    #[test]
+    fn sub_carries_since_and_epoch() {
+        let raw = br#"{"type":"SUB","channels":["a","b"],"since":{"a":41},"epoch":1700000000000}"#;
+        let req = Parser::default().parse(raw).unwrap();
+        assert_eq!(
+            req,
+            Request::Sub {
+                channels: vec!["a".into(), "b".into()],
+                id: None,
+                since: vec![("a".into(), 41)],
+                epoch: Some(1_700_000_000_000),
+            }
+        );
     }
 
     #[test]
@@ -485,7 +586,8 @@ mod tests {
         let frames: Vec<Vec<u8>> = vec![
             fanout_frame(Kind::Message, "org:a:usage", 7, br#"{"k":[1]}"#),
             ready("c-1", 0).to_vec(),
-            subscribed(false, &["org:a:usage"], Some(b"3")).to_vec(),
+            subscribed(&["org:a:usage"], Some(b"3"), 17, &[("org:a:usage", false)]).to_vec(),
+            unsubscribed(&["org:a:usage"], None).to_vec(),
             error("forbidden", "no \"access\"", None, Some("org:b:usage")).to_vec(),
             slow_consumer(12).to_vec(),
             rate_limited(40).to_vec(),

@@ -21,6 +21,7 @@ use crate::auth::{Authenticator, Channel, Principal};
 use crate::codec::{self, Frame};
 use crate::config::{BackpressurePolicy, Config, Scope};
 use crate::decision::{self, Decision, DecisionId, DedupTable, IdGenerator, Original};
+use crate::history::{self, Ring};
 use crate::metrics::{Counter, Global, ShardCounters};
 use crate::protocol::{self, Kind, Parser, Refusal, Request};
 use crate::queue::{Bounds, OutQueue, Pushed};
@@ -70,6 +71,8 @@ pub enum MeshMsg {
     Deliver {
         /// Channel.
         channel: Box<str>,
+        /// Its seq (subscribers catching up skip what their replay already holds).
+        seq: u64,
         /// The complete frame, built once by the owner.
         frame: Vec<u8>,
         /// When the publisher's shard received it.
@@ -83,6 +86,16 @@ pub enum MeshMsg {
         on: bool,
         /// Non-zero: acknowledge with [`MeshMsg::InterestAck`] once registered.
         token: u64,
+        /// Replay what came after this (answered with [`MeshMsg::Replay`], not an ack).
+        since: Option<Since>,
+    },
+    /// From a channel's owner: the interest with this token is registered, and these are the
+    /// messages the subscriber missed.
+    Replay {
+        /// Token from the request.
+        token: u64,
+        /// What was found.
+        replay: Box<Replay<Vec<u8>>>,
     },
     /// From a channel's owner: the interest with this token is registered.
     InterestAck {
@@ -96,6 +109,60 @@ pub enum MeshMsg {
         /// The frame.
         frame: Vec<u8>,
     },
+}
+
+/// Where a reconnecting subscriber left a channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Since {
+    /// Last seq the client has.
+    pub after: u64,
+    /// The client's seqs come from an earlier epoch (a restart may have reused them).
+    pub stale: bool,
+}
+
+/// Messages a subscriber missed on one channel, from the owner's history.
+#[derive(Debug)]
+pub struct Replay<F> {
+    /// Channel.
+    pub channel: Box<str>,
+    /// `(seq, frame)` after the client's seq, in order.
+    pub frames: Vec<(u64, F)>,
+    /// Last seq sent before the subscription was registered: live messages above it follow.
+    pub upto: u64,
+    /// Every message after the client's seq is in `frames`.
+    pub complete: bool,
+}
+
+impl Replay<Frame> {
+    /// The same replay with owned bytes, to cross to another shard.
+    fn into_bytes(self) -> Replay<Vec<u8>> {
+        Replay {
+            channel: self.channel,
+            frames: self
+                .frames
+                .into_iter()
+                .map(|(s, f)| (s, f.to_vec()))
+                .collect(),
+            upto: self.upto,
+            complete: self.complete,
+        }
+    }
+}
+
+impl Replay<Vec<u8>> {
+    /// The same replay as shared frames.
+    fn into_frames(self) -> Replay<Frame> {
+        Replay {
+            channel: self.channel,
+            frames: self
+                .frames
+                .into_iter()
+                .map(|(s, f)| (s, Rc::from(f)))
+                .collect(),
+            upto: self.upto,
+            complete: self.complete,
+        }
+    }
 }
 
 /// Lifecycle of a connection, as the sweeper sees it.
@@ -202,9 +269,11 @@ impl Peer {
 }
 
 /// A channel owned by this shard.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Owned {
     seq: u64,
+    /// Recent messages, for subscribers catching up.
+    ring: Ring,
     /// Other shards with subscribers.
     interest: SmallVec<[u16; 4]>,
     /// Messages numbered after a decision that is not committed yet, in seq order: they wait
@@ -215,6 +284,7 @@ struct Owned {
 /// A numbered message held back until the decisions before it are committed.
 #[derive(Debug)]
 struct Held {
+    seq: u64,
     frame: Vec<u8>,
     t0: Instant,
     hold: Hold,
@@ -255,13 +325,23 @@ struct Unconfirmed {
     waiters: Vec<Origin>,
 }
 
-/// A SUB waiting for owners on other shards to register this shard's interest.
+/// A SUB waiting for owners on other shards to register this shard's interest (and for
+/// their replays, for channels asked with `since`).
 #[derive(Debug)]
 struct PendingSub {
     conn: u64,
     channels: Vec<String>,
     id: Option<Box<[u8]>>,
     waiting: usize,
+    replays: Vec<Replay<Frame>>,
+}
+
+/// A subscriber waiting for its replay: live messages for it are kept until the replay is
+/// sent, then those above the replay's `upto` follow it.
+#[derive(Debug)]
+struct CatchUp {
+    token: u64,
+    live: VecDeque<(u64, Frame)>,
 }
 
 /// A channel's local subscribers by connection id: O(1) removal, dense iteration for fan-out.
@@ -305,6 +385,11 @@ pub struct Shard {
     dedup: RefCell<DedupTable>,
     ids: RefCell<IdGenerator>,
     pending_subs: RefCell<HashMap<u64, PendingSub>>,
+    /// Per channel, the local subscribers waiting for a replay, by connection id.
+    catching_up: RefCell<HashMap<Rc<str>, HashMap<u64, CatchUp>>>,
+    history: history::Limits,
+    /// Server epoch (start time): seqs of ephemeral channels restart when it changes.
+    epoch: u64,
     next_token: Cell<u64>,
     storage: Option<StorageLink>,
     /// Highest stored seq of channels not yet touched since start-up.
@@ -350,6 +435,9 @@ impl Shard {
             dedup: RefCell::new(dedup),
             ids: RefCell::new(IdGenerator::new(id)),
             pending_subs: RefCell::default(),
+            catching_up: RefCell::default(),
+            history: config.history.limits(),
+            epoch: global.boot_id,
             next_token: Cell::new(1),
             storage: None,
             stored_seqs: RefCell::default(),
@@ -496,7 +584,21 @@ impl Shard {
     /// Carry out a parsed request from `peer`, authenticated as `principal`.
     pub fn request(&self, peer: &Rc<Peer>, principal: &Principal, request: Request<'_>) {
         match request {
-            Request::Sub { channels, id } => self.subscribe(peer, principal, channels, id),
+            Request::Sub {
+                channels,
+                id,
+                since,
+                epoch,
+            } => {
+                // Seqs from another epoch may have been reused since (ephemeral channels restart
+                // at 1): such replays are never called complete.
+                let stale = epoch.is_some_and(|e| e != self.epoch);
+                let since = since
+                    .into_iter()
+                    .map(|(channel, after)| (channel, Since { after, stale }))
+                    .collect();
+                self.subscribe(peer, principal, channels, id, since)
+            }
             Request::Unsub { channels, id } => {
                 for channel in &channels {
                     let removed = {
@@ -509,7 +611,7 @@ impl Shard {
                         self.unsubscribe_one(peer.id, channel);
                     }
                 }
-                self.send(peer, protocol::subscribed(true, &channels, id));
+                self.send(peer, protocol::unsubscribed(&channels, id));
             }
             Request::Publish { channel, data, id } => {
                 if let Err(refusal) = self.check_channel(principal, Scope::Publish, &channel) {
@@ -608,6 +710,7 @@ impl Shard {
         principal: &Principal,
         names: Vec<String>,
         id: Option<&[u8]>,
+        since: HashMap<String, Since>,
     ) {
         let mut accepted = Vec::with_capacity(names.len());
         for name in names {
@@ -627,7 +730,13 @@ impl Shard {
         }
         let token = self.next_token.get();
         self.next_token.set(token + 1);
-        let mut waiting = 0;
+        let mut pending = PendingSub {
+            conn: peer.id,
+            channels: Vec::new(),
+            id: id.map(Box::from),
+            waiting: 0,
+            replays: Vec::new(),
+        };
         for name in &accepted {
             let channel: Rc<str> = Rc::from(name.as_str());
             let newly = self
@@ -638,37 +747,145 @@ impl Shard {
                 .insert(peer.id, peer.clone())
                 .is_none();
             if newly {
-                peer.channels.borrow_mut().push(channel);
+                peer.channels.borrow_mut().push(channel.clone());
+            }
+            let since = since.get(name).copied();
+            if since.is_some() {
+                // From here until its replay is sent, live messages for this subscriber wait.
+                let live = VecDeque::new();
+                self.catching_up
+                    .borrow_mut()
+                    .entry(channel)
+                    .or_default()
+                    .insert(peer.id, CatchUp { token, live });
             }
             let owner = self.owner_of(name);
             if owner != self.id {
                 // Every SUB asks the owner, even when this shard is already registered: the
                 // SUBSCRIBED reply must not overtake a registration still in flight.
-                waiting += 1;
+                pending.waiting += 1;
                 let msg = MeshMsg::Interest {
                     channel: name.as_str().into(),
                     on: true,
                     token,
+                    since,
                 };
                 self.route(owner, msg);
+            } else if let Some(since) = since {
+                pending.replays.push(self.replay(name, since));
             }
         }
-        if waiting == 0 {
-            self.send(peer, protocol::subscribed(false, &accepted, id));
+        pending.channels = accepted;
+        if pending.waiting == 0 {
+            self.finish_subscribe(token, pending);
         } else {
-            self.pending_subs.borrow_mut().insert(
-                token,
-                PendingSub {
-                    conn: peer.id,
-                    channels: accepted,
-                    id: id.map(Box::from),
-                    waiting,
-                },
-            );
+            self.pending_subs.borrow_mut().insert(token, pending);
+        }
+    }
+
+    /// A SUB has everything it waited for: answer SUBSCRIBED, then send each replay followed by
+    /// the live messages that arrived meanwhile (those the replay does not already hold).
+    fn finish_subscribe(&self, token: u64, mut p: PendingSub) {
+        let mut catching_up = self.catching_up.borrow_mut();
+        // Take this SUB's waiting subscribers (a later SUB of the same channel has its own).
+        let mut live = Vec::with_capacity(p.replays.len());
+        for replay in &p.replays {
+            let waiting = catching_up.get_mut(&*replay.channel);
+            let mine = waiting.and_then(|w| match w.get(&p.conn) {
+                Some(c) if c.token == token => w.remove(&p.conn),
+                _ => None,
+            });
+            if catching_up
+                .get(&*replay.channel)
+                .is_some_and(HashMap::is_empty)
+            {
+                catching_up.remove(&*replay.channel);
+            }
+            live.push(mine.map(|c| c.live));
+        }
+        drop(catching_up);
+        let Some(peer) = self.peer(p.conn) else {
+            return;
+        };
+        // A replay must fit in the connection's queue, or drop-oldest would lose part of it
+        // silently: what does not fit is left out and the channel reported incomplete. Room is
+        // kept for the SUBSCRIBED frame (at most this long: "false" is the longer flag).
+        let incomplete: Vec<(&str, bool)> =
+            p.replays.iter().map(|r| (&*r.channel, false)).collect();
+        let longest = protocol::subscribed(&p.channels, p.id.as_deref(), self.epoch, &incomplete);
+        let (mut room, mut bytes) = {
+            let out = peer.out().borrow();
+            (
+                self.bounds.messages.saturating_sub(out.len() + 1),
+                self.bounds
+                    .bytes
+                    .saturating_sub(out.bytes() + longest.len()),
+            )
+        };
+        for (replay, live) in p.replays.iter_mut().zip(&live) {
+            let Some(live) = live else { continue };
+            let after = live.iter().filter(|(seq, _)| *seq > replay.upto);
+            let (live_n, live_bytes) = after.fold((0, 0), |(n, b), (_, f)| (n + 1, b + f.len()));
+            room = room.saturating_sub(live_n);
+            bytes = bytes.saturating_sub(live_bytes);
+            let mut keep = replay.frames.len();
+            let mut size: usize = replay.frames.iter().map(|(_, f)| f.len()).sum();
+            while keep > room || size > bytes {
+                size -= replay.frames[replay.frames.len() - keep].1.len();
+                keep -= 1;
+            }
+            if keep < replay.frames.len() {
+                replay.frames.drain(..replay.frames.len() - keep);
+                replay.complete = false;
+            }
+            room -= keep;
+            bytes -= size;
+        }
+        let recovered: Vec<(&str, bool)> = p
+            .replays
+            .iter()
+            .map(|r| (&*r.channel, r.complete))
+            .collect();
+        let subscribed = protocol::subscribed(&p.channels, p.id.as_deref(), self.epoch, &recovered);
+        self.send(&peer, subscribed);
+        for (replay, live) in p.replays.into_iter().zip(live) {
+            // Unsubscribed meanwhile: nothing more for that channel.
+            let Some(live) = live else { continue };
+            for (_, frame) in replay.frames {
+                self.send(&peer, frame);
+            }
+            for (seq, frame) in live {
+                if seq > replay.upto {
+                    self.send(&peer, frame);
+                }
+            }
+        }
+    }
+
+    /// The owner's side of a replay: register nothing, just find what came after `since` on a
+    /// channel this shard owns.
+    fn replay(&self, channel: &str, since: Since) -> Replay<Frame> {
+        let mut owned = self.owned.borrow_mut();
+        let state = self.owned_entry(&mut owned, channel);
+        let found = state.ring.since(since.after, self.now_ms(), self.history);
+        Replay {
+            channel: channel.into(),
+            frames: found.frames,
+            upto: found.upto,
+            complete: !since.stale && since.after >= found.floor && since.after <= found.upto,
         }
     }
 
     fn unsubscribe_one(&self, conn: u64, channel: &str) {
+        {
+            let mut catching_up = self.catching_up.borrow_mut();
+            if let Some(waiting) = catching_up.get_mut(channel) {
+                waiting.remove(&conn);
+                if waiting.is_empty() {
+                    catching_up.remove(channel);
+                }
+            }
+        }
         let now_empty = {
             let mut subs = self.subs.borrow_mut();
             match subs.get_mut(channel) {
@@ -689,6 +906,7 @@ impl Shard {
                 channel: channel.into(),
                 on: false,
                 token: 0,
+                since: None,
             };
             self.route(owner, msg);
         }
@@ -696,7 +914,6 @@ impl Shard {
 
     // ----- the owner's side -----
 
-    /// Number, frame and fan out a message on a channel this shard owns; returns its seq.
     /// The owner's state for `channel`, made on first use (continuing a stored sequence).
     fn owned_entry<'a>(
         &self,
@@ -709,7 +926,9 @@ impl Shard {
                 channel.into(),
                 Owned {
                     seq,
-                    ..Owned::default()
+                    ring: Ring::new(seq),
+                    interest: SmallVec::new(),
+                    held: VecDeque::new(),
                 },
             );
         }
@@ -725,28 +944,36 @@ impl Shard {
         let seq = state.seq;
         let frame = protocol::fanout_frame(kind, channel, seq, data);
         if state.held.is_empty() {
-            let remote = state.interest.clone();
-            drop(owned);
-            self.emit(channel, frame, &remote, t0);
+            self.emit(channel, state, seq, frame, t0);
         } else {
             let hold = Hold::Ready;
-            state.held.push_back(Held { frame, t0, hold });
+            state.held.push_back(Held {
+                seq,
+                frame,
+                t0,
+                hold,
+            });
         }
         seq
     }
 
-    /// Send a numbered frame to every subscriber of `channel`, here and on the `remote`
-    /// shards that have subscribers.
-    fn emit(&self, channel: &str, frame: Vec<u8>, remote: &[u16], t0: Instant) {
-        for &shard in remote {
+    /// Keep a numbered frame in the channel's history and send it to every subscriber, here
+    /// and on the shards that have subscribers.
+    fn emit(&self, channel: &str, state: &mut Owned, seq: u64, frame: Vec<u8>, t0: Instant) {
+        let frame: Frame = Rc::from(frame);
+        // The time the message arrived, on the shard clock: no clock read per message.
+        let at_ms = t0.saturating_duration_since(self.started).as_millis() as u64;
+        state.ring.push(seq, &frame, at_ms, self.history);
+        for &shard in &state.interest {
             let msg = MeshMsg::Deliver {
                 channel: channel.into(),
-                frame: frame.clone(),
+                seq,
+                frame: frame.to_vec(),
                 t0,
             };
             self.route(usize::from(shard), msg);
         }
-        self.deliver_local(channel, Rc::from(frame), t0);
+        self.deliver_local(channel, seq, frame, t0);
     }
 
     /// Number and fan out a PUBLISH on a channel this shard owns; ACK it if it had an id.
@@ -757,15 +984,33 @@ impl Shard {
         }
     }
 
-    /// Hand one frame to every local subscriber of `channel`.
-    fn deliver_local(&self, channel: &str, frame: Frame, t0: Instant) {
+    /// Hand one frame to every local subscriber of `channel` (subscribers waiting for a
+    /// replay keep it for later).
+    fn deliver_local(&self, channel: &str, seq: u64, frame: Frame, t0: Instant) {
         let subs = self.subs.borrow();
-        if let Some(members) = subs.get(channel) {
-            for peer in members.values() {
-                self.send(peer, frame.clone());
+        let Some(members) = subs.get(channel) else {
+            return;
+        };
+        let mut catching_up = self.catching_up.borrow_mut();
+        let mut waiting = if catching_up.is_empty() {
+            None
+        } else {
+            catching_up.get_mut(channel)
+        };
+        for peer in members.values() {
+            if let Some(catch) = waiting.as_mut().and_then(|w| w.get_mut(&peer.id)) {
+                if catch.live.len() >= self.bounds.messages {
+                    // Same policy as the queue it is bound for.
+                    catch.live.pop_front();
+                    peer.dropped.set(peer.dropped.get() + 1);
+                    self.counters.add(Counter::MessagesDropped, 1);
+                }
+                catch.live.push_back((seq, frame.clone()));
+                continue;
             }
-            self.counters.record_fanout(t0.elapsed());
+            self.send(peer, frame.clone());
         }
+        self.counters.record_fanout(t0.elapsed());
     }
 
     /// Deduplicate, number, store (unless storage is "memory") and fan out a decision on a
@@ -857,9 +1102,8 @@ impl Shard {
             return self.reply(&origin, protocol::storage_unavailable(key));
         }
         let Some(pending_key) = pending_key else {
-            let remote = state.interest.clone();
+            self.emit(channel, state, seq, frame, t0);
             drop(owned);
-            self.emit(channel, frame, &remote, t0);
             self.dedup
                 .borrow_mut()
                 .insert(org, key, Original { decision_id, seq }, now);
@@ -867,7 +1111,12 @@ impl Shard {
             return self.reply(&origin, protocol::ingest_ack(key, id.as_str(), false, seq));
         };
         let hold = Hold::Commit(token);
-        state.held.push_back(Held { frame, t0, hold });
+        state.held.push_back(Held {
+            seq,
+            frame,
+            t0,
+            hold,
+        });
         drop(owned);
         self.unconfirmed_keys
             .borrow_mut()
@@ -961,12 +1210,11 @@ impl Shard {
     /// of the channel's held queue that may go. An `unused` number at the end of the queue is
     /// given back so the sequence has no hole.
     fn release(&self, channel: &str, token: u64, hold: Hold, unused: bool) {
-        let mut ready = Vec::new();
-        let remote = {
-            let mut owned = self.owned.borrow_mut();
-            let Some(state) = owned.get_mut(channel) else {
-                return;
-            };
+        let mut owned = self.owned.borrow_mut();
+        let Some(state) = owned.get_mut(channel) else {
+            return;
+        };
+        {
             if let Some(i) = state
                 .held
                 .iter()
@@ -978,19 +1226,19 @@ impl Shard {
                     state.seq -= 1;
                 }
             }
-            while let Some(front) = state.held.front() {
-                match front.hold {
-                    Hold::Commit(_) => break,
-                    Hold::Void => {
-                        state.held.pop_front();
+        }
+        while let Some(front) = state.held.front() {
+            match front.hold {
+                Hold::Commit(_) => break,
+                Hold::Void => {
+                    state.held.pop_front();
+                }
+                Hold::Ready => {
+                    if let Some(held) = state.held.pop_front() {
+                        self.emit(channel, state, held.seq, held.frame, held.t0);
                     }
-                    Hold::Ready => ready.extend(state.held.pop_front()),
                 }
             }
-            state.interest.clone()
-        };
-        for held in ready {
-            self.emit(channel, held.frame, &remote, held.t0);
         }
     }
 
@@ -1030,10 +1278,18 @@ impl Shard {
                 origin,
                 t0,
             } => self.ingest(&channel, &decision, &key, &data, origin, t0),
-            MeshMsg::Deliver { channel, frame, t0 } => {
-                self.deliver_local(&channel, Rc::from(frame), t0)
-            }
-            MeshMsg::Interest { channel, on, token } => {
+            MeshMsg::Deliver {
+                channel,
+                seq,
+                frame,
+                t0,
+            } => self.deliver_local(&channel, seq, Rc::from(frame), t0),
+            MeshMsg::Interest {
+                channel,
+                on,
+                token,
+                since,
+            } => {
                 {
                     let mut owned = self.owned.borrow_mut();
                     let state = self.owned_entry(&mut owned, &channel);
@@ -1047,28 +1303,37 @@ impl Shard {
                         _ => {}
                     }
                 }
-                if token != 0 {
+                // Registered first: every message after the replay's `upto` reaches that shard
+                // live (the mesh keeps each shard pair's messages in order).
+                if let Some(since) = since {
+                    let replay = Box::new(self.replay(&channel, since).into_bytes());
+                    self.route(from, MeshMsg::Replay { token, replay });
+                } else if token != 0 {
                     self.route(from, MeshMsg::InterestAck { token });
                 }
             }
-            MeshMsg::InterestAck { token } => {
-                let done = {
-                    let mut pending = self.pending_subs.borrow_mut();
-                    match pending.get_mut(&token) {
-                        Some(p) if p.waiting > 1 => {
-                            p.waiting -= 1;
-                            None
-                        }
-                        Some(_) => pending.remove(&token),
-                        None => None,
-                    }
-                };
-                if let Some(p) = done {
-                    let frame = protocol::subscribed(false, &p.channels, p.id.as_deref());
-                    self.send_to_conn(p.conn, frame);
-                }
-            }
+            MeshMsg::InterestAck { token } => self.answered(token, None),
+            MeshMsg::Replay { token, replay } => self.answered(token, Some(replay.into_frames())),
             MeshMsg::Reply { conn, frame } => self.send_to_conn(conn, Rc::from(frame)),
+        }
+    }
+
+    /// An owner answered a pending SUB (with a replay, for a channel asked with `since`).
+    fn answered(&self, token: u64, replay: Option<Replay<Frame>>) {
+        let done = {
+            let mut pending = self.pending_subs.borrow_mut();
+            let Some(p) = pending.get_mut(&token) else {
+                return;
+            };
+            p.replays.extend(replay);
+            p.waiting -= 1;
+            if p.waiting > 0 {
+                return;
+            }
+            pending.remove(&token)
+        };
+        if let Some(p) = done {
+            self.finish_subscribe(token, p);
         }
     }
 
@@ -1113,6 +1378,9 @@ impl Shard {
     pub fn sweep(&self, ping: &Frame) {
         let now = self.now_ms();
         let ws = &self.config.websocket;
+        for state in self.owned.borrow_mut().values_mut() {
+            state.ring.expire(now, self.history);
+        }
         for peer in self.peers() {
             peer.out.borrow_mut().shrink_if_idle();
             let quiet = now.saturating_sub(peer.last_heard.get());
@@ -1298,12 +1566,164 @@ mod tests {
             "SUBSCRIBED must wait for the owner"
         );
         sim.settle();
+        let epoch = sim.shards[1].epoch;
         assert_eq!(
             drain(&peer),
             vec![format!(
-                r#"{{"type":"SUBSCRIBED","channels":["{channel}"],"id":1}}"#
+                r#"{{"type":"SUBSCRIBED","channels":["{channel}"],"id":1,"epoch":{epoch}}}"#
             )]
         );
+    }
+
+    fn message(channel: &str, n: u64) -> String {
+        format!(r#"{{"type":"MESSAGE","channel":"{channel}","seq":{n},"data":{n}}}"#)
+    }
+
+    fn publish(sim: &Sim, shard: usize, publisher: &Rc<Peer>, channel: &str, n: u64) {
+        let json = format!(r#"{{"type":"PUBLISH","channel":"{channel}","data":{n}}}"#);
+        sim.request(shard, publisher, &json);
+    }
+
+    /// The `recovered` member of a SUBSCRIBED, as text.
+    fn recovered(subscribed: &str) -> &str {
+        let at = subscribed
+            .find(r#""recovered":"#)
+            .expect("recovered reported");
+        &subscribed[at + 12..subscribed.len() - 1]
+    }
+
+    #[test]
+    fn reconnecting_with_since_gets_exactly_what_was_missed_then_live() {
+        for (nshards, owner, sub_shard) in [(1, 0, 0), (2, 0, 1), (2, 1, 1)] {
+            let sim = Sim::new(nshards);
+            let channel = channel_owned_by(owner);
+            let publisher = sim.shards[0].add_conn();
+            let first = sim.shards[sub_shard].add_conn();
+            let sub = format!(r#"{{"type":"SUB","channels":["{channel}"]}}"#);
+            sim.request(sub_shard, &first, &sub);
+            sim.settle();
+            for n in 1..=3 {
+                publish(&sim, 0, &publisher, &channel, n);
+            }
+            sim.settle();
+            assert_eq!(drain(&first).len(), 4, "SUBSCRIBED and 3 messages");
+            sim.shards[sub_shard].remove_conn(&first);
+            sim.settle();
+            for n in 4..=8 {
+                publish(&sim, 0, &publisher, &channel, n);
+            }
+            sim.settle();
+            let again = sim.shards[sub_shard].add_conn();
+            let sub =
+                format!(r#"{{"type":"SUB","channels":["{channel}"],"since":{{"{channel}":3}}}}"#);
+            sim.request(sub_shard, &again, &sub);
+            sim.settle();
+            publish(&sim, 0, &publisher, &channel, 9);
+            sim.settle();
+            let got = drain(&again);
+            assert_eq!(recovered(&got[0]), format!(r#"{{"{channel}":true}}"#));
+            let expected: Vec<String> = (4..=9).map(|n| message(&channel, n)).collect();
+            assert_eq!(got[1..], expected, "{nshards} shards, owner {owner}");
+        }
+    }
+
+    #[test]
+    fn no_gap_or_duplicate_where_the_replay_meets_live_messages() {
+        let sim = Sim::new(2);
+        let channel = channel_owned_by(0);
+        // Shard 1 already receives the channel, so messages numbered before the owner sees the
+        // new SUB reach shard 1 both live and in the replay.
+        let other = sim.shards[1].add_conn();
+        let sub = format!(r#"{{"type":"SUB","channels":["{channel}"]}}"#);
+        sim.request(1, &other, &sub);
+        let publisher = sim.shards[0].add_conn();
+        publish(&sim, 0, &publisher, &channel, 1);
+        sim.settle();
+        let late = sim.shards[1].add_conn();
+        let sub = format!(r#"{{"type":"SUB","channels":["{channel}"],"since":{{"{channel}":1}}}}"#);
+        sim.request(1, &late, &sub);
+        // Numbered while the SUB is on its way to the owner, and after.
+        publish(&sim, 0, &publisher, &channel, 2);
+        sim.settle();
+        publish(&sim, 0, &publisher, &channel, 3);
+        sim.settle();
+        let got = drain(&late);
+        assert!(got[0].starts_with(r#"{"type":"SUBSCRIBED""#), "{got:?}");
+        assert_eq!(got[1..], [message(&channel, 2), message(&channel, 3)]);
+        // A subscriber that left while waiting for its replay gets nothing more.
+        let gone = sim.shards[1].add_conn();
+        let sub = format!(r#"{{"type":"SUB","channels":["{channel}"],"since":{{"{channel}":0}}}}"#);
+        sim.request(1, &gone, &sub);
+        sim.shards[1].remove_conn(&gone);
+        sim.settle();
+        assert!(drain(&gone).is_empty());
+        assert!(sim.shards[1].catching_up.borrow().is_empty());
+    }
+
+    #[test]
+    fn replay_beyond_the_history_or_from_another_epoch_is_incomplete() {
+        let mut config = Config::default();
+        config.history.size = 3;
+        let shard = Shard::new(0, 1, Arc::new(config), Arc::new(Global::new(1)));
+        let sim = Sim {
+            shards: vec![shard],
+        };
+        let channel = "org:a:usage";
+        let publisher = sim.shards[0].add_conn();
+        for n in 1..=10 {
+            publish(&sim, 0, &publisher, channel, n);
+        }
+        let ask = |json: String| {
+            let peer = sim.shards[0].add_conn();
+            sim.request(0, &peer, &json);
+            drain(&peer)
+        };
+        let got = ask(format!(
+            r#"{{"type":"SUB","channels":["{channel}"],"since":{{"{channel}":2}}}}"#
+        ));
+        assert_eq!(recovered(&got[0]), format!(r#"{{"{channel}":false}}"#));
+        let newest: Vec<String> = (8..=10).map(|n| message(channel, n)).collect();
+        assert_eq!(got[1..], newest, "what it has");
+        let got = ask(format!(
+            r#"{{"type":"SUB","channels":["{channel}"],"since":{{"{channel}":7}}}}"#
+        ));
+        assert_eq!(recovered(&got[0]), format!(r#"{{"{channel}":true}}"#));
+        assert_eq!(got[1..], newest);
+        let epoch = sim.shards[0].epoch;
+        let got = ask(format!(
+            r#"{{"type":"SUB","channels":["{channel}"],"since":{{"{channel}":7}},"epoch":{}}}"#,
+            epoch - 1
+        ));
+        assert_eq!(recovered(&got[0]), format!(r#"{{"{channel}":false}}"#));
+        // A seq the channel never reached (its sequence restarted) cannot be complete either.
+        let got = ask(format!(
+            r#"{{"type":"SUB","channels":["{channel}"],"since":{{"{channel}":11}},"epoch":{epoch}}}"#
+        ));
+        assert_eq!(recovered(&got[0]), format!(r#"{{"{channel}":false}}"#));
+        assert_eq!(got.len(), 1);
+    }
+
+    #[test]
+    fn a_replay_larger_than_the_queue_is_cut_and_reported_incomplete() {
+        let mut config = Config::default();
+        config.limits.outbound_queue_messages = 4;
+        let shard = Shard::new(0, 1, Arc::new(config), Arc::new(Global::new(1)));
+        let sim = Sim {
+            shards: vec![shard],
+        };
+        let channel = "org:a:usage";
+        let publisher = sim.shards[0].add_conn();
+        for n in 1..=10 {
+            publish(&sim, 0, &publisher, channel, n);
+        }
+        let peer = sim.shards[0].add_conn();
+        let sub = format!(r#"{{"type":"SUB","channels":["{channel}"],"since":{{"{channel}":0}}}}"#);
+        sim.request(0, &peer, &sub);
+        let got = drain(&peer);
+        assert_eq!(recovered(&got[0]), format!(r#"{{"{channel}":false}}"#));
+        let newest: Vec<String> = (8..=10).map(|n| message(channel, n)).collect();
+        assert_eq!(got[1..], newest);
+        assert_eq!(peer.dropped.get(), 0, "nothing lost silently");
     }
 
     #[test]

@@ -1,0 +1,193 @@
+//! A channel's recent messages, kept by its owner shard so that a client that reconnects with
+//! `since` gets exactly what it missed.
+//!
+//! Plain data, no I/O. Sequences may have holes (a decision refused by storage after later
+//! messages were numbered is never delivered), so "complete from seq N" is not "contiguous":
+//! the ring tracks the highest seq that was delivered and is no longer kept (`floor`). A replay
+//! after N is complete exactly when `N >= floor`.
+
+use std::collections::VecDeque;
+
+use crate::codec::Frame;
+
+/// How much history a channel keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Messages kept (0: none).
+    pub size: usize,
+    /// Milliseconds a message stays replayable (0: no age limit).
+    pub ttl_ms: u64,
+}
+
+#[derive(Debug)]
+struct Entry {
+    seq: u64,
+    at_ms: u64,
+    frame: Frame,
+}
+
+/// One channel's recent messages, oldest first.
+#[derive(Debug)]
+pub struct Ring {
+    entries: VecDeque<Entry>,
+    /// Highest seq delivered and no longer kept (or the sequence's start in this process).
+    floor: u64,
+    /// Highest seq delivered.
+    last: u64,
+}
+
+/// What a replay found for `since`.
+#[derive(Debug)]
+pub struct Found {
+    /// Kept messages with seq above `since`, in order.
+    pub frames: Vec<(u64, Frame)>,
+    /// Highest seq delivered so far: live messages above it follow the replay.
+    pub upto: u64,
+    /// Highest seq delivered and no longer kept: messages in `(since, floor]` are missing
+    /// from `frames` (only the store can supply them).
+    pub floor: u64,
+}
+
+impl Ring {
+    /// An empty ring whose sequence starts after `base` (0, or a stored channel's maximum).
+    pub fn new(base: u64) -> Self {
+        Self {
+            entries: VecDeque::new(),
+            floor: base,
+            last: base,
+        }
+    }
+
+    /// Highest seq delivered.
+    pub fn last(&self) -> u64 {
+        self.last
+    }
+
+    /// Record a delivered message (seqs arrive in increasing order).
+    pub fn push(&mut self, seq: u64, frame: &Frame, now_ms: u64, limits: Limits) {
+        self.last = seq;
+        if limits.size == 0 {
+            self.floor = seq;
+            return;
+        }
+        if self.entries.len() == limits.size {
+            self.evict_front();
+        }
+        self.entries.push_back(Entry {
+            seq,
+            at_ms: now_ms,
+            frame: frame.clone(),
+        });
+        self.expire(now_ms, limits);
+    }
+
+    /// Forget messages older than the TTL.
+    pub fn expire(&mut self, now_ms: u64, limits: Limits) {
+        if limits.ttl_ms == 0 {
+            return;
+        }
+        while let Some(front) = self.entries.front() {
+            if now_ms.saturating_sub(front.at_ms) <= limits.ttl_ms {
+                break;
+            }
+            self.evict_front();
+        }
+        if self.entries.is_empty() {
+            // Nothing kept: let the buffer go too (idle channels are many).
+            self.entries = VecDeque::new();
+        }
+    }
+
+    fn evict_front(&mut self) {
+        if let Some(old) = self.entries.pop_front() {
+            self.floor = old.seq;
+        }
+    }
+
+    /// The kept messages after `since`.
+    pub fn since(&mut self, since: u64, now_ms: u64, limits: Limits) -> Found {
+        self.expire(now_ms, limits);
+        let start = self.entries.partition_point(|e| e.seq <= since);
+        Found {
+            frames: self
+                .entries
+                .range(start..)
+                .map(|e| (e.seq, e.frame.clone()))
+                .collect(),
+            upto: self.last,
+            floor: self.floor,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::rc::Rc;
+
+    fn frame(n: u64) -> Frame {
+        Rc::from(n.to_string().into_bytes())
+    }
+
+    fn seqs(found: &Found) -> Vec<u64> {
+        found.frames.iter().map(|(s, _)| *s).collect()
+    }
+
+    const KEEP3: Limits = Limits { size: 3, ttl_ms: 0 };
+
+    #[test]
+    fn keeps_the_newest_and_knows_what_it_lost() {
+        let mut ring = Ring::new(0);
+        for seq in 1..=5 {
+            ring.push(seq, &frame(seq), 0, KEEP3);
+        }
+        let found = ring.since(2, 0, KEEP3);
+        assert_eq!(seqs(&found), [3, 4, 5]);
+        assert_eq!((found.upto, found.floor), (5, 2));
+        let found = ring.since(1, 0, KEEP3);
+        assert_eq!(seqs(&found), [3, 4, 5], "seq 2 is gone");
+        assert!(found.floor > 1);
+        assert!(ring.since(5, 0, KEEP3).frames.is_empty());
+    }
+
+    #[test]
+    fn holes_in_the_sequence_do_not_count_as_losses() {
+        let mut ring = Ring::new(10);
+        for seq in [11, 13, 14] {
+            ring.push(seq, &frame(seq), 0, KEEP3);
+        }
+        let found = ring.since(10, 0, KEEP3);
+        assert_eq!(seqs(&found), [11, 13, 14]);
+        assert_eq!(
+            found.floor, 10,
+            "a stored channel's ring starts at its base"
+        );
+    }
+
+    #[test]
+    fn old_messages_expire() {
+        let limits = Limits {
+            size: 10,
+            ttl_ms: 1_000,
+        };
+        let mut ring = Ring::new(0);
+        ring.push(1, &frame(1), 0, limits);
+        ring.push(2, &frame(2), 900, limits);
+        let found = ring.since(0, 1_500, limits);
+        assert_eq!(seqs(&found), [2]);
+        assert_eq!(found.floor, 1);
+        let found = ring.since(0, 5_000, limits);
+        assert!(found.frames.is_empty());
+        assert_eq!((found.floor, found.upto), (2, 2));
+    }
+
+    #[test]
+    fn size_zero_keeps_nothing_but_tracks_the_sequence() {
+        let none = Limits { size: 0, ttl_ms: 0 };
+        let mut ring = Ring::new(0);
+        ring.push(1, &frame(1), 0, none);
+        let found = ring.since(0, 0, none);
+        assert!(found.frames.is_empty());
+        assert_eq!((found.floor, found.upto), (1, 1));
+    }
+}

@@ -1,0 +1,135 @@
+//! Catching up after a reconnect: `SUB` with `since` replays what was missed, then live.
+
+mod common;
+
+use common::{channels_owned_by_each_shard, Client, Server, ADMIN};
+use serde_json::{json, Value};
+
+/// PUBLISH with an id and return the seq from its ACK.
+fn publish(c: &mut Client, channel: &str, n: u64) -> u64 {
+    c.send(json!({"type":"PUBLISH","channel":channel,"data":{"n":n},"id":n}));
+    let ack = c.recv_type("ACK");
+    assert_eq!(ack["id"], n, "{ack}");
+    ack["seq"].as_u64().expect("seq")
+}
+
+/// Receive `count` messages and return (channel, seq, n) of each.
+fn messages(c: &mut Client, count: usize) -> Vec<(String, u64, u64)> {
+    (0..count)
+        .map(|_| {
+            let m = c.recv();
+            assert_eq!(m["type"], "MESSAGE", "{m}");
+            let channel = m["channel"].as_str().expect("channel").to_string();
+            (
+                channel,
+                m["seq"].as_u64().unwrap(),
+                m["data"]["n"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Subscribe with `since` and return the SUBSCRIBED answer.
+fn subscribe_since(c: &mut Client, since: &[(&str, u64)]) -> Value {
+    let channels: Vec<&str> = since.iter().map(|(c, _)| *c).collect();
+    let since: serde_json::Map<String, Value> = since
+        .iter()
+        .map(|(c, s)| (c.to_string(), json!(s)))
+        .collect();
+    c.send(json!({"type":"SUB","channels":channels,"since":since,"id":"again"}));
+    let answer = c.recv();
+    assert_eq!(answer["type"], "SUBSCRIBED", "{answer}");
+    answer
+}
+
+fn missed_messages_come_back_in_order_then_live(shards: usize) {
+    const MISSED: u64 = 20;
+    let server = Server::start_with(shards, "");
+    let channels: Vec<String> = if shards == 1 {
+        vec!["org:team0:usage".into()]
+    } else {
+        channels_owned_by_each_shard("usage").to_vec()
+    };
+    let names: Vec<&str> = channels.iter().map(String::as_str).collect();
+    let mut publisher = server.client_on(ADMIN, 0);
+    let mut sub = server.client_on(ADMIN, shards - 1);
+    sub.subscribe(&names);
+    for name in &names {
+        publish(&mut publisher, name, 0);
+    }
+    let seen = messages(&mut sub, names.len());
+    drop(sub);
+
+    // Missed while away (each channel numbers its own messages).
+    let mut missed: Vec<(String, u64, u64)> = Vec::new();
+    for n in 1..=MISSED {
+        for name in &names {
+            let seq = publish(&mut publisher, name, n);
+            missed.push((name.to_string(), seq, n));
+        }
+    }
+
+    let mut again = server.client_on(ADMIN, shards - 1);
+    let since: Vec<(&str, u64)> = seen.iter().map(|(c, s, _)| (c.as_str(), *s)).collect();
+    let answer = subscribe_since(&mut again, &since);
+    for name in &names {
+        assert_eq!(answer["recovered"][name], true, "{answer}");
+    }
+    assert!(answer["epoch"].as_u64().is_some(), "{answer}");
+    let replayed = messages(&mut again, missed.len());
+    for name in &names {
+        let of = |list: &[(String, u64, u64)]| -> Vec<(u64, u64)> {
+            list.iter()
+                .filter(|(c, _, _)| c == name)
+                .map(|(_, s, n)| (*s, *n))
+                .collect()
+        };
+        assert_eq!(
+            of(&replayed),
+            of(&missed),
+            "{name}: exactly what was missed, in order"
+        );
+    }
+    // Then live, with nothing repeated at the seam.
+    for name in &names {
+        let seq = publish(&mut publisher, name, 99);
+        let live = messages(&mut again, 1);
+        assert_eq!(live, [(name.to_string(), seq, 99)]);
+    }
+    again.ping();
+}
+
+#[test]
+fn missed_messages_come_back_in_order_then_live_on_one_shard() {
+    missed_messages_come_back_in_order_then_live(1);
+}
+
+#[test]
+fn missed_messages_come_back_in_order_then_live_across_shards() {
+    missed_messages_come_back_in_order_then_live(2);
+}
+
+#[test]
+fn since_beyond_the_history_is_reported_not_recovered() {
+    let server = Server::start("[history]\nsize = 5\n");
+    let [a, b] = channels_owned_by_each_shard("usage");
+    let mut publisher = server.client_on(ADMIN, 0);
+    for n in 1..=10 {
+        publish(&mut publisher, &a, n);
+        publish(&mut publisher, &b, n);
+    }
+    let mut late = server.client_on(ADMIN, 1);
+    let answer = subscribe_since(&mut late, &[(&a, 2), (&b, 5)]);
+    assert_eq!(answer["recovered"][&a], false, "{answer}");
+    assert_eq!(answer["recovered"][&b], true, "{answer}");
+    let got = messages(&mut late, 10);
+    let of = |name: &str| -> Vec<u64> {
+        got.iter()
+            .filter(|(c, _, _)| c == name)
+            .map(|(_, s, _)| *s)
+            .collect()
+    };
+    assert_eq!(of(&a), [6, 7, 8, 9, 10], "what the history still has");
+    assert_eq!(of(&b), [6, 7, 8, 9, 10]);
+    late.ping();
+}
