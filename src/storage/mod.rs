@@ -13,7 +13,10 @@
 //! recover the channels' seqs) is `server::open_storage`.
 
 pub mod postgres;
+pub mod reader;
 pub mod sqlite;
+
+pub use reader::Reader;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -192,7 +195,84 @@ pub struct RecentKey {
     pub seq: u64,
 }
 
-/// A database the writer commits to.
+/// One org's decisions, filtered, a page at a time (the decisions API).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DecisionQuery {
+    /// Organization (always set: nobody reads another org's decisions).
+    pub org: String,
+    /// Only this channel.
+    pub channel: Option<String>,
+    /// Only this outcome (allow, deny, …).
+    pub decision: Option<String>,
+    /// Created at or after, Unix milliseconds.
+    pub since_ms: Option<i64>,
+    /// Created before, Unix milliseconds.
+    pub until_ms: Option<i64>,
+    /// Continue after this (created_ms, id): the last row of the previous page.
+    pub after: Option<(i64, String)>,
+    /// Newest first (else oldest first).
+    pub newest_first: bool,
+    /// Most rows.
+    pub limit: usize,
+}
+
+/// A parameter of SQL built at run time.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Param {
+    Text(String),
+    Int(i64),
+}
+
+impl DecisionQuery {
+    /// The `WHERE … ORDER BY … LIMIT …` of this query and its parameters, with `placeholder(n)`
+    /// spelling the n-th parameter (1-based) in the backend's dialect. Every value is a
+    /// parameter, never spliced into the text.
+    pub(crate) fn tail(&self, placeholder: fn(usize) -> String) -> (String, Vec<Param>) {
+        let mut params = vec![Param::Text(self.org.clone())];
+        let mut sql = format!(" WHERE org = {}", placeholder(1));
+        let mut add = |sql: &mut String, clause: &str, param: Param| {
+            params.push(param);
+            sql.push_str(&clause.replace('?', &placeholder(params.len())));
+        };
+        if let Some(channel) = &self.channel {
+            add(&mut sql, " AND channel = ?", Param::Text(channel.clone()));
+        }
+        if let Some(decision) = &self.decision {
+            add(&mut sql, " AND decision = ?", Param::Text(decision.clone()));
+        }
+        if let Some(ms) = self.since_ms {
+            add(&mut sql, " AND created_ms >= ?", Param::Int(ms));
+        }
+        if let Some(ms) = self.until_ms {
+            add(&mut sql, " AND created_ms < ?", Param::Int(ms));
+        }
+        let (cmp, order) = if self.newest_first {
+            ("<", "DESC")
+        } else {
+            (">", "ASC")
+        };
+        if let Some((ms, id)) = &self.after {
+            // Keyset paging: (created_ms, id) orders every row, so no row is skipped or repeated
+            // when rows arrive between pages.
+            add(
+                &mut sql,
+                &format!(" AND (created_ms {cmp} ?"),
+                Param::Int(*ms),
+            );
+            add(&mut sql, " OR (created_ms = ?", Param::Int(*ms));
+            add(
+                &mut sql,
+                &format!(" AND id {cmp} ?))"),
+                Param::Text(id.clone()),
+            );
+        }
+        sql.push_str(&format!(" ORDER BY created_ms {order}, id {order}"));
+        add(&mut sql, " LIMIT ?", Param::Int(self.limit as i64));
+        (sql, params)
+    }
+}
+
+/// A database the writer commits to (and the readers read from).
 pub trait Store: Send {
     /// Store `batch` in one transaction; one outcome per record, in order. An error means
     /// nothing of the batch is stored.
@@ -208,6 +288,17 @@ pub trait Store: Send {
     fn find(&mut self, org: &str, key: &str) -> Result<Option<Record>, StorageError>;
     /// Delete at most `limit` decisions created before `before_ms`; returns how many went.
     fn trim(&mut self, before_ms: i64, limit: usize) -> Result<usize, StorageError>;
+    /// `(seq, data)` of the decisions on `channel` with `after < seq <= upto`, in seq order,
+    /// at most `limit`.
+    fn history(
+        &mut self,
+        channel: &str,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, String)>, StorageError>;
+    /// A page of one org's decisions.
+    fn decisions(&mut self, query: &DecisionQuery) -> Result<Vec<Record>, StorageError>;
 }
 
 /// Opens a store; called again, with backoff, after a failure.
@@ -575,5 +666,66 @@ pub(crate) mod contract {
         assert_eq!(db.trim(2_000, 10).unwrap(), 0);
         assert_eq!(db.find("acme", "old").unwrap(), None);
         assert!(db.find("acme", "k2").unwrap().is_some());
+
+        // History of a channel by seq, for replay.
+        let channel = "org:acme:decisions";
+        let history = db.history(channel, 0, 100, 10).unwrap();
+        let seqs: Vec<u64> = history.iter().map(|(s, _)| *s).collect();
+        assert_eq!(seqs, [1, 2]);
+        assert_eq!(
+            history[0].1, a.data,
+            "data comes back as stored, byte for byte"
+        );
+        assert_eq!(db.history(channel, 1, 1, 10).unwrap(), []);
+        assert_eq!(db.history(channel, 0, 100, 1).unwrap().len(), 1);
+
+        // The decisions API: one org, filters, keyset pages in both orders.
+        for n in 0..5 {
+            let mut r = record("query", &format!("q{n}"), "org:query:decisions", n + 1);
+            r.created_ms = 10_000 + (n as i64 / 2) * 1_000; // pairs share a millisecond
+            r.decision = if n % 2 == 0 { "allow" } else { "deny" }.into();
+            if n == 4 {
+                r.channel = "org:query:other".into();
+                r.seq = 1;
+            }
+            db.commit(&[&r]).unwrap();
+        }
+        let keys = |rows: &[Record]| -> Vec<String> {
+            rows.iter().map(|r| r.idempotency_key.clone()).collect()
+        };
+        let mut query = DecisionQuery {
+            org: "query".into(),
+            limit: 2,
+            ..DecisionQuery::default()
+        };
+        let mut pages = Vec::new();
+        loop {
+            let page = db.decisions(&query).unwrap();
+            let Some(last) = page.last() else { break };
+            query.after = Some((last.created_ms, last.id.clone()));
+            pages.push(keys(&page));
+        }
+        assert_eq!(pages, [vec!["q0", "q1"], vec!["q2", "q3"], vec!["q4"]]);
+        query.newest_first = true;
+        query.after = None;
+        query.limit = 10;
+        let newest = keys(&db.decisions(&query).unwrap());
+        assert_eq!(newest, ["q4", "q3", "q2", "q1", "q0"]);
+        let filtered = DecisionQuery {
+            org: "query".into(),
+            channel: Some("org:query:decisions".into()),
+            decision: Some("allow".into()),
+            since_ms: Some(10_000),
+            until_ms: Some(12_000),
+            limit: 10,
+            ..DecisionQuery::default()
+        };
+        assert_eq!(keys(&db.decisions(&filtered).unwrap()), ["q0", "q2"]);
+        let nobody = DecisionQuery {
+            org: "nobody".into(),
+            limit: 10,
+            ..DecisionQuery::default()
+        };
+        assert!(db.decisions(&nobody).unwrap().is_empty());
     }
 }

@@ -6,9 +6,10 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
+use postgres::types::ToSql;
 use postgres::{Client, NoTls};
 
-use super::{Outcome, RecentKey, Record, Recovered, StorageError, Store};
+use super::{DecisionQuery, Outcome, Param, RecentKey, Record, Recovered, StorageError, Store};
 
 /// Versioned migrations, applied in order; a database remembers which it has.
 const MIGRATIONS: &[(i32, &str)] = &[(
@@ -208,31 +209,67 @@ impl Store for Postgres {
     }
 
     fn find(&mut self, org: &str, key: &str) -> Result<Option<Record>, StorageError> {
-        let row = self.client.query_opt(
-            "SELECT id, org, channel, seq, schema, idempotency_key, direction, decision, tool,
-                    scope, payload_hash, latency_ms, correlation_id, tags::text, data::text,
-                    created_ms
-             FROM decisions WHERE org = $1 AND idempotency_key = $2",
-            &[&org, &key],
+        let sql =
+            format!("SELECT {COLUMNS} FROM decisions WHERE org = $1 AND idempotency_key = $2");
+        let row = self.client.query_opt(&sql, &[&org, &key])?;
+        Ok(row.as_ref().map(record))
+    }
+
+    fn history(
+        &mut self,
+        channel: &str,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, String)>, StorageError> {
+        let rows = self.client.query(
+            "SELECT seq, data::text FROM decisions WHERE channel = $1 AND seq > $2 AND seq <= $3
+             ORDER BY seq LIMIT $4",
+            &[&channel, &(after as i64), &(upto as i64), &(limit as i64)],
         )?;
-        Ok(row.map(|row| Record {
-            id: row.get(0),
-            org: row.get(1),
-            channel: row.get(2),
-            seq: row.get::<_, i64>(3) as u64,
-            schema: row.get(4),
-            idempotency_key: row.get(5),
-            direction: row.get(6),
-            decision: row.get(7),
-            tool: row.get(8),
-            scope: row.get(9),
-            payload_hash: row.get(10),
-            latency_ms: row.get(11),
-            correlation_id: row.get(12),
-            tags: row.get(13),
-            data: row.get(14),
-            created_ms: row.get(15),
-        }))
+        Ok(rows
+            .iter()
+            .map(|row| (row.get::<_, i64>(0) as u64, row.get(1)))
+            .collect())
+    }
+
+    fn decisions(&mut self, query: &DecisionQuery) -> Result<Vec<Record>, StorageError> {
+        let (tail, params) = query.tail(|n| format!("${n}"));
+        let params: Vec<Box<dyn ToSql + Sync>> = params
+            .into_iter()
+            .map(|p| match p {
+                Param::Text(s) => Box::new(s) as Box<dyn ToSql + Sync>,
+                Param::Int(i) => Box::new(i),
+            })
+            .collect();
+        let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p.as_ref()).collect();
+        let sql = format!("SELECT {COLUMNS} FROM decisions{tail}");
+        Ok(self.client.query(&sql, &refs)?.iter().map(record).collect())
+    }
+}
+
+/// A decision's columns, in the order [`record`] reads them (JSON columns as their text).
+const COLUMNS: &str = "id, org, channel, seq, schema, idempotency_key, direction, decision,
+    tool, scope, payload_hash, latency_ms, correlation_id, tags::text, data::text, created_ms";
+
+fn record(row: &::postgres::Row) -> Record {
+    Record {
+        id: row.get(0),
+        org: row.get(1),
+        channel: row.get(2),
+        seq: row.get::<_, i64>(3) as u64,
+        schema: row.get(4),
+        idempotency_key: row.get(5),
+        direction: row.get(6),
+        decision: row.get(7),
+        tool: row.get(8),
+        scope: row.get(9),
+        payload_hash: row.get(10),
+        latency_ms: row.get(11),
+        correlation_id: row.get(12),
+        tags: row.get(13),
+        data: row.get(14),
+        created_ms: row.get(15),
     }
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use super::{Outcome, RecentKey, Record, Recovered, StorageError, Store};
+use super::{DecisionQuery, Outcome, Param, RecentKey, Record, Recovered, StorageError, Store};
 
 /// Versioned migrations, applied in order; a database remembers which it has.
 const MIGRATIONS: &[(u32, &str)] = &[(
@@ -164,37 +164,69 @@ impl Store for Sqlite {
     }
 
     fn find(&mut self, org: &str, key: &str) -> Result<Option<Record>, StorageError> {
+        let sql =
+            format!("SELECT {COLUMNS} FROM decisions WHERE org = ?1 AND idempotency_key = ?2");
         Ok(self
             .conn
-            .query_row(
-                "SELECT id, org, channel, seq, schema, idempotency_key, direction, decision,
-                        tool, scope, payload_hash, latency_ms, correlation_id, tags, data,
-                        created_ms
-                 FROM decisions WHERE org = ?1 AND idempotency_key = ?2",
-                params![org, key],
-                |row| {
-                    Ok(Record {
-                        id: row.get(0)?,
-                        org: row.get(1)?,
-                        channel: row.get(2)?,
-                        seq: row.get::<_, i64>(3)? as u64,
-                        schema: row.get(4)?,
-                        idempotency_key: row.get(5)?,
-                        direction: row.get(6)?,
-                        decision: row.get(7)?,
-                        tool: row.get(8)?,
-                        scope: row.get(9)?,
-                        payload_hash: row.get(10)?,
-                        latency_ms: row.get(11)?,
-                        correlation_id: row.get(12)?,
-                        tags: row.get(13)?,
-                        data: row.get(14)?,
-                        created_ms: row.get(15)?,
-                    })
-                },
-            )
+            .query_row(&sql, params![org, key], record)
             .optional()?)
     }
+
+    fn history(
+        &mut self,
+        channel: &str,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, String)>, StorageError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, data FROM decisions WHERE channel = ?1 AND seq > ?2 AND seq <= ?3
+             ORDER BY seq LIMIT ?4",
+        )?;
+        let rows = stmt.query_map(
+            params![channel, after as i64, upto as i64, limit as i64],
+            |row| Ok((row.get::<_, i64>(0)? as u64, row.get(1)?)),
+        )?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn decisions(&mut self, query: &DecisionQuery) -> Result<Vec<Record>, StorageError> {
+        let (tail, params) = query.tail(|n| format!("?{n}"));
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!("SELECT {COLUMNS} FROM decisions{tail}"))?;
+        let values = params.into_iter().map(|p| match p {
+            Param::Text(s) => rusqlite::types::Value::Text(s),
+            Param::Int(i) => rusqlite::types::Value::Integer(i),
+        });
+        let rows = stmt.query_map(rusqlite::params_from_iter(values), record)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+/// A decision's columns, in the order [`record`] reads them.
+const COLUMNS: &str = "id, org, channel, seq, schema, idempotency_key, direction, decision,
+    tool, scope, payload_hash, latency_ms, correlation_id, tags, data, created_ms";
+
+fn record(row: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
+    Ok(Record {
+        id: row.get(0)?,
+        org: row.get(1)?,
+        channel: row.get(2)?,
+        seq: row.get::<_, i64>(3)? as u64,
+        schema: row.get(4)?,
+        idempotency_key: row.get(5)?,
+        direction: row.get(6)?,
+        decision: row.get(7)?,
+        tool: row.get(8)?,
+        scope: row.get(9)?,
+        payload_hash: row.get(10)?,
+        latency_ms: row.get(11)?,
+        correlation_id: row.get(12)?,
+        tags: row.get(13)?,
+        data: row.get(14)?,
+        created_ms: row.get(15)?,
+    })
 }
 
 #[cfg(test)]
