@@ -195,6 +195,9 @@ pub struct Storage {
     pub max_batch: usize,
     /// Days a decision is kept (0: for ever); a background job deletes older ones.
     pub retention_days: u64,
+    /// Reader threads (replays past the in-memory history, the decisions API), each with its
+    /// own connection.
+    pub readers: usize,
 }
 
 impl Default for Storage {
@@ -205,6 +208,7 @@ impl Default for Storage {
             queue_capacity: 65_536,
             max_batch: 4_096,
             retention_days: 0,
+            readers: 2,
         }
     }
 }

@@ -24,7 +24,7 @@ use crate::mesh::{self, Batch};
 use crate::metrics::Global;
 use crate::poller::{self, Poller, Ring, Watched};
 use crate::shard::{Shard, StorageLink};
-use crate::storage::{self, Backend, Completion, Recovered, StorageError, Writer};
+use crate::storage::{self, Backend, Completion, Reader, Recovered, StorageError, Writer};
 
 /// Errors that stop the server from starting.
 #[derive(Debug, thiserror::Error)]
@@ -212,9 +212,14 @@ pub fn start(mut config: Config) -> Result<Server, ServerError> {
         sockets.push(socket);
     }
 
-    let (writer, thread, recovered) = match open_storage(&config, nshards)? {
-        Some((writer, thread, recovered)) => (Some(writer), Some(thread), recovered),
-        None => (None, None, Recovered::default()),
+    let (writer, thread, reader, recovered) = match open_storage(&config, nshards)? {
+        Some(opened) => (
+            Some(opened.writer),
+            Some(opened.thread),
+            Some(opened.reader),
+            opened.recovered,
+        ),
+        None => (None, None, None, Recovered::default()),
     };
     let recovered = Arc::new(recovered);
     let config = Arc::new(config);
@@ -232,16 +237,26 @@ pub fn start(mut config: Config) -> Result<Server, ServerError> {
         let ring =
             Ring::new(per_shard).map_err(|source| ServerError::Ring { shard: id, source })?;
         let listener = OwnedFd::from(socket);
-        let link = writer.as_ref().map(|writer| {
-            let (completions, inbox) = flume::unbounded();
-            let durable = config.storage.ack == crate::config::AckMode::Durable;
-            let link = StorageLink {
-                writer: writer.clone(),
-                completions,
-                durable,
-            };
-            (link, inbox, recovered.clone())
-        });
+        let link = writer
+            .as_ref()
+            .zip(reader.as_ref())
+            .map(|(writer, reader)| {
+                let (completions, inbox) = flume::unbounded();
+                let (loaded, loads) = flume::unbounded();
+                let durable = config.storage.ack == crate::config::AckMode::Durable;
+                let link = StorageLink {
+                    writer: writer.clone(),
+                    completions,
+                    durable,
+                    reader: reader.clone(),
+                    loaded,
+                };
+                let inboxes = Inboxes {
+                    completions: inbox,
+                    loads,
+                };
+                (link, inboxes, recovered.clone())
+            });
         let parts = ShardParts {
             listener,
             ring,
@@ -270,16 +285,27 @@ pub fn start(mut config: Config) -> Result<Server, ServerError> {
 struct ShardParts {
     listener: OwnedFd,
     ring: Ring,
-    /// The writer link, this shard's completions, and what the store recovered.
-    storage: Option<(StorageLink, flume::Receiver<Completion>, Arc<Recovered>)>,
+    /// The storage link, where this shard's answers come back, and what the store recovered.
+    storage: Option<(StorageLink, Inboxes, Arc<Recovered>)>,
+}
+
+/// Where the storage threads answer one shard.
+struct Inboxes {
+    completions: flume::Receiver<Completion>,
+    loads: flume::Receiver<crate::shard::Loaded>,
+}
+
+/// An open store: its writer, its readers, and what the shards need to continue.
+struct Opened {
+    writer: Writer,
+    thread: std::thread::JoinHandle<()>,
+    reader: storage::Reader,
+    recovered: Recovered,
 }
 
 /// Open the configured store (migrating it and reading what the shards need to continue), and
 /// start its writer thread; `None` for "memory".
-fn open_storage(
-    config: &Config,
-    nshards: usize,
-) -> Result<Option<(Writer, std::thread::JoinHandle<()>, Recovered)>, ServerError> {
+fn open_storage(config: &Config, nshards: usize) -> Result<Option<Opened>, ServerError> {
     let backend = Backend::parse(&config.storage.url)?;
     let what = match &backend {
         Backend::Memory => String::new(),
@@ -287,7 +313,7 @@ fn open_storage(
         // Not the url: it may hold a password.
         Backend::Postgres(_) => "PostgreSQL".into(),
     };
-    let Some(mut connect) = storage::connector(backend) else {
+    let Some(mut connect) = storage::connector(backend.clone()) else {
         tracing::warn!(
             "storage url is \"memory\": decisions are NOT durable, and idempotency keys are \
              forgotten on restart"
@@ -312,8 +338,20 @@ fn open_storage(
             .then(|| Duration::from_secs(config.storage.retention_days * 86_400)),
         ..storage::WriterConfig::default()
     };
-    let (writer, handle) = Writer::spawn(writer_config, connect).map_err(StorageError::Io)?;
-    Ok(Some((writer, handle, recovered)))
+    let (writer, thread) = Writer::spawn(writer_config, connect).map_err(StorageError::Io)?;
+    // Readers connect on their first read (their threads end with the process).
+    let reader = Reader::spawn(&backend, config.storage.readers, READ_QUEUE)
+        .map_err(StorageError::Io)?
+        .map(|(reader, _threads)| reader);
+    let Some(reader) = reader else {
+        return Ok(None);
+    };
+    Ok(Some(Opened {
+        writer,
+        thread,
+        reader,
+        recovered,
+    }))
 }
 
 async fn run_shard(
@@ -332,16 +370,26 @@ async fn run_shard(
         storage,
     } = parts;
     let mut shard = Shard::new(id, nshards, config, global);
-    let completions = storage.map(|(link, inbox, recovered)| {
+    let inboxes = storage.map(|(link, inboxes, recovered)| {
         shard.attach_storage(link, &recovered);
-        inbox
+        inboxes
     });
     let shard = Rc::new(shard);
-    // Storage outcomes come back from the writer thread; only this task waits for them.
-    let stored = completions.map(|inbox| {
+    // Storage outcomes come back from the writer and reader threads; only these tasks wait
+    // for them.
+    let stored = inboxes.map(|inboxes| {
         let shard = shard.clone();
+        let loads = inboxes.loads;
+        let reads = shard.clone();
         glommio::spawn_local(async move {
-            while let Ok(completion) = inbox.recv_async().await {
+            while let Ok(loaded) = loads.recv_async().await {
+                reads.loaded(loaded);
+            }
+        })
+        .detach();
+        let completions = inboxes.completions;
+        glommio::spawn_local(async move {
+            while let Ok(completion) = completions.recv_async().await {
                 shard.stored(completion);
             }
         })
@@ -392,6 +440,10 @@ async fn run_shard(
 
 /// Token of the listener in the shard's poller (connections use their ids).
 const LISTENER: u64 = poller::MAX_TOKEN;
+
+/// Reads waiting for a storage reader at most; beyond it a replay goes without the store and
+/// the decisions API answers 503.
+const READ_QUEUE: usize = 1_024;
 
 /// What the readiness task tells the accept loop.
 #[derive(Default)]

@@ -308,6 +308,37 @@ pub struct StorageLink {
     pub completions: flume::Sender<storage::Completion>,
     /// ACK only after commit (`ack = "durable"`).
     pub durable: bool,
+    /// The store's readers, for replays that reach past the in-memory history.
+    pub reader: storage::Reader,
+    /// Where this shard's reads come back (read by the server's completion task).
+    pub loaded: flume::Sender<Loaded>,
+}
+
+/// A read this shard asked for, answered.
+#[derive(Debug)]
+pub struct Loaded {
+    /// The shard's token for the read.
+    pub token: u64,
+    /// What was read.
+    pub result: Result<storage::reader::Answer, String>,
+}
+
+/// Where a replay goes once the owner has it.
+#[derive(Debug)]
+enum ReplayTo {
+    /// A pending SUB on some shard.
+    Sub { shard: usize, token: u64 },
+}
+
+/// A replay waiting for stored decisions older than the channel's in-memory history.
+#[derive(Debug)]
+struct PendingRead {
+    to: ReplayTo,
+    since: Since,
+    /// Lowest seq the ring holds is above this; the store is asked for `(since, floor]`.
+    floor: u64,
+    /// What the ring had when the subscriber was registered.
+    ring: Replay<Frame>,
 }
 
 /// A decision sent to storage whose outcome this shard is waiting for.
@@ -385,6 +416,7 @@ pub struct Shard {
     dedup: RefCell<DedupTable>,
     ids: RefCell<IdGenerator>,
     pending_subs: RefCell<HashMap<u64, PendingSub>>,
+    pending_reads: RefCell<HashMap<u64, PendingRead>>,
     /// Per channel, the local subscribers waiting for a replay, by connection id.
     catching_up: RefCell<HashMap<Rc<str>, HashMap<u64, CatchUp>>>,
     history: history::Limits,
@@ -435,6 +467,7 @@ impl Shard {
             dedup: RefCell::new(dedup),
             ids: RefCell::new(IdGenerator::new(id)),
             pending_subs: RefCell::default(),
+            pending_reads: RefCell::default(),
             catching_up: RefCell::default(),
             history: config.history.limits(),
             epoch: global.boot_id,
@@ -730,6 +763,7 @@ impl Shard {
         }
         let token = self.next_token.get();
         self.next_token.set(token + 1);
+        let mut local = Vec::new();
         let mut pending = PendingSub {
             conn: peer.id,
             channels: Vec::new(),
@@ -772,14 +806,22 @@ impl Shard {
                 };
                 self.route(owner, msg);
             } else if let Some(since) = since {
-                pending.replays.push(self.replay(name, since));
+                pending.waiting += 1;
+                local.push((name.clone(), since));
             }
         }
         pending.channels = accepted;
         if pending.waiting == 0 {
-            self.finish_subscribe(token, pending);
-        } else {
-            self.pending_subs.borrow_mut().insert(token, pending);
+            return self.finish_subscribe(token, pending);
+        }
+        self.pending_subs.borrow_mut().insert(token, pending);
+        // Owned here: answered at once from the ring, or once the store has been read.
+        for (name, since) in local {
+            let to = ReplayTo::Sub {
+                shard: self.id,
+                token,
+            };
+            self.replay(&name, since, to);
         }
     }
 
@@ -862,17 +904,101 @@ impl Shard {
         }
     }
 
-    /// The owner's side of a replay: register nothing, just find what came after `since` on a
-    /// channel this shard owns.
-    fn replay(&self, channel: &str, since: Since) -> Replay<Frame> {
-        let mut owned = self.owned.borrow_mut();
-        let state = self.owned_entry(&mut owned, channel);
-        let found = state.ring.since(since.after, self.now_ms(), self.history);
-        Replay {
+    /// The owner's side of a replay: find what came after `since` on a channel this shard
+    /// owns and send it `to` the subscriber. What the ring no longer holds may be stored
+    /// decisions: then the store is read first.
+    fn replay(&self, channel: &str, since: Since, to: ReplayTo) {
+        let found = {
+            let mut owned = self.owned.borrow_mut();
+            let state = self.owned_entry(&mut owned, channel);
+            state.ring.since(since.after, self.now_ms(), self.history)
+        };
+        let in_range = since.after <= found.upto;
+        let ring = Replay {
             channel: channel.into(),
             frames: found.frames,
             upto: found.upto,
-            complete: !since.stale && since.after >= found.floor && since.after <= found.upto,
+            complete: !since.stale && in_range && since.after >= found.floor,
+        };
+        // Fewer than a queue's worth missing, or it could not be sent whole anyway.
+        let missing = found.floor.saturating_sub(since.after);
+        let reader = self
+            .storage
+            .as_ref()
+            .filter(|_| in_range && missing > 0 && missing as usize <= self.bounds.messages);
+        let Some(link) = reader else {
+            return self.send_replay(to, ring);
+        };
+        let token = self.next_token.get();
+        self.next_token.set(token + 1);
+        let query = storage::reader::Query::History {
+            channel: channel.into(),
+            after: since.after,
+            upto: found.floor,
+            limit: missing as usize,
+        };
+        let loaded = link.loaded.clone();
+        let reply = Box::new(move |result| drop(loaded.send(Loaded { token, result })));
+        match link.reader.submit(query, reply) {
+            Ok(()) => {
+                let floor = found.floor;
+                let read = PendingRead {
+                    to,
+                    since,
+                    floor,
+                    ring,
+                };
+                self.pending_reads.borrow_mut().insert(token, read);
+            }
+            Err(e) => {
+                tracing::warn!(shard = self.id, "replay from the store refused: {e}");
+                self.send_replay(to, ring);
+            }
+        }
+    }
+
+    /// Stored decisions for a replay have been read: put them before what the ring had.
+    /// The replay is complete when the store holds every seq the ring lost (a hole means an
+    /// ephemeral message, gone for good).
+    pub fn loaded(&self, loaded: Loaded) {
+        let Some(read) = self.pending_reads.borrow_mut().remove(&loaded.token) else {
+            return;
+        };
+        let mut replay = read.ring;
+        let rows = match loaded.result {
+            Ok(storage::reader::Answer::History(rows)) => rows,
+            Ok(other) => {
+                tracing::error!(shard = self.id, "history read answered with {other:?}");
+                Vec::new()
+            }
+            Err(e) => {
+                tracing::warn!(shard = self.id, "replay from the store failed: {e}");
+                Vec::new()
+            }
+        };
+        // Seqs are unique and within (after, floor]: as many rows as seqs means all of them.
+        let all = rows.len() as u64 == read.floor - read.since.after;
+        replay.complete = !read.since.stale && all;
+        let stored = rows.into_iter().map(|(seq, data)| {
+            let frame =
+                protocol::fanout_frame(Kind::Decision, &replay.channel, seq, data.as_bytes());
+            (seq, Frame::from(frame))
+        });
+        let mut frames: Vec<(u64, Frame)> = stored.collect();
+        frames.append(&mut replay.frames);
+        replay.frames = frames;
+        self.send_replay(read.to, replay);
+    }
+
+    fn send_replay(&self, to: ReplayTo, replay: Replay<Frame>) {
+        match to {
+            ReplayTo::Sub { shard, token } if shard == self.id => {
+                self.answered(token, Some(replay))
+            }
+            ReplayTo::Sub { shard, token } => {
+                let replay = Box::new(replay.into_bytes());
+                self.route(shard, MeshMsg::Replay { token, replay });
+            }
         }
     }
 
@@ -1306,8 +1432,8 @@ impl Shard {
                 // Registered first: every message after the replay's `upto` reaches that shard
                 // live (the mesh keeps each shard pair's messages in order).
                 if let Some(since) = since {
-                    let replay = Box::new(self.replay(&channel, since).into_bytes());
-                    self.route(from, MeshMsg::Replay { token, replay });
+                    let to = ReplayTo::Sub { shard: from, token };
+                    self.replay(&channel, since, to);
                 } else if token != 0 {
                     self.route(from, MeshMsg::InterestAck { token });
                 }

@@ -133,3 +133,70 @@ fn since_beyond_the_history_is_reported_not_recovered() {
     assert_eq!(of(&b), [6, 7, 8, 9, 10]);
     late.ping();
 }
+
+/// Receive `count` DECISION frames and return their seqs (checking each is whole).
+fn decision_seqs(c: &mut Client, count: usize) -> Vec<u64> {
+    (0..count)
+        .map(|_| {
+            let m = c.recv();
+            assert_eq!(m["type"], "DECISION", "{m}");
+            assert_eq!(m["data"]["orgId"], "acme", "{m}");
+            assert!(m["data"]["id"].is_string(), "{m}");
+            m["seq"].as_u64().expect("seq")
+        })
+        .collect()
+}
+
+#[test]
+fn decisions_older_than_the_ring_are_replayed_from_the_store_even_after_kill_9() {
+    const CHANNEL: &str = "org:acme:decisions";
+    let server = Server::start("[history]\nsize = 2\n");
+    let mut producer = server.client_on(common::ACME, 0);
+    for n in 1..=10 {
+        producer.send(common::ingest(
+            CHANNEL,
+            &format!("k{n}"),
+            common::decision("acme"),
+        ));
+        assert_eq!(producer.recv_type("ACK")["seq"], n);
+    }
+    let mut late = server.client_on(common::ACME, 1);
+    let answer = subscribe_since(&mut late, &[(CHANNEL, 3)]);
+    assert_eq!(answer["recovered"][CHANNEL], true, "{answer}");
+    let epoch = answer["epoch"].as_u64().expect("epoch");
+    assert_eq!(decision_seqs(&mut late, 7), (4..=10).collect::<Vec<_>>());
+    late.ping();
+
+    // After a crash the ring is empty and the sequence continues from the store.
+    let server = server.kill_and_restart();
+    let mut again = server.client_on(common::ACME, 1);
+    let answer = subscribe_since(&mut again, &[(CHANNEL, 5)]);
+    assert_eq!(answer["recovered"][CHANNEL], true, "{answer}");
+    assert_ne!(answer["epoch"], epoch, "a restart is a new epoch");
+    assert_eq!(decision_seqs(&mut again, 5), (6..=10).collect::<Vec<_>>());
+    // A client that says which epoch its seq came from is told the replay may not be whole:
+    // ephemeral messages of that epoch are gone (the decisions are still sent).
+    let mut careful = server.client_on(common::ACME, 0);
+    careful.send(json!({"type":"SUB","channels":[CHANNEL],"since":{CHANNEL:8},"epoch":epoch}));
+    let answer = careful.recv();
+    assert_eq!(answer["recovered"][CHANNEL], false, "{answer}");
+    assert_eq!(decision_seqs(&mut careful, 2), [9, 10]);
+
+    // An ephemeral message among the decisions leaves a hole the store cannot fill.
+    let mut producer = server.client_on(common::ACME, 0);
+    producer.send(json!({"type":"PUBLISH","channel":CHANNEL,"data":{"n":1},"id":"p"}));
+    assert_eq!(producer.recv_type("ACK")["seq"], 11);
+    for n in 12..=14 {
+        producer.send(common::ingest(
+            CHANNEL,
+            &format!("k{n}"),
+            common::decision("acme"),
+        ));
+        assert_eq!(producer.recv_type("ACK")["seq"], n);
+    }
+    let mut gap = server.client_on(common::ACME, 1);
+    let answer = subscribe_since(&mut gap, &[(CHANNEL, 10)]);
+    assert_eq!(answer["recovered"][CHANNEL], false, "{answer}");
+    assert_eq!(decision_seqs(&mut gap, 3), [12, 13, 14]);
+    gap.ping();
+}
