@@ -344,6 +344,16 @@ impl FrameBuilder {
     }
 }
 
+/// The payload of an unmasked frame built here (server frames are never masked).
+pub fn payload(frame: &[u8]) -> &[u8] {
+    let start = match frame.get(1).map(|b| b & 0x7f) {
+        Some(126) => 4,
+        Some(127) => 10,
+        _ => 2,
+    };
+    frame.get(start..).unwrap_or_default()
+}
+
 /// A complete frame with the given opcode and payload.
 pub fn frame(opcode: OpCode, payload: &[u8]) -> Frame {
     let mut builder = FrameBuilder::new(opcode, payload.len());

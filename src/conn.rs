@@ -6,11 +6,14 @@
 //! `send`. The socket's readiness comes from the shard's [`Poller`]: the shard's readiness
 //! task records it in the peer's `readiness` bits and wakes the task (see [`on_ready`]).
 
+use std::future::Future;
 use std::io;
 use std::os::fd::OwnedFd;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
 
+use crate::api;
 use crate::auth::Principal;
 use crate::codec::{self, Decoder, Event};
 use crate::config::RefuseWith;
@@ -21,6 +24,7 @@ use crate::protocol;
 use crate::queue::Bounds;
 use crate::rate::TokenBucket;
 use crate::shard::{Peer, Phase, Shard};
+use crate::storage;
 
 /// Reads handled per poll before yielding to other connections.
 const READ_BUDGET: usize = 16;
@@ -38,6 +42,8 @@ enum Mode {
     Http(Vec<u8>),
     /// A plain HTTP response is queued; done once it is written.
     HttpReply,
+    /// An API request is being answered elsewhere (a storage reader, the channel's owner).
+    HttpWait(Answer),
     /// An authenticated WebSocket session.
     Session(Rc<Principal>),
     /// The diagnostic echo endpoint.
@@ -45,6 +51,9 @@ enum Mode {
     /// Upgraded only to deliver a close code for refused credentials.
     Refused,
 }
+
+/// An HTTP response being made elsewhere (a storage reader, a channel's owner).
+type Answer = Pin<Box<dyn Future<Output = Vec<u8>>>>;
 
 /// `Peer::readiness` bits.
 mod ready {
@@ -144,6 +153,14 @@ impl Conn {
             if self.peer.abort.get() {
                 return Poll::Ready(());
             }
+            // Polled in the loop: the request that started the wait was read in this poll,
+            // and only a poll registers the waker its answer will use.
+            if let Mode::HttpWait(answer) = &mut self.mode {
+                match answer.as_mut().poll(cx) {
+                    Poll::Ready(response) => self.http_reply(response),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
             if let Some((code, reason, discard)) = self.peer.take_close_request() {
                 self.start_close(code, reason, discard);
             }
@@ -174,7 +191,7 @@ impl Conn {
     }
 
     fn read(&mut self, cx: &mut Context<'_>) -> Step {
-        if self.eof || matches!(self.mode, Mode::HttpReply) {
+        if self.eof || matches!(self.mode, Mode::HttpReply | Mode::HttpWait(_)) {
             return Step::Pending;
         }
         if matches!(self.mode, Mode::Session(_)) && !self.close_queued && self.shard.congested() {
@@ -312,7 +329,7 @@ impl Conn {
                     }
                 }
             }
-            Mode::HttpReply => {}
+            Mode::HttpReply | Mode::HttpWait(_) => {}
             Mode::Session(_) | Mode::Echo | Mode::Refused => self.on_frames(data),
         }
     }
@@ -385,7 +402,18 @@ impl Conn {
                 &shard.global.prometheus(),
             )),
             ("GET", "/info") => self.http_reply(http::response(200, json, "", &info_json(&shard))),
-            (_, "/ws" | "/health" | "/health/live" | "/health/ready" | "/metrics" | "/info") => {
+            ("GET", path) if path == "/api/decisions" || path.starts_with("/api/channels/") => {
+                match api_answer(&shard, &request) {
+                    Ok(answer) => self.mode = Mode::HttpWait(answer),
+                    Err(response) => self.http_reply(response),
+                }
+            }
+            (_, path)
+                if matches!(
+                    path,
+                    "/ws" | "/health" | "/health/live" | "/health/ready" | "/metrics" | "/info"
+                ) || path.starts_with("/api/") =>
+            {
                 self.http_reply(http::error_response(
                     405,
                     "method_not_allowed",
@@ -615,6 +643,84 @@ impl Drop for Conn {
             self.shard.global.close();
         }
     }
+}
+
+/// The answer to an API request, to wait for; `Err` is a response ready at once (a refusal).
+fn api_answer(shard: &Shard, request: &http::Request) -> Result<Answer, Vec<u8>> {
+    let json = "application/json";
+    let refuse = |e: api::ApiError| http::error_response(e.status, e.code, &e.message, "");
+    let principal = shard.auth.authenticate(&request.credentials).map_err(|e| {
+        shard.global.auth_failed(e.code());
+        http::error_response(401, e.code(), &e.to_string(), "")
+    })?;
+    if let Some(name) = request.path.strip_prefix("/api/channels/") {
+        let Some(name) = name.strip_suffix("/history") else {
+            return Err(http::error_response(
+                404,
+                "not_found",
+                "no such endpoint",
+                "",
+            ));
+        };
+        let name = http::percent_decode(name);
+        let categories = &shard.config.channels.categories;
+        let (since, limit) =
+            api::history_query(&principal, &name, categories, &request.query).map_err(refuse)?;
+        let channel = name;
+        let (reply, page) = flume::bounded(1);
+        shard.history(&channel, since, limit, reply);
+        return Ok(Box::pin(async move {
+            match page.recv_async().await {
+                Ok(page) => {
+                    let messages: Vec<&[u8]> =
+                        page.frames.iter().map(|(_, f)| codec::payload(f)).collect();
+                    let last = page.frames.last().map_or(since, |(seq, _)| *seq);
+                    let body = api::history_body(
+                        &channel,
+                        since,
+                        &messages,
+                        last,
+                        page.complete,
+                        page.more,
+                    );
+                    http::response(200, json, "", &body)
+                }
+                Err(_) => http::error_response(503, "shutting_down", "server is stopping", ""),
+            }
+        }));
+    }
+    let query = api::decisions_query(&principal, &request.query).map_err(refuse)?;
+    let Some(reader) = shard.reader() else {
+        let msg = "storage url is \"memory\": no decisions are kept";
+        return Err(http::error_response(503, "storage_unavailable", msg, ""));
+    };
+    let limit = query.limit;
+    let (reply, answer) = flume::bounded(1);
+    let read = storage::reader::Query::Decisions(query);
+    if let Err(e) = reader.submit(read, Box::new(move |result| drop(reply.send(result)))) {
+        return Err(http::error_response(
+            503,
+            "storage_unavailable",
+            &e.to_string(),
+            "Retry-After: 1\r\n",
+        ));
+    }
+    Ok(Box::pin(async move {
+        match answer.recv_async().await {
+            Ok(Ok(storage::reader::Answer::Decisions(rows))) => {
+                let body = api::decisions_body(&rows, rows.len() == limit);
+                http::response(200, json, "", &body)
+            }
+            Ok(Ok(_)) => http::error_response(500, "internal", "unexpected answer", ""),
+            Ok(Err(e)) => http::error_response(
+                503,
+                "storage_unavailable",
+                &format!("the decision store could not be read: {e}"),
+                "Retry-After: 1\r\n",
+            ),
+            Err(_) => http::error_response(503, "shutting_down", "server is stopping", ""),
+        }
+    }))
 }
 
 fn info_json(shard: &Shard) -> String {

@@ -116,6 +116,9 @@ impl Decision {
 #[derive(Debug)]
 pub struct IdGenerator {
     state: u64,
+    /// The last id made: ids of one millisecond count up from it (monotonic ULIDs), so one
+    /// shard's decisions sort in the order they were made.
+    last: u128,
 }
 
 impl IdGenerator {
@@ -126,7 +129,10 @@ impl IdGenerator {
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0);
         let seed = nanos ^ ((shard as u64) << 56) ^ (u64::from(std::process::id()) << 32);
-        Self { state: seed | 1 }
+        Self {
+            state: seed | 1,
+            last: 0,
+        }
     }
 
     fn next_u64(&mut self) -> u64 {
@@ -140,8 +146,17 @@ impl IdGenerator {
 
     /// A new id for a decision made at `unix_ms`.
     pub fn next(&mut self, unix_ms: u64) -> DecisionId {
-        let random = (u128::from(self.next_u64()) << 16) | u128::from(self.next_u64() >> 48);
-        DecisionId((u128::from(unix_ms & 0xFFFF_FFFF_FFFF) << 80) | (random & ((1 << 80) - 1)))
+        let time = u128::from(unix_ms & 0xFFFF_FFFF_FFFF) << 80;
+        let same_ms = self.last >> 80 == time >> 80;
+        // The random part leaves headroom above it (top bit clear), so counting up within a
+        // millisecond never carries into the time.
+        self.last = if same_ms && self.last & ((1 << 80) - 1) < (1 << 80) - 1 {
+            self.last + 1
+        } else {
+            let random = (u128::from(self.next_u64()) << 16) | u128::from(self.next_u64() >> 48);
+            time | (random & ((1 << 79) - 1))
+        };
+        DecisionId(self.last)
     }
 }
 
@@ -346,9 +361,16 @@ mod tests {
         let a = gen.next(1_000).text().as_str().to_string();
         let b = gen.next(1_000).text().as_str().to_string();
         let c = gen.next(2_000).text().as_str().to_string();
-        assert_ne!(a, b);
+        assert!(b > a, "ids of one millisecond count up");
         assert!(a.starts_with("dec_") && a.len() == 30);
         assert!(c > a && c > b);
+        let mut ids: Vec<String> = (0..100)
+            .map(|_| gen.next(2_000).text().as_str().to_string())
+            .collect();
+        let made = ids.clone();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids, made);
     }
 
     #[test]

@@ -12,6 +12,8 @@ pub struct Request {
     pub method: String,
     /// Path without the query.
     pub path: String,
+    /// The query string (after `?`), as sent.
+    pub query: String,
     /// Credentials from the query string or headers.
     pub credentials: Credentials,
     /// True when the request asks for a WebSocket upgrade.
@@ -50,6 +52,7 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Request, usize)>, HeadError> {
     let mut out = Request {
         method: req.method.unwrap_or("").to_string(),
         path: path.to_string(),
+        query: query.to_string(),
         ..Request::default()
     };
     for pair in query.split('&') {
@@ -91,7 +94,8 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Request, usize)>, HeadError> {
     Ok(Some((out, len)))
 }
 
-fn percent_decode(s: &str) -> String {
+/// Decode `%XX` escapes and `+` (a query string's spelling).
+pub fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -131,6 +135,7 @@ pub fn response(status: u16, content_type: &str, extra_headers: &str, body: &str
         401 => "Unauthorized",
         403 => "Forbidden",
         404 => "Not Found",
+        413 => "Content Too Large",
         405 => "Method Not Allowed",
         426 => "Upgrade Required",
         431 => "Request Header Fields Too Large",

@@ -4,6 +4,7 @@
 //! The protocol core is plain code that tests drive without sockets; I/O sits at the edges.
 //!
 //! - [`codec`]: WebSocket frames (RFC 6455), decode from a borrowed buffer, encode once.
+//! - [`api`]: the HTTP read API (`/api/decisions`, `/api/channels/{channel}/history`).
 //! - [`http`]: the HTTP request head (httparse), the upgrade, plain responses.
 //! - [`protocol`]: client requests in (simd-json), server messages out.
 //! - [`json`]: raw value spans (so `data` is relayed byte for byte) and string escaping.
@@ -22,6 +23,7 @@
 //! - [`server`]: start-up (fd limit, CPUs, listeners, executors) and graceful shutdown.
 //! - [`config`]: the TOML file and its `SHARDCAST_…` overrides.
 
+pub mod api;
 pub mod auth;
 pub mod codec;
 pub mod config;

@@ -102,6 +102,17 @@ pub enum MeshMsg {
         /// Token from the request.
         token: u64,
     },
+    /// To a channel's owner: a page of its history for the HTTP API.
+    History {
+        /// Channel.
+        channel: Box<str>,
+        /// Messages after this seq.
+        after: u64,
+        /// Most messages.
+        limit: usize,
+        /// Where the page goes.
+        reply: flume::Sender<HistoryPage>,
+    },
     /// A frame for one connection on the receiving shard (an ACK, usually).
     Reply {
         /// Connection id.
@@ -323,11 +334,27 @@ pub struct Loaded {
     pub result: Result<storage::reader::Answer, String>,
 }
 
+/// A page of a channel's history, for `GET /api/channels/{channel}/history`.
+#[derive(Debug)]
+pub struct HistoryPage {
+    /// `(seq, frame)` after the asked seq, in order, at most the asked limit.
+    pub frames: Vec<(u64, Vec<u8>)>,
+    /// No message between the asked seq and the last frame is missing.
+    pub complete: bool,
+    /// More messages follow the last frame.
+    pub more: bool,
+}
+
 /// Where a replay goes once the owner has it.
 #[derive(Debug)]
 enum ReplayTo {
     /// A pending SUB on some shard.
     Sub { shard: usize, token: u64 },
+    /// An HTTP history request, with its page size.
+    Http {
+        reply: flume::Sender<HistoryPage>,
+        limit: usize,
+    },
 }
 
 /// A replay waiting for stored decisions older than the channel's in-memory history.
@@ -337,6 +364,8 @@ struct PendingRead {
     since: Since,
     /// Lowest seq the ring holds is above this; the store is asked for `(since, floor]`.
     floor: u64,
+    /// Most rows asked of the store (an HTTP page may end inside the stored range).
+    limit: usize,
     /// What the ring had when the subscriber was registered.
     ring: Replay<Frame>,
 }
@@ -511,6 +540,11 @@ impl Shard {
     /// Whether the decision store is reachable (`None` when storage is "memory").
     pub fn storage_status(&self) -> Option<&storage::Status> {
         self.storage.as_ref().map(|link| link.writer.status())
+    }
+
+    /// The store's readers (`None` when storage is "memory").
+    pub fn reader(&self) -> Option<&storage::Reader> {
+        self.storage.as_ref().map(|link| &link.reader)
     }
 
     /// Decisions sent to storage and not yet answered.
@@ -920,13 +954,19 @@ impl Shard {
             upto: found.upto,
             complete: !since.stale && in_range && since.after >= found.floor,
         };
-        // Fewer than a queue's worth missing, or it could not be sent whole anyway.
-        let missing = found.floor.saturating_sub(since.after);
+        let missing = found.floor.saturating_sub(since.after) as usize;
+        let limit = match &to {
+            // A SUB's replay is read only when it can be sent whole (it must fit the queue).
+            ReplayTo::Sub { .. } => (missing <= self.bounds.messages).then_some(missing),
+            // An HTTP page may end inside the stored range.
+            ReplayTo::Http { limit, .. } => Some(missing.min(*limit)),
+        };
         let reader = self
             .storage
             .as_ref()
-            .filter(|_| in_range && missing > 0 && missing as usize <= self.bounds.messages);
-        let Some(link) = reader else {
+            .zip(limit)
+            .filter(|_| in_range && missing > 0);
+        let Some((link, limit)) = reader else {
             return self.send_replay(to, ring);
         };
         let token = self.next_token.get();
@@ -935,7 +975,7 @@ impl Shard {
             channel: channel.into(),
             after: since.after,
             upto: found.floor,
-            limit: missing as usize,
+            limit,
         };
         let loaded = link.loaded.clone();
         let reply = Box::new(move |result| drop(loaded.send(Loaded { token, result })));
@@ -946,6 +986,7 @@ impl Shard {
                     to,
                     since,
                     floor,
+                    limit,
                     ring,
                 };
                 self.pending_reads.borrow_mut().insert(token, read);
@@ -976,16 +1017,29 @@ impl Shard {
                 Vec::new()
             }
         };
-        // Seqs are unique and within (after, floor]: as many rows as seqs means all of them.
-        let all = rows.len() as u64 == read.floor - read.since.after;
-        replay.complete = !read.since.stale && all;
+        // Seqs are unique and within (after, floor]: as many rows as seqs means no hole.
+        let after = read.since.after;
+        let missing = read.floor - after;
+        let page_ends_in_store = rows.len() == read.limit && (read.limit as u64) < missing;
+        let reaches = rows.last().map_or(after, |(seq, _)| *seq);
+        let whole = if page_ends_in_store {
+            rows.len() as u64 == reaches - after
+        } else {
+            rows.len() as u64 == missing
+        };
+        replay.complete = !read.since.stale && whole;
         let stored = rows.into_iter().map(|(seq, data)| {
             let frame =
                 protocol::fanout_frame(Kind::Decision, &replay.channel, seq, data.as_bytes());
             (seq, Frame::from(frame))
         });
         let mut frames: Vec<(u64, Frame)> = stored.collect();
-        frames.append(&mut replay.frames);
+        if page_ends_in_store {
+            // The ring's messages come after the page: the next page reaches them.
+            replay.upto = u64::MAX;
+        } else {
+            frames.append(&mut replay.frames);
+        }
         replay.frames = frames;
         self.send_replay(read.to, replay);
     }
@@ -999,7 +1053,40 @@ impl Shard {
                 let replay = Box::new(replay.into_bytes());
                 self.route(shard, MeshMsg::Replay { token, replay });
             }
+            ReplayTo::Http { reply, limit } => {
+                // More after the page: cut by the limit, or a page that ended in the store
+                // (marked with an unreachable `upto`).
+                let ended_in_store = replay.upto == u64::MAX;
+                let complete = replay.complete;
+                let mut frames = replay.into_bytes().frames;
+                let more = frames.len() > limit || ended_in_store;
+                frames.truncate(limit);
+                let page = HistoryPage {
+                    frames,
+                    complete,
+                    more,
+                };
+                let _ = reply.send(page);
+            }
         }
+    }
+
+    /// A page of `channel`'s history after seq `after` for the HTTP API, from its owner (the
+    /// ring, and the store for older decisions).
+    pub fn history(
+        &self,
+        channel: &str,
+        after: u64,
+        limit: usize,
+        reply: flume::Sender<HistoryPage>,
+    ) {
+        let msg = MeshMsg::History {
+            channel: channel.into(),
+            after,
+            limit,
+            reply,
+        };
+        self.route(self.owner_of(channel), msg);
     }
 
     fn unsubscribe_one(&self, conn: u64, channel: &str) {
@@ -1441,6 +1528,18 @@ impl Shard {
             MeshMsg::InterestAck { token } => self.answered(token, None),
             MeshMsg::Replay { token, replay } => self.answered(token, Some(replay.into_frames())),
             MeshMsg::Reply { conn, frame } => self.send_to_conn(conn, Rc::from(frame)),
+            MeshMsg::History {
+                channel,
+                after,
+                limit,
+                reply,
+            } => {
+                let since = Since {
+                    after,
+                    stale: false,
+                };
+                self.replay(&channel, since, ReplayTo::Http { reply, limit });
+            }
         }
     }
 
