@@ -374,7 +374,13 @@ impl Conn {
                     .global
                     .ready
                     .load(std::sync::atomic::Ordering::Relaxed);
-                let storage = shard.storage_status().filter(|s| !s.ready());
+                let storage = match shard.storage_status() {
+                    Some(status) if !status.ready() => Some(status.reason()),
+                    Some(_) if !shard.storage_recovered() => {
+                        Some("waiting for the decision store's state".to_string())
+                    }
+                    _ => None,
+                };
                 let reply = match (accepting, storage) {
                     (false, _) => http::response(
                         503,
@@ -382,11 +388,11 @@ impl Conn {
                         "",
                         r#"{"status":"not_ready","reason":"shutting_down"}"#,
                     ),
-                    (true, Some(status)) => {
+                    (true, Some(reason)) => {
                         let mut body =
                             br#"{"status":"not_ready","reason":"storage_unavailable","detail":"#
                                 .to_vec();
-                        crate::json::push_str(&mut body, &status.reason());
+                        crate::json::push_str(&mut body, &reason);
                         body.push(b'}');
                         let body = String::from_utf8_lossy(&body).into_owned();
                         http::response(503, json, "", &body)

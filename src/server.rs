@@ -212,16 +212,15 @@ pub fn start(mut config: Config) -> Result<Server, ServerError> {
         sockets.push(socket);
     }
 
-    let (writer, thread, reader, recovered) = match open_storage(&config, nshards)? {
+    let (writer, thread, reader, recovery) = match open_storage(&config, nshards)? {
         Some(opened) => (
             Some(opened.writer),
             Some(opened.thread),
             Some(opened.reader),
-            opened.recovered,
+            opened.recovery,
         ),
-        None => (None, None, None, Recovered::default()),
+        None => (None, None, None, Recovery::Now(Arc::default())),
     };
-    let recovered = Arc::new(recovered);
     let config = Arc::new(config);
     let global = Arc::new(Global::new(nshards));
     let mesh =
@@ -251,11 +250,15 @@ pub fn start(mut config: Config) -> Result<Server, ServerError> {
                     reader: reader.clone(),
                     loaded,
                 };
+                let recovered = match &recovery {
+                    Recovery::Now(recovered) => Ok(recovered.clone()),
+                    Recovery::Later(later) => Err(later.clone()),
+                };
                 let inboxes = Inboxes {
                     completions: inbox,
                     loads,
                 };
-                (link, inboxes, recovered.clone())
+                (link, inboxes, recovered)
             });
         let parts = ShardParts {
             listener,
@@ -285,8 +288,20 @@ pub fn start(mut config: Config) -> Result<Server, ServerError> {
 struct ShardParts {
     listener: OwnedFd,
     ring: Ring,
-    /// The storage link, where this shard's answers come back, and what the store recovered.
-    storage: Option<(StorageLink, Inboxes, Arc<Recovered>)>,
+    /// The storage link, where this shard's answers come back, and what the store recovered
+    /// (or where that will come from).
+    storage: Option<(StorageLink, Inboxes, RecoveredOrLater)>,
+}
+
+/// What the store recovered, or where it will be announced once the store is reached.
+type RecoveredOrLater = Result<Arc<Recovered>, flume::Receiver<Arc<Recovered>>>;
+
+/// When the shards learn the store's state.
+enum Recovery {
+    /// Read at start-up.
+    Now(Arc<Recovered>),
+    /// The store was unreachable: announced (once per shard) when it is reached.
+    Later(flume::Receiver<Arc<Recovered>>),
 }
 
 /// Where the storage threads answer one shard.
@@ -300,7 +315,7 @@ struct Opened {
     writer: Writer,
     thread: std::thread::JoinHandle<()>,
     reader: storage::Reader,
-    recovered: Recovered,
+    recovery: Recovery,
 }
 
 /// Open the configured store (migrating it and reading what the shards need to continue), and
@@ -313,6 +328,7 @@ fn open_storage(config: &Config, nshards: usize) -> Result<Option<Opened>, Serve
         // Not the url: it may hold a password.
         Backend::Postgres(_) => "PostgreSQL".into(),
     };
+    let postgres = matches!(backend, Backend::Postgres(_));
     let Some(mut connect) = storage::connector(backend.clone()) else {
         tracing::warn!(
             "storage url is \"memory\": decisions are NOT durable, and idempotency keys are \
@@ -320,16 +336,37 @@ fn open_storage(config: &Config, nshards: usize) -> Result<Option<Opened>, Serve
         );
         return Ok(None);
     };
-    // Opened (and migrated) here, so that a store that cannot be reached stops start-up.
-    let mut store = connect()?;
     // Keys within the deduplication window, as many as the shards' tables hold.
     let window_ms = config.ingest.dedup_window_secs.saturating_mul(1000);
     let since = crate::decision::unix_ms().saturating_sub(window_ms);
+    let since = since.min(i64::MAX as u64) as i64;
     let limit = config.ingest.dedup_max_entries.saturating_mul(nshards);
-    let recovered = store.recover(since.min(i64::MAX as u64) as i64, limit)?;
-    tracing::info!("decisions stored in {what}");
-    // The writer starts with this connection, and reconnects through `connect` after failures.
-    let mut first = Some(store);
+    // Opened (and migrated) here. A SQLite file that cannot be opened is a mistake to fix, so
+    // start-up stops; a database server may just be down, so the server starts without it
+    // (decisions refused, not ready) and catches up when it is reached.
+    let (first, recovery) = match connect() {
+        Ok(mut store) => {
+            let recovered = store.recover(since, limit)?;
+            tracing::info!("decisions stored in {what}");
+            (Some(store), Recovery::Now(Arc::new(recovered)))
+        }
+        Err(e) if postgres => {
+            tracing::error!(
+                "{what} unreachable at start-up ({e}): starting without it; decisions are \
+                 refused (storage_unavailable) until it is reached"
+            );
+            let (announce, later) = flume::unbounded();
+            let connect = storage::connector(backend.clone());
+            std::thread::Builder::new()
+                .name("storage-recover".into())
+                .spawn(move || recover_later(connect, since, limit, nshards, &announce))
+                .map_err(StorageError::Io)?;
+            (None, Recovery::Later(later))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    // The writer starts with that connection, and reconnects through `connect` after failures.
+    let mut first = first;
     let connect = move || first.take().map_or_else(&mut connect, Ok);
     let writer_config = storage::WriterConfig {
         queue_capacity: config.storage.queue_capacity,
@@ -350,8 +387,37 @@ fn open_storage(config: &Config, nshards: usize) -> Result<Option<Opened>, Serve
         writer,
         thread,
         reader,
-        recovered,
+        recovery,
     }))
+}
+
+/// Reach the store with backoff, read what the shards need, and announce it to each of them.
+fn recover_later(
+    connect: Option<storage::Connect>,
+    since: i64,
+    limit: usize,
+    nshards: usize,
+    announce: &flume::Sender<Arc<Recovered>>,
+) {
+    let Some(mut connect) = connect else { return };
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match connect().and_then(|mut store| store.recover(since, limit)) {
+            Ok(recovered) => {
+                tracing::info!("decision store reached: taking decisions");
+                let recovered = Arc::new(recovered);
+                for _ in 0..nshards {
+                    let _ = announce.send(recovered.clone());
+                }
+                return;
+            }
+            Err(e) => {
+                tracing::debug!("decision store still unreachable: {e}");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
 }
 
 async fn run_shard(
@@ -370,11 +436,28 @@ async fn run_shard(
         storage,
     } = parts;
     let mut shard = Shard::new(id, nshards, config, global);
+    let mut later = None;
     let inboxes = storage.map(|(link, inboxes, recovered)| {
-        shard.attach_storage(link, &recovered);
+        match recovered {
+            Ok(recovered) => shard.attach_storage(link, Some(&recovered)),
+            Err(announced) => {
+                shard.attach_storage(link, None);
+                later = Some(announced);
+            }
+        }
         inboxes
     });
     let shard = Rc::new(shard);
+    if let Some(announced) = later {
+        let shard = shard.clone();
+        glommio::spawn_local(async move {
+            // Each shard takes one announcement.
+            if let Ok(recovered) = announced.recv_async().await {
+                shard.recover(&recovered);
+            }
+        })
+        .detach();
+    }
     // Storage outcomes come back from the writer and reader threads; only these tasks wait
     // for them.
     let stored = inboxes.map(|inboxes| {

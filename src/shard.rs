@@ -455,6 +455,8 @@ pub struct Shard {
     storage: Option<StorageLink>,
     /// Highest stored seq of channels not yet touched since start-up.
     stored_seqs: RefCell<HashMap<Box<str>, u64>>,
+    /// The store's state is known (see [`Shard::recover`]).
+    recovered: Cell<bool>,
     unconfirmed: RefCell<HashMap<u64, Unconfirmed>>,
     /// "org\0key" of each unconfirmed decision, to its storage token.
     unconfirmed_keys: RefCell<HashMap<Rc<str>, u64>>,
@@ -503,6 +505,7 @@ impl Shard {
             next_token: Cell::new(1),
             storage: None,
             stored_seqs: RefCell::default(),
+            recovered: Cell::new(true),
             unconfirmed: RefCell::default(),
             unconfirmed_keys: RefCell::default(),
             outboxes: (0..nshards).map(|_| Outbox::default()).collect(),
@@ -512,16 +515,38 @@ impl Shard {
         }
     }
 
-    /// Store decisions through `link`, continuing the stored channels' sequences and knowing
-    /// the recent idempotency keys of the channels this shard owns.
-    pub fn attach_storage(&mut self, link: StorageLink, recovered: &storage::Recovered) {
+    /// Store decisions through `link`. With what the store `recovered` at start-up the shard
+    /// takes decisions at once; without it (the store was unreachable) INGEST is refused until
+    /// [`Shard::recover`] is called.
+    pub fn attach_storage(&mut self, link: StorageLink, recovered: Option<&storage::Recovered>) {
         self.storage = Some(link);
-        let seqs = recovered.channel_seqs.iter();
-        let mine = seqs.filter(|(c, _)| self.owner_of(c) == self.id);
-        *self.stored_seqs.get_mut() = mine.map(|(c, s)| (c.as_str().into(), *s)).collect();
+        match recovered {
+            Some(recovered) => self.recover(recovered),
+            None => self.recovered.set(false),
+        }
+    }
+
+    /// Continue the stored channels' sequences and know the recent idempotency keys of the
+    /// channels this shard owns; then take decisions. A channel numbered meanwhile (PUBLISH
+    /// while the store was unreachable) jumps ahead to its stored maximum.
+    pub fn recover(&self, recovered: &storage::Recovered) {
+        let mut owned = self.owned.borrow_mut();
+        let mut stored_seqs = self.stored_seqs.borrow_mut();
+        for (channel, seq) in &recovered.channel_seqs {
+            if self.owner_of(channel) != self.id {
+                continue;
+            }
+            match owned.get_mut(channel.as_str()) {
+                Some(state) => state.seq = state.seq.max(*seq),
+                None => {
+                    stored_seqs.insert(channel.as_str().into(), *seq);
+                }
+            }
+        }
+        drop((owned, stored_seqs));
         let now = Instant::now();
         let (id, nshards) = (self.id, self.nshards);
-        let dedup = self.dedup.get_mut();
+        let mut dedup = self.dedup.borrow_mut();
         // Oldest first, so that a full table keeps the newest.
         for recent in recovered.recent.iter().rev() {
             if owner_of(&recent.channel, nshards) != id {
@@ -535,6 +560,13 @@ impl Shard {
                 dedup.insert(&recent.org, &recent.key, original, now);
             }
         }
+        self.recovered.set(true);
+    }
+
+    /// False until the store has told this shard where its channels' sequences stand (it was
+    /// unreachable at start-up): decisions are refused until then.
+    pub fn storage_recovered(&self) -> bool {
+        self.recovered.get()
     }
 
     /// Whether the decision store is reachable (`None` when storage is "memory").
@@ -1263,6 +1295,10 @@ impl Shard {
         } else {
             None
         };
+        if !self.recovered.get() {
+            // Numbering now could reuse a stored seq, and the key may be stored already.
+            return self.reply(&origin, protocol::storage_unavailable(key));
+        }
         let ms = decision::unix_ms();
         let decision_id = self.ids.borrow_mut().next(ms);
         let id = decision_id.text();

@@ -184,6 +184,48 @@ fn postgres_outage_refuses_decisions_without_false_acks_then_recovers() {
     assert_eq!(stored["dedup"], false);
     server.wait_ready();
     drop(producer);
+
+    // Restarted while the database is down: the server starts without it, refuses decisions,
+    // serves everything else, and catches up (sequences, keys) once the database is back.
+    admin
+        .batch_execute(&format!(
+            "ALTER ROLE {role} NOLOGIN;
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}';"
+        ))
+        .unwrap();
+    let server = server.kill_and_restart();
+    let mut producer = server.client_on(ACME, 1);
+    assert_eq!(
+        ingest_one(&mut producer, "after")["code"],
+        "storage_unavailable"
+    );
+    let (status, body) = server.get("/health/ready");
+    assert_eq!(status, 503, "{body}");
+    producer.send(json!({"type":"PUBLISH","channel":"org:acme:usage","data":2,"id":"p2"}));
+    assert_eq!(producer.recv_type("ACK")["id"], "p2");
+    admin
+        .batch_execute(&format!("ALTER ROLE {role} LOGIN"))
+        .unwrap();
+    let after = loop {
+        let answer = ingest_one(&mut producer, "after");
+        if answer["type"] == "ACK" {
+            break answer;
+        }
+        assert_eq!(answer["code"], "storage_unavailable", "{answer}");
+    };
+    // The channel's sequence continues after the stored maximum.
+    let next = stored["seq"].as_u64().map(|s| s + 1);
+    assert_eq!(
+        (after["dedup"].as_bool(), after["seq"].as_u64()),
+        (Some(false), next)
+    );
+    let again = ingest_one(&mut producer, "before");
+    assert_eq!(
+        (again["dedup"].as_bool(), again["seq"].as_u64()),
+        (Some(true), Some(1))
+    );
+    server.wait_ready();
+    drop(producer);
     drop(server);
 
     let keys: Vec<String> = admin
@@ -195,7 +237,7 @@ fn postgres_outage_refuses_decisions_without_false_acks_then_recovers() {
         .iter()
         .map(|row| row.get(0))
         .collect();
-    assert_eq!(keys, ["before", "during"]);
+    assert_eq!(keys, ["before", "during", "after"]);
     admin
         .batch_execute(&format!("DROP SCHEMA {role} CASCADE; DROP ROLE {role};"))
         .unwrap();
