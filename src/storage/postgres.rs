@@ -278,9 +278,23 @@ mod tests {
     use super::*;
     use crate::storage::contract::{self, record};
 
-    /// A connection string for a schema of the test's own in the test database, or `None` when
-    /// PostgreSQL is not running here (a failure under CI=true, where it must be).
-    fn test_database(name: &str) -> Option<String> {
+    /// A schema of a test's own in the test database, dropped when the test ends.
+    struct TestSchema {
+        url: String,
+        schema: String,
+        admin: Client,
+    }
+
+    impl Drop for TestSchema {
+        fn drop(&mut self) {
+            let sql = format!("DROP SCHEMA IF EXISTS {} CASCADE", self.schema);
+            let _ = self.admin.batch_execute(&sql);
+        }
+    }
+
+    /// A schema of the test's own in the test database, or `None` when PostgreSQL is not
+    /// running here (a failure under CI=true, where it must be).
+    fn test_database(name: &str) -> Option<TestSchema> {
         let base = std::env::var("SHARDCAST_TEST_POSTGRES")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
         let mut admin = match Client::connect(&base, NoTls) {
@@ -300,25 +314,31 @@ mod tests {
             ))
             .expect("create test schema");
         let separator = if base.contains('?') { '&' } else { '?' };
-        Some(format!("{base}{separator}options=-csearch_path%3D{schema}"))
+        Some(TestSchema {
+            url: format!("{base}{separator}options=-csearch_path%3D{schema}"),
+            schema,
+            admin,
+        })
     }
 
     #[test]
     fn keeps_the_store_contract() {
-        let Some(url) = test_database("contract") else {
+        let Some(db) = test_database("contract") else {
             return;
         };
+        let url = db.url.clone();
         contract::check(&mut || Box::new(Postgres::connect(&url).unwrap()) as Box<dyn Store>);
     }
 
     #[test]
     fn writer_reports_a_lost_connection_then_reconnects() {
         use crate::storage::{Completion, Request, Writer, WriterConfig};
-        let Some(url) = test_database("lost") else {
+        let Some(db) = test_database("lost") else {
             return;
         };
         let url = format!(
-            "{url}&application_name=shardcast_lost_{}",
+            "{}&application_name=shardcast_lost_{}",
+            db.url,
             std::process::id()
         );
         let config = WriterConfig {
