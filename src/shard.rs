@@ -1736,7 +1736,11 @@ mod tests {
 
     impl Sim {
         fn new(n: usize) -> Self {
-            let config = Arc::new(Config::default());
+            Self::with_config(n, Config::default())
+        }
+
+        fn with_config(n: usize, config: Config) -> Self {
+            let config = Arc::new(config);
             let global = Arc::new(Global::new(n));
             Sim {
                 shards: (0..n)
@@ -1921,19 +1925,22 @@ mod tests {
         assert!(sim.shards[1].catching_up.borrow().is_empty());
     }
 
-    #[test]
-    fn replay_beyond_the_history_or_from_another_epoch_is_incomplete() {
-        let mut config = Config::default();
-        config.history.size = 3;
-        let shard = Shard::new(0, 1, Arc::new(config), Arc::new(Global::new(1)));
-        let sim = Sim {
-            shards: vec![shard],
-        };
+    /// One shard with `config` whose channel has had messages 1 to 10.
+    fn one_shard_with_ten_messages(config: Config) -> (Sim, &'static str) {
+        let sim = Sim::with_config(1, config);
         let channel = "org:a:usage";
         let publisher = sim.shards[0].add_conn();
         for n in 1..=10 {
             publish(&sim, 0, &publisher, channel, n);
         }
+        (sim, channel)
+    }
+
+    #[test]
+    fn replay_beyond_the_history_or_from_another_epoch_is_incomplete() {
+        let mut config = Config::default();
+        config.history.size = 3;
+        let (sim, channel) = one_shard_with_ten_messages(config);
         let ask = |json: String| {
             let peer = sim.shards[0].add_conn();
             sim.request(0, &peer, &json);
@@ -1968,15 +1975,7 @@ mod tests {
     fn a_replay_larger_than_the_queue_is_cut_and_reported_incomplete() {
         let mut config = Config::default();
         config.limits.outbound_queue_messages = 4;
-        let shard = Shard::new(0, 1, Arc::new(config), Arc::new(Global::new(1)));
-        let sim = Sim {
-            shards: vec![shard],
-        };
-        let channel = "org:a:usage";
-        let publisher = sim.shards[0].add_conn();
-        for n in 1..=10 {
-            publish(&sim, 0, &publisher, channel, n);
-        }
+        let (sim, channel) = one_shard_with_ten_messages(config);
         let peer = sim.shards[0].add_conn();
         let sub = format!(r#"{{"type":"SUB","channels":["{channel}"],"since":{{"{channel}":0}}}}"#);
         sim.request(0, &peer, &sub);
