@@ -34,9 +34,13 @@ pub enum Counter {
     MeshBatches,
     /// Messages in those batches.
     MeshMessages,
+    /// Subscriptions with `since` answered with a replay.
+    Replays,
+    /// Those replays reported `recovered: false`.
+    ReplaysIncomplete,
 }
 
-const COUNTERS: usize = 11;
+const COUNTERS: usize = 13;
 const AUTH_REASONS: [&str; 4] = [
     "missing_credentials",
     "invalid_key",
@@ -291,6 +295,18 @@ impl Global {
             "counter",
             "Messages forwarded to other shards.",
             self.sum(Counter::MeshMessages),
+        );
+        metric(
+            "shardcast_replays_total",
+            "counter",
+            "Channels subscribed with since and replayed.",
+            self.sum(Counter::Replays),
+        );
+        metric(
+            "shardcast_replays_incomplete_total",
+            "counter",
+            "Replays answered recovered:false (the client must resync).",
+            self.sum(Counter::ReplaysIncomplete),
         );
         metric(
             "shardcast_slow_consumer_closes_total",

@@ -954,6 +954,10 @@ impl Shard {
             .iter()
             .map(|r| (&*r.channel, r.complete))
             .collect();
+        let incomplete = recovered.iter().filter(|(_, complete)| !complete).count();
+        self.counters.add(Counter::Replays, recovered.len() as u64);
+        self.counters
+            .add(Counter::ReplaysIncomplete, incomplete as u64);
         let subscribed = protocol::subscribed(&p.channels, p.id.as_deref(), self.epoch, &recovered);
         self.send(&peer, subscribed);
         for (replay, live) in p.replays.into_iter().zip(live) {

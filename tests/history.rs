@@ -132,6 +132,11 @@ fn since_beyond_the_history_is_reported_not_recovered() {
     assert_eq!(of(&a), [6, 7, 8, 9, 10], "what the history still has");
     assert_eq!(of(&b), [6, 7, 8, 9, 10]);
     late.ping();
+    assert_eq!(server.wait_metric("shardcast_replays_total", 2), 2);
+    assert_eq!(
+        server.wait_metric("shardcast_replays_incomplete_total", 1),
+        1
+    );
 }
 
 /// Receive `count` DECISION frames and return their seqs (checking each is whole).
