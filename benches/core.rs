@@ -1,5 +1,6 @@
-//! Micro-benchmarks of the per-message path: framing, request parsing, routing, queues, and
-//! handling a message that crossed from another shard. `cargo bench --bench core`.
+//! Micro-benchmarks of the per-message path: framing, request parsing, routing, queues,
+//! handling a message that crossed from another shard, and the channel history (keeping a
+//! message, finding a replay). `cargo bench --bench core`.
 
 use std::hint::black_box;
 use std::rc::Rc;
@@ -10,6 +11,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use shardcast::auth::{Principal, Scopes};
 use shardcast::codec::{self, Decoder};
 use shardcast::config::{Config, Scope};
+use shardcast::history::{Limits, Ring};
 use shardcast::metrics::Global;
 use shardcast::protocol::{self, Kind, Parser};
 use shardcast::queue::{Bounds, OutQueue};
@@ -158,5 +160,37 @@ fn cross_shard(c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, framing, parsing, routing, queues, cross_shard);
+fn history(c: &mut Criterion) {
+    let frame: codec::Frame =
+        Rc::from(&protocol::fanout_frame(Kind::Message, "org:acme:usage", 1, DATA)[..]);
+    let limits = Limits {
+        size: 1_000,
+        ttl_ms: 3_600_000,
+    };
+    let mut ring = Ring::new(0);
+    let mut seq = 0;
+    for _ in 0..1_000 {
+        seq += 1;
+        ring.push(seq, &frame, 0, limits);
+    }
+    c.bench_function("history: keep a message (full ring of 1,000)", |b| {
+        b.iter(|| {
+            seq += 1;
+            ring.push(seq, black_box(&frame), 0, limits)
+        })
+    });
+    c.bench_function("history: find a replay of 1,000 messages", |b| {
+        b.iter(|| ring.since(black_box(ring.last() - 1_000), 0, limits))
+    });
+}
+
+criterion_group!(
+    benches,
+    framing,
+    parsing,
+    routing,
+    queues,
+    cross_shard,
+    history
+);
 criterion_main!(benches);
