@@ -81,6 +81,15 @@ impl Ring {
         self.expire(now_ms, limits);
     }
 
+    /// The sequence jumps to `seq` (a stored maximum learnt late): everything up to it was
+    /// delivered by an earlier process and is not kept here.
+    pub fn skip_to(&mut self, seq: u64) {
+        if seq > self.last {
+            self.last = seq;
+            self.floor = self.floor.max(seq);
+        }
+    }
+
     /// Forget messages older than the TTL.
     pub fn expire(&mut self, now_ms: u64, limits: Limits) {
         if limits.ttl_ms == 0 {
@@ -162,6 +171,19 @@ mod tests {
             found.floor, 10,
             "a stored channel's ring starts at its base"
         );
+    }
+
+    #[test]
+    fn a_jump_ahead_counts_as_lost_from_here() {
+        let mut ring = Ring::new(0);
+        ring.push(1, &frame(1), 0, KEEP3);
+        ring.skip_to(40);
+        ring.push(41, &frame(41), 0, KEEP3);
+        let found = ring.since(0, 0, KEEP3);
+        assert_eq!(seqs(&found), [1, 41]);
+        assert_eq!((found.floor, found.upto), (40, 41));
+        ring.skip_to(5);
+        assert_eq!(ring.last(), 41, "never backwards");
     }
 
     #[test]

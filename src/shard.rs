@@ -537,7 +537,11 @@ impl Shard {
                 continue;
             }
             match owned.get_mut(channel.as_str()) {
-                Some(state) => state.seq = state.seq.max(*seq),
+                Some(state) if *seq > state.seq => {
+                    state.seq = *seq;
+                    state.ring.skip_to(*seq);
+                }
+                Some(_) => {}
                 None => {
                     stored_seqs.insert(channel.as_str().into(), *seq);
                 }
