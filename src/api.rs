@@ -151,17 +151,21 @@ pub fn parse_rfc3339(s: &str) -> Option<i64> {
         millis = first3.parse::<i64>().ok()?;
         rest = &fraction[digits..];
     }
-    let offset_min = match rest {
-        "Z" | "z" => 0,
-        _ if rest.len() == 6 && matches!(&rest[3..4], ":") => {
-            let sign = match &rest[..1] {
-                "+" => 1,
-                "-" => -1,
+    // Bytes, not str slices: a client's text need not break at these offsets.
+    let offset_min = match rest.as_bytes() {
+        b"Z" | b"z" => 0,
+        &[sign, h1, h2, b':', m1, m2] => {
+            let digits = [h1, h2, m1, m2];
+            if !digits.iter().all(u8::is_ascii_digit) {
+                return None;
+            }
+            let [h1, h2, m1, m2] = digits.map(|d| i64::from(d - b'0'));
+            let minutes = (h1 * 10 + h2) * 60 + m1 * 10 + m2;
+            match sign {
+                b'+' => minutes,
+                b'-' => -minutes,
                 _ => return None,
-            };
-            let h = rest[1..3].parse::<i64>().ok()?;
-            let m = rest[4..6].parse::<i64>().ok()?;
-            sign * (h * 60 + m)
+            }
         }
         _ => return None,
     };
@@ -340,6 +344,10 @@ mod tests {
             Some(1_709_251_199_999)
         );
         for bad in [
+            "2026-11-22T10:00:00+0é00",
+            "2026-11-22T10:00:00.é",
+            "2026-11-22T10:00:0é",
+            "é026-11-22T10:00:00Z",
             "2026-13-01T00:00:00Z",
             "2026-11-22",
             "2026-11-22T10:00:00",
