@@ -414,11 +414,11 @@ impl Conn {
                     Err(response) => self.http_reply(response),
                 }
             }
-            (_, path)
+            (method, path)
                 if matches!(
                     path,
                     "/ws" | "/health" | "/health/live" | "/health/ready" | "/metrics" | "/info"
-                ) || path.starts_with("/api/") =>
+                ) || (method != "GET" && path.starts_with("/api/")) =>
             {
                 self.http_reply(http::error_response(
                     405,

@@ -97,6 +97,8 @@ fn decisions_are_queried_by_org_with_filters_and_pages() {
     assert_eq!(status, 401);
     let (status, bad) = get(&server, "/api/decisions?limit=0", ACME);
     assert_eq!((status, bad["error"].as_str()), (400, Some("bad_request")));
+    let (status, _) = get(&server, "/api/nothing", ACME);
+    assert_eq!(status, 404);
 }
 
 #[test]
