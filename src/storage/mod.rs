@@ -1,4 +1,4 @@
-//! Durable decisions: the stores, and the thread that group-commits to them.
+//! Durable decisions: the stores, the thread that group-commits to them, and their readers.
 //!
 //! Shards never touch a database. A shard hands each decision to the [`Writer`] over a bounded
 //! flume channel and gets the [`Outcome`] back on a channel of its own. The writer runs on a
@@ -8,9 +8,13 @@
 //! [`Outcome::Unavailable`] at once (never a false "stored"), the writer reconnects with
 //! backoff, and a full queue refuses new work instead of growing.
 //!
+//! Reads (replays that reach past a channel's in-memory history, the decisions API) run on
+//! [`Reader`] threads with connections of their own, so they never wait behind a commit.
+//!
 //! The shard side (numbering, holding a decision's ACK and frame until its commit, answering
 //! duplicates and refusals) is `Shard::ingest` and `Shard::stored`; start-up (open, migrate,
-//! recover the channels' seqs) is `server::open_storage`.
+//! recover the channels' seqs, or start without an unreachable PostgreSQL and recover later)
+//! is `server::open_storage`.
 
 pub mod postgres;
 pub mod reader;
