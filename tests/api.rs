@@ -42,10 +42,23 @@ fn ingest_some(server: &Server, n: u64) -> Vec<Value> {
 
 #[test]
 fn decisions_are_queried_by_org_with_filters_and_pages() {
-    let server = Server::start("");
-    let acks = ingest_some(&server, 7);
+    decisions_query(&Server::start(""));
+}
 
-    let (status, all) = get(&server, "/api/decisions", ACME);
+#[test]
+fn decisions_are_queried_from_postgresql_too() {
+    let Some(schema) = common::postgres_schema("api") else {
+        return;
+    };
+    let server = Server::start(&format!("[storage]\nurl = \"{}\"\n", schema.url));
+    decisions_query(&server);
+    drop(server);
+}
+
+fn decisions_query(server: &Server) {
+    let acks = ingest_some(server, 7);
+
+    let (status, all) = get(server, "/api/decisions", ACME);
     assert_eq!(status, 200, "{all}");
     let newest_first: Vec<String> = (1..=7).rev().map(|i| format!("k{i}")).collect();
     assert_eq!(keys(&all), newest_first, "only acme's, newest first");
@@ -57,14 +70,14 @@ fn decisions_are_queried_by_org_with_filters_and_pages() {
     assert_eq!(first["tags"], json!(["test"]));
     assert!(all["nextCursor"].is_null(), "one page holds everything");
 
-    let (_, denies) = get(&server, "/api/decisions?decision=deny&order=oldest", ACME);
+    let (_, denies) = get(server, "/api/decisions?decision=deny&order=oldest", ACME);
     assert_eq!(keys(&denies), ["k2", "k4", "k6"]);
 
     // Pages of 3 by cursor: every decision once, in order.
     let mut seen = Vec::new();
     let mut path = "/api/decisions?limit=3&order=oldest".to_string();
     loop {
-        let (status, page) = get(&server, &path, ACME_READONLY);
+        let (status, page) = get(server, &path, ACME_READONLY);
         assert_eq!(status, 200, "{page}");
         seen.extend(keys(&page));
         match page["nextCursor"].as_str() {
@@ -76,28 +89,28 @@ fn decisions_are_queried_by_org_with_filters_and_pages() {
     assert_eq!(seen, oldest_first);
 
     // Time window: nothing before the epoch, nothing after now.
-    let (_, none) = get(&server, "/api/decisions?until=1970-01-02T00:00:00Z", ACME);
+    let (_, none) = get(server, "/api/decisions?until=1970-01-02T00:00:00Z", ACME);
     assert_eq!(keys(&none), Vec::<String>::new());
-    let (_, since) = get(&server, "/api/decisions?since=2000-01-01T00:00:00Z", ACME);
+    let (_, since) = get(server, "/api/decisions?since=2000-01-01T00:00:00Z", ACME);
     assert_eq!(keys(&since).len(), 7);
 
     // Another org is invisible: asking is refused, and a key of another org sees none of
     // acme's (the admin key belongs to org "ops").
-    let (status, refused) = get(&server, "/api/decisions?org=beta", ACME);
+    let (status, refused) = get(server, "/api/decisions?org=beta", ACME);
     assert_eq!(
         (status, refused["error"].as_str()),
         (403, Some("forbidden"))
     );
-    let (_, ops) = get(&server, "/api/decisions", ADMIN);
+    let (_, ops) = get(server, "/api/decisions", ADMIN);
     assert_eq!(keys(&ops), Vec::<String>::new());
-    let (_, beta) = get(&server, "/api/decisions?org=beta", ADMIN);
+    let (_, beta) = get(server, "/api/decisions?org=beta", ADMIN);
     assert_eq!(keys(&beta), ["b1"]);
 
-    let (status, _) = get(&server, "/api/decisions", "wrong-key");
+    let (status, _) = get(server, "/api/decisions", "wrong-key");
     assert_eq!(status, 401);
-    let (status, bad) = get(&server, "/api/decisions?limit=0", ACME);
+    let (status, bad) = get(server, "/api/decisions?limit=0", ACME);
     assert_eq!((status, bad["error"].as_str()), (400, Some("bad_request")));
-    let (status, _) = get(&server, "/api/nothing", ACME);
+    let (status, _) = get(server, "/api/nothing", ACME);
     assert_eq!(status, 404);
 }
 

@@ -455,3 +455,39 @@ pub fn postgres_admin(test: &str) -> Option<postgres::Client> {
         Err(e) => panic!("PostgreSQL must be reachable at {url} under CI=true: {e}"),
     }
 }
+
+/// A PostgreSQL schema of a test's own, dropped when the test ends.
+pub struct PgSchema {
+    /// Connection string whose search path is the schema.
+    pub url: String,
+    name: String,
+    admin: postgres::Client,
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        let _ = self
+            .admin
+            .batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name));
+    }
+}
+
+/// A fresh schema for `test` in the test database (`None`, loudly, when PostgreSQL is not
+/// running here and CI is not set).
+pub fn postgres_schema(test: &str) -> Option<PgSchema> {
+    let mut admin = postgres_admin(test)?;
+    let base = std::env::var("SHARDCAST_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let separator = if base.contains('?') { '&' } else { '?' };
+    let name = format!("shardcast_{test}_{}", std::process::id());
+    admin
+        .batch_execute(&format!(
+            "DROP SCHEMA IF EXISTS {name} CASCADE; CREATE SCHEMA {name}"
+        ))
+        .expect("create test schema");
+    Some(PgSchema {
+        url: format!("{base}{separator}options=-csearch_path%3D{name}"),
+        name,
+        admin,
+    })
+}
