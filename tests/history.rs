@@ -154,8 +154,20 @@ fn decision_seqs(c: &mut Client, count: usize) -> Vec<u64> {
 
 #[test]
 fn decisions_older_than_the_ring_are_replayed_from_the_store_even_after_kill_9() {
+    decisions_are_replayed_from_the_store("");
+}
+
+#[test]
+fn decisions_are_replayed_from_postgresql_too() {
+    let Some(schema) = common::postgres_schema("replay") else {
+        return;
+    };
+    decisions_are_replayed_from_the_store(&format!("[storage]\nurl = \"{}\"\n", schema.url));
+}
+
+fn decisions_are_replayed_from_the_store(storage: &str) {
     const CHANNEL: &str = "org:acme:decisions";
-    let server = Server::start("[history]\nsize = 2\n");
+    let server = Server::start(&format!("[history]\nsize = 2\n{storage}"));
     let mut producer = server.client_on(common::ACME, 0);
     for n in 1..=10 {
         producer.send(common::ingest(
