@@ -135,6 +135,31 @@ fn the_same_key_twice_in_flight_gets_one_decision() {
     assert_eq!(sub.recv()["data"], "marker");
 }
 
+/// The outage: `role` may no longer log in and its connections are cut (or it may again).
+fn lock_out(admin: &mut postgres::Client, role: &str, out: bool) {
+    let sql = if out {
+        format!(
+            "ALTER ROLE {role} NOLOGIN;
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}';"
+        )
+    } else {
+        format!("ALTER ROLE {role} LOGIN")
+    };
+    admin.batch_execute(&sql).unwrap();
+}
+
+/// INGEST `key` until it is stored: refused with storage_unavailable until the server reaches
+/// the database again (its writer reconnects on a backoff), never anything else.
+fn ingest_until_stored(producer: &mut Client, key: &str) -> Value {
+    loop {
+        let answer = ingest_one(producer, key);
+        if answer["type"] == "ACK" {
+            return answer;
+        }
+        assert_eq!(answer["code"], "storage_unavailable", "{answer}");
+    }
+}
+
 #[test]
 fn postgres_outage_refuses_decisions_without_false_acks_then_recovers() {
     let Some(mut admin) = common::postgres_admin("postgres_outage") else {
@@ -153,12 +178,7 @@ fn postgres_outage_refuses_decisions_without_false_acks_then_recovers() {
     let mut producer = server.client_on(ACME, 0);
     assert_eq!(ingest_one(&mut producer, "before")["type"], "ACK");
 
-    admin
-        .batch_execute(&format!(
-            "ALTER ROLE {role} NOLOGIN;
-             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}';"
-        ))
-        .unwrap();
+    lock_out(&mut admin, &role, true);
     let refused = ingest_one(&mut producer, "during");
     assert_eq!(refused["type"], "ERROR", "{refused}");
     assert_eq!(refused["code"], "storage_unavailable");
@@ -170,29 +190,16 @@ fn postgres_outage_refuses_decisions_without_false_acks_then_recovers() {
     producer.send(json!({"type":"PUBLISH","channel":"org:acme:usage","data":1,"id":"p"}));
     assert_eq!(producer.recv_type("ACK")["id"], "p");
 
-    admin
-        .batch_execute(&format!("ALTER ROLE {role} LOGIN"))
-        .unwrap();
+    lock_out(&mut admin, &role, false);
     // The writer reconnects on its backoff; until then the same key keeps being refused.
-    let stored = loop {
-        let answer = ingest_one(&mut producer, "during");
-        if answer["type"] == "ACK" {
-            break answer;
-        }
-        assert_eq!(answer["code"], "storage_unavailable", "{answer}");
-    };
+    let stored = ingest_until_stored(&mut producer, "during");
     assert_eq!(stored["dedup"], false);
     server.wait_ready();
     drop(producer);
 
     // Restarted while the database is down: the server starts without it, refuses decisions,
     // serves everything else, and catches up (sequences, keys) once the database is back.
-    admin
-        .batch_execute(&format!(
-            "ALTER ROLE {role} NOLOGIN;
-             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}';"
-        ))
-        .unwrap();
+    lock_out(&mut admin, &role, true);
     let server = server.kill_and_restart();
     let mut producer = server.client_on(ACME, 1);
     assert_eq!(
@@ -203,16 +210,8 @@ fn postgres_outage_refuses_decisions_without_false_acks_then_recovers() {
     assert_eq!(status, 503, "{body}");
     producer.send(json!({"type":"PUBLISH","channel":"org:acme:usage","data":2,"id":"p2"}));
     assert_eq!(producer.recv_type("ACK")["id"], "p2");
-    admin
-        .batch_execute(&format!("ALTER ROLE {role} LOGIN"))
-        .unwrap();
-    let after = loop {
-        let answer = ingest_one(&mut producer, "after");
-        if answer["type"] == "ACK" {
-            break answer;
-        }
-        assert_eq!(answer["code"], "storage_unavailable", "{answer}");
-    };
+    lock_out(&mut admin, &role, false);
+    let after = ingest_until_stored(&mut producer, "after");
     // The channel's sequence continues after the stored maximum.
     let next = stored["seq"].as_u64().map(|s| s + 1);
     assert_eq!(
