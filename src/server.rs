@@ -250,15 +250,11 @@ pub fn start(mut config: Config) -> Result<Server, ServerError> {
                     reader: reader.clone(),
                     loaded,
                 };
-                let recovered = match &recovery {
-                    Recovery::Now(recovered) => Ok(recovered.clone()),
-                    Recovery::Later(later) => Err(later.clone()),
-                };
                 let inboxes = Inboxes {
                     completions: inbox,
                     loads,
                 };
-                (link, inboxes, recovered)
+                (link, inboxes, recovery.clone())
             });
         let parts = ShardParts {
             listener,
@@ -290,13 +286,11 @@ struct ShardParts {
     ring: Ring,
     /// The storage link, where this shard's answers come back, and what the store recovered
     /// (or where that will come from).
-    storage: Option<(StorageLink, Inboxes, RecoveredOrLater)>,
+    storage: Option<(StorageLink, Inboxes, Recovery)>,
 }
 
-/// What the store recovered, or where it will be announced once the store is reached.
-type RecoveredOrLater = Result<Arc<Recovered>, flume::Receiver<Arc<Recovered>>>;
-
 /// When the shards learn the store's state.
+#[derive(Clone)]
 enum Recovery {
     /// Read at start-up.
     Now(Arc<Recovered>),
@@ -439,8 +433,8 @@ async fn run_shard(
     let mut later = None;
     let inboxes = storage.map(|(link, inboxes, recovered)| {
         match recovered {
-            Ok(recovered) => shard.attach_storage(link, Some(&recovered)),
-            Err(announced) => {
+            Recovery::Now(recovered) => shard.attach_storage(link, Some(&recovered)),
+            Recovery::Later(announced) => {
                 shard.attach_storage(link, None);
                 later = Some(announced);
             }

@@ -1007,7 +1007,7 @@ impl Shard {
             .zip(limit)
             .filter(|_| in_range && missing > 0);
         let Some((link, limit)) = reader else {
-            return self.send_replay(to, ring);
+            return self.send_replay(to, ring, false);
         };
         let token = self.next_token.get();
         self.next_token.set(token + 1);
@@ -1033,7 +1033,7 @@ impl Shard {
             }
             Err(e) => {
                 tracing::warn!(shard = self.id, "replay from the store refused: {e}");
-                self.send_replay(to, ring);
+                self.send_replay(to, ring, false);
             }
         }
     }
@@ -1074,17 +1074,17 @@ impl Shard {
             (seq, Frame::from(frame))
         });
         let mut frames: Vec<(u64, Frame)> = stored.collect();
-        if page_ends_in_store {
-            // The ring's messages come after the page: the next page reaches them.
-            replay.upto = u64::MAX;
-        } else {
+        // A page that ends in the store leaves the ring's messages for the next page.
+        if !page_ends_in_store {
             frames.append(&mut replay.frames);
         }
         replay.frames = frames;
-        self.send_replay(read.to, replay);
+        self.send_replay(read.to, replay, page_ends_in_store);
     }
 
-    fn send_replay(&self, to: ReplayTo, replay: Replay<Frame>) {
+    /// Hand a replay to whoever asked; `cut` says more messages follow the last one (an HTTP
+    /// page that ended in the store).
+    fn send_replay(&self, to: ReplayTo, replay: Replay<Frame>, cut: bool) {
         match to {
             ReplayTo::Sub { shard, token } if shard == self.id => {
                 self.answered(token, Some(replay))
@@ -1094,16 +1094,11 @@ impl Shard {
                 self.route(shard, MeshMsg::Replay { token, replay });
             }
             ReplayTo::Http { reply, limit } => {
-                // More after the page: cut by the limit, or a page that ended in the store
-                // (marked with an unreachable `upto`).
-                let ended_in_store = replay.upto == u64::MAX;
-                let complete = replay.complete;
-                let mut frames = replay.into_bytes().frames;
-                let more = frames.len() > limit || ended_in_store;
-                frames.truncate(limit);
+                let more = cut || replay.frames.len() > limit;
+                let frames = replay.frames.into_iter().take(limit);
                 let page = HistoryPage {
-                    frames,
-                    complete,
+                    frames: frames.map(|(seq, f)| (seq, f.to_vec())).collect(),
+                    complete: replay.complete,
                     more,
                 };
                 let _ = reply.send(page);
