@@ -51,7 +51,7 @@ fn framing(c: &mut Criterion) {
             |buf| {
                 decoder.decode(buf, 65536, &mut |e| {
                     black_box(e);
-                    true
+                    codec::Flow::Continue
                 })
             },
             BatchSize::SmallInput,

@@ -36,6 +36,18 @@ pub enum Event<'a> {
     Close(Option<(u16, &'a str)>),
 }
 
+/// What the decoder does after handing over an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// Decode the next frame.
+    Continue,
+    /// Stop and discard the rest of the input (the connection is closing).
+    Stop,
+    /// Stop and keep the rest of the input for the next call (the caller is not taking
+    /// requests for now: a later `decode`, with or without new bytes, resumes).
+    Pause,
+}
+
 /// Why the decoder gave up on a connection: the close code and reason to send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("{reason} (close {code})")]
@@ -75,13 +87,13 @@ impl Decoder {
     }
 
     /// Decode every complete frame in `input` (unmasking it in place) and hand each message to
-    /// `on_event`. Returning `false` from `on_event` stops decoding (the rest is discarded:
-    /// the connection is closing). Incomplete trailing bytes are kept for the next call.
+    /// `on_event`, which says whether to go on (see [`Flow`]). Incomplete trailing bytes, and
+    /// everything after a pause, are kept for the next call.
     pub fn decode(
         &mut self,
         input: &mut [u8],
         max_message: usize,
-        on_event: &mut dyn FnMut(Event<'_>) -> bool,
+        on_event: &mut dyn FnMut(Event<'_>) -> Flow,
     ) -> Result<(), ProtocolViolation> {
         if self.partial.is_empty() {
             let used = self.decode_frames(input, max_message, on_event)?;
@@ -107,7 +119,7 @@ impl Decoder {
         &mut self,
         buf: &mut [u8],
         max_message: usize,
-        on_event: &mut dyn FnMut(Event<'_>) -> bool,
+        on_event: &mut dyn FnMut(Event<'_>) -> Flow,
     ) -> Result<usize, ProtocolViolation> {
         let mut pos = 0;
         while pos < buf.len() {
@@ -129,8 +141,10 @@ impl Decoder {
                 apply_mask(payload, mask);
             }
             pos = start + len;
-            if !self.dispatch(&header, payload, max_message, on_event)? {
-                return Ok(buf.len());
+            match self.dispatch(&header, payload, max_message, on_event)? {
+                Flow::Continue => {}
+                Flow::Stop => return Ok(buf.len()),
+                Flow::Pause => return Ok(pos),
             }
         }
         Ok(pos)
@@ -173,8 +187,8 @@ impl Decoder {
         header: &FrameHeader,
         payload: &mut [u8],
         max_message: usize,
-        on_event: &mut dyn FnMut(Event<'_>) -> bool,
-    ) -> Result<bool, ProtocolViolation> {
+        on_event: &mut dyn FnMut(Event<'_>) -> Flow,
+    ) -> Result<Flow, ProtocolViolation> {
         match header.opcode {
             OpCode::Control(Control::Ping) => Ok(on_event(Event::Ping(payload))),
             OpCode::Control(Control::Pong) => Ok(on_event(Event::Pong(payload))),
@@ -194,7 +208,7 @@ impl Decoder {
                     self.check_utf8_prefix()?;
                 }
                 if !header.is_final {
-                    return Ok(true);
+                    return Ok(Flow::Continue);
                 }
                 let message = std::mem::take(&mut self.message);
                 self.message_kind = None;
@@ -214,7 +228,7 @@ impl Decoder {
                 if kind == Data::Text {
                     self.check_utf8_prefix()?;
                 }
-                Ok(true)
+                Ok(Flow::Continue)
             }
             OpCode::Control(Control::Reserved(_)) => Err(violation(1002, "reserved opcode")),
         }
@@ -235,8 +249,8 @@ impl Decoder {
 fn deliver(
     kind: Data,
     payload: &[u8],
-    on_event: &mut dyn FnMut(Event<'_>) -> bool,
-) -> Result<bool, ProtocolViolation> {
+    on_event: &mut dyn FnMut(Event<'_>) -> Flow,
+) -> Result<Flow, ProtocolViolation> {
     match kind {
         Data::Text => match std::str::from_utf8(payload) {
             Ok(text) => Ok(on_event(Event::Text(text))),
@@ -431,9 +445,34 @@ mod tests {
                 Event::Pong(b) => Owned::Pong(b.to_vec()),
                 Event::Close(c) => Owned::Close(c.map(|(code, r)| (code, r.to_string()))),
             });
-            true
+            Flow::Continue
         })?;
         Ok(out)
+    }
+
+    #[test]
+    fn a_pause_keeps_the_rest_for_the_next_call() {
+        let mut wire = client_frame(0x81, b"one");
+        wire.extend(client_frame(0x81, b"two"));
+        wire.extend(&client_frame(0x81, b"three")[..4]);
+        let mut decoder = Decoder::default();
+        let mut seen = Vec::new();
+        decoder
+            .decode(&mut wire, 1 << 16, &mut |event| {
+                seen.push(format!("{event:?}"));
+                Flow::Pause
+            })
+            .unwrap();
+        assert_eq!(seen, [r#"Text("one")"#]);
+        assert!(!decoder.is_idle(), "the unread frames are kept");
+        // Resumed without new bytes, then the rest of the last frame arrives.
+        let mut events = run(&mut decoder, &[]).unwrap();
+        events.extend(run(&mut decoder, &client_frame(0x81, b"three")[4..]).unwrap());
+        assert_eq!(
+            events,
+            vec![Owned::Text("two".into()), Owned::Text("three".into())]
+        );
+        assert!(decoder.is_idle());
     }
 
     #[test]

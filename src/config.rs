@@ -113,9 +113,21 @@ pub struct Limits {
     pub message_burst: u32,
     /// Consecutive rate-limited messages tolerated before closing with 4429.
     pub max_rate_limited: u32,
+    /// Replies (answers, pongs) waiting for a client before its requests stop being read.
+    pub reply_queue_messages: usize,
+    /// Bytes of replies waiting for a client before its requests stop being read.
+    pub reply_queue_bytes: usize,
 }
 
 impl Limits {
+    /// The reply budget of each connection.
+    pub fn reply_budget(&self) -> crate::queue::ReplyBudget {
+        crate::queue::ReplyBudget {
+            messages: self.reply_queue_messages,
+            bytes: self.reply_queue_bytes,
+        }
+    }
+
     /// The client message rate limit.
     pub fn rate(&self) -> crate::rate::Rate {
         crate::rate::Rate {
@@ -139,6 +151,12 @@ pub struct WebSocket {
     pub idle_timeout_ms: u64,
     /// Drop a connection that has not completed its HTTP request in this long.
     pub handshake_timeout_ms: u64,
+    /// Close (4408) a connection whose message has not arrived whole this long after the
+    /// previous one did.
+    pub message_timeout_ms: u64,
+    /// Close (4408) a connection that has read none of its replies for this long while its
+    /// reply budget was spent.
+    pub reply_timeout_ms: u64,
 }
 
 /// Token (JWT) settings.
@@ -332,6 +350,8 @@ impl Default for Limits {
             messages_per_second: 0,
             message_burst: 0,
             max_rate_limited: 100,
+            reply_queue_messages: 1024,
+            reply_queue_bytes: 1 << 20,
         }
     }
 }
@@ -342,6 +362,8 @@ impl Default for WebSocket {
             ping_interval_ms: 30_000,
             idle_timeout_ms: 75_000,
             handshake_timeout_ms: 10_000,
+            message_timeout_ms: 30_000,
+            reply_timeout_ms: 30_000,
         }
     }
 }
@@ -440,7 +462,11 @@ impl Config {
                 self.listen
             ));
         }
-        if self.limits.max_message_bytes == 0 || self.limits.outbound_queue_messages == 0 {
+        if self.limits.max_message_bytes == 0
+            || self.limits.outbound_queue_messages == 0
+            || self.limits.reply_queue_messages == 0
+            || self.limits.reply_queue_bytes == 0
+        {
             return invalid("limits must be greater than zero".into());
         }
         if self.limits.outbound_queue_bytes < self.limits.max_message_bytes {

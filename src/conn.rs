@@ -15,27 +15,20 @@ use std::task::{Context, Poll};
 
 use crate::api;
 use crate::auth::Principal;
-use crate::codec::{self, Decoder, Event};
+use crate::codec::{self, Decoder, Event, Flow};
 use crate::config::RefuseWith;
 use crate::http;
 use crate::metrics::Counter;
 use crate::poller::{self, Poller, Watched};
 use crate::protocol;
-use crate::queue::Bounds;
 use crate::rate::TokenBucket;
-use crate::shard::{Peer, Phase, Shard};
+use crate::shard::{Peer, Phase, Shard, Stall};
 use crate::storage;
 
 /// Reads handled per poll before yielding to other connections.
 const READ_BUDGET: usize = 16;
 /// Bytes gathered for one send (whole frames; at least one).
 const WRITE_CHUNK: usize = 128 * 1024;
-/// Bounds that never drop: for the handshake response and close frames.
-const UNBOUNDED: Bounds = Bounds {
-    messages: usize::MAX,
-    bytes: usize::MAX,
-    drop_oldest: true,
-};
 
 enum Mode {
     /// Reading the request head (bytes kept only while it is incomplete).
@@ -112,6 +105,8 @@ pub fn serve(
         close_queued: false,
         close_received: false,
         eof: false,
+        paused: false,
+        events: 0,
     };
     Ok(std::future::poll_fn(move |cx| conn.poll(cx)))
 }
@@ -131,6 +126,11 @@ struct Conn {
     close_queued: bool,
     close_received: bool,
     eof: bool,
+    /// The decoder holds requests not yet handled (the reply budget was spent): handle them
+    /// before reading the socket again.
+    paused: bool,
+    /// Events decoded so far (wrapping): tells whether a read completed a message.
+    events: u32,
 }
 
 enum Step {
@@ -198,6 +198,25 @@ impl Conn {
             self.shard.wait_uncongested(cx.waker());
             return Step::Pending;
         }
+        if self.is_websocket() && !self.close_queued {
+            if self.replies_over_budget() {
+                // Its answers are not being read: read none of its requests (TCP pushes back
+                // on this client alone). Writing the replies wakes this task.
+                if self.peer.stall.get() != Stall::Replies {
+                    self.shard.counters.add(Counter::ReadsPaused, 1);
+                    self.peer.set_stall(Stall::Replies, self.shard.now_ms());
+                }
+                return Step::Pending;
+            }
+            if self.peer.stall.get() == Stall::Replies {
+                self.peer.set_stall(Stall::None, self.peer.last_heard.get());
+            }
+            if self.paused {
+                self.paused = false;
+                self.on_frames(&mut []);
+                return Step::Progress;
+            }
+        }
         if self.peer.readiness.get() & ready::READABLE == 0 {
             return Step::Pending;
         }
@@ -236,6 +255,11 @@ impl Conn {
         Step::Progress
     }
 
+    fn replies_over_budget(&self) -> bool {
+        let budget = self.shard.config.limits.reply_budget();
+        self.peer.out().borrow().replies_over(budget)
+    }
+
     fn clear(&self, bits: u8) {
         self.peer.readiness.set(self.peer.readiness.get() & !bits);
     }
@@ -254,9 +278,8 @@ impl Conn {
                 if out.is_empty() {
                     return Ok(());
                 }
-                let drops = out.take_unreported_drops();
-                if drops > 0 && !self.close_queued {
-                    out.push_urgent(protocol::slow_consumer(drops));
+                if !self.close_queued {
+                    out.queue_notice(protocol::slow_consumer);
                 }
                 buf.clear();
                 out.gather(&mut buf, WRITE_CHUNK);
@@ -285,6 +308,10 @@ impl Conn {
             };
             let frames = self.peer.out().borrow_mut().consume(written);
             shard.counters.add(Counter::MessagesSent, frames as u64);
+            if written > 0 && self.peer.stall.get() == Stall::Replies {
+                // Reading its replies, however slowly: not stuck.
+                self.peer.stall_since.set(shard.now_ms());
+            }
         }
     }
 
@@ -339,7 +366,7 @@ impl Conn {
     }
 
     fn http_reply(&mut self, response: Vec<u8>) {
-        self.shard.send(&self.peer, Rc::from(response));
+        self.shard.answer(&self.peer, Rc::from(response));
         self.mode = Mode::HttpReply;
     }
 
@@ -479,7 +506,7 @@ impl Conn {
                             "",
                         ));
                     }
-                    shard.send(&self.peer, Rc::from(http::upgrade_response(key)));
+                    shard.answer(&self.peer, Rc::from(http::upgrade_response(key)));
                     self.mode = Mode::Refused;
                     self.enter(Phase::Open);
                     return self.start_close(e.close_code(), e.code(), false);
@@ -504,12 +531,12 @@ impl Conn {
             ));
         }
         self.holds_slot = true;
-        shard.send(&self.peer, Rc::from(http::upgrade_response(key)));
+        shard.answer(&self.peer, Rc::from(http::upgrade_response(key)));
         self.enter(Phase::Open);
         match principal {
             Some(principal) => {
                 let id = format!("{:x}-{}-{}", shard.global.boot_id, shard.id, self.peer.id);
-                shard.send(&self.peer, protocol::ready(&id, shard.id));
+                shard.answer(&self.peer, protocol::ready(&id, shard.id));
                 self.bucket = TokenBucket::full(shard.config.limits.rate(), shard.now_ms());
                 self.mode = Mode::Session(principal);
             }
@@ -525,7 +552,9 @@ impl Conn {
     fn on_frames(&mut self, data: &mut [u8]) {
         let mut decoder = std::mem::take(&mut self.decoder);
         let max = self.shard.config.limits.max_message_bytes;
+        let events = self.events;
         let result = decoder.decode(data, max, &mut |event| self.on_event(event));
+        let idle = decoder.is_idle();
         self.decoder = decoder;
         if let Err(violation) = result {
             // Fail the connection (RFC 6455 7.1.7): close frame, then close TCP without
@@ -533,25 +562,41 @@ impl Conn {
             self.shard.counters.add(Counter::BadMessages, 1);
             self.start_close(violation.code, violation.reason, false);
             self.close_received = true;
+            return;
+        }
+        if self.paused || self.close_queued {
+            return;
+        }
+        // A message has begun to arrive: it must end within the message timeout, counted
+        // from the last message completed (a trickling client cannot hold a buffer for ever).
+        let stall = self.peer.stall.get();
+        if idle {
+            if stall == Stall::Message {
+                self.peer.set_stall(Stall::None, 0);
+            }
+        } else if stall != Stall::Message || self.events != events {
+            self.peer.stall.set(Stall::Message);
+            self.peer.stall_since.set(self.peer.last_heard.get());
         }
     }
 
-    /// Handle one decoded event; false stops decoding (the connection is closing).
-    fn on_event(&mut self, event: Event<'_>) -> bool {
+    /// Handle one decoded event and say whether to decode the next.
+    fn on_event(&mut self, event: Event<'_>) -> Flow {
+        self.events = self.events.wrapping_add(1);
         if self.close_queued {
             // After our close frame only the peer's close matters (RFC 6455 5.5.1).
             if let Event::Close(_) = event {
                 self.close_received = true;
-                return false;
+                return Flow::Stop;
             }
-            return true;
+            return Flow::Continue;
         }
         match event {
             Event::Text(text) => self.on_text(text),
             Event::Binary(bytes) => {
                 if matches!(self.mode, Mode::Echo) {
                     self.shard
-                        .send(&self.peer, codec::frame(codec::opcode::BINARY, bytes));
+                        .answer(&self.peer, codec::frame(codec::opcode::BINARY, bytes));
                 } else {
                     let refusal = protocol::Refusal::bad_request(
                         "binary frames are not supported: send JSON in text frames",
@@ -567,10 +612,18 @@ impl Conn {
                 self.close_received = true;
                 let code = close.map_or(1000, |(code, _)| code);
                 self.start_close(code, "", false);
-                return false;
+                return Flow::Stop;
             }
         }
-        !self.close_queued
+        if self.close_queued {
+            Flow::Stop
+        } else if self.replies_over_budget() {
+            // The rest waits in the decoder until the replies are read.
+            self.paused = true;
+            Flow::Pause
+        } else {
+            Flow::Continue
+        }
     }
 
     fn on_text(&mut self, text: &str) {
@@ -578,7 +631,7 @@ impl Conn {
         let principal = match &self.mode {
             Mode::Session(p) => p.clone(),
             Mode::Echo => {
-                return shard.send(
+                return shard.answer(
                     &self.peer,
                     codec::frame(codec::opcode::TEXT, text.as_bytes()),
                 )
@@ -588,7 +641,7 @@ impl Conn {
         shard.counters.add(Counter::MessagesReceived, 1);
         let limits = &shard.config.limits;
         if let Err(retry_after_ms) = self.bucket.take(limits.rate(), shard.now_ms()) {
-            shard.send(&self.peer, protocol::rate_limited(retry_after_ms));
+            shard.answer(&self.peer, protocol::rate_limited(retry_after_ms));
             self.limited_messages += 1;
             if self.limited_messages >= limits.max_rate_limited {
                 self.start_close(4429, "rate limit exceeded", false);
@@ -609,7 +662,7 @@ impl Conn {
     /// Answer a refused message; a client that keeps sending garbage is closed with 4400.
     fn refuse(&mut self, refusal: &protocol::Refusal) {
         let shard = self.shard.clone();
-        shard.send(&self.peer, protocol::refusal(refusal));
+        shard.answer(&self.peer, protocol::refusal(refusal));
         match refusal.code {
             "invalid_decision" => shard.counters.add(Counter::DecisionsRejected, 1),
             _ => {
@@ -635,7 +688,7 @@ impl Conn {
         if discard {
             out.clear();
         }
-        out.push(codec::close_frame(code, reason), UNBOUNDED);
+        out.push_reply(codec::close_frame(code, reason));
         drop(out);
         self.close_queued = true;
         self.enter(Phase::Closing);

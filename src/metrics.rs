@@ -38,9 +38,13 @@ pub enum Counter {
     Replays,
     /// Those replays reported `recovered: false`.
     ReplaysIncomplete,
+    /// Connections closed with 4408: a message left incomplete, or replies left unread.
+    StalledCloses,
+    /// Times a connection's requests stopped being read because its replies were not.
+    ReadsPaused,
 }
 
-const COUNTERS: usize = 13;
+const COUNTERS: usize = 15;
 const AUTH_REASONS: [&str; 4] = [
     "missing_credentials",
     "invalid_key",
@@ -313,6 +317,18 @@ impl Global {
             "counter",
             "Connections closed for being slow or silent.",
             self.sum(Counter::SlowConsumerCloses),
+        );
+        metric(
+            "shardcast_stalled_closes_total",
+            "counter",
+            "Connections closed with 4408 (a message left incomplete, or replies left unread).",
+            self.sum(Counter::StalledCloses),
+        );
+        metric(
+            "shardcast_reads_paused_total",
+            "counter",
+            "Times a connection was not read because it did not read its replies.",
+            self.sum(Counter::ReadsPaused),
         );
         metric(
             "shardcast_decisions_processed_total",

@@ -1,18 +1,23 @@
 //! A connection's bounded outbound queue of shared frames.
 //!
-//! Bounded in messages and bytes; when full, the oldest frame not yet partly written is dropped
-//! (or, under the "close" policy, the push reports an overflow and the caller closes the
-//! connection). Frames are `Rc` slices shared with every other subscriber, so a queued frame
-//! costs a pointer here, not a copy.
+//! One FIFO holds two classes of frame. Fan-out frames (messages on subscribed channels) are
+//! bounded in messages and bytes; when full, the oldest fan-out frame not yet partly written is
+//! dropped (or, under the "close" policy, the push reports an overflow and the caller closes
+//! the connection), and the client is told with one coalesced `slow_consumer` notice that goes
+//! ahead of everything not yet started and is never dropped itself. Replies (the answers to the
+//! client's own requests, control frames, the close frame) are never dropped: their bound is
+//! the connection's reply budget, which the reader enforces by not reading more requests while
+//! the budget is spent (see [`OutQueue::replies_over`]). Frames are `Rc` slices shared with
+//! every other subscriber, so a queued frame costs a slot here, not a copy.
 
 use std::collections::VecDeque;
 
 use crate::codec::Frame;
 
-/// Outcome of a push.
+/// Outcome of a fan-out push.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pushed {
-    /// Queued; this many older frames were dropped to make room.
+    /// Queued; this many older fan-out frames were dropped to make room.
     Queued {
         /// Frames dropped.
         dropped: u32,
@@ -21,72 +26,133 @@ pub enum Pushed {
     Overflow,
 }
 
-/// Queue bounds.
+/// Fan-out bounds.
 #[derive(Debug, Clone, Copy)]
 pub struct Bounds {
-    /// Most frames.
+    /// Most fan-out frames.
     pub messages: usize,
-    /// Most bytes.
+    /// Most fan-out bytes.
     pub bytes: usize,
-    /// Drop the oldest frame when full (otherwise report an overflow).
+    /// Drop the oldest fan-out frame when full (otherwise report an overflow).
     pub drop_oldest: bool,
+}
+
+/// How many replies may wait for a client that is not reading before its requests stop
+/// being read.
+#[derive(Debug, Clone, Copy)]
+pub struct ReplyBudget {
+    /// Most reply frames.
+    pub messages: usize,
+    /// Most reply bytes.
+    pub bytes: usize,
+}
+
+/// What a queued frame is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Class {
+    /// A message on a subscribed channel: dropped first when the queue is full.
+    Fanout,
+    /// An answer, a control frame or the close frame: never dropped.
+    Reply,
+    /// The `slow_consumer` notice: never dropped, at most one waiting.
+    Notice,
+}
+
+#[derive(Debug)]
+struct Entry {
+    frame: Frame,
+    class: Class,
 }
 
 /// The queue.
 #[derive(Debug, Default)]
 pub struct OutQueue {
-    frames: VecDeque<Frame>,
+    frames: VecDeque<Entry>,
+    /// Bytes of every queued frame, whole.
     bytes: usize,
+    /// Fan-out frames queued, and their bytes.
+    fanout: usize,
+    fanout_bytes: usize,
     /// Bytes of the front frame already written to the socket.
     head_written: usize,
-    /// Frames dropped since the client was last told.
+    /// Fan-out frames dropped and not yet reported to the client.
     unreported_drops: u64,
+    /// A notice is queued and not yet fully written (later drops wait for the next one).
+    notice_queued: bool,
     /// One past the last urgent frame: urgent frames keep their own order at the front.
     urgent_end: usize,
 }
 
 impl OutQueue {
-    /// Queue `frame` within `bounds`.
+    /// Queue a fan-out `frame` within `bounds`, dropping the oldest fan-out frames if need be.
     pub fn push(&mut self, frame: Frame, bounds: Bounds) -> Pushed {
         let mut dropped = 0;
-        while !self.frames.is_empty()
-            && (self.frames.len() + 1 > bounds.messages || self.bytes + frame.len() > bounds.bytes)
+        while self.fanout > 0
+            && (self.fanout + 1 > bounds.messages || self.fanout_bytes + frame.len() > bounds.bytes)
         {
             if !bounds.drop_oldest {
                 return Pushed::Overflow;
             }
-            // A partly written frame must finish, or the stream would be corrupt: drop the next.
-            let victim = usize::from(self.head_written > 0);
-            match self.frames.remove(victim) {
-                Some(old) => {
-                    if victim < self.urgent_end {
-                        self.urgent_end -= 1;
-                    }
-                    self.bytes -= old.len();
-                    dropped += 1;
+            let Some(victim) = self.oldest_droppable() else {
+                break;
+            };
+            if let Some(old) = self.frames.remove(victim) {
+                if victim < self.urgent_end {
+                    self.urgent_end -= 1;
                 }
-                None => break,
+                self.forget(&old);
+                dropped += 1;
             }
         }
-        self.bytes += frame.len();
-        self.frames.push_back(frame);
         self.unreported_drops += u64::from(dropped);
+        self.fanout += 1;
+        self.fanout_bytes += frame.len();
+        self.bytes += frame.len();
+        self.frames.push_back(Entry {
+            frame,
+            class: Class::Fanout,
+        });
         Pushed::Queued { dropped }
     }
 
-    /// Queue `frame` ahead of ordinary frames not yet started, after earlier urgent ones
-    /// (pongs must answer pings in order).
-    pub fn push_urgent(&mut self, frame: Frame) {
-        let started = usize::from(self.head_written > 0).min(self.frames.len());
-        let at = self.urgent_end.max(started);
+    /// Queue a reply after everything queued: it is never dropped.
+    pub fn push_reply(&mut self, frame: Frame) {
         self.bytes += frame.len();
-        self.frames.insert(at, frame);
-        self.urgent_end = at + 1;
+        self.frames.push_back(Entry {
+            frame,
+            class: Class::Reply,
+        });
     }
 
-    /// Frames dropped since the last call (the caller tells the client once per burst).
-    pub fn take_unreported_drops(&mut self) -> u64 {
-        std::mem::take(&mut self.unreported_drops)
+    /// Queue a control frame ahead of frames not yet started, after earlier urgent ones
+    /// (pongs must answer pings in order); it is never dropped.
+    pub fn push_urgent(&mut self, frame: Frame) {
+        self.insert_urgent(frame, Class::Reply);
+    }
+
+    /// If fan-out frames were dropped since the client was last told and no notice is waiting,
+    /// queue one (made by `notice` from the count) ahead of what it reports. Drops that happen
+    /// while a notice waits are told in the next one, so the client learns every drop, once.
+    pub fn queue_notice(&mut self, notice: impl FnOnce(u64) -> Frame) {
+        if self.unreported_drops == 0 || self.notice_queued {
+            return;
+        }
+        let frame = notice(std::mem::take(&mut self.unreported_drops));
+        self.notice_queued = true;
+        self.insert_urgent(frame, Class::Notice);
+    }
+
+    /// Fan-out frames dropped and not yet reported.
+    pub fn unreported_drops(&self) -> u64 {
+        self.unreported_drops
+    }
+
+    /// True when the replies waiting (answers, control frames, the drop notice) have spent
+    /// `budget`: the connection should read no more requests until they are written.
+    pub fn replies_over(&self, budget: ReplyBudget) -> bool {
+        let replies = self.frames.len() - self.fanout;
+        let bytes = self.bytes - self.fanout_bytes;
+        replies >= budget.messages || bytes >= budget.bytes
     }
 
     /// True when nothing is waiting.
@@ -104,16 +170,26 @@ impl OutQueue {
         self.bytes - self.head_written
     }
 
+    /// Fan-out frames waiting, and their bytes (what [`Bounds`] limits).
+    pub fn fanout(&self) -> (usize, usize) {
+        (self.fanout, self.fanout_bytes)
+    }
+
     /// Append the unwritten bytes of queued frames to `buf`, front first, whole frames only,
-    /// stopping once `buf` holds at least `limit` bytes; returns how many bytes were added.
+    /// stopping once `buf` holds at least `limit` bytes, or after a drop notice (so that drops
+    /// made while it was queued are told, by the next one, before anything that follows it);
+    /// returns how many bytes were added.
     pub fn gather(&self, buf: &mut Vec<u8>, limit: usize) -> usize {
         let start = buf.len();
-        for (i, frame) in self.frames.iter().enumerate() {
+        for (i, entry) in self.frames.iter().enumerate() {
             if buf.len() - start >= limit {
                 break;
             }
             let skip = if i == 0 { self.head_written } else { 0 };
-            buf.extend_from_slice(&frame[skip..]);
+            buf.extend_from_slice(&entry.frame[skip..]);
+            if entry.class == Class::Notice {
+                break;
+            }
         }
         buf.len() - start
     }
@@ -122,15 +198,16 @@ impl OutQueue {
     pub fn consume(&mut self, mut written: usize) -> usize {
         let mut completed = 0;
         while let Some(front) = self.frames.front() {
-            let left = front.len() - self.head_written;
+            let left = front.frame.len() - self.head_written;
             if written < left {
                 self.head_written += written;
                 break;
             }
             written -= left;
-            self.bytes -= front.len();
             self.head_written = 0;
-            self.frames.pop_front();
+            if let Some(done) = self.frames.pop_front() {
+                self.forget(&done);
+            }
             self.urgent_end = self.urgent_end.saturating_sub(1);
             completed += 1;
         }
@@ -147,15 +224,59 @@ impl OutQueue {
 
     /// Heap bytes held for queue slots.
     pub fn slot_bytes(&self) -> usize {
-        self.frames.capacity() * std::mem::size_of::<Frame>()
+        self.frames.capacity() * std::mem::size_of::<Entry>()
     }
 
-    /// Forget everything queued.
+    /// Forget everything queued (the connection is closing and will say so), but the rest of
+    /// a frame partly written: cut short, it would corrupt the stream.
     pub fn clear(&mut self) {
-        self.frames = VecDeque::new();
-        self.bytes = 0;
-        self.head_written = 0;
-        self.urgent_end = 0;
+        let started = if self.head_written > 0 {
+            self.frames.pop_front()
+        } else {
+            None
+        };
+        let head_written = self.head_written;
+        *self = Self::default();
+        if let Some(entry) = started {
+            self.bytes = entry.frame.len();
+            self.head_written = head_written;
+            self.frames.push_back(Entry {
+                frame: entry.frame,
+                class: Class::Reply,
+            });
+        }
+    }
+
+    fn insert_urgent(&mut self, frame: Frame, class: Class) {
+        let started = usize::from(self.head_written > 0).min(self.frames.len());
+        let at = self.urgent_end.max(started);
+        self.bytes += frame.len();
+        self.frames.insert(at, Entry { frame, class });
+        self.urgent_end = at + 1;
+    }
+
+    /// Index of the oldest fan-out frame that may be dropped (not partly written).
+    fn oldest_droppable(&self) -> Option<usize> {
+        let start = usize::from(self.head_written > 0);
+        if self.fanout == self.frames.len() {
+            // Only fan-out frames: the answer needs no search (the common case).
+            return (start < self.frames.len()).then_some(start);
+        }
+        // Replies before it are bounded by the reply budget, so the search is short.
+        (start..self.frames.len()).find(|&i| self.frames[i].class == Class::Fanout)
+    }
+
+    /// Account for a frame leaving the queue (written or dropped).
+    fn forget(&mut self, entry: &Entry) {
+        self.bytes -= entry.frame.len();
+        match entry.class {
+            Class::Fanout => {
+                self.fanout -= 1;
+                self.fanout_bytes -= entry.frame.len();
+            }
+            Class::Notice => self.notice_queued = false,
+            Class::Reply => {}
+        }
     }
 }
 
@@ -174,9 +295,13 @@ mod tests {
         drop_oldest: true,
     };
 
+    /// Every unwritten byte queued, in order.
     fn contents(q: &OutQueue) -> Vec<u8> {
         let mut buf = Vec::new();
-        q.gather(&mut buf, usize::MAX);
+        for (i, entry) in q.frames.iter().enumerate() {
+            let skip = if i == 0 { q.head_written } else { 0 };
+            buf.extend_from_slice(&entry.frame[skip..]);
+        }
         buf
     }
 
@@ -195,8 +320,7 @@ mod tests {
         assert_eq!(q.push(f(4, 90), BOUNDS), Pushed::Queued { dropped: 2 });
         assert_eq!(q.len(), 2);
         assert_eq!(q.bytes(), 100);
-        assert_eq!(q.take_unreported_drops(), 3);
-        assert_eq!(q.take_unreported_drops(), 0);
+        assert_eq!(q.unreported_drops(), 3);
     }
 
     #[test]
@@ -214,6 +338,90 @@ mod tests {
         assert_eq!(q.bytes(), 26);
         assert_eq!(q.consume(6 + 10), 2);
         assert_eq!(contents(&q), vec![3; 10]);
+    }
+
+    #[test]
+    fn replies_are_never_dropped_and_keep_their_place() {
+        let mut q = OutQueue::default();
+        q.push(f(1, 10), BOUNDS);
+        q.push_reply(f(100, 1));
+        q.push(f(2, 10), BOUNDS);
+        q.push_reply(f(101, 1));
+        for i in 3..10 {
+            q.push(f(i, 10), BOUNDS);
+        }
+        // Only fan-out frames went; the replies stay where they were sent.
+        assert_eq!(
+            contents(&q),
+            [vec![100], vec![101], vec![7; 10], vec![8; 10], vec![9; 10]].concat()
+        );
+        assert_eq!(q.fanout(), (3, 30));
+        assert_eq!(q.unreported_drops(), 6);
+    }
+
+    #[test]
+    fn replies_spend_the_budget_fanout_does_not() {
+        let budget = ReplyBudget {
+            messages: 2,
+            bytes: 50,
+        };
+        let mut q = OutQueue::default();
+        for i in 0..3 {
+            q.push(f(i, 40), BOUNDS);
+        }
+        q.push_reply(f(9, 5));
+        assert!(!q.replies_over(budget));
+        q.push_urgent(f(8, 2));
+        assert!(
+            q.replies_over(budget),
+            "two replies spend a two-frame budget"
+        );
+        q.consume(2);
+        assert!(!q.replies_over(budget));
+        q.push_reply(f(7, 45));
+        assert!(q.replies_over(budget), "50 bytes spend a 50-byte budget");
+    }
+
+    #[test]
+    fn one_drop_notice_goes_first_and_counts_every_drop() {
+        let notice = |n: u64| f(200 + n as u8, 1);
+        let mut q = OutQueue::default();
+        for i in 0..5 {
+            q.push(f(i, 10), BOUNDS);
+        }
+        q.queue_notice(notice);
+        assert_eq!(contents(&q)[0], 202, "ahead of what it reports");
+        // More drops while it waits: it is neither dropped nor doubled.
+        for i in 5..10 {
+            q.push(f(i, 10), BOUNDS);
+        }
+        q.queue_notice(notice);
+        assert_eq!(
+            contents(&q),
+            [vec![202], vec![7; 10], vec![8; 10], vec![9; 10]].concat()
+        );
+        // A send ends with it, so the next notice, with the drops since, comes before the rest.
+        let mut sent = Vec::new();
+        q.gather(&mut sent, usize::MAX);
+        assert_eq!(sent, [202]);
+        q.consume(1);
+        q.queue_notice(notice);
+        assert_eq!(contents(&q)[0], 205);
+        assert_eq!(q.unreported_drops(), 0);
+    }
+
+    #[test]
+    fn clearing_keeps_the_rest_of_a_started_frame() {
+        let mut q = OutQueue::default();
+        q.push(f(1, 10), BOUNDS);
+        q.push_reply(f(2, 10));
+        q.consume(4);
+        q.clear();
+        q.push_reply(f(3, 1));
+        assert_eq!(contents(&q), [vec![1; 6], vec![3]].concat());
+        assert_eq!(q.fanout(), (0, 0));
+        assert_eq!(q.consume(7), 2);
+        assert!(q.is_empty());
     }
 
     #[test]

@@ -626,6 +626,8 @@ async fn timers(shard: Rc<Shard>) {
         .ping_interval_ms
         .min(ws.idle_timeout_ms)
         .min(ws.handshake_timeout_ms)
+        .min(ws.message_timeout_ms)
+        .min(ws.reply_timeout_ms)
         .min(crate::shard::CLOSE_TIMEOUT_MS);
     let sweep_ms = (shortest / 4).clamp(10, 1_000);
     let tick_ms = sweep_ms.min(PUBLISH_MS);

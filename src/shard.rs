@@ -212,6 +212,23 @@ pub struct Peer {
     pub dropped: Cell<u64>,
     /// Socket readiness bits, kept by the connection's I/O (see `conn::on_ready`).
     pub readiness: Cell<u8>,
+    /// What the connection is waiting for the client to do (see [`Stall`]).
+    pub stall: Cell<Stall>,
+    /// Shard clock (ms) when that wait began (or last made progress).
+    pub stall_since: Cell<u64>,
+}
+
+/// What an open connection is waiting for its client to do; the sweeper closes it with 4408
+/// when the wait lasts too long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stall {
+    /// Nothing.
+    None,
+    /// The rest of a message whose first bytes have arrived (`websocket.message_timeout_ms`).
+    Message,
+    /// Reading its replies: its reply budget is spent, so its requests are not being read
+    /// (`websocket.reply_timeout_ms`, counted from the last byte written to it).
+    Replies,
 }
 
 impl Peer {
@@ -230,6 +247,8 @@ impl Peer {
             channels: RefCell::default(),
             dropped: Cell::new(0),
             readiness: Cell::new(0),
+            stall: Cell::new(Stall::None),
+            stall_since: Cell::new(now),
         }
     }
 
@@ -267,7 +286,15 @@ impl Peer {
         self.close.take()
     }
 
-    /// Queue a frame ahead of ordinary traffic (pongs, pings).
+    /// Enter (or leave, with [`Stall::None`]) a wait for the client, as of `now`.
+    pub fn set_stall(&self, stall: Stall, now: u64) {
+        if self.stall.get() != stall {
+            self.stall.set(stall);
+            self.stall_since.set(now);
+        }
+    }
+
+    /// Queue a control frame ahead of ordinary traffic (pongs, pings); never dropped.
     pub fn send_urgent(&self, frame: Frame) {
         let mut out = self.out.borrow_mut();
         let was_empty = out.is_empty();
@@ -633,8 +660,9 @@ impl Shard {
         self.conns.borrow().values().cloned().collect()
     }
 
-    /// Queue an ordinary frame for `peer`, applying the backpressure policy.
-    pub fn send(&self, peer: &Peer, frame: Frame) {
+    /// Queue a fan-out frame for `peer`, applying the backpressure policy (drop the oldest
+    /// fan-out frame, or close the connection).
+    pub fn deliver(&self, peer: &Peer, frame: Frame) {
         if peer.phase.get() == Phase::Closing {
             return; // Nothing may follow a close frame.
         }
@@ -660,10 +688,25 @@ impl Shard {
         }
     }
 
+    /// Queue the answer to one of `peer`'s own requests: never dropped (a client that does not
+    /// read its answers stops being read instead; see `conn.rs`).
+    pub fn answer(&self, peer: &Peer, frame: Frame) {
+        if peer.phase.get() == Phase::Closing {
+            return;
+        }
+        let mut out = peer.out.borrow_mut();
+        let was_empty = out.is_empty();
+        out.push_reply(frame);
+        drop(out);
+        if was_empty {
+            peer.wake();
+        }
+    }
+
     fn send_to_conn(&self, conn: u64, frame: Frame) {
         let peer = self.conns.borrow().get(&conn).cloned();
         if let Some(peer) = peer {
-            self.send(&peer, frame);
+            self.answer(&peer, frame);
         }
     }
 
@@ -714,11 +757,11 @@ impl Shard {
                         self.unsubscribe_one(peer.id, channel);
                     }
                 }
-                self.send(peer, protocol::unsubscribed(&channels, id));
+                self.answer(peer, protocol::unsubscribed(&channels, id));
             }
             Request::Publish { channel, data, id } => {
                 if let Err(refusal) = self.check_channel(principal, Scope::Publish, &channel) {
-                    return self.send(peer, protocol::refusal(&refusal.with_id(id)));
+                    return self.answer(peer, protocol::refusal(&refusal.with_id(id)));
                 }
                 let origin = Origin {
                     shard: self.id,
@@ -743,7 +786,7 @@ impl Shard {
                 let channel = match self.check_channel(principal, Scope::Ingest, &ingest.channel) {
                     Ok(channel) => channel,
                     Err(refusal) => {
-                        return self.send(peer, protocol::refusal(&refusal.with_id(key)));
+                        return self.answer(peer, protocol::refusal(&refusal.with_id(key)));
                     }
                 };
                 let expected_org = channel.org().unwrap_or(&principal.org);
@@ -751,7 +794,7 @@ impl Shard {
                     self.counters.add(Counter::DecisionsRejected, 1);
                     let message = format!("data.orgId must be {expected_org:?}, the channel's org");
                     let frame = protocol::error("invalid_decision", &message, key, None);
-                    return self.send(peer, frame);
+                    return self.answer(peer, frame);
                 }
                 let origin = Origin {
                     shard: self.id,
@@ -779,7 +822,7 @@ impl Shard {
                 };
                 self.route(owner, msg);
             }
-            Request::Ping { timestamp } => self.send(peer, protocol::pong(timestamp)),
+            Request::Ping { timestamp } => self.answer(peer, protocol::pong(timestamp)),
         }
     }
 
@@ -824,7 +867,7 @@ impl Shard {
                 Ok(()) => accepted.push(name),
                 Err(refusal) => {
                     let frame = protocol::error(refusal.code, &refusal.message, id, Some(&name));
-                    self.send(peer, frame);
+                    self.answer(peer, frame);
                 }
             }
         }
@@ -919,19 +962,13 @@ impl Shard {
         let Some(peer) = self.peer(p.conn) else {
             return;
         };
-        // A replay must fit in the connection's queue, or drop-oldest would lose part of it
-        // silently: what does not fit is left out and the channel reported incomplete. Room is
-        // kept for the SUBSCRIBED frame (at most this long: "false" is the longer flag).
-        let incomplete: Vec<(&str, bool)> =
-            p.replays.iter().map(|r| (&*r.channel, false)).collect();
-        let longest = protocol::subscribed(&p.channels, p.id.as_deref(), self.epoch, &incomplete);
+        // A replay must fit in the connection's fan-out bounds, or drop-oldest would lose part
+        // of it silently: what does not fit is left out and the channel reported incomplete.
         let (mut room, mut bytes) = {
-            let out = peer.out().borrow();
+            let (queued, queued_bytes) = peer.out().borrow().fanout();
             (
-                self.bounds.messages.saturating_sub(out.len() + 1),
-                self.bounds
-                    .bytes
-                    .saturating_sub(out.bytes() + longest.len()),
+                self.bounds.messages.saturating_sub(queued),
+                self.bounds.bytes.saturating_sub(queued_bytes),
             )
         };
         for (replay, live) in p.replays.iter_mut().zip(&live) {
@@ -963,16 +1000,16 @@ impl Shard {
         self.counters
             .add(Counter::ReplaysIncomplete, incomplete as u64);
         let subscribed = protocol::subscribed(&p.channels, p.id.as_deref(), self.epoch, &recovered);
-        self.send(&peer, subscribed);
+        self.answer(&peer, subscribed);
         for (replay, live) in p.replays.into_iter().zip(live) {
             // Unsubscribed meanwhile: nothing more for that channel.
             let Some(live) = live else { continue };
             for (_, frame) in replay.frames {
-                self.send(&peer, frame);
+                self.deliver(&peer, frame);
             }
             for (seq, frame) in live {
                 if seq > replay.upto {
-                    self.send(&peer, frame);
+                    self.deliver(&peer, frame);
                 }
             }
         }
@@ -1256,7 +1293,7 @@ impl Shard {
                 catch.live.push_back((seq, frame.clone()));
                 continue;
             }
-            self.send(peer, frame.clone());
+            self.deliver(peer, frame.clone());
         }
         self.counters.record_fanout(t0.elapsed());
     }
@@ -1649,14 +1686,26 @@ impl Shard {
             peer.out.borrow_mut().shrink_if_idle();
             let quiet = now.saturating_sub(peer.last_heard.get());
             let in_phase = now.saturating_sub(peer.phase_since.get());
-            match peer.phase.get() {
-                Phase::Http if in_phase > ws.handshake_timeout_ms => abort(&peer),
-                Phase::Closing if in_phase > CLOSE_TIMEOUT_MS => abort(&peer),
-                Phase::Open if quiet > ws.idle_timeout_ms => {
+            let stalled = now.saturating_sub(peer.stall_since.get());
+            match (peer.phase.get(), peer.stall.get()) {
+                (Phase::Http, _) if in_phase > ws.handshake_timeout_ms => abort(&peer),
+                (Phase::Closing, _) if in_phase > CLOSE_TIMEOUT_MS => abort(&peer),
+                (Phase::Open, Stall::Replies) if stalled > ws.reply_timeout_ms => {
+                    self.counters.add(Counter::StalledCloses, 1);
+                    // Its replies cannot reach it anyway: make room for the close frame.
+                    peer.request_close(4408, "replies not read", true);
+                }
+                (Phase::Open, Stall::Message) if stalled > ws.message_timeout_ms => {
+                    self.counters.add(Counter::StalledCloses, 1);
+                    peer.request_close(4408, "message incomplete for too long", false);
+                }
+                // Its requests are not being read, so it cannot be heard: no idle check.
+                (Phase::Open, Stall::Replies) => {}
+                (Phase::Open, _) if quiet > ws.idle_timeout_ms => {
                     self.counters.add(Counter::SlowConsumerCloses, 1);
                     abort(&peer);
                 }
-                Phase::Open
+                (Phase::Open, _)
                     if quiet >= ws.ping_interval_ms
                         && now.saturating_sub(peer.last_ping.get()) >= ws.ping_interval_ms =>
                 {
@@ -1675,7 +1724,7 @@ impl Shard {
         for peer in self.peers() {
             match peer.phase.get() {
                 Phase::Open => {
-                    self.send(&peer, notice.clone());
+                    self.answer(&peer, notice.clone());
                     peer.request_close(1001, "server restarting", false);
                 }
                 Phase::Http => abort(&peer),
@@ -1984,7 +2033,8 @@ mod tests {
         sim.request(0, &peer, &sub);
         let got = drain(&peer);
         assert_eq!(recovered(&got[0]), format!(r#"{{"{channel}":false}}"#));
-        let newest: Vec<String> = (8..=10).map(|n| message(channel, n)).collect();
+        // SUBSCRIBED is a reply: the four fan-out slots hold the newest four messages.
+        let newest: Vec<String> = (7..=10).map(|n| message(channel, n)).collect();
         assert_eq!(got[1..], newest);
         assert_eq!(peer.dropped.get(), 0, "nothing lost silently");
     }
@@ -2109,7 +2159,7 @@ mod tests {
         let shard = Shard::new(0, 1, Arc::new(config), Arc::new(Global::new(1)));
         let peer = shard.add_conn();
         for _ in 0..10 {
-            shard.send(&peer, codec::frame(codec::opcode::TEXT, b"x"));
+            shard.deliver(&peer, codec::frame(codec::opcode::TEXT, b"x"));
         }
         assert_eq!(peer.dropped.get(), 6);
         assert_eq!(shard.counters.get(Counter::MessagesDropped), 6);

@@ -232,14 +232,9 @@ fn slow_consumer_closed_under_close_policy() {
     assert!(v["metrics"]["connections"]["total"].as_u64().unwrap() >= 2);
 }
 
-/// A subscriber that will not read: a tiny receive buffer makes the kernel stop taking bytes
-/// for it early, so the server's queue for it fills.
+/// A subscriber that will not read (see [`Server::slow_client`]).
 fn slow_subscriber(server: &Server, channel: &str) -> Client {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    socket.connect(&server.addr.into()).unwrap();
-    let mut slow = Client::over(socket.into(), server.addr, &format!("/ws?key={ACME}")).unwrap();
-    assert_eq!(slow.recv()["type"], "READY");
+    let mut slow = server.slow_client(ACME);
     slow.subscribe(&[channel]);
     slow
 }

@@ -148,6 +148,21 @@ scopes = ["subscribe"]
         panic!("no connection landed on shard {shard}");
     }
 
+    /// A client (API key `secret`) that reads slowly: a tiny receive buffer makes the kernel
+    /// stop taking bytes for it early, so what the server sends it waits in the server.
+    pub fn slow_client(&self, secret: &str) -> Client {
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        socket.connect(&self.addr.into()).unwrap();
+        let path = format!("/ws?key={secret}");
+        let mut c = Client::over(socket.into(), self.addr, &path).expect("upgrade");
+        let ready = c.recv();
+        assert_eq!(ready["type"], "READY", "{ready}");
+        c.shard = ready["shard"].as_u64().expect("shard") as usize;
+        c
+    }
+
     /// GET a path; returns status and body.
     pub fn get(&self, path: &str) -> (u16, String) {
         http_get(self.addr, path, "")
@@ -363,6 +378,26 @@ impl Client {
     pub fn code(code: CloseCode) -> u16 {
         code.into()
     }
+}
+
+/// A client frame (masked, final) with `opcode` and `payload`, for writing raw to a socket.
+pub fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [0x37, 0xfa, 0x21, 0x3d];
+    let mut out = vec![0x80 | opcode];
+    match payload.len() {
+        n if n < 126 => out.push(0x80 | n as u8),
+        n if n < 65536 => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    out
 }
 
 /// A decision `data` object for `org`.

@@ -1,0 +1,251 @@
+//! Hostile and careless clients against the real server: each hole found by the probe of
+//! issue 9, with the exact answer expected, and proof that the server still serves a healthy
+//! client afterwards.
+
+mod common;
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::thread;
+
+use common::*;
+use serde_json::json;
+use tungstenite::Message;
+
+/// A raw second handle on a client's socket, for writing frames without reading.
+fn raw(c: &Client) -> TcpStream {
+    c.ws.get_ref().try_clone().expect("clone socket")
+}
+
+/// Write `frames` (whole frames, concatenated) `times` times from another thread, blocking
+/// when the server stops reading; stops quietly when the server closes. Returns how many
+/// times the frames were written.
+fn flood(socket: TcpStream, frames: Vec<u8>, times: usize) -> thread::JoinHandle<usize> {
+    flood_until(socket, frames, times, None)
+}
+
+/// [`flood`], giving up once a write has made no progress for `patience`.
+fn flood_until(
+    mut socket: TcpStream,
+    frames: Vec<u8>,
+    times: usize,
+    patience: Option<std::time::Duration>,
+) -> thread::JoinHandle<usize> {
+    socket.set_write_timeout(patience).unwrap();
+    thread::spawn(move || {
+        for n in 0..times {
+            if socket.write_all(&frames).is_err() {
+                return n;
+            }
+        }
+        times
+    })
+}
+
+/// A slow client whose connection landed on `shard`.
+fn slow_client_on(server: &Server, secret: &str, shard: usize) -> Client {
+    for _ in 0..200 {
+        let c = server.slow_client(secret);
+        if c.shard == shard {
+            return c;
+        }
+    }
+    panic!("no connection landed on shard {shard}");
+}
+
+/// Hole 1: pongs were queued without bound, so pings sent without reading grew the server's
+/// memory linearly (3 million pings: +480 MB). Now the pongs spend the connection's reply
+/// budget, the server stops reading that client, and every ping is still answered, in order.
+#[test]
+fn pings_without_reading_stop_being_read_and_are_all_answered() {
+    let server = Server::start("");
+    let mut c = server.slow_client(ACME);
+    let rss_before = server.rss_kib();
+    const BATCH: usize = 1_000;
+    const BATCHES: usize = 200;
+    let ping = client_frame(0x9, &[b'p'; 125]);
+    let writer = flood(raw(&c), ping.repeat(BATCH), BATCHES);
+    // The server stops reading this client once its unread pongs fill the reply budget.
+    server.wait_metric("shardcast_reads_paused_total", 1);
+    let rss_paused = server.rss_kib();
+    assert!(
+        rss_paused < rss_before + 16 * 1024,
+        "RSS grew from {rss_before} KiB to {rss_paused} KiB while the client did not read"
+    );
+    let mut pongs = 0;
+    while pongs < BATCH * BATCHES {
+        match c.ws.read() {
+            Ok(Message::Pong(payload)) => {
+                assert_eq!(payload.len(), 125);
+                pongs += 1;
+            }
+            Ok(other) => panic!("expected pongs only, got {other:?}"),
+            Err(e) => panic!("after {pongs} pongs: {e}"),
+        }
+    }
+    assert_eq!(writer.join().unwrap(), BATCHES);
+    c.ping();
+    server.client(&format!("/ws?key={ACME}")).ping();
+}
+
+/// Hole 2: drop-oldest also dropped queued pongs, so keepalives of a subscriber on a busy
+/// channel timed out (100 pings, 36 pongs). And the slow_consumer notice could itself be
+/// dropped. Now every ping gets its pong, and the notices account for every dropped message.
+#[test]
+fn pongs_and_drop_notices_survive_a_burst_to_a_slow_subscriber() {
+    let server =
+        Server::start("[limits]\noutbound_queue_messages = 64\noutbound_queue_bytes = 262144\n");
+    let channel = "org:acme:usage";
+    let mut slow = server.slow_client(ACME);
+    slow.subscribe(&[channel]);
+    let mut publisher = server.client(&format!("/ws?key={ACME}"));
+    let pad = "x".repeat(2000);
+    const COUNT: u64 = 5_000;
+    let mut pinger = raw(&slow);
+    for n in 1..=COUNT {
+        let mut publish = json!({"type":"PUBLISH","channel":channel,"data":{"n":n,"pad":pad}});
+        if n == COUNT {
+            publish["id"] = json!("last");
+        }
+        publisher.send(publish);
+        if n % 50 == 0 {
+            let payload = (n / 50).to_string();
+            pinger
+                .write_all(&client_frame(0x9, payload.as_bytes()))
+                .unwrap();
+        }
+    }
+    assert_eq!(publisher.recv_type("ACK")["seq"], COUNT);
+    let (mut pongs, mut received, mut told, mut last) = (0u64, 0u64, 0u64, 0u64);
+    while last < COUNT {
+        match slow.ws.read().expect("read") {
+            Message::Pong(payload) => {
+                pongs += 1;
+                assert_eq!(payload, pongs.to_string().as_bytes(), "pongs in ping order");
+            }
+            Message::Text(t) => {
+                let m: serde_json::Value = serde_json::from_str(&t).unwrap();
+                match m["type"].as_str() {
+                    Some("ERROR") => {
+                        assert_eq!(m["code"], "slow_consumer", "{m}");
+                        told += m["dropped"].as_u64().unwrap();
+                    }
+                    Some("MESSAGE") => {
+                        let seq = m["seq"].as_u64().unwrap();
+                        assert!(seq > last, "seq {seq} after {last}");
+                        last = seq;
+                        received += 1;
+                    }
+                    _ => panic!("unexpected {m}"),
+                }
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(
+        told > 0,
+        "the burst should have overflowed the slow subscriber"
+    );
+    assert_eq!(
+        received + told,
+        COUNT,
+        "every message arrived or was reported dropped"
+    );
+    slow.ping();
+    assert_eq!(pongs, COUNT / 50, "every ping answered");
+    server.wait_health("drop counter to match", |h| {
+        h["metrics"]["messages"]["dropped"] == told
+    });
+}
+
+/// Hole 3: the answers to a client's own requests went through drop-oldest (135,000
+/// pipelined INGESTs, 39,557 ACKs). Now a client that does not read its answers is not read
+/// either, and when it reads it finds every ACK, in order, across shards, with its fan-out
+/// copies either delivered or reported dropped.
+#[test]
+fn acks_are_never_dropped_for_a_client_that_sends_before_reading() {
+    let server = Server::start(
+        "[limits]\noutbound_queue_messages = 64\nreply_queue_messages = 16\n[storage]\nurl = \"memory\"\n",
+    );
+    let decisions = "org:acme:decisions";
+    let owner = shardcast::shard::owner_of(decisions, 2);
+    // Its decisions' owner is the other shard: those ACKs cross the mesh.
+    let mut c = slow_client_on(&server, ACME, 1 - owner);
+    c.subscribe(&["org:acme:usage", decisions]);
+    // Long ids make long ACKs: enough of them to fill the kernel's buffers on the way back.
+    const COUNT: usize = 20_000;
+    let id = |n: usize| format!("{n:0>200}");
+    let mut requests = Vec::new();
+    for n in 0..COUNT {
+        let request = if n % 2 == 0 {
+            json!({"type":"PUBLISH","channel":"org:acme:usage","data":n,"id":id(n)})
+        } else {
+            ingest(decisions, &id(n), decision("acme"))
+        };
+        requests.extend(client_frame(0x1, request.to_string().as_bytes()));
+    }
+    let writer = flood(raw(&c), requests, 1);
+    server.wait_metric("shardcast_reads_paused_total", 1);
+    let (mut acked, mut fanned, mut told) = (Vec::new(), 0u64, 0u64);
+    while acked.len() < COUNT {
+        let m = c.recv();
+        match m["type"].as_str() {
+            Some("ACK") => acked.push(m["id"].as_str().unwrap().parse::<usize>().unwrap()),
+            Some("MESSAGE" | "DECISION") => fanned += 1,
+            Some("ERROR") if m["code"] == "slow_consumer" => told += m["dropped"].as_u64().unwrap(),
+            _ => panic!("unexpected {m}"),
+        }
+    }
+    assert_eq!(writer.join().unwrap(), 1);
+    // Each kind in the order sent (the two owners answer independently).
+    let (publishes, ingests): (Vec<usize>, Vec<usize>) = acked.iter().partition(|n| *n % 2 == 0);
+    assert_eq!(publishes, (0..COUNT).step_by(2).collect::<Vec<_>>());
+    assert_eq!(ingests, (1..COUNT).step_by(2).collect::<Vec<_>>());
+    // The fan-out copies not yet read come before the answer to this PING.
+    c.send(json!({"type":"PING","timestamp":"end"}));
+    loop {
+        let m = c.recv();
+        match m["type"].as_str() {
+            Some("PONG") => break,
+            Some("MESSAGE" | "DECISION") => fanned += 1,
+            Some("ERROR") if m["code"] == "slow_consumer" => told += m["dropped"].as_u64().unwrap(),
+            _ => panic!("unexpected {m}"),
+        }
+    }
+    assert_eq!(
+        fanned + told,
+        COUNT as u64,
+        "each copy delivered or reported dropped"
+    );
+}
+
+/// A client that stops reading for good while its reply budget is spent is closed with 4408
+/// after `reply_timeout_ms`, and the server goes on serving others.
+#[test]
+fn a_client_stuck_on_unread_replies_is_closed_with_4408() {
+    let server =
+        Server::start("[limits]\nreply_queue_messages = 16\n[websocket]\nreply_timeout_ms = 300\n");
+    let mut c = server.slow_client(ACME);
+    let pings = client_frame(0x9, &[b'p'; 125]).repeat(1_000);
+    // Stuck for good: it stops writing too, once the server stops reading it.
+    let patience = Some(std::time::Duration::from_millis(200));
+    let writer = flood_until(raw(&c), pings, 1_000, patience);
+    server.wait_metric("shardcast_stalled_closes_total", 1);
+    assert_eq!(c.recv_close(), Some(4408));
+    writer.join().unwrap();
+    server.client(&format!("/ws?key={ACME}")).ping();
+}
+
+/// Hole 7a: a partial frame could be held for ever while the client trickled bytes. A message
+/// must now arrive whole within `message_timeout_ms` of the previous one: else 4408.
+#[test]
+fn a_message_left_incomplete_is_closed_with_4408() {
+    let server = Server::start("[websocket]\nmessage_timeout_ms = 300\n");
+    let mut c = server.client(&format!("/ws?key={ACME}"));
+    c.ping();
+    let frame = client_frame(0x1, &[b' '; 1000]);
+    raw(&c).write_all(&frame[..100]).unwrap();
+    assert_eq!(c.recv_close(), Some(4408));
+    assert!(server.wait_metric("shardcast_stalled_closes_total", 1) >= 1);
+    server.client(&format!("/ws?key={ACME}")).ping();
+}
