@@ -130,7 +130,8 @@ fn shard_with_subscribers(n: usize) -> (Shard, Vec<Rc<shardcast::shard::Peer>>, 
     let peers = (0..n)
         .map(|_| {
             let peer = shard.add_conn();
-            shard.request(&peer, &admin, parser.parse(sub.as_bytes()).unwrap());
+            let handled = shard.request(&peer, &admin, parser.parse(sub.as_bytes()).unwrap());
+            assert_eq!(handled, shardcast::shard::Handled::Done);
             peer
         })
         .collect();

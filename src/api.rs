@@ -112,7 +112,8 @@ fn time(value: &str, name: &str) -> Result<i64, ApiError> {
     }
     parse_rfc3339(value).ok_or_else(|| {
         bad(format!(
-            "{name} must be Unix milliseconds or an RFC 3339 time, not {value:?}"
+            "{name} must be Unix milliseconds or an RFC 3339 time, not {}",
+            crate::json::echo(value)
         ))
     })
 }
@@ -265,7 +266,7 @@ pub fn history_query(
     let channel = Channel::parse(name, categories).map_err(|e| ApiError {
         status: 400,
         code: "invalid_channel",
-        message: format!("{name:?}: {e}"),
+        message: format!("{}: {e}", crate::json::echo(name)),
     })?;
     if !principal.may(Scope::Subscribe, &channel) {
         return Err(forbidden(format!("not allowed to read {name:?}")));

@@ -22,7 +22,7 @@ use crate::metrics::Counter;
 use crate::poller::{self, Poller, Watched};
 use crate::protocol;
 use crate::rate::TokenBucket;
-use crate::shard::{Peer, Phase, Shard, Stall};
+use crate::shard::{Handled, Peer, Phase, Shard, Stall};
 use crate::storage;
 
 /// Reads handled per poll before yielding to other connections.
@@ -651,27 +651,30 @@ impl Conn {
         self.limited_messages = 0;
         let parsed = shard.parser.borrow_mut().parse(text.as_bytes());
         match parsed {
-            Ok(request) => {
-                self.bad_messages = 0;
-                shard.request(&self.peer, &principal, request);
-            }
+            Ok(request) => match shard.request(&self.peer, &principal, request) {
+                Handled::Done => self.bad_messages = 0,
+                Handled::Refused => self.count_bad(),
+            },
             Err(refusal) => self.refuse(&refusal),
         }
     }
 
-    /// Answer a refused message; a client that keeps sending garbage is closed with 4400.
+    /// Answer a malformed message; a client that keeps sending garbage is closed with 4400.
     fn refuse(&mut self, refusal: &protocol::Refusal) {
         let shard = self.shard.clone();
         shard.answer(&self.peer, protocol::refusal(refusal));
         match refusal.code {
             "invalid_decision" => shard.counters.add(Counter::DecisionsRejected, 1),
-            _ => {
-                shard.counters.add(Counter::BadMessages, 1);
-                self.bad_messages += 1;
-                if self.bad_messages >= shard.config.limits.max_bad_messages {
-                    self.start_close(4400, "too many malformed messages", false);
-                }
-            }
+            _ => self.count_bad(),
+        }
+    }
+
+    /// One more malformed or refused message in a row; too many close the connection.
+    fn count_bad(&mut self) {
+        self.shard.counters.add(Counter::BadMessages, 1);
+        self.bad_messages += 1;
+        if self.bad_messages >= self.shard.config.limits.max_bad_messages {
+            self.start_close(4400, "too many malformed or refused messages", false);
         }
     }
 

@@ -243,8 +243,9 @@ pub fn enrich(data: &[u8], decision_id: &str, timestamp: &str) -> Vec<u8> {
     out.extend_from_slice(br#","timestamp":"#);
     json::push_str(&mut out, timestamp);
     for (key, value) in json::object_members(data).unwrap_or_default() {
+        // Compared decoded: "\u0069d" is "id" to every parser downstream.
         let name = &data[key.clone()];
-        if name == b"id" || name == b"timestamp" {
+        if json::key_is(name, "id") || json::key_is(name, "timestamp") {
             continue;
         }
         out.push(b',');

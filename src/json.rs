@@ -4,51 +4,169 @@
 //! promises that `data` reaches subscribers byte for byte as the publisher sent it, so the raw
 //! text of top-level values is located here, on input that simd-json has already validated.
 
+use std::borrow::Cow;
 use std::ops::Range;
+
+/// A member's key and value, as raw byte ranges of the input (the key without its quotes).
+pub type Member = (Range<usize>, Range<usize>);
+
+/// What one pass over a JSON object found.
+#[derive(Debug, Default)]
+pub struct Scanned {
+    /// The top-level members, in document order.
+    pub members: Vec<Member>,
+    /// The first key that appears twice in one object, at any depth (its raw range).
+    pub duplicate: Option<Range<usize>>,
+}
 
 /// Raw byte ranges of the values of a JSON object's top-level members, in document order.
 /// `input` must be valid JSON (checked beforehand by simd-json); returns `None` if it is not
 /// an object.
-pub fn object_members(input: &[u8]) -> Option<Vec<(Range<usize>, Range<usize>)>> {
-    let mut members = Vec::new();
+pub fn object_members(input: &[u8]) -> Option<Vec<Member>> {
+    scan_object(input).map(|s| s.members)
+}
+
+/// One pass over a JSON object (valid JSON, checked beforehand): its top-level members, and
+/// the first key repeated within one object at any depth, comparing keys as decoded (so
+/// `"a"` and `"\u0061"` are one name). Iterative: depth costs heap, not stack.
+pub fn scan_object(input: &[u8]) -> Option<Scanned> {
+    let mut out = Scanned::default();
     let mut pos = skip_ws(input, 0);
     if input.get(pos) != Some(&b'{') {
         return None;
     }
-    pos = skip_ws(input, pos + 1);
-    if input.get(pos) == Some(&b'}') {
-        return Some(members);
-    }
+    pos += 1;
+    // Open containers: `true` for an object. The keys of each open object, innermost last.
+    let mut open: Vec<bool> = vec![true];
+    let mut keys: Vec<Vec<Cow<'_, [u8]>>> = vec![Vec::new()];
+    let mut top_member: Option<(Range<usize>, usize)> = None;
     loop {
-        // Key (a string, kept raw without its quotes).
-        let key_end = skip_string(input, pos)?;
-        let key = pos + 1..key_end - 1;
-        pos = skip_ws(input, key_end);
-        if input.get(pos) != Some(&b':') {
-            return None;
+        pos = skip_ws(input, pos);
+        let object = *open.last()?;
+        let c = *input.get(pos)?;
+        if c == b',' {
+            pos += 1;
+            continue;
         }
-        pos = skip_ws(input, pos + 1);
-        let value_end = skip_value(input, pos)?;
-        members.push((key, pos..value_end));
-        pos = skip_ws(input, value_end);
-        match input.get(pos) {
-            Some(b',') => pos = skip_ws(input, pos + 1),
-            Some(b'}') => return Some(members),
-            _ => return None,
+        if c == b'}' || c == b']' {
+            pos += 1;
+            if open.pop()? {
+                keys.pop();
+            }
+            if open.is_empty() {
+                return Some(out);
+            }
+            if open.len() == 1 {
+                if let Some((key, start)) = top_member.take() {
+                    out.members.push((key, start..pos));
+                }
+            }
+            continue;
+        }
+        if object {
+            let key_end = skip_string(input, pos)?;
+            let key = pos + 1..key_end - 1;
+            let seen = keys.last_mut()?;
+            let text = key_text(&input[key.clone()]);
+            if out.duplicate.is_none() && seen.contains(&text) {
+                out.duplicate = Some(key.clone());
+            }
+            seen.push(text);
+            pos = skip_ws(input, key_end);
+            if input.get(pos) != Some(&b':') {
+                return None;
+            }
+            pos = skip_ws(input, pos + 1);
+            if open.len() == 1 {
+                top_member = Some((key, pos));
+            }
+        }
+        match *input.get(pos)? {
+            b'{' => {
+                open.push(true);
+                keys.push(Vec::new());
+                pos += 1;
+            }
+            b'[' => {
+                open.push(false);
+                pos += 1;
+            }
+            _ => {
+                let end = skip_scalar(input, pos)?;
+                if open.len() == 1 {
+                    if let Some((key, start)) = top_member.take() {
+                        out.members.push((key, start..end));
+                    }
+                }
+                pos = end;
+            }
         }
     }
 }
 
-/// The raw value of the last member named `name` (as simd-json keeps the last duplicate).
-pub fn member<'a>(
-    input: &'a [u8],
-    members: &[(Range<usize>, Range<usize>)],
-    name: &str,
-) -> Option<&'a [u8]> {
+/// A key's text as decoded (borrowed unless it has escapes).
+fn key_text(raw: &[u8]) -> Cow<'_, [u8]> {
+    if raw.contains(&b'\\') {
+        Cow::Owned(unescape(raw))
+    } else {
+        Cow::Borrowed(raw)
+    }
+}
+
+/// True when the raw key (without quotes) names `name`, escapes decoded.
+pub fn key_is(raw: &[u8], name: &str) -> bool {
+    *key_text(raw) == *name.as_bytes()
+}
+
+/// Decode the escapes of a valid JSON string's contents.
+fn unescape(raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    let hex = |at: usize| {
+        raw.get(at..at + 4)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u32::from_str_radix(h, 16).ok())
+    };
+    while i < raw.len() {
+        if raw[i] != b'\\' {
+            out.push(raw[i]);
+            i += 1;
+            continue;
+        }
+        let escaped = raw.get(i + 1).copied().unwrap_or(b'\\');
+        i += 2;
+        let c = match escaped {
+            b'b' => '\u{8}',
+            b'f' => '\u{c}',
+            b'n' => '\n',
+            b'r' => '\r',
+            b't' => '\t',
+            b'u' => {
+                let high = hex(i).unwrap_or(0xfffd);
+                i += 4;
+                let code = if (0xd800..0xdc00).contains(&high) && raw.get(i) == Some(&b'\\') {
+                    let low = hex(i + 2).unwrap_or(0);
+                    i += 6;
+                    0x10000 + ((high - 0xd800) << 10) + (low.wrapping_sub(0xdc00) & 0x3ff)
+                } else {
+                    high
+                };
+                char::from_u32(code).unwrap_or('\u{fffd}')
+            }
+            other => char::from(other),
+        };
+        let mut utf8 = [0; 4];
+        out.extend_from_slice(c.encode_utf8(&mut utf8).as_bytes());
+    }
+    out
+}
+
+/// The raw value of the member named `name` (requests with duplicate keys are refused, so
+/// there is at most one).
+pub fn member<'a>(input: &'a [u8], members: &[Member], name: &str) -> Option<&'a [u8]> {
     members
         .iter()
-        .rev()
-        .find(|(key, _)| &input[key.clone()] == name.as_bytes())
+        .find(|(key, _)| key_is(&input[key.clone()], name))
         .map(|(_, value)| &input[value.clone()])
 }
 
@@ -75,42 +193,17 @@ fn skip_string(input: &[u8], pos: usize) -> Option<usize> {
     None
 }
 
-/// End (exclusive) of the value starting at `pos`.
-fn skip_value(input: &[u8], pos: usize) -> Option<usize> {
-    match *input.get(pos)? {
-        b'"' => skip_string(input, pos),
-        b'{' | b'[' => {
-            let mut depth = 0usize;
-            let mut i = pos;
-            while i < input.len() {
-                match input[i] {
-                    b'"' => {
-                        i = skip_string(input, i)?;
-                        continue;
-                    }
-                    b'{' | b'[' => depth += 1,
-                    b'}' | b']' => {
-                        depth -= 1;
-                        if depth == 0 {
-                            return Some(i + 1);
-                        }
-                    }
-                    _ => {}
-                }
-                i += 1;
-            }
-            None
-        }
-        _ => {
-            let mut i = pos;
-            while i < input.len()
-                && !matches!(input[i], b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r')
-            {
-                i += 1;
-            }
-            Some(i)
-        }
+/// End (exclusive) of the string, number or literal starting at `pos`.
+fn skip_scalar(input: &[u8], pos: usize) -> Option<usize> {
+    if input.get(pos) == Some(&b'"') {
+        return skip_string(input, pos);
     }
+    let mut i = pos;
+    while i < input.len() && !matches!(input[i], b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r')
+    {
+        i += 1;
+    }
+    (i > pos).then_some(i)
 }
 
 /// Append `s` as a JSON string literal (quotes included).
@@ -142,6 +235,26 @@ pub fn push_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(&bytes[start..]);
     out.push(b'"');
 }
+
+/// The first `max` bytes of `s` at most, cut on a character boundary.
+pub fn truncate(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// `s` quoted for a human-readable message, cut to [`MAX_ECHO`] bytes and marked `…` when
+/// longer: client input is echoed in errors, but never all of it.
+pub fn echo(s: &str) -> String {
+    let shown = truncate(s, MAX_ECHO);
+    let cut = if shown.len() < s.len() { "…" } else { "" };
+    format!("{shown:?}{cut}")
+}
+
+/// Longest piece of client input echoed in an error message.
+pub const MAX_ECHO: usize = 64;
 
 /// Append an unsigned integer.
 pub fn push_u64(out: &mut Vec<u8>, n: u64) {
@@ -180,10 +293,53 @@ mod tests {
     }
 
     #[test]
-    fn last_duplicate_wins() {
-        let doc = br#"{"a":1,"a":2}"#;
-        let members = object_members(doc).unwrap();
-        assert_eq!(member(doc, &members, "a"), Some(&b"2"[..]));
+    fn finds_the_first_duplicate_key_at_any_depth() {
+        let dup = |doc: &[u8]| {
+            let scanned = scan_object(doc).unwrap();
+            scanned
+                .duplicate
+                .map(|r| String::from_utf8_lossy(&doc[r]).into_owned())
+        };
+        assert_eq!(
+            dup(br#"{"a":1,"b":{"c":[{"d":1,"e":2}],"f":{}},"g":"a"}"#),
+            None
+        );
+        assert_eq!(dup(br#"{"a":1,"a":2}"#).as_deref(), Some("a"));
+        assert_eq!(
+            dup(br#"{"x":[1,{"b":1,"c":2,"b":3}]}"#).as_deref(),
+            Some("b")
+        );
+        // The same name in different objects is no duplicate; escapes are decoded.
+        assert_eq!(dup(br#"{"a":{"a":{"a":1}}}"#), None);
+        assert_eq!(dup(br#"{"id":1,"\u0069d":2}"#).as_deref(), Some("\\u0069d"));
+        assert!(dup(br#"{"\ud83d\ude00":1,"\ud83d\ude00":2}"#).is_some());
+        let many: String = (0..100).map(|i| format!(r#""k{i}":{i},"#)).collect();
+        assert_eq!(
+            dup(format!("{{{many}\"k7\":0}}").as_bytes()).as_deref(),
+            Some("k7")
+        );
+        let deep = format!("{{\"a\":{}1{}}}", "[".repeat(50_000), "]".repeat(50_000));
+        assert_eq!(dup(deep.as_bytes()), None);
+        assert_eq!(scan_object(deep.as_bytes()).unwrap().members.len(), 1);
+    }
+
+    #[test]
+    fn keys_are_compared_decoded() {
+        assert!(key_is(br"\u0069d", "id"));
+        assert!(key_is(b"id", "id"));
+        assert!(!key_is(br"i\nd", "id"));
+        assert_eq!(
+            unescape(br#"a\"b\\c\/\n\u00e9\ud83d\ude00"#),
+            "a\"b\\c/\né😀".as_bytes()
+        );
+    }
+
+    #[test]
+    fn echoes_are_cut_on_a_character_boundary() {
+        assert_eq!(echo("short"), r#""short""#);
+        let long = "é".repeat(100);
+        let shown = echo(&long);
+        assert_eq!(shown, format!("{:?}…", "é".repeat(32)));
     }
 
     #[test]

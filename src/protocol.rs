@@ -115,8 +115,25 @@ impl Parser {
         self.copy.extend_from_slice(raw);
         let value = simd_json::to_borrowed_value_with_buffers(&mut self.copy, &mut self.buffers)
             .map_err(|e| Refusal::bad_request(format!("invalid JSON: {e}")))?;
-        let members = json::object_members(raw)
+        let scanned = json::scan_object(raw)
             .ok_or_else(|| Refusal::bad_request("message must be a JSON object"))?;
+        let members = scanned.members;
+        // Parsers differ on which duplicate wins (simd-json the first in small objects and the
+        // last in large ones, JavaScript the last): a duplicate would let what the server
+        // checks differ from what subscribers read. One rule: no name twice in one object.
+        if let Some(key) = scanned.duplicate {
+            let key = String::from_utf8_lossy(&raw[key]);
+            let message = format!(
+                "duplicate key {}: a name may appear once per object",
+                json::echo(&key)
+            );
+            // Echo what the client will match the answer by (an INGEST's is its key).
+            let echo = match value.get("type").and_then(|t| t.as_str()) {
+                Some("INGEST") => "idempotencyKey",
+                _ => "id",
+            };
+            return Err(Refusal::bad_request(message).with_id(json::member(raw, &members, echo)));
+        }
         let id = json::member(raw, &members, "id");
         if let Some(id) = id {
             if !matches!(id.first(), Some(b'"' | b'0'..=b'9' | b'-')) || id.len() > MAX_ID_LEN {
@@ -160,7 +177,8 @@ impl Parser {
                 timestamp: json::member(raw, &members, "timestamp"),
             }),
             other => Err(Refusal::bad_request(format!(
-                "unknown message type {other:?}; expected SUB, UNSUB, PUBLISH, INGEST or PING"
+                "unknown message type {}; expected SUB, UNSUB, PUBLISH, INGEST or PING",
+                json::echo(other)
             ))),
         };
         result.map_err(|r| if r.id.is_none() { r.with_id(id) } else { r })
@@ -210,11 +228,13 @@ fn since_map(
         .map(|(name, seq)| {
             if !channels.iter().any(|c| c == name.as_ref()) {
                 return Err(Refusal::bad_request(format!(
-                    "\"since\" names {name:?}, which is not in \"channels\""
+                    "\"since\" names {}, which is not in \"channels\"",
+                    json::echo(name)
                 )));
             }
             let seq = seq.as_u64().ok_or_else(|| {
-                Refusal::bad_request(format!("\"since\".{name:?} must be a seq (0 or more)"))
+                let name = json::echo(name);
+                Refusal::bad_request(format!("\"since\".{name} must be a seq (0 or more)"))
             })?;
             Ok((name.to_string(), seq))
         })
@@ -549,6 +569,54 @@ mod tests {
         }
         let err = parser.parse(br#"{"type":"NOPE","id":"q"}"#).unwrap_err();
         assert_eq!(err.id.as_deref(), Some(&br#""q""#[..]));
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused_at_any_depth() {
+        let mut parser = Parser::default();
+        let cases: &[(&[u8], &str)] = &[
+            (br#"{"type":"PING","type":"SUB"}"#, r#""type""#),
+            (
+                br#"{"type":"PUBLISH","channel":"c","data":{"a":[{"x":1,"y":2,"x":3}]}}"#,
+                r#""x""#,
+            ),
+            // Escaped spellings of one name are one name.
+            (br#"{"type":"PING","type":"SUB"}"#, r#""type""#),
+            (
+                br#"{"type":"INGEST","channel":"org:demo:decisions","schema":"decision.v1","idempotencyKey":"k","id":"r","data":{"orgId":"demo","orgId":"other","direction":"precheck","decision":"allow","payloadHash":"h"}}"#,
+                r#""orgId""#,
+            ),
+        ];
+        for (raw, key) in cases {
+            let err = parser.parse(raw).unwrap_err();
+            assert_eq!(err.code, "bad_request");
+            assert!(
+                err.message.contains(&format!("duplicate key {key}")),
+                "{}",
+                err.message
+            );
+        }
+        let big: String = (0..40).map(|i| format!(r#""k{i}":{i},"#)).collect();
+        let raw = format!(r#"{{"type":"PUBLISH","channel":"c","data":{{{big}"k7":0}}}}"#);
+        let err = parser.parse(raw.as_bytes()).unwrap_err();
+        assert!(err.message.contains(r#""k7""#), "{}", err.message);
+        // The id still comes back, so the client knows which request it was.
+        let err = parser
+            .parse(br#"{"type":"PING","id":"q","a":1,"a":1}"#)
+            .unwrap_err();
+        assert_eq!(err.id.as_deref(), Some(&br#""q""#[..]));
+    }
+
+    #[test]
+    fn deep_nesting_is_checked_without_recursion() {
+        let depth = 30_000;
+        let raw = format!(
+            r#"{{"type":"PUBLISH","channel":"c","data":{}{}}}"#,
+            "[".repeat(depth),
+            "]".repeat(depth)
+        );
+        // Whatever simd-json makes of it, the check must not overflow the stack.
+        let _ = Parser::default().parse(raw.as_bytes());
     }
 
     #[test]

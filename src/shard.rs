@@ -431,6 +431,16 @@ struct CatchUp {
     live: VecDeque<(u64, Frame)>,
 }
 
+/// What became of a client request.
+#[must_use]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handled {
+    /// Carried out (or answered on its merits, such as a decision refused by validation).
+    Done,
+    /// Refused for a channel the client may not use: counts toward `limits.max_bad_messages`.
+    Refused,
+}
+
 /// A channel's local subscribers by connection id: O(1) removal, dense iteration for fan-out.
 type Subscribers = IndexMap<u64, Rc<Peer>>;
 
@@ -728,7 +738,7 @@ impl Shard {
     // ----- client requests -----
 
     /// Carry out a parsed request from `peer`, authenticated as `principal`.
-    pub fn request(&self, peer: &Rc<Peer>, principal: &Principal, request: Request<'_>) {
+    pub fn request(&self, peer: &Rc<Peer>, principal: &Principal, request: Request<'_>) -> Handled {
         match request {
             Request::Sub {
                 channels,
@@ -743,7 +753,7 @@ impl Shard {
                     .into_iter()
                     .map(|(channel, after)| (channel, Since { after, stale }))
                     .collect();
-                self.subscribe(peer, principal, channels, id, since)
+                return self.subscribe(peer, principal, channels, id, since);
             }
             Request::Unsub { channels, id } => {
                 for channel in &channels {
@@ -761,7 +771,7 @@ impl Shard {
             }
             Request::Publish { channel, data, id } => {
                 if let Err(refusal) = self.check_channel(principal, Scope::Publish, &channel) {
-                    return self.answer(peer, protocol::refusal(&refusal.with_id(id)));
+                    return self.refuse(peer, protocol::refusal(&refusal.with_id(id)));
                 }
                 let origin = Origin {
                     shard: self.id,
@@ -771,7 +781,8 @@ impl Shard {
                 let (owner, t0) = (self.owner_of(&channel), Instant::now());
                 if owner == self.id {
                     // Owned here: no need to copy the message into a mesh message.
-                    return self.publish_as_owner(&channel, data, &origin, t0);
+                    self.publish_as_owner(&channel, data, &origin, t0);
+                    return Handled::Done;
                 }
                 let msg = MeshMsg::Publish {
                     channel: channel.into(),
@@ -786,7 +797,7 @@ impl Shard {
                 let channel = match self.check_channel(principal, Scope::Ingest, &ingest.channel) {
                     Ok(channel) => channel,
                     Err(refusal) => {
-                        return self.answer(peer, protocol::refusal(&refusal.with_id(key)));
+                        return self.refuse(peer, protocol::refusal(&refusal.with_id(key)));
                     }
                 };
                 let expected_org = channel.org().unwrap_or(&principal.org);
@@ -794,7 +805,10 @@ impl Shard {
                     self.counters.add(Counter::DecisionsRejected, 1);
                     let message = format!("data.orgId must be {expected_org:?}, the channel's org");
                     let frame = protocol::error("invalid_decision", &message, key, None);
-                    return self.answer(peer, frame);
+                    // A decision refused by validation, like those the parser refuses: counted
+                    // as rejected, not as a bad message.
+                    self.answer(peer, frame);
+                    return Handled::Done;
                 }
                 let origin = Origin {
                     shard: self.id,
@@ -803,7 +817,7 @@ impl Shard {
                 };
                 let (owner, t0) = (self.owner_of(&ingest.channel), Instant::now());
                 if owner == self.id {
-                    return self.ingest(
+                    self.ingest(
                         &ingest.channel,
                         &ingest.decision,
                         &ingest.key,
@@ -811,6 +825,7 @@ impl Shard {
                         origin,
                         t0,
                     );
+                    return Handled::Done;
                 }
                 let msg = MeshMsg::Ingest {
                     channel: ingest.channel.as_str().into(),
@@ -824,6 +839,12 @@ impl Shard {
             }
             Request::Ping { timestamp } => self.answer(peer, protocol::pong(timestamp)),
         }
+        Handled::Done
+    }
+
+    fn refuse(&self, peer: &Peer, frame: Frame) -> Handled {
+        self.answer(peer, frame);
+        Handled::Refused
     }
 
     /// Parse `name` and check that `principal` may use it for `scope`.
@@ -836,7 +857,7 @@ impl Shard {
         let channel =
             Channel::parse(name, &self.config.channels.categories).map_err(|e| Refusal {
                 code: "invalid_channel",
-                message: format!("{name:?}: {e}"),
+                message: format!("{}: {e}", crate::json::echo(name)),
                 id: None,
             })?;
         if principal.may(scope, &channel) {
@@ -857,8 +878,9 @@ impl Shard {
         names: Vec<String>,
         id: Option<&[u8]>,
         since: HashMap<String, Since>,
-    ) {
+    ) -> Handled {
         let mut accepted = Vec::with_capacity(names.len());
+        let mut handled = Handled::Done;
         for name in names {
             let allowed = self
                 .check_channel(principal, Scope::Subscribe, &name)
@@ -866,13 +888,15 @@ impl Shard {
             match allowed {
                 Ok(()) => accepted.push(name),
                 Err(refusal) => {
-                    let frame = protocol::error(refusal.code, &refusal.message, id, Some(&name));
-                    self.answer(peer, frame);
+                    // Named so the client knows which one; a name too long to be valid is cut.
+                    let named = Some(crate::json::truncate(&name, crate::auth::MAX_CHANNEL_LEN));
+                    let frame = protocol::error(refusal.code, &refusal.message, id, named);
+                    handled = self.refuse(peer, frame);
                 }
             }
         }
         if accepted.is_empty() {
-            return;
+            return handled;
         }
         let token = self.next_token.get();
         self.next_token.set(token + 1);
@@ -925,7 +949,8 @@ impl Shard {
         }
         pending.channels = accepted;
         if pending.waiting == 0 {
-            return self.finish_subscribe(token, pending);
+            self.finish_subscribe(token, pending);
+            return handled;
         }
         self.pending_subs.borrow_mut().insert(token, pending);
         // Owned here: answered at once from the ring, or once the store has been read.
@@ -936,6 +961,7 @@ impl Shard {
             };
             self.replay(&name, since, to);
         }
+        handled
     }
 
     /// A SUB has everything it waited for: answer SUBSCRIBED, then send each replay followed by
@@ -1829,7 +1855,7 @@ mod tests {
             let principal = admin();
             let mut parser = Parser::default();
             let request = parser.parse(json.as_bytes()).expect("valid request");
-            self.shards[shard].request(peer, &principal, request);
+            let _ = self.shards[shard].request(peer, &principal, request);
         }
     }
 

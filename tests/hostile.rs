@@ -249,3 +249,120 @@ fn a_message_left_incomplete_is_closed_with_4408() {
     assert!(server.wait_metric("shardcast_stalled_closes_total", 1) >= 1);
     server.client(&format!("/ws?key={ACME}")).ping();
 }
+
+/// Hole 4: duplicate keys got past INGEST validation (the server read the first, JavaScript
+/// reads the last). Now any name twice in one object is `bad_request` naming it, and nothing
+/// is stored or fanned out.
+#[test]
+fn duplicate_keys_are_refused_and_nothing_is_stored() {
+    let server = Server::start("");
+    let channel = "org:acme:decisions";
+    let mut watcher = server.client(&format!("/ws?key={ACME}"));
+    watcher.subscribe(&[channel]);
+    let mut c = server.client(&format!("/ws?key={ACME}"));
+    let raw = r#"{"type":"INGEST","channel":"org:acme:decisions","schema":"decision.v1","idempotencyKey":"dup-1","data":{"orgId":"acme","orgId":"other","direction":"precheck","decision":"allow","decision":"nonsense","payloadHash":"h"}}"#;
+    c.send_text(raw);
+    let e = c.recv();
+    assert_eq!(e["code"], "bad_request", "{e}");
+    assert_eq!(e["id"], "dup-1", "{e}");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains(r#"duplicate key "orgId""#),
+        "{e}"
+    );
+    // An escaped spelling of the server's own "id" is the same name too.
+    let spoof = ingest(channel, "dup-2", decision("acme"));
+    let spoof = spoof
+        .to_string()
+        .replace(r#""data":{"#, r#""data":{"\u0069d":"dec_fake","id":"x","#);
+    c.send_text(&spoof);
+    assert_eq!(c.recv()["code"], "bad_request");
+    for (text, key) in [
+        (
+            r#"{"type":"PING","timestamp":1,"timestamp":2}"#,
+            "timestamp",
+        ),
+        (
+            r#"{"type":"PUBLISH","channel":"org:acme:usage","data":{"a":{"b":1,"b":2}}}"#,
+            "b",
+        ),
+    ] {
+        c.send_text(text);
+        let e = c.recv();
+        assert!(
+            e["message"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("duplicate key {key:?}")),
+            "{e}"
+        );
+    }
+    // Nothing reached the watcher, and nothing was stored.
+    c.send(ingest(channel, "ok-1", decision("acme")));
+    assert_eq!(c.recv_type("ACK")["seq"], 1);
+    assert_eq!(watcher.recv_type("DECISION")["seq"], 1);
+    let (status, body) = server.get(&format!("/api/decisions?key={ACME}"));
+    assert_eq!(status, 200, "{body}");
+    let stored: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(stored["decisions"].as_array().unwrap().len(), 1, "{body}");
+}
+
+/// Hole 7: `invalid_channel` echoed the offending name twice, whole (a 1 MB name made a
+/// 2.1 MB reply). Now the message quotes at most 64 bytes and the `channel` field at most a
+/// valid name's length.
+#[test]
+fn refusals_echo_a_bounded_part_of_the_input() {
+    let server = Server::start("");
+    let mut c = server.client(&format!("/ws?key={ACME}"));
+    let name = format!("org:acme:{}", "x".repeat(60_000));
+    c.send(json!({"type":"SUB","channels":[name],"id":"s"}));
+    let e = c.recv();
+    assert_eq!(e["code"], "invalid_channel", "{e}");
+    assert!(
+        e.to_string().len() < 600,
+        "reply of {} bytes",
+        e.to_string().len()
+    );
+    c.send(json!({"type":"PUBLISH","channel":name,"data":1,"id":"p"}));
+    let e = c.recv();
+    assert_eq!(
+        (e["code"].as_str(), e["id"].as_str()),
+        (Some("invalid_channel"), Some("p"))
+    );
+    assert!(
+        e.to_string().len() < 400,
+        "reply of {} bytes",
+        e.to_string().len()
+    );
+    c.send(json!({"type":"X".repeat(50_000)}));
+    let e = c.recv();
+    assert!(
+        e.to_string().len() < 400,
+        "reply of {} bytes",
+        e.to_string().len()
+    );
+}
+
+/// Hole 7: forbidden requests never counted toward the bad-message limit, so a client could
+/// probe other orgs' channels for ever. Now `limits.max_bad_messages` refusals in a row close
+/// it with 4400; an accepted request in between resets the count.
+#[test]
+fn repeated_forbidden_requests_close_with_4400() {
+    let server = Server::start("[limits]\nmax_bad_messages = 5\n");
+    let mut c = server.client(&format!("/ws?key={ACME}"));
+    for _ in 0..4 {
+        c.send(json!({"type":"PUBLISH","channel":"org:other:usage","data":1}));
+        assert_eq!(c.recv()["code"], "forbidden");
+    }
+    c.ping();
+    for _ in 0..4 {
+        c.send(json!({"type":"SUB","channels":["org:other:usage"]}));
+        assert_eq!(c.recv()["code"], "forbidden");
+    }
+    c.send(ingest("org:other:decisions", "k", decision("other")));
+    assert_eq!(c.recv()["code"], "forbidden");
+    assert_eq!(c.recv_close(), Some(4400));
+    server.client(&format!("/ws?key={ACME}")).ping();
+}
