@@ -56,6 +56,9 @@ mod ready {
     pub const REWATCH: u8 = 2;
     /// A writability watch is armed.
     pub const WRITE_WATCHED: u8 = 4;
+    /// The peer closed its side: a short read does not mean the socket is drained (the EOF
+    /// may have come with the last bytes, in one readiness event), so read on to the end.
+    pub const HUNG_UP: u8 = 8;
 }
 
 /// Record what the shard's poller reported for `peer`'s socket and wake its task.
@@ -63,10 +66,10 @@ pub fn on_ready(peer: &Peer, event: poller::Event) {
     let bits = peer.readiness.get();
     let bits = if event.writable {
         bits & !ready::WRITE_WATCHED
-    } else if event.ended {
-        bits | ready::READABLE | ready::REWATCH
     } else {
-        bits | ready::READABLE
+        let rewatch = if event.ended { ready::REWATCH } else { 0 };
+        let hung_up = if event.hangup { ready::HUNG_UP } else { 0 };
+        bits | ready::READABLE | rewatch | hung_up
     };
     peer.readiness.set(bits);
     peer.wake();
@@ -247,7 +250,7 @@ impl Conn {
             return Step::Progress;
         }
         // A short read emptied the socket; the poller reports the next arrival.
-        if n < scratch.len() {
+        if n < scratch.len() && self.peer.readiness.get() & ready::HUNG_UP == 0 {
             self.clear(ready::READABLE);
         }
         self.peer.last_heard.set(shard.now_ms());
@@ -483,13 +486,13 @@ impl Conn {
                 "Sec-WebSocket-Version: 13\r\n",
             ));
         }
-        let Some(key) = request.ws_key.as_deref() else {
-            return self.http_reply(http::error_response(
-                400,
-                "bad_request",
-                "missing Sec-WebSocket-Key",
-                "",
-            ));
+        if !request.http11 {
+            let msg = "a WebSocket upgrade needs HTTP/1.1";
+            return self.http_reply(http::error_response(400, "bad_request", msg, ""));
+        }
+        let Some(key) = request.ws_key.as_deref().filter(|k| http::ws_key_valid(k)) else {
+            let msg = "Sec-WebSocket-Key must be 16 bytes, base64-encoded";
+            return self.http_reply(http::error_response(400, "bad_request", msg, ""));
         };
         let principal = if echo {
             None

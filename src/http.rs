@@ -2,8 +2,10 @@
 
 use crate::auth::Credentials;
 
-/// Largest request head accepted.
-pub const MAX_HEAD: usize = 8192;
+/// Largest request head accepted (browsers behind proxies and with cookies send 8 KiB and more).
+pub const MAX_HEAD: usize = 16 * 1024;
+/// Most header lines accepted.
+pub const MAX_HEADERS: usize = 64;
 
 /// The parts of a request the server uses.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -22,6 +24,8 @@ pub struct Request {
     pub ws_key: Option<String>,
     /// `Sec-WebSocket-Version` is 13.
     pub ws_version_ok: bool,
+    /// HTTP/1.1 or later (an upgrade needs it).
+    pub http11: bool,
 }
 
 /// Why a request head could not be used.
@@ -38,9 +42,10 @@ pub enum HeadError {
 /// Parse a request head from the front of `buf`: `Ok(None)` while incomplete, otherwise the
 /// request and the head's length (bytes after it already belong to the WebSocket stream).
 pub fn parse(buf: &[u8]) -> Result<Option<(Request, usize)>, HeadError> {
-    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(len)) if len > MAX_HEAD => return Err(HeadError::TooLarge),
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => return Err(HeadError::TooLarge),
         Ok(httparse::Status::Partial) => return Ok(None),
@@ -53,6 +58,7 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Request, usize)>, HeadError> {
         method: req.method.unwrap_or("").to_string(),
         path: path.to_string(),
         query: query.to_string(),
+        http11: req.version.is_some_and(|v| v >= 1),
         ..Request::default()
     };
     for pair in query.split('&') {
@@ -92,6 +98,17 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Request, usize)>, HeadError> {
     }
     out.upgrade = connection_upgrade && upgrade_websocket;
     Ok(Some((out, len)))
+}
+
+/// True when a `Sec-WebSocket-Key` is what RFC 6455 4.1 asks for: 16 bytes, base64-encoded
+/// (22 characters of the alphabet, then `==`).
+pub fn ws_key_valid(key: &str) -> bool {
+    let b = key.as_bytes();
+    b.len() == 24
+        && b.ends_with(b"==")
+        && b[..22]
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'+' | b'/'))
 }
 
 /// Decode `%XX` escapes and `+` (a query string's spelling).
@@ -200,6 +217,21 @@ mod tests {
             parse(b"\x16\x03\x01 hello\r\n\r\n"),
             Err(HeadError::Malformed)
         );
+    }
+
+    #[test]
+    fn websocket_keys_are_16_bytes_of_base64() {
+        assert!(ws_key_valid("dGhlIHNhbXBsZSBub25jZQ=="));
+        for bad in [
+            "",
+            "c2hvcnQ=",
+            "dGhlIHNhbXBsZSBub25jZQ",
+            "!GhlIHNhbXBsZSBub25jZQ==",
+        ] {
+            assert!(!ws_key_valid(bad), "{bad}");
+        }
+        let head = b"GET /ws HTTP/1.0\r\nHost: h\r\n\r\n";
+        assert!(!parse(head).unwrap().unwrap().0.http11);
     }
 
     #[test]

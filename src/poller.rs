@@ -34,6 +34,9 @@ pub struct Event {
     pub writable: bool,
     /// The read watch ended (an error, or the kernel dropped it): call [`Poller::watch`] again.
     pub ended: bool,
+    /// The peer closed its side (or the socket failed): reading will end in EOF or an error,
+    /// even if the bytes that came with it are read first.
+    pub hangup: bool,
 }
 
 /// One shard's readiness ring.
@@ -151,10 +154,12 @@ impl Poller {
                     continue;
                 }
                 let writable = data & WRITABLE != 0;
+                let mask = (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) as i32;
                 events.push(Event {
                     token: data & !WRITABLE,
                     writable,
                     ended: !writable && !cqueue::more(cqe.flags()),
+                    hangup: cqe.result() > 0 && cqe.result() & mask != 0,
                 });
             }
             // Completions the kernel could not post while the queue was full are waiting in
@@ -234,6 +239,7 @@ mod tests {
                 token: 7,
                 writable: true,
                 ended: false,
+                hangup: false,
             };
             assert_eq!(next(&poller).await, vec![writable]);
 
@@ -242,6 +248,7 @@ mod tests {
                 token: 7,
                 writable: false,
                 ended: false,
+                hangup: false,
             };
             for round in 0..3 {
                 client.write_all(b"x").unwrap();
@@ -256,6 +263,18 @@ mod tests {
             let mut late = Vec::new();
             poller.drain(|e| late.push(e));
             assert!(late.is_empty(), "{late:?}");
+
+            // The peer's FIN, even with bytes, is reported as a hangup: its reader must go on
+            // to the EOF.
+            poller.watch(fd, 8).unwrap();
+            assert_eq!(next(&poller).await.len(), 1, "the unread byte");
+            client.write_all(b"z").unwrap();
+            client.shutdown(std::net::Shutdown::Write).unwrap();
+            let events = next(&poller).await;
+            assert!(
+                events.iter().any(|e| e.hangup && e.token == 8),
+                "{events:?}"
+            );
         });
     }
 }

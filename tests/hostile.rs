@@ -366,3 +366,114 @@ fn repeated_forbidden_requests_close_with_4400() {
     assert_eq!(c.recv_close(), Some(4400));
     server.client(&format!("/ws?key={ACME}")).ping();
 }
+
+/// Send a raw request head; returns the status line's code and the whole response.
+fn raw_request(server: &Server, head: &str) -> (u16, String) {
+    use std::io::Read;
+    let mut s = TcpStream::connect(server.addr).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.write_all(head.as_bytes()).unwrap();
+    let mut response = Vec::new();
+    let mut buf = [0u8; 4096];
+    // The status line is enough; an upgraded connection stays open.
+    while !response.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => response.extend_from_slice(&buf[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, text)
+}
+
+fn upgrade_head(version: &str, key: &str, extra: &str) -> String {
+    format!(
+        "GET /ws?key={ACME} HTTP/{version}\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n{key}{extra}\r\n"
+    )
+}
+
+/// Hole 7: an empty or malformed `Sec-WebSocket-Key` and HTTP/1.0 upgrades were accepted;
+/// RFC 6455 4.2.1 says 400. Heads with up to 64 headers and 16 KiB are served (browsers
+/// behind proxies send more than 32); beyond, 431.
+#[test]
+fn handshakes_follow_rfc_6455() {
+    let server = Server::start("");
+    let good = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+    assert_eq!(raw_request(&server, &upgrade_head("1.1", good, "")).0, 101);
+    for key in [
+        "",
+        "Sec-WebSocket-Key: \r\n",
+        "Sec-WebSocket-Key: c2hvcnQ=\r\n",
+        "Sec-WebSocket-Key: !!!!!!!!!!!!!!!!!!!!!!==\r\n",
+    ] {
+        let (code, text) = raw_request(&server, &upgrade_head("1.1", key, ""));
+        assert_eq!(code, 400, "{key:?}: {text}");
+    }
+    let (code, text) = raw_request(&server, &upgrade_head("1.0", good, ""));
+    assert_eq!(code, 400, "HTTP/1.0: {text}");
+    let headers: String = (0..55).map(|i| format!("X-Proxy-{i}: hop\r\n")).collect();
+    assert_eq!(
+        raw_request(&server, &upgrade_head("1.1", good, &headers)).0,
+        101
+    );
+    let big = format!("Cookie: {}\r\n", "c".repeat(12_000));
+    assert_eq!(
+        raw_request(&server, &upgrade_head("1.1", good, &big)).0,
+        101
+    );
+    let headers: String = (0..70).map(|i| format!("X-Proxy-{i}: hop\r\n")).collect();
+    assert_eq!(
+        raw_request(&server, &upgrade_head("1.1", good, &headers)).0,
+        431
+    );
+    let big = format!("Cookie: {}\r\n", "c".repeat(17_000));
+    assert_eq!(
+        raw_request(&server, &upgrade_head("1.1", good, &big)).0,
+        431
+    );
+    server.client(&format!("/ws?key={ACME}")).ping();
+}
+
+/// Hole 7: a partial handshake whose client had already closed its side (FIN) was sometimes
+/// held until the handshake timeout. It is dropped as soon as the FIN is read, even when the
+/// FIN came in the same segment as the bytes (one readiness event for both).
+#[test]
+fn a_half_closed_partial_handshake_is_dropped_at_once() {
+    use std::io::Read;
+    let server = Server::start("[websocket]\nhandshake_timeout_ms = 600000\n");
+    let addr = server.addr;
+    // Many at once: the race needs the readiness event handled before the first read.
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            thread::spawn(move || {
+                let mut streams = Vec::new();
+                for _ in 0..100 {
+                    let s = TcpStream::connect(addr).unwrap();
+                    // Corked, the bytes and the FIN leave in one segment.
+                    let sock = socket2::SockRef::from(&s);
+                    sock.set_tcp_cork(true).unwrap();
+                    (&s).write_all(b"GET /ws HTTP/1.1\r\nHost: t\r\n").unwrap();
+                    s.shutdown(std::net::Shutdown::Write).unwrap();
+                    streams.push(s);
+                }
+                let mut held = 0;
+                for s in streams {
+                    s.set_read_timeout(Some(std::time::Duration::from_secs(3)))
+                        .unwrap();
+                    if (&s).read_to_end(&mut Vec::new()).is_err() {
+                        held += 1;
+                    }
+                }
+                held
+            })
+        })
+        .collect();
+    let held: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    assert_eq!(held, 0, "half-closed handshakes held open");
+    server.client(&format!("/ws?key={ACME}")).ping();
+}
