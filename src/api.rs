@@ -328,6 +328,7 @@ mod tests {
             user: None,
             key_id: Some("k".into()),
             scopes: Scopes::from_list(scopes),
+            expires_ms: None,
         }
     }
 

@@ -44,6 +44,9 @@ pub struct Principal {
     pub key_id: Option<Box<str>>,
     /// Scopes held.
     pub scopes: Scopes,
+    /// When the credential stops being valid, in Unix milliseconds (a JWT's `exp` plus the
+    /// configured leeway); `None` for API keys.
+    pub expires_ms: Option<u64>,
 }
 
 /// The kinds of channel (first part of `type:id:category`).
@@ -194,6 +197,7 @@ pub struct Credentials {
 struct Claims {
     sub: String,
     org: String,
+    exp: u64,
     #[serde(default)]
     scopes: ScopeClaim,
 }
@@ -213,6 +217,7 @@ enum ScopeClaim {
 pub struct Authenticator {
     keys: HashMap<String, Rc<Principal>>,
     jwt: Option<(DecodingKey, Validation)>,
+    leeway_secs: u64,
 }
 
 impl Authenticator {
@@ -227,6 +232,7 @@ impl Authenticator {
                     user: None,
                     key_id: Some(k.id.as_str().into()),
                     scopes: Scopes::from_list(&k.scopes),
+                    expires_ms: None,
                 };
                 (k.secret.clone(), Rc::new(principal))
             })
@@ -234,13 +240,19 @@ impl Authenticator {
         let jwt = (!config.auth.jwt_secret.is_empty()).then(|| {
             let mut validation = Validation::new(Algorithm::HS256);
             validation.leeway = config.auth.jwt_leeway_secs;
+            // A token is refused before its `nbf` as after its `exp`.
+            validation.validate_nbf = true;
             validation.set_required_spec_claims(&["exp", "sub"]);
             (
                 DecodingKey::from_secret(config.auth.jwt_secret.as_bytes()),
                 validation,
             )
         });
-        Self { keys, jwt }
+        Self {
+            keys,
+            jwt,
+            leeway_secs: config.auth.jwt_leeway_secs,
+        }
     }
 
     /// Resolve credentials to a principal. A key wins over a token when both are given.
@@ -257,6 +269,9 @@ impl Authenticator {
         let data =
             jsonwebtoken::decode::<Claims>(token, key, validation).map_err(|e| match e.kind() {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
+                jsonwebtoken::errors::ErrorKind::ImmatureSignature => {
+                    AuthError::BadToken("token not valid yet (nbf)".into())
+                }
                 _ => AuthError::BadToken(e.to_string()),
             })?;
         let claims = data.claims;
@@ -265,11 +280,13 @@ impl Authenticator {
             ScopeClaim::Spaced(s) => s.split_whitespace().filter_map(parse_scope).collect(),
             ScopeClaim::None => vec![Scope::Subscribe],
         };
+        let expires_secs = claims.exp.saturating_add(self.leeway_secs);
         Ok(Rc::new(Principal {
             org: claims.org.into(),
             user: Some(claims.sub.into()),
             key_id: None,
             scopes: Scopes::from_list(&scopes),
+            expires_ms: Some(expires_secs.saturating_mul(1_000)),
         }))
     }
 }
@@ -313,6 +330,10 @@ mod tests {
             .as_secs() as i64;
         let claims =
             serde_json::json!({"sub":"u1","org":"acme","exp":now + exp_offset,"scopes":scopes});
+        sign(secret, claims)
+    }
+
+    fn sign(secret: &str, claims: serde_json::Value) -> String {
         encode(
             &Header::default(),
             &claims,
@@ -376,6 +397,17 @@ mod tests {
             auth.authenticate(&creds(None, Some(expired))),
             Err(AuthError::Expired)
         );
+        let now = crate::decision::unix_ms() / 1000;
+        let early = sign(
+            "jwt-secret",
+            serde_json::json!({"sub":"u1","org":"acme","exp":now + 7200,"nbf":now + 3600}),
+        );
+        let err = auth.authenticate(&creds(None, Some(early))).unwrap_err();
+        assert!(err.to_string().contains("nbf"), "{err}");
+        let ok = token("jwt-secret", 60, serde_json::json!("subscribe"));
+        let p = auth.authenticate(&creds(None, Some(ok))).unwrap();
+        let exp = p.expires_ms.unwrap() / 1000;
+        assert!(exp.abs_diff(now + 60) <= 1, "expires {exp}, now {now}");
         let forged = token("other", 60, serde_json::json!("subscribe"));
         let err = auth.authenticate(&creds(None, Some(forged))).unwrap_err();
         assert_eq!(err.close_code(), 4403);
@@ -390,6 +422,7 @@ mod tests {
             user: Some("u1".into()),
             key_id: None,
             scopes: Scopes::from_list(&[Scope::Subscribe]),
+            expires_ms: None,
         };
         let ch = |s| Channel::parse(s, &cats).unwrap();
         assert!(user.may(Scope::Subscribe, &ch("org:acme:decisions")));

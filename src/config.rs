@@ -169,6 +169,9 @@ pub struct Auth {
     pub jwt_leeway_secs: u64,
     /// How refused credentials are reported.
     pub refuse_with: RefuseWith,
+    /// After a connection's token expires: how long it may still send REFRESH (its other
+    /// requests refused, its subscriptions kept) before it is closed with 4403.
+    pub token_grace_ms: u64,
 }
 
 /// Channel naming rules.
@@ -374,6 +377,7 @@ impl Default for Auth {
             jwt_secret: String::new(),
             jwt_leeway_secs: 0,
             refuse_with: RefuseWith::Close,
+            token_grace_ms: 30_000,
         }
     }
 }

@@ -17,10 +17,11 @@ use crate::api;
 use crate::auth::Principal;
 use crate::codec::{self, Decoder, Event, Flow};
 use crate::config::RefuseWith;
+use crate::config::Scope;
 use crate::http;
 use crate::metrics::Counter;
 use crate::poller::{self, Poller, Watched};
-use crate::protocol;
+use crate::protocol::{self, Request};
 use crate::rate::TokenBucket;
 use crate::shard::{Handled, Peer, Phase, Shard, Stall};
 use crate::storage;
@@ -540,6 +541,7 @@ impl Conn {
             Some(principal) => {
                 let id = format!("{:x}-{}-{}", shard.global.boot_id, shard.id, self.peer.id);
                 shard.answer(&self.peer, protocol::ready(&id, shard.id));
+                self.set_token_deadline(&principal);
                 self.bucket = TokenBucket::full(shard.config.limits.rate(), shard.now_ms());
                 self.mode = Mode::Session(principal);
             }
@@ -654,12 +656,103 @@ impl Conn {
         self.limited_messages = 0;
         let parsed = shard.parser.borrow_mut().parse(text.as_bytes());
         match parsed {
+            Ok(Request::Refresh { token, id }) => self.refresh(&principal, token, id),
+            Ok(request)
+                if self.peer.token_expired.get() && !matches!(request, Request::Ping { .. }) =>
+            {
+                let message = "the token has expired: send REFRESH with a new one";
+                let id = match &request {
+                    Request::Ingest(ingest) => Some(ingest.raw_key),
+                    Request::Sub { id, .. }
+                    | Request::Unsub { id, .. }
+                    | Request::Publish { id, .. } => *id,
+                    _ => None,
+                };
+                shard.answer(
+                    &self.peer,
+                    protocol::error("token_expired", message, id, None),
+                );
+            }
             Ok(request) => match shard.request(&self.peer, &principal, request) {
                 Handled::Done => self.bad_messages = 0,
                 Handled::Refused => self.count_bad(),
             },
             Err(refusal) => self.refuse(&refusal),
         }
+    }
+
+    /// Take a fresh token for this connection: the same user and org, new scopes and expiry
+    /// at once (channels it may no longer read are unsubscribed first).
+    fn refresh(&mut self, current: &Principal, token: String, id: Option<&[u8]>) {
+        let shard = self.shard.clone();
+        if current.expires_ms.is_none() {
+            let refusal = protocol::Refusal::bad_request(
+                "this connection authenticated with an API key: there is no token to refresh",
+            );
+            return self.refuse(&refusal.with_id(id));
+        }
+        let credentials = crate::auth::Credentials {
+            key: None,
+            token: Some(token),
+        };
+        let fresh = match shard.auth.authenticate(&credentials) {
+            Ok(fresh) => fresh,
+            Err(e) => {
+                shard.global.auth_failed(e.code());
+                let refusal = protocol::Refusal {
+                    code: e.code(),
+                    message: e.to_string(),
+                    id: None,
+                };
+                return self.refuse(&refusal.with_id(id));
+            }
+        };
+        if fresh.user != current.user || fresh.org != current.org {
+            let refusal = protocol::Refusal {
+                code: "forbidden",
+                message: "a refreshed token must name the same user (sub) and org".into(),
+                id: None,
+            };
+            return self.refuse(&refusal.with_id(id));
+        }
+        let categories = &shard.config.channels.categories;
+        let revoked: Vec<String> = self
+            .peer
+            .channels
+            .borrow()
+            .iter()
+            .filter(|name| {
+                let allowed = crate::auth::Channel::parse(name, categories)
+                    .is_ok_and(|c| fresh.may(Scope::Subscribe, &c));
+                !allowed
+            })
+            .map(|name| name.to_string())
+            .collect();
+        if !revoked.is_empty() {
+            let unsub = Request::Unsub {
+                channels: revoked,
+                id: None,
+            };
+            let _ = shard.request(&self.peer, &fresh, unsub);
+        }
+        self.set_token_deadline(&fresh);
+        let expires = fresh.expires_ms.unwrap_or(u64::MAX);
+        self.mode = Mode::Session(fresh);
+        self.bad_messages = 0;
+        shard.answer(&self.peer, protocol::refreshed(id, expires));
+    }
+
+    /// Schedule the token's expiry on the shard clock (the sweeper acts on it).
+    fn set_token_deadline(&self, principal: &Principal) {
+        let deadline = match principal.expires_ms {
+            Some(expires) => {
+                let left = expires.saturating_sub(crate::decision::unix_ms());
+                self.shard.now_ms().saturating_add(left)
+            }
+            None => u64::MAX,
+        };
+        self.peer.token_deadline.set(deadline);
+        self.peer.token_expired.set(false);
     }
 
     /// Answer a malformed message; a client that keeps sending garbage is closed with 4400.
@@ -793,7 +886,7 @@ fn info_json(shard: &Shard) -> String {
     format!(
         concat!(
             r#"{{"name":"shardcast","version":"{}","shards":{},"listen":"{}","#,
-            r#""uptimeSeconds":{},"protocol":{{"endpoint":"/ws","messages":["SUB","UNSUB","PUBLISH","INGEST","PING"],"#,
+            r#""uptimeSeconds":{},"protocol":{{"endpoint":"/ws","messages":["SUB","UNSUB","PUBLISH","INGEST","REFRESH","PING"],"#,
             r#""schemas":["{}"],"categories":{:?}}},"#,
             r#""limits":{{"maxMessageBytes":{},"outboundQueueMessages":{},"outboundQueueBytes":{},"maxConnections":{}}}}}"#
         ),

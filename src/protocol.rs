@@ -43,6 +43,13 @@ pub enum Request<'a> {
     },
     /// A governance decision to validate, deduplicate and fan out.
     Ingest(Ingest<'a>),
+    /// A fresh token for this connection (same user and org; its scopes apply at once).
+    Refresh {
+        /// The JWT.
+        token: String,
+        /// Raw request id to echo, if any.
+        id: Option<&'a [u8]>,
+    },
     /// Application-level heartbeat.
     Ping {
         /// Raw `timestamp` to echo.
@@ -173,11 +180,15 @@ impl Parser {
                 Ok(Request::Publish { channel, data, id })
             }
             "INGEST" => parse_ingest(&value, raw, &members),
+            "REFRESH" => Ok(Request::Refresh {
+                token: str_field(&value, "token")?,
+                id,
+            }),
             "PING" => Ok(Request::Ping {
                 timestamp: json::member(raw, &members, "timestamp"),
             }),
             other => Err(Refusal::bad_request(format!(
-                "unknown message type {}; expected SUB, UNSUB, PUBLISH, INGEST or PING",
+                "unknown message type {}; expected SUB, UNSUB, PUBLISH, INGEST, REFRESH or PING",
                 json::echo(other)
             ))),
         };
@@ -488,6 +499,30 @@ pub fn pong(timestamp: Option<&[u8]>) -> Frame {
     f.finish()
 }
 
+/// `REFRESHED`: the connection now runs on the new token, valid until `expires_ms`.
+pub fn refreshed(id: Option<&[u8]>, expires_ms: u64) -> Frame {
+    let mut f = text();
+    let out = f.payload_mut();
+    out.extend_from_slice(br#"{"type":"REFRESHED""#);
+    push_opt_raw(out, "id", id);
+    out.extend_from_slice(br#","expiresAt":"#);
+    json::push_u64(out, expires_ms);
+    out.push(b'}');
+    f.finish()
+}
+
+/// `SYSTEM token_expired`: send REFRESH within `grace_ms`, or be closed with 4403.
+pub fn token_expired(grace_ms: u64) -> Frame {
+    let mut f = text();
+    let out = f.payload_mut();
+    out.extend_from_slice(br#"{"type":"SYSTEM","event":"token_expired","graceMs":"#);
+    json::push_u64(out, grace_ms);
+    out.extend_from_slice(
+        br#","message":"the token has expired: send REFRESH with a new one, or be closed with 4403"}"#,
+    );
+    f.finish()
+}
+
 /// `SYSTEM` restart notice sent before a graceful shutdown.
 pub fn system_restart(reconnect_in_ms: u64) -> Frame {
     let mut f = text();
@@ -663,6 +698,8 @@ mod tests {
             ingest_ack("k", "dec_1", true, 4),
             pong(Some(br#""2024-01-01T00:00:00Z""#)).to_vec(),
             system_restart(1000).to_vec(),
+            refreshed(Some(b"7"), 1_800_000_000_000).to_vec(),
+            token_expired(30_000).to_vec(),
         ];
         for f in &frames {
             let text = payload(f);

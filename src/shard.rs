@@ -216,6 +216,11 @@ pub struct Peer {
     pub stall: Cell<Stall>,
     /// Shard clock (ms) when that wait began (or last made progress).
     pub stall_since: Cell<u64>,
+    /// Shard clock (ms) of the next step of the connection's token lifetime: its expiry, then
+    /// the end of the grace for a REFRESH (`u64::MAX`: never, as for API keys).
+    pub token_deadline: Cell<u64>,
+    /// The token has expired: requests other than REFRESH and PING are refused.
+    pub token_expired: Cell<bool>,
 }
 
 /// What an open connection is waiting for its client to do; the sweeper closes it with 4408
@@ -249,6 +254,8 @@ impl Peer {
             readiness: Cell::new(0),
             stall: Cell::new(Stall::None),
             stall_since: Cell::new(now),
+            token_deadline: Cell::new(u64::MAX),
+            token_expired: Cell::new(false),
         }
     }
 
@@ -838,6 +845,11 @@ impl Shard {
                 self.route(owner, msg);
             }
             Request::Ping { timestamp } => self.answer(peer, protocol::pong(timestamp)),
+            Request::Refresh { id, .. } => {
+                // The connection owns its credentials and answers REFRESH itself.
+                let refusal = Refusal::bad_request("REFRESH is not accepted here").with_id(id);
+                return self.refuse(peer, protocol::refusal(&refusal));
+            }
         }
         Handled::Done
     }
@@ -1716,6 +1728,16 @@ impl Shard {
             match (peer.phase.get(), peer.stall.get()) {
                 (Phase::Http, _) if in_phase > ws.handshake_timeout_ms => abort(&peer),
                 (Phase::Closing, _) if in_phase > CLOSE_TIMEOUT_MS => abort(&peer),
+                (Phase::Open, _) if now >= peer.token_deadline.get() => {
+                    if peer.token_expired.replace(true) {
+                        peer.token_deadline.set(u64::MAX);
+                        peer.request_close(4403, "token expired", false);
+                    } else {
+                        let grace = self.config.auth.token_grace_ms;
+                        peer.token_deadline.set(now.saturating_add(grace));
+                        self.answer(&peer, protocol::token_expired(grace));
+                    }
+                }
                 (Phase::Open, Stall::Replies) if stalled > ws.reply_timeout_ms => {
                     self.counters.add(Counter::StalledCloses, 1);
                     // Its replies cannot reach it anyway: make room for the close frame.
@@ -1865,6 +1887,7 @@ mod tests {
             user: None,
             key_id: None,
             scopes: Scopes::from_list(&[Scope::Admin]),
+            expires_ms: None,
         }
     }
 

@@ -477,3 +477,86 @@ fn a_half_closed_partial_handshake_is_dropped_at_once() {
     assert_eq!(held, 0, "half-closed handshakes held open");
     server.client(&format!("/ws?key={ACME}")).ping();
 }
+
+/// Hole 5: a token whose `nbf` is an hour ahead was accepted. It is refused (4403).
+#[test]
+fn a_token_not_valid_yet_is_refused() {
+    let server = Server::start("");
+    let now = unix_now();
+    let early = jwt_with(json!({"sub":"u1","org":"acme","exp":now + 7200,"nbf":now + 3600}));
+    let mut c = Client::connect(server.addr, &format!("/ws?token={early}")).unwrap();
+    assert_eq!(c.recv_close(), Some(4403));
+    let (_, metrics) = server.get("/metrics");
+    assert!(
+        metrics.contains(r#"shardcast_auth_failures_total{reason="invalid_token"} 1"#),
+        "{metrics}"
+    );
+}
+
+/// Hole 5: a token whose `exp` passed on an open connection kept working. Now the client is
+/// told (`SYSTEM token_expired`), its requests are refused with `token_expired` while it may
+/// still refresh, and it is closed with 4403 when the grace ends.
+#[test]
+fn an_expired_token_is_told_refused_then_closed_with_4403() {
+    let server = Server::start("[auth]\ntoken_grace_ms = 1000\n");
+    let mut c = server.client(&format!("/ws?token={}", jwt(1, &["subscribe", "publish"])));
+    c.subscribe(&["org:acme:usage"]);
+    let notice = c.recv();
+    assert_eq!(
+        (notice["type"].as_str(), notice["event"].as_str()),
+        (Some("SYSTEM"), Some("token_expired")),
+        "{notice}"
+    );
+    assert_eq!(notice["graceMs"], 1000);
+    c.send(json!({"type":"PUBLISH","channel":"org:acme:usage","data":1,"id":"late"}));
+    let e = c.recv();
+    assert_eq!(
+        (e["code"].as_str(), e["id"].as_str()),
+        (Some("token_expired"), Some("late"))
+    );
+    c.send(json!({"type":"SUB","channels":["org:acme:decisions"],"id":"s"}));
+    assert_eq!(c.recv()["code"], "token_expired");
+    assert_eq!(c.recv_close(), Some(4403));
+}
+
+/// Hole 5: `REFRESH` with a new token keeps the connection, applies the new rights at once
+/// (a channel it may no longer read is unsubscribed) and moves the expiry; a token for
+/// someone else, or a bad one, is refused and changes nothing.
+#[test]
+fn refresh_replaces_the_token_without_reconnecting() {
+    let server = Server::start("[auth]\ntoken_grace_ms = 60000\n");
+    let mut c = server.client(&format!("/ws?token={}", jwt(1, &["subscribe", "publish"])));
+    c.subscribe(&["user:u1:notifications"]);
+    assert_eq!(c.recv()["event"], "token_expired");
+    let other = jwt_with(json!({"sub":"u2","org":"acme","exp":unix_now() + 3600}));
+    c.send(json!({"type":"REFRESH","token":other,"id":"r0"}));
+    let e = c.recv();
+    assert_eq!(
+        (e["code"].as_str(), e["id"].as_str()),
+        (Some("forbidden"), Some("r0"))
+    );
+    c.send(json!({"type":"REFRESH","token":"not.a.jwt","id":"r1"}));
+    assert_eq!(c.recv()["code"], "invalid_token");
+    // Publish only now: the subscription it can no longer hold goes first.
+    c.send(json!({"type":"REFRESH","token":jwt(3600, &["publish"]),"id":"r2"}));
+    let unsub = c.recv();
+    assert_eq!(unsub["type"], "UNSUBSCRIBED", "{unsub}");
+    assert_eq!(unsub["channels"], json!(["user:u1:notifications"]));
+    let refreshed = c.recv();
+    assert_eq!(refreshed["type"], "REFRESHED", "{refreshed}");
+    assert_eq!(refreshed["id"], "r2");
+    let expires = refreshed["expiresAt"].as_i64().unwrap() / 1000;
+    assert!(
+        (expires - unix_now() - 3600).abs() <= 2,
+        "expiresAt {expires}"
+    );
+    c.send(json!({"type":"PUBLISH","channel":"user:u1:notifications","data":1,"id":"p"}));
+    let ack = c.recv();
+    assert_eq!(ack["type"], "ACK", "{ack}");
+    c.send(json!({"type":"SUB","channels":["user:u1:notifications"],"id":"s"}));
+    assert_eq!(c.recv()["code"], "forbidden");
+    // An API-key connection has no token to refresh.
+    let mut k = server.client(&format!("/ws?key={ACME}"));
+    k.send(json!({"type":"REFRESH","token":jwt(3600, &["publish"])}));
+    assert_eq!(k.recv()["code"], "bad_request");
+}

@@ -8,20 +8,6 @@ use std::net::TcpStream;
 use common::*;
 use serde_json::json;
 
-fn jwt(exp_offset: i64, scopes: &[&str]) -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
-    let claims = json!({"sub":"u1","org":"acme","exp":now + exp_offset,"scopes":scopes});
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::default(),
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
-    )
-    .unwrap()
-}
-
 #[test]
 fn ingest_acks_fans_out_and_deduplicates() {
     let server = Server::start("");

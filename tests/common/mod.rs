@@ -400,6 +400,29 @@ pub fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Unix seconds now.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// A JWT for user u1 of org acme, expiring `exp_offset` seconds from now.
+pub fn jwt(exp_offset: i64, scopes: &[&str]) -> String {
+    jwt_with(json!({"sub":"u1","org":"acme","exp":unix_now() + exp_offset,"scopes":scopes}))
+}
+
+/// A JWT with exactly these claims, signed with the test servers' secret.
+pub fn jwt_with(claims: Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .expect("sign")
+}
+
 /// A decision `data` object for `org`.
 pub fn decision(org: &str) -> Value {
     json!({
