@@ -118,68 +118,12 @@ fn time(value: &str, name: &str) -> Result<i64, ApiError> {
     })
 }
 
-/// Unix milliseconds of an RFC 3339 date-time.
+/// Unix milliseconds of an RFC 3339 date-time (an offset is required: a local time would be
+/// ambiguous).
 pub fn parse_rfc3339(s: &str) -> Option<i64> {
-    let b = s.as_bytes();
-    let num = |r: std::ops::Range<usize>| -> Option<i64> {
-        let part = s.get(r)?;
-        part.bytes()
-            .all(|c| c.is_ascii_digit())
-            .then(|| part.parse().ok())?
-    };
-    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
-        return None;
-    }
-    if b[13] != b':' || b[16] != b':' {
-        return None;
-    }
-    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 {
-        return None;
-    }
-    if second > 60 {
-        return None;
-    }
-    let mut rest = &s[19..];
-    let mut millis = 0;
-    if let Some(fraction) = rest.strip_prefix('.') {
-        let digits = fraction.bytes().take_while(u8::is_ascii_digit).count();
-        if digits == 0 {
-            return None;
-        }
-        let first3 = format!("{:0<3}", &fraction[..digits.min(3)]);
-        millis = first3.parse::<i64>().ok()?;
-        rest = &fraction[digits..];
-    }
-    // Bytes, not str slices: a client's text need not break at these offsets.
-    let offset_min = match rest.as_bytes() {
-        b"Z" | b"z" => 0,
-        &[sign, h1, h2, b':', m1, m2] => {
-            let digits = [h1, h2, m1, m2];
-            if !digits.iter().all(u8::is_ascii_digit) {
-                return None;
-            }
-            let [h1, h2, m1, m2] = digits.map(|d| i64::from(d - b'0'));
-            let minutes = (h1 * 10 + h2) * 60 + m1 * 10 + m2;
-            match sign {
-                b'+' => minutes,
-                b'-' => -minutes,
-                _ => return None,
-            }
-        }
-        _ => return None,
-    };
-    // Days since 1970-01-01 from a civil date (Howard Hinnant's algorithm).
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    let secs = days * 86_400 + hour * 3_600 + minute * 60 + second - offset_min * 60;
-    Some(secs * 1_000 + millis)
+    s.parse::<jiff::Timestamp>()
+        .ok()
+        .map(|t| t.as_millisecond())
 }
 
 /// The opaque cursor for the row after which the next page starts.
@@ -351,6 +295,7 @@ mod tests {
             "2026-11-22T10:00:0é",
             "é026-11-22T10:00:00Z",
             "2026-13-01T00:00:00Z",
+            "2026-02-30T00:00:00Z",
             "2026-11-22",
             "2026-11-22T10:00:00",
             "x",
