@@ -117,6 +117,10 @@ pub struct Limits {
     pub reply_queue_messages: usize,
     /// Bytes of replies waiting for a client before its requests stop being read.
     pub reply_queue_bytes: usize,
+    /// Channels one connection may be subscribed to at once (a subscription to a channel of
+    /// its own costs the server about 360 B of heap, measured by tests/memory.rs); more get
+    /// `too_many_subscriptions`.
+    pub max_subscriptions: usize,
 }
 
 impl Limits {
@@ -355,6 +359,7 @@ impl Default for Limits {
             max_rate_limited: 100,
             reply_queue_messages: 1024,
             reply_queue_bytes: 1 << 20,
+            max_subscriptions: 1_000,
         }
     }
 }

@@ -891,12 +891,31 @@ impl Shard {
         id: Option<&[u8]>,
         since: HashMap<String, Since>,
     ) -> Handled {
-        let mut accepted = Vec::with_capacity(names.len());
+        let mut accepted: Vec<String> = Vec::with_capacity(names.len());
         let mut handled = Handled::Done;
+        let max = self.config.limits.max_subscriptions;
+        let mut held = peer.channels.borrow().len();
         for name in names {
+            let known = peer.channels.borrow().iter().any(|c| **c == *name);
             let allowed = self
                 .check_channel(principal, Scope::Subscribe, &name)
-                .map(drop);
+                .map(drop)
+                .and_then(|()| {
+                    if known || accepted.contains(&name) {
+                        Ok(())
+                    } else if held >= max {
+                        Err(Refusal {
+                            code: "too_many_subscriptions",
+                            message: format!(
+                                "this connection holds {max} subscriptions, the most allowed"
+                            ),
+                            id: None,
+                        })
+                    } else {
+                        held += 1;
+                        Ok(())
+                    }
+                });
             match allowed {
                 Ok(()) => accepted.push(name),
                 Err(refusal) => {

@@ -33,6 +33,9 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
 
+/// The heap counter is process-wide: one measurement at a time.
+static MEASURING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Heap bytes one idle, authenticated WebSocket connection may hold on the server.
 const BUDGET: isize = 512;
 
@@ -65,8 +68,7 @@ fn settled() -> isize {
     }
 }
 
-#[test]
-fn idle_connection_heap_stays_within_budget() {
+fn config() -> Config {
     let mut config = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         shards: 1,
@@ -82,7 +84,13 @@ fn idle_connection_heap_stays_within_budget() {
         org: "mem".into(),
         scopes: vec![Scope::Subscribe],
     });
-    let server = shardcast::server::start(config).expect("server starts");
+    config
+}
+
+#[test]
+fn idle_connection_heap_stays_within_budget() {
+    let _alone = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
+    let server = shardcast::server::start(config()).expect("server starts");
     let addr = server.local_addr();
     const N: usize = 1000;
     let mut warm: Vec<TcpStream> = (0..100).map(|_| open(addr)).collect();
@@ -100,6 +108,75 @@ fn idle_connection_heap_stays_within_budget() {
     );
     warm.clear();
     held.clear();
+    server.stopper().stop();
+    server.join();
+}
+
+/// Heap bytes one subscription (one connection on one channel of its own) may hold.
+const SUBSCRIPTION_BUDGET: isize = 640;
+
+/// Send one masked text frame.
+fn send_text(s: &mut TcpStream, text: &str) {
+    let payload = text.as_bytes();
+    let mut frame = vec![0x81u8];
+    match payload.len() {
+        n if n < 126 => frame.push(0x80 | n as u8),
+        n => {
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+    }
+    frame.extend_from_slice(&[0, 0, 0, 0]);
+    frame.extend_from_slice(payload);
+    s.write_all(&frame).unwrap();
+}
+
+/// Read until `needle` has been seen `times` times in what the server sent.
+fn read_until(s: &mut TcpStream, needle: &[u8], times: usize) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 65536];
+    while got.windows(needle.len()).filter(|w| *w == needle).count() < times {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "server closed");
+        got.extend_from_slice(&buf[..n]);
+    }
+    got
+}
+
+/// What a subscription costs is stated (README, BENCHMARKS) and bounded by
+/// `limits.max_subscriptions`: this measures it and checks the cap.
+#[test]
+fn subscription_heap_is_bounded_and_capped() {
+    let _alone = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
+    let mut config = config();
+    config.limits.max_subscriptions = 2_000;
+    config.api_keys[0].scopes = vec![Scope::Admin];
+    let server = shardcast::server::start(config).expect("server starts");
+    let mut s = open(server.local_addr());
+    let sub = |from: usize| {
+        let names: Vec<String> = (from..from + 100)
+            .map(|i| format!("\"org:o{i}:usage\""))
+            .collect();
+        format!(r#"{{"type":"SUB","channels":[{}]}}"#, names.join(","))
+    };
+    send_text(&mut s, &sub(0));
+    read_until(&mut s, b"SUBSCRIBED", 1);
+    let before = settled();
+    for batch in 1..20 {
+        send_text(&mut s, &sub(batch * 100));
+    }
+    read_until(&mut s, b"SUBSCRIBED", 19);
+    let after = settled();
+    let per_subscription = (after - before) / 1_900;
+    println!("heap per subscription: {per_subscription} B");
+    assert!(
+        per_subscription <= SUBSCRIPTION_BUDGET,
+        "each subscription holds {per_subscription} B (budget {SUBSCRIPTION_BUDGET} B)"
+    );
+    // At the cap: refused by name, the connection stays.
+    send_text(&mut s, &sub(2_000));
+    let refused = read_until(&mut s, b"too_many_subscriptions", 100);
+    assert!(!refused.windows(10).any(|w| w == b"SUBSCRIBED"));
     server.stopper().stop();
     server.join();
 }
