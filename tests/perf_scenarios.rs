@@ -21,6 +21,7 @@ fn fanout_params(server: &Server) -> fanout::Params {
         duration: 1.0,
         concurrency: 16,
         churn: 0,
+        read_bytes: 256 * 1024,
         pid: Some(server.child.id()),
         label: "shardcast".into(),
     }
@@ -111,4 +112,16 @@ fn churn_scenario_keeps_fanout_whole_while_connections_come_and_go() {
     let report = fanout::run(&params, false, "churn").expect("churn");
     assert_complete(&report);
     assert!(figure(&report, "churned connections") > 0.0);
+}
+
+/// Clients that read 512 bytes at a time still get everything (the queue absorbs the burst).
+#[test]
+fn fanout_with_small_reads_loses_nothing() {
+    let server = Server::start("");
+    let params = fanout::Params {
+        read_bytes: 512,
+        ..fanout_params(&server)
+    };
+    let report = fanout::run(&params, false, "fanout").expect("fanout");
+    assert_complete(&report);
 }

@@ -96,7 +96,7 @@ pub fn run(params: &Params) -> Result<Report, String> {
             params.connections
         );
     }
-    let mut engine = Engine::new(params.addr.to_string()).map_err(|e| e.to_string())?;
+    let mut engine = Engine::new(params.addr.to_string(), 256 * 1024).map_err(|e| e.to_string())?;
     let mut state = State {
         proto: params.proto,
         started: Vec::with_capacity(params.connections),

@@ -53,6 +53,10 @@ pub struct Params {
     /// Connections opened and closed per second while publishing (the churn scenario).
     #[arg(long, default_value_t = 0)]
     pub churn: u64,
+    /// Bytes read per read system call (small values act like clients reading in small
+    /// chunks).
+    #[arg(long, default_value_t = 256 * 1024)]
+    pub read_bytes: usize,
     /// Server pid, for its CPU time and memory.
     #[arg(long)]
     pub pid: Option<u32>,
@@ -267,7 +271,8 @@ fn open_all(
 /// Run `fanout` (or `ingest` when `ingest` is set); `churn` follows `params.churn`.
 pub fn run(params: &Params, ingest: bool, scenario: &str) -> Result<Report, String> {
     sys::raise_fd_limit();
-    let mut engine = Engine::new(params.addr.to_string()).map_err(|e| e.to_string())?;
+    let mut engine =
+        Engine::new(params.addr.to_string(), params.read_bytes).map_err(|e| e.to_string())?;
     let publishers = params.publishers.max(1);
     let subscribers = if ingest { 0 } else { params.subscribers };
     let channels = if params.proto == Proto::Shardcast {

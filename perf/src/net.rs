@@ -98,14 +98,15 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// A new engine talking to `host` (for the Host header).
-    pub fn new(host: String) -> io::Result<Self> {
+    /// A new engine talking to `host` (for the Host header), reading at most `read_bytes` per
+    /// read (small reads behave like clients that read in small chunks).
+    pub fn new(host: String, read_bytes: usize) -> io::Result<Self> {
         Ok(Self {
             poll: Poll::new()?,
             events: Events::with_capacity(4096),
             conns: Vec::new(),
             outs: Outs::default(),
-            read_buf: vec![0; 256 * 1024],
+            read_buf: vec![0; read_bytes.max(1)],
             host,
             paths: Vec::new(),
             frames_in: 0,
