@@ -66,6 +66,11 @@ fn parsing(c: &mut Criterion) {
         ("PUBLISH", format!(r#"{{"type":"PUBLISH","channel":"org:acme:usage","id":"p1","data":{data}}}"#)),
         ("INGEST", r#"{"type":"INGEST","channel":"org:acme:decisions","schema":"decision.v1","idempotencyKey":"k-1","data":{"orgId":"acme","direction":"precheck","decision":"allow","tool":"web.fetch","scope":"https://x","payloadHash":"sha256:abc","latencyMs":45,"tags":["a"]}}"#.to_string()),
         ("PING", r#"{"type":"PING","timestamp":"2024-01-01T00:00:00Z"}"#.to_string()),
+        // The worst a client can send for the duplicate-key check: one object of short keys.
+        ("PUBLISH of 6,000 keys (61 KB)", {
+            let keys: Vec<String> = (0..6_000).map(|i| format!(r#""{i:x}":0"#)).collect();
+            format!(r#"{{"type":"PUBLISH","channel":"org:acme:usage","data":{{{}}}}}"#, keys.join(","))
+        }),
     ];
     let mut parser = Parser::default();
     for (name, text) in &requests {

@@ -430,17 +430,28 @@ impl Config {
         path: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
-        let mut table = match path {
+        let (text, origin) = match path {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                     path: path.display().to_string(),
                     source,
                 })?;
-                text.parse::<toml::Table>()
-                    .map_err(|e| ConfigError::Parse(format!("{}: {e}", path.display())))?
+                (text, path.display().to_string())
             }
-            None => toml::Table::new(),
+            None => (String::new(), "defaults".to_string()),
         };
+        Self::parse(&text, &origin, env)
+    }
+
+    /// The configuration in TOML `text` (read from `origin`, for messages), then `env`.
+    pub fn parse(
+        text: &str,
+        origin: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut table = text
+            .parse::<toml::Table>()
+            .map_err(|e| ConfigError::Parse(format!("{origin}: {e}")))?;
         for (name, value) in env {
             if let Some(field) = name.strip_prefix("SHARDCAST_") {
                 apply_override(&mut table, field, &value)?;

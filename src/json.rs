@@ -7,6 +7,8 @@
 use std::borrow::Cow;
 use std::ops::Range;
 
+use smallvec::SmallVec;
+
 /// A member's key and value, as raw byte ranges of the input (the key without its quotes).
 pub type Member = (Range<usize>, Range<usize>);
 
@@ -37,8 +39,9 @@ pub fn scan_object(input: &[u8]) -> Option<Scanned> {
     }
     pos += 1;
     // Open containers: `true` for an object. The keys of each open object, innermost last.
-    let mut open: Vec<bool> = vec![true];
-    let mut keys: Vec<Vec<Cow<'_, [u8]>>> = vec![Vec::new()];
+    // On the stack for the shapes requests have (this runs for every message).
+    let mut open: SmallVec<[bool; 16]> = smallvec::smallvec![true];
+    let mut keys: SmallVec<[Keys<'_>; 4]> = smallvec::smallvec![Keys::new()];
     let mut top_member: Option<(Range<usize>, usize)> = None;
     loop {
         pos = skip_ws(input, pos);
@@ -51,7 +54,10 @@ pub fn scan_object(input: &[u8]) -> Option<Scanned> {
         if c == b'}' || c == b']' {
             pos += 1;
             if open.pop()? {
-                keys.pop();
+                let closed = keys.pop()?;
+                if closed.len() > PAIRWISE && out.duplicate.is_none() {
+                    out.duplicate = repeated(closed);
+                }
             }
             if open.is_empty() {
                 return Some(out);
@@ -68,10 +74,15 @@ pub fn scan_object(input: &[u8]) -> Option<Scanned> {
             let key = pos + 1..key_end - 1;
             let seen = keys.last_mut()?;
             let text = key_text(&input[key.clone()]);
-            if out.duplicate.is_none() && seen.contains(&text) {
+            // Small objects are checked as they go; large ones once closed (pairwise would
+            // be quadratic: a 64 KB object of short keys must not cost milliseconds).
+            if seen.len() < PAIRWISE
+                && out.duplicate.is_none()
+                && seen.iter().any(|(t, _)| *t == text)
+            {
                 out.duplicate = Some(key.clone());
             }
-            seen.push(text);
+            seen.push((text, key.clone()));
             pos = skip_ws(input, key_end);
             if input.get(pos) != Some(&b':') {
                 return None;
@@ -84,7 +95,7 @@ pub fn scan_object(input: &[u8]) -> Option<Scanned> {
         match *input.get(pos)? {
             b'{' => {
                 open.push(true);
-                keys.push(Vec::new());
+                keys.push(Keys::new());
                 pos += 1;
             }
             b'[' => {
@@ -102,6 +113,20 @@ pub fn scan_object(input: &[u8]) -> Option<Scanned> {
             }
         }
     }
+}
+
+/// The keys of one object, as decoded, with where each is.
+type Keys<'a> = SmallVec<[(Cow<'a, [u8]>, Range<usize>); 8]>;
+
+/// Objects with up to this many keys are checked pairwise as they are read.
+const PAIRWISE: usize = 16;
+
+/// A key that appears twice among `keys` (sorted, so O(n log n)).
+fn repeated(mut keys: Keys<'_>) -> Option<Range<usize>> {
+    keys.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    keys.windows(2)
+        .find(|w| w[0].0 == w[1].0)
+        .map(|w| w[1].1.clone())
 }
 
 /// A key's text as decoded (borrowed unless it has escapes).
@@ -318,6 +343,12 @@ mod tests {
             dup(format!("{{{many}\"k7\":0}}").as_bytes()).as_deref(),
             Some("k7")
         );
+        // Large objects are checked once closed (sorted, not pairwise), nested ones too.
+        let keys: Vec<String> = (0..8_000).map(|i| format!(r#""{i:x}":0"#)).collect();
+        let large = format!("{{\"d\":{{{}}}}}", keys.join(","));
+        assert_eq!(dup(large.as_bytes()), None);
+        let repeated = format!("{{\"d\":{{{},\"1f3\":1}}}}", keys.join(","));
+        assert_eq!(dup(repeated.as_bytes()).as_deref(), Some("1f3"));
         let deep = format!("{{\"a\":{}1{}}}", "[".repeat(50_000), "]".repeat(50_000));
         assert_eq!(dup(deep.as_bytes()), None);
         assert_eq!(scan_object(deep.as_bytes()).unwrap().members.len(), 1);
