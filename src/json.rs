@@ -19,7 +19,13 @@ pub struct Scanned {
     pub members: Vec<Member>,
     /// The first key that appears twice in one object, at any depth (its raw range).
     pub duplicate: Option<Range<usize>>,
+    /// Something is nested deeper than [`MAX_DEPTH`] (skipped over, not looked into).
+    pub too_deep: bool,
 }
+
+/// Deepest nesting of objects and arrays accepted in a request (as serde_json's default):
+/// deeper input is refused before a parser builds a tree of it.
+pub const MAX_DEPTH: usize = 128;
 
 /// Raw byte ranges of the values of a JSON object's top-level members, in document order.
 /// `input` must be valid JSON (checked beforehand by simd-json); returns `None` if it is not
@@ -28,10 +34,16 @@ pub fn object_members(input: &[u8]) -> Option<Vec<Member>> {
     scan_object(input).map(|s| s.members)
 }
 
-/// One pass over a JSON object (valid JSON, checked beforehand): its top-level members, and
-/// the first key repeated within one object at any depth, comparing keys as decoded (so
-/// `"a"` and `"\u0061"` are one name). Iterative: depth costs heap, not stack.
+/// One pass over a JSON object: its top-level members, and the first key repeated within one
+/// object at any depth, comparing keys as decoded (so `"a"` and `"\u0061"` are one name).
+/// Safe on any bytes (nothing indexes past the input), but only meaningful on valid JSON;
+/// `None` if it is not an object. Iterative; what is nested deeper than [`MAX_DEPTH`] is
+/// skipped over, not looked into, and reported in [`Scanned::too_deep`].
 pub fn scan_object(input: &[u8]) -> Option<Scanned> {
+    scan(input)
+}
+
+fn scan(input: &[u8]) -> Option<Scanned> {
     let mut out = Scanned::default();
     let mut pos = skip_ws(input, 0);
     if input.get(pos) != Some(&b'{') {
@@ -92,7 +104,19 @@ pub fn scan_object(input: &[u8]) -> Option<Scanned> {
                 top_member = Some((key, pos));
             }
         }
-        match *input.get(pos)? {
+        let c = *input.get(pos)?;
+        if matches!(c, b'{' | b'[') && open.len() >= MAX_DEPTH {
+            out.too_deep = true;
+            let end = skip_container(input, pos)?;
+            if open.len() == 1 {
+                if let Some((key, start)) = top_member.take() {
+                    out.members.push((key, start..end));
+                }
+            }
+            pos = end;
+            continue;
+        }
+        match c {
             b'{' => {
                 open.push(true);
                 keys.push(Keys::new());
@@ -214,6 +238,30 @@ fn skip_string(input: &[u8], pos: usize) -> Option<usize> {
             b'"' => return Some(i + 1),
             _ => i += 1,
         }
+    }
+    None
+}
+
+/// End (exclusive) of the object or array starting at `pos`, counting brackets only.
+fn skip_container(input: &[u8], pos: usize) -> Option<usize> {
+    let mut depth = 0usize;
+    let mut i = pos;
+    while i < input.len() {
+        match input[i] {
+            b'"' => {
+                i = skip_string(input, i)?;
+                continue;
+            }
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => {
+                depth = depth.checked_sub(1)?;
+                if depth == 0 {
+                    return Some(i + 1);
+                }
+            }
+            _ => {}
+        }
+        i += 1;
     }
     None
 }
@@ -349,9 +397,23 @@ mod tests {
         assert_eq!(dup(large.as_bytes()), None);
         let repeated = format!("{{\"d\":{{{},\"1f3\":1}}}}", keys.join(","));
         assert_eq!(dup(repeated.as_bytes()).as_deref(), Some("1f3"));
-        let deep = format!("{{\"a\":{}1{}}}", "[".repeat(50_000), "]".repeat(50_000));
-        assert_eq!(dup(deep.as_bytes()), None);
-        assert_eq!(scan_object(deep.as_bytes()).unwrap().members.len(), 1);
+        let nested = |depth| format!("{{\"a\":{}1{}}}", "[".repeat(depth), "]".repeat(depth));
+        let deepest = nested(MAX_DEPTH - 1);
+        assert_eq!(scan_object(deepest.as_bytes()).unwrap().members.len(), 1);
+        assert!(!scan_object(deepest.as_bytes()).unwrap().too_deep);
+        let inner = nested(MAX_DEPTH);
+        let deeper = format!(r#"{{"id":1,"a":{},"b":2}}"#, &inner[5..inner.len() - 1]);
+        let scanned = scan_object(deeper.as_bytes()).unwrap();
+        assert!(scanned.too_deep);
+        assert_eq!(
+            scanned.members.len(),
+            3,
+            "the members around it are still found"
+        );
+        assert!(scan_object(b"[1]").is_none());
+        for junk in [&b"{"[..], b"{\"a", b"{\"a\":", b"{\"a\":1,", b"}", b"{\"\\"] {
+            assert!(scan_object(junk).is_none(), "{junk:?}");
+        }
     }
 
     #[test]

@@ -118,12 +118,20 @@ impl std::fmt::Debug for Parser {
 impl Parser {
     /// Parse one text message.
     pub fn parse<'a>(&mut self, raw: &'a [u8]) -> Result<Request<'a>, Refusal> {
+        // The raw scan goes first: deep nesting is refused before simd-json builds a tree of
+        // it (a 1 MB array 500,000 deep cost about 60 MB).
+        let scanned = json::scan_object(raw);
+        if let Some(deep) = scanned.as_ref().filter(|s| s.too_deep) {
+            let message = format!("nested deeper than {} levels", json::MAX_DEPTH);
+            let id = json::member(raw, &deep.members, "id");
+            return Err(Refusal::bad_request(message).with_id(id));
+        }
         self.copy.clear();
         self.copy.extend_from_slice(raw);
         let value = simd_json::to_borrowed_value_with_buffers(&mut self.copy, &mut self.buffers)
             .map_err(|e| Refusal::bad_request(format!("invalid JSON: {e}")))?;
-        let scanned = json::scan_object(raw)
-            .ok_or_else(|| Refusal::bad_request("message must be a JSON object"))?;
+        let scanned =
+            scanned.ok_or_else(|| Refusal::bad_request("message must be a JSON object"))?;
         let members = scanned.members;
         // Parsers differ on which duplicate wins (simd-json the first in small objects and the
         // last in large ones, JavaScript the last): a duplicate would let what the server
@@ -151,48 +159,64 @@ impl Parser {
             .get("type")
             .and_then(|t| t.as_str())
             .ok_or_else(|| Refusal::bad_request("missing \"type\"").with_id(id))?;
-        let result = match kind {
-            "SUB" => {
-                let channels = channel_list(&value)?;
-                let since = since_map(&value, &channels)?;
-                let epoch = match value.get("epoch") {
-                    None => None,
-                    Some(e) => Some(
-                        e.as_u64()
-                            .ok_or_else(|| Refusal::bad_request("\"epoch\" must be a number"))?,
-                    ),
-                };
-                Ok(Request::Sub {
-                    channels,
-                    id,
-                    since,
-                    epoch,
-                })
+        parse_request(kind, &value, raw, &members, id).map_err(|r| {
+            if r.id.is_none() {
+                r.with_id(id)
+            } else {
+                r
             }
-            "UNSUB" => Ok(Request::Unsub {
-                channels: channel_list(&value)?,
+        })
+    }
+}
+
+/// The request of type `kind` (its refusals carry no id yet: the caller adds it).
+fn parse_request<'a>(
+    kind: &str,
+    value: &BorrowedValue<'_>,
+    raw: &'a [u8],
+    members: &[json::Member],
+    id: Option<&'a [u8]>,
+) -> Result<Request<'a>, Refusal> {
+    match kind {
+        "SUB" => {
+            let channels = channel_list(value)?;
+            let since = since_map(value, &channels)?;
+            let epoch = match value.get("epoch") {
+                None => None,
+                Some(e) => Some(
+                    e.as_u64()
+                        .ok_or_else(|| Refusal::bad_request("\"epoch\" must be a number"))?,
+                ),
+            };
+            Ok(Request::Sub {
+                channels,
                 id,
-            }),
-            "PUBLISH" => {
-                let channel = str_field(&value, "channel")?;
-                let data = json::member(raw, &members, "data")
-                    .ok_or_else(|| Refusal::bad_request("missing \"data\""))?;
-                Ok(Request::Publish { channel, data, id })
-            }
-            "INGEST" => parse_ingest(&value, raw, &members),
-            "REFRESH" => Ok(Request::Refresh {
-                token: str_field(&value, "token")?,
-                id,
-            }),
-            "PING" => Ok(Request::Ping {
-                timestamp: json::member(raw, &members, "timestamp"),
-            }),
-            other => Err(Refusal::bad_request(format!(
-                "unknown message type {}; expected SUB, UNSUB, PUBLISH, INGEST, REFRESH or PING",
-                json::echo(other)
-            ))),
-        };
-        result.map_err(|r| if r.id.is_none() { r.with_id(id) } else { r })
+                since,
+                epoch,
+            })
+        }
+        "UNSUB" => Ok(Request::Unsub {
+            channels: channel_list(value)?,
+            id,
+        }),
+        "PUBLISH" => {
+            let channel = str_field(value, "channel")?;
+            let data = json::member(raw, members, "data")
+                .ok_or_else(|| Refusal::bad_request("missing \"data\""))?;
+            Ok(Request::Publish { channel, data, id })
+        }
+        "INGEST" => parse_ingest(value, raw, members),
+        "REFRESH" => Ok(Request::Refresh {
+            token: str_field(value, "token")?,
+            id,
+        }),
+        "PING" => Ok(Request::Ping {
+            timestamp: json::member(raw, members, "timestamp"),
+        }),
+        other => Err(Refusal::bad_request(format!(
+            "unknown message type {}; expected SUB, UNSUB, PUBLISH, INGEST, REFRESH or PING",
+            json::echo(other)
+        ))),
     }
 }
 
@@ -602,8 +626,17 @@ mod tests {
                 err.message
             );
         }
-        let err = parser.parse(br#"{"type":"NOPE","id":"q"}"#).unwrap_err();
-        assert_eq!(err.id.as_deref(), Some(&br#""q""#[..]));
+        // Every refusal echoes the request id, whichever check refused it.
+        for raw in [
+            &br#"{"type":"NOPE","id":"q"}"#[..],
+            br#"{"type":"SUB","channels":[],"id":"q"}"#,
+            br#"{"type":"SUB","channels":["a"],"since":{"b":1},"id":"q"}"#,
+            br#"{"type":"PUBLISH","channel":1,"id":"q"}"#,
+            br#"{"type":"REFRESH","id":"q"}"#,
+        ] {
+            let err = parser.parse(raw).unwrap_err();
+            assert_eq!(err.id.as_deref(), Some(&br#""q""#[..]), "{err}");
+        }
     }
 
     #[test]
@@ -650,8 +683,12 @@ mod tests {
             "[".repeat(depth),
             "]".repeat(depth)
         );
-        // Whatever simd-json makes of it, the check must not overflow the stack.
-        let _ = Parser::default().parse(raw.as_bytes());
+        let err = Parser::default().parse(raw.as_bytes()).unwrap_err();
+        assert!(
+            err.message.contains("nested deeper than 128"),
+            "{}",
+            err.message
+        );
     }
 
     #[test]

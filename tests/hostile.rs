@@ -560,3 +560,167 @@ fn refresh_replaces_the_token_without_reconnecting() {
     k.send(json!({"type":"REFRESH","token":jwt(3600, &["publish"])}));
     assert_eq!(k.recv()["code"], "bad_request");
 }
+
+/// Cases that already had the right answer, kept so they stay right: each bad frame fails
+/// the connection with its RFC 6455 code, and the server goes on serving.
+#[test]
+fn protocol_violations_get_their_close_codes() {
+    let server = Server::start("");
+    let path = format!("/ws?key={ACME}");
+    let mut huge_header = vec![0x81, 0x80 | 127];
+    huge_header.extend_from_slice(&(1u64 << 40).to_be_bytes());
+    huge_header.extend_from_slice(&[0, 0, 0, 0]);
+    let mut msb_set = vec![0x81, 0x80 | 127];
+    msb_set.extend_from_slice(&u64::MAX.to_be_bytes());
+    msb_set.extend_from_slice(&[0, 0, 0, 0]);
+    let split = "é".as_bytes();
+    let mut bad_utf8_fragments = client_frame(0x1, &split[..1])[..].to_vec();
+    bad_utf8_fragments[0] &= 0x7f; // not final
+    bad_utf8_fragments.extend(client_frame(0x0, &[0x28]));
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        ("oversized frame header", huge_header, 1009),
+        ("64-bit length with its top bit set", msb_set, 1009),
+        ("invalid UTF-8 across fragments", bad_utf8_fragments, 1007),
+        (
+            "reserved bits",
+            {
+                let mut f = client_frame(0x1, b"{}");
+                f[0] |= 0x40;
+                f
+            },
+            1002,
+        ),
+        (
+            "close code 1005 (reserved)",
+            client_frame(0x8, &1005u16.to_be_bytes()),
+            1002,
+        ),
+        (
+            "close code 999",
+            client_frame(0x8, &999u16.to_be_bytes()),
+            1002,
+        ),
+        ("unmasked frame", vec![0x81, 0x02, b'{', b'}'], 1002),
+        ("ping over 125 bytes", client_frame(0x9, &[0; 126]), 1002),
+    ];
+    for (what, wire, code) in cases {
+        let mut s = raw_ws(&server, &path);
+        s.write_all(&wire).unwrap();
+        assert_eq!(read_close_code(&mut s), Some(code), "{what}");
+    }
+    server.client(&path).ping();
+}
+
+/// Slowloris (a head trickled byte by byte) is dropped at the handshake timeout; a flood of
+/// headers gets 431; neither holds the server.
+#[test]
+fn slowloris_and_header_floods_are_cut_off() {
+    use std::io::Read;
+    let server = Server::start("[websocket]\nhandshake_timeout_ms = 300\n");
+    let mut slow = TcpStream::connect(server.addr).unwrap();
+    slow.set_read_timeout(Some(WAIT)).unwrap();
+    for b in b"GET /ws HTTP/1.1\r\nHost: t\r\nX-Slow: " {
+        if slow.write_all(&[*b]).is_err() {
+            break;
+        }
+    }
+    // Nothing more is sent: the server closes it (EOF or a reset, never a timeout here).
+    let mut buf = [0u8; 64];
+    match slow.read(&mut buf) {
+        Ok(0) => {}
+        Ok(n) => panic!("unexpected answer {:?}", String::from_utf8_lossy(&buf[..n])),
+        Err(e) => assert_ne!(e.kind(), std::io::ErrorKind::WouldBlock, "not closed: {e}"),
+    }
+    let flood: String = (0..10_000).map(|i| format!("X-{i}: y\r\n")).collect();
+    let (code, _) = raw_request(&server, &format!("GET /ws HTTP/1.1\r\n{flood}\r\n"));
+    assert_eq!(code, 431);
+    server.client(&format!("/ws?key={ACME}")).ping();
+}
+
+/// A 100,000-name SUB and nesting 500,000 deep are refused, cheaply: deep input is refused
+/// before a tree is built of it (it cost about 60 MB of memory per megabyte before).
+#[test]
+fn huge_and_deep_requests_are_answered_without_harm() {
+    let server = Server::start("[limits]\nmax_message_bytes = 2000000\n");
+    let rss_before = server.rss_kib();
+    let mut c = server.client(&format!("/ws?key={ACME}"));
+    let names: Vec<String> = (0..100_000).map(|i| format!("org:acme:c{i}")).collect();
+    c.send(json!({"type":"SUB","channels":names,"id":"big"}));
+    let e = c.recv();
+    assert_eq!(
+        (e["code"].as_str(), e["id"].as_str()),
+        (Some("bad_request"), Some("big"))
+    );
+    assert!(e["message"].as_str().unwrap().contains("1 to 100"), "{e}");
+    let depth = 500_000;
+    let deep = format!(
+        r#"{{"type":"PUBLISH","channel":"org:acme:usage","id":"deep","data":{}{}}}"#,
+        "[".repeat(depth),
+        "]".repeat(depth)
+    );
+    c.send_text(&deep);
+    let e = c.recv();
+    assert_eq!(
+        (e["code"].as_str(), e["id"].as_str()),
+        (Some("bad_request"), Some("deep"))
+    );
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("nested deeper than 128"),
+        "{e}"
+    );
+    c.ping();
+    // Parsing a message costs a multiple of its size (simd-json's tape and values): the
+    // 1.5 MB SUB took the RSS up by about 54 MB here. The bound is max_message_bytes.
+    let rss_after = server.rss_kib();
+    assert!(
+        rss_after < rss_before + 64 * 1024,
+        "RSS {rss_before} -> {rss_after} KiB"
+    );
+}
+
+/// Tokens signed with another algorithm than HS256 (none, HS512 with the same secret, a
+/// public-key algorithm) are refused with 4403.
+#[test]
+fn forged_jwt_algorithms_are_refused() {
+    use base64_url as b64;
+    let server = Server::start("");
+    let claims = json!({"sub":"u1","org":"acme","exp":unix_now() + 3600,"scopes":["admin"]});
+    let body = b64::encode(claims.to_string().as_bytes());
+    let none = format!("{}.{body}.", b64::encode(br#"{"alg":"none","typ":"JWT"}"#));
+    let hs512 = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS512),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .unwrap();
+    let rs256 = format!(
+        "{}.{body}.{}",
+        b64::encode(br#"{"alg":"RS256","typ":"JWT"}"#),
+        b64::encode(b"not a signature")
+    );
+    for (what, token) in [("alg none", none), ("HS512", hs512), ("RS256", rs256)] {
+        let mut c = Client::connect(server.addr, &format!("/ws?token={token}")).unwrap();
+        assert_eq!(c.recv_close(), Some(4403), "{what}");
+    }
+    server.client(&format!("/ws?key={ACME}")).ping();
+}
+
+/// Unpadded base64url, as JWTs use.
+mod base64_url {
+    pub fn encode(bytes: &[u8]) -> String {
+        const ALPHABET: &[u8; 64] =
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let mut out = String::new();
+        for chunk in bytes.chunks(3) {
+            let n = chunk.iter().fold(0u32, |acc, b| (acc << 8) | u32::from(*b))
+                << (8 * (3 - chunk.len()));
+            for i in 0..=chunk.len() {
+                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            }
+        }
+        out
+    }
+}

@@ -222,7 +222,7 @@ fn malformed_messages_get_clear_errors_and_the_server_keeps_serving() {
 
     // Invalid UTF-8 in a text frame: close 1007 (sent raw: clients refuse to build it).
     let mut raw = raw_ws(&server, &format!("/ws?key={ACME}"));
-    raw.write_all(&masked_frame(0x81, &[0xff, 0xfe, 0xfd]))
+    raw.write_all(&client_frame(0x1, &[0xff, 0xfe, 0xfd]))
         .unwrap();
     assert_eq!(read_close_code(&mut raw), Some(1007));
 
@@ -237,67 +237,6 @@ fn malformed_messages_get_clear_errors_and_the_server_keeps_serving() {
     server.wait_health("bad message counter", |h| {
         h["metrics"]["messages"]["errors"].as_u64().unwrap() >= 15
     });
-}
-
-/// A raw socket that has completed the upgrade and read READY.
-fn raw_ws(server: &Server, path: &str) -> TcpStream {
-    let mut s = TcpStream::connect(server.addr).unwrap();
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
-    .unwrap();
-    // Read the 101 head and the READY frame.
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        std::io::Read::read_exact(&mut s, &mut byte).unwrap();
-        head.push(byte[0]);
-    }
-    assert!(head.starts_with(b"HTTP/1.1 101"));
-    read_frame(&mut s);
-    s
-}
-
-fn masked_frame(first: u8, payload: &[u8]) -> Vec<u8> {
-    assert!(payload.len() < 126);
-    let mask = [1u8, 2, 3, 4];
-    let mut out = vec![first, 0x80 | payload.len() as u8];
-    out.extend_from_slice(&mask);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    out
-}
-
-fn read_frame(s: &mut TcpStream) -> (u8, Vec<u8>) {
-    use std::io::Read;
-    let mut h = [0u8; 2];
-    s.read_exact(&mut h).unwrap();
-    let len = match h[1] & 0x7f {
-        126 => {
-            let mut l = [0u8; 2];
-            s.read_exact(&mut l).unwrap();
-            u16::from_be_bytes(l) as usize
-        }
-        127 => {
-            let mut l = [0u8; 8];
-            s.read_exact(&mut l).unwrap();
-            u64::from_be_bytes(l) as usize
-        }
-        n => n as usize,
-    };
-    let mut payload = vec![0; len];
-    s.read_exact(&mut payload).unwrap();
-    (h[0] & 0x0f, payload)
-}
-
-fn read_close_code(s: &mut TcpStream) -> Option<u16> {
-    loop {
-        let (op, payload) = read_frame(s);
-        if op == 8 {
-            return (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
-        }
-    }
 }
 
 #[test]

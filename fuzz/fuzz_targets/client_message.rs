@@ -1,0 +1,26 @@
+//! A client's JSON text message through the parser the server uses (simd-json, then the raw
+//! member scan and the decision checks), and the decision enrichment of what it accepts.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use shardcast::protocol::{Parser, Request};
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let mut parser = Parser::default();
+    if let Ok(Request::Ingest(ingest)) = parser.parse(text.as_bytes()) {
+        let enriched =
+            shardcast::decision::enrich(ingest.data, "dec_0", "1970-01-01T00:00:00.000Z");
+        // What subscribers get must still be one JSON object with no repeated key.
+        let scanned = shardcast::json::scan_object(&enriched).expect("an object");
+        assert!(
+            scanned.duplicate.is_none(),
+            "{}",
+            String::from_utf8_lossy(&enriched)
+        );
+    }
+    // The scan runs before simd-json has validated anything: it must take any bytes.
+    let _ = shardcast::json::scan_object(data);
+});

@@ -1,0 +1,33 @@
+//! The HTTP request head as the server reads it, then what the server does with its parts:
+//! the upgrade checks, percent-decoding, and the API's query parsing.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use shardcast::auth::{Principal, Scopes};
+use shardcast::config::Scope;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(Some((request, len))) = shardcast::http::parse(data) else {
+        return;
+    };
+    assert!(len <= data.len());
+    if let Some(key) = &request.ws_key {
+        if shardcast::http::ws_key_valid(key) {
+            let _ = shardcast::http::upgrade_response(key);
+        }
+    }
+    let _ = shardcast::http::percent_decode(&request.path);
+    let admin = Principal {
+        org: "ops".into(),
+        user: None,
+        key_id: None,
+        scopes: Scopes::from_list(&[Scope::Admin]),
+        expires_ms: None,
+    };
+    let _ = shardcast::api::decisions_query(&admin, &request.query);
+    let categories = ["decisions".to_string(), "usage".to_string()];
+    if let Some(name) = request.path.strip_prefix("/api/channels/") {
+        let name = shardcast::http::percent_decode(name);
+        let _ = shardcast::api::history_query(&admin, &name, &categories, &request.query);
+    }
+});
