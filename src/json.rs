@@ -50,10 +50,12 @@ fn scan(input: &[u8]) -> Option<Scanned> {
         return None;
     }
     pos += 1;
-    // Open containers: `true` for an object. The keys of each open object, innermost last.
-    // On the stack for the shapes requests have (this runs for every message).
+    // Open containers: `true` for an object. The keys of every open object in one list, and
+    // where each open object's keys begin in it (this runs for every message: no heap for the
+    // shapes requests have).
     let mut open: SmallVec<[bool; 16]> = smallvec::smallvec![true];
-    let mut keys: SmallVec<[Keys<'_>; 4]> = smallvec::smallvec![Keys::new()];
+    let mut keys: SmallVec<[Key; 32]> = SmallVec::new();
+    let mut starts: SmallVec<[usize; 8]> = smallvec::smallvec![0];
     let mut top_member: Option<(Range<usize>, usize)> = None;
     loop {
         pos = skip_ws(input, pos);
@@ -66,10 +68,11 @@ fn scan(input: &[u8]) -> Option<Scanned> {
         if c == b'}' || c == b']' {
             pos += 1;
             if open.pop()? {
-                let closed = keys.pop()?;
-                if closed.len() > PAIRWISE && out.duplicate.is_none() {
-                    out.duplicate = repeated(closed);
+                let start = starts.pop()?;
+                if keys.len() - start > PAIRWISE && out.duplicate.is_none() {
+                    out.duplicate = repeated(input, &keys[start..]);
                 }
+                keys.truncate(start);
             }
             if open.is_empty() {
                 return Some(out);
@@ -83,25 +86,25 @@ fn scan(input: &[u8]) -> Option<Scanned> {
         }
         if object {
             let key_end = skip_string(input, pos)?;
-            let key = pos + 1..key_end - 1;
-            let seen = keys.last_mut()?;
-            let text = key_text(&input[key.clone()]);
+            let key = Key::new(input, pos + 1..key_end - 1);
+            let seen = &keys[*starts.last()?..];
             // Small objects are checked as they go; large ones once closed (pairwise would
             // be quadratic: a 64 KB object of short keys must not cost milliseconds).
             if seen.len() < PAIRWISE
                 && out.duplicate.is_none()
-                && seen.iter().any(|(t, _)| *t == text)
+                && seen.iter().any(|k| k.same(&key, input))
             {
-                out.duplicate = Some(key.clone());
+                out.duplicate = Some(key.range.clone());
             }
-            seen.push((text, key.clone()));
+            let range = key.range.clone();
+            keys.push(key);
             pos = skip_ws(input, key_end);
             if input.get(pos) != Some(&b':') {
                 return None;
             }
             pos = skip_ws(input, pos + 1);
             if open.len() == 1 {
-                top_member = Some((key, pos));
+                top_member = Some((range, pos));
             }
         }
         let c = *input.get(pos)?;
@@ -119,7 +122,7 @@ fn scan(input: &[u8]) -> Option<Scanned> {
         match c {
             b'{' => {
                 open.push(true);
-                keys.push(Keys::new());
+                starts.push(keys.len());
                 pos += 1;
             }
             b'[' => {
@@ -139,16 +142,42 @@ fn scan(input: &[u8]) -> Option<Scanned> {
     }
 }
 
-/// The keys of one object, as decoded, with where each is.
-type Keys<'a> = SmallVec<[(Cow<'a, [u8]>, Range<usize>); 8]>;
+/// A key of an open object: where it is, and whether it has escapes (then it is compared
+/// decoded; most keys have none and are compared as bytes).
+#[derive(Debug, Clone)]
+struct Key {
+    range: Range<usize>,
+    escaped: bool,
+}
+
+impl Key {
+    fn new(input: &[u8], range: Range<usize>) -> Self {
+        let escaped = input[range.clone()].contains(&b'\\');
+        Key { range, escaped }
+    }
+
+    fn same(&self, other: &Key, input: &[u8]) -> bool {
+        let (a, b) = (&input[self.range.clone()], &input[other.range.clone()]);
+        if self.escaped || other.escaped {
+            key_text(a) == key_text(b)
+        } else {
+            a == b
+        }
+    }
+}
 
 /// Objects with up to this many keys are checked pairwise as they are read.
 const PAIRWISE: usize = 16;
 
-/// A key that appears twice among `keys` (sorted, so O(n log n)).
-fn repeated(mut keys: Keys<'_>) -> Option<Range<usize>> {
-    keys.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-    keys.windows(2)
+/// A key that appears twice among `keys` (sorted by decoded text, so O(n log n)).
+fn repeated(input: &[u8], keys: &[Key]) -> Option<Range<usize>> {
+    let mut texts: Vec<(Cow<'_, [u8]>, &Range<usize>)> = keys
+        .iter()
+        .map(|k| (key_text(&input[k.range.clone()]), &k.range))
+        .collect();
+    texts.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    texts
+        .windows(2)
         .find(|w| w[0].0 == w[1].0)
         .map(|w| w[1].1.clone())
 }
@@ -164,7 +193,7 @@ fn key_text(raw: &[u8]) -> Cow<'_, [u8]> {
 
 /// True when the raw key (without quotes) names `name`, escapes decoded.
 pub fn key_is(raw: &[u8], name: &str) -> bool {
-    *key_text(raw) == *name.as_bytes()
+    raw == name.as_bytes() || (raw.contains(&b'\\') && *unescape(raw) == *name.as_bytes())
 }
 
 /// Decode the escapes of a valid JSON string's contents.

@@ -7,10 +7,12 @@
 //! - [`api`]: the HTTP read API (`/api/decisions`, `/api/channels/{channel}/history`).
 //! - [`http`]: the HTTP request head (httparse), the upgrade, plain responses.
 //! - [`protocol`]: client requests in (simd-json), server messages out.
-//! - [`json`]: raw value spans (so `data` is relayed byte for byte) and string escaping.
+//! - [`json`]: raw value spans (so `data` is relayed byte for byte), the duplicate-key and
+//!   depth checks, and string escaping.
 //! - [`decision`]: decision validation, ids, timestamps, the idempotency table.
 //! - [`auth`]: API keys, JWTs, channel names and who may use them.
-//! - [`queue`]: a connection's bounded drop-oldest queue of shared frames.
+//! - [`queue`]: a connection's outbound queue: fan-out frames bounded and dropped oldest
+//!   first, replies never dropped (bounded by the reply budget instead).
 //! - [`rate`]: the per-connection message rate limit.
 //! - [`history`]: a channel's recent messages, for clients catching up with `since`.
 //! - [`shard`]: one shard's state and routing: subscriptions, owned channels, mesh messages.

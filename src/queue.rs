@@ -47,32 +47,28 @@ pub struct ReplyBudget {
     pub bytes: usize,
 }
 
-/// What a queued frame is.
+/// What a queued frame that is not fan-out is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Class {
-    /// A message on a subscribed channel: dropped first when the queue is full.
-    Fanout,
+enum Kept {
     /// An answer, a control frame or the close frame: never dropped.
     Reply,
     /// The `slow_consumer` notice: never dropped, at most one waiting.
     Notice,
 }
 
-#[derive(Debug)]
-struct Entry {
-    frame: Frame,
-    class: Class,
-}
-
-/// The queue.
+/// The queue. Frames are kept as bare shared slices (16 bytes a slot, as fan-out alone needs);
+/// the few that are not fan-out are listed beside them by position, so a queue holding only
+/// fan-out frames (the hot case) does exactly what a plain drop-oldest queue does.
 #[derive(Debug, Default)]
 pub struct OutQueue {
-    frames: VecDeque<Entry>,
+    frames: VecDeque<Frame>,
     /// Bytes of every queued frame, whole.
     bytes: usize,
-    /// Fan-out frames queued, and their bytes.
-    fanout: usize,
-    fanout_bytes: usize,
+    /// The frames that are not fan-out (boxed: most of the time there are none, and every
+    /// connection has a queue).
+    kept: Option<Box<KeptList>>,
+    /// Frames taken off the front so far (written, or dropped from the front).
+    popped: u64,
     /// Bytes of the front frame already written to the socket.
     head_written: usize,
     /// Fan-out frames dropped and not yet reported to the client.
@@ -83,51 +79,64 @@ pub struct OutQueue {
     urgent_end: usize,
 }
 
+/// Frames that are not fan-out, in queue order, by absolute position (a frame's position is
+/// the queue's `popped` plus its index), and their bytes.
+#[derive(Debug, Default)]
+struct KeptList {
+    at: VecDeque<(u64, Kept)>,
+    bytes: usize,
+}
+
 impl OutQueue {
     /// Queue a fan-out `frame` within `bounds`, dropping the oldest fan-out frames if need be.
     pub fn push(&mut self, frame: Frame, bounds: Bounds) -> Pushed {
         let mut dropped = 0;
-        while self.fanout > 0
-            && (self.fanout + 1 > bounds.messages || self.fanout_bytes + frame.len() > bounds.bytes)
-        {
-            if !bounds.drop_oldest {
-                return Pushed::Overflow;
-            }
-            let Some(victim) = self.oldest_droppable() else {
-                break;
-            };
-            if let Some(old) = self.frames.remove(victim) {
-                if victim < self.urgent_end {
-                    self.urgent_end -= 1;
+        // Within bounds counting every frame, fan-out alone is within them too (the usual case).
+        let fits = self.frames.len() < bounds.messages && self.bytes + frame.len() <= bounds.bytes;
+        if !fits {
+            loop {
+                let (fanout, fanout_bytes) = self.fanout();
+                if fanout == 0
+                    || (fanout < bounds.messages && fanout_bytes + frame.len() <= bounds.bytes)
+                {
+                    break;
                 }
-                self.forget(&old);
-                dropped += 1;
+                if !bounds.drop_oldest {
+                    return Pushed::Overflow;
+                }
+                let Some(victim) = self.oldest_droppable() else {
+                    break;
+                };
+                let old = if victim == 0 {
+                    self.frames.pop_front()
+                } else {
+                    self.frames.remove(victim)
+                };
+                if let Some(old) = old {
+                    self.bytes -= old.len();
+                    self.removed(victim);
+                    dropped += 1;
+                }
             }
         }
         self.unreported_drops += u64::from(dropped);
-        self.fanout += 1;
-        self.fanout_bytes += frame.len();
         self.bytes += frame.len();
-        self.frames.push_back(Entry {
-            frame,
-            class: Class::Fanout,
-        });
+        self.frames.push_back(frame);
         Pushed::Queued { dropped }
     }
 
     /// Queue a reply after everything queued: it is never dropped.
     pub fn push_reply(&mut self, frame: Frame) {
+        let at = self.popped + self.frames.len() as u64;
+        self.keep(at, Kept::Reply, frame.len());
         self.bytes += frame.len();
-        self.frames.push_back(Entry {
-            frame,
-            class: Class::Reply,
-        });
+        self.frames.push_back(frame);
     }
 
     /// Queue a control frame ahead of frames not yet started, after earlier urgent ones
     /// (pongs must answer pings in order); it is never dropped.
     pub fn push_urgent(&mut self, frame: Frame) {
-        self.insert_urgent(frame, Class::Reply);
+        self.insert_urgent(frame, Kept::Reply);
     }
 
     /// If fan-out frames were dropped since the client was last told and no notice is waiting,
@@ -139,7 +148,7 @@ impl OutQueue {
         }
         let frame = notice(std::mem::take(&mut self.unreported_drops));
         self.notice_queued = true;
-        self.insert_urgent(frame, Class::Notice);
+        self.insert_urgent(frame, Kept::Notice);
     }
 
     /// Fan-out frames dropped and not yet reported.
@@ -150,9 +159,8 @@ impl OutQueue {
     /// True when the replies waiting (answers, control frames, the drop notice) have spent
     /// `budget`: the connection should read no more requests until they are written.
     pub fn replies_over(&self, budget: ReplyBudget) -> bool {
-        let replies = self.frames.len() - self.fanout;
-        let bytes = self.bytes - self.fanout_bytes;
-        replies >= budget.messages || bytes >= budget.bytes
+        let (n, bytes) = self.kept_totals();
+        n >= budget.messages || bytes >= budget.bytes
     }
 
     /// True when nothing is waiting.
@@ -172,7 +180,8 @@ impl OutQueue {
 
     /// Fan-out frames waiting, and their bytes (what [`Bounds`] limits).
     pub fn fanout(&self) -> (usize, usize) {
-        (self.fanout, self.fanout_bytes)
+        let (n, bytes) = self.kept_totals();
+        (self.frames.len() - n, self.bytes - bytes)
     }
 
     /// Append the unwritten bytes of queued frames to `buf`, front first, whole frames only,
@@ -181,13 +190,20 @@ impl OutQueue {
     /// returns how many bytes were added.
     pub fn gather(&self, buf: &mut Vec<u8>, limit: usize) -> usize {
         let start = buf.len();
-        for (i, entry) in self.frames.iter().enumerate() {
+        let notice = if self.notice_queued {
+            self.kept_positions()
+                .find(|(_, kind)| *kind == Kept::Notice)
+                .map(|(at, _)| (at - self.popped) as usize)
+        } else {
+            None
+        };
+        for (i, frame) in self.frames.iter().enumerate() {
             if buf.len() - start >= limit {
                 break;
             }
             let skip = if i == 0 { self.head_written } else { 0 };
-            buf.extend_from_slice(&entry.frame[skip..]);
-            if entry.class == Class::Notice {
+            buf.extend_from_slice(&frame[skip..]);
+            if notice == Some(i) {
                 break;
             }
         }
@@ -198,7 +214,7 @@ impl OutQueue {
     pub fn consume(&mut self, mut written: usize) -> usize {
         let mut completed = 0;
         while let Some(front) = self.frames.front() {
-            let left = front.frame.len() - self.head_written;
+            let left = front.len() - self.head_written;
             if written < left {
                 self.head_written += written;
                 break;
@@ -206,8 +222,20 @@ impl OutQueue {
             written -= left;
             self.head_written = 0;
             if let Some(done) = self.frames.pop_front() {
-                self.forget(&done);
+                self.bytes -= done.len();
+                let popped = self.popped;
+                if let Some(kept) = self.kept.as_mut() {
+                    if kept.at.front().is_some_and(|(at, _)| *at == popped) {
+                        if let Some((_, kind)) = kept.at.pop_front() {
+                            kept.bytes -= done.len();
+                            if kind == Kept::Notice {
+                                self.notice_queued = false;
+                            }
+                        }
+                    }
+                }
             }
+            self.popped += 1;
             self.urgent_end = self.urgent_end.saturating_sub(1);
             completed += 1;
         }
@@ -219,12 +247,16 @@ impl OutQueue {
     pub fn shrink_if_idle(&mut self) {
         if self.frames.is_empty() && self.frames.capacity() > 0 {
             self.frames = VecDeque::new();
+            self.kept = None;
         }
     }
 
     /// Heap bytes held for queue slots.
     pub fn slot_bytes(&self) -> usize {
-        self.frames.capacity() * std::mem::size_of::<Entry>()
+        let kept = self.kept.as_ref().map_or(0, |k| {
+            std::mem::size_of::<KeptList>() + k.at.capacity() * std::mem::size_of::<(u64, Kept)>()
+        });
+        self.frames.capacity() * std::mem::size_of::<Frame>() + kept
     }
 
     /// Forget everything queued (the connection is closing and will say so), but the rest of
@@ -237,46 +269,79 @@ impl OutQueue {
         };
         let head_written = self.head_written;
         *self = Self::default();
-        if let Some(entry) = started {
-            self.bytes = entry.frame.len();
+        if let Some(frame) = started {
             self.head_written = head_written;
-            self.frames.push_back(Entry {
-                frame: entry.frame,
-                class: Class::Reply,
-            });
+            self.push_reply(frame);
         }
     }
 
-    fn insert_urgent(&mut self, frame: Frame, class: Class) {
+    fn insert_urgent(&mut self, frame: Frame, kind: Kept) {
         let started = usize::from(self.head_written > 0).min(self.frames.len());
         let at = self.urgent_end.max(started);
+        // Frames from `at` on move back one place.
+        let absolute = self.popped + at as u64;
+        if let Some(kept) = self.kept.as_mut() {
+            for (position, _) in kept.at.iter_mut().filter(|(p, _)| *p >= absolute) {
+                *position += 1;
+            }
+        }
+        self.keep(absolute, kind, frame.len());
         self.bytes += frame.len();
-        self.frames.insert(at, Entry { frame, class });
+        self.frames.insert(at, frame);
         self.urgent_end = at + 1;
+    }
+
+    /// List a frame that is not fan-out, keeping the list in queue order.
+    fn keep(&mut self, at: u64, kind: Kept, len: usize) {
+        let kept = self.kept.get_or_insert_with(Default::default);
+        let index = kept.at.partition_point(|(p, _)| *p < at);
+        kept.at.insert(index, (at, kind));
+        kept.bytes += len;
+    }
+
+    /// How many frames are kept, and their bytes.
+    fn kept_totals(&self) -> (usize, usize) {
+        self.kept.as_ref().map_or((0, 0), |k| (k.at.len(), k.bytes))
+    }
+
+    fn kept_positions(&self) -> impl Iterator<Item = (u64, Kept)> + '_ {
+        self.kept.iter().flat_map(|k| k.at.iter().copied())
+    }
+
+    /// The frame at index `index` was dropped (a fan-out frame): later ones move up.
+    fn removed(&mut self, index: usize) {
+        if index < self.urgent_end {
+            self.urgent_end -= 1;
+        }
+        if index == 0 {
+            // Off the front: positions stay, the front moves on.
+            self.popped += 1;
+            return;
+        }
+        let absolute = self.popped + index as u64;
+        if let Some(kept) = self.kept.as_mut() {
+            for (position, _) in kept.at.iter_mut().filter(|(p, _)| *p > absolute) {
+                *position -= 1;
+            }
+        }
     }
 
     /// Index of the oldest fan-out frame that may be dropped (not partly written).
     fn oldest_droppable(&self) -> Option<usize> {
         let start = usize::from(self.head_written > 0);
-        if self.fanout == self.frames.len() {
+        if self.kept_totals().0 == 0 {
             // Only fan-out frames: the answer needs no search (the common case).
             return (start < self.frames.len()).then_some(start);
         }
-        // Replies before it are bounded by the reply budget, so the search is short.
-        (start..self.frames.len()).find(|&i| self.frames[i].class == Class::Fanout)
-    }
-
-    /// Account for a frame leaving the queue (written or dropped).
-    fn forget(&mut self, entry: &Entry) {
-        self.bytes -= entry.frame.len();
-        match entry.class {
-            Class::Fanout => {
-                self.fanout -= 1;
-                self.fanout_bytes -= entry.frame.len();
-            }
-            Class::Notice => self.notice_queued = false,
-            Class::Reply => {}
-        }
+        // Kept frames are few (the reply budget bounds them): walk past them in step.
+        let mut kept = self
+            .kept_positions()
+            .map(|(p, _)| (p - self.popped) as usize)
+            .peekable();
+        (start..self.frames.len()).find(|&i| {
+            while kept.next_if(|&k| k < i).is_some() {}
+            kept.peek() != Some(&i)
+        })
     }
 }
 
@@ -298,9 +363,9 @@ mod tests {
     /// Every unwritten byte queued, in order.
     fn contents(q: &OutQueue) -> Vec<u8> {
         let mut buf = Vec::new();
-        for (i, entry) in q.frames.iter().enumerate() {
+        for (i, frame) in q.frames.iter().enumerate() {
             let skip = if i == 0 { q.head_written } else { 0 };
-            buf.extend_from_slice(&entry.frame[skip..]);
+            buf.extend_from_slice(&frame[skip..]);
         }
         buf
     }
@@ -422,6 +487,93 @@ mod tests {
         assert_eq!(q.fanout(), (0, 0));
         assert_eq!(q.consume(7), 2);
         assert!(q.is_empty());
+    }
+
+    /// The queue against a plain model (a list of frames with their class), over a long
+    /// pseudo-random mix of pushes, replies, urgent frames, notices and partial writes.
+    #[test]
+    fn matches_a_plain_model() {
+        #[derive(Clone, Copy, PartialEq, Debug)]
+        enum C {
+            F,
+            R,
+        }
+        let bounds = Bounds {
+            messages: 5,
+            bytes: 60,
+            drop_oldest: true,
+        };
+        let mut q = OutQueue::default();
+        // (byte value, length, class), front first; `written` bytes of the front are out.
+        let mut model: Vec<(u8, usize, C)> = Vec::new();
+        let (mut written, mut urgent_end) = (0usize, 0usize);
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for step in 0..20_000u32 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let v = (step % 251) as u8;
+            let len = 1 + (seed >> 8) as usize % 12;
+            match seed % 6 {
+                0 | 1 => {
+                    q.push(f(v, len), bounds);
+                    let fanout = |m: &Vec<(u8, usize, C)>| {
+                        let n = m.iter().filter(|e| e.2 == C::F).count();
+                        let b: usize = m.iter().filter(|e| e.2 == C::F).map(|e| e.1).sum();
+                        (n, b)
+                    };
+                    loop {
+                        let (n, b) = fanout(&model);
+                        if n == 0 || (n < bounds.messages && b + len <= bounds.bytes) {
+                            break;
+                        }
+                        let start = usize::from(written > 0);
+                        let Some(i) = (start..model.len()).find(|&i| model[i].2 == C::F) else {
+                            break;
+                        };
+                        model.remove(i);
+                        if i < urgent_end {
+                            urgent_end -= 1;
+                        }
+                    }
+                    model.push((v, len, C::F));
+                }
+                2 => {
+                    q.push_reply(f(v, len));
+                    model.push((v, len, C::R));
+                }
+                3 => {
+                    q.push_urgent(f(v, len));
+                    let at = urgent_end.max(usize::from(written > 0).min(model.len()));
+                    model.insert(at, (v, len, C::R));
+                    urgent_end = at + 1;
+                }
+                _ => {
+                    let n = (seed >> 20) as usize % 30;
+                    q.consume(n);
+                    let mut n = n;
+                    while let Some(front) = model.first() {
+                        let left = front.1 - written;
+                        if n < left {
+                            written += n;
+                            break;
+                        }
+                        n -= left;
+                        written = 0;
+                        model.remove(0);
+                        urgent_end = urgent_end.saturating_sub(1);
+                    }
+                }
+            }
+            let mut expect = Vec::new();
+            for (i, (v, len, _)) in model.iter().enumerate() {
+                let skip = if i == 0 { written } else { 0 };
+                expect.extend(std::iter::repeat_n(*v, len - skip));
+            }
+            assert_eq!(contents(&q), expect, "step {step}");
+            let replies = model.iter().filter(|e| e.2 == C::R).count();
+            assert_eq!(q.len() - q.fanout().0, replies, "step {step}");
+        }
     }
 
     #[test]
