@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Run every fuzz target for SECONDS (default 60) from its committed corpus; a crash fails.
 # Needs the nightly toolchain (for the sanitizer flags) and cargo-fuzz, installed if absent.
-# New inputs are written to a scratch corpus, so the committed one stays small: to add
-# what a long run found, `cargo +nightly fuzz cmin TARGET` into fuzz/corpus/TARGET.
+# New inputs are written to a scratch corpus, so the committed one stays as it is (see
+# fuzz/README.md for adding what a long run found).
 set -euo pipefail
 cd "$(dirname "$0")"
 secs=${1:-60}
