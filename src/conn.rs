@@ -580,8 +580,10 @@ impl Conn {
                 self.peer.set_stall(Stall::None, 0);
             }
         } else if stall != Stall::Message || self.events != events {
+            // The clock, not last_heard: bytes read long ago may be decoded only now (after a
+            // pause for unread replies), and must not start the wait already expired.
             self.peer.stall.set(Stall::Message);
-            self.peer.stall_since.set(self.peer.last_heard.get());
+            self.peer.stall_since.set(self.shard.now_ms());
         }
     }
 
