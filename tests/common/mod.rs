@@ -434,23 +434,11 @@ pub fn read_close_code(s: &mut TcpStream) -> Option<u16> {
     }
 }
 
-/// A client frame (masked, final) with `opcode` and `payload`, for writing raw to a socket.
+/// A client frame (masked, final) with `opcode` and `payload`, for writing raw to a socket
+/// (the load tool's encoder).
 pub fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let mask = [0x37, 0xfa, 0x21, 0x3d];
-    let mut out = vec![0x80 | opcode];
-    match payload.len() {
-        n if n < 126 => out.push(0x80 | n as u8),
-        n if n < 65536 => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(&mask);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    let mut out = Vec::with_capacity(payload.len() + 14);
+    shardcast_bench::ws::push_frame(&mut out, opcode, payload);
     out
 }
 
