@@ -6,7 +6,9 @@
 //! the ring tracks the highest seq that was delivered and is no longer kept (`floor`). A replay
 //! after N is complete exactly when `N >= floor`.
 
+use std::collections::hash_map::RandomState;
 use std::collections::VecDeque;
+use std::hash::BuildHasher;
 
 use crate::codec::Frame;
 
@@ -61,6 +63,11 @@ impl Ring {
     /// Highest seq delivered.
     pub fn last(&self) -> u64 {
         self.last
+    }
+
+    /// Nothing is kept (none yet, all expired, or a size of 0).
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
     }
 
     /// Record a delivered message (seqs arrive in increasing order).
@@ -126,6 +133,48 @@ impl Ring {
             upto: self.last,
             floor: self.floor,
         }
+    }
+}
+
+/// Buckets of [`Retired`]: 8 KiB per shard.
+const RETIRED_BUCKETS: usize = 1024;
+
+/// Where the sequences of channels whose state was freed stood, so that a channel made again
+/// continues above its old numbers instead of reusing them: a reconnecting client's `since`
+/// keeps its meaning without the owner remembering every channel it ever saw.
+///
+/// Channels share buckets, so a channel may start above its own last seq (a gap, reported as
+/// an incomplete replay to a client that asks from before it): never below it.
+#[derive(Debug)]
+pub struct Retired {
+    highest: Box<[u64]>,
+    /// Keys unknown to clients: nobody can aim names at one bucket.
+    hasher: RandomState,
+}
+
+impl Default for Retired {
+    fn default() -> Self {
+        Self {
+            highest: vec![0; RETIRED_BUCKETS].into_boxed_slice(),
+            hasher: RandomState::new(),
+        }
+    }
+}
+
+impl Retired {
+    fn bucket(&self, channel: &str) -> usize {
+        (self.hasher.hash_one(channel) % RETIRED_BUCKETS as u64) as usize
+    }
+
+    /// The seq a channel made now continues from.
+    pub fn base(&self, channel: &str) -> u64 {
+        self.highest[self.bucket(channel)]
+    }
+
+    /// A channel whose last seq is `seq` is forgotten.
+    pub fn retire(&mut self, channel: &str, seq: u64) {
+        let bucket = self.bucket(channel);
+        self.highest[bucket] = self.highest[bucket].max(seq);
     }
 }
 
@@ -201,6 +250,21 @@ mod tests {
         let found = ring.since(0, 5_000, limits);
         assert!(found.frames.is_empty());
         assert_eq!((found.floor, found.upto), (2, 2));
+    }
+
+    #[test]
+    fn a_retired_channel_never_goes_below_its_last_seq() {
+        let mut retired = Retired::default();
+        assert_eq!(retired.base("a"), 0);
+        retired.retire("a", 40);
+        retired.retire("a", 7);
+        assert_eq!(retired.base("a"), 40, "the highest stays");
+        // Another channel may share the bucket (then it starts above 40), never below its own.
+        for n in 0..5000 {
+            let name = format!("c{n}");
+            retired.retire(&name, n);
+            assert!(retired.base(&name) >= n);
+        }
     }
 
     #[test]

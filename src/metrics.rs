@@ -42,9 +42,13 @@ pub enum Counter {
     StalledCloses,
     /// Times a connection's requests stopped being read because its replies were not.
     ReadsPaused,
+    /// Channels whose state their owner keeps now (a gauge, set by the sweep).
+    Channels,
+    /// Channels whose state was freed once nobody needed it.
+    ChannelsFreed,
 }
 
-const COUNTERS: usize = 15;
+const COUNTERS: usize = 17;
 const AUTH_REASONS: [&str; 4] = [
     "missing_credentials",
     "invalid_key",
@@ -79,6 +83,11 @@ impl ShardCounters {
     pub fn add(&self, counter: Counter, n: u64) {
         let cell = &self.values[counter as usize];
         cell.set(cell.get() + n);
+    }
+
+    /// Set a gauge.
+    pub fn set(&self, counter: Counter, n: u64) {
+        self.values[counter as usize].set(n);
     }
 
     /// Current value of a counter.
@@ -329,6 +338,18 @@ impl Global {
             "counter",
             "Times a connection was not read because it did not read its replies.",
             self.sum(Counter::ReadsPaused),
+        );
+        metric(
+            "shardcast_channels",
+            "gauge",
+            "Channels whose owners keep state (sequence, history, subscribers elsewhere).",
+            self.sum(Counter::Channels),
+        );
+        metric(
+            "shardcast_channels_freed_total",
+            "counter",
+            "Channels forgotten once unused (no subscribers, nothing held, history expired).",
+            self.sum(Counter::ChannelsFreed),
         );
         metric(
             "shardcast_decisions_processed_total",

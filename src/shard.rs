@@ -317,6 +317,9 @@ impl Peer {
 #[derive(Debug)]
 struct Owned {
     seq: u64,
+    /// Decisions on it are stored: its sequence continues from the store, not from
+    /// [`history::Retired`], when its state is freed and made again.
+    stored: bool,
     /// Recent messages, for subscribers catching up.
     ring: Ring,
     /// Other shards with subscribers.
@@ -497,8 +500,11 @@ pub struct Shard {
     epoch: u64,
     next_token: Cell<u64>,
     storage: Option<StorageLink>,
-    /// Highest stored seq of channels not yet touched since start-up.
+    /// Highest seq of stored channels whose state is not kept (not touched since start-up, or
+    /// freed since).
     stored_seqs: RefCell<HashMap<Box<str>, u64>>,
+    /// Where the other freed channels' sequences stood.
+    retired: RefCell<history::Retired>,
     /// The store's state is known (see [`Shard::recover`]).
     recovered: Cell<bool>,
     unconfirmed: RefCell<HashMap<u64, Unconfirmed>>,
@@ -549,6 +555,7 @@ impl Shard {
             next_token: Cell::new(1),
             storage: None,
             stored_seqs: RefCell::default(),
+            retired: RefCell::default(),
             recovered: Cell::new(true),
             unconfirmed: RefCell::default(),
             unconfirmed_keys: RefCell::default(),
@@ -581,13 +588,18 @@ impl Shard {
                 continue;
             }
             match owned.get_mut(channel.as_str()) {
-                Some(state) if *seq > state.seq => {
-                    state.seq = *seq;
-                    state.ring.skip_to(*seq);
+                Some(state) => {
+                    state.stored = true;
+                    if *seq > state.seq {
+                        state.seq = *seq;
+                        state.ring.skip_to(*seq);
+                    }
                 }
-                Some(_) => {}
                 None => {
-                    stored_seqs.insert(channel.as_str().into(), *seq);
+                    // Numbered meanwhile and freed (PUBLISH while the store was unreachable):
+                    // never back below those numbers.
+                    let seq = (*seq).max(self.retired.borrow().base(channel));
+                    stored_seqs.insert(channel.as_str().into(), seq);
                 }
             }
         }
@@ -1256,18 +1268,21 @@ impl Shard {
 
     // ----- the owner's side -----
 
-    /// The owner's state for `channel`, made on first use (continuing a stored sequence).
+    /// The owner's state for `channel`, made on first use (continuing a stored sequence, or
+    /// above the numbers it had before it was freed).
     fn owned_entry<'a>(
         &self,
         owned: &'a mut HashMap<Box<str>, Owned>,
         channel: &str,
     ) -> &'a mut Owned {
         if !owned.contains_key(channel) {
-            let seq = self.stored_seqs.borrow_mut().remove(channel).unwrap_or(0);
+            let stored = self.stored_seqs.borrow_mut().remove(channel);
+            let seq = stored.unwrap_or_else(|| self.retired.borrow().base(channel));
             owned.insert(
                 channel.into(),
                 Owned {
                     seq,
+                    stored: stored.is_some(),
                     ring: Ring::new(seq),
                     interest: SmallVec::new(),
                     held: VecDeque::new(),
@@ -1410,6 +1425,7 @@ impl Shard {
         // Numbered now: the stored row carries its seq.
         let mut owned = self.owned.borrow_mut();
         let state = self.owned_entry(&mut owned, channel);
+        state.stored = true;
         state.seq += 1;
         let seq = state.seq;
         let frame = protocol::fanout_frame(Kind::Decision, channel, seq, &data);
@@ -1736,9 +1752,7 @@ impl Shard {
     pub fn sweep(&self, ping: &Frame) {
         let now = self.now_ms();
         let ws = &self.config.websocket;
-        for state in self.owned.borrow_mut().values_mut() {
-            state.ring.expire(now, self.history);
-        }
+        self.free_idle_channels(now);
         for peer in self.peers() {
             peer.out.borrow_mut().shrink_if_idle();
             let quiet = now.saturating_sub(peer.last_heard.get());
@@ -1784,6 +1798,39 @@ impl Shard {
         }
     }
 
+    /// Expire history, and forget the channels nobody needs any more: no subscribers here or
+    /// on other shards, nothing held, no history left. Their sequences continue where they
+    /// stood if they are used again (see [`history::Retired`]), so memory follows the channels
+    /// in use, not every name ever seen.
+    fn free_idle_channels(&self, now: u64) {
+        let subs = self.subs.borrow();
+        let mut stored_seqs = self.stored_seqs.borrow_mut();
+        let mut retired = self.retired.borrow_mut();
+        let mut owned = self.owned.borrow_mut();
+        let before = owned.len();
+        owned.retain(|name, state| {
+            state.ring.expire(now, self.history);
+            let idle = state.interest.is_empty()
+                && state.held.is_empty()
+                && state.ring.is_empty()
+                && !subs.contains_key(&**name);
+            if idle {
+                if state.stored {
+                    stored_seqs.insert(name.clone(), state.seq);
+                } else {
+                    retired.retire(name, state.seq);
+                }
+            }
+            !idle
+        });
+        self.counters
+            .add(Counter::ChannelsFreed, (before - owned.len()) as u64);
+        self.counters.set(Counter::Channels, owned.len() as u64);
+        shrink_if_sparse(&mut owned);
+        drop(subs);
+        shrink_if_sparse(&mut self.subs.borrow_mut());
+    }
+
     /// Start graceful shutdown: tell every client to reconnect later, then close with 1001.
     pub fn begin_shutdown(&self) {
         self.shutting_down.set(true);
@@ -1808,6 +1855,14 @@ impl Shard {
     /// A shared ping frame.
     pub fn ping_frame() -> Frame {
         codec::frame(codec::opcode::PING, b"")
+    }
+}
+
+/// Give back a map's table once most of it is empty: a burst of a million channels must not
+/// keep a million slots after it has gone.
+fn shrink_if_sparse<K: Hash + Eq, V>(map: &mut HashMap<K, V>) {
+    if map.capacity() > 64 && map.len() < map.capacity() / 4 {
+        map.shrink_to(map.len() * 2);
     }
 }
 
@@ -2147,6 +2202,54 @@ mod tests {
         }
         let acks = drain(&publisher);
         assert_eq!(acks[2], r#"{"type":"ACK","id":"p3","seq":3}"#);
+    }
+
+    #[test]
+    fn an_unused_channel_is_forgotten_and_made_again_above_its_old_numbers() {
+        let mut config = Config::default();
+        config.history.size = 0;
+        let sim = Sim::with_config(2, config);
+        let channel = channel_owned_by(0);
+        let owner = &sim.shards[0];
+        let sub = |since: Option<u64>| {
+            let peer = sim.shards[1].add_conn();
+            let since = since.map_or(String::new(), |n| {
+                format!(r#","since":{{"{channel}":{n}}}"#)
+            });
+            let json = format!(r#"{{"type":"SUB","channels":["{channel}"]{since}}}"#);
+            sim.request(1, &peer, &json);
+            sim.settle();
+            peer
+        };
+        let remote = sub(None);
+        let publisher = owner.add_conn();
+        for n in 1..=3 {
+            publish(&sim, 0, &publisher, &channel, n);
+        }
+        sim.settle();
+        owner.sweep(&Shard::ping_frame());
+        assert_eq!(
+            owner.owned.borrow().len(),
+            1,
+            "kept while subscribed elsewhere"
+        );
+        sim.shards[1].remove_conn(&remote);
+        sim.settle();
+        owner.sweep(&Shard::ping_frame());
+        assert!(owner.owned.borrow().is_empty(), "nobody needs it");
+        assert_eq!(owner.counters.get(Counter::ChannelsFreed), 1);
+        assert_eq!(owner.counters.get(Counter::Channels), 0);
+
+        // A client that had everything catches up exactly; one that had less is told.
+        let had_all = sub(Some(3));
+        let had_less = sub(Some(2));
+        publish(&sim, 0, &publisher, &channel, 4);
+        sim.settle();
+        let got = drain(&had_all);
+        assert_eq!(recovered(&got[0]), format!(r#"{{"{channel}":true}}"#));
+        assert_eq!(got[1..], [message(&channel, 4)], "numbering goes on from 3");
+        let got = drain(&had_less);
+        assert_eq!(recovered(&got[0]), format!(r#"{{"{channel}":false}}"#));
     }
 
     #[test]

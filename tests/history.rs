@@ -217,3 +217,42 @@ fn decisions_are_replayed_from_the_store(storage: &str) {
     assert_eq!(decision_seqs(&mut gap, 3), [12, 13, 14]);
     gap.ping();
 }
+
+/// A channel nobody uses is forgotten once its history has expired; used again, it goes on
+/// numbering where it stood, so a reconnecting client's `since` still means what it did.
+#[test]
+fn a_forgotten_channel_goes_on_where_it_stood() {
+    const DECISIONS: &str = "org:acme:decisions";
+    const USAGE: &str = "org:acme:usage";
+    let server = Server::start("[history]\nsize = 10\nttl_secs = 1\n");
+    let mut producer = server.client_on(common::ACME, 0);
+    for n in 1..=5 {
+        let ingest = common::ingest(DECISIONS, &format!("k{n}"), common::decision("acme"));
+        producer.send(ingest);
+        assert_eq!(producer.recv_type("ACK")["seq"], n);
+    }
+    for n in 1..=3 {
+        assert_eq!(publish(&mut producer, USAGE, n), n);
+    }
+    server.wait_metric("shardcast_channels_freed_total", 2);
+
+    let mut back = server.client_on(common::ACME, 1);
+    let answer = subscribe_since(&mut back, &[(DECISIONS, 2), (USAGE, 3)]);
+    assert_eq!(
+        answer["recovered"][DECISIONS], true,
+        "from the store: {answer}"
+    );
+    assert_eq!(
+        answer["recovered"][USAGE], true,
+        "nothing was missed: {answer}"
+    );
+    assert_eq!(decision_seqs(&mut back, 3), [3, 4, 5]);
+    assert_eq!(publish(&mut producer, USAGE, 4), 4, "not back to 1");
+    assert_eq!(messages(&mut back, 1), [(USAGE.to_string(), 4, 4)]);
+    let mut behind = server.client_on(common::ACME, 0);
+    let answer = subscribe_since(&mut behind, &[(USAGE, 1)]);
+    assert_eq!(
+        answer["recovered"][USAGE], false,
+        "2 and 3 are gone: {answer}"
+    );
+}

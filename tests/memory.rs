@@ -180,3 +180,55 @@ fn subscription_heap_is_bounded_and_capped() {
     server.stopper().stop();
     server.join();
 }
+
+/// What the owner keeps for a channel is freed once nobody needs it (no subscribers, nothing
+/// held, history expired): memory follows the channels in use, not every name ever seen.
+#[test]
+fn unused_channels_give_their_memory_back() {
+    let _alone = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
+    let mut config = config();
+    config.api_keys[0].scopes = vec![Scope::Admin];
+    config.history.size = 10;
+    config.history.ttl_secs = 1;
+    let server = shardcast::server::start(config).expect("server starts");
+    let mut s = open(server.local_addr());
+    let baseline = settled();
+    const BATCHES: usize = 50;
+    for batch in 0..BATCHES {
+        let names: Vec<String> = (0..100)
+            .map(|i| format!("\"org:o{batch}x{i}:usage\""))
+            .collect();
+        let list = names.join(",");
+        send_text(&mut s, &format!(r#"{{"type":"SUB","channels":[{list}]}}"#));
+        for name in &names {
+            send_text(
+                &mut s,
+                &format!(r#"{{"type":"PUBLISH","channel":{name},"data":1,"id":1}}"#),
+            );
+        }
+        send_text(
+            &mut s,
+            &format!(r#"{{"type":"UNSUB","channels":[{list}]}}"#),
+        );
+        read_until(&mut s, b"UNSUBSCRIBED", 1);
+    }
+    let used = LIVE.load(Relaxed) - baseline;
+    println!("heap with {} channels in history: {used} B", BATCHES * 100);
+    assert!(
+        used > 1_000_000,
+        "the channels were kept while in use ({used} B)"
+    );
+    // Freed within a sweep of their history's expiry.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let slack = 64 * 1024;
+    let left = loop {
+        let left = settled() - baseline;
+        if left <= slack || Instant::now() > deadline {
+            break left;
+        }
+    };
+    println!("heap left once their history expired: {left} B");
+    assert!(left <= slack, "{left} B still held by channels nobody uses");
+    server.stopper().stop();
+    server.join();
+}
