@@ -5,7 +5,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use simd_json::prelude::*;
-use simd_json::BorrowedValue;
+use simd_json::tape::Value;
 
 use crate::json;
 
@@ -41,7 +41,7 @@ pub struct Decision {
 
 impl Decision {
     /// Check a decision's `data` object; the error names the offending field.
-    pub fn from_value(data: &BorrowedValue<'_>) -> Result<Self, String> {
+    pub fn from_value(data: Value<'_, '_>) -> Result<Self, String> {
         if data.as_object().is_none() {
             return Err("\"data\" must be an object".into());
         }
@@ -400,8 +400,8 @@ mod tests {
     fn decision_fields_are_checked() {
         let check = |json: &str| {
             let mut bytes = json.as_bytes().to_vec();
-            let value = simd_json::to_borrowed_value(&mut bytes).unwrap();
-            Decision::from_value(&value)
+            let tape = simd_json::to_tape(&mut bytes).unwrap();
+            Decision::from_value(tape.as_value())
         };
         let ok = check(
             r#"{"orgId":"a","direction":"postcheck","decision":"deny","payloadHash":"h","latencyMs":3,"tags":["x"]}"#,

@@ -4,9 +4,9 @@
 //! promises that `data` reaches subscribers byte for byte as the publisher sent it, so the raw
 //! text of top-level values is located here, on input that simd-json has already validated.
 
-use std::borrow::Cow;
 use std::ops::Range;
 
+use simd_json::Node;
 use smallvec::SmallVec;
 
 /// A member's key and value, as raw byte ranges of the input (the key without its quotes).
@@ -17,8 +17,6 @@ pub type Member = (Range<usize>, Range<usize>);
 pub struct Scanned {
     /// The top-level members, in document order.
     pub members: Vec<Member>,
-    /// The first key that appears twice in one object, at any depth (its raw range).
-    pub duplicate: Option<Range<usize>>,
     /// Something is nested deeper than [`MAX_DEPTH`] (skipped over, not looked into).
     pub too_deep: bool,
 }
@@ -34,160 +32,89 @@ pub fn object_members(input: &[u8]) -> Option<Vec<Member>> {
     scan_object(input).map(|s| s.members)
 }
 
-/// One pass over a JSON object: its top-level members, and the first key repeated within one
-/// object at any depth, comparing keys as decoded (so `"a"` and `"\u0061"` are one name).
-/// Safe on any bytes (nothing indexes past the input), but only meaningful on valid JSON;
-/// `None` if it is not an object. Iterative; what is nested deeper than [`MAX_DEPTH`] is
-/// skipped over, not looked into, and reported in [`Scanned::too_deep`].
+/// One pass over a JSON object: where its top-level members are, and whether anything in it
+/// is nested deeper than [`MAX_DEPTH`]. Safe on any bytes (nothing indexes past the input),
+/// but only meaningful on valid JSON; `None` if it is not an object. Iterative, and it looks
+/// at the bytes inside strings only to find where they end.
 pub fn scan_object(input: &[u8]) -> Option<Scanned> {
-    scan(input)
-}
-
-fn scan(input: &[u8]) -> Option<Scanned> {
     let mut out = Scanned::default();
     let mut pos = skip_ws(input, 0);
     if input.get(pos) != Some(&b'{') {
         return None;
     }
-    pos += 1;
-    // Open containers: `true` for an object. The keys of every open object in one list, and
-    // where each open object's keys begin in it (this runs for every message: no heap for the
-    // shapes requests have).
-    let mut open: SmallVec<[bool; 16]> = smallvec::smallvec![true];
-    let mut keys: SmallVec<[Key; 32]> = SmallVec::new();
-    let mut starts: SmallVec<[usize; 8]> = smallvec::smallvec![0];
-    let mut top_member: Option<(Range<usize>, usize)> = None;
+    pos = skip_ws(input, pos + 1);
+    if input.get(pos) == Some(&b'}') {
+        return Some(out);
+    }
     loop {
-        pos = skip_ws(input, pos);
-        let object = *open.last()?;
-        let c = *input.get(pos)?;
-        if c == b',' {
-            pos += 1;
-            continue;
+        let key_end = skip_string(input, pos)?;
+        let key = pos + 1..key_end - 1;
+        pos = skip_ws(input, key_end);
+        if input.get(pos) != Some(&b':') {
+            return None;
         }
-        if c == b'}' || c == b']' {
-            pos += 1;
-            if open.pop()? {
-                let start = starts.pop()?;
-                if keys.len() - start > PAIRWISE && out.duplicate.is_none() {
-                    out.duplicate = repeated(input, &keys[start..]);
-                }
-                keys.truncate(start);
+        pos = skip_ws(input, pos + 1);
+        let end = match input.get(pos)? {
+            b'{' | b'[' => {
+                // The object itself is one level.
+                let (end, depth) = skip_container(input, pos)?;
+                out.too_deep |= depth + 1 > MAX_DEPTH;
+                end
             }
-            if open.is_empty() {
-                return Some(out);
-            }
-            if open.len() == 1 {
-                if let Some((key, start)) = top_member.take() {
-                    out.members.push((key, start..pos));
-                }
-            }
-            continue;
-        }
-        if object {
-            let key_end = skip_string(input, pos)?;
-            let key = Key::new(input, pos + 1..key_end - 1);
-            let seen = &keys[*starts.last()?..];
-            // Small objects are checked as they go; large ones once closed (pairwise would
-            // be quadratic: a 64 KB object of short keys must not cost milliseconds).
-            if seen.len() < PAIRWISE
-                && out.duplicate.is_none()
-                && seen.iter().any(|k| k.same(&key, input))
-            {
-                out.duplicate = Some(key.range.clone());
-            }
-            let range = key.range.clone();
-            keys.push(key);
-            pos = skip_ws(input, key_end);
-            if input.get(pos) != Some(&b':') {
-                return None;
-            }
-            pos = skip_ws(input, pos + 1);
-            if open.len() == 1 {
-                top_member = Some((range, pos));
-            }
-        }
-        let c = *input.get(pos)?;
-        if matches!(c, b'{' | b'[') && open.len() >= MAX_DEPTH {
-            out.too_deep = true;
-            let end = skip_container(input, pos)?;
-            if open.len() == 1 {
-                if let Some((key, start)) = top_member.take() {
-                    out.members.push((key, start..end));
-                }
-            }
-            pos = end;
-            continue;
-        }
-        match c {
-            b'{' => {
-                open.push(true);
-                starts.push(keys.len());
-                pos += 1;
-            }
-            b'[' => {
-                open.push(false);
-                pos += 1;
-            }
-            _ => {
-                let end = skip_scalar(input, pos)?;
-                if open.len() == 1 {
-                    if let Some((key, start)) = top_member.take() {
-                        out.members.push((key, start..end));
-                    }
-                }
-                pos = end;
-            }
+            _ => skip_scalar(input, pos)?,
+        };
+        out.members.push((key, pos..end));
+        pos = skip_ws(input, end);
+        match input.get(pos)? {
+            b',' => pos = skip_ws(input, pos + 1),
+            b'}' => return Some(out),
+            _ => return None,
         }
     }
 }
 
-/// A key of an open object: where it is, and whether it has escapes (then it is compared
-/// decoded; most keys have none and are compared as bytes).
-#[derive(Debug, Clone)]
-struct Key {
-    range: Range<usize>,
-    escaped: bool,
-}
-
-impl Key {
-    fn new(input: &[u8], range: Range<usize>) -> Self {
-        let escaped = input[range.clone()].contains(&b'\\');
-        Key { range, escaped }
-    }
-
-    fn same(&self, other: &Key, input: &[u8]) -> bool {
-        let (a, b) = (&input[self.range.clone()], &input[other.range.clone()]);
-        if self.escaped || other.escaped {
-            key_text(a) == key_text(b)
-        } else {
-            a == b
-        }
-    }
-}
-
-/// Objects with up to this many keys are checked pairwise as they are read.
+/// Objects with up to this many keys are checked pairwise.
 const PAIRWISE: usize = 16;
 
-/// A key that appears twice among `keys` (sorted by decoded text, so O(n log n)).
-fn repeated(input: &[u8], keys: &[Key]) -> Option<Range<usize>> {
-    let mut texts: Vec<(Cow<'_, [u8]>, &Range<usize>)> = keys
-        .iter()
-        .map(|k| (key_text(&input[k.range.clone()]), &k.range))
-        .collect();
-    texts.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-    texts
-        .windows(2)
-        .find(|w| w[0].0 == w[1].0)
-        .map(|w| w[1].1.clone())
+/// The first name that appears twice in one object, anywhere in a parsed document (keys on
+/// the tape are decoded, so `"a"` and `"\u0061"` are one name). Large objects are sorted, not
+/// compared pairwise: a 64 KB object of short keys must not cost milliseconds.
+pub fn duplicate_key<'i>(tape: &[Node<'i>]) -> Option<&'i str> {
+    let mut keys: SmallVec<[&'i str; PAIRWISE]> = SmallVec::new();
+    for (at, node) in tape.iter().enumerate() {
+        let Node::Object { len, .. } = *node else {
+            continue;
+        };
+        if len < 2 {
+            continue;
+        }
+        keys.clear();
+        let mut next = at + 1;
+        for _ in 0..len {
+            let Some(Node::String(key)) = tape.get(next) else {
+                return None;
+            };
+            if len <= PAIRWISE && keys.contains(key) {
+                return Some(key);
+            }
+            keys.push(key);
+            next += 1 + tape.get(next + 1).map_or(1, nodes_in);
+        }
+        if len > PAIRWISE {
+            let mut seen = std::collections::HashSet::with_capacity(len);
+            if let Some(key) = keys.iter().find(|k| !seen.insert(**k)) {
+                return Some(key);
+            }
+        }
+    }
+    None
 }
 
-/// A key's text as decoded (borrowed unless it has escapes).
-fn key_text(raw: &[u8]) -> Cow<'_, [u8]> {
-    if raw.contains(&b'\\') {
-        Cow::Owned(unescape(raw))
-    } else {
-        Cow::Borrowed(raw)
+/// Nodes a value takes on the tape, its own included.
+fn nodes_in(node: &Node<'_>) -> usize {
+    match node {
+        Node::Object { count, .. } | Node::Array { count, .. } => count + 1,
+        _ => 1,
     }
 }
 
@@ -261,19 +188,19 @@ fn skip_string(input: &[u8], pos: usize) -> Option<usize> {
         return None;
     }
     let mut i = pos + 1;
-    while i < input.len() {
-        match input[i] {
-            b'\\' => i += 2,
-            b'"' => return Some(i + 1),
-            _ => i += 1,
+    loop {
+        i += memchr::memchr2(b'"', b'\\', input.get(i..)?)?;
+        if input[i] == b'"' {
+            return Some(i + 1);
         }
+        i += 2;
     }
-    None
 }
 
-/// End (exclusive) of the object or array starting at `pos`, counting brackets only.
-fn skip_container(input: &[u8], pos: usize) -> Option<usize> {
-    let mut depth = 0usize;
+/// End (exclusive) of the object or array starting at `pos`, counting brackets only, and
+/// the deepest nesting inside it (1 for `[]`).
+fn skip_container(input: &[u8], pos: usize) -> Option<(usize, usize)> {
+    let (mut depth, mut deepest) = (0usize, 0usize);
     let mut i = pos;
     while i < input.len() {
         match input[i] {
@@ -281,11 +208,14 @@ fn skip_container(input: &[u8], pos: usize) -> Option<usize> {
                 i = skip_string(input, i)?;
                 continue;
             }
-            b'{' | b'[' => depth += 1,
+            b'{' | b'[' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
             b'}' | b']' => {
                 depth = depth.checked_sub(1)?;
                 if depth == 0 {
-                    return Some(i + 1);
+                    return Some((i + 1, deepest));
                 }
             }
             _ => {}
@@ -395,12 +325,11 @@ mod tests {
     }
 
     #[test]
-    fn finds_the_first_duplicate_key_at_any_depth() {
+    fn finds_a_duplicate_key_at_any_depth() {
         let dup = |doc: &[u8]| {
-            let scanned = scan_object(doc).unwrap();
-            scanned
-                .duplicate
-                .map(|r| String::from_utf8_lossy(&doc[r]).into_owned())
+            let mut copy = doc.to_vec();
+            let tape = simd_json::to_tape(&mut copy).expect("valid JSON");
+            duplicate_key(&tape.0).map(str::to_string)
         };
         assert_eq!(
             dup(br#"{"a":1,"b":{"c":[{"d":1,"e":2}],"f":{}},"g":"a"}"#),
@@ -413,19 +342,27 @@ mod tests {
         );
         // The same name in different objects is no duplicate; escapes are decoded.
         assert_eq!(dup(br#"{"a":{"a":{"a":1}}}"#), None);
-        assert_eq!(dup(br#"{"id":1,"\u0069d":2}"#).as_deref(), Some("\\u0069d"));
+        assert_eq!(
+            dup(br#"{"a":{"b":[{"a":1}],"c":{"b":1},"b":2}}"#).as_deref(),
+            Some("b")
+        );
+        assert_eq!(dup(br#"{"id":1,"\u0069d":2}"#).as_deref(), Some("id"));
         assert!(dup(br#"{"\ud83d\ude00":1,"\ud83d\ude00":2}"#).is_some());
         let many: String = (0..100).map(|i| format!(r#""k{i}":{i},"#)).collect();
         assert_eq!(
             dup(format!("{{{many}\"k7\":0}}").as_bytes()).as_deref(),
             Some("k7")
         );
-        // Large objects are checked once closed (sorted, not pairwise), nested ones too.
-        let keys: Vec<String> = (0..8_000).map(|i| format!(r#""{i:x}":0"#)).collect();
+        // Large objects are sorted, not compared pairwise; nested ones are checked too.
+        let keys: Vec<String> = (0..8_000).map(|i| format!(r#""{i:x}":[0,{{}}]"#)).collect();
         let large = format!("{{\"d\":{{{}}}}}", keys.join(","));
         assert_eq!(dup(large.as_bytes()), None);
         let repeated = format!("{{\"d\":{{{},\"1f3\":1}}}}", keys.join(","));
         assert_eq!(dup(repeated.as_bytes()).as_deref(), Some("1f3"));
+    }
+
+    #[test]
+    fn nesting_deeper_than_allowed_is_found_without_recursion() {
         let nested = |depth| format!("{{\"a\":{}1{}}}", "[".repeat(depth), "]".repeat(depth));
         let deepest = nested(MAX_DEPTH - 1);
         assert_eq!(scan_object(deepest.as_bytes()).unwrap().members.len(), 1);
@@ -439,8 +376,17 @@ mod tests {
             3,
             "the members around it are still found"
         );
+        assert!(scan_object(nested(500_000).as_bytes()).unwrap().too_deep);
         assert!(scan_object(b"[1]").is_none());
-        for junk in [&b"{"[..], b"{\"a", b"{\"a\":", b"{\"a\":1,", b"}", b"{\"\\"] {
+        for junk in [
+            &b"{"[..],
+            b"{\"a",
+            b"{\"a\":",
+            b"{\"a\":1,",
+            b"}",
+            b"{\"\\",
+            b"{\"a\":1 2}",
+        ] {
             assert!(scan_object(junk).is_none(), "{junk:?}");
         }
     }

@@ -1,7 +1,7 @@
 //! The JSON wire protocol: client requests in, server frames out. No I/O, no shard state.
 
 use simd_json::prelude::*;
-use simd_json::BorrowedValue;
+use simd_json::tape::{Tape, Value};
 
 use crate::codec::{Frame, FrameBuilder};
 use crate::json;
@@ -102,11 +102,21 @@ impl Refusal {
 }
 
 /// Reusable parse buffers (one per shard): simd-json rewrites its input, so requests are parsed
-/// from a copy.
-#[derive(Default)]
+/// from a copy, onto a tape (a flat list of nodes: no tree of maps to build and free).
 pub struct Parser {
     copy: Vec<u8>,
     buffers: simd_json::Buffers,
+    tape: Tape<'static>,
+}
+
+impl Default for Parser {
+    fn default() -> Self {
+        Self {
+            copy: Vec::new(),
+            buffers: simd_json::Buffers::default(),
+            tape: Tape(Vec::new()),
+        }
+    }
 }
 
 impl std::fmt::Debug for Parser {
@@ -115,11 +125,14 @@ impl std::fmt::Debug for Parser {
     }
 }
 
+/// A tape left this large by one big message is given back rather than kept.
+const TAPE_KEPT: usize = 4096;
+
 impl Parser {
     /// Parse one text message.
     pub fn parse<'a>(&mut self, raw: &'a [u8]) -> Result<Request<'a>, Refusal> {
-        // The raw scan goes first: deep nesting is refused before simd-json builds a tree of
-        // it (a 1 MB array 500,000 deep cost about 60 MB).
+        // The raw scan goes first: deep nesting is refused before simd-json makes anything of
+        // it, and it finds the raw spans (`data` is forwarded byte for byte).
         let scanned = json::scan_object(raw);
         if let Some(deep) = scanned.as_ref().filter(|s| s.too_deep) {
             let message = format!("nested deeper than {} levels", json::MAX_DEPTH);
@@ -128,51 +141,68 @@ impl Parser {
         }
         self.copy.clear();
         self.copy.extend_from_slice(raw);
-        let value = simd_json::to_borrowed_value_with_buffers(&mut self.copy, &mut self.buffers)
-            .map_err(|e| Refusal::bad_request(format!("invalid JSON: {e}")))?;
-        let scanned =
-            scanned.ok_or_else(|| Refusal::bad_request("message must be a JSON object"))?;
-        let members = scanned.members;
-        // Parsers differ on which duplicate wins (simd-json the first in small objects and the
-        // last in large ones, JavaScript the last): a duplicate would let what the server
-        // checks differ from what subscribers read. One rule: no name twice in one object.
-        if let Some(key) = scanned.duplicate {
-            let key = String::from_utf8_lossy(&raw[key]);
-            let message = format!(
-                "duplicate key {}: a name may appear once per object",
-                json::echo(&key)
-            );
-            // Echo what the client will match the answer by (an INGEST's is its key).
-            let echo = match value.get("type").and_then(|t| t.as_str()) {
-                Some("INGEST") => "idempotencyKey",
-                _ => "id",
-            };
-            return Err(Refusal::bad_request(message).with_id(json::member(raw, &members, echo)));
-        }
-        let id = json::member(raw, &members, "id");
-        if let Some(id) = id {
-            if !matches!(id.first(), Some(b'"' | b'0'..=b'9' | b'-')) || id.len() > MAX_ID_LEN {
-                return Err(Refusal::bad_request("id must be a string or number"));
-            }
-        }
-        let kind = value
-            .get("type")
-            .and_then(|t| t.as_str())
-            .ok_or_else(|| Refusal::bad_request("missing \"type\"").with_id(id))?;
-        parse_request(kind, &value, raw, &members, id).map_err(|r| {
-            if r.id.is_none() {
-                r.with_id(id)
-            } else {
-                r
-            }
-        })
+        // The node list moves out and back (no allocation): its nodes borrow this call's copy.
+        let mut tape = Tape(std::mem::take(&mut self.tape.0)).reset();
+        let result = match simd_json::fill_tape(&mut self.copy, &mut self.buffers, &mut tape) {
+            Ok(()) => parse_tape(&tape, raw, scanned),
+            Err(e) => Err(Refusal::bad_request(format!("invalid JSON: {e}"))),
+        };
+        self.tape = if tape.0.capacity() > TAPE_KEPT {
+            Tape(Vec::new())
+        } else {
+            tape.reset()
+        };
+        result
     }
+}
+
+/// The request in a parsed message, with `scanned` its raw top-level members.
+fn parse_tape<'a>(
+    tape: &Tape<'_>,
+    raw: &'a [u8],
+    scanned: Option<json::Scanned>,
+) -> Result<Request<'a>, Refusal> {
+    let value = tape.as_value();
+    let scanned = scanned.ok_or_else(|| Refusal::bad_request("message must be a JSON object"))?;
+    let members = scanned.members;
+    // Parsers differ on which duplicate wins (JavaScript takes the last, others the first): a
+    // duplicate would let what the server checks differ from what subscribers read. One
+    // rule: no name twice in one object.
+    if let Some(key) = json::duplicate_key(&tape.0) {
+        let message = format!(
+            "duplicate key {}: a name may appear once per object",
+            json::echo(key)
+        );
+        // Echo what the client will match the answer by (an INGEST's is its key).
+        let echo = match value.get("type").and_then(|t| t.into_string()) {
+            Some("INGEST") => "idempotencyKey",
+            _ => "id",
+        };
+        return Err(Refusal::bad_request(message).with_id(json::member(raw, &members, echo)));
+    }
+    let id = json::member(raw, &members, "id");
+    if let Some(id) = id {
+        if !matches!(id.first(), Some(b'"' | b'0'..=b'9' | b'-')) || id.len() > MAX_ID_LEN {
+            return Err(Refusal::bad_request("id must be a string or number"));
+        }
+    }
+    let kind = value
+        .get("type")
+        .and_then(|t| t.into_string())
+        .ok_or_else(|| Refusal::bad_request("missing \"type\"").with_id(id))?;
+    parse_request(kind, value, raw, &members, id).map_err(|r| {
+        if r.id.is_none() {
+            r.with_id(id)
+        } else {
+            r
+        }
+    })
 }
 
 /// The request of type `kind` (its refusals carry no id yet: the caller adds it).
 fn parse_request<'a>(
     kind: &str,
-    value: &BorrowedValue<'_>,
+    value: Value<'_, '_>,
     raw: &'a [u8],
     members: &[json::Member],
     id: Option<&'a [u8]>,
@@ -220,15 +250,15 @@ fn parse_request<'a>(
     }
 }
 
-fn str_field(value: &BorrowedValue<'_>, name: &str) -> Result<String, Refusal> {
-    match value.get(name).map(|v| v.as_str()) {
+fn str_field(value: Value<'_, '_>, name: &str) -> Result<String, Refusal> {
+    match value.get(name).map(|v| v.into_string()) {
         Some(Some(s)) => Ok(s.to_string()),
         Some(None) => Err(Refusal::bad_request(format!("\"{name}\" must be a string"))),
         None => Err(Refusal::bad_request(format!("missing \"{name}\""))),
     }
 }
 
-fn channel_list(value: &BorrowedValue<'_>) -> Result<Vec<String>, Refusal> {
+fn channel_list(value: Value<'_, '_>) -> Result<Vec<String>, Refusal> {
     let list = value
         .get("channels")
         .and_then(|c| c.as_array())
@@ -248,10 +278,7 @@ fn channel_list(value: &BorrowedValue<'_>) -> Result<Vec<String>, Refusal> {
 }
 
 /// `since`: an object of channel name to last seen seq, naming only channels being subscribed.
-fn since_map(
-    value: &BorrowedValue<'_>,
-    channels: &[String],
-) -> Result<Vec<(String, u64)>, Refusal> {
+fn since_map(value: Value<'_, '_>, channels: &[String]) -> Result<Vec<(String, u64)>, Refusal> {
     let Some(since) = value.get("since") else {
         return Ok(Vec::new());
     };
@@ -261,7 +288,7 @@ fn since_map(
     since
         .iter()
         .map(|(name, seq)| {
-            if !channels.iter().any(|c| c == name.as_ref()) {
+            if !channels.iter().any(|c| c == name) {
                 return Err(Refusal::bad_request(format!(
                     "\"since\" names {}, which is not in \"channels\"",
                     json::echo(name)
@@ -277,7 +304,7 @@ fn since_map(
 }
 
 fn parse_ingest<'a>(
-    value: &BorrowedValue<'_>,
+    value: Value<'_, '_>,
     raw: &'a [u8],
     members: &[(std::ops::Range<usize>, std::ops::Range<usize>)],
 ) -> Result<Request<'a>, Refusal> {
@@ -290,7 +317,7 @@ fn parse_ingest<'a>(
         .with_id(raw_key));
     }
     let channel = str_field(value, "channel").map_err(|r| r.with_id(raw_key))?;
-    match value.get("schema").and_then(|s| s.as_str()) {
+    match value.get("schema").and_then(|s| s.into_string()) {
         Some(crate::decision::SCHEMA) => {}
         _ => {
             return Err(Refusal {
