@@ -908,7 +908,13 @@ impl Shard {
         let max = self.config.limits.max_subscriptions;
         let mut held = peer.channels.borrow().len();
         for name in names {
-            let known = peer.channels.borrow().iter().any(|c| **c == *name);
+            // The shard's subscriber map answers in one lookup (the connection's own list is
+            // up to `max_subscriptions` long).
+            let known = self
+                .subs
+                .borrow()
+                .get(name.as_str())
+                .is_some_and(|members| members.contains_key(&peer.id));
             let allowed = self
                 .check_channel(principal, Scope::Subscribe, &name)
                 .map(drop)
