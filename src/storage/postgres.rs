@@ -378,6 +378,23 @@ mod tests {
             .unwrap()
             .get(0);
         assert_eq!(killed, 1);
+        // pg_terminate_backend only signals: until the backend has exited, a commit may still
+        // succeed.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE application_name = current_setting('application_name')
+                   AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .unwrap()
+            .get::<_, i64>(0)
+            > 0
+        {
+            assert!(std::time::Instant::now() < deadline, "the backend never exited");
+            std::thread::sleep(Duration::from_millis(5));
+        }
         assert!(matches!(submit(2), Outcome::Failed(_)));
         assert!(!writer.status().ready());
         let mut n = 3;
