@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Old and new builds interleaved: for each run, every scenario against the build of OLD, then
+# against this checkout's, with the same (this checkout's) load tool; server pinned to core 0,
+# load to core 1, perf/bench.toml. Prints the median server CPU per delivery/ack of each.
+#
+# Usage: perf/interleave.sh OLD_COMMIT [RUNS]      (default 10 runs)
+#   perf/interleave.sh 9a4e2c3 10
+# SCENARIOS overrides the scenarios, separated by ";" (default: fan-out, fan-out read 4 KiB
+# at a time, in-memory ingest). Raw reports go to perf/results/interleave/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+old=${1:?usage: perf/interleave.sh OLD_COMMIT [RUNS]}
+runs=${2:-10}
+IFS=';' read -r -a scenarios <<<"${SCENARIOS:-fanout -n 1000 -d 5;fanout -n 1000 -d 5 --read-bytes 4096;ingest -p 64 -w 16 -d 5}"
+tree=target/interleave-$old
+if [ ! -d "$tree" ]; then git worktree add --detach "$tree" "$old" >/dev/null; fi
+(cd "$tree" && CARGO_TARGET_DIR="$PWD/target" cargo build --release --quiet --bin shardcast)
+cargo build --release --quiet --workspace
+out=perf/results/interleave
+rm -rf "$out" && mkdir -p "$out"
+declare -A bin=([old]="$tree/target/release/shardcast" [new]=target/release/shardcast)
+for run in $(seq 1 "$runs"); do
+  for build in old new; do
+    for i in "${!scenarios[@]}"; do
+      port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+      RUST_LOG=warn taskset -c 0 "${bin[$build]}" --config perf/bench.toml \
+        --listen "127.0.0.1:$port" >/dev/null 2>&1 &
+      pid=$!
+      for _ in $(seq 1 100); do curl -sf -o /dev/null "http://127.0.0.1:$port/health" && break; sleep 0.1; done
+      # shellcheck disable=SC2086
+      taskset -c 1 target/release/shardcast-bench ${scenarios[$i]} --addr "127.0.0.1:$port" \
+        --pid "$pid" >"$out/$build-$i-$run.txt" 2>&1 || true
+      kill "$pid"; wait "$pid" 2>/dev/null || true
+    done
+  done
+done
+for i in "${!scenarios[@]}"; do
+  for build in old new; do
+    values=$(cat "$out/$build-$i-"*.txt | awk '/server cpu per delivery/ {print $5}' | sort -n)
+    lost=$(cat "$out/$build-$i-"*.txt | awk '$1 == "lost" {s += $2} END {print s + 0}')
+    n=$(echo "$values" | grep -c . || true)
+    median=$(echo "$values" | awk -v n="$n" 'NR == int((n + 1) / 2) {print}')
+    printf '%-45s %s: median %s µs (%s..%s), %s runs, %s lost\n' "${scenarios[$i]}" "$build" \
+      "$median" "$(echo "$values" | head -1)" "$(echo "$values" | tail -1)" "$n" "$lost"
+  done
+done
