@@ -598,7 +598,8 @@ impl Shard {
                 None => {
                     // Numbered meanwhile and freed (PUBLISH while the store was unreachable):
                     // never back below those numbers.
-                    let seq = (*seq).max(self.retired.borrow().base(channel));
+                    let freed = stored_seqs.get(channel.as_str()).copied().unwrap_or(0);
+                    let seq = (*seq).max(freed).max(self.retired.borrow().base(channel));
                     stored_seqs.insert(channel.as_str().into(), seq);
                 }
             }

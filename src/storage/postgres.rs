@@ -392,7 +392,10 @@ mod tests {
             .get::<_, i64>(0)
             > 0
         {
-            assert!(std::time::Instant::now() < deadline, "the backend never exited");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the backend never exited"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
         assert!(matches!(submit(2), Outcome::Failed(_)));
