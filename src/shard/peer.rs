@@ -1,0 +1,148 @@
+//! A connection as the rest of the shard sees it: its outbound queue, its subscriptions and
+//! what the sweeper watches. Everything else about a connection lives in its task (`conn.rs`).
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::task::Waker;
+
+use smallvec::SmallVec;
+
+use crate::codec::Frame;
+use crate::queue::OutQueue;
+
+/// Lifecycle of a connection, as the sweeper sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Reading the HTTP request.
+    Http,
+    /// WebSocket open.
+    Open,
+    /// Close frame queued or sent; waiting for the peer.
+    Closing,
+}
+
+/// The half of a connection the rest of the shard can reach: its outbound queue and the
+/// bookkeeping the sweeper needs. Everything else lives in the connection task.
+pub struct Peer {
+    /// Connection id (unique on this shard).
+    pub id: u64,
+    pub(super) out: RefCell<OutQueue>,
+    pub(super) waker: Cell<Option<Waker>>,
+    /// Close requested by the shard: code, reason, and whether queued frames are discarded.
+    pub(super) close: Cell<Option<(u16, &'static str, bool)>>,
+    /// Set to drop the connection without a closing handshake.
+    pub abort: Cell<bool>,
+    /// Current phase.
+    pub phase: Cell<Phase>,
+    /// Shard clock (ms) when the phase began.
+    pub phase_since: Cell<u64>,
+    /// Shard clock (ms) when the client was last heard from.
+    pub last_heard: Cell<u64>,
+    /// Shard clock (ms) of the last ping sent.
+    pub last_ping: Cell<u64>,
+    /// Channels subscribed on this connection.
+    pub channels: RefCell<SmallVec<[Rc<str>; 2]>>,
+    /// Frames dropped from this connection's queue.
+    pub dropped: Cell<u64>,
+    /// Socket readiness bits, kept by the connection's I/O (see `conn::on_ready`).
+    pub readiness: Cell<u8>,
+    /// What the connection is waiting for the client to do (see [`Stall`]).
+    pub stall: Cell<Stall>,
+    /// Shard clock (ms) when that wait began (or last made progress).
+    pub stall_since: Cell<u64>,
+    /// Shard clock (ms) of the next step of the connection's token lifetime: its expiry, then
+    /// the end of the grace for a REFRESH (`u64::MAX`: never, as for API keys).
+    pub token_deadline: Cell<u64>,
+    /// The token has expired: requests other than REFRESH and PING are refused.
+    pub token_expired: Cell<bool>,
+}
+
+/// What an open connection is waiting for its client to do; the sweeper closes it with 4408
+/// when the wait lasts too long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stall {
+    /// Nothing.
+    None,
+    /// The rest of a message whose first bytes have arrived (`websocket.message_timeout_ms`).
+    Message,
+    /// Reading its replies: its reply budget is spent, so its requests are not being read
+    /// (`websocket.reply_timeout_ms`, counted from the last byte written to it).
+    Replies,
+}
+
+impl Peer {
+    /// A new connection's shared half.
+    pub fn new(id: u64, now: u64) -> Self {
+        Self {
+            id,
+            out: RefCell::default(),
+            waker: Cell::new(None),
+            close: Cell::new(None),
+            abort: Cell::new(false),
+            phase: Cell::new(Phase::Http),
+            phase_since: Cell::new(now),
+            last_heard: Cell::new(now),
+            last_ping: Cell::new(now),
+            channels: RefCell::default(),
+            dropped: Cell::new(0),
+            readiness: Cell::new(0),
+            stall: Cell::new(Stall::None),
+            stall_since: Cell::new(now),
+            token_deadline: Cell::new(u64::MAX),
+            token_expired: Cell::new(false),
+        }
+    }
+
+    /// The outbound queue (for the connection's writer).
+    pub fn out(&self) -> &RefCell<OutQueue> {
+        &self.out
+    }
+
+    /// Remember the connection task's waker.
+    pub fn set_waker(&self, waker: &Waker) {
+        let current = self.waker.take();
+        match current {
+            Some(w) if w.will_wake(waker) => self.waker.set(Some(w)),
+            _ => self.waker.set(Some(waker.clone())),
+        }
+    }
+
+    /// Wake the connection task.
+    pub fn wake(&self) {
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Ask the connection to close with `code` (discarding queued frames when `discard`).
+    pub fn request_close(&self, code: u16, reason: &'static str, discard: bool) {
+        if self.close.get().is_none() {
+            self.close.set(Some((code, reason, discard)));
+            self.wake();
+        }
+    }
+
+    /// Take a pending close request.
+    pub fn take_close_request(&self) -> Option<(u16, &'static str, bool)> {
+        self.close.take()
+    }
+
+    /// Enter (or leave, with [`Stall::None`]) a wait for the client, as of `now`.
+    pub fn set_stall(&self, stall: Stall, now: u64) {
+        if self.stall.get() != stall {
+            self.stall.set(stall);
+            self.stall_since.set(now);
+        }
+    }
+
+    /// Queue a control frame ahead of ordinary traffic (pongs, pings); never dropped.
+    pub fn send_urgent(&self, frame: Frame) {
+        let mut out = self.out.borrow_mut();
+        let was_empty = out.is_empty();
+        out.push_urgent(frame);
+        drop(out);
+        if was_empty {
+            self.wake();
+        }
+    }
+}
