@@ -15,20 +15,21 @@ use std::task::Waker;
 use std::time::{Duration, Instant};
 
 use indexmap::IndexMap;
-use smallvec::SmallVec;
 
 use crate::auth::{Authenticator, Channel, Principal};
 use crate::codec::{self, Frame};
 use crate::config::{BackpressurePolicy, Config, Scope};
 use crate::decision::{self, Decision, DecisionId, DedupTable, IdGenerator, Original};
-use crate::history::{self, Ring};
+use crate::history;
 use crate::metrics::{Counter, Global, ShardCounters};
 use crate::protocol::{self, Kind, Parser, Refusal, Request};
 use crate::queue::{Bounds, Pushed};
 use crate::storage;
 
+mod channels;
 mod peer;
 
+use channels::{shrink_if_sparse, Channels, Held, Hold, Owned};
 pub use peer::{Peer, Phase, Stall};
 
 /// Where an answer must go: a connection on some shard, with the request id to echo.
@@ -180,41 +181,6 @@ impl Replay<Vec<u8>> {
     }
 }
 
-/// A channel owned by this shard.
-#[derive(Debug)]
-struct Owned {
-    seq: u64,
-    /// Decisions on it are stored: its sequence continues from the store, not from
-    /// [`history::Retired`], when its state is freed and made again.
-    stored: bool,
-    /// Recent messages, for subscribers catching up.
-    ring: Ring,
-    /// Other shards with subscribers.
-    interest: SmallVec<[u16; 4]>,
-    /// Messages numbered after a decision that is not committed yet, in seq order: they wait
-    /// so that subscribers see every seq in order (empty unless `ack = "durable"`).
-    held: VecDeque<Held>,
-}
-
-/// A numbered message held back until the decisions before it are committed.
-#[derive(Debug)]
-struct Held {
-    seq: u64,
-    frame: Vec<u8>,
-    t0: Instant,
-    hold: Hold,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Hold {
-    /// A decision waiting for storage request `token`.
-    Commit(u64),
-    /// Free to go once everything before it has gone.
-    Ready,
-    /// Not stored after all (a duplicate, or storage failed): nothing to deliver.
-    Void,
-}
-
 /// The shard's side of the storage writer.
 pub struct StorageLink {
     /// The writer's queue.
@@ -355,7 +321,7 @@ pub struct Shard {
     conns: RefCell<HashMap<u64, Rc<Peer>>>,
     next_conn: Cell<u64>,
     subs: RefCell<HashMap<Rc<str>, Subscribers>>,
-    owned: RefCell<HashMap<Box<str>, Owned>>,
+    channels: RefCell<Channels>,
     dedup: RefCell<DedupTable>,
     ids: RefCell<IdGenerator>,
     pending_subs: RefCell<HashMap<u64, PendingSub>>,
@@ -367,11 +333,6 @@ pub struct Shard {
     epoch: u64,
     next_token: Cell<u64>,
     storage: Option<StorageLink>,
-    /// Highest seq of stored channels whose state is not kept (not touched since start-up, or
-    /// freed since).
-    stored_seqs: RefCell<HashMap<Box<str>, u64>>,
-    /// Where the other freed channels' sequences stood.
-    retired: RefCell<history::Retired>,
     /// The store's state is known (see [`Shard::recover`]).
     recovered: Cell<bool>,
     unconfirmed: RefCell<HashMap<u64, Unconfirmed>>,
@@ -411,7 +372,7 @@ impl Shard {
             conns: RefCell::default(),
             next_conn: Cell::new(1),
             subs: RefCell::default(),
-            owned: RefCell::default(),
+            channels: RefCell::default(),
             dedup: RefCell::new(dedup),
             ids: RefCell::new(IdGenerator::new(id)),
             pending_subs: RefCell::default(),
@@ -421,8 +382,6 @@ impl Shard {
             epoch: global.boot_id,
             next_token: Cell::new(1),
             storage: None,
-            stored_seqs: RefCell::default(),
-            retired: RefCell::default(),
             recovered: Cell::new(true),
             unconfirmed: RefCell::default(),
             unconfirmed_keys: RefCell::default(),
@@ -448,30 +407,13 @@ impl Shard {
     /// channels this shard owns; then take decisions. A channel numbered meanwhile (PUBLISH
     /// while the store was unreachable) jumps ahead to its stored maximum.
     pub fn recover(&self, recovered: &storage::Recovered) {
-        let mut owned = self.owned.borrow_mut();
-        let mut stored_seqs = self.stored_seqs.borrow_mut();
+        let mut channels = self.channels.borrow_mut();
         for (channel, seq) in &recovered.channel_seqs {
-            if self.owner_of(channel) != self.id {
-                continue;
-            }
-            match owned.get_mut(channel.as_str()) {
-                Some(state) => {
-                    state.stored = true;
-                    if *seq > state.seq {
-                        state.seq = *seq;
-                        state.ring.skip_to(*seq);
-                    }
-                }
-                None => {
-                    // Numbered meanwhile and freed (PUBLISH while the store was unreachable):
-                    // never back below those numbers.
-                    let freed = stored_seqs.get(channel.as_str()).copied().unwrap_or(0);
-                    let seq = (*seq).max(freed).max(self.retired.borrow().base(channel));
-                    stored_seqs.insert(channel.as_str().into(), seq);
-                }
+            if self.owner_of(channel) == self.id {
+                channels.recover(channel, *seq);
             }
         }
-        drop((owned, stored_seqs));
+        drop(channels);
         let now = Instant::now();
         let (id, nshards) = (self.id, self.nshards);
         let mut dedup = self.dedup.borrow_mut();
@@ -963,8 +905,8 @@ impl Shard {
     /// decisions: then the store is read first.
     fn replay(&self, channel: &str, since: Since, to: ReplayTo) {
         let found = {
-            let mut owned = self.owned.borrow_mut();
-            let state = self.owned_entry(&mut owned, channel);
+            let mut channels = self.channels.borrow_mut();
+            let state = channels.entry(channel);
             state.ring.since(since.after, self.now_ms(), self.history)
         };
         let in_range = since.after <= found.upto;
@@ -1142,35 +1084,11 @@ impl Shard {
 
     // ----- the owner's side -----
 
-    /// The owner's state for `channel`, made on first use (continuing a stored sequence, or
-    /// above the numbers it had before it was freed).
-    fn owned_entry<'a>(
-        &self,
-        owned: &'a mut HashMap<Box<str>, Owned>,
-        channel: &str,
-    ) -> &'a mut Owned {
-        if !owned.contains_key(channel) {
-            let stored = self.stored_seqs.borrow_mut().remove(channel);
-            let seq = stored.unwrap_or_else(|| self.retired.borrow().base(channel));
-            owned.insert(
-                channel.into(),
-                Owned {
-                    seq,
-                    stored: stored.is_some(),
-                    ring: Ring::new(seq),
-                    interest: SmallVec::new(),
-                    held: VecDeque::new(),
-                },
-            );
-        }
-        owned.get_mut(channel).expect("inserted above")
-    }
-
     /// Number a message on `channel` and fan it out (or hold it behind an uncommitted
     /// decision).
     fn fan_out(&self, channel: &str, kind: Kind, data: &[u8], t0: Instant) -> u64 {
-        let mut owned = self.owned.borrow_mut();
-        let state = self.owned_entry(&mut owned, channel);
+        let mut channels = self.channels.borrow_mut();
+        let state = channels.entry(channel);
         state.seq += 1;
         let seq = state.seq;
         let frame = protocol::fanout_frame(kind, channel, seq, data);
@@ -1297,8 +1215,8 @@ impl Shard {
             return self.reply(&origin, protocol::ingest_ack(key, id.as_str(), false, seq));
         };
         // Numbered now: the stored row carries its seq.
-        let mut owned = self.owned.borrow_mut();
-        let state = self.owned_entry(&mut owned, channel);
+        let mut channels = self.channels.borrow_mut();
+        let state = channels.entry(channel);
         state.stored = true;
         state.seq += 1;
         let seq = state.seq;
@@ -1333,13 +1251,13 @@ impl Shard {
         }) {
             // Nothing was numbered since: the seq is given back.
             state.seq -= 1;
-            drop(owned);
+            drop(channels);
             tracing::warn!(shard = self.id, "decision refused: {e}");
             return self.reply(&origin, protocol::storage_unavailable(key));
         }
         let Some(pending_key) = pending_key else {
             self.emit(channel, state, seq, frame, t0);
-            drop(owned);
+            drop(channels);
             self.dedup
                 .borrow_mut()
                 .insert(org, key, Original { decision_id, seq }, now);
@@ -1353,7 +1271,7 @@ impl Shard {
             t0,
             hold,
         });
-        drop(owned);
+        drop(channels);
         self.unconfirmed_keys
             .borrow_mut()
             .insert(pending_key.clone(), token);
@@ -1446,8 +1364,8 @@ impl Shard {
     /// of the channel's held queue that may go. An `unused` number at the end of the queue is
     /// given back so the sequence has no hole.
     fn release(&self, channel: &str, token: u64, hold: Hold, unused: bool) {
-        let mut owned = self.owned.borrow_mut();
-        let Some(state) = owned.get_mut(channel) else {
+        let mut channels = self.channels.borrow_mut();
+        let Some(state) = channels.get_mut(channel) else {
             return;
         };
         {
@@ -1527,8 +1445,8 @@ impl Shard {
                 since,
             } => {
                 {
-                    let mut owned = self.owned.borrow_mut();
-                    let state = self.owned_entry(&mut owned, &channel);
+                    let mut channels = self.channels.borrow_mut();
+                    let state = channels.entry(&channel);
                     let shard = from as u16;
                     let present = state.interest.iter().position(|s| *s == shard);
                     match (on, present) {
@@ -1672,37 +1590,15 @@ impl Shard {
         }
     }
 
-    /// Expire history, and forget the channels nobody needs any more: no subscribers here or
-    /// on other shards, nothing held, no history left. Their sequences continue where they
-    /// stood if they are used again (see [`history::Retired`]), so memory follows the channels
-    /// in use, not every name ever seen.
+    /// Expire history and forget the channels nobody needs any more (see
+    /// [`Channels::free_idle`]).
     fn free_idle_channels(&self, now: u64) {
-        let subs = self.subs.borrow();
-        let mut stored_seqs = self.stored_seqs.borrow_mut();
-        let mut retired = self.retired.borrow_mut();
-        let mut owned = self.owned.borrow_mut();
-        let before = owned.len();
-        owned.retain(|name, state| {
-            state.ring.expire(now, self.history);
-            let idle = state.interest.is_empty()
-                && state.held.is_empty()
-                && state.ring.is_empty()
-                && !subs.contains_key(&**name);
-            if idle {
-                if state.stored {
-                    stored_seqs.insert(name.clone(), state.seq);
-                } else {
-                    retired.retire(name, state.seq);
-                }
-            }
-            !idle
-        });
-        self.counters
-            .add(Counter::ChannelsFreed, (before - owned.len()) as u64);
-        self.counters.set(Counter::Channels, owned.len() as u64);
-        shrink_if_sparse(&mut owned);
-        drop(subs);
-        shrink_if_sparse(&mut self.subs.borrow_mut());
+        let mut subs = self.subs.borrow_mut();
+        let mut channels = self.channels.borrow_mut();
+        let freed = channels.free_idle(now, self.history, |name| subs.contains_key(name));
+        self.counters.add(Counter::ChannelsFreed, freed as u64);
+        self.counters.set(Counter::Channels, channels.len() as u64);
+        shrink_if_sparse(&mut subs);
     }
 
     /// Start graceful shutdown: tell every client to reconnect later, then close with 1001.
@@ -1729,14 +1625,6 @@ impl Shard {
     /// A shared ping frame.
     pub fn ping_frame() -> Frame {
         codec::frame(codec::opcode::PING, b"")
-    }
-}
-
-/// Give back a map's table once most of it is empty: a burst of a million channels must not
-/// keep a million slots after it has gone.
-fn shrink_if_sparse<K: Hash + Eq, V>(map: &mut HashMap<K, V>) {
-    if map.capacity() > 64 && map.len() < map.capacity() / 4 {
-        map.shrink_to(map.len() * 2);
     }
 }
 

@@ -327,14 +327,14 @@ fn an_unused_channel_is_forgotten_and_made_again_above_its_old_numbers() {
     sim.settle();
     owner.sweep(&Shard::ping_frame());
     assert_eq!(
-        owner.owned.borrow().len(),
+        owner.channels.borrow().len(),
         1,
         "kept while subscribed elsewhere"
     );
     sim.shards[1].remove_conn(&remote);
     sim.settle();
     owner.sweep(&Shard::ping_frame());
-    assert!(owner.owned.borrow().is_empty(), "nobody needs it");
+    assert!(owner.channels.borrow().len() == 0, "nobody needs it");
     assert_eq!(owner.counters.get(Counter::ChannelsFreed), 1);
     assert_eq!(owner.counters.get(Counter::Channels), 0);
 
