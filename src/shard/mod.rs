@@ -27,9 +27,11 @@ use crate::queue::{Bounds, Pushed};
 use crate::storage;
 
 mod channels;
+mod outbox;
 mod peer;
 
 use channels::{shrink_if_sparse, Channels, Held, Hold, Owned};
+use outbox::Outboxes;
 pub use peer::{Peer, Phase, Stall};
 
 /// Where an answer must go: a connection on some shard, with the request id to echo.
@@ -287,13 +289,6 @@ pub enum Handled {
 /// A channel's local subscribers by connection id: O(1) removal, dense iteration for fan-out.
 type Subscribers = IndexMap<u64, Rc<Peer>>;
 
-/// Messages waiting to be sent to one peer shard.
-#[derive(Default)]
-pub struct Outbox {
-    msgs: RefCell<Vec<MeshMsg>>,
-    waker: Cell<Option<Waker>>,
-}
-
 /// One shard.
 pub struct Shard {
     /// Shard index.
@@ -338,8 +333,7 @@ pub struct Shard {
     unconfirmed: RefCell<HashMap<u64, Unconfirmed>>,
     /// "org\0key" of each unconfirmed decision, to its storage token.
     unconfirmed_keys: RefCell<HashMap<Rc<str>, u64>>,
-    outboxes: Vec<Outbox>,
-    congestion_waiters: RefCell<Vec<Waker>>,
+    outboxes: Outboxes,
 }
 
 /// Size of the per-shard read buffer.
@@ -385,8 +379,7 @@ impl Shard {
             recovered: Cell::new(true),
             unconfirmed: RefCell::default(),
             unconfirmed_keys: RefCell::default(),
-            outboxes: (0..nshards).map(|_| Outbox::default()).collect(),
-            congestion_waiters: RefCell::default(),
+            outboxes: Outboxes::new(nshards, config.mesh.max_pending),
             config,
             global,
         }
@@ -1404,15 +1397,7 @@ impl Shard {
         if to == self.id {
             return self.handle(to, msg);
         }
-        let outbox = &self.outboxes[to];
-        let mut msgs = outbox.msgs.borrow_mut();
-        msgs.push(msg);
-        if msgs.len() == 1 {
-            drop(msgs);
-            if let Some(w) = outbox.waker.take() {
-                w.wake();
-            }
-        }
+        self.outboxes.push(to, msg);
     }
 
     /// Handle a message from shard `from` (or from this shard).
@@ -1509,33 +1494,22 @@ impl Shard {
         to: usize,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Vec<MeshMsg>> {
-        let outbox = &self.outboxes[to];
-        let mut msgs = outbox.msgs.borrow_mut();
-        if msgs.is_empty() {
-            outbox.waker.set(Some(cx.waker().clone()));
-            return std::task::Poll::Pending;
+        let polled = self.outboxes.poll(to, cx);
+        if let std::task::Poll::Ready(batch) = &polled {
+            self.counters.add(Counter::MeshBatches, 1);
+            self.counters.add(Counter::MeshMessages, batch.len() as u64);
         }
-        let batch = std::mem::take(&mut *msgs);
-        drop(msgs);
-        self.counters.add(Counter::MeshBatches, 1);
-        self.counters.add(Counter::MeshMessages, batch.len() as u64);
-        if !self.congested() {
-            for w in self.congestion_waiters.borrow_mut().drain(..) {
-                w.wake();
-            }
-        }
-        std::task::Poll::Ready(batch)
+        polled
     }
 
     /// True when some peer shard has too much waiting for it: publishers should pause.
     pub fn congested(&self) -> bool {
-        let max = self.config.mesh.max_pending;
-        self.outboxes.iter().any(|o| o.msgs.borrow().len() >= max)
+        self.outboxes.congested()
     }
 
     /// Wake `waker` once the mesh is no longer congested.
     pub fn wait_uncongested(&self, waker: &Waker) {
-        self.congestion_waiters.borrow_mut().push(waker.clone());
+        self.outboxes.wait_uncongested(waker);
     }
 
     // ----- timers -----
