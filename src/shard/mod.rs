@@ -12,14 +12,14 @@ use std::hash::{Hash, Hasher};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::Waker;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use indexmap::IndexMap;
 
 use crate::auth::{Authenticator, Channel, Principal};
 use crate::codec::{self, Frame};
 use crate::config::{BackpressurePolicy, Config, Scope};
-use crate::decision::{self, Decision, DecisionId, DedupTable, IdGenerator, Original};
+use crate::decision::{self, Decision, DecisionId, Original};
 use crate::history;
 use crate::metrics::{Counter, Global, ShardCounters};
 use crate::protocol::{self, Kind, Parser, Refusal, Request};
@@ -27,10 +27,12 @@ use crate::queue::{Bounds, Pushed};
 use crate::storage;
 
 mod channels;
+mod ingest;
 mod outbox;
 mod peer;
 
 use channels::{shrink_if_sparse, Channels, Held, Hold, Owned};
+use ingest::{Admission, Decisions, Unconfirmed};
 use outbox::Outboxes;
 pub use peer::{Peer, Phase, Stall};
 
@@ -242,21 +244,6 @@ struct PendingRead {
     ring: Replay<Frame>,
 }
 
-/// A decision sent to storage whose outcome this shard is waiting for.
-#[derive(Debug)]
-struct Unconfirmed {
-    /// Its key in `unconfirmed_keys`.
-    pending_key: Rc<str>,
-    channel: Box<str>,
-    org: Box<str>,
-    key: Box<str>,
-    decision_id: DecisionId,
-    seq: u64,
-    origin: Origin,
-    /// Later INGESTs of the same key, answered with the same outcome.
-    waiters: Vec<Origin>,
-}
-
 /// A SUB waiting for owners on other shards to register this shard's interest (and for
 /// their replays, for channels asked with `since`).
 #[derive(Debug)]
@@ -317,8 +304,7 @@ pub struct Shard {
     next_conn: Cell<u64>,
     subs: RefCell<HashMap<Rc<str>, Subscribers>>,
     channels: RefCell<Channels>,
-    dedup: RefCell<DedupTable>,
-    ids: RefCell<IdGenerator>,
+    decisions: RefCell<Decisions>,
     pending_subs: RefCell<HashMap<u64, PendingSub>>,
     pending_reads: RefCell<HashMap<u64, PendingRead>>,
     /// Per channel, the local subscribers waiting for a replay, by connection id.
@@ -330,9 +316,6 @@ pub struct Shard {
     storage: Option<StorageLink>,
     /// The store's state is known (see [`Shard::recover`]).
     recovered: Cell<bool>,
-    unconfirmed: RefCell<HashMap<u64, Unconfirmed>>,
-    /// "org\0key" of each unconfirmed decision, to its storage token.
-    unconfirmed_keys: RefCell<HashMap<Rc<str>, u64>>,
     outboxes: Outboxes,
 }
 
@@ -348,10 +331,6 @@ impl Shard {
             bytes: limits.outbound_queue_bytes,
             drop_oldest: limits.backpressure_policy == BackpressurePolicy::DropOldest,
         };
-        let dedup = DedupTable::new(
-            Duration::from_secs(config.ingest.dedup_window_secs),
-            config.ingest.dedup_max_entries,
-        );
         Self {
             id,
             nshards,
@@ -367,8 +346,7 @@ impl Shard {
             next_conn: Cell::new(1),
             subs: RefCell::default(),
             channels: RefCell::default(),
-            dedup: RefCell::new(dedup),
-            ids: RefCell::new(IdGenerator::new(id)),
+            decisions: RefCell::new(Decisions::new(&config, id)),
             pending_subs: RefCell::default(),
             pending_reads: RefCell::default(),
             catching_up: RefCell::default(),
@@ -377,8 +355,6 @@ impl Shard {
             next_token: Cell::new(1),
             storage: None,
             recovered: Cell::new(true),
-            unconfirmed: RefCell::default(),
-            unconfirmed_keys: RefCell::default(),
             outboxes: Outboxes::new(nshards, config.mesh.max_pending),
             config,
             global,
@@ -407,22 +383,10 @@ impl Shard {
             }
         }
         drop(channels);
-        let now = Instant::now();
         let (id, nshards) = (self.id, self.nshards);
-        let mut dedup = self.dedup.borrow_mut();
-        // Oldest first, so that a full table keeps the newest.
-        for recent in recovered.recent.iter().rev() {
-            if owner_of(&recent.channel, nshards) != id {
-                continue;
-            }
-            if let Some(decision_id) = DecisionId::parse(&recent.id) {
-                let original = Original {
-                    decision_id,
-                    seq: recent.seq,
-                };
-                dedup.insert(&recent.org, &recent.key, original, now);
-            }
-        }
+        let mine = recovered.recent.iter();
+        let mine = mine.filter(|recent| owner_of(&recent.channel, nshards) == id);
+        self.decisions.borrow_mut().recover(mine);
         self.recovered.set(true);
     }
 
@@ -444,7 +408,7 @@ impl Shard {
 
     /// Decisions sent to storage and not yet answered.
     pub fn unconfirmed_count(&self) -> usize {
-        self.unconfirmed.borrow().len()
+        self.decisions.borrow().unconfirmed()
     }
 
     /// Milliseconds since the shard started (the clock the sweeper uses).
@@ -1170,40 +1134,38 @@ impl Shard {
     ) {
         let org = decision.org_id.as_str();
         let now = Instant::now();
-        let seen = self.dedup.borrow_mut().get(org, key, now);
-        if let Some(original) = seen {
-            self.counters.add(Counter::DecisionsDuplicate, 1);
-            let id = original.decision_id.text();
-            let ack = protocol::ingest_ack(key, id.as_str(), true, original.seq);
-            return self.reply(&origin, ack);
-        }
-        // Only durable decisions wait for their commit, so only they can be met in flight.
         let durable = self.storage.as_ref().is_some_and(|link| link.durable);
-        let pending_key: Option<Rc<str>> = if durable {
-            let pending_key: Rc<str> = Rc::from(format!("{org}\0{key}"));
-            if let Some(token) = self.unconfirmed_keys.borrow().get(&pending_key) {
-                // The same key is being stored right now: it gets that decision's outcome.
-                if let Some(first) = self.unconfirmed.borrow_mut().get_mut(token) {
-                    first.waiters.push(origin);
-                }
-                return;
+        let admission = self
+            .decisions
+            .borrow_mut()
+            .admit(org, key, durable, origin, now);
+        let (origin, pending_key) = match admission {
+            Admission::Known(original, origin) => {
+                self.counters.add(Counter::DecisionsDuplicate, 1);
+                let id = original.decision_id.text();
+                let ack = protocol::ingest_ack(key, id.as_str(), true, original.seq);
+                return self.reply(&origin, ack);
             }
-            Some(pending_key)
-        } else {
-            None
+            Admission::Joined => return,
+            Admission::New {
+                origin,
+                pending_key,
+            } => (origin, pending_key),
         };
         if !self.recovered.get() {
             // Numbering now could reuse a stored seq, and the key may be stored already.
             return self.reply(&origin, protocol::storage_unavailable(key));
         }
         let ms = decision::unix_ms();
-        let decision_id = self.ids.borrow_mut().next(ms);
+        let decision_id = self.decisions.borrow_mut().next_id(ms);
         let id = decision_id.text();
         let data = decision::enrich(data, id.as_str(), &decision::rfc3339(ms));
         let Some(link) = &self.storage else {
             let seq = self.fan_out(channel, Kind::Decision, &data, t0);
             let original = Original { decision_id, seq };
-            self.dedup.borrow_mut().insert(org, key, original, now);
+            self.decisions
+                .borrow_mut()
+                .remember(org, key, original, now);
             self.counters.add(Counter::DecisionsProcessed, 1);
             return self.reply(&origin, protocol::ingest_ack(key, id.as_str(), false, seq));
         };
@@ -1251,9 +1213,9 @@ impl Shard {
         let Some(pending_key) = pending_key else {
             self.emit(channel, state, seq, frame, t0);
             drop(channels);
-            self.dedup
+            self.decisions
                 .borrow_mut()
-                .insert(org, key, Original { decision_id, seq }, now);
+                .remember(org, key, Original { decision_id, seq }, now);
             self.counters.add(Counter::DecisionsProcessed, 1);
             return self.reply(&origin, protocol::ingest_ack(key, id.as_str(), false, seq));
         };
@@ -1265,9 +1227,6 @@ impl Shard {
             hold,
         });
         drop(channels);
-        self.unconfirmed_keys
-            .borrow_mut()
-            .insert(pending_key.clone(), token);
         let unconfirmed = Unconfirmed {
             pending_key,
             channel: channel.into(),
@@ -1278,13 +1237,14 @@ impl Shard {
             origin,
             waiters: Vec::new(),
         };
-        self.unconfirmed.borrow_mut().insert(token, unconfirmed);
+        self.decisions.borrow_mut().hold(token, unconfirmed);
     }
 
     /// What storage did with a decision: acknowledge and release it, or answer with the
     /// original (a duplicate) or `storage_unavailable` (never an ACK for what is not stored).
     pub fn stored(&self, completion: storage::Completion) {
-        let Some(u) = self.unconfirmed.borrow_mut().remove(&completion.token) else {
+        let settled = self.decisions.borrow_mut().settle(completion.token);
+        let Some(u) = settled else {
             // Written behind (ack = "received"): the client already has its ACK.
             if let storage::Outcome::Unavailable(reason) | storage::Outcome::Failed(reason) =
                 completion.outcome
@@ -1296,7 +1256,6 @@ impl Shard {
             }
             return;
         };
-        self.unconfirmed_keys.borrow_mut().remove(&u.pending_key);
         let everyone = std::iter::once(&u.origin).chain(&u.waiters);
         // (what the held message becomes, whether its seq may be reused)
         let (hold, unused) = match completion.outcome {
@@ -1305,9 +1264,9 @@ impl Shard {
                     decision_id: u.decision_id,
                     seq: u.seq,
                 };
-                self.dedup
+                self.decisions
                     .borrow_mut()
-                    .insert(&u.org, &u.key, original, Instant::now());
+                    .remember(&u.org, &u.key, original, Instant::now());
                 self.counters.add(Counter::DecisionsProcessed, 1);
                 let id = u.decision_id.text();
                 for (n, to) in everyone.enumerate() {
@@ -1321,9 +1280,9 @@ impl Shard {
             storage::Outcome::Duplicate { id, seq } => {
                 if let Some(decision_id) = DecisionId::parse(&id) {
                     let original = Original { decision_id, seq };
-                    self.dedup
+                    self.decisions
                         .borrow_mut()
-                        .insert(&u.org, &u.key, original, Instant::now());
+                        .remember(&u.org, &u.key, original, Instant::now());
                 }
                 for to in everyone {
                     self.counters.add(Counter::DecisionsDuplicate, 1);
