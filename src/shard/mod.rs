@@ -34,6 +34,7 @@ mod peer;
 use channels::{shrink_if_sparse, Channels, Held, Hold, Owned};
 use ingest::{Admission, Decisions, Unconfirmed};
 use outbox::Outboxes;
+use peer::Registry;
 pub use peer::{Peer, Phase, Stall};
 
 /// Where an answer must go: a connection on some shard, with the request id to echo.
@@ -300,8 +301,7 @@ pub struct Shard {
     pub write_buf: RefCell<Vec<u8>>,
     bounds: Bounds,
     started: Instant,
-    conns: RefCell<HashMap<u64, Rc<Peer>>>,
-    next_conn: Cell<u64>,
+    conns: RefCell<Registry>,
     subs: RefCell<HashMap<Rc<str>, Subscribers>>,
     channels: RefCell<Channels>,
     decisions: RefCell<Decisions>,
@@ -343,7 +343,6 @@ impl Shard {
             bounds,
             started: Instant::now(),
             conns: RefCell::default(),
-            next_conn: Cell::new(1),
             subs: RefCell::default(),
             channels: RefCell::default(),
             decisions: RefCell::new(Decisions::new(&config, id)),
@@ -425,11 +424,7 @@ impl Shard {
 
     /// Register a new connection.
     pub fn add_conn(&self) -> Rc<Peer> {
-        let id = self.next_conn.get();
-        self.next_conn.set(id + 1);
-        let peer = Rc::new(Peer::new(id, self.now_ms()));
-        self.conns.borrow_mut().insert(id, peer.clone());
-        peer
+        self.conns.borrow_mut().add(self.now_ms())
     }
 
     /// Forget a connection and its subscriptions.
@@ -438,12 +433,12 @@ impl Shard {
         for channel in channels {
             self.unsubscribe_one(peer.id, &channel);
         }
-        self.conns.borrow_mut().remove(&peer.id);
+        self.conns.borrow_mut().remove(peer.id);
     }
 
     /// The connection with this id, if it is still open.
     pub fn peer(&self, id: u64) -> Option<Rc<Peer>> {
-        self.conns.borrow().get(&id).cloned()
+        self.conns.borrow().get(id)
     }
 
     /// Number of connections (any phase) on this shard.
@@ -453,7 +448,7 @@ impl Shard {
 
     /// A snapshot of this shard's connections (for the sweeper and shutdown).
     pub fn peers(&self) -> Vec<Rc<Peer>> {
-        self.conns.borrow().values().cloned().collect()
+        self.conns.borrow().all()
     }
 
     /// Queue a fan-out frame for `peer`, applying the backpressure policy (drop the oldest
@@ -500,7 +495,7 @@ impl Shard {
     }
 
     fn send_to_conn(&self, conn: u64, frame: Frame) {
-        let peer = self.conns.borrow().get(&conn).cloned();
+        let peer = self.conns.borrow().get(conn);
         if let Some(peer) = peer {
             self.answer(&peer, frame);
         }

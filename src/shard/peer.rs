@@ -1,5 +1,6 @@
 //! A connection as the rest of the shard sees it: its outbound queue, its subscriptions and
-//! what the sweeper watches. Everything else about a connection lives in its task (`conn.rs`).
+//! what the sweeper watches; and the registry of a shard's connections. Everything else about a
+//! connection lives in its task (`conn.rs`).
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -144,5 +145,44 @@ impl Peer {
         if was_empty {
             self.wake();
         }
+    }
+}
+
+/// The shard's open connections, by id.
+#[derive(Default)]
+pub(super) struct Registry {
+    conns: std::collections::HashMap<u64, Rc<Peer>>,
+    /// Ids are never reused while the shard runs (a late reply for a closed connection must
+    /// not reach a new one).
+    last_id: u64,
+}
+
+impl Registry {
+    /// Register a new connection, as of shard time `now`.
+    pub fn add(&mut self, now: u64) -> Rc<Peer> {
+        self.last_id += 1;
+        let peer = Rc::new(Peer::new(self.last_id, now));
+        self.conns.insert(self.last_id, peer.clone());
+        peer
+    }
+
+    /// Forget connection `id`.
+    pub fn remove(&mut self, id: u64) {
+        self.conns.remove(&id);
+    }
+
+    /// The connection with this id, if it is still open.
+    pub fn get(&self, id: u64) -> Option<Rc<Peer>> {
+        self.conns.get(&id).cloned()
+    }
+
+    /// Number of connections (any phase).
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// A snapshot of the connections (for the sweeper and shutdown).
+    pub fn all(&self) -> Vec<Rc<Peer>> {
+        self.conns.values().cloned().collect()
     }
 }
