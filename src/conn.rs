@@ -111,6 +111,7 @@ pub fn serve(
         eof: false,
         paused: false,
         events: 0,
+        http_frames: 0,
     };
     Ok(std::future::poll_fn(move |cx| conn.poll(cx)))
 }
@@ -135,6 +136,9 @@ struct Conn {
     paused: bool,
     /// Events decoded so far (wrapping): tells whether a read completed a message.
     events: u32,
+    /// HTTP responses at the front of the queue (the 101 or an error): not messages, so
+    /// not counted as sent.
+    http_frames: u8,
 }
 
 enum Step {
@@ -311,7 +315,11 @@ impl Conn {
                 }
             };
             let frames = self.peer.out().borrow_mut().consume(written);
-            shard.counters.add(Counter::MessagesSent, frames as u64);
+            let http = usize::from(self.http_frames).min(frames);
+            self.http_frames -= http as u8;
+            shard
+                .counters
+                .add(Counter::MessagesSent, (frames - http) as u64);
             if written > 0 && self.peer.stall.get() == Stall::Replies {
                 // Reading its replies, however slowly: not stuck.
                 self.peer.stall_since.set(shard.now_ms());
@@ -370,6 +378,7 @@ impl Conn {
     }
 
     fn http_reply(&mut self, response: Vec<u8>) {
+        self.http_frames += 1;
         self.shard.answer(&self.peer, Rc::from(response));
         self.mode = Mode::HttpReply;
     }
@@ -510,6 +519,7 @@ impl Conn {
                             "",
                         ));
                     }
+                    self.http_frames += 1;
                     shard.answer(&self.peer, Rc::from(http::upgrade_response(key)));
                     self.mode = Mode::Refused;
                     self.enter(Phase::Open);
@@ -535,6 +545,7 @@ impl Conn {
             ));
         }
         self.holds_slot = true;
+        self.http_frames += 1;
         shard.answer(&self.peer, Rc::from(http::upgrade_response(key)));
         self.enter(Phase::Open);
         match principal {

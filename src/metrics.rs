@@ -213,7 +213,8 @@ impl Global {
                 r#"{{"status":"{}","uptime":{{"seconds":{},"human":"{}h {}m"}},"shards":{},"#,
                 r#""metrics":{{"connections":{{"total":{},"active":{},"peak":{}}},"#,
                 r#""messages":{{"received":{},"sent":{},"dropped":{},"errors":{}}},"#,
-                r#""decisions":{{"processed":{},"duplicates":{},"errors":{}}}}}}}"#
+                r#""decisions":{{"processed":{},"duplicates":{},"errors":{}}}}},"#,
+                r#""memory":{{"rssBytes":{}}}}}"#
             ),
             status,
             uptime,
@@ -230,6 +231,7 @@ impl Global {
             c(Counter::DecisionsProcessed),
             c(Counter::DecisionsDuplicate),
             c(Counter::DecisionsRejected),
+            rss_bytes(),
         )
     }
 
@@ -396,10 +398,10 @@ impl Global {
             );
         }
         let total = merged.len();
-        let sum: f64 = merged
-            .iter_recorded()
-            .map(|v| v.value_iterated_to() as f64 * v.count_at_value() as f64)
-            .sum();
+        // A fold from 0.0: an empty float sum() is -0.0, which prints as "-0".
+        let sum = merged.iter_recorded().fold(0.0, |sum: f64, v| {
+            sum + v.value_iterated_to() as f64 * v.count_at_value() as f64
+        });
         let _ = writeln!(
             out,
             "shardcast_fanout_latency_seconds_bucket{{le=\"+Inf\"}} {total}"
@@ -408,6 +410,17 @@ impl Global {
         let _ = writeln!(out, "shardcast_fanout_latency_seconds_count {total}");
         out
     }
+}
+
+/// This process's resident memory (0 where /proc cannot say).
+pub fn rss_bytes() -> u64 {
+    let pages = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|statm| statm.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .unwrap_or(0);
+    // SAFETY: sysconf reads a constant of the running system; no memory is touched.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    pages * u64::try_from(page).unwrap_or(4096)
 }
 
 #[cfg(test)]
@@ -446,5 +459,21 @@ mod tests {
             "{text}"
         );
         assert!(g.health_json("healthy").contains(r#""sent":7"#));
+    }
+
+    #[test]
+    fn an_empty_histogram_sums_to_zero_and_health_tells_the_memory() {
+        let text = Global::new(1).prometheus();
+        assert!(
+            text.contains("shardcast_fanout_latency_seconds_sum 0\n"),
+            "{text}"
+        );
+        assert!(!text.contains("-0"), "{text}");
+        let health: serde_json::Value =
+            serde_json::from_str(&Global::new(1).health_json("healthy")).unwrap();
+        assert!(
+            health["memory"]["rssBytes"].as_u64().unwrap() > 1_000_000,
+            "{health}"
+        );
     }
 }

@@ -21,6 +21,9 @@ fn health_endpoints_report_state() {
     assert_eq!(h["metrics"]["connections"]["peak"], 1);
     assert!(h["uptime"]["seconds"].is_u64());
     assert!(h["metrics"]["decisions"]["processed"].is_u64());
+    assert!(h["memory"]["rssBytes"].as_u64().unwrap() > 1_000_000, "{h}");
+    // READY, SUBSCRIBED, MESSAGE and ACK: WebSocket messages, not the 101 or these responses.
+    server.wait_health("4 sent", |h| h["metrics"]["messages"]["sent"] == 4);
 
     assert_eq!(
         server.get("/health/live"),
