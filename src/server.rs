@@ -4,9 +4,10 @@
 //! Everything that can fail is done before any executor starts: `MeshBuilder::join` waits for
 //! every shard, so a shard that failed on its own would hang the others.
 //!
-//! Shutdown: a signal thread tells every shard. Each shard stops accepting (its listener is
-//! dropped), sends `SYSTEM restart` to every client, lets the queues drain, closes with 1001,
-//! and returns once its connections are gone or `drain_timeout_ms` has passed.
+//! Shutdown: a signal thread tells every shard. Each shard sends `SYSTEM restart` to every
+//! client, lets the queues drain, closes with 1001, and returns once its WebSocket
+//! connections are gone or `drain_timeout_ms` has passed; until then it still answers HTTP
+//! (503 for `/health/ready` and for upgrades), then drops its listener.
 
 use std::cell::Cell;
 use std::net::SocketAddr;
@@ -484,23 +485,25 @@ async fn run_shard(
     let timers = glommio::spawn_local(timers(shard.clone()));
     let accepts = Rc::new(Accepts::default());
     let readiness = glommio::spawn_local(readiness(shard.clone(), poller.clone(), accepts.clone()));
-    let accepting = accept_loop(shard.clone(), poller, listener, accepts);
-    futures_lite::future::or(accepting, async {
-        let _ = stop.recv_async().await;
-    })
-    .await;
-    // The listener is gone: new connections are refused by the kernel from here on.
+    let accepting = glommio::spawn_local(accept_loop(shard.clone(), poller, listener, accepts));
+    let _ = stop.recv_async().await;
+    // Still accepting while draining: probes get 503 from /health/ready and upgrades 503 with
+    // Retry-After, instead of "connection refused".
     shard
         .global
         .ready
         .store(false, std::sync::atomic::Ordering::Relaxed);
     shard.begin_shutdown();
     let deadline = Instant::now() + drain;
-    // Connections first; then decisions still waiting for their commit, so their ACKs go out
-    // (or their clients learn they were not stored) before the shard stops.
-    while (shard.conn_count() > 0 || shard.unconfirmed_count() > 0) && Instant::now() < deadline {
+    // WebSocket connections first; then decisions still waiting for their commit, so their
+    // ACKs go out (or their clients learn they were not stored) before the shard stops.
+    while (shard.websocket_count() > 0 || shard.unconfirmed_count() > 0)
+        && Instant::now() < deadline
+    {
         glommio::timer::sleep(Duration::from_millis(5)).await;
     }
+    // The listener goes: new connections are refused by the kernel from here on.
+    drop(accepting);
     let left = shard.conn_count();
     if left > 0 {
         tracing::warn!(

@@ -92,6 +92,17 @@ fn sigterm_sends_restart_notice_and_closes_with_1001() {
             notice,
             json!({"type":"SYSTEM","event":"restart","reconnectIn":2500})
         );
+    }
+    // Draining (the clients have not answered the close yet): HTTP is still answered, with
+    // 503 for readiness and for new upgrades.
+    let (status, body) = server.get("/health/ready");
+    assert_eq!(status, 503, "{body}");
+    match Client::connect(server.addr, &format!("/ws?key={ACME}")) {
+        Err(tungstenite::Error::Http(response)) => assert_eq!(response.status(), 503),
+        Err(e) => panic!("an upgrade while draining must get 503, got {e}"),
+        Ok(_) => panic!("an upgrade while draining must get 503, it was accepted"),
+    }
+    for c in &mut clients {
         assert_eq!(c.recv_close(), Some(1001));
     }
     drop(clients);

@@ -446,6 +446,11 @@ impl Shard {
         self.conns.borrow().len()
     }
 
+    /// WebSocket connections (open or closing) on this shard: what a drain waits for.
+    pub fn websocket_count(&self) -> usize {
+        self.conns.borrow().websockets()
+    }
+
     /// A snapshot of this shard's connections (for the sweeper and shutdown).
     pub fn peers(&self) -> Vec<Rc<Peer>> {
         self.conns.borrow().all()

@@ -181,6 +181,14 @@ impl Registry {
         self.conns.len()
     }
 
+    /// Connections past their HTTP request (open or closing WebSockets).
+    pub fn websockets(&self) -> usize {
+        self.conns
+            .values()
+            .filter(|peer| peer.phase.get() != Phase::Http)
+            .count()
+    }
+
     /// A snapshot of the connections (for the sweeper and shutdown).
     pub fn all(&self) -> Vec<Rc<Peer>> {
         self.conns.values().cloned().collect()
