@@ -5,6 +5,7 @@
 //! the waiting (see `conn.rs`); the reads run on the storage readers or the channel's owner.
 
 use crate::auth::{Channel, Principal};
+use crate::codes::ErrorCode;
 use crate::config::Scope;
 use crate::json;
 use crate::storage::{DecisionQuery, Record};
@@ -21,7 +22,7 @@ pub struct ApiError {
     /// HTTP status.
     pub status: u16,
     /// Machine-readable code.
-    pub code: &'static str,
+    pub code: ErrorCode,
     /// Explanation.
     pub message: String,
 }
@@ -29,7 +30,7 @@ pub struct ApiError {
 fn bad(message: impl Into<String>) -> ApiError {
     ApiError {
         status: 400,
-        code: "bad_request",
+        code: ErrorCode::BadRequest,
         message: message.into(),
     }
 }
@@ -37,7 +38,7 @@ fn bad(message: impl Into<String>) -> ApiError {
 fn forbidden(message: impl Into<String>) -> ApiError {
     ApiError {
         status: 403,
-        code: "forbidden",
+        code: ErrorCode::Forbidden,
         message: message.into(),
     }
 }
@@ -209,7 +210,7 @@ pub fn history_query(
 ) -> Result<(u64, usize), ApiError> {
     let channel = Channel::parse(name, categories).map_err(|e| ApiError {
         status: 400,
-        code: "invalid_channel",
+        code: ErrorCode::InvalidChannel,
         message: format!("{}: {e}", crate::json::echo(name)),
     })?;
     if !principal.may(Scope::Subscribe, &channel) {

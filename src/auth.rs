@@ -6,6 +6,7 @@ use std::rc::Rc;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
+use crate::codes::{Close, ErrorCode};
 use crate::config::{Config, Scope};
 
 /// A set of scopes, as bits.
@@ -166,20 +167,20 @@ pub enum AuthError {
 
 impl AuthError {
     /// Close code sent after the upgrade.
-    pub fn close_code(&self) -> u16 {
+    pub fn close_code(&self) -> Close {
         match self {
-            AuthError::Missing | AuthError::BadKey => 4401,
-            AuthError::BadToken(_) | AuthError::Expired => 4403,
+            AuthError::Missing | AuthError::BadKey => Close::Unauthorized,
+            AuthError::BadToken(_) | AuthError::Expired => Close::TokenRefused,
         }
     }
 
     /// Machine-readable reason (also the metrics label).
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            AuthError::Missing => "missing_credentials",
-            AuthError::BadKey => "invalid_key",
-            AuthError::BadToken(_) => "invalid_token",
-            AuthError::Expired => "token_expired",
+            AuthError::Missing => ErrorCode::MissingCredentials,
+            AuthError::BadKey => ErrorCode::InvalidKey,
+            AuthError::BadToken(_) => ErrorCode::InvalidToken,
+            AuthError::Expired => ErrorCode::TokenExpired,
         }
     }
 }
@@ -410,8 +411,8 @@ mod tests {
         assert!(exp.abs_diff(now + 60) <= 1, "expires {exp}, now {now}");
         let forged = token("other", 60, serde_json::json!("subscribe"));
         let err = auth.authenticate(&creds(None, Some(forged))).unwrap_err();
-        assert_eq!(err.close_code(), 4403);
-        assert_eq!(AuthError::BadKey.close_code(), 4401);
+        assert_eq!(err.close_code(), Close::TokenRefused);
+        assert_eq!(AuthError::BadKey.close_code(), Close::Unauthorized);
     }
 
     #[test]

@@ -13,6 +13,8 @@ use std::rc::Rc;
 use tungstenite::protocol::frame::coding::{Control, Data, OpCode};
 use tungstenite::protocol::frame::FrameHeader;
 
+use crate::codes::Close;
+
 /// Bytes of one or more complete frames, shared by every connection that sends them.
 pub type Frame = Rc<[u8]>;
 
@@ -127,7 +129,12 @@ impl Decoder {
             let (header, len) = match FrameHeader::parse(&mut cursor) {
                 Ok(Some(parsed)) => parsed,
                 Ok(None) => break,
-                Err(_) => return Err(violation(1002, "malformed frame header")),
+                Err(_) => {
+                    return Err(violation(
+                        Close::ProtocolError.code(),
+                        "malformed frame header",
+                    ))
+                }
             };
             let header_len = cursor.position() as usize;
             self.check_header(&header, len, max_message)?;
@@ -158,25 +165,33 @@ impl Decoder {
         max_message: usize,
     ) -> Result<(), ProtocolViolation> {
         if header.rsv1 || header.rsv2 || header.rsv3 {
-            return Err(violation(1002, "reserved bits set without an extension"));
+            return Err(violation(
+                Close::ProtocolError.code(),
+                "reserved bits set without an extension",
+            ));
         }
         if header.mask.is_none() {
-            return Err(violation(1002, "client frames must be masked"));
+            return Err(violation(
+                Close::ProtocolError.code(),
+                "client frames must be masked",
+            ));
         }
         match header.opcode {
             OpCode::Control(Control::Reserved(_)) | OpCode::Data(Data::Reserved(_)) => {
-                Err(violation(1002, "reserved opcode"))
+                Err(violation(Close::ProtocolError.code(), "reserved opcode"))
             }
-            OpCode::Control(_) if !header.is_final => {
-                Err(violation(1002, "fragmented control frame"))
-            }
-            OpCode::Control(_) if len > MAX_CONTROL_PAYLOAD => {
-                Err(violation(1002, "control frame payload over 125 bytes"))
-            }
+            OpCode::Control(_) if !header.is_final => Err(violation(
+                Close::ProtocolError.code(),
+                "fragmented control frame",
+            )),
+            OpCode::Control(_) if len > MAX_CONTROL_PAYLOAD => Err(violation(
+                Close::ProtocolError.code(),
+                "control frame payload over 125 bytes",
+            )),
             OpCode::Data(_)
                 if (self.message.len() as u64).saturating_add(len) > max_message as u64 =>
             {
-                Err(violation(1009, "message too big"))
+                Err(violation(Close::TooBig.code(), "message too big"))
             }
             _ => Ok(()),
         }
@@ -198,10 +213,13 @@ impl Decoder {
             }
             OpCode::Data(Data::Continue) => {
                 let Some(kind) = self.message_kind else {
-                    return Err(violation(1002, "continuation frame without a message"));
+                    return Err(violation(
+                        Close::ProtocolError.code(),
+                        "continuation frame without a message",
+                    ));
                 };
                 if self.message.len() + payload.len() > max_message {
-                    return Err(violation(1009, "message too big"));
+                    return Err(violation(Close::TooBig.code(), "message too big"));
                 }
                 self.message.extend_from_slice(payload);
                 if kind == Data::Text {
@@ -218,7 +236,10 @@ impl Decoder {
             }
             OpCode::Data(kind) => {
                 if self.message_kind.is_some() {
-                    return Err(violation(1002, "new message before the last one finished"));
+                    return Err(violation(
+                        Close::ProtocolError.code(),
+                        "new message before the last one finished",
+                    ));
                 }
                 if header.is_final {
                     return deliver(kind, payload, on_event);
@@ -230,7 +251,9 @@ impl Decoder {
                 }
                 Ok(Flow::Continue)
             }
-            OpCode::Control(Control::Reserved(_)) => Err(violation(1002, "reserved opcode")),
+            OpCode::Control(Control::Reserved(_)) => {
+                Err(violation(Close::ProtocolError.code(), "reserved opcode"))
+            }
         }
     }
 
@@ -240,7 +263,12 @@ impl Decoder {
         match std::str::from_utf8(&self.message[self.utf8_valid..]) {
             Ok(_) => self.utf8_valid = self.message.len(),
             Err(e) if e.error_len().is_none() => self.utf8_valid += e.valid_up_to(),
-            Err(_) => return Err(violation(1007, "invalid UTF-8 in text message")),
+            Err(_) => {
+                return Err(violation(
+                    Close::InvalidData.code(),
+                    "invalid UTF-8 in text message",
+                ))
+            }
         }
         Ok(())
     }
@@ -254,7 +282,10 @@ fn deliver(
     match kind {
         Data::Text => match std::str::from_utf8(payload) {
             Ok(text) => Ok(on_event(Event::Text(text))),
-            Err(_) => Err(violation(1007, "invalid UTF-8 in text message")),
+            Err(_) => Err(violation(
+                Close::InvalidData.code(),
+                "invalid UTF-8 in text message",
+            )),
         },
         _ => Ok(on_event(Event::Binary(payload))),
     }
@@ -263,15 +294,21 @@ fn deliver(
 fn parse_close(payload: &[u8]) -> Result<Option<(u16, &str)>, ProtocolViolation> {
     match payload.len() {
         0 => Ok(None),
-        1 => Err(violation(1002, "close frame with a one-byte payload")),
+        1 => Err(violation(
+            Close::ProtocolError.code(),
+            "close frame with a one-byte payload",
+        )),
         _ => {
             let code = u16::from_be_bytes([payload[0], payload[1]]);
             if !close_code_allowed(code) {
-                return Err(violation(1002, "invalid close code"));
+                return Err(violation(Close::ProtocolError.code(), "invalid close code"));
             }
             match std::str::from_utf8(&payload[2..]) {
                 Ok(reason) => Ok(Some((code, reason))),
-                Err(_) => Err(violation(1007, "invalid UTF-8 in close reason")),
+                Err(_) => Err(violation(
+                    Close::InvalidData.code(),
+                    "invalid UTF-8 in close reason",
+                )),
             }
         }
     }

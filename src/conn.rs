@@ -16,6 +16,7 @@ use std::task::{Context, Poll};
 use crate::api;
 use crate::auth::Principal;
 use crate::codec::{self, Decoder, Event, Flow};
+use crate::codes::{Close, ErrorCode};
 use crate::config::RefuseWith;
 use crate::config::Scope;
 use crate::http;
@@ -169,8 +170,8 @@ impl Conn {
                     Poll::Pending => return Poll::Pending,
                 }
             }
-            if let Some((code, reason, discard)) = self.peer.take_close_request() {
-                self.start_close(code, reason, discard);
+            if let Some((close, reason, discard)) = self.peer.take_close_request() {
+                self.start_close(close.code(), reason, discard);
             }
             if self.flush().is_err() {
                 return Poll::Ready(());
@@ -361,7 +362,7 @@ impl Conn {
                         };
                         self.http_reply(http::error_response(
                             status,
-                            "bad_request",
+                            ErrorCode::BadRequest,
                             &e.to_string(),
                             "",
                         ));
@@ -462,14 +463,14 @@ impl Conn {
             {
                 self.http_reply(http::error_response(
                     405,
-                    "method_not_allowed",
+                    ErrorCode::MethodNotAllowed,
                     "use GET",
                     "Allow: GET\r\n",
                 ))
             }
             _ => self.http_reply(http::error_response(
                 404,
-                "not_found",
+                ErrorCode::NotFound,
                 "no such endpoint",
                 "",
             )),
@@ -482,7 +483,7 @@ impl Conn {
             let msg = "this endpoint speaks WebSocket only";
             return self.http_reply(http::error_response(
                 426,
-                "upgrade_required",
+                ErrorCode::UpgradeRequired,
                 msg,
                 "Upgrade: websocket\r\n",
             ));
@@ -491,18 +492,18 @@ impl Conn {
             let msg = "unsupported WebSocket version";
             return self.http_reply(http::error_response(
                 426,
-                "bad_version",
+                ErrorCode::BadVersion,
                 msg,
                 "Sec-WebSocket-Version: 13\r\n",
             ));
         }
         if !request.http11 {
             let msg = "a WebSocket upgrade needs HTTP/1.1";
-            return self.http_reply(http::error_response(400, "bad_request", msg, ""));
+            return self.http_reply(http::error_response(400, ErrorCode::BadRequest, msg, ""));
         }
         let Some(key) = request.ws_key.as_deref().filter(|k| http::ws_key_valid(k)) else {
             let msg = "Sec-WebSocket-Key must be 16 bytes, base64-encoded";
-            return self.http_reply(http::error_response(400, "bad_request", msg, ""));
+            return self.http_reply(http::error_response(400, ErrorCode::BadRequest, msg, ""));
         };
         let principal = if echo {
             None
@@ -523,14 +524,14 @@ impl Conn {
                     shard.answer(&self.peer, Rc::from(http::upgrade_response(key)));
                     self.mode = Mode::Refused;
                     self.enter(Phase::Open);
-                    return self.start_close(e.close_code(), e.code(), false);
+                    return self.start_close(e.close_code().code(), e.code().as_str(), false);
                 }
             }
         };
         if shard.shutting_down.get() {
             return self.http_reply(http::error_response(
                 503,
-                "shutting_down",
+                ErrorCode::ShuttingDown,
                 "server is restarting",
                 "Retry-After: 1\r\n",
             ));
@@ -539,7 +540,7 @@ impl Conn {
             let msg = "server is at max_connections";
             return self.http_reply(http::error_response(
                 503,
-                "over_capacity",
+                ErrorCode::OverCapacity,
                 msg,
                 "Retry-After: 1\r\n",
             ));
@@ -628,7 +629,7 @@ impl Conn {
             Event::Pong(_) => {}
             Event::Close(close) => {
                 self.close_received = true;
-                let code = close.map_or(1000, |(code, _)| code);
+                let code = close.map_or(Close::Normal.code(), |(code, _)| code);
                 self.start_close(code, "", false);
                 return Flow::Stop;
             }
@@ -662,7 +663,7 @@ impl Conn {
             shard.answer(&self.peer, protocol::rate_limited(retry_after_ms));
             self.limited_messages += 1;
             if self.limited_messages >= limits.max_rate_limited {
-                self.start_close(4429, "rate limit exceeded", false);
+                self.start_close(Close::RateLimited.code(), "rate limit exceeded", false);
             }
             return;
         }
@@ -683,7 +684,7 @@ impl Conn {
                 };
                 shard.answer(
                     &self.peer,
-                    protocol::error("token_expired", message, id, None),
+                    protocol::error(ErrorCode::TokenExpired, message, id, None),
                 );
             }
             Ok(request) => match shard.request(&self.peer, &principal, request) {
@@ -722,7 +723,7 @@ impl Conn {
         };
         if fresh.user != current.user || fresh.org != current.org {
             let refusal = protocol::Refusal {
-                code: "forbidden",
+                code: ErrorCode::Forbidden,
                 message: "a refreshed token must name the same user (sub) and org".into(),
                 id: None,
             };
@@ -773,7 +774,7 @@ impl Conn {
         let shard = self.shard.clone();
         shard.answer(&self.peer, protocol::refusal(refusal));
         match refusal.code {
-            "invalid_decision" => shard.counters.add(Counter::DecisionsRejected, 1),
+            ErrorCode::InvalidDecision => shard.counters.add(Counter::DecisionsRejected, 1),
             _ => self.count_bad(),
         }
     }
@@ -783,7 +784,11 @@ impl Conn {
         self.shard.counters.add(Counter::BadMessages, 1);
         self.bad_messages += 1;
         if self.bad_messages >= self.shard.config.limits.max_bad_messages {
-            self.start_close(4400, "too many malformed or refused messages", false);
+            self.start_close(
+                Close::BadMessages.code(),
+                "too many malformed or refused messages",
+                false,
+            );
         }
     }
 
@@ -828,7 +833,7 @@ fn api_answer(shard: &Shard, request: &http::Request) -> Result<Answer, Vec<u8>>
         let Some(name) = name.strip_suffix("/history") else {
             return Err(http::error_response(
                 404,
-                "not_found",
+                ErrorCode::NotFound,
                 "no such endpoint",
                 "",
             ));
@@ -856,14 +861,21 @@ fn api_answer(shard: &Shard, request: &http::Request) -> Result<Answer, Vec<u8>>
                     );
                     http::response(200, json, "", &body)
                 }
-                Err(_) => http::error_response(503, "shutting_down", "server is stopping", ""),
+                Err(_) => {
+                    http::error_response(503, ErrorCode::ShuttingDown, "server is stopping", "")
+                }
             }
         }));
     }
     let query = api::decisions_query(&principal, &request.query).map_err(refuse)?;
     let Some(reader) = shard.reader() else {
         let msg = "storage url is \"memory\": no decisions are kept";
-        return Err(http::error_response(503, "storage_unavailable", msg, ""));
+        return Err(http::error_response(
+            503,
+            ErrorCode::StorageUnavailable,
+            msg,
+            "",
+        ));
     };
     let limit = query.limit;
     let (reply, answer) = flume::bounded(1);
@@ -871,7 +883,7 @@ fn api_answer(shard: &Shard, request: &http::Request) -> Result<Answer, Vec<u8>>
     if let Err(e) = reader.submit(read, Box::new(move |result| drop(reply.send(result)))) {
         return Err(http::error_response(
             503,
-            "storage_unavailable",
+            ErrorCode::StorageUnavailable,
             &e.to_string(),
             "Retry-After: 1\r\n",
         ));
@@ -882,14 +894,14 @@ fn api_answer(shard: &Shard, request: &http::Request) -> Result<Answer, Vec<u8>>
                 let body = api::decisions_body(&rows, rows.len() == limit);
                 http::response(200, json, "", &body)
             }
-            Ok(Ok(_)) => http::error_response(500, "internal", "unexpected answer", ""),
+            Ok(Ok(_)) => http::error_response(500, ErrorCode::Internal, "unexpected answer", ""),
             Ok(Err(e)) => http::error_response(
                 503,
-                "storage_unavailable",
+                ErrorCode::StorageUnavailable,
                 &format!("the decision store could not be read: {e}"),
                 "Retry-After: 1\r\n",
             ),
-            Err(_) => http::error_response(503, "shutting_down", "server is stopping", ""),
+            Err(_) => http::error_response(503, ErrorCode::ShuttingDown, "server is stopping", ""),
         }
     }))
 }

@@ -2,6 +2,8 @@
 
 use crate::auth::Credentials;
 
+use crate::codes::ErrorCode;
+
 /// Largest request head accepted (browsers behind proxies and with cookies send 8 KiB and more).
 pub const MAX_HEAD: usize = 16 * 1024;
 /// Most header lines accepted.
@@ -167,10 +169,10 @@ pub fn response(status: u16, content_type: &str, extra_headers: &str, body: &str
 }
 
 /// A JSON error response: `{"error":code,"message":…}`.
-pub fn error_response(status: u16, code: &str, message: &str, extra_headers: &str) -> Vec<u8> {
+pub fn error_response(status: u16, code: ErrorCode, message: &str, extra_headers: &str) -> Vec<u8> {
     let mut body = Vec::new();
     body.extend_from_slice(br#"{"error":"#);
-    crate::json::push_str(&mut body, code);
+    crate::json::push_str(&mut body, code.as_str());
     body.extend_from_slice(br#","message":"#);
     crate::json::push_str(&mut body, message);
     body.push(b'}');

@@ -4,6 +4,7 @@
 //! The protocol core is plain code that tests drive without sockets; I/O sits at the edges.
 //!
 //! - [`codec`]: WebSocket frames (RFC 6455), decode from a borrowed buffer, encode once.
+//! - [`codes`]: every error code and close code a client can be told, in one catalogue.
 //! - [`api`]: the HTTP read API (`/api/decisions`, `/api/channels/{channel}/history`).
 //! - [`http`]: the HTTP request head (httparse), the upgrade, plain responses.
 //! - [`protocol`]: client requests in (simd-json), server messages out.
@@ -15,7 +16,8 @@
 //!   first, replies never dropped (bounded by the reply budget instead).
 //! - [`rate`]: the per-connection message rate limit.
 //! - [`history`]: a channel's recent messages, for clients catching up with `since`.
-//! - [`shard`]: one shard's state and routing: subscriptions, owned channels, mesh messages.
+//! - [`shard`]: one shard's state and routing: subscriptions, owned channels, mesh messages;
+//!   its sub-states (connections, owned channels, decisions, mesh outboxes) in `shard/`.
 //! - [`mesh`]: the tasks moving message batches between shards (and why they cannot deadlock).
 //! - [`conn`]: one connection's state machine: read, handle, write.
 //! - [`poller`]: socket readiness from the shard's own io_uring (no per-socket heap).
@@ -28,6 +30,7 @@
 pub mod api;
 pub mod auth;
 pub mod codec;
+pub mod codes;
 pub mod config;
 pub mod conn;
 pub mod decision;

@@ -190,8 +190,8 @@ impl Global {
     }
 
     /// Count a refused credential by reason code.
-    pub fn auth_failed(&self, reason: &str) {
-        if let Some(i) = AUTH_REASONS.iter().position(|r| *r == reason) {
+    pub fn auth_failed(&self, reason: crate::codes::ErrorCode) {
+        if let Some(i) = AUTH_REASONS.iter().position(|r| *r == reason.as_str()) {
             self.auth_failures[i].fetch_add(1, Relaxed);
         }
     }

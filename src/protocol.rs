@@ -4,6 +4,7 @@ use simd_json::prelude::*;
 use simd_json::tape::{Tape, Value};
 
 use crate::codec::{Frame, FrameBuilder};
+use crate::codes::ErrorCode;
 use crate::json;
 
 /// Most channels in one SUB or UNSUB.
@@ -77,7 +78,7 @@ pub struct Ingest<'a> {
 #[error("{code}: {message}")]
 pub struct Refusal {
     /// Error code sent to the client.
-    pub code: &'static str,
+    pub code: ErrorCode,
     /// Human-readable explanation.
     pub message: String,
     /// Raw request id (or idempotency key) to echo.
@@ -88,7 +89,7 @@ impl Refusal {
     /// A `bad_request` refusal.
     pub fn bad_request(message: impl Into<String>) -> Self {
         Refusal {
-            code: "bad_request",
+            code: ErrorCode::BadRequest,
             message: message.into(),
             id: None,
         }
@@ -321,7 +322,7 @@ fn parse_ingest<'a>(
         Some(crate::decision::SCHEMA) => {}
         _ => {
             return Err(Refusal {
-                code: "invalid_decision",
+                code: ErrorCode::InvalidDecision,
                 message: format!("\"schema\" must be \"{}\"", crate::decision::SCHEMA),
                 id: raw_key.map(<[u8]>::to_vec),
             })
@@ -332,7 +333,7 @@ fn parse_ingest<'a>(
         return Err(Refusal::bad_request("missing \"data\"").with_id(raw_key));
     };
     let decision = crate::decision::Decision::from_value(fields).map_err(|message| Refusal {
-        code: "invalid_decision",
+        code: ErrorCode::InvalidDecision,
         message,
         id: raw_key.map(<[u8]>::to_vec),
     })?;
@@ -450,11 +451,11 @@ pub fn subscribed(
 }
 
 /// `ERROR` with a code, a message, and optionally the request id and the channel concerned.
-pub fn error(code: &str, message: &str, id: Option<&[u8]>, channel: Option<&str>) -> Frame {
+pub fn error(code: ErrorCode, message: &str, id: Option<&[u8]>, channel: Option<&str>) -> Frame {
     let mut f = text();
     let out = f.payload_mut();
     out.extend_from_slice(br#"{"type":"ERROR","code":"#);
-    json::push_str(out, code);
+    json::push_str(out, code.as_str());
     out.extend_from_slice(br#","message":"#);
     json::push_str(out, message);
     push_opt_raw(out, "id", id);
@@ -475,7 +476,9 @@ pub fn refusal(r: &Refusal) -> Frame {
 pub fn slow_consumer(dropped: u64) -> Frame {
     let mut f = text();
     let out = f.payload_mut();
-    out.extend_from_slice(br#"{"type":"ERROR","code":"slow_consumer","dropped":"#);
+    out.extend_from_slice(br#"{"type":"ERROR","code":"#);
+    json::push_str(out, ErrorCode::SlowConsumer.as_str());
+    out.extend_from_slice(br#","dropped":"#);
     json::push_u64(out, dropped);
     out.extend_from_slice(
         br#","message":"messages were dropped because this connection reads too slowly"}"#,
@@ -487,7 +490,9 @@ pub fn slow_consumer(dropped: u64) -> Frame {
 pub fn rate_limited(retry_after_ms: u64) -> Frame {
     let mut f = text();
     let out = f.payload_mut();
-    out.extend_from_slice(br#"{"type":"ERROR","code":"rate_limited","retryAfterMs":"#);
+    out.extend_from_slice(br#"{"type":"ERROR","code":"#);
+    json::push_str(out, ErrorCode::RateLimited.as_str());
+    out.extend_from_slice(br#","retryAfterMs":"#);
     json::push_u64(out, retry_after_ms);
     out.extend_from_slice(
         br#","message":"message rate limit exceeded; this message was not processed"}"#,
@@ -529,7 +534,9 @@ pub fn ingest_ack(key: &str, decision_id: &str, dedup: bool, seq: u64) -> Vec<u8
 pub fn storage_unavailable(key: &str) -> Vec<u8> {
     let mut f = text();
     let out = f.payload_mut();
-    out.extend_from_slice(br#"{"type":"ERROR","code":"storage_unavailable","message":"#);
+    out.extend_from_slice(br#"{"type":"ERROR","code":"#);
+    json::push_str(out, ErrorCode::StorageUnavailable.as_str());
+    out.extend_from_slice(br#","message":"#);
     json::push_str(
         out,
         "the decision store is unavailable; retry with the same idempotencyKey",
@@ -645,7 +652,7 @@ mod tests {
         ];
         for (raw, expect) in cases {
             let err = parser.parse(raw).unwrap_err();
-            assert_eq!(err.code, "bad_request");
+            assert_eq!(err.code.as_str(), "bad_request");
             assert!(
                 err.message.contains(expect),
                 "{}: {}",
@@ -684,7 +691,7 @@ mod tests {
         ];
         for (raw, key) in cases {
             let err = parser.parse(raw).unwrap_err();
-            assert_eq!(err.code, "bad_request");
+            assert_eq!(err.code.as_str(), "bad_request");
             assert!(
                 err.message.contains(&format!("duplicate key {key}")),
                 "{}",
@@ -740,12 +747,15 @@ mod tests {
         assert!(matches!(parser.parse(good), Ok(Request::Ingest(_))));
         let bad = br#"{"type":"INGEST","channel":"org:acme:decisions","schema":"decision.v1","idempotencyKey":"k1","data":{"orgId":"acme","direction":"sideways","decision":"allow","payloadHash":"x"}}"#;
         let err = parser.parse(bad).unwrap_err();
-        assert_eq!(err.code, "invalid_decision");
+        assert_eq!(err.code.as_str(), "invalid_decision");
         assert!(err.message.contains("direction"));
         assert_eq!(err.id.as_deref(), Some(&br#""k1""#[..]));
         let schema =
             br#"{"type":"INGEST","channel":"c","schema":"v0","idempotencyKey":"k2","data":{}}"#;
-        assert_eq!(parser.parse(schema).unwrap_err().code, "invalid_decision");
+        assert_eq!(
+            parser.parse(schema).unwrap_err().code.as_str(),
+            "invalid_decision"
+        );
     }
 
     #[test]
@@ -755,7 +765,13 @@ mod tests {
             ready("c-1", 0).to_vec(),
             subscribed(&["org:a:usage"], Some(b"3"), 17, &[("org:a:usage", false)]).to_vec(),
             unsubscribed(&["org:a:usage"], None).to_vec(),
-            error("forbidden", "no \"access\"", None, Some("org:b:usage")).to_vec(),
+            error(
+                ErrorCode::Forbidden,
+                "no \"access\"",
+                None,
+                Some("org:b:usage"),
+            )
+            .to_vec(),
             slow_consumer(12).to_vec(),
             rate_limited(40).to_vec(),
             publish_ack(br#""x""#, 9),

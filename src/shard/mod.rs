@@ -18,6 +18,7 @@ use indexmap::IndexMap;
 
 use crate::auth::{Authenticator, Channel, Principal};
 use crate::codec::{self, Frame};
+use crate::codes::{Close, ErrorCode};
 use crate::config::{BackpressurePolicy, Config, Scope};
 use crate::decision::{self, Decision, DecisionId, Original};
 use crate::history;
@@ -476,7 +477,7 @@ impl Shard {
             Pushed::Overflow => {
                 self.counters.add(Counter::MessagesDropped, 1);
                 self.counters.add(Counter::SlowConsumerCloses, 1);
-                peer.request_close(1008, "slow consumer", true);
+                peer.request_close(Close::SlowConsumer, "slow consumer", true);
             }
         }
         if was_empty {
@@ -590,7 +591,7 @@ impl Shard {
                 if ingest.decision.org_id != expected_org {
                     self.counters.add(Counter::DecisionsRejected, 1);
                     let message = format!("data.orgId must be {expected_org:?}, the channel's org");
-                    let frame = protocol::error("invalid_decision", &message, key, None);
+                    let frame = protocol::error(ErrorCode::InvalidDecision, &message, key, None);
                     // A decision refused by validation, like those the parser refuses: counted
                     // as rejected, not as a bad message.
                     self.answer(peer, frame);
@@ -647,7 +648,7 @@ impl Shard {
     ) -> Result<Channel<'a>, Refusal> {
         let channel =
             Channel::parse(name, &self.config.channels.categories).map_err(|e| Refusal {
-                code: "invalid_channel",
+                code: ErrorCode::InvalidChannel,
                 message: format!("{}: {e}", crate::json::echo(name)),
                 id: None,
             })?;
@@ -655,7 +656,7 @@ impl Shard {
             Ok(channel)
         } else {
             Err(Refusal {
-                code: "forbidden",
+                code: ErrorCode::Forbidden,
                 message: format!("not allowed to {} on {name:?}", scope_verb(scope)),
                 id: None,
             })
@@ -690,7 +691,7 @@ impl Shard {
                         Ok(())
                     } else if held >= max {
                         Err(Refusal {
-                            code: "too_many_subscriptions",
+                            code: ErrorCode::TooManySubscriptions,
                             message: format!(
                                 "this connection holds {max} subscriptions, the most allowed"
                             ),
@@ -1489,7 +1490,7 @@ impl Shard {
                 (Phase::Open, _) if now >= peer.token_deadline.get() => {
                     if peer.token_expired.replace(true) {
                         peer.token_deadline.set(u64::MAX);
-                        peer.request_close(4403, "token expired", false);
+                        peer.request_close(Close::TokenRefused, "token expired", false);
                     } else {
                         let grace = self.config.auth.token_grace_ms;
                         peer.token_deadline.set(now.saturating_add(grace));
@@ -1499,11 +1500,11 @@ impl Shard {
                 (Phase::Open, Stall::Replies) if stalled > ws.reply_timeout_ms => {
                     self.counters.add(Counter::StalledCloses, 1);
                     // Its replies cannot reach it anyway: make room for the close frame.
-                    peer.request_close(4408, "replies not read", true);
+                    peer.request_close(Close::Stalled, "replies not read", true);
                 }
                 (Phase::Open, Stall::Message) if stalled > ws.message_timeout_ms => {
                     self.counters.add(Counter::StalledCloses, 1);
-                    peer.request_close(4408, "message incomplete for too long", false);
+                    peer.request_close(Close::Stalled, "message incomplete for too long", false);
                 }
                 // Its requests are not being read, so it cannot be heard: no idle check.
                 (Phase::Open, Stall::Replies) => {}
@@ -1542,7 +1543,7 @@ impl Shard {
             match peer.phase.get() {
                 Phase::Open => {
                     self.answer(&peer, notice.clone());
-                    peer.request_close(1001, "server restarting", false);
+                    peer.request_close(Close::GoingAway, "server restarting", false);
                 }
                 Phase::Http => abort(&peer),
                 Phase::Closing => {}

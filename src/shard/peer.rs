@@ -9,6 +9,7 @@ use std::task::Waker;
 use smallvec::SmallVec;
 
 use crate::codec::Frame;
+use crate::codes::Close;
 use crate::queue::OutQueue;
 
 /// Lifecycle of a connection, as the sweeper sees it.
@@ -30,7 +31,7 @@ pub struct Peer {
     pub(super) out: RefCell<OutQueue>,
     pub(super) waker: Cell<Option<Waker>>,
     /// Close requested by the shard: code, reason, and whether queued frames are discarded.
-    pub(super) close: Cell<Option<(u16, &'static str, bool)>>,
+    pub(super) close: Cell<Option<(Close, &'static str, bool)>>,
     /// Set to drop the connection without a closing handshake.
     pub abort: Cell<bool>,
     /// Current phase.
@@ -116,7 +117,7 @@ impl Peer {
     }
 
     /// Ask the connection to close with `code` (discarding queued frames when `discard`).
-    pub fn request_close(&self, code: u16, reason: &'static str, discard: bool) {
+    pub fn request_close(&self, code: Close, reason: &'static str, discard: bool) {
         if self.close.get().is_none() {
             self.close.set(Some((code, reason, discard)));
             self.wake();
@@ -124,7 +125,7 @@ impl Peer {
     }
 
     /// Take a pending close request.
-    pub fn take_close_request(&self) -> Option<(u16, &'static str, bool)> {
+    pub fn take_close_request(&self) -> Option<(Close, &'static str, bool)> {
         self.close.take()
     }
 

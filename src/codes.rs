@@ -1,0 +1,133 @@
+//! Every code a client can be told, in one place: the error codes of `ERROR` frames and HTTP
+//! error bodies, and the WebSocket close codes the server sends. The wire strings and numbers
+//! are the protocol: renaming a variant must not change them.
+
+/// Machine-readable error codes (`ERROR` frames, HTTP error bodies, auth failure labels).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// Malformed request: bad JSON, unknown type, missing or ill-typed field, duplicate key.
+    BadRequest,
+    /// The credentials do not allow this.
+    Forbidden,
+    /// Not a valid channel name.
+    InvalidChannel,
+    /// An INGEST whose decision fails validation.
+    InvalidDecision,
+    /// The connection holds `limits.max_subscriptions` already.
+    TooManySubscriptions,
+    /// The connection's token has expired (REFRESH to continue).
+    TokenExpired,
+    /// The decision store cannot take or read decisions now.
+    StorageUnavailable,
+    /// The server is draining.
+    ShuttingDown,
+    /// Over the rate limit.
+    RateLimited,
+    /// Frames were dropped because the connection reads too slowly.
+    SlowConsumer,
+    /// No API key or token.
+    MissingCredentials,
+    /// Unknown API key.
+    InvalidKey,
+    /// A token that does not verify.
+    InvalidToken,
+    /// A plain HTTP request on a WebSocket endpoint.
+    UpgradeRequired,
+    /// An unsupported `Sec-WebSocket-Version`.
+    BadVersion,
+    /// At `max_connections`.
+    OverCapacity,
+    /// Not ready for traffic (`/health/ready`).
+    NotReady,
+    /// No such route.
+    NotFound,
+    /// The route exists for other methods.
+    MethodNotAllowed,
+    /// The server's own fault.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The code as sent.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::InvalidChannel => "invalid_channel",
+            ErrorCode::InvalidDecision => "invalid_decision",
+            ErrorCode::TooManySubscriptions => "too_many_subscriptions",
+            ErrorCode::TokenExpired => "token_expired",
+            ErrorCode::StorageUnavailable => "storage_unavailable",
+            ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::SlowConsumer => "slow_consumer",
+            ErrorCode::MissingCredentials => "missing_credentials",
+            ErrorCode::InvalidKey => "invalid_key",
+            ErrorCode::InvalidToken => "invalid_token",
+            ErrorCode::UpgradeRequired => "upgrade_required",
+            ErrorCode::BadVersion => "bad_version",
+            ErrorCode::OverCapacity => "over_capacity",
+            ErrorCode::NotReady => "not_ready",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// WebSocket close codes the server sends (RFC 6455 section 7.4, and shardcast's own 4xxx).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum Close {
+    /// The client closed; answered in kind.
+    Normal = 1000,
+    /// The server is restarting (after `SYSTEM restart`).
+    GoingAway = 1001,
+    /// A frame broke the protocol.
+    ProtocolError = 1002,
+    /// Text that is not UTF-8.
+    InvalidData = 1007,
+    /// The connection read too slowly (policy "close").
+    SlowConsumer = 1008,
+    /// A message over `limits.max_message_bytes`.
+    TooBig = 1009,
+    /// Too many malformed or refused messages.
+    BadMessages = 4400,
+    /// Missing or unknown credentials.
+    Unauthorized = 4401,
+    /// An invalid or expired token.
+    TokenRefused = 4403,
+    /// A message left incomplete, or replies left unread, for too long.
+    Stalled = 4408,
+    /// Over the rate limit, repeatedly.
+    RateLimited = 4429,
+}
+
+impl Close {
+    /// The code as sent.
+    pub const fn code(self) -> u16 {
+        self as u16
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_the_wire_strings_and_numbers() {
+        assert_eq!(
+            ErrorCode::TooManySubscriptions.as_str(),
+            "too_many_subscriptions"
+        );
+        assert_eq!(ErrorCode::BadRequest.to_string(), "bad_request");
+        assert_eq!(Close::Stalled.code(), 4408);
+        assert_eq!(Close::TooBig.code(), 1009);
+    }
+}
