@@ -77,8 +77,9 @@ pub fn scan_object(input: &[u8]) -> Option<Scanned> {
 const PAIRWISE: usize = 16;
 
 /// The first name that appears twice in one object, anywhere in a parsed document (keys on
-/// the tape are decoded, so `"a"` and `"\u0061"` are one name). Large objects are sorted, not
-/// compared pairwise: a 64 KB object of short keys must not cost milliseconds.
+/// the tape are decoded, so `"a"` and `"\u0061"` are one name). Objects of more than 16
+/// keys go through a hash set, not pairwise comparison: a 64 KB object of short
+/// keys must not cost milliseconds.
 pub fn duplicate_key<'i>(tape: &[Node<'i>]) -> Option<&'i str> {
     let mut keys: SmallVec<[&'i str; PAIRWISE]> = SmallVec::new();
     for (at, node) in tape.iter().enumerate() {
