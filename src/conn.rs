@@ -379,7 +379,7 @@ impl Conn {
     }
 
     fn http_reply(&mut self, response: Vec<u8>) {
-        self.http_frames += 1;
+        self.http_frames = self.http_frames.saturating_add(1);
         self.shard.answer(&self.peer, Rc::from(response));
         self.mode = Mode::HttpReply;
     }
@@ -520,7 +520,7 @@ impl Conn {
                             "",
                         ));
                     }
-                    self.http_frames += 1;
+                    self.http_frames = self.http_frames.saturating_add(1);
                     shard.answer(&self.peer, Rc::from(http::upgrade_response(key)));
                     self.mode = Mode::Refused;
                     self.enter(Phase::Open);
@@ -546,7 +546,7 @@ impl Conn {
             ));
         }
         self.holds_slot = true;
-        self.http_frames += 1;
+        self.http_frames = self.http_frames.saturating_add(1);
         shard.answer(&self.peer, Rc::from(http::upgrade_response(key)));
         self.enter(Phase::Open);
         match principal {
