@@ -23,6 +23,7 @@ use crate::http;
 use crate::metrics::Counter;
 use crate::poller::{self, Poller, Watched};
 use crate::protocol::{self, Request};
+use crate::queue::ReplyBudget;
 use crate::rate::TokenBucket;
 use crate::shard::{Handled, Peer, Phase, Shard, Stall};
 use crate::storage;
@@ -113,6 +114,7 @@ pub fn serve(
         paused: false,
         events: 0,
         http_frames: 0,
+        reads_paused: false,
     };
     Ok(std::future::poll_fn(move |cx| conn.poll(cx)))
 }
@@ -140,6 +142,8 @@ struct Conn {
     /// HTTP responses at the front of the queue (the 101 or an error): not messages, so
     /// not counted as sent.
     http_frames: u8,
+    /// Requests are not being read (counted once per pause).
+    reads_paused: bool,
 }
 
 enum Step {
@@ -208,15 +212,22 @@ impl Conn {
             return Step::Pending;
         }
         if self.is_websocket() && !self.close_queued {
-            if self.replies_over_budget() {
-                // Its answers are not being read: read none of its requests (TCP pushes back
-                // on this client alone). Writing the replies wakes this task.
-                if self.peer.stall.get() != Stall::Replies {
+            let (queued_over, over) = self.reply_debt();
+            if over {
+                // Its answers are not being read, or are still owed by other shards: read none
+                // of its requests (TCP pushes back on this client alone). Writing the replies,
+                // or one arriving, wakes this task.
+                if !self.reads_paused {
+                    self.reads_paused = true;
                     self.shard.counters.add(Counter::ReadsPaused, 1);
+                }
+                // Only unread answers are the client's doing (and can time it out).
+                if queued_over && self.peer.stall.get() != Stall::Replies {
                     self.peer.set_stall(Stall::Replies, self.shard.now_ms());
                 }
                 return Step::Pending;
             }
+            self.reads_paused = false;
             if self.peer.stall.get() == Stall::Replies {
                 self.peer.set_stall(Stall::None, self.peer.last_heard.get());
             }
@@ -264,9 +275,20 @@ impl Conn {
         Step::Progress
     }
 
-    fn replies_over_budget(&self) -> bool {
+    /// The connection's answers against its reply budget: over it with the queued ones alone,
+    /// and over it counting those other shards still owe. Counting the owed ones bounds how
+    /// many requests a client can have in flight without reading (and so how many replies
+    /// its queue can ever hold).
+    fn reply_debt(&self) -> (bool, bool) {
         let budget = self.shard.config.limits.reply_budget();
-        self.peer.out().borrow().replies_over(budget)
+        let out = self.peer.out().borrow();
+        let queued = out.replies_over(budget);
+        let owed = self.peer.owed.get() as usize;
+        let less = ReplyBudget {
+            messages: budget.messages.saturating_sub(owed),
+            ..budget
+        };
+        (queued, queued || out.replies_over(less))
     }
 
     fn clear(&self, bits: u8) {
@@ -636,7 +658,7 @@ impl Conn {
         }
         if self.close_queued {
             Flow::Stop
-        } else if self.replies_over_budget() {
+        } else if self.reply_debt().1 {
             // The rest waits in the decoder until the replies are read.
             self.paused = true;
             Flow::Pause

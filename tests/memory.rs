@@ -37,7 +37,7 @@ static ALLOCATOR: Counting = Counting;
 static MEASURING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Heap bytes one idle, authenticated WebSocket connection may hold on the server.
-const BUDGET: isize = 512;
+const BUDGET: isize = 520;
 
 fn open(addr: std::net::SocketAddr) -> TcpStream {
     let mut s = TcpStream::connect(addr).unwrap();

@@ -571,6 +571,9 @@ impl Shard {
                     self.publish_as_owner(&channel, data, &origin, t0);
                     return Handled::Done;
                 }
+                if origin.id.is_some() {
+                    peer.owed.set(peer.owed.get() + 1);
+                }
                 let msg = MeshMsg::Publish {
                     channel: channel.into(),
                     data: data.to_vec(),
@@ -614,6 +617,7 @@ impl Shard {
                     );
                     return Handled::Done;
                 }
+                peer.owed.set(peer.owed.get() + 1);
                 let msg = MeshMsg::Ingest {
                     channel: ingest.channel.as_str().into(),
                     decision: ingest.decision,
@@ -1413,7 +1417,13 @@ impl Shard {
             }
             MeshMsg::InterestAck { token } => self.answered(token, None),
             MeshMsg::Replay { token, replay } => self.answered(token, Some(replay.into_frames())),
-            MeshMsg::Reply { conn, frame } => self.send_to_conn(conn, Rc::from(frame)),
+            MeshMsg::Reply { conn, frame } => {
+                // Each request routed to an owner is answered once: the debt is paid.
+                if let Some(peer) = self.peer(conn) {
+                    peer.owed.set(peer.owed.get().saturating_sub(1));
+                    self.answer(&peer, Rc::from(frame));
+                }
+            }
             MeshMsg::History {
                 channel,
                 after,

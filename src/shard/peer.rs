@@ -57,6 +57,9 @@ pub struct Peer {
     pub token_deadline: Cell<u64>,
     /// The token has expired: requests other than REFRESH and PING are refused.
     pub token_expired: Cell<bool>,
+    /// Answers other shards owe this connection (a PUBLISH with an id or an INGEST on a
+    /// channel owned elsewhere): they count against its reply budget before they arrive.
+    pub owed: Cell<u32>,
 }
 
 /// What an open connection is waiting for its client to do; the sweeper closes it with 4408
@@ -92,6 +95,7 @@ impl Peer {
             stall_since: Cell::new(now),
             token_deadline: Cell::new(u64::MAX),
             token_expired: Cell::new(false),
+            owed: Cell::new(0),
         }
     }
 

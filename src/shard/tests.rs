@@ -434,3 +434,20 @@ fn slow_peer_drops_are_counted() {
     assert_eq!(shard.counters.get(Counter::MessagesDropped), 6);
     assert_eq!(peer.out().borrow().len(), 4);
 }
+
+#[test]
+fn answers_owed_by_another_shard_are_counted_until_they_arrive() {
+    let sim = Sim::new(2);
+    let channel = channel_owned_by(0);
+    let peer = sim.shards[1].add_conn();
+    for n in 0..3 {
+        let json = format!(r#"{{"type":"PUBLISH","channel":"{channel}","data":{n},"id":{n}}}"#);
+        sim.request(1, &peer, &json);
+    }
+    // Without an id nothing is owed.
+    publish(&sim, 1, &peer, &channel, 9);
+    assert_eq!(peer.owed.get(), 3, "three ACKs to come from the owner");
+    sim.settle();
+    assert_eq!(peer.owed.get(), 0);
+    assert_eq!(drain(&peer).len(), 3);
+}
