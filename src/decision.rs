@@ -204,10 +204,7 @@ impl DecisionIdText {
 
 /// Milliseconds since the Unix epoch.
 pub fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    crate::clock::unix_ms()
 }
 
 /// RFC 3339 UTC timestamp with milliseconds, e.g. `2024-01-01T00:00:00.000Z`.

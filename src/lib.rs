@@ -3,6 +3,7 @@
 //! # Layout
 //! The protocol core is plain code that tests drive without sockets; I/O sits at the edges.
 //!
+//! - [`clock`]: the time the I/O edge hands the core (the core never reads a clock).
 //! - [`codec`]: WebSocket frames (RFC 6455), decode from a borrowed buffer, encode once.
 //! - [`codes`]: every error code and close code a client can be told, in one catalogue.
 //! - [`api`]: the HTTP read API (`/api/decisions`, `/api/channels/{channel}/history`).
@@ -29,6 +30,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod clock;
 pub mod codec;
 pub mod codes;
 pub mod config;

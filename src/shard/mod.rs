@@ -7,14 +7,12 @@
 //! to every shard with subscribers; each shard then hands the same bytes to its own subscribers.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::Waker;
 use std::time::Instant;
-
-use indexmap::IndexMap;
 
 use crate::auth::{Authenticator, Channel, Principal};
 use crate::codec::{self, Frame};
@@ -31,12 +29,17 @@ mod channels;
 mod ingest;
 mod outbox;
 mod peer;
+mod replays;
+mod subscriptions;
 
-use channels::{shrink_if_sparse, Channels, Held, Hold, Owned};
+use channels::{Channels, Held, Hold, Owned};
 use ingest::{Admission, Decisions, Unconfirmed};
 use outbox::Outboxes;
 use peer::Registry;
 pub use peer::{Peer, Phase, Stall};
+pub use replays::{HistoryPage, Replay, Since};
+use replays::{PendingRead, ReplayTo, Replays};
+use subscriptions::{PendingSub, Subscriptions};
 
 /// Where an answer must go: a connection on some shard, with the request id to echo.
 #[derive(Debug)]
@@ -133,60 +136,6 @@ pub enum MeshMsg {
     },
 }
 
-/// Where a reconnecting subscriber left a channel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Since {
-    /// Last seq the client has.
-    pub after: u64,
-    /// The client's seqs come from an earlier epoch (a restart may have reused them).
-    pub stale: bool,
-}
-
-/// Messages a subscriber missed on one channel, from the owner's history.
-#[derive(Debug)]
-pub struct Replay<F> {
-    /// Channel.
-    pub channel: Box<str>,
-    /// `(seq, frame)` after the client's seq, in order.
-    pub frames: Vec<(u64, F)>,
-    /// Last seq sent before the subscription was registered: live messages above it follow.
-    pub upto: u64,
-    /// Every message after the client's seq is in `frames`.
-    pub complete: bool,
-}
-
-impl Replay<Frame> {
-    /// The same replay with owned bytes, to cross to another shard.
-    fn into_bytes(self) -> Replay<Vec<u8>> {
-        Replay {
-            channel: self.channel,
-            frames: self
-                .frames
-                .into_iter()
-                .map(|(s, f)| (s, f.to_vec()))
-                .collect(),
-            upto: self.upto,
-            complete: self.complete,
-        }
-    }
-}
-
-impl Replay<Vec<u8>> {
-    /// The same replay as shared frames.
-    fn into_frames(self) -> Replay<Frame> {
-        Replay {
-            channel: self.channel,
-            frames: self
-                .frames
-                .into_iter()
-                .map(|(s, f)| (s, Rc::from(f)))
-                .collect(),
-            upto: self.upto,
-            complete: self.complete,
-        }
-    }
-}
-
 /// The shard's side of the storage writer.
 pub struct StorageLink {
     /// The writer's queue.
@@ -210,61 +159,6 @@ pub struct Loaded {
     pub result: Result<storage::reader::Answer, String>,
 }
 
-/// A page of a channel's history, for `GET /api/channels/{channel}/history`.
-#[derive(Debug)]
-pub struct HistoryPage {
-    /// `(seq, frame)` after the asked seq, in order, at most the asked limit.
-    pub frames: Vec<(u64, Vec<u8>)>,
-    /// No message between the asked seq and the last frame is missing.
-    pub complete: bool,
-    /// More messages follow the last frame.
-    pub more: bool,
-}
-
-/// Where a replay goes once the owner has it.
-#[derive(Debug)]
-enum ReplayTo {
-    /// A pending SUB on some shard.
-    Sub { shard: usize, token: u64 },
-    /// An HTTP history request, with its page size.
-    Http {
-        reply: flume::Sender<HistoryPage>,
-        limit: usize,
-    },
-}
-
-/// A replay waiting for stored decisions older than the channel's in-memory history.
-#[derive(Debug)]
-struct PendingRead {
-    to: ReplayTo,
-    since: Since,
-    /// Lowest seq the ring holds is above this; the store is asked for `(since, floor]`.
-    floor: u64,
-    /// Most rows asked of the store (an HTTP page may end inside the stored range).
-    limit: usize,
-    /// What the ring had when the subscriber was registered.
-    ring: Replay<Frame>,
-}
-
-/// A SUB waiting for owners on other shards to register this shard's interest (and for
-/// their replays, for channels asked with `since`).
-#[derive(Debug)]
-struct PendingSub {
-    conn: u64,
-    channels: Vec<String>,
-    id: Option<Box<[u8]>>,
-    waiting: usize,
-    replays: Vec<Replay<Frame>>,
-}
-
-/// A subscriber waiting for its replay: live messages for it are kept until the replay is
-/// sent, then those above the replay's `upto` follow it.
-#[derive(Debug)]
-struct CatchUp {
-    token: u64,
-    live: VecDeque<(u64, Frame)>,
-}
-
 /// What became of a client request.
 #[must_use]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -274,9 +168,6 @@ pub enum Handled {
     /// Refused for a channel the client may not use: counts toward `limits.max_bad_messages`.
     Refused,
 }
-
-/// A channel's local subscribers by connection id: O(1) removal, dense iteration for fan-out.
-type Subscribers = IndexMap<u64, Rc<Peer>>;
 
 /// One shard.
 pub struct Shard {
@@ -303,13 +194,10 @@ pub struct Shard {
     bounds: Bounds,
     started: Instant,
     conns: RefCell<Registry>,
-    subs: RefCell<HashMap<Rc<str>, Subscribers>>,
+    subs: RefCell<Subscriptions>,
     channels: RefCell<Channels>,
     decisions: RefCell<Decisions>,
-    pending_subs: RefCell<HashMap<u64, PendingSub>>,
-    pending_reads: RefCell<HashMap<u64, PendingRead>>,
-    /// Per channel, the local subscribers waiting for a replay, by connection id.
-    catching_up: RefCell<HashMap<Rc<str>, HashMap<u64, CatchUp>>>,
+    replays: RefCell<Replays>,
     history: history::Limits,
     /// Server epoch (start time): seqs of ephemeral channels restart when it changes.
     epoch: u64,
@@ -347,9 +235,7 @@ impl Shard {
             subs: RefCell::default(),
             channels: RefCell::default(),
             decisions: RefCell::new(Decisions::new(&config, id)),
-            pending_subs: RefCell::default(),
-            pending_reads: RefCell::default(),
-            catching_up: RefCell::default(),
+            replays: RefCell::default(),
             history: config.history.limits(),
             epoch: global.boot_id,
             next_token: Cell::new(1),
@@ -682,11 +568,7 @@ impl Shard {
         for name in names {
             // The shard's subscriber map answers in one lookup (the connection's own list is
             // up to `max_subscriptions` long).
-            let known = self
-                .subs
-                .borrow()
-                .get(name.as_str())
-                .is_some_and(|members| members.contains_key(&peer.id));
+            let known = self.subs.borrow().has(&name, peer.id);
             let allowed = self
                 .check_channel(principal, Scope::Subscribe, &name)
                 .map(drop)
@@ -731,25 +613,15 @@ impl Shard {
         };
         for name in &accepted {
             let channel: Rc<str> = Rc::from(name.as_str());
-            let newly = self
-                .subs
-                .borrow_mut()
-                .entry(channel.clone())
-                .or_default()
-                .insert(peer.id, peer.clone())
-                .is_none();
-            if newly {
+            if self.subs.borrow_mut().add(channel.clone(), peer) {
                 peer.channels.borrow_mut().push(channel.clone());
             }
             let since = since.get(name).copied();
             if since.is_some() {
                 // From here until its replay is sent, live messages for this subscriber wait.
-                let live = VecDeque::new();
-                self.catching_up
+                self.subs
                     .borrow_mut()
-                    .entry(channel)
-                    .or_default()
-                    .insert(peer.id, CatchUp { token, live });
+                    .begin_catch_up(channel, peer.id, token);
             }
             let owner = self.owner_of(name);
             if owner != self.id {
@@ -773,7 +645,7 @@ impl Shard {
             self.finish_subscribe(token, pending);
             return handled;
         }
-        self.pending_subs.borrow_mut().insert(token, pending);
+        self.subs.borrow_mut().park(token, pending);
         // Owned here: answered at once from the ring, or once the store has been read.
         for (name, since) in local {
             let to = ReplayTo::Sub {
@@ -788,24 +660,11 @@ impl Shard {
     /// A SUB has everything it waited for: answer SUBSCRIBED, then send each replay followed by
     /// the live messages that arrived meanwhile (those the replay does not already hold).
     fn finish_subscribe(&self, token: u64, mut p: PendingSub) {
-        let mut catching_up = self.catching_up.borrow_mut();
-        // Take this SUB's waiting subscribers (a later SUB of the same channel has its own).
-        let mut live = Vec::with_capacity(p.replays.len());
-        for replay in &p.replays {
-            let waiting = catching_up.get_mut(&*replay.channel);
-            let mine = waiting.and_then(|w| match w.get(&p.conn) {
-                Some(c) if c.token == token => w.remove(&p.conn),
-                _ => None,
-            });
-            if catching_up
-                .get(&*replay.channel)
-                .is_some_and(HashMap::is_empty)
-            {
-                catching_up.remove(&*replay.channel);
-            }
-            live.push(mine.map(|c| c.live));
-        }
-        drop(catching_up);
+        let live: Vec<_> = {
+            let mut subs = self.subs.borrow_mut();
+            let mut end = |r: &Replay<Frame>| subs.end_catch_up(&r.channel, p.conn, token);
+            p.replays.iter().map(&mut end).collect()
+        };
         let Some(peer) = self.peer(p.conn) else {
             return;
         };
@@ -913,7 +772,7 @@ impl Shard {
                     limit,
                     ring,
                 };
-                self.pending_reads.borrow_mut().insert(token, read);
+                self.replays.borrow_mut().wait(token, read);
             }
             Err(e) => {
                 tracing::warn!(shard = self.id, "replay from the store refused: {e}");
@@ -926,10 +785,9 @@ impl Shard {
     /// The replay is complete when the store holds every seq the ring lost (a hole means an
     /// ephemeral message, gone for good).
     pub fn loaded(&self, loaded: Loaded) {
-        let Some(read) = self.pending_reads.borrow_mut().remove(&loaded.token) else {
+        let Some(read) = self.replays.borrow_mut().take(loaded.token) else {
             return;
         };
-        let mut replay = read.ring;
         let rows = match loaded.result {
             Ok(storage::reader::Answer::History(rows)) => rows,
             Ok(other) => {
@@ -941,29 +799,11 @@ impl Shard {
                 Vec::new()
             }
         };
-        // Seqs are unique and within (after, floor]: as many rows as seqs means no hole.
-        let after = read.since.after;
-        let missing = read.floor - after;
-        let page_ends_in_store = rows.len() == read.limit && (read.limit as u64) < missing;
-        let reaches = rows.last().map_or(after, |(seq, _)| *seq);
-        let whole = if page_ends_in_store {
-            rows.len() as u64 == reaches - after
-        } else {
-            rows.len() as u64 == missing
+        let frame = |channel: &str, seq, data: &[u8]| {
+            Frame::from(protocol::fanout_frame(Kind::Decision, channel, seq, data))
         };
-        replay.complete = !read.since.stale && whole;
-        let stored = rows.into_iter().map(|(seq, data)| {
-            let frame =
-                protocol::fanout_frame(Kind::Decision, &replay.channel, seq, data.as_bytes());
-            (seq, Frame::from(frame))
-        });
-        let mut frames: Vec<(u64, Frame)> = stored.collect();
-        // A page that ends in the store leaves the ring's messages for the next page.
-        if !page_ends_in_store {
-            frames.append(&mut replay.frames);
-        }
-        replay.frames = frames;
-        self.send_replay(read.to, replay, page_ends_in_store);
+        let (to, replay, cut) = read.merge(rows, frame);
+        self.send_replay(to, replay, cut);
     }
 
     /// Hand a replay to whoever asked; `cut` says more messages follow the last one (an HTTP
@@ -1009,29 +849,7 @@ impl Shard {
     }
 
     fn unsubscribe_one(&self, conn: u64, channel: &str) {
-        {
-            let mut catching_up = self.catching_up.borrow_mut();
-            if let Some(waiting) = catching_up.get_mut(channel) {
-                waiting.remove(&conn);
-                if waiting.is_empty() {
-                    catching_up.remove(channel);
-                }
-            }
-        }
-        let now_empty = {
-            let mut subs = self.subs.borrow_mut();
-            match subs.get_mut(channel) {
-                Some(members) => {
-                    members.swap_remove(&conn);
-                    let empty = members.is_empty();
-                    if empty {
-                        subs.remove(channel);
-                    }
-                    empty
-                }
-                None => false,
-            }
-        };
+        let now_empty = self.subs.borrow_mut().remove(conn, channel);
         let owner = self.owner_of(channel);
         if now_empty && owner != self.id {
             let msg = MeshMsg::Interest {
@@ -1098,29 +916,16 @@ impl Shard {
     /// Hand one frame to every local subscriber of `channel` (subscribers waiting for a
     /// replay keep it for later).
     fn deliver_local(&self, channel: &str, seq: u64, frame: Frame, t0: Instant) {
-        let subs = self.subs.borrow();
-        let Some(members) = subs.get(channel) else {
+        let bound = self.bounds.messages;
+        let deliver = |peer: &Rc<Peer>, frame| self.deliver(peer, frame);
+        let fanned = self
+            .subs
+            .borrow_mut()
+            .fan_out(channel, seq, &frame, bound, deliver);
+        let Some(dropped) = fanned else {
             return;
         };
-        let mut catching_up = self.catching_up.borrow_mut();
-        let mut waiting = if catching_up.is_empty() {
-            None
-        } else {
-            catching_up.get_mut(channel)
-        };
-        for peer in members.values() {
-            if let Some(catch) = waiting.as_mut().and_then(|w| w.get_mut(&peer.id)) {
-                if catch.live.len() >= self.bounds.messages {
-                    // Same policy as the queue it is bound for.
-                    catch.live.pop_front();
-                    peer.dropped.set(peer.dropped.get() + 1);
-                    self.counters.add(Counter::MessagesDropped, 1);
-                }
-                catch.live.push_back((seq, frame.clone()));
-                continue;
-            }
-            self.deliver(peer, frame.clone());
-        }
+        self.counters.add(Counter::MessagesDropped, dropped);
         self.counters.record_fanout(t0.elapsed());
     }
 
@@ -1441,20 +1246,9 @@ impl Shard {
 
     /// An owner answered a pending SUB (with a replay, for a channel asked with `since`).
     fn answered(&self, token: u64, replay: Option<Replay<Frame>>) {
-        let done = {
-            let mut pending = self.pending_subs.borrow_mut();
-            let Some(p) = pending.get_mut(&token) else {
-                return;
-            };
-            p.replays.extend(replay);
-            p.waiting -= 1;
-            if p.waiting > 0 {
-                return;
-            }
-            pending.remove(&token)
-        };
-        if let Some(p) = done {
-            self.finish_subscribe(token, p);
+        let done = self.subs.borrow_mut().answered(token, replay);
+        if let Some(sub) = done {
+            self.finish_subscribe(token, sub);
         }
     }
 
@@ -1539,10 +1333,10 @@ impl Shard {
     fn free_idle_channels(&self, now: u64) {
         let mut subs = self.subs.borrow_mut();
         let mut channels = self.channels.borrow_mut();
-        let freed = channels.free_idle(now, self.history, |name| subs.contains_key(name));
+        let freed = channels.free_idle(now, self.history, |name| subs.wanted(name));
         self.counters.add(Counter::ChannelsFreed, freed as u64);
         self.counters.set(Counter::Channels, channels.len() as u64);
-        shrink_if_sparse(&mut subs);
+        subs.shrink();
     }
 
     /// Start graceful shutdown: tell every client to reconnect later, then close with 1001.

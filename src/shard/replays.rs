@@ -1,0 +1,155 @@
+//! Replays: the messages a subscriber (or an HTTP history page) asks for after some seq, and
+//! those waiting for the store because the owner's in-memory history no longer reaches back
+//! far enough.
+//!
+//! Plain data, no I/O: the owner reads its ring and the store around it.
+
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use crate::codec::Frame;
+
+/// Where a reconnecting subscriber left a channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Since {
+    /// Last seq the client has.
+    pub after: u64,
+    /// The client's seqs come from an earlier epoch (a restart may have reused them).
+    pub stale: bool,
+}
+
+/// Messages a subscriber missed on one channel, from the owner's history.
+#[derive(Debug)]
+pub struct Replay<F> {
+    /// Channel.
+    pub channel: Box<str>,
+    /// `(seq, frame)` after the client's seq, in order.
+    pub frames: Vec<(u64, F)>,
+    /// Last seq sent before the subscription was registered: live messages above it follow.
+    pub upto: u64,
+    /// Every message after the client's seq is in `frames`.
+    pub complete: bool,
+}
+
+impl Replay<Frame> {
+    /// The same replay with owned bytes, to cross to another shard.
+    pub(super) fn into_bytes(self) -> Replay<Vec<u8>> {
+        Replay {
+            channel: self.channel,
+            frames: self
+                .frames
+                .into_iter()
+                .map(|(s, f)| (s, f.to_vec()))
+                .collect(),
+            upto: self.upto,
+            complete: self.complete,
+        }
+    }
+}
+
+impl Replay<Vec<u8>> {
+    /// The same replay as shared frames.
+    pub(super) fn into_frames(self) -> Replay<Frame> {
+        Replay {
+            channel: self.channel,
+            frames: self
+                .frames
+                .into_iter()
+                .map(|(s, f)| (s, Rc::from(f)))
+                .collect(),
+            upto: self.upto,
+            complete: self.complete,
+        }
+    }
+}
+
+/// A page of a channel's history, for `GET /api/channels/{channel}/history`.
+#[derive(Debug)]
+pub struct HistoryPage {
+    /// `(seq, frame)` after the asked seq, in order, at most the asked limit.
+    pub frames: Vec<(u64, Vec<u8>)>,
+    /// No message between the asked seq and the last frame is missing.
+    pub complete: bool,
+    /// More messages follow the last frame.
+    pub more: bool,
+}
+
+/// Where a replay goes once the owner has it.
+#[derive(Debug)]
+pub(super) enum ReplayTo {
+    /// A pending SUB on some shard.
+    Sub { shard: usize, token: u64 },
+    /// An HTTP history request, with its page size.
+    Http {
+        reply: flume::Sender<HistoryPage>,
+        limit: usize,
+    },
+}
+
+/// A replay waiting for stored decisions older than the channel's in-memory history.
+#[derive(Debug)]
+pub(super) struct PendingRead {
+    pub to: ReplayTo,
+    pub since: Since,
+    /// Lowest seq the ring holds is above this; the store is asked for `(since, floor]`.
+    pub floor: u64,
+    /// Most rows asked of the store (an HTTP page may end inside the stored range).
+    pub limit: usize,
+    /// What the ring had when the subscriber was registered.
+    pub ring: Replay<Frame>,
+}
+
+impl PendingRead {
+    /// Put the stored `rows` (read for this replay, framed by `frame`) before what the ring
+    /// had. Returns where the replay goes, the replay, and whether more messages follow its
+    /// last one (an HTTP page that ended in the store).
+    ///
+    /// The replay is complete when the store holds every seq the ring lost (a hole means an
+    /// ephemeral message, gone for good).
+    pub fn merge(
+        self,
+        rows: Vec<(u64, String)>,
+        frame: impl Fn(&str, u64, &[u8]) -> Frame,
+    ) -> (ReplayTo, Replay<Frame>, bool) {
+        let mut replay = self.ring;
+        // Seqs are unique and within (after, floor]: as many rows as seqs means no hole.
+        let after = self.since.after;
+        let missing = self.floor - after;
+        let page_ends_in_store = rows.len() == self.limit && (self.limit as u64) < missing;
+        let reaches = rows.last().map_or(after, |(seq, _)| *seq);
+        let whole = if page_ends_in_store {
+            rows.len() as u64 == reaches - after
+        } else {
+            rows.len() as u64 == missing
+        };
+        replay.complete = !self.since.stale && whole;
+        let stored = rows
+            .into_iter()
+            .map(|(seq, data)| (seq, frame(&replay.channel, seq, data.as_bytes())));
+        let mut frames: Vec<(u64, Frame)> = stored.collect();
+        // A page that ends in the store leaves the ring's messages for the next page.
+        if !page_ends_in_store {
+            frames.append(&mut replay.frames);
+        }
+        replay.frames = frames;
+        (self.to, replay, page_ends_in_store)
+    }
+}
+
+/// The replays of one shard waiting for the store, by read token.
+#[derive(Debug, Default)]
+pub(super) struct Replays {
+    reading: HashMap<u64, PendingRead>,
+}
+
+impl Replays {
+    /// Wait for store read `token`.
+    pub fn wait(&mut self, token: u64, read: PendingRead) {
+        self.reading.insert(token, read);
+    }
+
+    /// The replay read `token` was for.
+    pub fn take(&mut self, token: u64) -> Option<PendingRead> {
+        self.reading.remove(&token)
+    }
+}
