@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use shardcast::auth::{Principal, Scopes};
+use shardcast::clock::Now;
 use shardcast::codec::{self, Decoder};
 use shardcast::config::{Config, Scope};
 use shardcast::history::{Limits, Ring};
@@ -118,7 +119,13 @@ fn queues(c: &mut Criterion) {
 fn shard_with_subscribers(n: usize) -> (Shard, Vec<Rc<shardcast::shard::Peer>>, String) {
     let mut config = Config::default();
     config.limits.outbound_queue_messages = 16;
-    let shard = Shard::new(0, 2, Arc::new(config), Arc::new(Global::new(2)));
+    let shard = Shard::new(
+        0,
+        2,
+        Arc::new(config),
+        Arc::new(Global::new(2)),
+        Now::read(),
+    );
     // A channel owned by the other shard: its messages arrive here as Deliver.
     let channel = (0..)
         .map(|i| format!("org:o{i}:usage"))
@@ -135,8 +142,9 @@ fn shard_with_subscribers(n: usize) -> (Shard, Vec<Rc<shardcast::shard::Peer>>, 
     let sub = format!(r#"{{"type":"SUB","channels":["{channel}"]}}"#);
     let peers = (0..n)
         .map(|_| {
-            let peer = shard.add_conn();
-            let handled = shard.request(&peer, &admin, parser.parse(sub.as_bytes()).unwrap());
+            let peer = shard.add_conn(Now::read());
+            let request = parser.parse(sub.as_bytes()).unwrap();
+            let handled = shard.request(&peer, &admin, request, Now::read());
             assert_eq!(handled, shardcast::shard::Handled::Done);
             peer
         })
@@ -147,6 +155,7 @@ fn shard_with_subscribers(n: usize) -> (Shard, Vec<Rc<shardcast::shard::Peer>>, 
 fn cross_shard(c: &mut Criterion) {
     let (shard, _peers, channel) = shard_with_subscribers(1000);
     let frame = protocol::fanout_frame(Kind::Message, &channel, 1, DATA);
+    let now = Now::read();
     // Queues are bounded at 16 frames: after warm-up every delivery also drops the oldest,
     // the steady state of a subscriber that is not reading.
     c.bench_function(
@@ -161,6 +170,7 @@ fn cross_shard(c: &mut Criterion) {
                         frame: frame.clone(),
                         t0: Instant::now(),
                     },
+                    now,
                 )
             })
         },

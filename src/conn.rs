@@ -15,6 +15,7 @@ use std::task::{Context, Poll};
 
 use crate::api;
 use crate::auth::Principal;
+use crate::clock::Now;
 use crate::codec::{self, Decoder, Event, Flow};
 use crate::codes::{Close, ErrorCode};
 use crate::config::RefuseWith;
@@ -88,7 +89,7 @@ pub fn serve(
     fd: OwnedFd,
 ) -> io::Result<impl std::future::Future<Output = ()>> {
     let _ = socket2::SockRef::from(&fd).set_tcp_nodelay(true);
-    let peer = shard.add_conn();
+    let peer = shard.add_conn(Now::read());
     let socket = match Watched::new(fd, poller, peer.id) {
         Ok(socket) => socket,
         Err(e) => {
@@ -709,7 +710,7 @@ impl Conn {
                     protocol::error(ErrorCode::TokenExpired, message, id, None),
                 );
             }
-            Ok(request) => match shard.request(&self.peer, &principal, request) {
+            Ok(request) => match shard.request(&self.peer, &principal, request, Now::read()) {
                 Handled::Done => self.bad_messages = 0,
                 Handled::Refused => self.count_bad(),
             },
@@ -769,7 +770,7 @@ impl Conn {
                 channels: revoked,
                 id: None,
             };
-            let _ = shard.request(&self.peer, &fresh, unsub);
+            let _ = shard.request(&self.peer, &fresh, unsub, Now::read());
         }
         self.set_token_deadline(&fresh);
         let expires = fresh.expires_ms.unwrap_or(u64::MAX);
@@ -866,7 +867,7 @@ fn api_answer(shard: &Shard, request: &http::Request) -> Result<Answer, Vec<u8>>
             api::history_query(&principal, &name, categories, &request.query).map_err(refuse)?;
         let channel = name;
         let (reply, page) = flume::bounded(1);
-        shard.history(&channel, since, limit, reply);
+        shard.history(&channel, since, limit, reply, Now::read());
         return Ok(Box::pin(async move {
             match page.recv_async().await {
                 Ok(page) => {

@@ -11,6 +11,7 @@ use std::rc::Rc;
 
 use glommio::channels::channel_mesh::{Receivers, Senders};
 
+use crate::clock::Now;
 use crate::shard::{MeshMsg, Shard};
 
 /// What crosses between shards: a batch of messages.
@@ -38,8 +39,9 @@ pub fn spawn(shard: &Rc<Shard>, senders: Senders<Batch>, mut receivers: Receiver
         let shard = shard.clone();
         glommio::spawn_local(async move {
             while let Some(batch) = receiver.recv().await {
+                let now = Now::read();
                 for msg in batch {
-                    shard.handle(from, msg);
+                    shard.handle(from, msg, now);
                 }
             }
         })

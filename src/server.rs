@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::{LocalExecutorBuilder, Placement};
 
+use crate::clock::Now;
 use crate::config::Config;
 use crate::mesh::{self, Batch};
 use crate::metrics::Global;
@@ -430,13 +431,13 @@ async fn run_shard(
         ring,
         storage,
     } = parts;
-    let mut shard = Shard::new(id, nshards, config, global);
+    let mut shard = Shard::new(id, nshards, config, global, Now::read());
     let mut later = None;
     let inboxes = storage.map(|(link, inboxes, recovered)| {
         match recovered {
-            Recovery::Now(recovered) => shard.attach_storage(link, Some(&recovered)),
+            Recovery::Now(recovered) => shard.attach_storage(link, Some(&recovered), Now::read()),
             Recovery::Later(announced) => {
-                shard.attach_storage(link, None);
+                shard.attach_storage(link, None, Now::read());
                 later = Some(announced);
             }
         }
@@ -448,7 +449,7 @@ async fn run_shard(
         glommio::spawn_local(async move {
             // Each shard takes one announcement.
             if let Ok(recovered) = announced.recv_async().await {
-                shard.recover(&recovered);
+                shard.recover(&recovered, Now::read());
             }
         })
         .detach();
@@ -461,14 +462,14 @@ async fn run_shard(
         let reads = shard.clone();
         glommio::spawn_local(async move {
             while let Ok(loaded) = loads.recv_async().await {
-                reads.loaded(loaded);
+                reads.loaded(loaded, Now::read());
             }
         })
         .detach();
         let completions = inboxes.completions;
         glommio::spawn_local(async move {
             while let Ok(completion) = completions.recv_async().await {
-                shard.stored(completion);
+                shard.stored(completion, Now::read());
             }
         })
     });
@@ -642,7 +643,7 @@ async fn timers(shard: Rc<Shard>) {
         since_publish += tick_ms;
         if since_sweep >= sweep_ms {
             since_sweep = 0;
-            shard.sweep(&ping);
+            shard.sweep(&ping, Now::read());
         }
         if since_publish >= PUBLISH_MS {
             since_publish = 0;

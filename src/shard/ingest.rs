@@ -136,8 +136,11 @@ impl Decisions {
 
     /// Know the store's recent keys (newest first), so that a retry after a restart is
     /// answered with its original.
-    pub fn recover<'a>(&mut self, recent: impl DoubleEndedIterator<Item = &'a RecentKey>) {
-        let now = Instant::now();
+    pub fn recover<'a>(
+        &mut self,
+        recent: impl DoubleEndedIterator<Item = &'a RecentKey>,
+        now: Instant,
+    ) {
         // Oldest first, so that a full table keeps the newest.
         for recent in recent.rev() {
             if let Some(decision_id) = DecisionId::parse(&recent.id) {

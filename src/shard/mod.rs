@@ -15,6 +15,7 @@ use std::task::Waker;
 use std::time::Instant;
 
 use crate::auth::{Authenticator, Channel, Principal};
+use crate::clock::Now;
 use crate::codec::{self, Frame};
 use crate::codes::{Close, ErrorCode};
 use crate::config::{BackpressurePolicy, Config, Scope};
@@ -193,6 +194,8 @@ pub struct Shard {
     pub write_buf: RefCell<Vec<u8>>,
     bounds: Bounds,
     started: Instant,
+    /// The time the I/O edge passed in with the current call (the shard reads no clock).
+    now: Cell<Now>,
     conns: RefCell<Registry>,
     subs: RefCell<Subscriptions>,
     channels: RefCell<Channels>,
@@ -212,8 +215,14 @@ pub struct Shard {
 pub const SCRATCH_BYTES: usize = 64 * 1024;
 
 impl Shard {
-    /// A shard with no connections.
-    pub fn new(id: usize, nshards: usize, config: Arc<Config>, global: Arc<Global>) -> Self {
+    /// A shard with no connections, starting its clock at `now`.
+    pub fn new(
+        id: usize,
+        nshards: usize,
+        config: Arc<Config>,
+        global: Arc<Global>,
+        now: Now,
+    ) -> Self {
         let limits = &config.limits;
         let bounds = Bounds {
             messages: limits.outbound_queue_messages,
@@ -230,7 +239,8 @@ impl Shard {
             shutting_down: Cell::new(false),
             write_buf: RefCell::new(Vec::with_capacity(256 * 1024)),
             bounds,
-            started: Instant::now(),
+            started: now.instant,
+            now: Cell::new(now),
             conns: RefCell::default(),
             subs: RefCell::default(),
             channels: RefCell::default(),
@@ -250,10 +260,15 @@ impl Shard {
     /// Store decisions through `link`. With what the store `recovered` at start-up the shard
     /// takes decisions at once; without it (the store was unreachable) INGEST is refused until
     /// [`Shard::recover`] is called.
-    pub fn attach_storage(&mut self, link: StorageLink, recovered: Option<&storage::Recovered>) {
+    pub fn attach_storage(
+        &mut self,
+        link: StorageLink,
+        recovered: Option<&storage::Recovered>,
+        now: Now,
+    ) {
         self.storage = Some(link);
         match recovered {
-            Some(recovered) => self.recover(recovered),
+            Some(recovered) => self.recover(recovered, now),
             None => self.recovered.set(false),
         }
     }
@@ -261,7 +276,8 @@ impl Shard {
     /// Continue the stored channels' sequences and know the recent idempotency keys of the
     /// channels this shard owns; then take decisions. A channel numbered meanwhile (PUBLISH
     /// while the store was unreachable) jumps ahead to its stored maximum.
-    pub fn recover(&self, recovered: &storage::Recovered) {
+    pub fn recover(&self, recovered: &storage::Recovered, now: Now) {
+        self.enter(now);
         let mut channels = self.channels.borrow_mut();
         for (channel, seq) in &recovered.channel_seqs {
             if self.owner_of(channel) == self.id {
@@ -272,7 +288,7 @@ impl Shard {
         let (id, nshards) = (self.id, self.nshards);
         let mine = recovered.recent.iter();
         let mine = mine.filter(|recent| owner_of(&recent.channel, nshards) == id);
-        self.decisions.borrow_mut().recover(mine);
+        self.decisions.borrow_mut().recover(mine, now.instant);
         self.recovered.set(true);
     }
 
@@ -297,9 +313,28 @@ impl Shard {
         self.decisions.borrow().unconfirmed()
     }
 
-    /// Milliseconds since the shard started (the clock the sweeper uses).
+    /// Milliseconds since the shard started, on the real clock: for the I/O edge, which
+    /// stamps its connections' activity with it.
     pub fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
+    }
+
+    /// Take the time the I/O edge read for this call into the shard.
+    fn enter(&self, now: Now) {
+        self.now.set(now);
+    }
+
+    /// The time of the current call.
+    fn now(&self) -> Now {
+        self.now.get()
+    }
+
+    /// Milliseconds since the shard started, at the current call.
+    fn ms(&self) -> u64 {
+        self.now()
+            .instant
+            .saturating_duration_since(self.started)
+            .as_millis() as u64
     }
 
     /// The shard that owns `channel`.
@@ -309,9 +344,10 @@ impl Shard {
 
     // ----- connections -----
 
-    /// Register a new connection.
-    pub fn add_conn(&self) -> Rc<Peer> {
-        self.conns.borrow_mut().add(self.now_ms())
+    /// Register a new connection, accepted at `now`.
+    pub fn add_conn(&self, now: Now) -> Rc<Peer> {
+        self.enter(now);
+        self.conns.borrow_mut().add(self.ms())
     }
 
     /// Forget a connection and its subscriptions.
@@ -410,8 +446,16 @@ impl Shard {
 
     // ----- client requests -----
 
-    /// Carry out a parsed request from `peer`, authenticated as `principal`.
-    pub fn request(&self, peer: &Rc<Peer>, principal: &Principal, request: Request<'_>) -> Handled {
+    /// Carry out a parsed request from `peer`, authenticated as `principal`, received at
+    /// `now`.
+    pub fn request(
+        &self,
+        peer: &Rc<Peer>,
+        principal: &Principal,
+        request: Request<'_>,
+        now: Now,
+    ) -> Handled {
+        self.enter(now);
         match request {
             Request::Sub {
                 channels,
@@ -451,7 +495,7 @@ impl Shard {
                     conn: peer.id,
                     id: id.map(Box::from),
                 };
-                let (owner, t0) = (self.owner_of(&channel), Instant::now());
+                let (owner, t0) = (self.owner_of(&channel), now.instant);
                 if owner == self.id {
                     // Owned here: no need to copy the message into a mesh message.
                     self.publish_as_owner(&channel, data, &origin, t0);
@@ -491,7 +535,7 @@ impl Shard {
                     conn: peer.id,
                     id: None,
                 };
-                let (owner, t0) = (self.owner_of(&ingest.channel), Instant::now());
+                let (owner, t0) = (self.owner_of(&ingest.channel), now.instant);
                 if owner == self.id {
                     self.ingest(
                         &ingest.channel,
@@ -728,7 +772,7 @@ impl Shard {
         let found = {
             let mut channels = self.channels.borrow_mut();
             let state = channels.entry(channel);
-            state.ring.since(since.after, self.now_ms(), self.history)
+            state.ring.since(since.after, self.ms(), self.history)
         };
         let in_range = since.after <= found.upto;
         let ring = Replay {
@@ -784,7 +828,8 @@ impl Shard {
     /// Stored decisions for a replay have been read: put them before what the ring had.
     /// The replay is complete when the store holds every seq the ring lost (a hole means an
     /// ephemeral message, gone for good).
-    pub fn loaded(&self, loaded: Loaded) {
+    pub fn loaded(&self, loaded: Loaded, now: Now) {
+        self.enter(now);
         let Some(read) = self.replays.borrow_mut().take(loaded.token) else {
             return;
         };
@@ -838,7 +883,9 @@ impl Shard {
         after: u64,
         limit: usize,
         reply: flume::Sender<HistoryPage>,
+        now: Now,
     ) {
+        self.enter(now);
         let msg = MeshMsg::History {
             channel: channel.into(),
             after,
@@ -943,7 +990,7 @@ impl Shard {
         t0: Instant,
     ) {
         let org = decision.org_id.as_str();
-        let now = Instant::now();
+        let now = self.now().instant;
         let durable = self.storage.as_ref().is_some_and(|link| link.durable);
         let admission = self
             .decisions
@@ -966,7 +1013,7 @@ impl Shard {
             // Numbering now could reuse a stored seq, and the key may be stored already.
             return self.reply(&origin, protocol::storage_unavailable(key));
         }
-        let ms = decision::unix_ms();
+        let ms = self.now().unix_ms;
         let decision_id = self.decisions.borrow_mut().next_id(ms);
         let id = decision_id.text();
         let data = decision::enrich(data, id.as_str(), &decision::rfc3339(ms));
@@ -1052,7 +1099,8 @@ impl Shard {
 
     /// What storage did with a decision: acknowledge and release it, or answer with the
     /// original (a duplicate) or `storage_unavailable` (never an ACK for what is not stored).
-    pub fn stored(&self, completion: storage::Completion) {
+    pub fn stored(&self, completion: storage::Completion, now: Now) {
+        self.enter(now);
         let settled = self.decisions.borrow_mut().settle(completion.token);
         let Some(u) = settled else {
             // Written behind (ack = "received"): the client already has its ACK.
@@ -1076,7 +1124,7 @@ impl Shard {
                 };
                 self.decisions
                     .borrow_mut()
-                    .remember(&u.org, &u.key, original, Instant::now());
+                    .remember(&u.org, &u.key, original, now.instant);
                 self.counters.add(Counter::DecisionsProcessed, 1);
                 let id = u.decision_id.text();
                 for (n, to) in everyone.enumerate() {
@@ -1092,7 +1140,7 @@ impl Shard {
                     let original = Original { decision_id, seq };
                     self.decisions
                         .borrow_mut()
-                        .remember(&u.org, &u.key, original, Instant::now());
+                        .remember(&u.org, &u.key, original, now.instant);
                 }
                 for to in everyone {
                     self.counters.add(Counter::DecisionsDuplicate, 1);
@@ -1164,13 +1212,19 @@ impl Shard {
     /// mesh sender (never blocks: see `mesh.rs` for why).
     pub fn route(&self, to: usize, msg: MeshMsg) {
         if to == self.id {
-            return self.handle(to, msg);
+            return self.dispatch(to, msg);
         }
         self.outboxes.push(to, msg);
     }
 
-    /// Handle a message from shard `from` (or from this shard).
-    pub fn handle(&self, from: usize, msg: MeshMsg) {
+    /// Handle a message from shard `from` (or from this shard), received at `now`.
+    pub fn handle(&self, from: usize, msg: MeshMsg, now: Now) {
+        self.enter(now);
+        self.dispatch(from, msg);
+    }
+
+    /// Handle a message from shard `from` (or from this shard) at the current call's time.
+    fn dispatch(&self, from: usize, msg: MeshMsg) {
         match msg {
             MeshMsg::Publish {
                 channel,
@@ -1278,9 +1332,11 @@ impl Shard {
 
     // ----- timers -----
 
-    /// Ping quiet connections, drop dead or stuck ones. Called by the sweeper task.
-    pub fn sweep(&self, ping: &Frame) {
-        let now = self.now_ms();
+    /// Ping quiet connections, drop dead or stuck ones, forget unused channels. Called by the
+    /// sweeper task.
+    pub fn sweep(&self, ping: &Frame, now: Now) {
+        self.enter(now);
+        let now = self.ms();
         let ws = &self.config.websocket;
         self.free_idle_channels(now);
         for peer in self.peers() {
@@ -1395,5 +1451,7 @@ pub fn owner_of(channel: &str, nshards: usize) -> usize {
     (hasher.finish() % nshards as u64) as usize
 }
 
+#[cfg(test)]
+mod sim;
 #[cfg(test)]
 mod tests;

@@ -443,6 +443,15 @@ impl Writer {
             })
     }
 
+    /// A writer with no thread behind it: what is submitted waits in the returned queue until
+    /// a test answers it (the shard simulation's store).
+    #[cfg(test)]
+    pub(crate) fn detached(capacity: usize) -> (Self, Submitted) {
+        let (requests, inbox) = flume::bounded(capacity.max(1));
+        let status = Arc::new(Status::default());
+        (Self { requests, status }, Submitted(inbox))
+    }
+
     /// Let the thread finish what is queued, then end (server shutdown). Later submissions
     /// are refused.
     pub fn stop(&self) {
@@ -452,6 +461,23 @@ impl Writer {
     /// Whether the store is reachable.
     pub fn status(&self) -> &Status {
         &self.status
+    }
+}
+
+/// What was submitted to a [`Writer::detached`], for the test to answer.
+#[cfg(test)]
+pub(crate) struct Submitted(flume::Receiver<Job>);
+
+#[cfg(test)]
+impl Submitted {
+    /// The decisions submitted since the last call, in order.
+    pub fn take(&self) -> Vec<Request> {
+        let jobs = self.0.try_iter();
+        let writes = jobs.filter_map(|job| match job {
+            Job::Write(request) => Some(request),
+            Job::Stop => None,
+        });
+        writes.collect()
     }
 }
 

@@ -73,6 +73,14 @@ impl Reader {
         Ok(Some((Self { jobs }, handles)))
     }
 
+    /// A reader with no thread behind it: reads wait in the returned queue until a test
+    /// answers them (the shard simulation's store).
+    #[cfg(test)]
+    pub(crate) fn detached(capacity: usize) -> (Self, Asked) {
+        let (jobs, inbox) = flume::bounded(capacity.max(1));
+        (Self { jobs }, Asked(inbox))
+    }
+
     /// Queue a read; refused at once when the readers are that far behind.
     pub fn submit(&self, query: Query, reply: Reply) -> Result<(), SubmitError> {
         self.jobs
@@ -81,6 +89,21 @@ impl Reader {
                 flume::TrySendError::Full(_) => SubmitError::Full,
                 flume::TrySendError::Disconnected(_) => SubmitError::Stopped,
             })
+    }
+}
+
+/// What was asked of a [`Reader::detached`], for the test to answer.
+#[cfg(test)]
+pub(crate) struct Asked(flume::Receiver<Job>);
+
+#[cfg(test)]
+impl Asked {
+    /// The reads asked since the last call, in order, with how to answer each.
+    pub fn take(&self) -> Vec<(Query, Reply)> {
+        self.0
+            .try_iter()
+            .map(|job| (job.query, job.reply))
+            .collect()
     }
 }
 

@@ -1,102 +1,13 @@
-//! Routing driven without sockets or executors: shards are wired by a simulated mesh that
-//! moves outbox batches by hand, so every interleaving here is deterministic.
+//! The shard driven without sockets, executors or a real clock (see `sim.rs`).
+use super::sim::{channel_owned_by, drain, Sim};
 use super::*;
-use crate::auth::Scopes;
-use crate::protocol::Parser;
-use std::task::{Context, Poll};
-
-struct Sim {
-    shards: Vec<Shard>,
-}
-
-impl Sim {
-    fn new(n: usize) -> Self {
-        Self::with_config(n, Config::default())
-    }
-
-    fn with_config(n: usize, config: Config) -> Self {
-        let config = Arc::new(config);
-        let global = Arc::new(Global::new(n));
-        Sim {
-            shards: (0..n)
-                .map(|id| Shard::new(id, n, config.clone(), global.clone()))
-                .collect(),
-        }
-    }
-
-    /// Deliver every queued mesh batch until nothing moves.
-    fn settle(&self) {
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        loop {
-            let mut moved = false;
-            for (from, shard) in self.shards.iter().enumerate() {
-                for to in 0..self.shards.len() {
-                    if to == from {
-                        continue;
-                    }
-                    if let Poll::Ready(batch) = shard.poll_outbox(to, &mut cx) {
-                        moved = true;
-                        for msg in batch {
-                            self.shards[to].handle(from, msg);
-                        }
-                    }
-                }
-            }
-            if !moved {
-                return;
-            }
-        }
-    }
-
-    fn request(&self, shard: usize, peer: &Rc<Peer>, json: &str) {
-        let principal = admin();
-        let mut parser = Parser::default();
-        let request = parser.parse(json.as_bytes()).expect("valid request");
-        let _ = self.shards[shard].request(peer, &principal, request);
-    }
-}
-
-fn admin() -> Principal {
-    Principal {
-        org: "ops".into(),
-        user: None,
-        key_id: None,
-        scopes: Scopes::from_list(&[Scope::Admin]),
-        expires_ms: None,
-    }
-}
-
-/// Take every queued frame's payload as text.
-fn drain(peer: &Peer) -> Vec<String> {
-    let mut out = peer.out().borrow_mut();
-    let mut texts = Vec::new();
-    while !out.is_empty() {
-        let mut frame = Vec::new();
-        out.gather(&mut frame, 1);
-        let start = match frame[1] & 0x7f {
-            126 => 4,
-            127 => 10,
-            _ => 2,
-        };
-        texts.push(String::from_utf8_lossy(&frame[start..]).into_owned());
-        out.consume(frame.len());
-    }
-    texts
-}
-
-/// A channel owned by `owner` of 2 shards.
-fn channel_owned_by(owner: usize) -> String {
-    (0..)
-        .map(|i| format!("org:o{i}:usage"))
-        .find(|c| owner_of(c, 2) == owner)
-        .expect("some channel hashes to each shard")
-}
+use std::task::Context;
 
 #[test]
 fn subscribed_waits_for_the_owner_to_register_interest() {
     let sim = Sim::new(2);
     let channel = channel_owned_by(0);
-    let peer = sim.shards[1].add_conn();
+    let peer = sim.connect(1);
     sim.request(
         1,
         &peer,
@@ -138,8 +49,8 @@ fn reconnecting_with_since_gets_exactly_what_was_missed_then_live() {
     for (nshards, owner, sub_shard) in [(1, 0, 0), (2, 0, 1), (2, 1, 1)] {
         let sim = Sim::new(nshards);
         let channel = channel_owned_by(owner);
-        let publisher = sim.shards[0].add_conn();
-        let first = sim.shards[sub_shard].add_conn();
+        let publisher = sim.connect(0);
+        let first = sim.connect(sub_shard);
         let sub = format!(r#"{{"type":"SUB","channels":["{channel}"]}}"#);
         sim.request(sub_shard, &first, &sub);
         sim.settle();
@@ -154,7 +65,7 @@ fn reconnecting_with_since_gets_exactly_what_was_missed_then_live() {
             publish(&sim, 0, &publisher, &channel, n);
         }
         sim.settle();
-        let again = sim.shards[sub_shard].add_conn();
+        let again = sim.connect(sub_shard);
         let sub = format!(r#"{{"type":"SUB","channels":["{channel}"],"since":{{"{channel}":3}}}}"#);
         sim.request(sub_shard, &again, &sub);
         sim.settle();
@@ -173,13 +84,13 @@ fn no_gap_or_duplicate_where_the_replay_meets_live_messages() {
     let channel = channel_owned_by(0);
     // Shard 1 already receives the channel, so messages numbered before the owner sees the
     // new SUB reach shard 1 both live and in the replay.
-    let other = sim.shards[1].add_conn();
+    let other = sim.connect(1);
     let sub = format!(r#"{{"type":"SUB","channels":["{channel}"]}}"#);
     sim.request(1, &other, &sub);
-    let publisher = sim.shards[0].add_conn();
+    let publisher = sim.connect(0);
     publish(&sim, 0, &publisher, &channel, 1);
     sim.settle();
-    let late = sim.shards[1].add_conn();
+    let late = sim.connect(1);
     let sub = format!(r#"{{"type":"SUB","channels":["{channel}"],"since":{{"{channel}":1}}}}"#);
     sim.request(1, &late, &sub);
     // Numbered while the SUB is on its way to the owner, and after.
@@ -191,7 +102,7 @@ fn no_gap_or_duplicate_where_the_replay_meets_live_messages() {
     assert!(got[0].starts_with(r#"{"type":"SUBSCRIBED""#), "{got:?}");
     assert_eq!(got[1..], [message(&channel, 2), message(&channel, 3)]);
     // A subscriber that left while waiting for its replay gets nothing more.
-    let gone = sim.shards[1].add_conn();
+    let gone = sim.connect(1);
     let sub = format!(r#"{{"type":"SUB","channels":["{channel}"],"since":{{"{channel}":0}}}}"#);
     sim.request(1, &gone, &sub);
     sim.shards[1].remove_conn(&gone);
@@ -204,7 +115,7 @@ fn no_gap_or_duplicate_where_the_replay_meets_live_messages() {
 fn one_shard_with_ten_messages(config: Config) -> (Sim, &'static str) {
     let sim = Sim::with_config(1, config);
     let channel = "org:a:usage";
-    let publisher = sim.shards[0].add_conn();
+    let publisher = sim.connect(0);
     for n in 1..=10 {
         publish(&sim, 0, &publisher, channel, n);
     }
@@ -217,7 +128,7 @@ fn replay_beyond_the_history_or_from_another_epoch_is_incomplete() {
     config.history.size = 3;
     let (sim, channel) = one_shard_with_ten_messages(config);
     let ask = |json: String| {
-        let peer = sim.shards[0].add_conn();
+        let peer = sim.connect(0);
         sim.request(0, &peer, &json);
         drain(&peer)
     };
@@ -251,7 +162,7 @@ fn a_replay_larger_than_the_queue_is_cut_and_reported_incomplete() {
     let mut config = Config::default();
     config.limits.outbound_queue_messages = 4;
     let (sim, channel) = one_shard_with_ten_messages(config);
-    let peer = sim.shards[0].add_conn();
+    let peer = sim.connect(0);
     let sub = format!(r#"{{"type":"SUB","channels":["{channel}"],"since":{{"{channel}":0}}}}"#);
     sim.request(0, &peer, &sub);
     let got = drain(&peer);
@@ -266,10 +177,7 @@ fn a_replay_larger_than_the_queue_is_cut_and_reported_incomplete() {
 fn publish_crosses_shards_once_and_is_numbered_by_the_owner() {
     let sim = Sim::new(2);
     let channel = channel_owned_by(0);
-    let subs: Vec<_> = [0, 1, 1]
-        .iter()
-        .map(|&s| (s, sim.shards[s].add_conn()))
-        .collect();
+    let subs: Vec<_> = [0, 1, 1].iter().map(|&s| (s, sim.connect(s))).collect();
     for (s, peer) in &subs {
         sim.request(
             *s,
@@ -281,7 +189,7 @@ fn publish_crosses_shards_once_and_is_numbered_by_the_owner() {
     for (_, peer) in &subs {
         drain(peer);
     }
-    let publisher = sim.shards[1].add_conn();
+    let publisher = sim.connect(1);
     for n in 1..=3 {
         sim.request(
             1,
@@ -310,7 +218,7 @@ fn an_unused_channel_is_forgotten_and_made_again_above_its_old_numbers() {
     let channel = channel_owned_by(0);
     let owner = &sim.shards[0];
     let sub = |since: Option<u64>| {
-        let peer = sim.shards[1].add_conn();
+        let peer = sim.connect(1);
         let since = since.map_or(String::new(), |n| {
             format!(r#","since":{{"{channel}":{n}}}"#)
         });
@@ -320,12 +228,12 @@ fn an_unused_channel_is_forgotten_and_made_again_above_its_old_numbers() {
         peer
     };
     let remote = sub(None);
-    let publisher = owner.add_conn();
+    let publisher = sim.connect(0);
     for n in 1..=3 {
         publish(&sim, 0, &publisher, &channel, n);
     }
     sim.settle();
-    owner.sweep(&Shard::ping_frame());
+    sim.sweep(0);
     assert_eq!(
         owner.channels.borrow().len(),
         1,
@@ -333,7 +241,7 @@ fn an_unused_channel_is_forgotten_and_made_again_above_its_old_numbers() {
     );
     sim.shards[1].remove_conn(&remote);
     sim.settle();
-    owner.sweep(&Shard::ping_frame());
+    sim.sweep(0);
     assert!(owner.channels.borrow().len() == 0, "nobody needs it");
     assert_eq!(owner.counters.get(Counter::ChannelsFreed), 1);
     assert_eq!(owner.counters.get(Counter::Channels), 0);
@@ -354,7 +262,7 @@ fn an_unused_channel_is_forgotten_and_made_again_above_its_old_numbers() {
 fn owner_stops_forwarding_when_the_last_remote_subscriber_leaves() {
     let sim = Sim::new(2);
     let channel = channel_owned_by(0);
-    let remote = sim.shards[1].add_conn();
+    let remote = sim.connect(1);
     sim.request(
         1,
         &remote,
@@ -368,7 +276,7 @@ fn owner_stops_forwarding_when_the_last_remote_subscriber_leaves() {
     );
     sim.settle();
     drain(&remote);
-    let publisher = sim.shards[0].add_conn();
+    let publisher = sim.connect(0);
     sim.request(
         0,
         &publisher,
@@ -406,8 +314,8 @@ fn ingest_is_deduplicated_by_the_owner_across_shards() {
             r#"{{"type":"INGEST","channel":"{channel}","schema":"decision.v1","idempotencyKey":"{key}","data":{{"orgId":"{org}","direction":"precheck","decision":"allow","payloadHash":"h"}}}}"#
         )
     };
-    let a = sim.shards[0].add_conn();
-    let b = sim.shards[1].add_conn();
+    let a = sim.connect(0);
+    let b = sim.connect(1);
     sim.request(0, &a, &ingest("k"));
     sim.settle();
     sim.request(1, &b, &ingest("k"));
@@ -425,8 +333,8 @@ fn ingest_is_deduplicated_by_the_owner_across_shards() {
 fn slow_peer_drops_are_counted() {
     let mut config = Config::default();
     config.limits.outbound_queue_messages = 4;
-    let shard = Shard::new(0, 1, Arc::new(config), Arc::new(Global::new(1)));
-    let peer = shard.add_conn();
+    let sim = Sim::with_config(1, config);
+    let (shard, peer) = (&sim.shards[0], sim.connect(0));
     for _ in 0..10 {
         shard.deliver(&peer, codec::frame(codec::opcode::TEXT, b"x"));
     }
@@ -439,7 +347,7 @@ fn slow_peer_drops_are_counted() {
 fn answers_owed_by_another_shard_are_counted_until_they_arrive() {
     let sim = Sim::new(2);
     let channel = channel_owned_by(0);
-    let peer = sim.shards[1].add_conn();
+    let peer = sim.connect(1);
     for n in 0..3 {
         let json = format!(r#"{{"type":"PUBLISH","channel":"{channel}","data":{n},"id":{n}}}"#);
         sim.request(1, &peer, &json);
@@ -450,4 +358,40 @@ fn answers_owed_by_another_shard_are_counted_until_they_arrive() {
     sim.settle();
     assert_eq!(peer.owed.get(), 0);
     assert_eq!(drain(&peer).len(), 3);
+}
+
+mod clock;
+mod store;
+
+/// A principal-free INGEST of a valid decision for `channel`'s org.
+fn ingest_json(channel: &str, key: &str) -> String {
+    let org = channel.split(':').nth(1).expect("org:ID:category");
+    format!(
+        r#"{{"type":"INGEST","channel":"{channel}","schema":"decision.v1","idempotencyKey":"{key}","data":{{"orgId":"{org}","direction":"precheck","decision":"allow","payloadHash":"h"}}}}"#
+    )
+}
+
+/// SUB `channel` on `shard` and take the SUBSCRIBED.
+fn subscriber(sim: &Sim, shard: usize, channel: &str) -> Rc<Peer> {
+    let peer = sim.connect(shard);
+    sim.request(
+        shard,
+        &peer,
+        &format!(r#"{{"type":"SUB","channels":["{channel}"]}}"#),
+    );
+    sim.settle();
+    assert!(drain(&peer)[0].contains("SUBSCRIBED"));
+    peer
+}
+
+/// `(type, seq)` of each frame, for order checks.
+fn kinds(frames: &[String]) -> Vec<(String, u64)> {
+    frames
+        .iter()
+        .map(|f| {
+            let v: serde_json::Value = serde_json::from_str(f).expect("JSON frame");
+            let kind = v["type"].as_str().unwrap_or("").to_string();
+            (kind, v["seq"].as_u64().unwrap_or(0))
+        })
+        .collect()
 }
