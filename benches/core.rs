@@ -12,9 +12,10 @@ use shardcast::auth::{Principal, Scopes};
 use shardcast::clock::Now;
 use shardcast::codec::{self, Decoder};
 use shardcast::config::{Config, Scope};
+use shardcast::dialect::shardcast::{self as wire, Parser};
+use shardcast::dialect::{Kind, Publication};
 use shardcast::history::{Limits, Ring};
 use shardcast::metrics::Global;
-use shardcast::protocol::{self, Kind, Parser};
 use shardcast::queue::{Bounds, OutQueue};
 use shardcast::shard::{owner_of, MeshMsg, Shard};
 
@@ -29,16 +30,19 @@ fn masked(payload: &[u8]) -> Vec<u8> {
     out
 }
 
+/// A MESSAGE numbered `seq` carrying [`DATA`].
+fn message(seq: u64) -> Publication {
+    Publication {
+        seq,
+        kind: Kind::Message,
+        data: Rc::from(DATA),
+    }
+}
+
 fn framing(c: &mut Criterion) {
+    let publication = message(42);
     c.bench_function("encode MESSAGE frame (100 B data)", |b| {
-        b.iter(|| {
-            protocol::fanout_frame(
-                Kind::Message,
-                black_box("org:acme:usage"),
-                42,
-                black_box(DATA),
-            )
-        })
+        b.iter(|| wire::publication(black_box("org:acme:usage"), black_box(&publication)))
     });
     let publish = format!(
         r#"{{"type":"PUBLISH","channel":"org:acme:usage","data":{}}}"#,
@@ -88,8 +92,7 @@ fn routing(c: &mut Criterion) {
 }
 
 fn queues(c: &mut Criterion) {
-    let frame: codec::Frame =
-        Rc::from(&protocol::fanout_frame(Kind::Message, "org:acme:usage", 1, DATA)[..]);
+    let frame = wire::publication("org:acme:usage", &message(1));
     let bounds = Bounds {
         messages: 1024,
         bytes: 4 << 20,
@@ -154,7 +157,7 @@ fn shard_with_subscribers(n: usize) -> (Shard, Vec<Rc<shardcast::shard::Peer>>, 
 
 fn cross_shard(c: &mut Criterion) {
     let (shard, _peers, channel) = shard_with_subscribers(1000);
-    let frame = protocol::fanout_frame(Kind::Message, &channel, 1, DATA);
+    let publication = message(1).to_sendable();
     let now = Now::read();
     // Queues are bounded at 16 frames: after warm-up every delivery also drops the oldest,
     // the steady state of a subscriber that is not reading.
@@ -166,8 +169,7 @@ fn cross_shard(c: &mut Criterion) {
                     1,
                     MeshMsg::Deliver {
                         channel: channel.as_str().into(),
-                        seq: 1,
-                        frame: frame.clone(),
+                        publication: publication.clone(),
                         t0: Instant::now(),
                     },
                     now,
@@ -178,8 +180,6 @@ fn cross_shard(c: &mut Criterion) {
 }
 
 fn history(c: &mut Criterion) {
-    let frame: codec::Frame =
-        Rc::from(&protocol::fanout_frame(Kind::Message, "org:acme:usage", 1, DATA)[..]);
     let limits = Limits {
         size: 1_000,
         ttl_ms: 3_600_000,
@@ -188,12 +188,13 @@ fn history(c: &mut Criterion) {
     let mut seq = 0;
     for _ in 0..1_000 {
         seq += 1;
-        ring.push(seq, &frame, 0, limits);
+        ring.push(&message(seq), 0, limits);
     }
+    let mut kept = message(seq);
     c.bench_function("history: keep a message (full ring of 1,000)", |b| {
         b.iter(|| {
-            seq += 1;
-            ring.push(seq, black_box(&frame), 0, limits)
+            kept.seq += 1;
+            ring.push(black_box(&kept), 0, limits)
         })
     });
     c.bench_function("history: find a replay of 1,000 messages", |b| {

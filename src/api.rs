@@ -7,7 +7,9 @@
 use crate::auth::{Channel, Principal};
 use crate::codes::ErrorCode;
 use crate::config::Scope;
+use crate::dialect::shardcast;
 use crate::json;
+use crate::shard::HistoryPage;
 use crate::storage::{DecisionQuery, Record};
 
 /// Rows per page unless `limit` says otherwise.
@@ -233,30 +235,24 @@ pub fn history_query(
 
 /// The JSON body of a history page: the messages (as delivered), whether nothing between
 /// `since` and the last one is missing, and where the next page starts.
-pub fn history_body(
-    channel: &str,
-    since: u64,
-    messages: &[&[u8]],
-    last: u64,
-    complete: bool,
-    more: bool,
-) -> String {
+pub fn history_body(channel: &str, since: u64, page: &HistoryPage) -> String {
     let mut out = br#"{"channel":"#.to_vec();
     json::push_str(&mut out, channel);
     out.extend_from_slice(br#","since":"#);
     json::push_u64(&mut out, since);
     out.extend_from_slice(br#","messages":["#);
-    for (i, m) in messages.iter().enumerate() {
+    for (i, m) in page.messages.iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
-        out.extend_from_slice(m);
+        shardcast::message_json(&mut out, channel, m);
     }
     out.extend_from_slice(br#"],"complete":"#);
-    out.extend_from_slice(if complete { b"true" } else { b"false" });
+    out.extend_from_slice(if page.complete { b"true" } else { b"false" });
     out.extend_from_slice(br#","more":"#);
-    out.extend_from_slice(if more { b"true" } else { b"false" });
+    out.extend_from_slice(if page.more { b"true" } else { b"false" });
     out.extend_from_slice(br#","nextSince":"#);
+    let last = page.messages.last().map_or(since, |m| m.seq);
     json::push_u64(&mut out, last);
     out.push(b'}');
     String::from_utf8_lossy(&out).into_owned()

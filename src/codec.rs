@@ -366,13 +366,6 @@ impl FrameBuilder {
         self.buf.extend_from_slice(bytes);
     }
 
-    /// Finish the frame: its bytes, header included, as an owned vector.
-    pub fn finish_vec(self) -> Vec<u8> {
-        let (start, mut buf) = self.finish_in_place();
-        buf.drain(..start);
-        buf
-    }
-
     /// Finish the frame as shared bytes.
     pub fn finish(self) -> Frame {
         let (start, buf) = self.finish_in_place();
@@ -393,16 +386,6 @@ impl FrameBuilder {
         let _ = header.format(len, &mut slot);
         (start, buf)
     }
-}
-
-/// The payload of an unmasked frame built here (server frames are never masked).
-pub fn payload(frame: &[u8]) -> &[u8] {
-    let start = match frame.get(1).map(|b| b & 0x7f) {
-        Some(126) => 4,
-        Some(127) => 10,
-        _ => 2,
-    };
-    frame.get(start..).unwrap_or_default()
 }
 
 /// A complete frame with the given opcode and payload.

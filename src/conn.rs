@@ -20,10 +20,10 @@ use crate::codec::{self, Decoder, Event, Flow};
 use crate::codes::{Close, ErrorCode};
 use crate::config::RefuseWith;
 use crate::config::Scope;
+use crate::dialect::{Refusal, Reply, Request};
 use crate::http;
 use crate::metrics::Counter;
 use crate::poller::{self, Poller, Watched};
-use crate::protocol::{self, Request};
 use crate::queue::ReplyBudget;
 use crate::rate::TokenBucket;
 use crate::shard::{Handled, Peer, Phase, Shard, Stall};
@@ -311,7 +311,8 @@ impl Conn {
                     return Ok(());
                 }
                 if !self.close_queued {
-                    out.queue_notice(protocol::slow_consumer);
+                    let dialect = self.peer.dialect();
+                    out.queue_notice(|dropped| dialect.reply(&Reply::SlowConsumer { dropped }));
                 }
                 buf.clear();
                 out.gather(&mut buf, WRITE_CHUNK);
@@ -403,7 +404,7 @@ impl Conn {
 
     fn http_reply(&mut self, response: Vec<u8>) {
         self.http_frames = self.http_frames.saturating_add(1);
-        self.shard.answer(&self.peer, Rc::from(response));
+        self.shard.answer_frame(&self.peer, Rc::from(response));
         self.mode = Mode::HttpReply;
     }
 
@@ -544,7 +545,7 @@ impl Conn {
                         ));
                     }
                     self.http_frames = self.http_frames.saturating_add(1);
-                    shard.answer(&self.peer, Rc::from(http::upgrade_response(key)));
+                    shard.answer_frame(&self.peer, Rc::from(http::upgrade_response(key)));
                     self.mode = Mode::Refused;
                     self.enter(Phase::Open);
                     return self.start_close(e.close_code().code(), e.code().as_str(), false);
@@ -570,12 +571,16 @@ impl Conn {
         }
         self.holds_slot = true;
         self.http_frames = self.http_frames.saturating_add(1);
-        shard.answer(&self.peer, Rc::from(http::upgrade_response(key)));
+        shard.answer_frame(&self.peer, Rc::from(http::upgrade_response(key)));
         self.enter(Phase::Open);
         match principal {
             Some(principal) => {
                 let id = format!("{:x}-{}-{}", shard.global.boot_id, shard.id, self.peer.id);
-                shard.answer(&self.peer, protocol::ready(&id, shard.id));
+                let ready = Reply::Ready {
+                    connection_id: &id,
+                    shard: shard.id,
+                };
+                shard.answer(&self.peer, &ready);
                 self.set_token_deadline(&principal);
                 self.bucket = TokenBucket::full(shard.config.limits.rate(), shard.now_ms());
                 self.mode = Mode::Session(principal);
@@ -638,9 +643,9 @@ impl Conn {
             Event::Binary(bytes) => {
                 if matches!(self.mode, Mode::Echo) {
                     self.shard
-                        .answer(&self.peer, codec::frame(codec::opcode::BINARY, bytes));
+                        .answer_frame(&self.peer, codec::frame(codec::opcode::BINARY, bytes));
                 } else {
-                    let refusal = protocol::Refusal::bad_request(
+                    let refusal = Refusal::bad_request(
                         "binary frames are not supported: send JSON in text frames",
                     );
                     self.refuse(&refusal);
@@ -673,7 +678,7 @@ impl Conn {
         let principal = match &self.mode {
             Mode::Session(p) => p.clone(),
             Mode::Echo => {
-                return shard.answer(
+                return shard.answer_frame(
                     &self.peer,
                     codec::frame(codec::opcode::TEXT, text.as_bytes()),
                 )
@@ -683,7 +688,7 @@ impl Conn {
         shard.counters.add(Counter::MessagesReceived, 1);
         let limits = &shard.config.limits;
         if let Err(retry_after_ms) = self.bucket.take(limits.rate(), shard.now_ms()) {
-            shard.answer(&self.peer, protocol::rate_limited(retry_after_ms));
+            shard.answer(&self.peer, &Reply::RateLimited { retry_after_ms });
             self.limited_messages += 1;
             if self.limited_messages >= limits.max_rate_limited {
                 self.start_close(Close::RateLimited.code(), "rate limit exceeded", false);
@@ -705,10 +710,13 @@ impl Conn {
                     | Request::Publish { id, .. } => *id,
                     _ => None,
                 };
-                shard.answer(
-                    &self.peer,
-                    protocol::error(ErrorCode::TokenExpired, message, id, None),
-                );
+                let reply = Reply::Error {
+                    code: ErrorCode::TokenExpired,
+                    message,
+                    id,
+                    channel: None,
+                };
+                shard.answer(&self.peer, &reply);
             }
             Ok(request) => match shard.request(&self.peer, &principal, request, Now::read()) {
                 Handled::Done => self.bad_messages = 0,
@@ -723,7 +731,7 @@ impl Conn {
     fn refresh(&mut self, current: &Principal, token: String, id: Option<&[u8]>) {
         let shard = self.shard.clone();
         if current.expires_ms.is_none() {
-            let refusal = protocol::Refusal::bad_request(
+            let refusal = Refusal::bad_request(
                 "this connection authenticated with an API key: there is no token to refresh",
             );
             return self.refuse(&refusal.with_id(id));
@@ -736,7 +744,7 @@ impl Conn {
             Ok(fresh) => fresh,
             Err(e) => {
                 shard.global.auth_failed(e.code());
-                let refusal = protocol::Refusal {
+                let refusal = Refusal {
                     code: e.code(),
                     message: e.to_string(),
                     id: None,
@@ -745,7 +753,7 @@ impl Conn {
             }
         };
         if fresh.user != current.user || fresh.org != current.org {
-            let refusal = protocol::Refusal {
+            let refusal = Refusal {
                 code: ErrorCode::Forbidden,
                 message: "a refreshed token must name the same user (sub) and org".into(),
                 id: None,
@@ -776,7 +784,8 @@ impl Conn {
         let expires = fresh.expires_ms.unwrap_or(u64::MAX);
         self.mode = Mode::Session(fresh);
         self.bad_messages = 0;
-        shard.answer(&self.peer, protocol::refreshed(id, expires));
+        let expires_ms = expires;
+        shard.answer(&self.peer, &Reply::Refreshed { id, expires_ms });
     }
 
     /// Schedule the token's expiry on the shard clock (the sweeper acts on it).
@@ -793,9 +802,9 @@ impl Conn {
     }
 
     /// Answer a malformed message; a client that keeps sending garbage is closed with 4400.
-    fn refuse(&mut self, refusal: &protocol::Refusal) {
+    fn refuse(&mut self, refusal: &Refusal) {
         let shard = self.shard.clone();
-        shard.answer(&self.peer, protocol::refusal(refusal));
+        shard.answer(&self.peer, &Reply::refusal(refusal));
         match refusal.code {
             ErrorCode::InvalidDecision => shard.counters.add(Counter::DecisionsRejected, 1),
             _ => self.count_bad(),
@@ -871,17 +880,7 @@ fn api_answer(shard: &Shard, request: &http::Request) -> Result<Answer, Vec<u8>>
         return Ok(Box::pin(async move {
             match page.recv_async().await {
                 Ok(page) => {
-                    let messages: Vec<&[u8]> =
-                        page.frames.iter().map(|(_, f)| codec::payload(f)).collect();
-                    let last = page.frames.last().map_or(since, |(seq, _)| *seq);
-                    let body = api::history_body(
-                        &channel,
-                        since,
-                        &messages,
-                        last,
-                        page.complete,
-                        page.more,
-                    );
+                    let body = api::history_body(&channel, since, &page);
                     http::response(200, json, "", &body)
                 }
                 Err(_) => {

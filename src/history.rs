@@ -10,7 +10,7 @@ use std::collections::hash_map::RandomState;
 use std::collections::VecDeque;
 use std::hash::BuildHasher;
 
-use crate::codec::Frame;
+use crate::dialect::Publication;
 
 /// How much history a channel keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,9 +23,8 @@ pub struct Limits {
 
 #[derive(Debug)]
 struct Entry {
-    seq: u64,
     at_ms: u64,
-    frame: Frame,
+    publication: Publication,
 }
 
 /// One channel's recent messages, oldest first.
@@ -42,11 +41,11 @@ pub struct Ring {
 #[derive(Debug)]
 pub struct Found {
     /// Kept messages with seq above `since`, in order.
-    pub frames: Vec<(u64, Frame)>,
+    pub messages: Vec<Publication>,
     /// Highest seq delivered so far: live messages above it follow the replay.
     pub upto: u64,
     /// Highest seq delivered and no longer kept: messages in `(since, floor]` are missing
-    /// from `frames` (only the store can supply them).
+    /// from `messages` (only the store can supply them).
     pub floor: u64,
 }
 
@@ -71,19 +70,18 @@ impl Ring {
     }
 
     /// Record a delivered message (seqs arrive in increasing order).
-    pub fn push(&mut self, seq: u64, frame: &Frame, now_ms: u64, limits: Limits) {
-        self.last = seq;
+    pub fn push(&mut self, publication: &Publication, now_ms: u64, limits: Limits) {
+        self.last = publication.seq;
         if limits.size == 0 {
-            self.floor = seq;
+            self.floor = publication.seq;
             return;
         }
         if self.entries.len() == limits.size {
             self.evict_front();
         }
         self.entries.push_back(Entry {
-            seq,
             at_ms: now_ms,
-            frame: frame.clone(),
+            publication: publication.clone(),
         });
         self.expire(now_ms, limits);
     }
@@ -116,19 +114,19 @@ impl Ring {
 
     fn evict_front(&mut self) {
         if let Some(old) = self.entries.pop_front() {
-            self.floor = old.seq;
+            self.floor = old.publication.seq;
         }
     }
 
     /// The kept messages after `since`.
     pub fn since(&mut self, since: u64, now_ms: u64, limits: Limits) -> Found {
         self.expire(now_ms, limits);
-        let start = self.entries.partition_point(|e| e.seq <= since);
+        let start = self.entries.partition_point(|e| e.publication.seq <= since);
         Found {
-            frames: self
+            messages: self
                 .entries
                 .range(start..)
-                .map(|e| (e.seq, e.frame.clone()))
+                .map(|e| e.publication.clone())
                 .collect(),
             upto: self.last,
             floor: self.floor,
@@ -183,12 +181,14 @@ mod tests {
     use super::*;
     use std::rc::Rc;
 
-    fn frame(n: u64) -> Frame {
-        Rc::from(n.to_string().into_bytes())
+    fn message(seq: u64) -> Publication {
+        let data = Rc::from(seq.to_string().into_bytes());
+        let kind = crate::dialect::Kind::Message;
+        Publication { seq, kind, data }
     }
 
     fn seqs(found: &Found) -> Vec<u64> {
-        found.frames.iter().map(|(s, _)| *s).collect()
+        found.messages.iter().map(|p| p.seq).collect()
     }
 
     const KEEP3: Limits = Limits { size: 3, ttl_ms: 0 };
@@ -197,7 +197,7 @@ mod tests {
     fn keeps_the_newest_and_knows_what_it_lost() {
         let mut ring = Ring::new(0);
         for seq in 1..=5 {
-            ring.push(seq, &frame(seq), 0, KEEP3);
+            ring.push(&message(seq), 0, KEEP3);
         }
         let found = ring.since(2, 0, KEEP3);
         assert_eq!(seqs(&found), [3, 4, 5]);
@@ -205,14 +205,14 @@ mod tests {
         let found = ring.since(1, 0, KEEP3);
         assert_eq!(seqs(&found), [3, 4, 5], "seq 2 is gone");
         assert!(found.floor > 1);
-        assert!(ring.since(5, 0, KEEP3).frames.is_empty());
+        assert!(ring.since(5, 0, KEEP3).messages.is_empty());
     }
 
     #[test]
     fn holes_in_the_sequence_do_not_count_as_losses() {
         let mut ring = Ring::new(10);
         for seq in [11, 13, 14] {
-            ring.push(seq, &frame(seq), 0, KEEP3);
+            ring.push(&message(seq), 0, KEEP3);
         }
         let found = ring.since(10, 0, KEEP3);
         assert_eq!(seqs(&found), [11, 13, 14]);
@@ -225,9 +225,9 @@ mod tests {
     #[test]
     fn a_jump_ahead_counts_as_lost_from_here() {
         let mut ring = Ring::new(0);
-        ring.push(1, &frame(1), 0, KEEP3);
+        ring.push(&message(1), 0, KEEP3);
         ring.skip_to(40);
-        ring.push(41, &frame(41), 0, KEEP3);
+        ring.push(&message(41), 0, KEEP3);
         let found = ring.since(0, 0, KEEP3);
         assert_eq!(seqs(&found), [1, 41]);
         assert_eq!((found.floor, found.upto), (40, 41));
@@ -242,13 +242,13 @@ mod tests {
             ttl_ms: 1_000,
         };
         let mut ring = Ring::new(0);
-        ring.push(1, &frame(1), 0, limits);
-        ring.push(2, &frame(2), 900, limits);
+        ring.push(&message(1), 0, limits);
+        ring.push(&message(2), 900, limits);
         let found = ring.since(0, 1_500, limits);
         assert_eq!(seqs(&found), [2]);
         assert_eq!(found.floor, 1);
         let found = ring.since(0, 5_000, limits);
-        assert!(found.frames.is_empty());
+        assert!(found.messages.is_empty());
         assert_eq!((found.floor, found.upto), (2, 2));
     }
 
@@ -271,9 +271,9 @@ mod tests {
     fn size_zero_keeps_nothing_but_tracks_the_sequence() {
         let none = Limits { size: 0, ttl_ms: 0 };
         let mut ring = Ring::new(0);
-        ring.push(1, &frame(1), 0, none);
+        ring.push(&message(1), 0, none);
         let found = ring.since(0, 0, none);
-        assert!(found.frames.is_empty());
+        assert!(found.messages.is_empty());
         assert_eq!((found.floor, found.upto), (1, 1));
     }
 }

@@ -8,7 +8,9 @@
 //! - [`codes`]: every error code and close code a client can be told, in one catalogue.
 //! - [`api`]: the HTTP read API (`/api/decisions`, `/api/channels/{channel}/history`).
 //! - [`http`]: the HTTP request head (httparse), the upgrade, plain responses.
-//! - [`protocol`]: client requests in (simd-json), server messages out.
+//! - [`dialect`]: what crosses the wire boundary: requests in, typed replies and
+//!   publications out, each encoded by the connection's dialect (the shardcast JSON protocol
+//!   in `dialect/shardcast.rs`: simd-json in, frames built once out).
 //! - [`json`]: raw value spans (so `data` is relayed byte for byte), the duplicate-key and
 //!   depth checks, and string escaping.
 //! - [`decision`]: decision validation, ids, timestamps, the idempotency table.
@@ -36,13 +38,14 @@ pub mod codes;
 pub mod config;
 pub mod conn;
 pub mod decision;
+pub mod dialect;
 pub mod history;
 pub mod http;
 pub mod json;
 pub mod mesh;
 pub mod metrics;
 pub mod poller;
-pub mod protocol;
+
 pub mod queue;
 pub mod rate;
 pub mod server;

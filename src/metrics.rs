@@ -46,9 +46,12 @@ pub enum Counter {
     Channels,
     /// Channels whose state was freed once nobody needed it.
     ChannelsFreed,
+    /// Fan-out frames encoded: one per message, dialect in use and shard with subscribers
+    /// (not one per subscriber).
+    FramesEncoded,
 }
 
-const COUNTERS: usize = 17;
+const COUNTERS: usize = 18;
 const AUTH_REASONS: [&str; 4] = [
     "missing_credentials",
     "invalid_key",
@@ -352,6 +355,12 @@ impl Global {
             "counter",
             "Channels forgotten once unused (no subscribers, nothing held, history expired).",
             self.sum(Counter::ChannelsFreed),
+        );
+        metric(
+            "shardcast_frames_encoded_total",
+            "counter",
+            "Fan-out frames encoded: once per message and wire dialect on each shard with subscribers.",
+            self.sum(Counter::FramesEncoded),
         );
         metric(
             "shardcast_decisions_processed_total",

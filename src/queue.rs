@@ -210,6 +210,12 @@ impl OutQueue {
         buf.len() - start
     }
 
+    /// The newest queued frame.
+    #[cfg(test)]
+    pub fn back(&self) -> Option<&Frame> {
+        self.frames.back()
+    }
+
     /// Record that `written` bytes went out; returns how many whole frames were completed.
     pub fn consume(&mut self, mut written: usize) -> usize {
         let mut completed = 0;

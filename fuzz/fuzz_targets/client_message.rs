@@ -3,7 +3,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use shardcast::protocol::{Parser, Request};
+use shardcast::dialect::shardcast::Parser;
+use shardcast::dialect::Request;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {

@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use smallvec::SmallVec;
 
+use crate::dialect::Publication;
 use crate::history::{self, Retired, Ring};
 
 /// A channel owned by this shard.
@@ -31,8 +32,7 @@ pub(super) struct Owned {
 /// A numbered message held back until the decisions before it are committed.
 #[derive(Debug)]
 pub(super) struct Held {
-    pub seq: u64,
-    pub frame: Vec<u8>,
+    pub publication: Publication,
     pub t0: Instant,
     pub hold: Hold,
 }

@@ -20,9 +20,10 @@ use crate::codec::{self, Frame};
 use crate::codes::{Close, ErrorCode};
 use crate::config::{BackpressurePolicy, Config, Scope};
 use crate::decision::{self, Decision, DecisionId, Original};
+use crate::dialect::shardcast::Parser;
+use crate::dialect::{Answer, Kind, Publication, Refusal, Reply, Request};
 use crate::history;
 use crate::metrics::{Counter, Global, ShardCounters};
-use crate::protocol::{self, Kind, Parser, Refusal, Request};
 use crate::queue::{Bounds, Pushed};
 use crate::storage;
 
@@ -82,14 +83,13 @@ pub enum MeshMsg {
         /// When the sender's shard received it.
         t0: Instant,
     },
-    /// From a channel's owner: a framed message for this shard's subscribers.
+    /// From a channel's owner: a numbered message for this shard's subscribers (encoded here,
+    /// once per dialect in use).
     Deliver {
         /// Channel.
         channel: Box<str>,
-        /// Its seq (subscribers catching up skip what their replay already holds).
-        seq: u64,
-        /// The complete frame, built once by the owner.
-        frame: Vec<u8>,
+        /// The message (subscribers catching up skip what their replay already holds).
+        publication: Publication<Vec<u8>>,
         /// When the publisher's shard received it.
         t0: Instant,
     },
@@ -128,12 +128,12 @@ pub enum MeshMsg {
         /// Where the page goes.
         reply: flume::Sender<HistoryPage>,
     },
-    /// A frame for one connection on the receiving shard (an ACK, usually).
+    /// An answer for one connection on the receiving shard, encoded there in its dialect.
     Reply {
         /// Connection id.
         conn: u64,
-        /// The frame.
-        frame: Vec<u8>,
+        /// The answer.
+        answer: Answer,
     },
 }
 
@@ -407,9 +407,14 @@ impl Shard {
         }
     }
 
-    /// Queue the answer to one of `peer`'s own requests: never dropped (a client that does not
-    /// read its answers stops being read instead; see `conn.rs`).
-    pub fn answer(&self, peer: &Peer, frame: Frame) {
+    /// Answer one of `peer`'s own requests, in its dialect: never dropped (a client that
+    /// does not read its answers stops being read instead; see `conn.rs`).
+    pub fn answer(&self, peer: &Peer, reply: &Reply<'_>) {
+        self.answer_frame(peer, peer.dialect().reply(reply));
+    }
+
+    /// Queue an already framed answer (echo, control replies).
+    pub fn answer_frame(&self, peer: &Peer, frame: Frame) {
         if peer.phase.get() == Phase::Closing {
             return;
         }
@@ -422,25 +427,15 @@ impl Shard {
         }
     }
 
-    fn send_to_conn(&self, conn: u64, frame: Frame) {
-        let peer = self.conns.borrow().get(conn);
-        if let Some(peer) = peer {
-            self.answer(&peer, frame);
-        }
-    }
-
-    /// Send a frame to a connection that may live on another shard.
-    fn reply(&self, origin: &Origin, frame: Vec<u8>) {
+    /// Answer a client that may live on another shard: its own shard encodes the answer.
+    fn reply(&self, origin: &Origin, answer: Answer) {
         if origin.shard == self.id {
-            self.send_to_conn(origin.conn, Rc::from(frame));
+            if let Some(peer) = self.peer(origin.conn) {
+                self.answer(&peer, &answer.reply());
+            }
         } else {
-            self.route(
-                origin.shard,
-                MeshMsg::Reply {
-                    conn: origin.conn,
-                    frame,
-                },
-            );
+            let conn = origin.conn;
+            self.route(origin.shard, MeshMsg::Reply { conn, answer });
         }
     }
 
@@ -484,11 +479,17 @@ impl Shard {
                         self.unsubscribe_one(peer.id, channel);
                     }
                 }
-                self.answer(peer, protocol::unsubscribed(&channels, id));
+                self.answer(
+                    peer,
+                    &Reply::Unsubscribed {
+                        channels: &channels,
+                        id,
+                    },
+                );
             }
             Request::Publish { channel, data, id } => {
                 if let Err(refusal) = self.check_channel(principal, Scope::Publish, &channel) {
-                    return self.refuse(peer, protocol::refusal(&refusal.with_id(id)));
+                    return self.refuse(peer, &refusal.with_id(id));
                 }
                 let origin = Origin {
                     shard: self.id,
@@ -498,7 +499,7 @@ impl Shard {
                 let (owner, t0) = (self.owner_of(&channel), now.instant);
                 if owner == self.id {
                     // Owned here: no need to copy the message into a mesh message.
-                    self.publish_as_owner(&channel, data, &origin, t0);
+                    self.publish_as_owner(&channel, data, origin, t0);
                     return Handled::Done;
                 }
                 if origin.id.is_some() {
@@ -517,17 +518,22 @@ impl Shard {
                 let channel = match self.check_channel(principal, Scope::Ingest, &ingest.channel) {
                     Ok(channel) => channel,
                     Err(refusal) => {
-                        return self.refuse(peer, protocol::refusal(&refusal.with_id(key)));
+                        return self.refuse(peer, &refusal.with_id(key));
                     }
                 };
                 let expected_org = channel.org().unwrap_or(&principal.org);
                 if ingest.decision.org_id != expected_org {
                     self.counters.add(Counter::DecisionsRejected, 1);
                     let message = format!("data.orgId must be {expected_org:?}, the channel's org");
-                    let frame = protocol::error(ErrorCode::InvalidDecision, &message, key, None);
+                    let reply = Reply::Error {
+                        code: ErrorCode::InvalidDecision,
+                        message: &message,
+                        id: key,
+                        channel: None,
+                    };
                     // A decision refused by validation, like those the parser refuses: counted
                     // as rejected, not as a bad message.
-                    self.answer(peer, frame);
+                    self.answer(peer, &reply);
                     return Handled::Done;
                 }
                 let origin = Origin {
@@ -558,18 +564,18 @@ impl Shard {
                 };
                 self.route(owner, msg);
             }
-            Request::Ping { timestamp } => self.answer(peer, protocol::pong(timestamp)),
+            Request::Ping { timestamp } => self.answer(peer, &Reply::Pong { timestamp }),
             Request::Refresh { id, .. } => {
                 // The connection owns its credentials and answers REFRESH itself.
                 let refusal = Refusal::bad_request("REFRESH is not accepted here").with_id(id);
-                return self.refuse(peer, protocol::refusal(&refusal));
+                return self.refuse(peer, &refusal);
             }
         }
         Handled::Done
     }
 
-    fn refuse(&self, peer: &Peer, frame: Frame) -> Handled {
-        self.answer(peer, frame);
+    fn refuse(&self, peer: &Peer, refusal: &Refusal) -> Handled {
+        self.answer(peer, &Reply::refusal(refusal));
         Handled::Refused
     }
 
@@ -637,8 +643,14 @@ impl Shard {
                 Err(refusal) => {
                     // Named so the client knows which one; a name too long to be valid is cut.
                     let named = Some(crate::json::truncate(&name, crate::auth::MAX_CHANNEL_LEN));
-                    let frame = protocol::error(refusal.code, &refusal.message, id, named);
-                    handled = self.refuse(peer, frame);
+                    let reply = Reply::Error {
+                        code: refusal.code,
+                        message: &refusal.message,
+                        id,
+                        channel: named,
+                    };
+                    self.answer(peer, &reply);
+                    handled = Handled::Refused;
                 }
             }
         }
@@ -706,7 +718,7 @@ impl Shard {
     fn finish_subscribe(&self, token: u64, mut p: PendingSub) {
         let live: Vec<_> = {
             let mut subs = self.subs.borrow_mut();
-            let mut end = |r: &Replay<Frame>| subs.end_catch_up(&r.channel, p.conn, token);
+            let mut end = |r: &Replay| subs.end_catch_up(&r.channel, p.conn, token);
             p.replays.iter().map(&mut end).collect()
         };
         let Some(peer) = self.peer(p.conn) else {
@@ -721,20 +733,28 @@ impl Shard {
                 self.bounds.bytes.saturating_sub(queued_bytes),
             )
         };
-        for (replay, live) in p.replays.iter_mut().zip(&live) {
+        let dialect = peer.dialect();
+        let encode = |r: &Replay| -> Vec<Frame> {
+            let messages = r.messages.iter();
+            messages
+                .map(|m| dialect.publication(&r.channel, m))
+                .collect()
+        };
+        let mut frames: Vec<Vec<Frame>> = p.replays.iter().map(encode).collect();
+        for ((replay, frames), live) in p.replays.iter_mut().zip(&mut frames).zip(&live) {
             let Some(live) = live else { continue };
             let after = live.iter().filter(|(seq, _)| *seq > replay.upto);
             let (live_n, live_bytes) = after.fold((0, 0), |(n, b), (_, f)| (n + 1, b + f.len()));
             room = room.saturating_sub(live_n);
             bytes = bytes.saturating_sub(live_bytes);
-            let mut keep = replay.frames.len();
-            let mut size: usize = replay.frames.iter().map(|(_, f)| f.len()).sum();
+            let mut keep = frames.len();
+            let mut size: usize = frames.iter().map(|f| f.len()).sum();
             while keep > room || size > bytes {
-                size -= replay.frames[replay.frames.len() - keep].1.len();
+                size -= frames[frames.len() - keep].len();
                 keep -= 1;
             }
-            if keep < replay.frames.len() {
-                replay.frames.drain(..replay.frames.len() - keep);
+            if keep < frames.len() {
+                frames.drain(..frames.len() - keep);
                 replay.complete = false;
             }
             room -= keep;
@@ -749,12 +769,17 @@ impl Shard {
         self.counters.add(Counter::Replays, recovered.len() as u64);
         self.counters
             .add(Counter::ReplaysIncomplete, incomplete as u64);
-        let subscribed = protocol::subscribed(&p.channels, p.id.as_deref(), self.epoch, &recovered);
-        self.answer(&peer, subscribed);
-        for (replay, live) in p.replays.into_iter().zip(live) {
+        let subscribed = Reply::Subscribed {
+            channels: &p.channels,
+            id: p.id.as_deref(),
+            epoch: self.epoch,
+            recovered: &recovered,
+        };
+        self.answer(&peer, &subscribed);
+        for ((replay, frames), live) in p.replays.iter().zip(frames).zip(live) {
             // Unsubscribed meanwhile: nothing more for that channel.
             let Some(live) = live else { continue };
-            for (_, frame) in replay.frames {
+            for frame in frames {
                 self.deliver(&peer, frame);
             }
             for (seq, frame) in live {
@@ -777,7 +802,7 @@ impl Shard {
         let in_range = since.after <= found.upto;
         let ring = Replay {
             channel: channel.into(),
-            frames: found.frames,
+            messages: found.messages,
             upto: found.upto,
             complete: !since.stale && in_range && since.after >= found.floor,
         };
@@ -844,29 +869,26 @@ impl Shard {
                 Vec::new()
             }
         };
-        let frame = |channel: &str, seq, data: &[u8]| {
-            Frame::from(protocol::fanout_frame(Kind::Decision, channel, seq, data))
-        };
-        let (to, replay, cut) = read.merge(rows, frame);
+        let (to, replay, cut) = read.merge(rows);
         self.send_replay(to, replay, cut);
     }
 
     /// Hand a replay to whoever asked; `cut` says more messages follow the last one (an HTTP
     /// page that ended in the store).
-    fn send_replay(&self, to: ReplayTo, replay: Replay<Frame>, cut: bool) {
+    fn send_replay(&self, to: ReplayTo, replay: Replay, cut: bool) {
         match to {
             ReplayTo::Sub { shard, token } if shard == self.id => {
                 self.answered(token, Some(replay))
             }
             ReplayTo::Sub { shard, token } => {
-                let replay = Box::new(replay.into_bytes());
+                let replay = Box::new(replay.into_sendable());
                 self.route(shard, MeshMsg::Replay { token, replay });
             }
             ReplayTo::Http { reply, limit } => {
-                let more = cut || replay.frames.len() > limit;
-                let frames = replay.frames.into_iter().take(limit);
+                let more = cut || replay.messages.len() > limit;
+                let messages = replay.messages.iter().take(limit);
                 let page = HistoryPage {
-                    frames: frames.map(|(seq, f)| (seq, f.to_vec())).collect(),
+                    messages: messages.map(Publication::to_sendable).collect(),
                     complete: replay.complete,
                     more,
                 };
@@ -917,62 +939,63 @@ impl Shard {
         let mut channels = self.channels.borrow_mut();
         let state = channels.entry(channel);
         state.seq += 1;
-        let seq = state.seq;
-        let frame = protocol::fanout_frame(kind, channel, seq, data);
+        let publication = Publication {
+            seq: state.seq,
+            kind,
+            data: Rc::from(data),
+        };
         if state.held.is_empty() {
-            self.emit(channel, state, seq, frame, t0);
+            self.emit(channel, state, publication, t0);
         } else {
             let hold = Hold::Ready;
             state.held.push_back(Held {
-                seq,
-                frame,
+                publication,
                 t0,
                 hold,
             });
         }
-        seq
+        state.seq
     }
 
-    /// Keep a numbered frame in the channel's history and send it to every subscriber, here
-    /// and on the shards that have subscribers.
-    fn emit(&self, channel: &str, state: &mut Owned, seq: u64, frame: Vec<u8>, t0: Instant) {
-        let frame: Frame = Rc::from(frame);
+    /// Keep a numbered message in the channel's history and send it to every subscriber,
+    /// here and on the shards that have subscribers.
+    fn emit(&self, channel: &str, state: &mut Owned, publication: Publication, t0: Instant) {
         // The time the message arrived, on the shard clock: no clock read per message.
         let at_ms = t0.saturating_duration_since(self.started).as_millis() as u64;
-        state.ring.push(seq, &frame, at_ms, self.history);
+        state.ring.push(&publication, at_ms, self.history);
         for &shard in &state.interest {
             let msg = MeshMsg::Deliver {
                 channel: channel.into(),
-                seq,
-                frame: frame.to_vec(),
+                publication: publication.to_sendable(),
                 t0,
             };
             self.route(usize::from(shard), msg);
         }
-        self.deliver_local(channel, seq, frame, t0);
+        self.deliver_local(channel, &publication, t0);
     }
 
     /// Number and fan out a PUBLISH on a channel this shard owns; ACK it if it had an id.
-    fn publish_as_owner(&self, channel: &str, data: &[u8], origin: &Origin, t0: Instant) {
+    fn publish_as_owner(&self, channel: &str, data: &[u8], mut origin: Origin, t0: Instant) {
         let seq = self.fan_out(channel, Kind::Message, data, t0);
-        if let Some(id) = &origin.id {
-            self.reply(origin, protocol::publish_ack(id, seq));
+        if let Some(id) = origin.id.take() {
+            self.reply(&origin, Answer::PublishAck { id, seq });
         }
     }
 
-    /// Hand one frame to every local subscriber of `channel` (subscribers waiting for a
-    /// replay keep it for later).
-    fn deliver_local(&self, channel: &str, seq: u64, frame: Frame, t0: Instant) {
+    /// Hand a message to every local subscriber of `channel`, encoded once per dialect in use
+    /// (subscribers waiting for a replay keep it for later).
+    fn deliver_local(&self, channel: &str, publication: &Publication, t0: Instant) {
         let bound = self.bounds.messages;
         let deliver = |peer: &Rc<Peer>, frame| self.deliver(peer, frame);
         let fanned = self
             .subs
             .borrow_mut()
-            .fan_out(channel, seq, &frame, bound, deliver);
-        let Some(dropped) = fanned else {
+            .fan_out(channel, publication, bound, deliver);
+        let Some((dropped, encodings)) = fanned else {
             return;
         };
         self.counters.add(Counter::MessagesDropped, dropped);
+        self.counters.add(Counter::FramesEncoded, encodings);
         self.counters.record_fanout(t0.elapsed());
     }
 
@@ -1000,7 +1023,7 @@ impl Shard {
             Admission::Known(original, origin) => {
                 self.counters.add(Counter::DecisionsDuplicate, 1);
                 let id = original.decision_id.text();
-                let ack = protocol::ingest_ack(key, id.as_str(), true, original.seq);
+                let ack = ingest_ack(key, id.as_str(), true, original.seq);
                 return self.reply(&origin, ack);
             }
             Admission::Joined => return,
@@ -1011,7 +1034,7 @@ impl Shard {
         };
         if !self.recovered.get() {
             // Numbering now could reuse a stored seq, and the key may be stored already.
-            return self.reply(&origin, protocol::storage_unavailable(key));
+            return self.reply(&origin, storage_unavailable(key));
         }
         let ms = self.now().unix_ms;
         let decision_id = self.decisions.borrow_mut().next_id(ms);
@@ -1024,7 +1047,7 @@ impl Shard {
                 .borrow_mut()
                 .remember(org, key, original, now);
             self.counters.add(Counter::DecisionsProcessed, 1);
-            return self.reply(&origin, protocol::ingest_ack(key, id.as_str(), false, seq));
+            return self.reply(&origin, ingest_ack(key, id.as_str(), false, seq));
         };
         // Numbered now: the stored row carries its seq.
         let mut channels = self.channels.borrow_mut();
@@ -1032,7 +1055,11 @@ impl Shard {
         state.stored = true;
         state.seq += 1;
         let seq = state.seq;
-        let frame = protocol::fanout_frame(Kind::Decision, channel, seq, &data);
+        let publication = Publication {
+            seq,
+            kind: Kind::Decision,
+            data: Rc::from(&data[..]),
+        };
         let token = self.next_token.get();
         self.next_token.set(token + 1);
         let record = storage::Record {
@@ -1065,21 +1092,20 @@ impl Shard {
             state.seq -= 1;
             drop(channels);
             tracing::warn!(shard = self.id, "decision refused: {e}");
-            return self.reply(&origin, protocol::storage_unavailable(key));
+            return self.reply(&origin, storage_unavailable(key));
         }
         let Some(pending_key) = pending_key else {
-            self.emit(channel, state, seq, frame, t0);
+            self.emit(channel, state, publication, t0);
             drop(channels);
             self.decisions
                 .borrow_mut()
                 .remember(org, key, Original { decision_id, seq }, now);
             self.counters.add(Counter::DecisionsProcessed, 1);
-            return self.reply(&origin, protocol::ingest_ack(key, id.as_str(), false, seq));
+            return self.reply(&origin, ingest_ack(key, id.as_str(), false, seq));
         };
         let hold = Hold::Commit(token);
         state.held.push_back(Held {
-            seq,
-            frame,
+            publication,
             t0,
             hold,
         });
@@ -1131,7 +1157,7 @@ impl Shard {
                     let dedup = n > 0;
                     self.counters
                         .add(Counter::DecisionsDuplicate, u64::from(dedup));
-                    self.reply(to, protocol::ingest_ack(&u.key, id.as_str(), dedup, u.seq));
+                    self.reply(to, ingest_ack(&u.key, id.as_str(), dedup, u.seq));
                 }
                 (Hold::Ready, false)
             }
@@ -1144,7 +1170,7 @@ impl Shard {
                 }
                 for to in everyone {
                     self.counters.add(Counter::DecisionsDuplicate, 1);
-                    self.reply(to, protocol::ingest_ack(&u.key, &id, true, seq));
+                    self.reply(to, ingest_ack(&u.key, &id, true, seq));
                 }
                 // Known not inserted: its number can go to the next message.
                 (Hold::Void, true)
@@ -1152,7 +1178,7 @@ impl Shard {
             storage::Outcome::Unavailable(reason) => {
                 tracing::debug!(shard = self.id, "decision not stored: {reason}");
                 for to in everyone {
-                    self.reply(to, protocol::storage_unavailable(&u.key));
+                    self.reply(to, storage_unavailable(&u.key));
                 }
                 // Nothing was attempted: the number can go to the next message.
                 (Hold::Void, true)
@@ -1160,7 +1186,7 @@ impl Shard {
             storage::Outcome::Failed(reason) => {
                 tracing::warn!(shard = self.id, "decision not stored: {reason}");
                 for to in everyone {
-                    self.reply(to, protocol::storage_unavailable(&u.key));
+                    self.reply(to, storage_unavailable(&u.key));
                 }
                 // The commit may still have reached the disk (a connection lost before its
                 // answer): never reuse the number, or the next insert would collide.
@@ -1199,7 +1225,7 @@ impl Shard {
                 }
                 Hold::Ready => {
                     if let Some(held) = state.held.pop_front() {
-                        self.emit(channel, state, held.seq, held.frame, held.t0);
+                        self.emit(channel, state, held.publication, held.t0);
                     }
                 }
             }
@@ -1231,7 +1257,7 @@ impl Shard {
                 data,
                 origin,
                 t0,
-            } => self.publish_as_owner(&channel, &data, &origin, t0),
+            } => self.publish_as_owner(&channel, &data, origin, t0),
             MeshMsg::Ingest {
                 channel,
                 decision,
@@ -1242,10 +1268,9 @@ impl Shard {
             } => self.ingest(&channel, &decision, &key, &data, origin, t0),
             MeshMsg::Deliver {
                 channel,
-                seq,
-                frame,
+                publication,
                 t0,
-            } => self.deliver_local(&channel, seq, Rc::from(frame), t0),
+            } => self.deliver_local(&channel, &publication.into_shared(), t0),
             MeshMsg::Interest {
                 channel,
                 on,
@@ -1275,12 +1300,12 @@ impl Shard {
                 }
             }
             MeshMsg::InterestAck { token } => self.answered(token, None),
-            MeshMsg::Replay { token, replay } => self.answered(token, Some(replay.into_frames())),
-            MeshMsg::Reply { conn, frame } => {
+            MeshMsg::Replay { token, replay } => self.answered(token, Some(replay.into_shared())),
+            MeshMsg::Reply { conn, answer } => {
                 // Each request routed to an owner is answered once: the debt is paid.
                 if let Some(peer) = self.peer(conn) {
                     peer.owed.set(peer.owed.get().saturating_sub(1));
-                    self.answer(&peer, Rc::from(frame));
+                    self.answer(&peer, &answer.reply());
                 }
             }
             MeshMsg::History {
@@ -1354,7 +1379,7 @@ impl Shard {
                     } else {
                         let grace = self.config.auth.token_grace_ms;
                         peer.token_deadline.set(now.saturating_add(grace));
-                        self.answer(&peer, protocol::token_expired(grace));
+                        self.answer(&peer, &Reply::TokenExpired { grace_ms: grace });
                     }
                 }
                 (Phase::Open, Stall::Replies) if stalled > ws.reply_timeout_ms => {
@@ -1398,11 +1423,11 @@ impl Shard {
     /// Start graceful shutdown: tell every client to reconnect later, then close with 1001.
     pub fn begin_shutdown(&self) {
         self.shutting_down.set(true);
-        let notice = protocol::system_restart(self.config.shutdown.reconnect_in_ms);
+        let reconnect_in_ms = self.config.shutdown.reconnect_in_ms;
         for peer in self.peers() {
             match peer.phase.get() {
                 Phase::Open => {
-                    self.answer(&peer, notice.clone());
+                    self.answer(&peer, &Reply::Restart { reconnect_in_ms });
                     peer.request_close(Close::GoingAway, "server restarting", false);
                 }
                 Phase::Http => abort(&peer),
@@ -1424,6 +1449,21 @@ impl Shard {
 
 /// How long a closing connection may take to answer our close frame.
 pub const CLOSE_TIMEOUT_MS: u64 = 2_000;
+
+/// The ACK of a decision, owed to a client on any shard.
+fn ingest_ack(key: &str, decision_id: &str, dedup: bool, seq: u64) -> Answer {
+    Answer::IngestAck {
+        key: key.into(),
+        decision_id: decision_id.into(),
+        dedup,
+        seq,
+    }
+}
+
+/// `storage_unavailable` for a decision, owed to a client on any shard.
+fn storage_unavailable(key: &str) -> Answer {
+    Answer::StorageUnavailable { key: key.into() }
+}
 
 fn abort(peer: &Peer) {
     peer.abort.set(true);

@@ -10,6 +10,7 @@ use smallvec::SmallVec;
 
 use crate::codec::Frame;
 use crate::codes::Close;
+use crate::dialect::Dialect;
 use crate::queue::OutQueue;
 
 /// Lifecycle of a connection, as the sweeper sees it.
@@ -57,6 +58,8 @@ pub struct Peer {
     pub token_deadline: Cell<u64>,
     /// The token has expired: requests other than REFRESH and PING are refused.
     pub token_expired: Cell<bool>,
+    /// The wire format its replies and messages are encoded in (set by its route).
+    dialect: Cell<Dialect>,
     /// Answers other shards owe this connection (a PUBLISH with an id or an INGEST on a
     /// channel owned elsewhere): they count against its reply budget before they arrive.
     pub owed: Cell<u32>,
@@ -96,7 +99,18 @@ impl Peer {
             token_deadline: Cell::new(u64::MAX),
             token_expired: Cell::new(false),
             owed: Cell::new(0),
+            dialect: Cell::new(Dialect::default()),
         }
+    }
+
+    /// The connection's wire format.
+    pub fn dialect(&self) -> Dialect {
+        self.dialect.get()
+    }
+
+    /// Speak `dialect` from now on (chosen by the route, before anything is sent).
+    pub fn set_dialect(&self, dialect: Dialect) {
+        self.dialect.set(dialect);
     }
 
     /// The outbound queue (for the connection's writer).

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::rc::Rc;
 
-use crate::codec::Frame;
+use crate::dialect::{Kind, Publication};
 
 /// Where a reconnecting subscriber left a channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,29 +18,26 @@ pub struct Since {
     pub stale: bool,
 }
 
-/// Messages a subscriber missed on one channel, from the owner's history.
+/// Messages a subscriber missed on one channel, from the owner's history. `D` is the
+/// publications' data (`Vec<u8>` to cross shards).
 #[derive(Debug)]
-pub struct Replay<F> {
+pub struct Replay<D = Rc<[u8]>> {
     /// Channel.
     pub channel: Box<str>,
-    /// `(seq, frame)` after the client's seq, in order.
-    pub frames: Vec<(u64, F)>,
+    /// What came after the client's seq, in order.
+    pub messages: Vec<Publication<D>>,
     /// Last seq sent before the subscription was registered: live messages above it follow.
     pub upto: u64,
-    /// Every message after the client's seq is in `frames`.
+    /// Every message after the client's seq is in `messages`.
     pub complete: bool,
 }
 
-impl Replay<Frame> {
+impl Replay {
     /// The same replay with owned bytes, to cross to another shard.
-    pub(super) fn into_bytes(self) -> Replay<Vec<u8>> {
+    pub(super) fn into_sendable(self) -> Replay<Vec<u8>> {
         Replay {
             channel: self.channel,
-            frames: self
-                .frames
-                .into_iter()
-                .map(|(s, f)| (s, f.to_vec()))
-                .collect(),
+            messages: self.messages.iter().map(Publication::to_sendable).collect(),
             upto: self.upto,
             complete: self.complete,
         }
@@ -48,14 +45,14 @@ impl Replay<Frame> {
 }
 
 impl Replay<Vec<u8>> {
-    /// The same replay as shared frames.
-    pub(super) fn into_frames(self) -> Replay<Frame> {
+    /// The same replay, shareable within a shard.
+    pub(super) fn into_shared(self) -> Replay {
         Replay {
             channel: self.channel,
-            frames: self
-                .frames
+            messages: self
+                .messages
                 .into_iter()
-                .map(|(s, f)| (s, Rc::from(f)))
+                .map(Publication::into_shared)
                 .collect(),
             upto: self.upto,
             complete: self.complete,
@@ -66,8 +63,8 @@ impl Replay<Vec<u8>> {
 /// A page of a channel's history, for `GET /api/channels/{channel}/history`.
 #[derive(Debug)]
 pub struct HistoryPage {
-    /// `(seq, frame)` after the asked seq, in order, at most the asked limit.
-    pub frames: Vec<(u64, Vec<u8>)>,
+    /// What came after the asked seq, in order, at most the asked limit.
+    pub messages: Vec<Publication<Vec<u8>>>,
     /// No message between the asked seq and the last frame is missing.
     pub complete: bool,
     /// More messages follow the last frame.
@@ -96,21 +93,17 @@ pub(super) struct PendingRead {
     /// Most rows asked of the store (an HTTP page may end inside the stored range).
     pub limit: usize,
     /// What the ring had when the subscriber was registered.
-    pub ring: Replay<Frame>,
+    pub ring: Replay,
 }
 
 impl PendingRead {
-    /// Put the stored `rows` (read for this replay, framed by `frame`) before what the ring
-    /// had. Returns where the replay goes, the replay, and whether more messages follow its
-    /// last one (an HTTP page that ended in the store).
+    /// Put the stored decisions `rows` (read for this replay) before what the ring had.
+    /// Returns where the replay goes, the replay, and whether more messages follow its last
+    /// one (an HTTP page that ended in the store).
     ///
     /// The replay is complete when the store holds every seq the ring lost (a hole means an
     /// ephemeral message, gone for good).
-    pub fn merge(
-        self,
-        rows: Vec<(u64, String)>,
-        frame: impl Fn(&str, u64, &[u8]) -> Frame,
-    ) -> (ReplayTo, Replay<Frame>, bool) {
+    pub fn merge(self, rows: Vec<(u64, String)>) -> (ReplayTo, Replay, bool) {
         let mut replay = self.ring;
         // Seqs are unique and within (after, floor]: as many rows as seqs means no hole.
         let after = self.since.after;
@@ -123,15 +116,17 @@ impl PendingRead {
             rows.len() as u64 == missing
         };
         replay.complete = !self.since.stale && whole;
-        let stored = rows
-            .into_iter()
-            .map(|(seq, data)| (seq, frame(&replay.channel, seq, data.as_bytes())));
-        let mut frames: Vec<(u64, Frame)> = stored.collect();
+        let stored = rows.into_iter().map(|(seq, data)| Publication {
+            seq,
+            kind: Kind::Decision,
+            data: Rc::from(data.into_bytes()),
+        });
+        let mut messages: Vec<Publication> = stored.collect();
         // A page that ends in the store leaves the ring's messages for the next page.
         if !page_ends_in_store {
-            frames.append(&mut replay.frames);
+            messages.append(&mut replay.messages);
         }
-        replay.frames = frames;
+        replay.messages = messages;
         (self.to, replay, page_ends_in_store)
     }
 }

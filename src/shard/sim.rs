@@ -11,8 +11,8 @@ use std::time::Duration;
 use crate::auth::{Principal, Scopes};
 use crate::clock::Now;
 use crate::config::{Config, Scope};
+use crate::dialect::shardcast::Parser;
 use crate::metrics::Global;
-use crate::protocol::Parser;
 use crate::storage::{self, reader, Completion, Outcome};
 
 use super::{owner_of, Loaded, Peer, Shard, StorageLink};

@@ -10,6 +10,7 @@ use std::rc::Rc;
 use indexmap::IndexMap;
 
 use crate::codec::Frame;
+use crate::dialect::{Encoded, Publication};
 
 use super::{Peer, Replay};
 
@@ -25,7 +26,7 @@ pub(super) struct PendingSub {
     pub id: Option<Box<[u8]>>,
     /// Owner answers still to come.
     pub waiting: usize,
-    pub replays: Vec<Replay<Frame>>,
+    pub replays: Vec<Replay>,
 }
 
 /// A subscriber waiting for its replay: live messages for it are kept until the replay is
@@ -110,38 +111,40 @@ impl Subscriptions {
         empty
     }
 
-    /// Hand `frame` (message `seq` of `channel`) to every local subscriber through `deliver`;
-    /// a subscriber waiting for its replay keeps it instead, at most `bound` of them (the
-    /// oldest goes first, as in the queue they are bound for). Returns how many kept messages
-    /// were dropped, or `None` when the channel has no subscriber here.
+    /// Hand `publication` of `channel` to every local subscriber through `deliver`, encoded
+    /// once per dialect in use; a subscriber waiting for its replay keeps it instead, at most
+    /// `bound` of them (the oldest goes first, as in the queue they are bound for). Returns
+    /// how many kept messages were dropped and how many encodings were made, or `None` when
+    /// the channel has no subscriber here.
     pub fn fan_out(
         &mut self,
         channel: &str,
-        seq: u64,
-        frame: &Frame,
+        publication: &Publication,
         bound: usize,
         mut deliver: impl FnMut(&Rc<Peer>, Frame),
-    ) -> Option<u64> {
+    ) -> Option<(u64, u64)> {
         let members = self.by_channel.get(channel)?;
         let mut waiting = if self.catching_up.is_empty() {
             None
         } else {
             self.catching_up.get_mut(channel)
         };
+        let mut encoded = Encoded::new(channel, publication);
         let mut dropped = 0;
         for peer in members.values() {
+            let frame = encoded.frame(peer.dialect()).clone();
             if let Some(catch) = waiting.as_mut().and_then(|w| w.get_mut(&peer.id)) {
                 if catch.live.len() >= bound {
                     catch.live.pop_front();
                     peer.dropped.set(peer.dropped.get() + 1);
                     dropped += 1;
                 }
-                catch.live.push_back((seq, frame.clone()));
+                catch.live.push_back((publication.seq, frame));
                 continue;
             }
-            deliver(peer, frame.clone());
+            deliver(peer, frame);
         }
-        Some(dropped)
+        Some((dropped, encoded.encodings))
     }
 
     /// Park a SUB until its owners have answered.
@@ -151,7 +154,7 @@ impl Subscriptions {
 
     /// An owner answered SUB `token` (with a replay, for a channel asked with `since`): the
     /// SUB, once nothing more is awaited.
-    pub fn answered(&mut self, token: u64, replay: Option<Replay<Frame>>) -> Option<PendingSub> {
+    pub fn answered(&mut self, token: u64, replay: Option<Replay>) -> Option<PendingSub> {
         let sub = self.pending.get_mut(&token)?;
         sub.replays.extend(replay);
         sub.waiting -= 1;

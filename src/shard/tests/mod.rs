@@ -395,3 +395,35 @@ fn kinds(frames: &[String]) -> Vec<(String, u64)> {
         })
         .collect()
 }
+
+#[test]
+fn a_message_is_encoded_once_per_shard_and_its_bytes_shared_by_every_subscriber() {
+    let sim = Sim::new(2);
+    let channel = channel_owned_by(0);
+    let mut subscribers = Vec::new();
+    for n in 0..400 {
+        subscribers.push(subscriber(&sim, n % 2, &channel));
+    }
+    let publisher = sim.connect(1);
+    publish(&sim, 1, &publisher, &channel, 1);
+    sim.settle();
+    for shard in &sim.shards {
+        assert_eq!(
+            shard.counters.get(Counter::FramesEncoded),
+            1,
+            "one encoding per shard"
+        );
+    }
+    for side in 0..2 {
+        let mine = subscribers.iter().skip(side).step_by(2);
+        let frames: Vec<Frame> = mine
+            .map(|p| p.out().borrow().back().cloned().expect("delivered"))
+            .collect();
+        assert_eq!(frames.len(), 200);
+        assert!(
+            frames.iter().all(|f| Rc::ptr_eq(f, &frames[0])),
+            "shard {side}'s subscribers share one allocation"
+        );
+    }
+    assert_eq!(drain(&subscribers[0]), [message(&channel, 1)]);
+}

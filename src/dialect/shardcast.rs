@@ -1,8 +1,10 @@
-//! The JSON wire protocol: client requests in, server frames out. No I/O, no shard state.
+//! The shardcast JSON protocol: client requests in, server frames out. No I/O, no shard
+//! state.
 
 use simd_json::prelude::*;
 use simd_json::tape::{Tape, Value};
 
+use super::{Ingest, Kind, Publication, Refusal, Reply, Request};
 use crate::codec::{Frame, FrameBuilder};
 use crate::codes::ErrorCode;
 use crate::json;
@@ -11,96 +13,6 @@ use crate::json;
 pub const MAX_CHANNELS_PER_REQUEST: usize = 100;
 /// Longest request id or idempotency key.
 pub const MAX_ID_LEN: usize = 256;
-
-/// A request from a client. Raw fields (`data`, `id`, `timestamp`) are the exact bytes sent.
-#[derive(Debug, PartialEq)]
-pub enum Request<'a> {
-    /// Subscribe to channels.
-    Sub {
-        /// Channel names.
-        channels: Vec<String>,
-        /// Raw request id to echo, if any.
-        id: Option<&'a [u8]>,
-        /// `since`: per channel, the last seq the client has; what came after is replayed.
-        since: Vec<(String, u64)>,
-        /// `epoch`: the server epoch those seqs belong to (from an earlier SUBSCRIBED).
-        epoch: Option<u64>,
-    },
-    /// Unsubscribe from channels.
-    Unsub {
-        /// Channel names.
-        channels: Vec<String>,
-        /// Raw request id to echo, if any.
-        id: Option<&'a [u8]>,
-    },
-    /// Ephemeral fan-out.
-    Publish {
-        /// Target channel.
-        channel: String,
-        /// Raw JSON of `data`.
-        data: &'a [u8],
-        /// Raw request id; an ACK is sent only when present.
-        id: Option<&'a [u8]>,
-    },
-    /// A governance decision to validate, deduplicate and fan out.
-    Ingest(Ingest<'a>),
-    /// A fresh token for this connection (same user and org; its scopes apply at once).
-    Refresh {
-        /// The JWT.
-        token: String,
-        /// Raw request id to echo, if any.
-        id: Option<&'a [u8]>,
-    },
-    /// Application-level heartbeat.
-    Ping {
-        /// Raw `timestamp` to echo.
-        timestamp: Option<&'a [u8]>,
-    },
-}
-
-/// An INGEST request.
-#[derive(Debug, PartialEq)]
-pub struct Ingest<'a> {
-    /// Target channel.
-    pub channel: String,
-    /// Idempotency key.
-    pub key: String,
-    /// The key as sent (a JSON string), echoed in refusals.
-    pub raw_key: &'a [u8],
-    /// Raw JSON of `data`.
-    pub data: &'a [u8],
-    /// The decision's fields, checked.
-    pub decision: Box<crate::decision::Decision>,
-}
-
-/// A refused request: a machine-readable code, a message, and the request id if one was found.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{code}: {message}")]
-pub struct Refusal {
-    /// Error code sent to the client.
-    pub code: ErrorCode,
-    /// Human-readable explanation.
-    pub message: String,
-    /// Raw request id (or idempotency key) to echo.
-    pub id: Option<Vec<u8>>,
-}
-
-impl Refusal {
-    /// A `bad_request` refusal.
-    pub fn bad_request(message: impl Into<String>) -> Self {
-        Refusal {
-            code: ErrorCode::BadRequest,
-            message: message.into(),
-            id: None,
-        }
-    }
-
-    /// Attach a raw request id (or idempotency key) to echo.
-    pub fn with_id(mut self, id: Option<&[u8]>) -> Self {
-        self.id = id.map(<[u8]>::to_vec);
-        self
-    }
-}
 
 /// Reusable parse buffers (one per shard): simd-json rewrites its input, so requests are parsed
 /// from a copy, onto a tape (a flat list of nodes: no tree of maps to build and free).
@@ -347,15 +259,6 @@ fn parse_ingest<'a>(
     }))
 }
 
-/// Kinds of fanned-out message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    /// A PUBLISH, delivered as MESSAGE.
-    Message,
-    /// An INGEST, delivered as DECISION.
-    Decision,
-}
-
 fn text() -> FrameBuilder {
     FrameBuilder::text()
 }
@@ -380,25 +283,71 @@ fn push_channels(out: &mut Vec<u8>, channels: &[impl AsRef<str>]) {
     out.push(b']');
 }
 
-/// `MESSAGE` / `DECISION` frame bytes, built once per message by the channel's owner shard.
-pub fn fanout_frame(kind: Kind, channel: &str, seq: u64, data: &[u8]) -> Vec<u8> {
+/// `MESSAGE` / `DECISION` frame of `publication` on `channel`.
+pub fn publication(channel: &str, publication: &Publication<impl AsRef<[u8]>>) -> Frame {
+    let data = publication.data.as_ref();
     let mut f = FrameBuilder::new(crate::codec::opcode::TEXT, 64 + channel.len() + data.len());
-    let out = f.payload_mut();
-    out.extend_from_slice(match kind {
+    push_message(f.payload_mut(), channel, publication);
+    f.finish()
+}
+
+/// The JSON text of a `MESSAGE` / `DECISION` (what the HTTP history API lists).
+pub fn message_json(out: &mut Vec<u8>, channel: &str, publication: &Publication<impl AsRef<[u8]>>) {
+    push_message(out, channel, publication);
+}
+
+fn push_message(out: &mut Vec<u8>, channel: &str, publication: &Publication<impl AsRef<[u8]>>) {
+    out.extend_from_slice(match publication.kind {
         Kind::Message => br#"{"type":"MESSAGE","channel":"#,
         Kind::Decision => br#"{"type":"DECISION","channel":"#,
     });
     json::push_str(out, channel);
     out.extend_from_slice(br#","seq":"#);
-    json::push_u64(out, seq);
+    json::push_u64(out, publication.seq);
     out.extend_from_slice(br#","data":"#);
-    out.extend_from_slice(data);
+    out.extend_from_slice(publication.data.as_ref());
     out.push(b'}');
-    f.finish_vec()
+}
+
+/// The frame of `reply`.
+pub fn reply(reply: &Reply<'_>) -> Frame {
+    match *reply {
+        Reply::Ready {
+            connection_id,
+            shard,
+        } => ready(connection_id, shard),
+        Reply::Subscribed {
+            channels,
+            id,
+            epoch,
+            recovered,
+        } => subscribed(channels, id, epoch, recovered),
+        Reply::Unsubscribed { channels, id } => unsubscribed(channels, id),
+        Reply::PublishAck { id, seq } => publish_ack(id, seq),
+        Reply::IngestAck {
+            key,
+            decision_id,
+            dedup,
+            seq,
+        } => ingest_ack(key, decision_id, dedup, seq),
+        Reply::StorageUnavailable { key } => storage_unavailable(key),
+        Reply::Error {
+            code,
+            message,
+            id,
+            channel,
+        } => error(code, message, id, channel),
+        Reply::SlowConsumer { dropped } => slow_consumer(dropped),
+        Reply::RateLimited { retry_after_ms } => rate_limited(retry_after_ms),
+        Reply::Pong { timestamp } => pong(timestamp),
+        Reply::Refreshed { id, expires_ms } => refreshed(id, expires_ms),
+        Reply::TokenExpired { grace_ms } => token_expired(grace_ms),
+        Reply::Restart { reconnect_in_ms } => system_restart(reconnect_in_ms),
+    }
 }
 
 /// `READY`.
-pub fn ready(connection_id: &str, shard: usize) -> Frame {
+fn ready(connection_id: &str, shard: usize) -> Frame {
     let mut f = text();
     let out = f.payload_mut();
     out.extend_from_slice(br#"{"type":"READY","connectionId":"#);
@@ -410,7 +359,7 @@ pub fn ready(connection_id: &str, shard: usize) -> Frame {
 }
 
 /// `UNSUBSCRIBED`.
-pub fn unsubscribed(channels: &[impl AsRef<str>], id: Option<&[u8]>) -> Frame {
+fn unsubscribed(channels: &[impl AsRef<str>], id: Option<&[u8]>) -> Frame {
     let mut f = text();
     let out = f.payload_mut();
     out.extend_from_slice(br#"{"type":"UNSUBSCRIBED","channels":"#);
@@ -422,7 +371,7 @@ pub fn unsubscribed(channels: &[impl AsRef<str>], id: Option<&[u8]>) -> Frame {
 
 /// `SUBSCRIBED`, with the server's `epoch` and, for channels asked with `since`, whether the
 /// replay that follows is complete.
-pub fn subscribed(
+fn subscribed(
     channels: &[impl AsRef<str>],
     id: Option<&[u8]>,
     epoch: u64,
@@ -451,7 +400,7 @@ pub fn subscribed(
 }
 
 /// `ERROR` with a code, a message, and optionally the request id and the channel concerned.
-pub fn error(code: ErrorCode, message: &str, id: Option<&[u8]>, channel: Option<&str>) -> Frame {
+fn error(code: ErrorCode, message: &str, id: Option<&[u8]>, channel: Option<&str>) -> Frame {
     let mut f = text();
     let out = f.payload_mut();
     out.extend_from_slice(br#"{"type":"ERROR","code":"#);
@@ -467,13 +416,8 @@ pub fn error(code: ErrorCode, message: &str, id: Option<&[u8]>, channel: Option<
     f.finish()
 }
 
-/// `ERROR` for a refused request.
-pub fn refusal(r: &Refusal) -> Frame {
-    error(r.code, &r.message, r.id.as_deref(), None)
-}
-
 /// `ERROR` telling a slow consumer how many messages it lost.
-pub fn slow_consumer(dropped: u64) -> Frame {
+fn slow_consumer(dropped: u64) -> Frame {
     let mut f = text();
     let out = f.payload_mut();
     out.extend_from_slice(br#"{"type":"ERROR","code":"#);
@@ -487,7 +431,7 @@ pub fn slow_consumer(dropped: u64) -> Frame {
 }
 
 /// `ERROR` for a message over the connection's rate limit (the message was not processed).
-pub fn rate_limited(retry_after_ms: u64) -> Frame {
+fn rate_limited(retry_after_ms: u64) -> Frame {
     let mut f = text();
     let out = f.payload_mut();
     out.extend_from_slice(br#"{"type":"ERROR","code":"#);
@@ -501,7 +445,7 @@ pub fn rate_limited(retry_after_ms: u64) -> Frame {
 }
 
 /// `ACK` for a PUBLISH.
-pub fn publish_ack(id: &[u8], seq: u64) -> Vec<u8> {
+fn publish_ack(id: &[u8], seq: u64) -> Frame {
     let mut f = text();
     let out = f.payload_mut();
     out.extend_from_slice(br#"{"type":"ACK","id":"#);
@@ -509,11 +453,11 @@ pub fn publish_ack(id: &[u8], seq: u64) -> Vec<u8> {
     out.extend_from_slice(br#","seq":"#);
     json::push_u64(out, seq);
     out.push(b'}');
-    f.finish_vec()
+    f.finish()
 }
 
 /// `ACK` for an INGEST.
-pub fn ingest_ack(key: &str, decision_id: &str, dedup: bool, seq: u64) -> Vec<u8> {
+fn ingest_ack(key: &str, decision_id: &str, dedup: bool, seq: u64) -> Frame {
     let mut f = text();
     let out = f.payload_mut();
     out.extend_from_slice(br#"{"type":"ACK","id":"#);
@@ -527,11 +471,11 @@ pub fn ingest_ack(key: &str, decision_id: &str, dedup: bool, seq: u64) -> Vec<u8
     });
     json::push_u64(out, seq);
     out.push(b'}');
-    f.finish_vec()
+    f.finish()
 }
 
 /// `ERROR storage_unavailable` for an INGEST (never an ACK: the decision was not stored).
-pub fn storage_unavailable(key: &str) -> Vec<u8> {
+fn storage_unavailable(key: &str) -> Frame {
     let mut f = text();
     let out = f.payload_mut();
     out.extend_from_slice(br#"{"type":"ERROR","code":"#);
@@ -544,11 +488,11 @@ pub fn storage_unavailable(key: &str) -> Vec<u8> {
     out.extend_from_slice(br#","id":"#);
     json::push_str(out, key);
     out.push(b'}');
-    f.finish_vec()
+    f.finish()
 }
 
 /// `PONG`, echoing the client's timestamp.
-pub fn pong(timestamp: Option<&[u8]>) -> Frame {
+fn pong(timestamp: Option<&[u8]>) -> Frame {
     let mut f = text();
     let out = f.payload_mut();
     out.extend_from_slice(br#"{"type":"PONG""#);
@@ -558,7 +502,7 @@ pub fn pong(timestamp: Option<&[u8]>) -> Frame {
 }
 
 /// `REFRESHED`: the connection now runs on the new token, valid until `expires_ms`.
-pub fn refreshed(id: Option<&[u8]>, expires_ms: u64) -> Frame {
+fn refreshed(id: Option<&[u8]>, expires_ms: u64) -> Frame {
     let mut f = text();
     let out = f.payload_mut();
     out.extend_from_slice(br#"{"type":"REFRESHED""#);
@@ -570,7 +514,7 @@ pub fn refreshed(id: Option<&[u8]>, expires_ms: u64) -> Frame {
 }
 
 /// `SYSTEM token_expired`: send REFRESH within `grace_ms`, or be closed with 4403.
-pub fn token_expired(grace_ms: u64) -> Frame {
+fn token_expired(grace_ms: u64) -> Frame {
     let mut f = text();
     let out = f.payload_mut();
     out.extend_from_slice(br#"{"type":"SYSTEM","event":"token_expired","graceMs":"#);
@@ -582,7 +526,7 @@ pub fn token_expired(grace_ms: u64) -> Frame {
 }
 
 /// `SYSTEM` restart notice sent before a graceful shutdown.
-pub fn system_restart(reconnect_in_ms: u64) -> Frame {
+fn system_restart(reconnect_in_ms: u64) -> Frame {
     let mut f = text();
     let out = f.payload_mut();
     out.extend_from_slice(br#"{"type":"SYSTEM","event":"restart","reconnectIn":"#);
@@ -760,27 +704,60 @@ mod tests {
 
     #[test]
     fn server_messages_are_valid_json() {
-        let frames: Vec<Vec<u8>> = vec![
-            fanout_frame(Kind::Message, "org:a:usage", 7, br#"{"k":[1]}"#),
-            ready("c-1", 0).to_vec(),
-            subscribed(&["org:a:usage"], Some(b"3"), 17, &[("org:a:usage", false)]).to_vec(),
-            unsubscribed(&["org:a:usage"], None).to_vec(),
-            error(
-                ErrorCode::Forbidden,
-                "no \"access\"",
-                None,
-                Some("org:b:usage"),
-            )
-            .to_vec(),
-            slow_consumer(12).to_vec(),
-            rate_limited(40).to_vec(),
-            publish_ack(br#""x""#, 9),
-            ingest_ack("k", "dec_1", true, 4),
-            pong(Some(br#""2024-01-01T00:00:00Z""#)).to_vec(),
-            system_restart(1000).to_vec(),
-            refreshed(Some(b"7"), 1_800_000_000_000).to_vec(),
-            token_expired(30_000).to_vec(),
+        let message = Publication {
+            seq: 7,
+            kind: Kind::Message,
+            data: br#"{"k":[1]}"#.to_vec(),
+        };
+        let channels = ["org:a:usage".to_string()];
+        let replies = [
+            Reply::Ready {
+                connection_id: "c-1",
+                shard: 0,
+            },
+            Reply::Subscribed {
+                channels: &channels,
+                id: Some(b"3"),
+                epoch: 17,
+                recovered: &[("org:a:usage", false)],
+            },
+            Reply::Unsubscribed {
+                channels: &channels,
+                id: None,
+            },
+            Reply::Error {
+                code: ErrorCode::Forbidden,
+                message: "no \"access\"",
+                id: None,
+                channel: Some("org:b:usage"),
+            },
+            Reply::SlowConsumer { dropped: 12 },
+            Reply::RateLimited { retry_after_ms: 40 },
+            Reply::PublishAck {
+                id: br#""x""#,
+                seq: 9,
+            },
+            Reply::IngestAck {
+                key: "k",
+                decision_id: "dec_1",
+                dedup: true,
+                seq: 4,
+            },
+            Reply::StorageUnavailable { key: "k" },
+            Reply::Pong {
+                timestamp: Some(br#""2024-01-01T00:00:00Z""#),
+            },
+            Reply::Restart {
+                reconnect_in_ms: 1000,
+            },
+            Reply::Refreshed {
+                id: Some(b"7"),
+                expires_ms: 1_800_000_000_000,
+            },
+            Reply::TokenExpired { grace_ms: 30_000 },
         ];
+        let mut frames = vec![publication("org:a:usage", &message)];
+        frames.extend(replies.iter().map(reply));
         for f in &frames {
             let text = payload(f);
             let v: serde_json::Value =
