@@ -43,6 +43,12 @@ pub enum ErrorCode {
     NotFound,
     /// The route exists for other methods.
     MethodNotAllowed,
+    /// The request's `Origin` is not in `http.allowed_origins`.
+    OriginNotAllowed,
+    /// A request body over `http.max_body_bytes`.
+    PayloadTooLarge,
+    /// A request body without `Content-Length`.
+    LengthRequired,
     /// The server's own fault.
     Internal,
 }
@@ -70,6 +76,9 @@ impl ErrorCode {
             ErrorCode::NotReady => "not_ready",
             ErrorCode::NotFound => "not_found",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::OriginNotAllowed => "origin_not_allowed",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::LengthRequired => "length_required",
             ErrorCode::Internal => "internal",
         }
     }

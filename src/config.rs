@@ -89,6 +89,8 @@ pub struct Config {
     pub mesh: Mesh,
     /// Diagnostic endpoints.
     pub diagnostics: Diagnostics,
+    /// The HTTP side of the port: origins, request bodies.
+    pub http: Http,
     /// API keys.
     pub api_keys: Vec<ApiKey>,
 }
@@ -287,6 +289,27 @@ pub struct Mesh {
     pub max_pending: usize,
 }
 
+/// The HTTP side of the port.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Http {
+    /// Browser origins that may upgrade and call the HTTP API: `*`, an origin
+    /// (`https://app.example.com`) or any subdomain (`https://*.example.com`). Empty: any.
+    /// A request without `Origin` (not a browser page) is never refused.
+    pub allowed_origins: Vec<String>,
+    /// Largest request body accepted (larger: 413).
+    pub max_body_bytes: usize,
+}
+
+impl Default for Http {
+    fn default() -> Self {
+        Self {
+            allowed_origins: Vec::new(),
+            max_body_bytes: 1 << 20,
+        }
+    }
+}
+
 /// Diagnostic endpoints.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -341,6 +364,7 @@ impl Default for Config {
             shutdown: Shutdown::default(),
             mesh: Mesh::default(),
             diagnostics: Diagnostics::default(),
+            http: Http::default(),
             api_keys: Vec::new(),
         }
     }
@@ -494,6 +518,9 @@ impl Config {
         }
         if self.channels.categories.is_empty() {
             return invalid("channels.categories must not be empty".into());
+        }
+        if let Err(e) = crate::routes::cors::validate(&self.http.allowed_origins) {
+            return invalid(format!("http.{e}"));
         }
         if let Err(e) = crate::storage::Backend::parse(&self.storage.url) {
             return invalid(format!("storage.url: {e}"));

@@ -1,4 +1,5 @@
-//! One client connection: the HTTP request, the upgrade, then the WebSocket session.
+//! One client connection: HTTP requests (keep-alive, pipelined), the upgrade, then the
+//! WebSocket session. Which path answers what is `routes/`.
 //!
 //! A connection is a single hand-written state machine polled by one task: it reads into the
 //! shard's scratch buffer (only inside a poll, so no connection holds a read buffer while it
@@ -6,14 +7,11 @@
 //! `send`. The socket's readiness comes from the shard's [`Poller`]: the shard's readiness
 //! task records it in the peer's `readiness` bits and wakes the task (see [`on_ready`]).
 
-use std::future::Future;
 use std::io;
 use std::os::fd::OwnedFd;
-use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
 
-use crate::api;
 use crate::auth::Principal;
 use crate::clock::Now;
 use crate::codec::{self, Decoder, Event, Flow};
@@ -21,13 +19,13 @@ use crate::codes::{Close, ErrorCode};
 use crate::config::RefuseWith;
 use crate::config::Scope;
 use crate::dialect::{Refusal, Reply, Request};
-use crate::http;
+use crate::http::{self, Response};
 use crate::metrics::Counter;
 use crate::poller::{self, Poller, Watched};
 use crate::queue::ReplyBudget;
 use crate::rate::TokenBucket;
+use crate::routes::{self, Pending, Route};
 use crate::shard::{Handled, Peer, Phase, Shard, Stall};
-use crate::storage;
 
 /// Reads handled per poll before yielding to other connections.
 const READ_BUDGET: usize = 16;
@@ -35,12 +33,13 @@ const READ_BUDGET: usize = 16;
 const WRITE_CHUNK: usize = 128 * 1024;
 
 enum Mode {
-    /// Reading the request head (bytes kept only while it is incomplete).
+    /// Reading HTTP requests: the bytes read and not yet used (an incomplete request, or
+    /// pipelined ones behind the one being answered).
     Http(Vec<u8>),
-    /// A plain HTTP response is queued; done once it is written.
+    /// The last HTTP response is queued; done once it is written.
     HttpReply,
-    /// An API request is being answered elsewhere (a storage reader, the channel's owner).
-    HttpWait(Answer),
+    /// A request is being answered elsewhere (a storage reader, the channel's owner).
+    HttpWait(Box<Waiting>),
     /// An authenticated WebSocket session.
     Session(Rc<Principal>),
     /// The diagnostic echo endpoint.
@@ -49,8 +48,14 @@ enum Mode {
     Refused,
 }
 
-/// An HTTP response being made elsewhere (a storage reader, a channel's owner).
-type Answer = Pin<Box<dyn Future<Output = Vec<u8>>>>;
+/// An HTTP request being answered elsewhere, and what follows it.
+struct Waiting {
+    response: Pending,
+    /// The connection stays open after the response.
+    keep_alive: bool,
+    /// Bytes read after the request (pipelined requests), served once it is answered.
+    rest: Vec<u8>,
+}
 
 /// `Peer::readiness` bits.
 mod ready {
@@ -140,9 +145,9 @@ struct Conn {
     paused: bool,
     /// Events decoded so far (wrapping): tells whether a read completed a message.
     events: u32,
-    /// HTTP responses at the front of the queue (the 101 or an error): not messages, so
-    /// not counted as sent.
-    http_frames: u8,
+    /// HTTP responses at the front of the queue (kept-alive answers, the 101): not messages,
+    /// so not counted as sent (the reply budget keeps them far below `u16::MAX`).
+    http_frames: u16,
     /// Requests are not being read (counted once per pause).
     reads_paused: bool,
 }
@@ -169,9 +174,14 @@ impl Conn {
             }
             // Polled in the loop: the request that started the wait was read in this poll,
             // and only a poll registers the waker its answer will use.
-            if let Mode::HttpWait(answer) = &mut self.mode {
-                match answer.as_mut().poll(cx) {
-                    Poll::Ready(response) => self.http_reply(response),
+            if let Mode::HttpWait(waiting) = &mut self.mode {
+                match waiting.response.as_mut().poll(cx) {
+                    Poll::Ready(response) => {
+                        let keep_alive = waiting.keep_alive;
+                        let rest = std::mem::take(&mut waiting.rest);
+                        self.respond(&response, keep_alive, rest);
+                        self.serve_http();
+                    }
                     Poll::Pending => return Poll::Pending,
                 }
             }
@@ -199,7 +209,7 @@ impl Conn {
         let flushed = self.peer.out().borrow().is_empty();
         match self.mode {
             Mode::HttpReply => flushed,
-            Mode::Http(_) => self.eof,
+            Mode::Http(_) => self.eof && flushed,
             _ => self.eof || (self.close_queued && self.close_received && flushed),
         }
     }
@@ -207,6 +217,13 @@ impl Conn {
     fn read(&mut self, cx: &mut Context<'_>) -> Step {
         if self.eof || matches!(self.mode, Mode::HttpReply | Mode::HttpWait(_)) {
             return Step::Pending;
+        }
+        if matches!(self.mode, Mode::Http(_)) {
+            let budget = self.shard.config.limits.reply_budget();
+            if self.peer.out().borrow().replies_over(budget) {
+                // Pipelined requests whose responses are not read: read no more of them.
+                return Step::Pending;
+            }
         }
         if matches!(self.mode, Mode::Session(_)) && !self.close_queued && self.shard.congested() {
             self.shard.wait_uncongested(cx.waker());
@@ -341,7 +358,7 @@ impl Conn {
             };
             let frames = self.peer.out().borrow_mut().consume(written);
             let http = usize::from(self.http_frames).min(frames);
-            self.http_frames -= http as u8;
+            self.http_frames -= http as u16;
             shard
                 .counters
                 .add(Counter::MessagesSent, (frames - http) as u64);
@@ -354,47 +371,52 @@ impl Conn {
 
     fn on_bytes(&mut self, data: &mut [u8]) {
         match &mut self.mode {
-            Mode::Http(head) => {
-                let parsed = if head.is_empty() {
-                    http::parse(data)
-                } else {
-                    head.extend_from_slice(data);
-                    http::parse(head)
-                };
-                match parsed {
-                    Ok(None) => {
-                        if head.is_empty() {
-                            head.extend_from_slice(data);
-                        }
-                    }
-                    Ok(Some((request, len))) => {
-                        // Bytes after the head are the client's first frames.
-                        let mut rest = if head.is_empty() {
-                            data[len..].to_vec()
-                        } else {
-                            head.split_off(len)
-                        };
-                        self.on_request(request);
-                        if !rest.is_empty() && self.is_websocket() {
-                            self.on_frames(&mut rest);
-                        }
-                    }
-                    Err(e) => {
-                        let status = match e {
-                            http::HeadError::TooLarge => 431,
-                            http::HeadError::Malformed => 400,
-                        };
-                        self.http_reply(http::error_response(
-                            status,
-                            ErrorCode::BadRequest,
-                            &e.to_string(),
-                            "",
-                        ));
-                    }
-                }
+            Mode::Http(buffered) => {
+                buffered.extend_from_slice(data);
+                self.serve_http();
             }
             Mode::HttpReply | Mode::HttpWait(_) => {}
             Mode::Session(_) | Mode::Echo | Mode::Refused => self.on_frames(data),
+        }
+    }
+
+    /// Serve the complete HTTP requests read so far, in order (pipelining: each one is
+    /// answered before the next is looked at).
+    fn serve_http(&mut self) {
+        loop {
+            let Mode::Http(buffered) = &mut self.mode else {
+                return;
+            };
+            let (mut request, len) = match http::parse(buffered) {
+                Ok(Some(parsed)) => parsed,
+                Ok(None) => return,
+                Err(e) => {
+                    let status = match e {
+                        http::HeadError::TooLarge => 431,
+                        http::HeadError::Malformed | http::HeadError::BadLength => 400,
+                    };
+                    let response = Response::error(status, ErrorCode::BadRequest, &e.to_string());
+                    return self.respond(&response, false, Vec::new());
+                }
+            };
+            let max_body = self.shard.config.http.max_body_bytes;
+            if request.transfer_encoding {
+                let message = "request bodies need Content-Length (no Transfer-Encoding)";
+                let response = Response::error(411, ErrorCode::LengthRequired, message);
+                return self.respond(&response, false, Vec::new());
+            }
+            if request.content_length > max_body {
+                let message = format!("request bodies are limited to {max_body} bytes");
+                let response = Response::error(413, ErrorCode::PayloadTooLarge, &message);
+                return self.respond(&response, false, Vec::new());
+            }
+            let end = len + request.content_length;
+            if buffered.len() < end {
+                return; // The rest of the body is on its way.
+            }
+            let rest = buffered.split_off(end);
+            request.body = buffered.split_off(len);
+            self.on_request(request, rest);
         }
     }
 
@@ -402,132 +424,57 @@ impl Conn {
         matches!(self.mode, Mode::Session(_) | Mode::Echo | Mode::Refused)
     }
 
-    fn http_reply(&mut self, response: Vec<u8>) {
+    /// Queue an HTTP response; with `keep_alive` the connection goes on to `rest` (the next
+    /// request), otherwise it closes once the response is written.
+    fn respond(&mut self, response: &Response, keep_alive: bool, rest: Vec<u8>) {
+        let keep_alive = keep_alive && !self.shard.shutting_down.get();
         self.http_frames = self.http_frames.saturating_add(1);
-        self.shard.answer_frame(&self.peer, Rc::from(response));
-        self.mode = Mode::HttpReply;
+        let bytes = response.to_bytes(keep_alive);
+        self.shard.answer_frame(&self.peer, Rc::from(bytes));
+        if keep_alive {
+            self.mode = Mode::Http(rest);
+            // The handshake timeout now times the wait for the next request.
+            self.enter(Phase::Http);
+        } else {
+            self.mode = Mode::HttpReply;
+        }
     }
 
-    fn on_request(&mut self, request: http::Request) {
-        let shard = self.shard.clone();
-        let json = "application/json";
-        match (request.method.as_str(), request.path.as_str()) {
-            ("GET", "/ws") => self.upgrade(request, false),
-            ("GET", "/echo") if shard.config.diagnostics.echo => self.upgrade(request, true),
-            ("GET", "/health") => {
-                let status = if shard
-                    .global
-                    .ready
-                    .load(std::sync::atomic::Ordering::Relaxed)
-                {
-                    "healthy"
-                } else {
-                    "shutting_down"
+    fn on_request(&mut self, request: http::Request, mut rest: Vec<u8>) {
+        let keep_alive = request.keep_alive;
+        match routes::route(&self.shard, &request) {
+            Route::Respond(response) => self.respond(&response, keep_alive, rest),
+            Route::Wait(response) => {
+                let waiting = Waiting {
+                    response,
+                    keep_alive,
+                    rest,
                 };
-                self.http_reply(http::response(
-                    200,
-                    json,
-                    "",
-                    &shard.global.health_json(status),
-                ))
+                self.mode = Mode::HttpWait(Box::new(waiting));
             }
-            ("GET", "/health/live") => {
-                self.http_reply(http::response(200, json, "", r#"{"status":"alive"}"#))
-            }
-            ("GET", "/health/ready") => {
-                let accepting = shard
-                    .global
-                    .ready
-                    .load(std::sync::atomic::Ordering::Relaxed);
-                let storage = match shard.storage_status() {
-                    Some(status) if !status.ready() => Some(status.reason()),
-                    Some(_) if !shard.storage_recovered() => {
-                        Some("waiting for the decision store's state".to_string())
-                    }
-                    _ => None,
-                };
-                let reply = match (accepting, storage) {
-                    (false, _) => http::response(
-                        503,
-                        json,
-                        "",
-                        r#"{"status":"not_ready","reason":"shutting_down"}"#,
-                    ),
-                    (true, Some(reason)) => {
-                        let mut body =
-                            br#"{"status":"not_ready","reason":"storage_unavailable","detail":"#
-                                .to_vec();
-                        crate::json::push_str(&mut body, &reason);
-                        body.push(b'}');
-                        let body = String::from_utf8_lossy(&body).into_owned();
-                        http::response(503, json, "", &body)
-                    }
-                    (true, None) => http::response(200, json, "", r#"{"status":"ready"}"#),
-                };
-                self.http_reply(reply)
-            }
-            ("GET", "/metrics") => self.http_reply(http::response(
-                200,
-                "text/plain; version=0.0.4",
-                "",
-                &shard.global.prometheus(),
-            )),
-            ("GET", "/info") => self.http_reply(http::response(200, json, "", &info_json(&shard))),
-            ("GET", path) if path == "/api/decisions" || path.starts_with("/api/channels/") => {
-                match api_answer(&shard, &request) {
-                    Ok(answer) => self.mode = Mode::HttpWait(answer),
-                    Err(response) => self.http_reply(response),
+            Route::Upgrade(dialect) => {
+                self.peer.set_dialect(dialect);
+                self.upgrade(request, false);
+                // Bytes after the head are the client's first frames.
+                if !rest.is_empty() && self.is_websocket() {
+                    self.on_frames(&mut rest);
                 }
             }
-            (method, path)
-                if matches!(
-                    path,
-                    "/ws" | "/health" | "/health/live" | "/health/ready" | "/metrics" | "/info"
-                ) || (method != "GET" && path.starts_with("/api/")) =>
-            {
-                self.http_reply(http::error_response(
-                    405,
-                    ErrorCode::MethodNotAllowed,
-                    "use GET",
-                    "Allow: GET\r\n",
-                ))
+            Route::Echo => {
+                self.upgrade(request, true);
+                if !rest.is_empty() && self.is_websocket() {
+                    self.on_frames(&mut rest);
+                }
             }
-            _ => self.http_reply(http::error_response(
-                404,
-                ErrorCode::NotFound,
-                "no such endpoint",
-                "",
-            )),
         }
     }
 
+    /// The WebSocket handshake: checks, credentials, a connection slot, then `101`.
     fn upgrade(&mut self, request: http::Request, echo: bool) {
         let shard = self.shard.clone();
-        if !request.upgrade {
-            let msg = "this endpoint speaks WebSocket only";
-            return self.http_reply(http::error_response(
-                426,
-                ErrorCode::UpgradeRequired,
-                msg,
-                "Upgrade: websocket\r\n",
-            ));
-        }
-        if !request.ws_version_ok {
-            let msg = "unsupported WebSocket version";
-            return self.http_reply(http::error_response(
-                426,
-                ErrorCode::BadVersion,
-                msg,
-                "Sec-WebSocket-Version: 13\r\n",
-            ));
-        }
-        if !request.http11 {
-            let msg = "a WebSocket upgrade needs HTTP/1.1";
-            return self.http_reply(http::error_response(400, ErrorCode::BadRequest, msg, ""));
-        }
-        let Some(key) = request.ws_key.as_deref().filter(|k| http::ws_key_valid(k)) else {
-            let msg = "Sec-WebSocket-Key must be 16 bytes, base64-encoded";
-            return self.http_reply(http::error_response(400, ErrorCode::BadRequest, msg, ""));
+        let key = match http::check_upgrade(&request) {
+            Ok(key) => key,
+            Err(refused) => return self.respond(&refused, false, Vec::new()),
         };
         let principal = if echo {
             None
@@ -537,12 +484,8 @@ impl Conn {
                 Err(e) => {
                     shard.global.auth_failed(e.code());
                     if shard.config.auth.refuse_with == RefuseWith::Http {
-                        return self.http_reply(http::error_response(
-                            401,
-                            e.code(),
-                            &e.to_string(),
-                            "",
-                        ));
+                        let refused = Response::error(401, e.code(), &e.to_string());
+                        return self.respond(&refused, false, Vec::new());
                     }
                     self.http_frames = self.http_frames.saturating_add(1);
                     shard.answer_frame(&self.peer, Rc::from(http::upgrade_response(key)));
@@ -553,21 +496,13 @@ impl Conn {
             }
         };
         if shard.shutting_down.get() {
-            return self.http_reply(http::error_response(
-                503,
-                ErrorCode::ShuttingDown,
-                "server is restarting",
-                "Retry-After: 1\r\n",
-            ));
+            let refused = Response::error(503, ErrorCode::ShuttingDown, "server is restarting");
+            return self.respond(&refused.header("Retry-After", "1"), false, Vec::new());
         }
         if !shard.global.try_open(shard.config.max_connections) {
-            let msg = "server is at max_connections";
-            return self.http_reply(http::error_response(
-                503,
-                ErrorCode::OverCapacity,
-                msg,
-                "Retry-After: 1\r\n",
-            ));
+            let message = "server is at max_connections";
+            let refused = Response::error(503, ErrorCode::OverCapacity, message);
+            return self.respond(&refused.header("Retry-After", "1"), false, Vec::new());
         }
         self.holds_slot = true;
         self.http_frames = self.http_frames.saturating_add(1);
@@ -851,103 +786,6 @@ impl Drop for Conn {
             self.shard.global.close();
         }
     }
-}
-
-/// The answer to an API request, to wait for; `Err` is a response ready at once (a refusal).
-fn api_answer(shard: &Shard, request: &http::Request) -> Result<Answer, Vec<u8>> {
-    let json = "application/json";
-    let refuse = |e: api::ApiError| http::error_response(e.status, e.code, &e.message, "");
-    let principal = shard.auth.authenticate(&request.credentials).map_err(|e| {
-        shard.global.auth_failed(e.code());
-        http::error_response(401, e.code(), &e.to_string(), "")
-    })?;
-    if let Some(name) = request.path.strip_prefix("/api/channels/") {
-        let Some(name) = name.strip_suffix("/history") else {
-            return Err(http::error_response(
-                404,
-                ErrorCode::NotFound,
-                "no such endpoint",
-                "",
-            ));
-        };
-        let name = http::percent_decode(name);
-        let categories = &shard.config.channels.categories;
-        let (since, limit) =
-            api::history_query(&principal, &name, categories, &request.query).map_err(refuse)?;
-        let channel = name;
-        let (reply, page) = flume::bounded(1);
-        shard.history(&channel, since, limit, reply, Now::read());
-        return Ok(Box::pin(async move {
-            match page.recv_async().await {
-                Ok(page) => {
-                    let body = api::history_body(&channel, since, &page);
-                    http::response(200, json, "", &body)
-                }
-                Err(_) => {
-                    http::error_response(503, ErrorCode::ShuttingDown, "server is stopping", "")
-                }
-            }
-        }));
-    }
-    let query = api::decisions_query(&principal, &request.query).map_err(refuse)?;
-    let Some(reader) = shard.reader() else {
-        let msg = "storage url is \"memory\": no decisions are kept";
-        return Err(http::error_response(
-            503,
-            ErrorCode::StorageUnavailable,
-            msg,
-            "",
-        ));
-    };
-    let limit = query.limit;
-    let (reply, answer) = flume::bounded(1);
-    let read = storage::reader::Query::Decisions(query);
-    if let Err(e) = reader.submit(read, Box::new(move |result| drop(reply.send(result)))) {
-        return Err(http::error_response(
-            503,
-            ErrorCode::StorageUnavailable,
-            &e.to_string(),
-            "Retry-After: 1\r\n",
-        ));
-    }
-    Ok(Box::pin(async move {
-        match answer.recv_async().await {
-            Ok(Ok(storage::reader::Answer::Decisions(rows))) => {
-                let body = api::decisions_body(&rows, rows.len() == limit);
-                http::response(200, json, "", &body)
-            }
-            Ok(Ok(_)) => http::error_response(500, ErrorCode::Internal, "unexpected answer", ""),
-            Ok(Err(e)) => http::error_response(
-                503,
-                ErrorCode::StorageUnavailable,
-                &format!("the decision store could not be read: {e}"),
-                "Retry-After: 1\r\n",
-            ),
-            Err(_) => http::error_response(503, ErrorCode::ShuttingDown, "server is stopping", ""),
-        }
-    }))
-}
-
-fn info_json(shard: &Shard) -> String {
-    let c = &shard.config;
-    format!(
-        concat!(
-            r#"{{"name":"shardcast","version":"{}","shards":{},"listen":"{}","#,
-            r#""uptimeSeconds":{},"protocol":{{"endpoint":"/ws","messages":["SUB","UNSUB","PUBLISH","INGEST","REFRESH","PING"],"#,
-            r#""schemas":["{}"],"categories":{:?}}},"#,
-            r#""limits":{{"maxMessageBytes":{},"outboundQueueMessages":{},"outboundQueueBytes":{},"maxConnections":{}}}}}"#
-        ),
-        env!("CARGO_PKG_VERSION"),
-        shard.nshards,
-        c.listen,
-        shard.global.started.elapsed().as_secs(),
-        crate::decision::SCHEMA,
-        c.channels.categories,
-        c.limits.max_message_bytes,
-        c.limits.outbound_queue_messages,
-        c.limits.outbound_queue_bytes,
-        c.max_connections,
-    )
 }
 
 #[cfg(test)]

@@ -1,4 +1,5 @@
-//! HTTP/1.1 on the WebSocket port: request parsing (httparse), the upgrade, and plain responses.
+//! HTTP/1.1 on the WebSocket port: request heads (httparse) and how long their bodies are,
+//! the upgrade handshake's checks, and responses. Which path answers what is `routes/`.
 
 use crate::auth::Credentials;
 
@@ -28,6 +29,19 @@ pub struct Request {
     pub ws_version_ok: bool,
     /// HTTP/1.1 or later (an upgrade needs it).
     pub http11: bool,
+    /// `Origin`, sent by browsers.
+    pub origin: Option<String>,
+    /// A CORS preflight: `OPTIONS` with `Access-Control-Request-Method`.
+    pub preflight: bool,
+    /// The connection may carry another request after this one (HTTP/1.1 without
+    /// `Connection: close`, or HTTP/1.0 with `keep-alive`).
+    pub keep_alive: bool,
+    /// `Content-Length` (0 when absent).
+    pub content_length: usize,
+    /// A `Transfer-Encoding` was sent (not supported: bodies need `Content-Length`).
+    pub transfer_encoding: bool,
+    /// The body (filled in once `content_length` bytes have arrived).
+    pub body: Vec<u8>,
 }
 
 /// Why a request head could not be used.
@@ -39,6 +53,9 @@ pub enum HeadError {
     /// Head larger than [`MAX_HEAD`].
     #[error("request head too large")]
     TooLarge,
+    /// `Content-Length` is not a number, or is sent twice with different values.
+    #[error("invalid Content-Length")]
+    BadLength,
 }
 
 /// Parse a request head from the front of `buf`: `Ok(None)` while incomplete, otherwise the
@@ -73,6 +90,8 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Request, usize)>, HeadError> {
     }
     let mut connection_upgrade = false;
     let mut upgrade_websocket = false;
+    let (mut close, mut keep_alive) = (false, false);
+    let mut content_length: Option<usize> = None;
     for h in req.headers.iter() {
         let value = String::from_utf8_lossy(h.value);
         let value = value.trim();
@@ -80,9 +99,25 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Request, usize)>, HeadError> {
         if name.eq_ignore_ascii_case("upgrade") {
             upgrade_websocket = value.eq_ignore_ascii_case("websocket");
         } else if name.eq_ignore_ascii_case("connection") {
-            connection_upgrade = value
-                .split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+            for token in value.split(',').map(str::trim) {
+                connection_upgrade |= token.eq_ignore_ascii_case("upgrade");
+                close |= token.eq_ignore_ascii_case("close");
+                keep_alive |= token.eq_ignore_ascii_case("keep-alive");
+            }
+        } else if name.eq_ignore_ascii_case("content-length") {
+            // Two different lengths would let a proxy and this server split requests
+            // differently (request smuggling): refused.
+            let length = value.parse().map_err(|_| HeadError::BadLength)?;
+            if content_length.is_some_and(|l| l != length) {
+                return Err(HeadError::BadLength);
+            }
+            content_length = Some(length);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            out.transfer_encoding = true;
+        } else if name.eq_ignore_ascii_case("origin") {
+            out.origin = Some(value.to_string());
+        } else if name.eq_ignore_ascii_case("access-control-request-method") {
+            out.preflight = out.method == "OPTIONS";
         } else if name.eq_ignore_ascii_case("sec-websocket-key") {
             out.ws_key = Some(value.to_string());
         } else if name.eq_ignore_ascii_case("sec-websocket-version") {
@@ -99,6 +134,8 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Request, usize)>, HeadError> {
         }
     }
     out.upgrade = connection_upgrade && upgrade_websocket;
+    out.keep_alive = if out.http11 { !close } else { keep_alive };
+    out.content_length = content_length.unwrap_or(0);
     Ok(Some((out, len)))
 }
 
@@ -146,42 +183,135 @@ pub fn upgrade_response(ws_key: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-/// A complete response that closes the connection.
-pub fn response(status: u16, content_type: &str, extra_headers: &str, body: &str) -> Vec<u8> {
-    let reason = match status {
-        200 => "OK",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        403 => "Forbidden",
-        404 => "Not Found",
-        413 => "Content Too Large",
-        405 => "Method Not Allowed",
-        426 => "Upgrade Required",
-        431 => "Request Header Fields Too Large",
-        503 => "Service Unavailable",
-        _ => "Error",
-    };
-    format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n{extra_headers}\r\n{body}",
-        body.len()
-    )
-    .into_bytes()
+/// Why an upgrade request cannot be upgraded: the response that says so.
+pub fn check_upgrade(request: &Request) -> Result<&str, Response> {
+    if !request.upgrade {
+        let message = "this endpoint speaks WebSocket only";
+        let response = Response::error(426, ErrorCode::UpgradeRequired, message);
+        return Err(response.header("Upgrade", "websocket"));
+    }
+    if !request.ws_version_ok {
+        let message = "unsupported WebSocket version";
+        let response = Response::error(426, ErrorCode::BadVersion, message);
+        return Err(response.header("Sec-WebSocket-Version", "13"));
+    }
+    if !request.http11 {
+        let message = "a WebSocket upgrade needs HTTP/1.1";
+        return Err(Response::error(400, ErrorCode::BadRequest, message));
+    }
+    match request.ws_key.as_deref().filter(|k| ws_key_valid(k)) {
+        Some(key) => Ok(key),
+        None => {
+            let message = "Sec-WebSocket-Key must be 16 bytes, base64-encoded";
+            Err(Response::error(400, ErrorCode::BadRequest, message))
+        }
+    }
 }
 
-/// A JSON error response: `{"error":code,"message":…}`.
-pub fn error_response(status: u16, code: ErrorCode, message: &str, extra_headers: &str) -> Vec<u8> {
-    let mut body = Vec::new();
-    body.extend_from_slice(br#"{"error":"#);
-    crate::json::push_str(&mut body, code.as_str());
-    body.extend_from_slice(br#","message":"#);
-    crate::json::push_str(&mut body, message);
-    body.push(b'}');
-    response(
-        status,
-        "application/json",
-        extra_headers,
-        &String::from_utf8_lossy(&body),
-    )
+/// A response, written out by the connection (which knows whether it stays open).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    status: u16,
+    content_type: &'static str,
+    /// Extra header lines, each ending in CRLF.
+    headers: String,
+    body: Vec<u8>,
+}
+
+impl Response {
+    /// A response with a body.
+    pub fn new(status: u16, content_type: &'static str, body: impl Into<Vec<u8>>) -> Self {
+        Self {
+            status,
+            content_type,
+            headers: String::new(),
+            body: body.into(),
+        }
+    }
+
+    /// A JSON response.
+    pub fn json(status: u16, body: impl Into<Vec<u8>>) -> Self {
+        Self::new(status, "application/json", body)
+    }
+
+    /// A response without a body.
+    pub fn empty(status: u16) -> Self {
+        Self::new(status, "", Vec::new())
+    }
+
+    /// A JSON error: `{"error":code,"message":…}`.
+    pub fn error(status: u16, code: ErrorCode, message: &str) -> Self {
+        let mut body = Vec::new();
+        body.extend_from_slice(br#"{"error":"#);
+        crate::json::push_str(&mut body, code.as_str());
+        body.extend_from_slice(br#","message":"#);
+        crate::json::push_str(&mut body, message);
+        body.push(b'}');
+        Self::json(status, body)
+    }
+
+    /// The same response with one more header (`value` is the server's, never a client's).
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push_str(name);
+        self.headers.push_str(": ");
+        self.headers.push_str(value);
+        self.headers.push_str("\r\n");
+        self
+    }
+
+    /// The same response with more header lines (each ending in CRLF).
+    pub fn raw_headers(mut self, lines: &str) -> Self {
+        self.headers.push_str(lines);
+        self
+    }
+
+    /// The status code.
+    pub fn status(&self) -> u16 {
+        self.status
+    }
+
+    /// The body.
+    pub fn body(&self) -> &[u8] {
+        &self.body
+    }
+
+    /// The bytes to send; `keep_alive` says whether the connection stays open after it.
+    pub fn to_bytes(&self, keep_alive: bool) -> Vec<u8> {
+        let reason = match self.status {
+            200 => "OK",
+            204 => "No Content",
+            400 => "Bad Request",
+            401 => "Unauthorized",
+            403 => "Forbidden",
+            404 => "Not Found",
+            405 => "Method Not Allowed",
+            411 => "Length Required",
+            413 => "Content Too Large",
+            426 => "Upgrade Required",
+            431 => "Request Header Fields Too Large",
+            500 => "Internal Server Error",
+            503 => "Service Unavailable",
+            _ => "Error",
+        };
+        let connection = if keep_alive { "keep-alive" } else { "close" };
+        let mut out = format!("HTTP/1.1 {} {reason}\r\n", self.status);
+        if !self.content_type.is_empty() {
+            out.push_str("Content-Type: ");
+            out.push_str(self.content_type);
+            out.push_str("\r\n");
+        }
+        if self.status != 204 {
+            out.push_str(&format!("Content-Length: {}\r\n", self.body.len()));
+        }
+        out.push_str("Cache-Control: no-store\r\nConnection: ");
+        out.push_str(connection);
+        out.push_str("\r\n");
+        out.push_str(&self.headers);
+        out.push_str("\r\n");
+        let mut bytes = out.into_bytes();
+        bytes.extend_from_slice(&self.body);
+        bytes
+    }
 }
 
 #[cfg(test)]
@@ -196,7 +326,7 @@ mod tests {
         assert_eq!(req.path, "/ws");
         assert!(req.upgrade && req.ws_version_ok);
         assert_eq!(req.credentials.key.as_deref(), Some("a+b c"));
-        let resp = String::from_utf8(upgrade_response(req.ws_key.as_deref().unwrap())).unwrap();
+        let resp = String::from_utf8(upgrade_response(check_upgrade(&req).unwrap())).unwrap();
         assert!(resp.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo="));
     }
 

@@ -6,8 +6,10 @@
 //! - [`clock`]: the time the I/O edge hands the core (the core never reads a clock).
 //! - [`codec`]: WebSocket frames (RFC 6455), decode from a borrowed buffer, encode once.
 //! - [`codes`]: every error code and close code a client can be told, in one catalogue.
-//! - [`api`]: the HTTP read API (`/api/decisions`, `/api/channels/{channel}/history`).
-//! - [`http`]: the HTTP request head (httparse), the upgrade, plain responses.
+//! - [`http`]: HTTP/1.1 request heads (httparse), body lengths, the upgrade's checks,
+//!   responses (keep-alive or close).
+//! - [`routes`]: the HTTP route table: upgrades, health and metrics, the REST API, the
+//!   `Origin` allow-list and CORS.
 //! - [`dialect`]: what crosses the wire boundary: requests in, typed replies and
 //!   publications out, each encoded by the connection's dialect (the shardcast JSON protocol
 //!   in `dialect/shardcast.rs`: simd-json in, frames built once out).
@@ -30,7 +32,6 @@
 //! - [`server`]: start-up (fd limit, CPUs, listeners, executors) and graceful shutdown.
 //! - [`config`]: the TOML file and its `SHARDCAST_…` overrides.
 
-pub mod api;
 pub mod auth;
 pub mod clock;
 pub mod codec;
@@ -48,6 +49,7 @@ pub mod poller;
 
 pub mod queue;
 pub mod rate;
+pub mod routes;
 pub mod server;
 pub mod shard;
 pub mod storage;

@@ -263,11 +263,16 @@ impl Drop for Server {
     }
 }
 
-/// A plain HTTP GET with optional extra header lines; returns status and body.
+/// A plain HTTP GET with optional extra header lines (asking the server to close the
+/// connection after it); returns status and body.
 pub fn http_get(addr: SocketAddr, path: &str, headers: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(WAIT)).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\n{headers}\r\n").unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n{headers}\r\n"
+    )
+    .unwrap();
     let mut text = String::new();
     s.read_to_string(&mut text).expect("read response");
     let status = text

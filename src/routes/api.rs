@@ -1,16 +1,21 @@
 //! The HTTP read API: `GET /api/decisions` (one org's stored decisions, filtered and paged) and
 //! `GET /api/channels/{channel}/history` (a channel's recent messages by seq).
 //!
-//! Plain code: query strings in, [`DecisionQuery`]s and JSON bodies out. The connection does
-//! the waiting (see `conn.rs`); the reads run on the storage readers or the channel's owner.
+//! Query strings in, [`DecisionQuery`]s and JSON bodies out; the handlers hand the read to the
+//! storage readers or the channel's owner and return the response to wait for.
 
+use std::rc::Rc;
+
+use super::{Pending, Route};
 use crate::auth::{Channel, Principal};
+use crate::clock::Now;
 use crate::codes::ErrorCode;
 use crate::config::Scope;
 use crate::dialect::shardcast;
+use crate::http::{Request, Response};
 use crate::json;
-use crate::shard::HistoryPage;
-use crate::storage::{DecisionQuery, Record};
+use crate::shard::{HistoryPage, Shard};
+use crate::storage::{reader, DecisionQuery, Record};
 
 /// Rows per page unless `limit` says otherwise.
 pub const DEFAULT_LIMIT: usize = 100;
@@ -256,6 +261,86 @@ pub fn history_body(channel: &str, since: u64, page: &HistoryPage) -> String {
     json::push_u64(&mut out, last);
     out.push(b'}');
     String::from_utf8_lossy(&out).into_owned()
+}
+
+// ----- handlers -----
+
+/// Who asks: the request's credentials, or a 401.
+fn principal(shard: &Shard, request: &Request) -> Result<Rc<Principal>, Response> {
+    shard.auth.authenticate(&request.credentials).map_err(|e| {
+        shard.global.auth_failed(e.code());
+        Response::error(401, e.code(), &e.to_string())
+    })
+}
+
+fn refusal(e: ApiError) -> Response {
+    Response::error(e.status, e.code, &e.message)
+}
+
+/// The channel of a `/api/channels/{channel}/history` path, still percent-encoded.
+pub fn history_channel(path: &str) -> Option<&str> {
+    path.strip_prefix("/api/channels/")?
+        .strip_suffix("/history")
+}
+
+/// `GET /api/channels/{channel}/history`: a page from the channel's owner (its ring, and the
+/// store for older decisions).
+pub fn history(shard: &Shard, request: &Request) -> Route {
+    let answer = || {
+        let principal = principal(shard, request)?;
+        let name = history_channel(&request.path).unwrap_or_default();
+        let channel = crate::http::percent_decode(name);
+        let categories = &shard.config.channels.categories;
+        let (since, limit) =
+            history_query(&principal, &channel, categories, &request.query).map_err(refusal)?;
+        let (reply, page) = flume::bounded(1);
+        shard.history(&channel, since, limit, reply, Now::read());
+        Ok(Box::pin(async move {
+            match page.recv_async().await {
+                Ok(page) => Response::json(200, history_body(&channel, since, &page)),
+                Err(_) => stopping(),
+            }
+        }) as Pending)
+    };
+    answer().map_or_else(Route::Respond, Route::Wait)
+}
+
+/// `GET /api/decisions`: a page of one org's stored decisions, from a storage reader.
+pub fn decisions(shard: &Shard, request: &Request) -> Route {
+    let answer = || {
+        let principal = principal(shard, request)?;
+        let query = decisions_query(&principal, &request.query).map_err(refusal)?;
+        let Some(reader) = shard.reader() else {
+            let message = "storage url is \"memory\": no decisions are kept";
+            return Err(Response::error(503, ErrorCode::StorageUnavailable, message));
+        };
+        let limit = query.limit;
+        let (reply, answer) = flume::bounded(1);
+        let read = reader::Query::Decisions(query);
+        if let Err(e) = reader.submit(read, Box::new(move |result| drop(reply.send(result)))) {
+            let response = Response::error(503, ErrorCode::StorageUnavailable, &e.to_string());
+            return Err(response.header("Retry-After", "1"));
+        }
+        Ok(Box::pin(async move {
+            match answer.recv_async().await {
+                Ok(Ok(reader::Answer::Decisions(rows))) => {
+                    Response::json(200, decisions_body(&rows, rows.len() == limit))
+                }
+                Ok(Ok(_)) => Response::error(500, ErrorCode::Internal, "unexpected answer"),
+                Ok(Err(e)) => {
+                    let message = format!("the decision store could not be read: {e}");
+                    Response::error(503, ErrorCode::StorageUnavailable, &message)
+                        .header("Retry-After", "1")
+                }
+                Err(_) => stopping(),
+            }
+        }) as Pending)
+    };
+    answer().map_or_else(Route::Respond, Route::Wait)
+}
+
+fn stopping() -> Response {
+    Response::error(503, ErrorCode::ShuttingDown, "server is stopping")
 }
 
 #[cfg(test)]

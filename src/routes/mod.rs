@@ -1,0 +1,89 @@
+//! The HTTP side of the port, in one table: what each method and path gets. A WebSocket
+//! endpoint answers with an upgrade (the connection, `conn.rs`, does the handshake and owns
+//! the session); everything else with a response, made at once or by another thread or
+//! shard. The `Origin` allow-list and CORS apply to every route here.
+//!
+//! - [`health`]: `/health`, `/health/live`, `/health/ready`, `/metrics`, `/info`.
+//! - [`api`]: the REST API (`/api/decisions`, `/api/channels/{channel}/history`).
+//! - [`cors`]: which origins may use the server, and the headers that let them.
+
+pub mod api;
+pub mod cors;
+pub mod health;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use crate::codes::ErrorCode;
+use crate::dialect::Dialect;
+use crate::http::{Request, Response};
+use crate::shard::Shard;
+
+use cors::Verdict;
+
+/// A response being made elsewhere (a storage reader, a channel's owner).
+pub type Pending = Pin<Box<dyn Future<Output = Response>>>;
+
+/// What a request gets.
+pub enum Route {
+    /// This response, now.
+    Respond(Response),
+    /// The response this future makes.
+    Wait(Pending),
+    /// A WebSocket session speaking this dialect.
+    Upgrade(Dialect),
+    /// The diagnostic echo endpoint (WebSocket, no auth).
+    Echo,
+}
+
+/// Where `request` goes.
+pub fn route(shard: &Shard, request: &Request) -> Route {
+    let origins = &shard.config.http.allowed_origins;
+    let verdict = cors::judge(origins, request.origin.as_deref());
+    if verdict == Verdict::Refused {
+        let message = "this origin is not in the server's allowed_origins";
+        return Route::Respond(Response::error(403, ErrorCode::OriginNotAllowed, message));
+    }
+    let (method, path) = (request.method.as_str(), request.path.as_str());
+    let route = match (method, path) {
+        ("GET", "/ws") => return Route::Upgrade(Dialect::Shardcast),
+        ("GET", "/echo") if shard.config.diagnostics.echo => return Route::Echo,
+        ("OPTIONS", _) if request.preflight => Route::Respond(cors::preflight(origins, verdict)),
+        ("GET", "/health") => Route::Respond(health::health(shard)),
+        ("GET", "/health/live") => Route::Respond(health::live()),
+        ("GET", "/health/ready") => Route::Respond(health::ready(shard)),
+        ("GET", "/metrics") => Route::Respond(health::metrics(shard)),
+        ("GET", "/info") => Route::Respond(health::info(shard)),
+        ("GET", "/api/decisions") => api::decisions(shard, request),
+        ("GET", _) if api::history_channel(path).is_some() => api::history(shard, request),
+        ("OPTIONS", _) if methods(path).is_some() => {
+            let allow = methods(path).unwrap_or_default();
+            Route::Respond(Response::empty(204).header("Allow", allow))
+        }
+        (_, _) => Route::Respond(match methods(path) {
+            Some(allow) => {
+                let message = format!("use {allow}");
+                Response::error(405, ErrorCode::MethodNotAllowed, &message).header("Allow", allow)
+            }
+            None => Response::error(404, ErrorCode::NotFound, "no such endpoint"),
+        }),
+    };
+    let exposed = cors::exposing(origins, verdict);
+    match route {
+        Route::Respond(response) => Route::Respond(response.raw_headers(&exposed)),
+        Route::Wait(pending) => {
+            Route::Wait(Box::pin(async move { pending.await.raw_headers(&exposed) }))
+        }
+        upgrade => upgrade,
+    }
+}
+
+/// The methods `path` answers (for `405` and `OPTIONS`), if it is served at all.
+fn methods(path: &str) -> Option<&'static str> {
+    let get = matches!(
+        path,
+        "/ws" | "/health" | "/health/live" | "/health/ready" | "/metrics" | "/info"
+    ) || path == "/api/decisions"
+        || api::history_channel(path).is_some();
+    get.then_some("GET, OPTIONS")
+}
