@@ -28,7 +28,7 @@
 //! - [`poller`]: socket readiness from the shard's own io_uring (no per-socket heap).
 //! - [`metrics`]: per-shard counters and the `/health` and `/metrics` bodies.
 //! - [`storage`]: durable decisions: SQLite or PostgreSQL behind a group-committing writer
-//!   thread, and a reader thread for history and queries.
+//!   thread, reader threads for history and queries, and opening the store at start-up.
 //! - [`server`]: start-up (fd limit, CPUs, listeners, executors) and graceful shutdown.
 //! - [`config`]: the TOML file and its `SHARDCAST_…` overrides.
 

@@ -26,7 +26,7 @@ use crate::mesh::{self, Batch};
 use crate::metrics::Global;
 use crate::poller::{self, Poller, Ring, Watched};
 use crate::shard::{Shard, StorageLink};
-use crate::storage::{self, Backend, Completion, Reader, Recovered, StorageError, Writer};
+use crate::storage::{self, Completion, Recovery, StorageError, Writer};
 
 /// Errors that stop the server from starting.
 #[derive(Debug, thiserror::Error)]
@@ -214,7 +214,7 @@ pub fn start(mut config: Config) -> Result<Server, ServerError> {
         sockets.push(socket);
     }
 
-    let (writer, thread, reader, recovery) = match open_storage(&config, nshards)? {
+    let (writer, thread, reader, recovery) = match storage::open(&config, nshards)? {
         Some(opened) => (
             Some(opened.writer),
             Some(opened.thread),
@@ -291,129 +291,10 @@ struct ShardParts {
     storage: Option<(StorageLink, Inboxes, Recovery)>,
 }
 
-/// When the shards learn the store's state.
-#[derive(Clone)]
-enum Recovery {
-    /// Read at start-up.
-    Now(Arc<Recovered>),
-    /// The store was unreachable: announced (once per shard) when it is reached.
-    Later(flume::Receiver<Arc<Recovered>>),
-}
-
 /// Where the storage threads answer one shard.
 struct Inboxes {
     completions: flume::Receiver<Completion>,
     loads: flume::Receiver<crate::shard::Loaded>,
-}
-
-/// An open store: its writer, its readers, and what the shards need to continue.
-struct Opened {
-    writer: Writer,
-    thread: std::thread::JoinHandle<()>,
-    reader: storage::Reader,
-    recovery: Recovery,
-}
-
-/// Open the configured store (migrating it and reading what the shards need to continue), and
-/// start its writer thread; `None` for "memory".
-fn open_storage(config: &Config, nshards: usize) -> Result<Option<Opened>, ServerError> {
-    let backend = Backend::parse(&config.storage.url)?;
-    let what = match &backend {
-        Backend::Memory => String::new(),
-        Backend::Sqlite(path) => format!("SQLite at {}", path.display()),
-        // Not the url: it may hold a password.
-        Backend::Postgres(_) => "PostgreSQL".into(),
-    };
-    let postgres = matches!(backend, Backend::Postgres(_));
-    let Some(mut connect) = storage::connector(backend.clone()) else {
-        tracing::warn!(
-            "storage url is \"memory\": decisions are NOT durable, and idempotency keys are \
-             forgotten on restart"
-        );
-        return Ok(None);
-    };
-    // Keys within the deduplication window, as many as the shards' tables hold.
-    let window_ms = config.ingest.dedup_window_secs.saturating_mul(1000);
-    let since = crate::decision::unix_ms().saturating_sub(window_ms);
-    let since = since.min(i64::MAX as u64) as i64;
-    let limit = config.ingest.dedup_max_entries.saturating_mul(nshards);
-    // Opened (and migrated) here. A SQLite file that cannot be opened is a mistake to fix, so
-    // start-up stops; a database server may just be down, so the server starts without it
-    // (decisions refused, not ready) and catches up when it is reached.
-    let (first, recovery) = match connect() {
-        Ok(mut store) => {
-            let recovered = store.recover(since, limit)?;
-            tracing::info!("decisions stored in {what}");
-            (Some(store), Recovery::Now(Arc::new(recovered)))
-        }
-        Err(e) if postgres => {
-            tracing::error!(
-                "{what} unreachable at start-up ({e}): starting without it; decisions are \
-                 refused (storage_unavailable) until it is reached"
-            );
-            let (announce, later) = flume::unbounded();
-            let connect = storage::connector(backend.clone());
-            std::thread::Builder::new()
-                .name("storage-recover".into())
-                .spawn(move || recover_later(connect, since, limit, nshards, &announce))
-                .map_err(StorageError::Io)?;
-            (None, Recovery::Later(later))
-        }
-        Err(e) => return Err(e.into()),
-    };
-    // The writer starts with that connection, and reconnects through `connect` after failures.
-    let mut first = first;
-    let connect = move || first.take().map_or_else(&mut connect, Ok);
-    let writer_config = storage::WriterConfig {
-        queue_capacity: config.storage.queue_capacity,
-        max_batch: config.storage.max_batch,
-        retention: (config.storage.retention_days > 0)
-            .then(|| Duration::from_secs(config.storage.retention_days * 86_400)),
-        ..storage::WriterConfig::default()
-    };
-    let (writer, thread) = Writer::spawn(writer_config, connect).map_err(StorageError::Io)?;
-    // Readers connect on their first read (their threads end with the process).
-    let reader = Reader::spawn(&backend, config.storage.readers, READ_QUEUE)
-        .map_err(StorageError::Io)?
-        .map(|(reader, _threads)| reader);
-    let Some(reader) = reader else {
-        return Ok(None);
-    };
-    Ok(Some(Opened {
-        writer,
-        thread,
-        reader,
-        recovery,
-    }))
-}
-
-/// Reach the store with backoff, read what the shards need, and announce it to each of them.
-fn recover_later(
-    connect: Option<storage::Connect>,
-    since: i64,
-    limit: usize,
-    nshards: usize,
-    announce: &flume::Sender<Arc<Recovered>>,
-) {
-    let Some(mut connect) = connect else { return };
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        match connect().and_then(|mut store| store.recover(since, limit)) {
-            Ok(recovered) => {
-                tracing::info!("decision store reached: taking decisions");
-                let recovered = Arc::new(recovered);
-                for _ in 0..nshards {
-                    let _ = announce.send(recovered.clone());
-                }
-                return;
-            }
-            Err(e) => {
-                tracing::debug!("decision store still unreachable: {e}");
-                std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
 }
 
 async fn run_shard(
@@ -521,10 +402,6 @@ async fn run_shard(
 
 /// Token of the listener in the shard's poller (connections use their ids).
 const LISTENER: u64 = poller::MAX_TOKEN;
-
-/// Reads waiting for a storage reader at most; beyond it a replay goes without the store and
-/// the decisions API answers 503.
-const READ_QUEUE: usize = 1_024;
 
 /// What the readiness task tells the accept loop.
 #[derive(Default)]

@@ -16,10 +16,12 @@
 //! recover the channels' seqs, or start without an unreachable PostgreSQL and recover later)
 //! is `server::open_storage`.
 
+mod open;
 pub mod postgres;
 pub mod reader;
 pub mod sqlite;
 
+pub use open::{open, Opened, Recovery};
 pub use reader::Reader;
 
 use std::path::PathBuf;
