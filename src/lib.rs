@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //! The protocol core is plain code that tests drive without sockets; I/O sits at the edges.
+//! docs/ARCHITECTURE.md walks through the layers and the path of a message.
 //!
 //! - [`clock`]: the time the I/O edge hands the core (the core never reads a clock).
 //! - [`codec`]: WebSocket frames (RFC 6455), decode from a borrowed buffer, encode once.
@@ -21,8 +22,10 @@
 //!   first, replies never dropped (bounded by the reply budget instead).
 //! - [`rate`]: the per-connection message rate limit.
 //! - [`history`]: a channel's recent messages, for clients catching up with `since`.
-//! - [`shard`]: one shard's state and routing: subscriptions, owned channels, mesh messages;
-//!   its sub-states (connections, owned channels, decisions, mesh outboxes) in `shard/`.
+//! - [`shard`]: the core: one shard's state and the dispatch of client requests and mesh
+//!   messages (`shard/mod.rs`), over its sub-states in `shard/`: connections, local
+//!   subscriptions and catch-up, owned channels, decisions, replays, mesh outboxes; tested
+//!   with a simulated mesh, clock and store (`shard/sim.rs`).
 //! - [`mesh`]: the tasks moving message batches between shards (and why they cannot deadlock).
 //! - [`conn`]: one connection's state machine: read, handle, write.
 //! - [`poller`]: socket readiness from the shard's own io_uring (no per-socket heap).
