@@ -311,3 +311,17 @@ fn with_no_allow_list_any_page_may_read_the_api() {
     send(&mut ws, &upgrade(Some("http://localhost:3000")));
     assert!(status_line(&mut ws).contains("101"));
 }
+
+#[test]
+fn a_client_that_half_closes_after_its_request_still_gets_the_answer() {
+    let server = Server::start("");
+    let mut s = connect(&server);
+    let key = format!("X-API-Key: {ADMIN}\r\n");
+    // Answered by the channel's owner, possibly on another shard: the end of the request
+    // stream must not drop the answer being waited for.
+    send(&mut s, &get("/api/channels/org:ops:usage/history", &key));
+    s.get_ref().shutdown(std::net::Shutdown::Write).unwrap();
+    let page = read_response(&mut s);
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert!(closed(&mut s));
+}

@@ -3,8 +3,10 @@
 //!
 //! Everything here runs on the shard's own thread: plain `Cell`/`RefCell`, no locks. Other shards
 //! are reached only through [`MeshMsg`]s. A channel is owned by one shard (a hash of its
-//! `type:id` prefix), which numbers its messages, frames each one once and sends that frame once
-//! to every shard with subscribers; each shard then hands the same bytes to its own subscribers.
+//! `type:id` prefix), which numbers its messages and sends each one once to every shard with
+//! subscribers; each shard frames it once per dialect in use there and hands the same bytes to
+//! all of its subscribers of that dialect. Requests and mesh messages enter at
+//! [`Shard::request`] and [`Shard::handle`]; each one's path reads top to bottom from there.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
