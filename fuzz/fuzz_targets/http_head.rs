@@ -1,5 +1,5 @@
 //! The HTTP request head as the server reads it, then what the server does with its parts:
-//! the upgrade checks, percent-decoding, and the API's query parsing.
+//! the upgrade checks, the Origin verdict, percent-decoding, and the API's query parsing.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -11,11 +11,17 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     assert!(len <= data.len());
-    if let Some(key) = &request.ws_key {
-        if shardcast::http::ws_key_valid(key) {
-            let _ = shardcast::http::upgrade_response(key);
-        }
+    if let Ok(key) = shardcast::http::check_upgrade(&request) {
+        let _ = shardcast::http::upgrade_response(key);
     }
+    let patterns = [
+        "https://app.example.com".to_string(),
+        "https://*.corp.test".to_string(),
+    ];
+    let verdict = shardcast::routes::cors::judge(&patterns, request.origin.as_deref());
+    // An origin echoed in a header must never break the response head.
+    let exposed = shardcast::routes::cors::exposing(&patterns, verdict);
+    assert_eq!(exposed.matches("\r\n").count(), exposed.lines().count());
     let _ = shardcast::http::percent_decode(&request.path);
     let admin = Principal {
         org: "ops".into(),
@@ -24,10 +30,10 @@ fuzz_target!(|data: &[u8]| {
         scopes: Scopes::from_list(&[Scope::Admin]),
         expires_ms: None,
     };
-    let _ = shardcast::api::decisions_query(&admin, &request.query);
+    let _ = shardcast::routes::api::decisions_query(&admin, &request.query);
     let categories = ["decisions".to_string(), "usage".to_string()];
     if let Some(name) = request.path.strip_prefix("/api/channels/") {
         let name = shardcast::http::percent_decode(name);
-        let _ = shardcast::api::history_query(&admin, &name, &categories, &request.query);
+        let _ = shardcast::routes::api::history_query(&admin, &name, &categories, &request.query);
     }
 });
