@@ -56,11 +56,8 @@ pub fn route(shard: &Shard, request: &Request) -> Route {
         ("GET", "/info") => Route::Respond(health::info(shard)),
         ("GET", "/api/decisions") => api::decisions(shard, request),
         ("GET", _) if api::history_channel(path).is_some() => api::history(shard, request),
-        ("OPTIONS", _) if methods(path).is_some() => {
-            let allow = methods(path).unwrap_or_default();
-            Route::Respond(Response::empty(204).header("Allow", allow))
-        }
         (_, _) => Route::Respond(match methods(path) {
+            Some(allow) if method == "OPTIONS" => Response::empty(204).header("Allow", allow),
             Some(allow) => {
                 let message = format!("use {allow}");
                 Response::error(405, ErrorCode::MethodNotAllowed, &message).header("Allow", allow)
