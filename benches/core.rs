@@ -14,7 +14,7 @@ use shardcast::codec::{self, Decoder};
 use shardcast::config::{Config, Scope};
 use shardcast::dialect::shardcast::{self as wire, Parser};
 use shardcast::dialect::{Kind, Publication};
-use shardcast::history::{Limits, Ring};
+use shardcast::engine::history::{Limits, Ring};
 use shardcast::metrics::Global;
 use shardcast::queue::{Bounds, OutQueue};
 use shardcast::shard::{owner_of, MeshMsg, Shard};

@@ -261,8 +261,8 @@ impl Default for History {
 
 impl History {
     /// The ring's limits.
-    pub fn limits(&self) -> crate::history::Limits {
-        crate::history::Limits {
+    pub fn limits(&self) -> crate::engine::history::Limits {
+        crate::engine::history::Limits {
             size: self.size,
             ttl_ms: self.ttl_secs.saturating_mul(1_000),
         }

@@ -21,7 +21,8 @@
 //! - [`queue`]: a connection's outbound queue: fan-out frames bounded and dropped oldest
 //!   first, replies never dropped (bounded by the reply budget instead).
 //! - [`rate`]: the per-connection message rate limit.
-//! - [`history`]: a channel's recent messages, for clients catching up with `since`.
+//! - [`engine`]: a channel's numbering, history and publications behind one trait, with the
+//!   single-node implementation (`engine/memory.rs`) and the contract any engine passes.
 //! - [`shard`]: the core: one shard's state and the dispatch of client requests and mesh
 //!   messages (`shard/mod.rs`), over its sub-states in `shard/`: connections, local
 //!   subscriptions and catch-up, owned channels, decisions, replays, mesh outboxes; tested
@@ -43,13 +44,12 @@ pub mod config;
 pub mod conn;
 pub mod decision;
 pub mod dialect;
-pub mod history;
+pub mod engine;
 pub mod http;
 pub mod json;
 pub mod mesh;
 pub mod metrics;
 pub mod poller;
-
 pub mod queue;
 pub mod rate;
 pub mod routes;

@@ -1,27 +1,20 @@
-//! The channels a shard owns: each one's numbering, recent history, the other shards that
-//! want it and the messages held behind uncommitted decisions; and where the numbering of
-//! channels not kept in memory stands (stored channels, and those freed once unused).
+//! What the owner of a channel keeps besides its engine: the other shards that want it and
+//! the messages held behind uncommitted decisions.
 //!
-//! Plain data, no I/O, no routing: the shard reads and updates it, then sends.
+//! Plain data, no I/O, no routing: the shard reads and updates it, then sends. Numbering and
+//! history are the engine's (`crate::engine`).
 
 use std::collections::{HashMap, VecDeque};
-use std::hash::Hash;
-use std::time::Instant;
 
 use smallvec::SmallVec;
 
 use crate::dialect::Publication;
-use crate::history::{self, Retired, Ring};
+use crate::engine::shrink_if_sparse;
+use crate::engine::Arrival;
 
-/// A channel owned by this shard.
-#[derive(Debug)]
+/// A channel owned by this shard that another shard wants or that has held messages.
+#[derive(Debug, Default)]
 pub(super) struct Owned {
-    pub seq: u64,
-    /// Decisions on it are stored: its sequence continues from the store, not from
-    /// [`Retired`], when its state is freed and made again.
-    pub stored: bool,
-    /// Recent messages, for subscribers catching up.
-    pub ring: Ring,
     /// Other shards with subscribers.
     pub interest: SmallVec<[u16; 4]>,
     /// Messages numbered after a decision that is not committed yet, in seq order: they wait
@@ -33,7 +26,7 @@ pub(super) struct Owned {
 #[derive(Debug)]
 pub(super) struct Held {
     pub publication: Publication,
-    pub t0: Instant,
+    pub at: Arrival,
     pub hold: Hold,
 }
 
@@ -48,102 +41,48 @@ pub(super) enum Hold {
     Void,
 }
 
-/// The owned channels of one shard.
+/// The owned channels of one shard that have interest or held messages.
 #[derive(Debug, Default)]
 pub(super) struct Channels {
     owned: HashMap<Box<str>, Owned>,
-    /// Highest seq of stored channels whose state is not kept (not touched since start-up, or
-    /// freed since).
-    stored_seqs: HashMap<Box<str>, u64>,
-    /// Where the other freed channels' sequences stood.
-    retired: Retired,
 }
 
 impl Channels {
-    /// Channels whose state is kept.
-    pub fn len(&self) -> usize {
-        self.owned.len()
+    /// What is kept for `channel`, if anything.
+    pub fn get(&self, channel: &str) -> Option<&Owned> {
+        self.owned.get(channel)
     }
 
-    /// The state of `channel`, if kept.
+    /// What is kept for `channel`, if anything.
     pub fn get_mut(&mut self, channel: &str) -> Option<&mut Owned> {
         self.owned.get_mut(channel)
     }
 
-    /// The state of `channel`, made on first use (continuing a stored sequence, or above the
-    /// numbers it had before it was freed).
+    /// What is kept for `channel`, made on first use.
     pub fn entry(&mut self, channel: &str) -> &mut Owned {
         if !self.owned.contains_key(channel) {
-            let stored = self.stored_seqs.remove(channel);
-            let seq = stored.unwrap_or_else(|| self.retired.base(channel));
-            let state = Owned {
-                seq,
-                stored: stored.is_some(),
-                ring: Ring::new(seq),
-                interest: SmallVec::new(),
-                held: VecDeque::new(),
-            };
-            self.owned.insert(channel.into(), state);
+            self.owned.insert(channel.into(), Owned::default());
         }
         self.owned.get_mut(channel).expect("inserted above")
     }
 
-    /// The store says `channel`'s highest stored seq is `seq`: its numbering continues from
-    /// there, never back below numbers given meanwhile (PUBLISH while the store was
-    /// unreachable).
-    pub fn recover(&mut self, channel: &str, seq: u64) {
-        match self.owned.get_mut(channel) {
-            Some(state) => {
-                state.stored = true;
-                if seq > state.seq {
-                    state.seq = seq;
-                    state.ring.skip_to(seq);
-                }
+    /// Shard `shard` wants `channel` (`on`) or no longer does.
+    pub fn interest(&mut self, channel: &str, shard: u16, on: bool) {
+        let state = self.entry(channel);
+        let present = state.interest.iter().position(|s| *s == shard);
+        match (on, present) {
+            (true, None) => state.interest.push(shard),
+            (false, Some(i)) => {
+                state.interest.swap_remove(i);
             }
-            None => {
-                let freed = self.stored_seqs.get(channel).copied().unwrap_or(0);
-                let seq = seq.max(freed).max(self.retired.base(channel));
-                self.stored_seqs.insert(channel.into(), seq);
-            }
+            _ => {}
         }
     }
 
-    /// Expire history, and forget the channels nobody needs any more: no other shard wants
-    /// them, none `subscribed` here, nothing held, no history left. Their sequences continue
-    /// where they stood if they are used again, so memory follows the channels in use, not
-    /// every name ever seen. Returns how many were forgotten.
-    pub fn free_idle(
-        &mut self,
-        now_ms: u64,
-        limits: history::Limits,
-        subscribed: impl Fn(&str) -> bool,
-    ) -> usize {
-        let (stored_seqs, retired) = (&mut self.stored_seqs, &mut self.retired);
-        let before = self.owned.len();
-        self.owned.retain(|name, state| {
-            state.ring.expire(now_ms, limits);
-            let idle = state.interest.is_empty()
-                && state.held.is_empty()
-                && state.ring.is_empty()
-                && !subscribed(name);
-            if idle {
-                if state.stored {
-                    stored_seqs.insert(name.clone(), state.seq);
-                } else {
-                    retired.retire(name, state.seq);
-                }
-            }
-            !idle
-        });
+    /// Forget the channels no other shard wants and nothing is held on.
+    pub fn free_idle(&mut self) {
+        self.owned
+            .retain(|_, state| !state.interest.is_empty() || !state.held.is_empty());
         shrink_if_sparse(&mut self.owned);
-        before - self.owned.len()
-    }
-}
-
-/// Give back a map's table once most of it is empty: a burst of a million channels must not
-/// keep a million slots after it has gone.
-pub(super) fn shrink_if_sparse<K: Hash + Eq, V>(map: &mut HashMap<K, V>) {
-    if map.capacity() > 64 && map.len() < map.capacity() / 4 {
-        map.shrink_to(map.len() * 2);
     }
 }

@@ -1,5 +1,5 @@
 //! One shard's state and its routing logic: local subscriptions, the channels it owns
-//! (sequence numbers, which shards want them, idempotency keys), and the mesh outboxes.
+//! (their engine, which shards want them, idempotency keys), and the mesh outboxes.
 //!
 //! Everything here runs on the shard's own thread: plain `Cell`/`RefCell`, no locks. Other shards
 //! are reached only through [`MeshMsg`]s. A channel is owned by one shard (a hash of its
@@ -24,7 +24,7 @@ use crate::config::{BackpressurePolicy, Config, Scope};
 use crate::decision::{self, Decision, DecisionId, Original};
 use crate::dialect::shardcast::Parser;
 use crate::dialect::{Answer, Kind, Publication, Refusal, Reply, Request};
-use crate::history;
+use crate::engine::{Arrival, Engine, Event, Memory};
 use crate::metrics::{Counter, Global, ShardCounters};
 use crate::queue::{Bounds, Pushed};
 use crate::storage;
@@ -36,7 +36,7 @@ mod peer;
 mod replays;
 mod subscriptions;
 
-use channels::{Channels, Held, Hold, Owned};
+use channels::{Channels, Held, Hold};
 use ingest::{Admission, Decisions, Unconfirmed};
 use outbox::Outboxes;
 use peer::Registry;
@@ -200,10 +200,12 @@ pub struct Shard {
     now: Cell<Now>,
     conns: RefCell<Registry>,
     subs: RefCell<Subscriptions>,
+    /// Numbering, history and publications of the channels this shard owns.
+    engine: RefCell<Box<dyn Engine>>,
+    /// What the owner keeps besides: other shards' interest, messages held behind commits.
     channels: RefCell<Channels>,
     decisions: RefCell<Decisions>,
     replays: RefCell<Replays>,
-    history: history::Limits,
     /// Server epoch (start time): seqs of ephemeral channels restart when it changes.
     epoch: u64,
     next_token: Cell<u64>,
@@ -245,10 +247,10 @@ impl Shard {
             now: Cell::new(now),
             conns: RefCell::default(),
             subs: RefCell::default(),
+            engine: RefCell::new(Box::new(Memory::new(config.history.limits()))),
             channels: RefCell::default(),
             decisions: RefCell::new(Decisions::new(&config, id)),
             replays: RefCell::default(),
-            history: config.history.limits(),
             epoch: global.boot_id,
             next_token: Cell::new(1),
             storage: None,
@@ -280,13 +282,13 @@ impl Shard {
     /// while the store was unreachable) jumps ahead to its stored maximum.
     pub fn recover(&self, recovered: &storage::Recovered, now: Now) {
         self.enter(now);
-        let mut channels = self.channels.borrow_mut();
+        let mut engine = self.engine.borrow_mut();
         for (channel, seq) in &recovered.channel_seqs {
             if self.owner_of(channel) == self.id {
-                channels.recover(channel, *seq);
+                engine.recover(channel, *seq);
             }
         }
-        drop(channels);
+        drop(engine);
         let (id, nshards) = (self.id, self.nshards);
         let mine = recovered.recent.iter();
         let mine = mine.filter(|recent| owner_of(&recent.channel, nshards) == id);
@@ -796,11 +798,10 @@ impl Shard {
     /// owns and send it `to` the subscriber. What the ring no longer holds may be stored
     /// decisions: then the store is read first.
     fn replay(&self, channel: &str, since: Since, to: ReplayTo) {
-        let found = {
-            let mut channels = self.channels.borrow_mut();
-            let state = channels.entry(channel);
-            state.ring.since(since.after, self.ms(), self.history)
-        };
+        let found = self
+            .engine
+            .borrow_mut()
+            .history(channel, since.after, self.ms());
         let in_range = since.after <= found.upto;
         let ring = Replay {
             channel: channel.into(),
@@ -938,42 +939,63 @@ impl Shard {
     /// Number a message on `channel` and fan it out (or hold it behind an uncommitted
     /// decision).
     fn fan_out(&self, channel: &str, kind: Kind, data: &[u8], t0: Instant) -> u64 {
+        let at = self.arrival(t0);
+        let data = Rc::from(data);
         let mut channels = self.channels.borrow_mut();
-        let state = channels.entry(channel);
-        state.seq += 1;
-        let publication = Publication {
-            seq: state.seq,
-            kind,
-            data: Rc::from(data),
+        let Some(owned) = channels.get_mut(channel).filter(|o| !o.held.is_empty()) else {
+            drop(channels);
+            let seq = self.engine.borrow_mut().publish(channel, kind, data, at);
+            self.deliver_events();
+            return seq;
         };
-        if state.held.is_empty() {
-            self.emit(channel, state, publication, t0);
-        } else {
-            let hold = Hold::Ready;
-            state.held.push_back(Held {
-                publication,
-                t0,
-                hold,
-            });
-        }
-        state.seq
+        let seq = self.engine.borrow_mut().reserve(channel, false);
+        let publication = Publication { seq, kind, data };
+        let hold = Hold::Ready;
+        owned.held.push_back(Held {
+            publication,
+            at,
+            hold,
+        });
+        seq
     }
 
-    /// Keep a numbered message in the channel's history and send it to every subscriber,
-    /// here and on the shards that have subscribers.
-    fn emit(&self, channel: &str, state: &mut Owned, publication: Publication, t0: Instant) {
-        // The time the message arrived, on the shard clock: no clock read per message.
+    /// When a message that reached the owner at `t0` arrived, on the shard clock too (no
+    /// clock read per message).
+    fn arrival(&self, t0: Instant) -> Arrival {
         let at_ms = t0.saturating_duration_since(self.started).as_millis() as u64;
-        state.ring.push(&publication, at_ms, self.history);
-        for &shard in &state.interest {
-            let msg = MeshMsg::Deliver {
-                channel: channel.into(),
-                publication: publication.to_sendable(),
-                t0,
+        Arrival { t0, at_ms }
+    }
+
+    /// Send what the engine has to deliver.
+    fn deliver_events(&self) {
+        loop {
+            let event = self.engine.borrow_mut().next_event();
+            let Some(Event::Publication {
+                channel,
+                publication,
+                at,
+            }) = event
+            else {
+                return;
             };
-            self.route(usize::from(shard), msg);
+            self.emit(&channel, &publication, at.t0);
         }
-        self.deliver_local(channel, &publication, t0);
+    }
+
+    /// Send a numbered message to every subscriber, here and on the shards that have
+    /// subscribers.
+    fn emit(&self, channel: &str, publication: &Publication, t0: Instant) {
+        if let Some(owned) = self.channels.borrow().get(channel) {
+            for &shard in &owned.interest {
+                let msg = MeshMsg::Deliver {
+                    channel: channel.into(),
+                    publication: publication.to_sendable(),
+                    t0,
+                };
+                self.route(usize::from(shard), msg);
+            }
+        }
+        self.deliver_local(channel, publication, t0);
     }
 
     /// Number and fan out a PUBLISH on a channel this shard owns; ACK it if it had an id.
@@ -1052,11 +1074,7 @@ impl Shard {
             return self.reply(&origin, ingest_ack(key, id.as_str(), false, seq));
         };
         // Numbered now: the stored row carries its seq.
-        let mut channels = self.channels.borrow_mut();
-        let state = channels.entry(channel);
-        state.stored = true;
-        state.seq += 1;
-        let seq = state.seq;
+        let seq = self.engine.borrow_mut().reserve(channel, true);
         let publication = Publication {
             seq,
             kind: Kind::Decision,
@@ -1091,14 +1109,13 @@ impl Shard {
             reply,
         }) {
             // Nothing was numbered since: the seq is given back.
-            state.seq -= 1;
-            drop(channels);
+            self.engine.borrow_mut().give_back(channel, seq);
             tracing::warn!(shard = self.id, "decision refused: {e}");
             return self.reply(&origin, storage_unavailable(key));
         }
+        let at = self.arrival(t0);
         let Some(pending_key) = pending_key else {
-            self.emit(channel, state, publication, t0);
-            drop(channels);
+            self.keep(channel, publication, at);
             self.decisions
                 .borrow_mut()
                 .remember(org, key, Original { decision_id, seq }, now);
@@ -1106,12 +1123,15 @@ impl Shard {
             return self.reply(&origin, ingest_ack(key, id.as_str(), false, seq));
         };
         let hold = Hold::Commit(token);
-        state.held.push_back(Held {
-            publication,
-            t0,
-            hold,
-        });
-        drop(channels);
+        self.channels
+            .borrow_mut()
+            .entry(channel)
+            .held
+            .push_back(Held {
+                publication,
+                at,
+                hold,
+            });
         let unconfirmed = Unconfirmed {
             pending_key,
             channel: channel.into(),
@@ -1202,36 +1222,47 @@ impl Shard {
     /// of the channel's held queue that may go. An `unused` number at the end of the queue is
     /// given back so the sequence has no hole.
     fn release(&self, channel: &str, token: u64, hold: Hold, unused: bool) {
-        let mut channels = self.channels.borrow_mut();
-        let Some(state) = channels.get_mut(channel) else {
-            return;
-        };
         {
-            if let Some(i) = state
-                .held
-                .iter()
-                .position(|h| h.hold == Hold::Commit(token))
-            {
-                state.held[i].hold = hold;
-                if unused && i + 1 == state.held.len() {
-                    state.held.pop_back();
-                    state.seq -= 1;
-                }
-            }
-        }
-        while let Some(front) = state.held.front() {
-            match front.hold {
-                Hold::Commit(_) => break,
-                Hold::Void => {
-                    state.held.pop_front();
-                }
-                Hold::Ready => {
-                    if let Some(held) = state.held.pop_front() {
-                        self.emit(channel, state, held.publication, held.t0);
+            let mut channels = self.channels.borrow_mut();
+            let Some(state) = channels.get_mut(channel) else {
+                return;
+            };
+            let held = &mut state.held;
+            if let Some(i) = held.iter().position(|h| h.hold == Hold::Commit(token)) {
+                held[i].hold = hold;
+                if unused && i + 1 == held.len() {
+                    if let Some(last) = held.pop_back() {
+                        let seq = last.publication.seq;
+                        self.engine.borrow_mut().give_back(channel, seq);
                     }
                 }
             }
         }
+        loop {
+            let next = {
+                let mut channels = self.channels.borrow_mut();
+                let Some(state) = channels.get_mut(channel) else {
+                    return;
+                };
+                match state.held.front().map(|h| h.hold) {
+                    None | Some(Hold::Commit(_)) => return,
+                    Some(Hold::Void) => {
+                        state.held.pop_front();
+                        continue;
+                    }
+                    Some(Hold::Ready) => state.held.pop_front(),
+                }
+            };
+            if let Some(held) = next {
+                self.keep(channel, held.publication, held.at);
+            }
+        }
+    }
+
+    /// Keep a message numbered earlier and deliver it.
+    fn keep(&self, channel: &str, publication: Publication, at: Arrival) {
+        self.engine.borrow_mut().keep(channel, publication, at);
+        self.deliver_events();
     }
 
     // ----- the mesh -----
@@ -1279,19 +1310,9 @@ impl Shard {
                 token,
                 since,
             } => {
-                {
-                    let mut channels = self.channels.borrow_mut();
-                    let state = channels.entry(&channel);
-                    let shard = from as u16;
-                    let present = state.interest.iter().position(|s| *s == shard);
-                    match (on, present) {
-                        (true, None) => state.interest.push(shard),
-                        (false, Some(i)) => {
-                            state.interest.swap_remove(i);
-                        }
-                        _ => {}
-                    }
-                }
+                self.channels
+                    .borrow_mut()
+                    .interest(&channel, from as u16, on);
                 // Registered first: every message after the replay's `upto` reaches that shard
                 // live (the mesh keeps each shard pair's messages in order).
                 if let Some(since) = since {
@@ -1411,14 +1432,18 @@ impl Shard {
         }
     }
 
-    /// Expire history and forget the channels nobody needs any more (see
-    /// [`Channels::free_idle`]).
+    /// Expire history and forget the channels nobody needs any more: no other shard wants
+    /// them, none subscribed here, nothing held, no history left (see [`Engine::sweep`]).
     fn free_idle_channels(&self, now: u64) {
         let mut subs = self.subs.borrow_mut();
         let mut channels = self.channels.borrow_mut();
-        let freed = channels.free_idle(now, self.history, |name| subs.wanted(name));
+        channels.free_idle();
+        let needed = |name: &str| subs.wanted(name) || channels.get(name).is_some();
+        let mut engine = self.engine.borrow_mut();
+        let freed = engine.sweep(now, &needed);
         self.counters.add(Counter::ChannelsFreed, freed as u64);
-        self.counters.set(Counter::Channels, channels.len() as u64);
+        self.counters
+            .set(Counter::Channels, engine.channels() as u64);
         subs.shrink();
     }
 

@@ -172,6 +172,6 @@ impl Subscriptions {
 
     /// Give back the subscriber map's table once it is mostly empty.
     pub fn shrink(&mut self) {
-        super::channels::shrink_if_sparse(&mut self.by_channel);
+        crate::engine::shrink_if_sparse(&mut self.by_channel);
     }
 }

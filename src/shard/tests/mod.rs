@@ -235,14 +235,14 @@ fn an_unused_channel_is_forgotten_and_made_again_above_its_old_numbers() {
     sim.settle();
     sim.sweep(0);
     assert_eq!(
-        owner.channels.borrow().len(),
+        owner.engine.borrow().channels(),
         1,
         "kept while subscribed elsewhere"
     );
     sim.shards[1].remove_conn(&remote);
     sim.settle();
     sim.sweep(0);
-    assert!(owner.channels.borrow().len() == 0, "nobody needs it");
+    assert!(owner.engine.borrow().channels() == 0, "nobody needs it");
     assert_eq!(owner.counters.get(Counter::ChannelsFreed), 1);
     assert_eq!(owner.counters.get(Counter::Channels), 0);
 
