@@ -24,6 +24,19 @@ struct Channel {
     ring: Ring,
 }
 
+impl Channel {
+    /// Keep a numbered message in the ring; the event that delivers it.
+    fn keep(&mut self, publication: Publication, at: Arrival, limits: Limits) -> Event {
+        self.ring.push(&publication, at.at_ms, limits);
+        let channel = Rc::clone(&self.name);
+        Event::Publication {
+            channel,
+            publication,
+            at,
+        }
+    }
+}
+
 /// The in-memory engine of one shard.
 #[derive(Debug)]
 pub struct Memory {
@@ -70,8 +83,13 @@ impl Memory {
 
 impl Engine for Memory {
     fn publish(&mut self, channel: &str, kind: Kind, data: Rc<[u8]>, at: Arrival) -> u64 {
-        let seq = self.reserve(channel, false);
-        self.keep(channel, Publication { seq, kind, data }, at);
+        let limits = self.limits;
+        // One lookup of the channel, not one for the number and one for the ring.
+        let state = self.entry(channel);
+        state.seq += 1;
+        let seq = state.seq;
+        let event = state.keep(Publication { seq, kind, data }, at, limits);
+        self.events.push_back(event);
         seq
     }
 
@@ -84,14 +102,7 @@ impl Engine for Memory {
 
     fn keep(&mut self, channel: &str, publication: Publication, at: Arrival) {
         let limits = self.limits;
-        let state = self.entry(channel);
-        let channel = Rc::clone(&state.name);
-        state.ring.push(&publication, at.at_ms, limits);
-        let event = Event::Publication {
-            channel,
-            publication,
-            at,
-        };
+        let event = self.entry(channel).keep(publication, at, limits);
         self.events.push_back(event);
     }
 
