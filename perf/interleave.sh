@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Old and new builds interleaved: for each run, every scenario against the build of OLD, then
 # against this checkout's, with the same (this checkout's) load tool; server pinned to core 0,
-# load to core 1, perf/bench.toml. Prints the median server CPU per delivery/ack of each.
+# load to core 1, perf/bench.toml. Prints, per scenario and build, the median and range of
+# server CPU per delivery/ack, throughput, p99 latency and RSS per connection, where reported.
 #
 # Usage: perf/interleave.sh OLD_COMMIT [RUNS]      (default 10 runs)
 #   perf/interleave.sh 9a4e2c3 10
@@ -34,13 +35,20 @@ for run in $(seq 1 "$runs"); do
     done
   done
 done
+# Per scenario and build: the median (min..max) over the runs of each figure the reports have.
+figures=("server cpu per delivery" "deliveries/s" "acks/s" "connect rate" "latency p99" "server rss per connection")
 for i in "${!scenarios[@]}"; do
+  echo "${scenarios[$i]}"
   for build in old new; do
-    values=$(cat "$out/$build-$i-"*.txt | awk '/server cpu per delivery/ {print $5}' | sort -n)
     lost=$(cat "$out/$build-$i-"*.txt | awk '$1 == "lost" {s += $2} END {print s + 0}')
-    n=$(echo "$values" | grep -c . || true)
-    median=$(echo "$values" | awk -v n="$n" 'NR == int((n + 1) / 2) {print}')
-    printf '%-45s %s: median %s µs (%s..%s), %s runs, %s lost\n' "${scenarios[$i]}" "$build" \
-      "$median" "$(echo "$values" | head -1)" "$(echo "$values" | tail -1)" "$n" "$lost"
+    line="  $build ($lost lost):"
+    for figure in "${figures[@]}"; do
+      values=$(cat "$out/$build-$i-"*.txt | awk -F '  +' -v f="$figure" '$2 == f {split($3, v, " "); print v[1], v[2]}' | sort -g)
+      [ -n "$values" ] || continue
+      n=$(echo "$values" | grep -c .)
+      median=$(echo "$values" | awk -v n="$n" 'NR == int((n + 1) / 2) {print}')
+      line+=" $figure $median ($(echo "$values" | head -1 | cut -d' ' -f1)..$(echo "$values" | tail -1 | cut -d' ' -f1), $n runs);"
+    done
+    echo "$line"
   done
 done

@@ -119,7 +119,6 @@ pub fn serve(
         eof: false,
         paused: false,
         events: 0,
-        http_frames: 0,
         reads_paused: false,
     };
     Ok(std::future::poll_fn(move |cx| conn.poll(cx)))
@@ -145,9 +144,6 @@ struct Conn {
     paused: bool,
     /// Events decoded so far (wrapping): tells whether a read completed a message.
     events: u32,
-    /// HTTP responses at the front of the queue (kept-alive answers, the 101): not messages,
-    /// so not counted as sent (the reply budget keeps them far below `u16::MAX`).
-    http_frames: u16,
     /// Requests are not being read (counted once per pause).
     reads_paused: bool,
 }
@@ -306,7 +302,8 @@ impl Conn {
             messages: budget.messages.saturating_sub(owed),
             ..budget
         };
-        (queued, queued || out.replies_over(less))
+        // `less` is `budget` with fewer messages: over `budget` is over `less` too.
+        (queued, out.replies_over(less))
     }
 
     fn clear(&self, bits: u8) {
@@ -356,12 +353,8 @@ impl Conn {
                     _ => return Err(err),
                 }
             };
-            let frames = self.peer.out().borrow_mut().consume(written);
-            let http = usize::from(self.http_frames).min(frames);
-            self.http_frames -= http as u16;
-            shard
-                .counters
-                .add(Counter::MessagesSent, (frames - http) as u64);
+            let messages = self.peer.out().borrow_mut().consume(written);
+            shard.counters.add(Counter::MessagesSent, messages as u64);
             if written > 0 && self.peer.stall.get() == Stall::Replies {
                 // Reading its replies, however slowly: not stuck.
                 self.peer.stall_since.set(shard.now_ms());
@@ -428,9 +421,8 @@ impl Conn {
     /// request), otherwise it closes once the response is written.
     fn respond(&mut self, response: &Response, keep_alive: bool, rest: Vec<u8>) {
         let keep_alive = keep_alive && !self.shard.shutting_down.get();
-        self.http_frames = self.http_frames.saturating_add(1);
         let bytes = response.to_bytes(keep_alive);
-        self.shard.answer_frame(&self.peer, Rc::from(bytes));
+        self.shard.answer_http(&self.peer, Rc::from(bytes));
         if keep_alive {
             self.mode = Mode::Http(rest);
             // The handshake timeout now times the wait for the next request.
@@ -487,8 +479,7 @@ impl Conn {
                         let refused = Response::error(401, e.code(), &e.to_string());
                         return self.respond(&refused, false, Vec::new());
                     }
-                    self.http_frames = self.http_frames.saturating_add(1);
-                    shard.answer_frame(&self.peer, Rc::from(http::upgrade_response(key)));
+                    shard.answer_http(&self.peer, Rc::from(http::upgrade_response(key)));
                     self.mode = Mode::Refused;
                     self.enter(Phase::Open);
                     return self.start_close(e.close_code().code(), e.code().as_str(), false);
@@ -505,8 +496,7 @@ impl Conn {
             return self.respond(&refused.header("Retry-After", "1"), false, Vec::new());
         }
         self.holds_slot = true;
-        self.http_frames = self.http_frames.saturating_add(1);
-        shard.answer_frame(&self.peer, Rc::from(http::upgrade_response(key)));
+        shard.answer_http(&self.peer, Rc::from(http::upgrade_response(key)));
         self.enter(Phase::Open);
         match principal {
             Some(principal) => {

@@ -54,6 +54,9 @@ enum Kept {
     Reply,
     /// The `slow_consumer` notice: never dropped, at most one waiting.
     Notice,
+    /// An HTTP response (or the `101` of an upgrade): never dropped, and not a message, so
+    /// not counted among those written.
+    Http,
 }
 
 /// The queue. Frames are kept as bare shared slices (16 bytes a slot, as fan-out alone needs);
@@ -127,8 +130,18 @@ impl OutQueue {
 
     /// Queue a reply after everything queued: it is never dropped.
     pub fn push_reply(&mut self, frame: Frame) {
+        self.push_kept(frame, Kept::Reply);
+    }
+
+    /// Queue an HTTP response after everything queued: never dropped, and not counted as a
+    /// message when written.
+    pub fn push_http(&mut self, frame: Frame) {
+        self.push_kept(frame, Kept::Http);
+    }
+
+    fn push_kept(&mut self, frame: Frame, kind: Kept) {
         let at = self.popped + self.frames.len() as u64;
-        self.keep(at, Kept::Reply, frame.len());
+        self.keep(at, kind, frame.len());
         self.bytes += frame.len();
         self.frames.push_back(frame);
     }
@@ -216,7 +229,8 @@ impl OutQueue {
         self.frames.back()
     }
 
-    /// Record that `written` bytes went out; returns how many whole frames were completed.
+    /// Record that `written` bytes went out; returns how many whole messages (frames other
+    /// than HTTP responses) were completed.
     pub fn consume(&mut self, mut written: usize) -> usize {
         let mut completed = 0;
         while let Some(front) = self.frames.front() {
@@ -227,6 +241,7 @@ impl OutQueue {
             }
             written -= left;
             self.head_written = 0;
+            let mut message = true;
             if let Some(done) = self.frames.pop_front() {
                 self.bytes -= done.len();
                 let popped = self.popped;
@@ -234,8 +249,10 @@ impl OutQueue {
                     if kept.at.front().is_some_and(|(at, _)| *at == popped) {
                         if let Some((_, kind)) = kept.at.pop_front() {
                             kept.bytes -= done.len();
-                            if kind == Kept::Notice {
-                                self.notice_queued = false;
+                            match kind {
+                                Kept::Notice => self.notice_queued = false,
+                                Kept::Http => message = false,
+                                Kept::Reply => {}
                             }
                         }
                     }
@@ -243,7 +260,7 @@ impl OutQueue {
             }
             self.popped += 1;
             self.urgent_end = self.urgent_end.saturating_sub(1);
-            completed += 1;
+            completed += usize::from(message);
         }
         completed
     }
@@ -268,6 +285,11 @@ impl OutQueue {
     /// Forget everything queued (the connection is closing and will say so), but the rest of
     /// a frame partly written: cut short, it would corrupt the stream.
     pub fn clear(&mut self) {
+        let popped = self.popped;
+        let kind = self
+            .kept_positions()
+            .find(|(at, _)| *at == popped)
+            .map_or(Kept::Reply, |(_, kind)| kind);
         let started = if self.head_written > 0 {
             self.frames.pop_front()
         } else {
@@ -277,7 +299,13 @@ impl OutQueue {
         *self = Self::default();
         if let Some(frame) = started {
             self.head_written = head_written;
-            self.push_reply(frame);
+            // A started notice becomes a plain reply: the notice bookkeeping starts afresh.
+            let kind = if kind == Kept::Http {
+                kind
+            } else {
+                Kept::Reply
+            };
+            self.push_kept(frame, kind);
         }
     }
 
@@ -479,6 +507,21 @@ mod tests {
         q.queue_notice(notice);
         assert_eq!(contents(&q)[0], 205);
         assert_eq!(q.unreported_drops(), 0);
+    }
+
+    #[test]
+    fn http_responses_are_written_but_not_counted_as_messages() {
+        let mut q = OutQueue::default();
+        q.push_http(f(1, 10));
+        q.push_reply(f(2, 5));
+        q.push(f(3, 5), BOUNDS);
+        q.push_http(f(4, 10));
+        // The response, the reply, the message; then half of the second response.
+        assert_eq!(q.consume(25), 2);
+        q.clear();
+        assert_eq!(q.len(), 1, "the started response is kept");
+        assert_eq!(q.consume(5), 0, "and is still not a message");
+        assert!(q.is_empty());
     }
 
     #[test]

@@ -26,7 +26,7 @@ use crate::dialect::shardcast::Parser;
 use crate::dialect::{Answer, Kind, Publication, Refusal, Reply, Request};
 use crate::engine::{Arrival, Engine, Event, Memory};
 use crate::metrics::{Counter, Global, ShardCounters};
-use crate::queue::{Bounds, Pushed};
+use crate::queue::{Bounds, OutQueue, Pushed};
 use crate::storage;
 
 mod channels;
@@ -419,12 +419,21 @@ impl Shard {
 
     /// Queue an already framed answer (echo, control replies).
     pub fn answer_frame(&self, peer: &Peer, frame: Frame) {
+        self.queue_answer(peer, |out| out.push_reply(frame));
+    }
+
+    /// Queue an HTTP response (or the `101` of an upgrade) on `peer`'s connection.
+    pub fn answer_http(&self, peer: &Peer, response: Frame) {
+        self.queue_answer(peer, |out| out.push_http(response));
+    }
+
+    fn queue_answer(&self, peer: &Peer, push: impl FnOnce(&mut OutQueue)) {
         if peer.phase.get() == Phase::Closing {
             return;
         }
         let mut out = peer.out.borrow_mut();
         let was_empty = out.is_empty();
-        out.push_reply(frame);
+        push(&mut out);
         drop(out);
         if was_empty {
             peer.wake();

@@ -361,6 +361,7 @@ fn answers_owed_by_another_shard_are_counted_until_they_arrive() {
 }
 
 mod clock;
+mod cost;
 mod store;
 
 /// A principal-free INGEST of a valid decision for `channel`'s org.
