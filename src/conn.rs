@@ -11,6 +11,7 @@ use std::io;
 use std::os::fd::OwnedFd;
 use std::rc::Rc;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use crate::auth::Principal;
 use crate::clock::Now;
@@ -20,7 +21,7 @@ use crate::config::RefuseWith;
 use crate::config::Scope;
 use crate::dialect::{Refusal, Reply, Request};
 use crate::http::{self, Response};
-use crate::metrics::Counter;
+use crate::metrics::{Counter, Task};
 use crate::poller::{self, Poller, Watched};
 use crate::queue::ReplyBudget;
 use crate::rate::TokenBucket;
@@ -155,7 +156,16 @@ enum Step {
 }
 
 impl Conn {
+    /// One poll, timed for the event-loop metrics (two clock reads a wake-up, not a message).
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let start = Instant::now();
+        let done = self.poll_once(cx);
+        let took = start.elapsed();
+        self.shard.counters.record_poll(Task::Connection, took);
+        done
+    }
+
+    fn poll_once(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         self.peer.set_waker(cx.waker());
         if self.peer.readiness.get() & ready::REWATCH != 0 {
             self.clear(ready::REWATCH);

@@ -12,6 +12,7 @@ use std::rc::Rc;
 use glommio::channels::channel_mesh::{Receivers, Senders};
 
 use crate::clock::Now;
+use crate::metrics::Task;
 use crate::shard::{MeshMsg, Shard};
 
 /// What crosses between shards: a batch of messages.
@@ -25,26 +26,27 @@ pub fn spawn(shard: &Rc<Shard>, senders: Senders<Batch>, mut receivers: Receiver
             continue;
         }
         let (shard, senders) = (shard.clone(), senders.clone());
-        glommio::spawn_local(async move {
+        let timed = shard.clone();
+        glommio::spawn_local(timed.timed(Task::Mesh, async move {
             loop {
                 let batch = std::future::poll_fn(|cx| shard.poll_outbox(peer, cx)).await;
                 if senders.send_to(peer, batch).await.is_err() {
                     return; // The peer shard has stopped.
                 }
             }
-        })
+        }))
         .detach();
     }
     for (from, receiver) in receivers.streams() {
         let shard = shard.clone();
-        glommio::spawn_local(async move {
+        glommio::spawn_local(shard.clone().timed(Task::Mesh, async move {
             while let Some(batch) = receiver.recv().await {
                 let now = Now::read();
                 for msg in batch {
                     shard.handle(from, msg, now);
                 }
             }
-        })
+        }))
         .detach();
     }
 }

@@ -59,6 +59,35 @@ const AUTH_REASONS: [&str; 4] = [
     "token_expired",
 ];
 
+/// The tasks of a shard whose polls are timed (see [`ShardCounters::record_poll`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Task {
+    /// A connection: its requests, replies and writes.
+    Connection,
+    /// Handing socket readiness to connections.
+    Readiness,
+    /// Accepting connections.
+    Accept,
+    /// The sweep (pings, timeouts, idle state) and publishing counters.
+    Timers,
+    /// Messages from other shards.
+    Mesh,
+    /// Answers from the storage threads.
+    Storage,
+}
+
+const TASKS: [&str; 6] = [
+    "connection",
+    "readiness",
+    "accept",
+    "timers",
+    "mesh",
+    "storage",
+];
+
+/// A poll at least this long counts as slow.
+const SLOW_POLL: Duration = Duration::from_millis(1);
+
 fn new_histogram() -> Histogram<u64> {
     // Microseconds, 1 µs to 60 s, 3 significant digits.
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("static histogram bounds are valid")
@@ -69,6 +98,12 @@ fn new_histogram() -> Histogram<u64> {
 pub struct ShardCounters {
     values: [Cell<u64>; COUNTERS],
     fanout_latency: RefCell<Histogram<u64>>,
+    /// How late the lag probe's timer ran.
+    loop_lag: RefCell<Histogram<u64>>,
+    /// Per task: the longest single poll so far, in microseconds.
+    longest_poll: [Cell<u64>; TASKS.len()],
+    /// Per task: polls of at least [`SLOW_POLL`].
+    slow_polls: [Cell<u64>; TASKS.len()],
 }
 
 impl Default for ShardCounters {
@@ -76,6 +111,9 @@ impl Default for ShardCounters {
         Self {
             values: Default::default(),
             fanout_latency: RefCell::new(new_histogram()),
+            loop_lag: RefCell::new(new_histogram()),
+            longest_poll: Default::default(),
+            slow_polls: Default::default(),
         }
     }
 }
@@ -104,18 +142,54 @@ impl ShardCounters {
         let _ = self.fanout_latency.borrow_mut().record(micros);
     }
 
-    /// Copy totals into this shard's slot; the histogram moves over as a delta.
+    /// Record how late a timer due `late` ago ran: the event loop's lag.
+    pub fn record_lag(&self, late: Duration) {
+        let micros = (late.as_micros() as u64).clamp(1, 60_000_000);
+        let _ = self.loop_lag.borrow_mut().record(micros);
+    }
+
+    /// Record one poll of `task` that took `took`.
+    #[inline]
+    pub fn record_poll(&self, task: Task, took: Duration) {
+        let i = task as usize;
+        let micros = took.as_micros() as u64;
+        if micros > self.longest_poll[i].get() {
+            self.longest_poll[i].set(micros);
+        }
+        if took >= SLOW_POLL {
+            self.slow_polls[i].set(self.slow_polls[i].get() + 1);
+        }
+    }
+
+    /// The longest poll of `task` so far.
+    pub fn longest_poll(&self, task: Task) -> Duration {
+        Duration::from_micros(self.longest_poll[task as usize].get())
+    }
+
+    /// Copy totals into this shard's slot; the histograms move over as deltas.
     pub fn publish(&self, slot: &ShardSlot) {
         for (cell, shared) in self.values.iter().zip(&slot.values) {
             shared.store(cell.get(), Relaxed);
         }
-        let mut local = self.fanout_latency.borrow_mut();
-        if !local.is_empty() {
-            if let Ok(mut shared) = slot.fanout_latency.lock() {
-                let _ = shared.add(&*local);
-            }
-            local.reset();
+        for (cell, shared) in self.longest_poll.iter().zip(&slot.longest_poll) {
+            shared.store(cell.get(), Relaxed);
         }
+        for (cell, shared) in self.slow_polls.iter().zip(&slot.slow_polls) {
+            shared.store(cell.get(), Relaxed);
+        }
+        move_histogram(&self.fanout_latency, &slot.fanout_latency);
+        move_histogram(&self.loop_lag, &slot.loop_lag);
+    }
+}
+
+/// Add a shard's recordings to its slot's and start afresh.
+fn move_histogram(local: &RefCell<Histogram<u64>>, shared: &Mutex<Histogram<u64>>) {
+    let mut local = local.borrow_mut();
+    if !local.is_empty() {
+        if let Ok(mut shared) = shared.lock() {
+            let _ = shared.add(&*local);
+        }
+        local.reset();
     }
 }
 
@@ -124,6 +198,9 @@ impl ShardCounters {
 pub struct ShardSlot {
     values: [AtomicU64; COUNTERS],
     fanout_latency: Mutex<Histogram<u64>>,
+    loop_lag: Mutex<Histogram<u64>>,
+    longest_poll: [AtomicU64; TASKS.len()],
+    slow_polls: [AtomicU64; TASKS.len()],
 }
 
 /// Process-wide state read by the HTTP endpoints.
@@ -158,6 +235,9 @@ impl Global {
                 .map(|_| ShardSlot {
                     values: Default::default(),
                     fanout_latency: Mutex::new(new_histogram()),
+                    loop_lag: Mutex::new(new_histogram()),
+                    longest_poll: Default::default(),
+                    slow_polls: Default::default(),
                 })
                 .collect(),
             active: AtomicUsize::new(0),
@@ -388,37 +468,80 @@ impl Global {
                 n.load(Relaxed)
             );
         }
-        let mut merged = new_histogram();
-        for slot in &self.shards {
-            if let Ok(h) = slot.fanout_latency.lock() {
-                let _ = merged.add(&*h);
-            }
-        }
-        let _ = writeln!(out, "# HELP shardcast_fanout_latency_seconds Time from a message's arrival to its delivery into subscriber queues.\n# TYPE shardcast_fanout_latency_seconds histogram");
-        for bound_us in [
-            50u64, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000,
-            1_000_000,
-        ] {
+        let merged = merge(self.shards.iter().map(|slot| &slot.fanout_latency));
+        histogram(
+            &mut out,
+            "shardcast_fanout_latency_seconds",
+            "Time from a message's arrival to its delivery into subscriber queues.",
+            &merged,
+        );
+        let merged = merge(self.shards.iter().map(|slot| &slot.loop_lag));
+        histogram(
+            &mut out,
+            "shardcast_event_loop_lag_seconds",
+            "How late each shard ran a timer due every 10 ms: time its event loop could not run a ready task.",
+            &merged,
+        );
+        let _ = writeln!(out, "# HELP shardcast_event_loop_longest_poll_seconds The longest single poll of a shard's task since start, by task.\n# TYPE shardcast_event_loop_longest_poll_seconds gauge");
+        for (i, task) in TASKS.iter().enumerate() {
+            let longest = self.shards.iter().map(|s| s.longest_poll[i].load(Relaxed));
+            let longest = longest.max().unwrap_or(0);
             let _ = writeln!(
                 out,
-                "shardcast_fanout_latency_seconds_bucket{{le=\"{}\"}} {}",
-                bound_us as f64 / 1e6,
-                merged.count_between(0, bound_us)
+                "shardcast_event_loop_longest_poll_seconds{{task=\"{task}\"}} {}",
+                longest as f64 / 1e6
             );
         }
-        let total = merged.len();
-        // A fold from 0.0: an empty float sum() is -0.0, which prints as "-0".
-        let sum = merged.iter_recorded().fold(0.0, |sum: f64, v| {
-            sum + v.value_iterated_to() as f64 * v.count_at_value() as f64
-        });
-        let _ = writeln!(
-            out,
-            "shardcast_fanout_latency_seconds_bucket{{le=\"+Inf\"}} {total}"
-        );
-        let _ = writeln!(out, "shardcast_fanout_latency_seconds_sum {}", sum / 1e6);
-        let _ = writeln!(out, "shardcast_fanout_latency_seconds_count {total}");
+        let _ = writeln!(out, "# HELP shardcast_event_loop_slow_polls_total Polls of a shard's task that took 1 ms or more, by task.\n# TYPE shardcast_event_loop_slow_polls_total counter");
+        for (i, task) in TASKS.iter().enumerate() {
+            let slow: u64 = self
+                .shards
+                .iter()
+                .map(|s| s.slow_polls[i].load(Relaxed))
+                .sum();
+            let _ = writeln!(
+                out,
+                "shardcast_event_loop_slow_polls_total{{task=\"{task}\"}} {slow}"
+            );
+        }
         out
     }
+}
+
+/// The shards' histograms added up.
+fn merge<'a>(slots: impl Iterator<Item = &'a Mutex<Histogram<u64>>>) -> Histogram<u64> {
+    let mut merged = new_histogram();
+    for slot in slots {
+        if let Ok(h) = slot.lock() {
+            let _ = merged.add(&*h);
+        }
+    }
+    merged
+}
+
+/// Write `h` (microseconds) as the Prometheus histogram `name`, in seconds.
+fn histogram(out: &mut String, name: &str, help: &str, h: &Histogram<u64>) {
+    use std::fmt::Write;
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+    for bound_us in [
+        50u64, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000,
+        1_000_000,
+    ] {
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{le=\"{}\"}} {}",
+            bound_us as f64 / 1e6,
+            h.count_between(0, bound_us)
+        );
+    }
+    let total = h.len();
+    // A fold from 0.0: an empty float sum() is -0.0, which prints as "-0".
+    let sum = h.iter_recorded().fold(0.0, |sum: f64, v| {
+        sum + v.value_iterated_to() as f64 * v.count_at_value() as f64
+    });
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {total}");
+    let _ = writeln!(out, "{name}_sum {}", sum / 1e6);
+    let _ = writeln!(out, "{name}_count {total}");
 }
 
 /// This process's resident memory (0 where /proc cannot say).
@@ -468,6 +591,29 @@ mod tests {
             "{text}"
         );
         assert!(g.health_json("healthy").contains(r#""sent":7"#));
+    }
+
+    #[test]
+    fn the_longest_poll_and_slow_polls_are_published_per_task() {
+        let global = Global::new(1);
+        let counters = ShardCounters::default();
+        counters.record_poll(Task::Connection, Duration::from_micros(300));
+        counters.record_poll(Task::Connection, Duration::from_millis(4));
+        counters.record_poll(Task::Connection, Duration::from_micros(900));
+        counters.record_poll(Task::Mesh, Duration::from_millis(1));
+        counters.record_lag(Duration::from_millis(30));
+        counters.publish(&global.shards[0]);
+        let text = global.prometheus();
+        for line in [
+            "shardcast_event_loop_longest_poll_seconds{task=\"connection\"} 0.004\n",
+            "shardcast_event_loop_slow_polls_total{task=\"connection\"} 1\n",
+            "shardcast_event_loop_slow_polls_total{task=\"mesh\"} 1\n",
+            "shardcast_event_loop_longest_poll_seconds{task=\"storage\"} 0\n",
+            "shardcast_event_loop_lag_seconds_bucket{le=\"0.025\"} 0\n",
+            "shardcast_event_loop_lag_seconds_bucket{le=\"0.05\"} 1\n",
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
     }
 
     #[test]

@@ -23,7 +23,7 @@ use glommio::{LocalExecutorBuilder, Placement};
 use crate::clock::Now;
 use crate::config::Config;
 use crate::mesh::{self, Batch};
-use crate::metrics::Global;
+use crate::metrics::{Global, Task};
 use crate::poller::{self, Poller, Ring, Watched};
 use crate::shard::{Shard, StorageLink};
 use crate::storage::{self, Completion, Recovery, StorageError, Writer};
@@ -341,18 +341,18 @@ async fn run_shard(
         let shard = shard.clone();
         let loads = inboxes.loads;
         let reads = shard.clone();
-        glommio::spawn_local(async move {
+        glommio::spawn_local(shard.clone().timed(Task::Storage, async move {
             while let Ok(loaded) = loads.recv_async().await {
                 reads.loaded(loaded, Now::read());
             }
-        })
+        }))
         .detach();
         let completions = inboxes.completions;
-        glommio::spawn_local(async move {
+        glommio::spawn_local(shard.clone().timed(Task::Storage, async move {
             while let Ok(completion) = completions.recv_async().await {
                 shard.stored(completion, Now::read());
             }
-        })
+        }))
     });
     let poller = Rc::new(Poller::new(ring));
     if let Some(mesh) = mesh {
@@ -364,10 +364,14 @@ async fn run_shard(
             }
         }
     }
-    let timers = glommio::spawn_local(timers(shard.clone()));
+    let timers = shard.clone().timed(Task::Timers, timers(shard.clone()));
+    let timers = glommio::spawn_local(timers);
+    let lag = glommio::spawn_local(lag_probe(shard.clone()));
     let accepts = Rc::new(Accepts::default());
-    let readiness = glommio::spawn_local(readiness(shard.clone(), poller.clone(), accepts.clone()));
-    let accepting = glommio::spawn_local(accept_loop(shard.clone(), poller, listener, accepts));
+    let readiness = readiness(shard.clone(), poller.clone(), accepts.clone());
+    let readiness = glommio::spawn_local(shard.clone().timed(Task::Readiness, readiness));
+    let accepting = accept_loop(shard.clone(), poller, listener, accepts);
+    let accepting = glommio::spawn_local(shard.clone().timed(Task::Accept, accepting));
     let _ = stop.recv_async().await;
     // Still accepting while draining: probes get 503 from /health/ready and upgrades 503 with
     // Retry-After, instead of "connection refused".
@@ -396,6 +400,7 @@ async fn run_shard(
     }
     shard.publish_counters();
     drop(timers);
+    drop(lag);
     drop(readiness);
     drop(stored);
 }
@@ -495,6 +500,21 @@ async fn accept_loop(
         // Out of descriptors (or a transient error): back off instead of spinning.
         tracing::warn!(shard = shard.id, "accept failed: {error}");
         glommio::timer::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// How often the lag probe's timer is due.
+const LAG_PROBE: Duration = Duration::from_millis(10);
+
+/// The event-loop lag: how late a timer due every [`LAG_PROBE`] runs. A shard busy in one
+/// long poll, or kept off its core, runs it late by that long.
+async fn lag_probe(shard: Rc<Shard>) {
+    loop {
+        let due = Instant::now() + LAG_PROBE;
+        glommio::timer::sleep(LAG_PROBE).await;
+        shard
+            .counters
+            .record_lag(Instant::now().saturating_duration_since(due));
     }
 }
 

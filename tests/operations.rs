@@ -43,9 +43,14 @@ fn health_endpoints_report_state() {
         "shardcast_auth_failures_total{reason=\"invalid_key\"}",
         "shardcast_fanout_latency_seconds_bucket{le=\"+Inf\"}",
         "shardcast_fanout_latency_seconds_count",
+        "shardcast_event_loop_lag_seconds_bucket{le=\"0.001\"}",
+        "shardcast_event_loop_longest_poll_seconds{task=\"connection\"}",
+        "shardcast_event_loop_slow_polls_total{task=\"readiness\"}",
     ] {
         assert!(metrics.contains(name), "missing {name} in\n{metrics}");
     }
+    // Each shard's lag probe is due every 10 ms.
+    server.wait_metric("shardcast_event_loop_lag_seconds_count", 10);
     let (status, info) = server.get("/info");
     assert_eq!(status, 200);
     let info: Value = serde_json::from_str(&info).unwrap();
