@@ -36,7 +36,8 @@ for run in $(seq 1 "$runs"); do
   done
 done
 # Per scenario and build: the median (min..max) over the runs of each figure the reports have.
-figures=("server cpu per delivery" "deliveries/s" "acks/s" "connect rate" "latency p99" "server rss per connection")
+figures=("server cpu per delivery" "deliveries/s" "acks/s" "connect rate" "latency p99" "latency p99.9"
+  "server rss per connection" "server lag p99 (bucket)" "server polls >= 1 ms")
 for i in "${!scenarios[@]}"; do
   echo "${scenarios[$i]}"
   for build in old new; do

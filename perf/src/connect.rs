@@ -8,7 +8,7 @@ use hdrhistogram::Histogram;
 use crate::adapter::{Incoming, Proto};
 use crate::net::{Engine, Handler, Outs};
 use crate::report::{Latency, Report};
-use crate::sys;
+use crate::{metrics, sys};
 
 /// Parameters.
 #[derive(Debug, Clone, clap::Args, serde::Serialize)]
@@ -107,6 +107,7 @@ pub fn run(params: &Params) -> Result<Report, String> {
         latency: Histogram::new_with_bounds(1, 120_000_000_000, 3).expect("histogram"),
     };
     let rss_before = params.pid.and_then(sys::rss_kib);
+    let loop_before = metrics::scrape(params.addr);
     let cpu_before = params.pid.and_then(sys::process_cpu);
     let own_before = sys::own_cpu();
     let path = params.proto.path(&params.key);
@@ -140,6 +141,7 @@ pub fn run(params: &Params) -> Result<Report, String> {
     let elapsed = begun.elapsed().as_secs_f64();
     let own_cpu = (sys::own_cpu() - own_before).as_secs_f64();
     let cpu_after = params.pid.and_then(sys::process_cpu);
+    let loop_after = loop_before.as_ref().and_then(|_| metrics::scrape(params.addr));
     // Hold, answering pings, then read memory.
     let hold_until = Instant::now() + Duration::from_secs_f64(params.hold);
     while Instant::now() < hold_until {
@@ -169,6 +171,9 @@ pub fn run(params: &Params) -> Result<Report, String> {
         report.add("server rss after", after as f64, "KiB");
         let per = after.saturating_sub(before) as f64 * 1024.0 / state.ready.max(1) as f64;
         report.add("server rss per connection", per.round(), "B");
+    }
+    if let (Some(before), Some(after)) = (&loop_before, &loop_after) {
+        metrics::report(before, after, &mut report);
     }
     report.latency = Latency::from_ns(&state.latency);
     if let Some(e) = &state.first_error {

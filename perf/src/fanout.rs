@@ -12,7 +12,7 @@ use hdrhistogram::Histogram;
 use crate::adapter::{self, Incoming, Proto, Stamp};
 use crate::net::{Engine, Handler, Outs, Phase};
 use crate::report::{Latency, Report};
-use crate::sys;
+use crate::{metrics, sys};
 
 /// Parameters shared by the scenarios in this module.
 #[derive(Debug, Clone, clap::Args, serde::Serialize)]
@@ -326,6 +326,7 @@ pub fn run(params: &Params, ingest: bool, scenario: &str) -> Result<Report, Stri
     let mut sent = 0u64;
     let mut churned = 0u64;
     let mut churn_live: std::collections::VecDeque<usize> = Default::default();
+    let loop_before = metrics::scrape(params.addr);
     let cpu_before = params.pid.and_then(sys::process_cpu);
     let own_before = sys::own_cpu();
     let cores_before = sys::core_times();
@@ -426,6 +427,7 @@ pub fn run(params: &Params, ingest: bool, scenario: &str) -> Result<Report, Stri
     let cpu_after = params.pid.and_then(sys::process_cpu);
     let own_after = sys::own_cpu();
     let cores_after = sys::core_times();
+    let loop_after = loop_before.as_ref().and_then(|_| metrics::scrape(params.addr));
     // Drain: wait for what is still in flight (no more than 5 s).
     let expected: u64 = if ingest {
         0
@@ -508,6 +510,9 @@ pub fn run(params: &Params, ingest: bool, scenario: &str) -> Result<Report, Stri
     {
         report.add(&format!("core {core} busy"), *busy, "%");
         report.add(&format!("core {core} softirq"), *softirq, "%");
+    }
+    if let (Some(before), Some(after)) = (&loop_before, &loop_after) {
+        metrics::report(before, after, &mut report);
     }
     report.latency = Latency::from_ns(&state.latency);
     let live = (0..engine.connections())

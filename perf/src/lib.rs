@@ -6,11 +6,14 @@
 //! - [`net`]: the single-threaded epoll engine holding every connection.
 //! - [`connect`], [`fanout`]: the scenarios (fanout also runs ingest and churn).
 //! - [`report`]: results as tables, JSON and SVG plots.
+//! - [`metrics`]: the server's own event-loop figures for the window, from shardcast's
+//!   `/metrics`.
 //! - [`sys`]: CPU, memory and descriptor readings from the OS.
 
 pub mod adapter;
 pub mod connect;
 pub mod fanout;
+pub mod metrics;
 pub mod net;
 pub mod report;
 pub mod sys;
