@@ -141,7 +141,9 @@ pub fn run(params: &Params) -> Result<Report, String> {
     let elapsed = begun.elapsed().as_secs_f64();
     let own_cpu = (sys::own_cpu() - own_before).as_secs_f64();
     let cpu_after = params.pid.and_then(sys::process_cpu);
-    let loop_after = loop_before.as_ref().and_then(|_| metrics::scrape(params.addr));
+    let loop_after = loop_before
+        .as_ref()
+        .and_then(|_| metrics::scrape(params.addr));
     // Hold, answering pings, then read memory.
     let hold_until = Instant::now() + Duration::from_secs_f64(params.hold);
     while Instant::now() < hold_until {

@@ -427,7 +427,9 @@ pub fn run(params: &Params, ingest: bool, scenario: &str) -> Result<Report, Stri
     let cpu_after = params.pid.and_then(sys::process_cpu);
     let own_after = sys::own_cpu();
     let cores_after = sys::core_times();
-    let loop_after = loop_before.as_ref().and_then(|_| metrics::scrape(params.addr));
+    let loop_after = loop_before
+        .as_ref()
+        .and_then(|_| metrics::scrape(params.addr));
     // Drain: wait for what is still in flight (no more than 5 s).
     let expected: u64 = if ingest {
         0
