@@ -439,6 +439,24 @@ async fn readiness(shard: Rc<Shard>, poller: Rc<Poller>, accepts: Rc<Accepts>) {
     }
 }
 
+/// Connections accepted before the accept loop lets other tasks run.
+const ACCEPT_BURST: u32 = 16;
+
+/// Let the shard's other ready tasks run, then continue.
+async fn yield_now() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if yielded {
+            Poll::Ready(())
+        } else {
+            yielded = true;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+    })
+    .await
+}
+
 /// Accept connections until the future is dropped (which stops watching the listener and
 /// closes it).
 async fn accept_loop(
@@ -454,6 +472,7 @@ async fn accept_loop(
             return std::future::pending().await;
         }
     };
+    let mut burst = 0;
     loop {
         // SAFETY: accept4 on our listening socket, with no address buffer.
         let accepted = unsafe {
@@ -470,6 +489,14 @@ async fn accept_loop(
             match crate::conn::serve(shard.clone(), poller.clone(), fd) {
                 Ok(conn) => {
                     glommio::spawn_local(conn).detach();
+                    burst += 1;
+                    if burst == ACCEPT_BURST {
+                        // Let the connections just accepted read their handshakes before
+                        // taking more: a full backlog accepted in one poll held the shard
+                        // for up to 50 ms, and every handshake waited for all of it.
+                        burst = 0;
+                        yield_now().await;
+                    }
                     continue;
                 }
                 Err(e) => e,
@@ -477,6 +504,7 @@ async fn accept_loop(
         } else {
             match std::io::Error::last_os_error() {
                 e if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    burst = 0;
                     if accepts.rewatch.take() {
                         if let Err(e) = poller.watch(listener.fd(), LISTENER) {
                             tracing::error!(shard = shard.id, "cannot watch the listener: {e}");
