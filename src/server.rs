@@ -366,7 +366,6 @@ async fn run_shard(
     }
     let timers = shard.clone().timed(Task::Timers, timers(shard.clone()));
     let timers = glommio::spawn_local(timers);
-    let lag = glommio::spawn_local(lag_probe(shard.clone()));
     let accepts = Rc::new(Accepts::default());
     let readiness = readiness(shard.clone(), poller.clone(), accepts.clone());
     let readiness = glommio::spawn_local(shard.clone().timed(Task::Readiness, readiness));
@@ -400,7 +399,6 @@ async fn run_shard(
     }
     shard.publish_counters();
     drop(timers);
-    drop(lag);
     drop(readiness);
     drop(stored);
 }
@@ -531,25 +529,16 @@ async fn accept_loop(
     }
 }
 
-/// How often the lag probe's timer is due.
-const LAG_PROBE: Duration = Duration::from_millis(10);
+/// The timers' tick: how often the lag is sampled and a slice of the connections swept.
+const TICK: Duration = Duration::from_millis(10);
 
-/// The event-loop lag: how late a timer due every [`LAG_PROBE`] runs. A shard busy in one
-/// long poll, or kept off its core, runs it late by that long.
-async fn lag_probe(shard: Rc<Shard>) {
-    loop {
-        let due = Instant::now() + LAG_PROBE;
-        glommio::timer::sleep(LAG_PROBE).await;
-        shard
-            .counters
-            .record_lag(Instant::now().saturating_duration_since(due));
-    }
-}
-
-/// The shard's clockwork: publishing counters for the HTTP endpoints every 100 ms, and a sweep
-/// (pings and timeouts) at a quarter of the shortest timeout, between 10 ms and 1 s.
+/// The shard's clockwork, one tick every [`TICK`]: how late the tick ran (the event-loop lag:
+/// a shard busy in one long poll, or kept off its core, runs it late by that long), a sweep
+/// (pings and timeouts) that visits every connection once per quarter of the shortest
+/// timeout (between 10 ms and 1 s) a slice per tick, and counters published every 100 ms for
+/// the HTTP endpoints.
 async fn timers(shard: Rc<Shard>) {
-    const PUBLISH_MS: u64 = 100;
+    const PUBLISH_TICKS: u64 = 10;
     let ws = &shard.config.websocket;
     let shortest = ws
         .ping_interval_ms
@@ -559,19 +548,17 @@ async fn timers(shard: Rc<Shard>) {
         .min(ws.reply_timeout_ms)
         .min(crate::shard::CLOSE_TIMEOUT_MS);
     let sweep_ms = (shortest / 4).clamp(10, 1_000);
-    let tick_ms = sweep_ms.min(PUBLISH_MS);
+    let slices = (sweep_ms / TICK.as_millis() as u64).max(1);
     let ping = Shard::ping_frame();
-    let (mut since_sweep, mut since_publish) = (0, 0);
-    loop {
-        glommio::timer::sleep(Duration::from_millis(tick_ms)).await;
-        since_sweep += tick_ms;
-        since_publish += tick_ms;
-        if since_sweep >= sweep_ms {
-            since_sweep = 0;
-            shard.sweep(&ping, Now::read());
-        }
-        if since_publish >= PUBLISH_MS {
-            since_publish = 0;
+    for tick in 0u64.. {
+        let due = Instant::now() + TICK;
+        glommio::timer::sleep(TICK).await;
+        let now = Now::read();
+        shard
+            .counters
+            .record_lag(now.instant.saturating_duration_since(due));
+        shard.sweep_slice(&ping, now, tick % slices, slices);
+        if tick % PUBLISH_TICKS == 0 {
             shard.publish_counters();
         }
     }

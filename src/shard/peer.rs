@@ -208,8 +208,19 @@ impl Registry {
             .count()
     }
 
-    /// A snapshot of the connections (for the sweeper and shutdown).
+    /// A snapshot of the connections (for shutdown).
     pub fn all(&self) -> Vec<Rc<Peer>> {
         self.conns.values().cloned().collect()
+    }
+
+    /// A snapshot of slice `slice` of `slices` of the connections (by id), for a sweep that
+    /// visits them a slice at a time.
+    pub fn slice(&self, slice: u64, slices: u64) -> Vec<Rc<Peer>> {
+        let slices = slices.max(1);
+        self.conns
+            .iter()
+            .filter(|(id, _)| **id % slices == slice)
+            .map(|(_, peer)| peer.clone())
+            .collect()
     }
 }

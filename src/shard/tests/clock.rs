@@ -26,6 +26,35 @@ fn a_quiet_connection_is_pinged_then_dropped() {
 }
 
 #[test]
+fn a_sweep_in_slices_visits_every_connection_once_a_pass() {
+    let sim = Sim::new(1);
+    let ws = Config::default().websocket;
+    let peers: Vec<_> = (0..10).map(|_| sim.connect(0)).collect();
+    for peer in &peers {
+        peer.phase.set(Phase::Open);
+    }
+    sim.advance(ws.ping_interval_ms);
+    let ping = Shard::ping_frame();
+    let mut pinged = Vec::new();
+    for slice in 0..4 {
+        sim.shards[0].sweep_slice(&ping, sim.now(), slice, 4);
+        let now: Vec<u64> = peers
+            .iter()
+            .filter(|p| !drain(p).is_empty())
+            .map(|p| p.id)
+            .collect();
+        assert!(
+            now.iter().all(|id| id % 4 == slice),
+            "slice {slice}: {now:?}"
+        );
+        pinged.extend(now);
+    }
+    pinged.sort_unstable();
+    let all: Vec<u64> = peers.iter().map(|p| p.id).collect();
+    assert_eq!(pinged, all, "each connection pinged once in the pass");
+}
+
+#[test]
 fn a_handshake_that_takes_too_long_is_dropped() {
     let sim = Sim::new(1);
     let peer = sim.connect(0);
