@@ -13,6 +13,7 @@ use glommio::channels::channel_mesh::{Receivers, Senders};
 
 use crate::clock::Now;
 use crate::metrics::Task;
+use crate::server::timed;
 use crate::shard::{MeshMsg, Shard};
 
 /// What crosses between shards: a batch of messages.
@@ -26,8 +27,7 @@ pub fn spawn(shard: &Rc<Shard>, senders: Senders<Batch>, mut receivers: Receiver
             continue;
         }
         let (shard, senders) = (shard.clone(), senders.clone());
-        let timed = shard.clone();
-        glommio::spawn_local(timed.timed(Task::Mesh, async move {
+        glommio::spawn_local(timed(shard.clone(), Task::Mesh, async move {
             loop {
                 let batch = std::future::poll_fn(|cx| shard.poll_outbox(peer, cx)).await;
                 if senders.send_to(peer, batch).await.is_err() {
@@ -39,7 +39,7 @@ pub fn spawn(shard: &Rc<Shard>, senders: Senders<Batch>, mut receivers: Receiver
     }
     for (from, receiver) in receivers.streams() {
         let shard = shard.clone();
-        glommio::spawn_local(shard.clone().timed(Task::Mesh, async move {
+        glommio::spawn_local(timed(shard.clone(), Task::Mesh, async move {
             while let Some(batch) = receiver.recv().await {
                 let now = Now::read();
                 for msg in batch {

@@ -10,6 +10,7 @@
 //! (503 for `/health/ready` and for upgrades), then drops its listener.
 
 use std::cell::Cell;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::rc::Rc;
@@ -341,14 +342,14 @@ async fn run_shard(
         let shard = shard.clone();
         let loads = inboxes.loads;
         let reads = shard.clone();
-        glommio::spawn_local(shard.clone().timed(Task::Storage, async move {
+        glommio::spawn_local(timed(shard.clone(), Task::Storage, async move {
             while let Ok(loaded) = loads.recv_async().await {
                 reads.loaded(loaded, Now::read());
             }
         }))
         .detach();
         let completions = inboxes.completions;
-        glommio::spawn_local(shard.clone().timed(Task::Storage, async move {
+        glommio::spawn_local(timed(shard.clone(), Task::Storage, async move {
             while let Ok(completion) = completions.recv_async().await {
                 shard.stored(completion, Now::read());
             }
@@ -364,13 +365,13 @@ async fn run_shard(
             }
         }
     }
-    let timers = shard.clone().timed(Task::Timers, timers(shard.clone()));
+    let timers = timed(shard.clone(), Task::Timers, timers(shard.clone()));
     let timers = glommio::spawn_local(timers);
     let accepts = Rc::new(Accepts::default());
     let readiness = readiness(shard.clone(), poller.clone(), accepts.clone());
-    let readiness = glommio::spawn_local(shard.clone().timed(Task::Readiness, readiness));
+    let readiness = glommio::spawn_local(timed(shard.clone(), Task::Readiness, readiness));
     let accepting = accept_loop(shard.clone(), poller, listener, accepts);
-    let accepting = glommio::spawn_local(shard.clone().timed(Task::Accept, accepting));
+    let accepting = glommio::spawn_local(timed(shard.clone(), Task::Accept, accepting));
     let _ = stop.recv_async().await;
     // Still accepting while draining: probes get 503 from /health/ready and upgrades 503 with
     // Retry-After, instead of "connection refused".
@@ -435,6 +436,19 @@ async fn readiness(shard: Rc<Shard>, poller: Rc<Poller>, accepts: Rc<Accepts>) {
             glommio::timer::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// Run `future` with each of its polls timed as `task`'s (the event-loop metrics). The edge
+/// times the shard's tasks: the core itself reads no clock.
+pub(crate) async fn timed<F: Future>(shard: Rc<Shard>, task: Task, future: F) -> F::Output {
+    let mut future = std::pin::pin!(future);
+    std::future::poll_fn(|cx| {
+        let start = Instant::now();
+        let done = future.as_mut().poll(cx);
+        shard.counters.record_poll(task, start.elapsed());
+        done
+    })
+    .await
 }
 
 /// Connections accepted before the accept loop lets other tasks run.

@@ -10,7 +10,6 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -26,7 +25,7 @@ use crate::decision::{self, Decision, DecisionId, Original};
 use crate::dialect::shardcast::Parser;
 use crate::dialect::{Answer, Kind, Publication, Refusal, Reply, Request};
 use crate::engine::{Arrival, Engine, Event, Memory};
-use crate::metrics::{Counter, Global, ShardCounters, Task};
+use crate::metrics::{Counter, Global, ShardCounters};
 use crate::queue::{Bounds, OutQueue, Pushed};
 use crate::storage;
 
@@ -1486,18 +1485,6 @@ impl Shard {
     /// Publish counters for the HTTP endpoints.
     pub fn publish_counters(&self) {
         self.counters.publish(&self.global.shards[self.id]);
-    }
-
-    /// Run `future` with each of its polls timed as `task`'s (the event-loop metrics).
-    pub async fn timed<F: Future>(self: Rc<Self>, task: Task, future: F) -> F::Output {
-        let mut future = std::pin::pin!(future);
-        std::future::poll_fn(|cx| {
-            let start = Instant::now();
-            let done = future.as_mut().poll(cx);
-            self.counters.record_poll(task, start.elapsed());
-            done
-        })
-        .await
     }
 
     /// A shared ping frame.
