@@ -420,21 +420,24 @@ struct Accepts {
 /// Hand the poller's events to the connections (and the accept loop) they are for.
 async fn readiness(shard: Rc<Shard>, poller: Rc<Poller>, accepts: Rc<Accepts>) {
     loop {
-        poller.drain(|event| {
-            if event.token == LISTENER {
-                accepts.pending.set(true);
-                accepts.rewatch.set(accepts.rewatch.get() || event.ended);
-                if let Some(waker) = accepts.waker.take() {
-                    waker.wake();
-                }
-            } else if let Some(peer) = shard.peer(event.token) {
-                crate::conn::on_ready(&peer, event);
-            }
-        });
+        poller.drain(|event| dispatch(&shard, &accepts, event));
         if let Err(e) = poller.wait().await {
             tracing::error!(shard = shard.id, "waiting for socket readiness failed: {e}");
             glommio::timer::sleep(Duration::from_millis(100)).await;
         }
+    }
+}
+
+/// Hand one readiness event to the connection (or the accept loop) it is for.
+fn dispatch(shard: &Shard, accepts: &Accepts, event: poller::Event) {
+    if event.token == LISTENER {
+        accepts.pending.set(true);
+        accepts.rewatch.set(accepts.rewatch.get() || event.ended);
+        if let Some(waker) = accepts.waker.take() {
+            waker.wake();
+        }
+    } else if let Some(peer) = shard.peer(event.token) {
+        crate::conn::on_ready(&peer, event);
     }
 }
 
@@ -507,6 +510,12 @@ async fn accept_loop(
                         // taking more: a full backlog accepted in one poll held the shard
                         // for up to 50 ms, and every handshake waited for all of it.
                         burst = 0;
+                        // glommio reaps its ring (where the readiness task waits) only once
+                        // no task is ready, which a storm of connections can put off for tens
+                        // of milliseconds: hand out what the poller has seen here, so
+                        // connections whose requests came after their accept are not kept
+                        // waiting behind the ones still being accepted.
+                        poller.drain(|event| dispatch(&shard, &accepts, event));
                         yield_now().await;
                     }
                     continue;
