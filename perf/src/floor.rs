@@ -43,7 +43,18 @@ fn main() -> io::Result<()> {
         .parse()
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let mut poll = Poll::new()?;
-    let mut listener = TcpListener::bind(addr)?;
+    // shardcast's own backlog (`backlog = 4096`): with mio's 1,024 a connect storm overflows it
+    // and clients wait a second for their SYN to be sent again.
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    socket.set_nonblocking(true)?;
+    let mut listener = TcpListener::from_std(socket.into());
     poll.registry()
         .register(&mut listener, LISTENER, Interest::READABLE)?;
     let mut conns: HashMap<usize, Conn> = HashMap::new();
