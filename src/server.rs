@@ -145,8 +145,8 @@ const FD_TABLE_RESERVE: u64 = 1 << 16;
 /// Grow the process's descriptor table to hold `fds` now, not during a storm of connections:
 /// the kernel doubles the table when a new descriptor does not fit, and in a process with
 /// several threads each doubling waits for an RCU grace period. Those were the accept loop's
-/// slowest polls (up to 16 ms, one per doubling up to 32,768) while 19,900 connections came
-/// in. The table never shrinks, so taking and closing one high descriptor is enough.
+/// slowest polls (12-35 ms, one per doubling up to 32,768) while 19,900 connections came in.
+/// The table never shrinks, so taking and closing one high descriptor is enough.
 fn reserve_fd_table(fds: u64) {
     let Ok(highest) = libc::c_int::try_from(fds.min(FD_TABLE_RESERVE).saturating_sub(1)) else {
         return;

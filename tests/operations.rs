@@ -83,6 +83,34 @@ fn upgrades_past_max_connections_get_503() {
     server.client(&format!("/ws?key={ACME}"));
 }
 
+/// The descriptor table is grown when the server starts, not while clients wait: each growth
+/// in a storm of connections held the accept loop for an RCU grace period (12-35 ms).
+#[test]
+fn descriptor_table_is_grown_at_start_for_max_connections() {
+    let server = Server::start("max_connections = 3000\n");
+    let proc = |file: &str| {
+        std::fs::read_to_string(format!("/proc/{}/{file}", server.child.id()))
+            .expect("the server's /proc files")
+    };
+    let size: u64 = proc("status")
+        .lines()
+        .find_map(|line| line.strip_prefix("FDSize:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("FDSize in /proc status");
+    // The server lowers max_connections to what its descriptor limit allows.
+    let limit: u64 = proc("limits")
+        .lines()
+        .find_map(|line| line.strip_prefix("Max open files"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("the open-files limit in /proc limits");
+    let connections = 3000.min(limit.saturating_sub(64));
+    // Room for every connection and the server's own descriptors, before any client came.
+    assert!(
+        size >= connections + 64,
+        "descriptor table of {size} entries for {connections} connections"
+    );
+}
+
 #[test]
 fn sigterm_sends_restart_notice_and_closes_with_1001() {
     let mut server = Server::start("[shutdown]\nreconnect_in_ms = 2500\ndrain_timeout_ms = 3000\n");
