@@ -19,6 +19,7 @@ use std::net::SocketAddr;
 
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
+use shardcast_bench::ws::{parse_frame, push_server_frame};
 
 const LISTENER: Token = Token(usize::MAX);
 /// The size of a shardcast ACK to a bench INGEST, give or take a digit.
@@ -166,7 +167,7 @@ impl Conn {
                 );
                 self.broadcast = !self.input.starts_with(b"GET /ws");
                 if !self.broadcast {
-                    frame(&mut self.output, READY);
+                    push_server_frame(&mut self.output, 0x1, READY);
                 }
                 self.upgraded = true;
                 self.input.drain(..end + 4);
@@ -180,74 +181,39 @@ impl Conn {
             }
         }
         let mut at = 0;
-        while let Some((opcode, start, end)) = parse(&self.input[at..]) {
-            let (start, end) = (at + start, at + end);
-            match opcode {
+        while let Some((frame, len)) = parse_frame(&self.input[at..]) {
+            at += len;
+            match frame.opcode {
                 0x8 => {
                     self.output.extend_from_slice(&[0x88, 0]);
                     self.closing = true;
                 }
                 0x1 if self.broadcast => {
-                    frame(fanout, &unmask(&self.input, start, end));
+                    push_server_frame(fanout, 0x1, &unmask(frame.payload, frame.mask));
                 }
                 0x1 | 0x2 => {
                     // The first bytes are enough to tell a SUB from the rest.
-                    let head = unmask(&self.input, start, end.min(start + 12));
-                    let answer = if head.starts_with(br#"{"type":"SUB""#) {
+                    let head = &frame.payload[..frame.payload.len().min(12)];
+                    let answer = if unmask(head, frame.mask).starts_with(br#"{"type":"SUB""#) {
                         SUBSCRIBED
                     } else {
                         ACK
                     };
-                    frame(&mut self.output, answer);
+                    push_server_frame(&mut self.output, 0x1, answer);
                 }
                 _ => {}
             }
-            at = end;
         }
         self.input.drain(..at);
     }
 }
 
-/// One masked client frame at the start of `input`: its opcode and the payload's range.
-fn parse(input: &[u8]) -> Option<(u8, usize, usize)> {
-    let (&b0, &b1) = (input.first()?, input.get(1)?);
-    let (len, header) = match b1 & 0x7f {
-        126 => (
-            u16::from_be_bytes([*input.get(2)?, *input.get(3)?]) as usize,
-            4,
-        ),
-        127 => (
-            u64::from_be_bytes(input.get(2..10)?.try_into().ok()?) as usize,
-            10,
-        ),
-        n => (n as usize, 2),
-    };
-    let start: usize = header + 4;
-    let end = start.checked_add(len)?;
-    (input.len() >= end).then_some((b0 & 0x0f, start, end))
-}
-
-/// The payload bytes `start..end` of the frame whose 4-byte mask precedes `start`, unmasked.
-fn unmask(input: &[u8], start: usize, end: usize) -> Vec<u8> {
-    let mask = &input[start - 4..start];
-    input[start..end]
+/// A client frame's payload, unmasked.
+fn unmask(payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+    let mask = mask.unwrap_or_default();
+    payload
         .iter()
         .enumerate()
         .map(|(i, b)| b ^ mask[i % 4])
         .collect()
-}
-
-/// Append an unmasked text frame.
-fn frame(out: &mut Vec<u8>, text: &[u8]) {
-    out.push(0x81);
-    if text.len() < 126 {
-        out.push(text.len() as u8);
-    } else if let Ok(len) = u16::try_from(text.len()) {
-        out.push(126);
-        out.extend_from_slice(&len.to_be_bytes());
-    } else {
-        out.push(127);
-        out.extend_from_slice(&(text.len() as u64).to_be_bytes());
-    }
-    out.extend_from_slice(text);
 }

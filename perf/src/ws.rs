@@ -13,18 +13,7 @@ pub fn upgrade_request(host: &str, path: &str) -> Vec<u8> {
 /// for a load generator talking to a server it controls.
 pub fn push_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
     const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
-    out.push(0x80 | opcode);
-    match payload.len() {
-        n if n < 126 => out.push(0x80 | n as u8),
-        n if n < 65536 => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
+    push_header(out, opcode, payload.len(), 0x80);
     out.extend_from_slice(&MASK);
     let start = out.len();
     out.extend_from_slice(payload);
@@ -33,13 +22,37 @@ pub fn push_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
     }
 }
 
+/// Append one unmasked server frame (for the floor server).
+pub fn push_server_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
+    push_header(out, opcode, payload.len(), 0);
+    out.extend_from_slice(payload);
+}
+
+/// A final frame's first bytes: opcode and payload length, `mask_bit` set for a client's.
+fn push_header(out: &mut Vec<u8>, opcode: u8, len: usize, mask_bit: u8) {
+    out.push(0x80 | opcode);
+    match len {
+        n if n < 126 => out.push(mask_bit | n as u8),
+        n if n < 65536 => {
+            out.push(mask_bit | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(mask_bit | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+}
+
 /// A frame parsed from the server.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Frame<'a> {
     /// Opcode (1 text, 2 binary, 8 close, 9 ping, 10 pong).
     pub opcode: u8,
-    /// Payload (server frames are unmasked).
+    /// Payload, as sent (server frames are unmasked; a client's stays masked).
     pub payload: &'a [u8],
+    /// The masking key, if the frame had one (client frames).
+    pub mask: Option<[u8; 4]>,
 }
 
 /// Parse the frame at the front of `buf`: the frame and its total length, or `None` if
@@ -67,8 +80,11 @@ pub fn parse_frame(buf: &[u8]) -> Option<(Frame<'_>, usize)> {
         }
         n => (n as usize, 2),
     };
+    let mut mask = None;
     if masked {
-        at += 4; // Servers must not mask; tolerate it by skipping the key (payload stays masked).
+        // Servers must not mask; the floor server reads client frames with this too.
+        mask = Some(buf.get(at..at + 4)?.try_into().ok()?);
+        at += 4;
     }
     if buf.len() < at + len {
         return None;
@@ -77,6 +93,7 @@ pub fn parse_frame(buf: &[u8]) -> Option<(Frame<'_>, usize)> {
         Frame {
             opcode,
             payload: &buf[at..at + len],
+            mask,
         },
         at + len,
     ))
