@@ -27,6 +27,8 @@
 //!   messages (`shard/mod.rs`), over its sub-states in `shard/`: connections, local
 //!   subscriptions and catch-up, owned channels, decisions, replays, mesh outboxes; tested
 //!   with a simulated mesh, clock and store (`shard/sim.rs`).
+//! - [`cluster`]: the Redis side of a cluster of nodes: scripts, a pipelining client and
+//!   the thread that batches the shards' requests.
 //! - [`mesh`]: the tasks moving message batches between shards (and why they cannot deadlock).
 //! - [`conn`]: one connection's state machine: read, handle, write.
 //! - [`poller`]: socket readiness from the shard's own io_uring (no per-socket heap).
@@ -38,6 +40,7 @@
 
 pub mod auth;
 pub mod clock;
+pub mod cluster;
 pub mod codec;
 pub mod codes;
 pub mod config;

@@ -596,3 +596,93 @@ pub fn postgres_schema(test: &str) -> Option<PgSchema> {
         admin,
     })
 }
+
+/// The Redis server tests share (127.0.0.1:6379 unless `SHARDCAST_TEST_REDIS` says), or
+/// `None` (with a loud note) when it is not running here; under CI=true it must be.
+pub fn redis_url(test: &str) -> Option<String> {
+    let url =
+        std::env::var("SHARDCAST_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let reachable = redis::Client::open(url.as_str())
+        .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(2)))
+        .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c));
+    match reachable {
+        Ok(_) => Some(url),
+        Err(e) if std::env::var("CI").as_deref() != Ok("true") => {
+            eprintln!("SKIPPED {test}: Redis not reachable at {url} ({e})");
+            None
+        }
+        Err(e) => panic!("Redis must be reachable at {url} under CI=true: {e}"),
+    }
+}
+
+/// A redis-server of a test's own on a free port (for tests that stop or restart Redis),
+/// nothing on disk; killed when dropped.
+pub struct OwnRedis {
+    /// Its port.
+    pub port: u16,
+    child: std::process::Child,
+}
+
+impl OwnRedis {
+    /// Start one on a free port (`None`, loudly, when redis-server is not installed here and
+    /// CI is not set).
+    pub fn start(test: &str) -> Option<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        Self::start_on(test, port)
+    }
+
+    /// Start one on `port` (again, after [`OwnRedis::stop`]).
+    pub fn start_on(test: &str, port: u16) -> Option<Self> {
+        let spawned = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn();
+        let child = match spawned {
+            Ok(child) => child,
+            Err(e) if std::env::var("CI").as_deref() != Ok("true") => {
+                eprintln!("SKIPPED {test}: cannot start redis-server ({e})");
+                return None;
+            }
+            Err(e) => panic!("redis-server must be installed under CI=true: {e}"),
+        };
+        let redis = Self { port, child };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while redis.ping().is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on {port} did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(redis)
+    }
+
+    /// Its URL.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn ping(&self) -> redis::RedisResult<String> {
+        let client = redis::Client::open(self.url())?;
+        let mut conn = client.get_connection_with_timeout(Duration::from_millis(200))?;
+        redis::cmd("PING").query(&mut conn)
+    }
+
+    /// Kill it (as a crash would: nothing kept) and wait until it is gone.
+    pub fn stop(mut self) -> u16 {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.port
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,292 @@
+//! One blocking connection to one Redis: the scripts loaded once, publishes pipelined (one
+//! round trip for a whole batch), history read in one script call. Used only from the
+//! cluster's own threads (`link.rs`), never from an executor.
+
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+use std::time::Duration;
+
+use redis::{RedisError, Value};
+
+use crate::dialect::{Kind, Publication};
+
+use super::keys::{kind_code, kind_of, Keys};
+use super::ClusterError;
+
+const PUBLISH: &str = include_str!("lua/publish.lua");
+const HISTORY: &str = include_str!("lua/history.lua");
+
+/// How long channels and idempotency results are kept in Redis.
+#[derive(Debug, Clone)]
+pub struct Retention {
+    /// Messages kept per channel's history stream (0: none).
+    pub history_size: usize,
+    /// Seconds a channel's history outlives its last publish (0: for ever).
+    pub history_ttl_s: u64,
+    /// Seconds a channel's epoch and top seq outlive its last publish (0: for ever).
+    pub meta_ttl_s: u64,
+    /// Seconds a publish's idempotency result is remembered.
+    pub result_ttl_s: u64,
+}
+
+/// One message to number and publish.
+#[derive(Debug, Clone)]
+pub struct Publish {
+    /// The channel.
+    pub channel: String,
+    /// What it is.
+    pub kind: Kind,
+    /// Its data, as published.
+    pub data: Vec<u8>,
+    /// A retry with the same key gets the first one's seq and publishes nothing.
+    pub idempotency_key: Option<String>,
+}
+
+/// What Redis numbered a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    /// Its seq on the channel.
+    pub seq: u64,
+    /// The channel's epoch.
+    pub epoch: String,
+    /// The key was known: this is the first publish's outcome, and nothing was published.
+    pub repeated: bool,
+}
+
+/// A channel's history after a seq.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    /// The channel's top seq.
+    pub top: u64,
+    /// The channel's epoch.
+    pub epoch: String,
+    /// Kept messages after the seq asked for, in order (the oldest may be later than the
+    /// one asked for: the stream keeps only so many).
+    pub messages: Vec<Publication<Vec<u8>>>,
+}
+
+/// A connection to one Redis with the cluster's scripts loaded.
+pub struct Client {
+    conn: redis::Connection,
+    keys: Keys,
+    retention: Retention,
+    publish_sha: String,
+    history_sha: String,
+    epochs: RandomState,
+    made: u64,
+}
+
+impl Client {
+    /// Connect to `url` (each call and the connect itself bounded by `timeout`) and load the
+    /// scripts.
+    pub fn connect(
+        url: &str,
+        keys: Keys,
+        retention: Retention,
+        timeout: Duration,
+    ) -> Result<Self, ClusterError> {
+        let client = redis::Client::open(url).map_err(unavailable)?;
+        let conn = client
+            .get_connection_with_timeout(timeout)
+            .map_err(unavailable)?;
+        conn.set_read_timeout(Some(timeout)).map_err(unavailable)?;
+        conn.set_write_timeout(Some(timeout)).map_err(unavailable)?;
+        let mut client = Self {
+            conn,
+            keys,
+            retention,
+            publish_sha: String::new(),
+            history_sha: String::new(),
+            epochs: RandomState::new(),
+            made: 0,
+        };
+        client.load_scripts()?;
+        Ok(client)
+    }
+
+    fn load_scripts(&mut self) -> Result<(), ClusterError> {
+        let load = |conn: &mut redis::Connection, code: &str| {
+            redis::cmd("SCRIPT")
+                .arg("LOAD")
+                .arg(code)
+                .query::<String>(conn)
+                .map_err(failed)
+        };
+        self.publish_sha = load(&mut self.conn, PUBLISH)?;
+        self.history_sha = load(&mut self.conn, HISTORY)?;
+        Ok(())
+    }
+
+    /// An epoch for a channel that has none: random, so that a channel whose meta Redis
+    /// lost is told apart from its earlier life.
+    fn fresh_epoch(&mut self) -> String {
+        self.made += 1;
+        format!("{:016x}", self.epochs.hash_one(self.made))
+    }
+
+    /// Number and publish `batch` in one round trip, in order; each message's own outcome.
+    /// An `Err` for the whole call means the connection failed: which of the batch ran is
+    /// not known (a retry of those with an idempotency key is safe).
+    pub fn publish(
+        &mut self,
+        batch: &[Publish],
+    ) -> Result<Vec<Result<Published, ClusterError>>, ClusterError> {
+        let mut outcomes: Vec<Option<Result<Published, ClusterError>>> = vec![None; batch.len()];
+        let mut todo: Vec<usize> = (0..batch.len()).collect();
+        // A second pass only for the scripts Redis had forgotten (it restarted): those did not
+        // run, so running them again publishes nothing twice.
+        for pass in 0..2 {
+            let mut pipe = redis::pipe();
+            for &i in &todo {
+                let p = &batch[i];
+                let epoch = self.fresh_epoch();
+                let result = p
+                    .idempotency_key
+                    .as_deref()
+                    .map_or_else(String::new, |key| self.keys.result(&p.channel, key));
+                let r = &self.retention;
+                pipe.cmd("EVALSHA")
+                    .arg(&self.publish_sha)
+                    .arg(3)
+                    .arg(self.keys.meta(&p.channel))
+                    .arg(self.keys.stream(&p.channel))
+                    .arg(result)
+                    .arg(&p.data[..])
+                    .arg(kind_code(p.kind))
+                    .arg(r.history_size)
+                    .arg(r.history_ttl_s)
+                    .arg(r.meta_ttl_s)
+                    .arg(r.result_ttl_s.max(1))
+                    .arg(epoch)
+                    .arg(self.keys.pubsub(&p.channel));
+            }
+            let replies: Vec<redis::RedisResult<Value>> =
+                pipe.ignore_errors().query(&mut self.conn).map_err(lost)?;
+            if replies.len() != todo.len() {
+                return Err(ClusterError::Protocol(format!(
+                    "{} replies to a pipeline of {}",
+                    replies.len(),
+                    todo.len()
+                )));
+            }
+            let mut again = Vec::new();
+            for (&i, reply) in todo.iter().zip(replies) {
+                match reply {
+                    Err(e) if pass == 0 && e.code() == Some("NOSCRIPT") => again.push(i),
+                    Err(e) => outcomes[i] = Some(Err(failed(e))),
+                    Ok(value) => outcomes[i] = Some(published(value)),
+                }
+            }
+            if again.is_empty() {
+                break;
+            }
+            self.load_scripts()?;
+            todo = again;
+        }
+        Ok(outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or_else(|| Err(ClusterError::Protocol("no reply".into()))))
+            .collect())
+    }
+
+    /// What `channel` keeps after seq `since`, at most `limit` messages (0: only its top
+    /// and epoch).
+    pub fn history(
+        &mut self,
+        channel: &str,
+        since: u64,
+        limit: usize,
+    ) -> Result<Page, ClusterError> {
+        for pass in 0..2 {
+            let epoch = self.fresh_epoch();
+            let reply = redis::cmd("EVALSHA")
+                .arg(&self.history_sha)
+                .arg(2)
+                .arg(self.keys.meta(channel))
+                .arg(self.keys.stream(channel))
+                .arg(since.saturating_add(1))
+                .arg(limit)
+                .arg(epoch)
+                .arg(self.retention.meta_ttl_s)
+                .query::<Value>(&mut self.conn);
+            match reply {
+                Err(e) if pass == 0 && e.code() == Some("NOSCRIPT") => self.load_scripts()?,
+                Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => {
+                    return Err(unavailable(e))
+                }
+                Err(e) => return Err(failed(e)),
+                Ok(value) => return page(value),
+            }
+        }
+        Err(ClusterError::Protocol(
+            "the history script stays unknown".into(),
+        ))
+    }
+
+    /// The connection itself, for commands the cluster's tests and tools send directly.
+    pub fn connection(&mut self) -> &mut redis::Connection {
+        &mut self.conn
+    }
+}
+
+fn published(value: Value) -> Result<Published, ClusterError> {
+    let (seq, epoch, repeated): (u64, String, u8) =
+        redis::from_redis_value(value).map_err(|e| ClusterError::Protocol(e.to_string()))?;
+    Ok(Published {
+        seq,
+        epoch,
+        repeated: repeated == 1,
+    })
+}
+
+type Entry = (String, Vec<Vec<u8>>);
+
+fn page(value: Value) -> Result<Page, ClusterError> {
+    let protocol = |e: String| ClusterError::Protocol(e);
+    let (top, epoch, entries): (u64, String, Vec<Entry>) =
+        redis::from_redis_value(value).map_err(|e| protocol(e.to_string()))?;
+    let mut messages = Vec::with_capacity(entries.len());
+    for (id, fields) in entries {
+        let seq = id
+            .split_once('-')
+            .map_or(id.as_str(), |(ms, _)| ms)
+            .parse()
+            .map_err(|_| protocol(format!("stream entry id {id:?}")))?;
+        let (mut data, mut kind) = (None, None);
+        for pair in fields.chunks_exact(2) {
+            match &pair[0][..] {
+                b"d" => data = Some(pair[1].clone()),
+                b"k" => kind = Some(kind_of(&pair[1])?),
+                _ => {}
+            }
+        }
+        let (Some(data), Some(kind)) = (data, kind) else {
+            return Err(protocol(format!("stream entry {id} lacks its fields")));
+        };
+        messages.push(Publication { seq, kind, data });
+    }
+    Ok(Page {
+        top,
+        epoch,
+        messages,
+    })
+}
+
+/// Redis could not be reached.
+fn unavailable(e: RedisError) -> ClusterError {
+    ClusterError::Unavailable(e.to_string())
+}
+
+/// The connection failed during a call whose effects are not known.
+fn lost(e: RedisError) -> ClusterError {
+    if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() {
+        ClusterError::Unknown(e.to_string())
+    } else {
+        ClusterError::Refused(e.to_string())
+    }
+}
+
+/// Redis answered with an error.
+fn failed(e: RedisError) -> ClusterError {
+    ClusterError::Refused(e.to_string())
+}

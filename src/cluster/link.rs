@@ -1,0 +1,218 @@
+//! The thread that owns a node's connection to one Redis for publishes and history reads.
+//! Shards send it requests over flume without waiting; it takes every request already
+//! waiting (up to [`MAX_BATCH`]), sends each run of publishes as one pipelined round trip,
+//! and hands each shard its completions on the shard's own channel. While Redis cannot be
+//! reached, requests fail at once (the shards decide what that means) and the thread
+//! reconnects with a backoff.
+
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::client::{Client, Page, Publish, Published, Retention};
+use super::keys::Keys;
+use super::ClusterError;
+
+/// Most requests taken into one round trip.
+pub const MAX_BATCH: usize = 512;
+
+/// Where to connect and what to keep.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The Redis URL.
+    pub url: String,
+    /// Key prefix.
+    pub prefix: String,
+    /// Retention of histories, epochs and idempotency results.
+    pub retention: Retention,
+    /// Bound on connecting and on each round trip.
+    pub timeout: Duration,
+    /// First wait before reconnecting after a failure (doubled up to 32 times as long).
+    pub backoff: Duration,
+}
+
+/// A request from a shard; its answer goes to completion channel `shard` with `token`.
+#[derive(Debug)]
+pub struct Request {
+    /// Index of the shard's completion channel.
+    pub shard: usize,
+    /// The shard's token for the answer.
+    pub token: u64,
+    /// What to do.
+    pub op: Op,
+}
+
+/// What a request asks.
+#[derive(Debug)]
+pub enum Op {
+    /// Number and publish a message.
+    Publish(Publish),
+    /// Read a channel's history after `since`, at most `limit` messages.
+    History {
+        /// The channel.
+        channel: String,
+        /// Highest seq the reader has.
+        since: u64,
+        /// Most messages.
+        limit: usize,
+    },
+}
+
+/// The answer to a [`Request`].
+#[derive(Debug)]
+pub enum Completion {
+    /// A publish's outcome.
+    Published {
+        /// The request's token.
+        token: u64,
+        /// Its seq and epoch, or why not.
+        result: Result<Published, ClusterError>,
+    },
+    /// A history read's outcome.
+    History {
+        /// The request's token.
+        token: u64,
+        /// The page, or why not.
+        result: Result<Page, ClusterError>,
+    },
+}
+
+/// A running link: dropping every clone of its sender stops the thread.
+pub struct Link {
+    /// Where shards send requests.
+    pub requests: flume::Sender<Request>,
+    thread: JoinHandle<()>,
+}
+
+impl Link {
+    /// Start the thread; shard `i`'s completions go to `completions[i]`.
+    pub fn spawn(
+        settings: Settings,
+        completions: Vec<flume::Sender<Completion>>,
+    ) -> std::io::Result<Self> {
+        let (requests, incoming) = flume::unbounded();
+        let backoff = settings.backoff;
+        let mut worker = Worker {
+            settings,
+            completions,
+            client: None,
+            retry_at: None,
+            backoff,
+        };
+        let thread = std::thread::Builder::new()
+            .name("redis-link".into())
+            .spawn(move || {
+                while let Ok(first) = incoming.recv() {
+                    let mut batch = vec![first];
+                    batch.extend(incoming.try_iter().take(MAX_BATCH - 1));
+                    worker.serve(batch);
+                }
+            })?;
+        Ok(Self { requests, thread })
+    }
+
+    /// Stop taking requests and wait for the thread to answer those it has.
+    pub fn join(self) {
+        drop(self.requests);
+        let _ = self.thread.join();
+    }
+}
+
+struct Worker {
+    settings: Settings,
+    completions: Vec<flume::Sender<Completion>>,
+    client: Option<Client>,
+    /// Not before this may a connection be tried again.
+    retry_at: Option<Instant>,
+    backoff: Duration,
+}
+
+impl Worker {
+    fn serve(&mut self, batch: Vec<Request>) {
+        let mut publishes = Vec::new();
+        for request in batch {
+            match request.op {
+                Op::Publish(publish) => publishes.push((request.shard, request.token, publish)),
+                Op::History {
+                    channel,
+                    since,
+                    limit,
+                } => {
+                    // In the order asked: the publishes before it first.
+                    self.publish(std::mem::take(&mut publishes));
+                    let result = self
+                        .client()
+                        .and_then(|client| client.history(&channel, since, limit));
+                    self.check(&result);
+                    let token = request.token;
+                    self.complete(request.shard, Completion::History { token, result });
+                }
+            }
+        }
+        self.publish(publishes);
+    }
+
+    fn publish(&mut self, run: Vec<(usize, u64, Publish)>) {
+        if run.is_empty() {
+            return;
+        }
+        let batch: Vec<Publish> = run.iter().map(|(_, _, p)| p.clone()).collect();
+        let outcomes = self.client().and_then(|client| client.publish(&batch));
+        self.check(&outcomes);
+        let mut outcomes = match outcomes {
+            Ok(outcomes) => outcomes.into_iter(),
+            Err(e) => vec![Err(e); run.len()].into_iter(),
+        };
+        for (shard, token, _) in run {
+            let result = outcomes
+                .next()
+                .unwrap_or_else(|| Err(ClusterError::Protocol("no outcome".into())));
+            self.complete(shard, Completion::Published { token, result });
+        }
+    }
+
+    /// After a failed connection, the next request connects again.
+    fn check<T>(&mut self, result: &Result<T, ClusterError>) {
+        if let Err(ClusterError::Unavailable(_) | ClusterError::Unknown(_)) = result {
+            self.client = None;
+        }
+    }
+
+    fn complete(&self, shard: usize, completion: Completion) {
+        if let Some(to) = self.completions.get(shard) {
+            // A shard that stopped no longer wants its answers.
+            let _ = to.send(completion);
+        }
+    }
+
+    fn client(&mut self) -> Result<&mut Client, ClusterError> {
+        if self.client.is_none() {
+            let now = Instant::now();
+            if let Some(at) = self.retry_at.filter(|&at| now < at) {
+                let wait = at - now;
+                return Err(ClusterError::Unavailable(format!(
+                    "reconnecting to {} in {} ms",
+                    self.settings.url,
+                    wait.as_millis()
+                )));
+            }
+            let s = &self.settings;
+            let keys = Keys::new(&s.prefix);
+            match Client::connect(&s.url, keys, s.retention.clone(), s.timeout) {
+                Ok(client) => {
+                    self.client = Some(client);
+                    self.retry_at = None;
+                    self.backoff = s.backoff;
+                }
+                Err(e) => {
+                    self.retry_at = Some(now + self.backoff);
+                    self.backoff = (self.backoff * 2).min(s.backoff * 32);
+                    tracing::warn!(url = %s.url, "cannot reach Redis: {e}");
+                    return Err(e);
+                }
+            }
+        }
+        self.client
+            .as_mut()
+            .ok_or_else(|| ClusterError::Unavailable("not connected".into()))
+    }
+}

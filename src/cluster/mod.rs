@@ -1,0 +1,42 @@
+//! The Redis side of a cluster: several shardcast nodes as one server through Redis.
+//!
+//! centrifugal/centrifuge's Redis broker (`broker_redis.go`, `internal/redis_lua/`) is the
+//! model. A channel's numbering, history and delivery live in Redis: one Lua script per
+//! publish numbers the message (`HINCRBY` on the channel's meta hash), keeps it in the
+//! channel's stream (the seq is the entry id), and `PUBLISH`es it, so every node sees a
+//! channel's messages in seq order; a retried publish with an idempotency key gets its first
+//! seq back. A channel whose meta Redis lost gets a new epoch, so a reader of the old one is
+//! told its history is gone.
+//!
+//! - `keys.rs`: key names and the PUB/SUB payload (`seq:epoch:kind:data`);
+//! - `lua/`: the scripts;
+//! - `client.rs`: one blocking connection, scripts loaded, publishes pipelined;
+//! - `link.rs`: the thread that owns a client and batches the shards' requests.
+//!
+//! All Redis I/O is on these threads (the `redis` crate has no glommio runtime); shards talk
+//! to them over flume and never wait.
+
+pub mod client;
+pub mod keys;
+pub mod link;
+
+pub use client::{Client, Page, Publish, Published, Retention};
+pub use keys::{Envelope, Keys};
+pub use link::{Completion, Link, Op, Request, Settings};
+
+/// What can go wrong talking to Redis.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClusterError {
+    /// Redis could not be reached: nothing was done.
+    #[error("Redis is unavailable: {0}")]
+    Unavailable(String),
+    /// The connection failed during the call: it may or may not have taken effect.
+    #[error("the connection to Redis failed during the call: {0}")]
+    Unknown(String),
+    /// Redis refused the command.
+    #[error("Redis refused: {0}")]
+    Refused(String),
+    /// Redis answered something this code does not understand.
+    #[error("unexpected answer from Redis: {0}")]
+    Protocol(String),
+}

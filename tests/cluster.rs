@@ -1,0 +1,326 @@
+//! The Redis side of a cluster against a real Redis: numbering, history, idempotency, epochs,
+//! batching and reconnection (`src/cluster/`).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use shardcast::cluster::{
+    Client, ClusterError, Completion, Envelope, Keys, Link, Op, Publish, Request, Retention,
+    Settings,
+};
+use shardcast::dialect::Kind;
+
+fn retention(history_size: usize) -> Retention {
+    Retention {
+        history_size,
+        history_ttl_s: 600,
+        meta_ttl_s: 3600,
+        result_ttl_s: 300,
+    }
+}
+
+/// Keys of this test's own (tests share one Redis).
+fn keys(test: &str) -> Keys {
+    Keys::new(&format!("sctest.{}.{test}", std::process::id()))
+}
+
+fn message(channel: &str, data: &str) -> Publish {
+    Publish {
+        channel: channel.into(),
+        kind: Kind::Message,
+        data: data.as_bytes().to_vec(),
+        idempotency_key: None,
+    }
+}
+
+fn keyed(channel: &str, data: &str, key: &str) -> Publish {
+    Publish {
+        idempotency_key: Some(key.into()),
+        ..message(channel, data)
+    }
+}
+
+fn connect(url: &str, keys: Keys, size: usize) -> Client {
+    Client::connect(url, keys, retention(size), Duration::from_secs(2)).expect("connect")
+}
+
+#[test]
+fn publishes_are_numbered_kept_and_published_in_seq_order() {
+    let Some(url) = common::redis_url("publishes_are_numbered_kept_and_published_in_seq_order")
+    else {
+        return;
+    };
+    let keys = keys("order");
+    let channel = "org:acme:decisions";
+    let mut listener = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let mut pubsub = listener.as_pubsub();
+    pubsub.subscribe(keys.pubsub(channel)).unwrap();
+    pubsub
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+
+    let mut client = connect(&url, keys.clone(), 1000);
+    let batch: Vec<Publish> = (1..=100)
+        .map(|i| message(channel, &format!("{{\"n\":{i},\"s\":\"a:b\"}}")))
+        .collect();
+    let outcomes = client.publish(&batch).expect("one round trip");
+    let epoch = outcomes[0].as_ref().unwrap().epoch.clone();
+    for (i, outcome) in outcomes.iter().enumerate() {
+        let published = outcome.as_ref().expect("published");
+        assert_eq!(published.seq, i as u64 + 1);
+        assert_eq!(published.epoch, epoch);
+        assert!(!published.repeated);
+    }
+    for i in 1..=100u64 {
+        let msg = pubsub.get_message().expect("every message on PUB/SUB");
+        let payload: Vec<u8> = msg.get_payload().unwrap();
+        let envelope = Envelope::parse(&payload).unwrap();
+        assert_eq!(envelope.seq, i, "in seq order");
+        assert_eq!(envelope.epoch, epoch);
+        assert_eq!(envelope.kind, Kind::Message);
+        assert_eq!(envelope.data, batch[i as usize - 1].data.as_slice());
+    }
+
+    let page = client.history(channel, 50, 1000).unwrap();
+    assert_eq!((page.top, page.epoch.as_str()), (100, epoch.as_str()));
+    let seqs: Vec<u64> = page.messages.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, (51..=100).collect::<Vec<_>>());
+    assert_eq!(page.messages[0].data, batch[50].data);
+    let top_only = client.history(channel, 0, 0).unwrap();
+    assert_eq!((top_only.top, top_only.messages.len()), (100, 0));
+}
+
+#[test]
+fn a_retried_idempotency_key_gets_its_first_seq_and_publishes_nothing() {
+    let Some(url) = common::redis_url("a_retried_idempotency_key_gets_its_first_seq") else {
+        return;
+    };
+    let channel = "org:acme:usage";
+    let mut client = connect(&url, keys("idem"), 100);
+    let first = client
+        .publish(&[keyed(channel, "1", "k1"), keyed(channel, "1 again", "k1")])
+        .unwrap();
+    let (a, b) = (first[0].clone().unwrap(), first[1].clone().unwrap());
+    assert_eq!((a.seq, a.repeated), (1, false));
+    assert_eq!((b.seq, b.repeated), (1, true));
+    assert_eq!(a.epoch, b.epoch);
+    let later = client
+        .publish(&[keyed(channel, "again", "k1"), message(channel, "2")])
+        .unwrap();
+    assert_eq!(later[0].clone().unwrap().seq, 1);
+    assert_eq!(
+        later[1].clone().unwrap().seq,
+        2,
+        "no seq was spent on retries"
+    );
+    let page = client.history(channel, 0, 100).unwrap();
+    let data: Vec<&[u8]> = page.messages.iter().map(|m| m.data.as_slice()).collect();
+    assert_eq!(data, [&b"1"[..], b"2"]);
+}
+
+#[test]
+fn a_channel_whose_meta_is_lost_gets_a_new_epoch_and_no_old_history() {
+    let Some(url) = common::redis_url("a_channel_whose_meta_is_lost_gets_a_new_epoch") else {
+        return;
+    };
+    let keys = keys("epoch");
+    let channel = "org:acme:alerts";
+    let mut client = connect(&url, keys.clone(), 100);
+    let before = client
+        .publish(&[message(channel, "a"), message(channel, "b")])
+        .unwrap();
+    let old = before[1].clone().unwrap();
+    let read = client.history(channel, 0, 10).unwrap();
+    assert_eq!((read.top, read.epoch.as_str()), (2, old.epoch.as_str()));
+
+    // As after a restart of a Redis that keeps nothing on disk (or an eviction).
+    let _: () = redis::cmd("DEL")
+        .arg(keys.meta(channel))
+        .query(client.connection())
+        .unwrap();
+    let after = client.publish(&[message(channel, "c")]).unwrap();
+    let new = after[0].clone().unwrap();
+    assert_eq!(new.seq, 1, "numbering starts again");
+    assert_ne!(new.epoch, old.epoch, "a reader of the old epoch can tell");
+    let page = client.history(channel, 0, 10).unwrap();
+    assert_eq!(page.epoch, new.epoch);
+    let data: Vec<&[u8]> = page.messages.iter().map(|m| m.data.as_slice()).collect();
+    assert_eq!(data, [&b"c"[..]], "nothing of the old epoch is served");
+
+    // A channel read before anything was published keeps the epoch it was read with.
+    let empty = client.history("org:acme:empty", 0, 10).unwrap();
+    let first = client.publish(&[message("org:acme:empty", "x")]).unwrap();
+    assert_eq!(first[0].clone().unwrap().epoch, empty.epoch);
+}
+
+#[test]
+fn history_keeps_its_size_and_the_oldest_kept_seq_shows_the_gap() {
+    let Some(url) = common::redis_url("history_keeps_its_size") else {
+        return;
+    };
+    let channel = "org:acme:trim";
+    let mut client = connect(&url, keys("trim"), 10);
+    let batch: Vec<Publish> = (1..=25).map(|i| message(channel, &i.to_string())).collect();
+    client.publish(&batch).unwrap();
+    let page = client.history(channel, 3, 100).unwrap();
+    assert_eq!(page.top, 25);
+    let seqs: Vec<u64> = page.messages.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, (16..=25).collect::<Vec<_>>(), "4..=15 are gone");
+    let limited = client.history(channel, 20, 2).unwrap();
+    let seqs: Vec<u64> = limited.messages.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, [21, 22]);
+}
+
+fn settings(url: String, keys_prefix: &str) -> Settings {
+    Settings {
+        url,
+        prefix: keys_prefix.into(),
+        retention: retention(1000),
+        timeout: Duration::from_secs(2),
+        backoff: Duration::from_millis(20),
+    }
+}
+
+fn publish_request(shard: usize, token: u64, channel: &str, data: &str) -> Request {
+    Request {
+        shard,
+        token,
+        op: Op::Publish(message(channel, data)),
+    }
+}
+
+#[test]
+fn the_link_answers_every_request_of_every_shard_in_the_order_sent() {
+    let Some(url) = common::redis_url("the_link_answers_every_request") else {
+        return;
+    };
+    let prefix = format!("sctest.{}.link", std::process::id());
+    let (to0, from0) = flume::unbounded();
+    let (to1, from1) = flume::unbounded();
+    let link = Link::spawn(settings(url, &prefix), vec![to0, to1]).unwrap();
+    // Two shards publishing to the same two channels, interleaved, without waiting.
+    for token in 0..2000u64 {
+        let shard = (token % 2) as usize;
+        let channel = if token % 3 == 0 { "org:a:x" } else { "org:a:y" };
+        link.requests
+            .send(publish_request(shard, token, channel, &token.to_string()))
+            .unwrap();
+    }
+    link.requests
+        .send(Request {
+            shard: 1,
+            token: 9999,
+            op: Op::History {
+                channel: "org:a:x".into(),
+                since: 0,
+                limit: 5000,
+            },
+        })
+        .unwrap();
+    let mut seqs = std::collections::HashMap::new();
+    let mut next = [0u64, 0];
+    let mut history = None;
+    for (shard, from) in [(0usize, &from0), (1, &from1)] {
+        loop {
+            match from
+                .recv_timeout(Duration::from_secs(10))
+                .expect("an answer")
+            {
+                Completion::Published { token, result } => {
+                    assert_eq!(token, next[shard] * 2 + shard as u64, "answers in order");
+                    next[shard] += 1;
+                    seqs.insert(token, result.expect("published").seq);
+                }
+                Completion::History { token, result } => {
+                    assert_eq!(token, 9999);
+                    history = Some(result.expect("history"));
+                }
+            }
+            if next[shard] == 1000 && (shard == 0 || history.is_some()) {
+                break;
+            }
+        }
+    }
+    // Per channel, seqs follow the order the requests were sent in, without gaps.
+    let mut x = Vec::new();
+    let mut y = Vec::new();
+    for token in 0..2000u64 {
+        let seq = seqs[&token];
+        if token % 3 == 0 {
+            x.push(seq);
+        } else {
+            y.push(seq);
+        }
+    }
+    assert_eq!(x, (1..=x.len() as u64).collect::<Vec<_>>());
+    assert_eq!(y, (1..=y.len() as u64).collect::<Vec<_>>());
+    let history = history.unwrap();
+    assert_eq!(history.top, x.len() as u64, "sent after every publish");
+    assert_eq!(history.messages.len(), x.len());
+    link.join();
+}
+
+/// Publish through `link` until an answer comes back as `ok` says, or time runs out.
+fn publish_until(
+    link: &Link,
+    from: &flume::Receiver<Completion>,
+    token: &mut u64,
+    ok: impl Fn(&Result<shardcast::cluster::Published, ClusterError>) -> bool,
+) -> Result<shardcast::cluster::Published, ClusterError> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        *token += 1;
+        link.requests
+            .send(publish_request(0, *token, "org:a:r", "x"))
+            .unwrap();
+        let Completion::Published { result, .. } =
+            from.recv_timeout(Duration::from_secs(5)).unwrap()
+        else {
+            panic!("a publish's answer");
+        };
+        if ok(&result) {
+            return result;
+        }
+        assert!(Instant::now() < deadline, "no such answer: last {result:?}");
+        // Between attempts only: the link's backoff decides when it connects again.
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn the_link_fails_fast_while_redis_is_down_and_reconnects_when_it_is_back() {
+    let test = "the_link_fails_fast_while_redis_is_down";
+    let Some(redis) = common::OwnRedis::start(test) else {
+        return;
+    };
+    let (to, from) = flume::unbounded();
+    let link = Link::spawn(settings(redis.url(), "sctest.down"), vec![to]).unwrap();
+    let mut token = 0;
+    let first = publish_until(&link, &from, &mut token, Result::is_ok).unwrap();
+    assert_eq!(first.seq, 1);
+
+    let port = redis.stop();
+    let down = publish_until(&link, &from, &mut token, Result::is_err).unwrap_err();
+    assert!(
+        matches!(
+            down,
+            ClusterError::Unavailable(_) | ClusterError::Unknown(_)
+        ),
+        "{down:?}"
+    );
+    // Down, the link answers at once instead of waiting for a connect timeout each time.
+    let started = Instant::now();
+    let again = publish_until(&link, &from, &mut token, Result::is_err).unwrap_err();
+    assert!(matches!(again, ClusterError::Unavailable(_)), "{again:?}");
+    assert!(started.elapsed() < Duration::from_secs(1));
+
+    let _back = common::OwnRedis::start_on(test, port).expect("restarted");
+    let after = publish_until(&link, &from, &mut token, Result::is_ok).unwrap();
+    assert_eq!(after.seq, 1, "Redis kept nothing: the channel starts again");
+    assert_ne!(after.epoch, first.epoch, "with a new epoch");
+    link.join();
+}
