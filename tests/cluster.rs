@@ -324,3 +324,180 @@ fn the_link_fails_fast_while_redis_is_down_and_reconnects_when_it_is_back() {
     assert_ne!(after.epoch, first.epoch, "with a new epoch");
     link.join();
 }
+
+mod pubsub {
+    use super::*;
+    use shardcast::cluster::pubsub::{Incoming, Settings, Subscriber};
+    use std::sync::Arc;
+
+    fn settings(url: String, prefix: &str) -> Settings {
+        Settings {
+            url,
+            prefix: prefix.into(),
+            probe_interval: Duration::from_millis(200),
+            timeout: Duration::from_millis(500),
+            backoff: Duration::from_millis(20),
+        }
+    }
+
+    /// Channels ending in "x" belong to shard 0, the others to shard 1.
+    fn spawn(
+        settings: Settings,
+    ) -> (
+        Subscriber,
+        flume::Receiver<Incoming>,
+        flume::Receiver<Incoming>,
+    ) {
+        let (to0, from0) = flume::unbounded();
+        let (to1, from1) = flume::unbounded();
+        let route = Arc::new(|channel: &str| usize::from(!channel.ends_with('x')));
+        let subscriber = Subscriber::spawn(settings, route, vec![to0, to1]).unwrap();
+        (subscriber, from0, from1)
+    }
+
+    fn next(from: &flume::Receiver<Incoming>) -> Incoming {
+        from.recv_timeout(Duration::from_secs(10))
+            .expect("something from PUB/SUB")
+    }
+
+    /// Wait until Redis counts `n` subscribers of `channel`'s PUB/SUB name.
+    fn await_subscribers(url: &str, keys: &Keys, channel: &str, n: i64) {
+        let mut conn = redis::Client::open(url).unwrap().get_connection().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let counts: Vec<(String, i64)> = redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg(keys.pubsub(channel))
+                .query(&mut conn)
+                .unwrap();
+            if counts[0].1 == n {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{channel}: {counts:?}, not {n}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn seq_of(incoming: Incoming) -> (String, u64) {
+        match incoming {
+            Incoming::Message { channel, payload } => {
+                (channel, Envelope::parse(&payload).unwrap().seq)
+            }
+            other => panic!("a message, not {other:?}"),
+        }
+    }
+
+    #[test]
+    fn each_channel_reaches_its_owner_shard_in_seq_order() {
+        let Some(url) = common::redis_url("pubsub_each_channel_reaches_its_owner_shard") else {
+            return;
+        };
+        let prefix = format!("sctest.{}.pubsub", std::process::id());
+        let keys = Keys::new(&prefix);
+        let (subscriber, from0, from1) = spawn(settings(url.clone(), &prefix));
+        assert_eq!(next(&from0), Incoming::Resubscribed);
+        assert_eq!(next(&from1), Incoming::Resubscribed);
+        let wants = subscriber.wants();
+        wants.subscribe("org:a:x");
+        wants.subscribe("org:a:y");
+        wants.subscribe("org:a:gone");
+        wants.unsubscribe("org:a:gone");
+        await_subscribers(&url, &keys, "org:a:x", 1);
+        await_subscribers(&url, &keys, "org:a:y", 1);
+        await_subscribers(&url, &keys, "org:a:gone", 0);
+
+        let mut client = connect(&url, keys.clone(), 100);
+        let batch: Vec<Publish> = (0..100)
+            .map(|i| {
+                let channel = ["org:a:x", "org:a:y", "org:a:gone"][i % 3];
+                message(channel, &i.to_string())
+            })
+            .collect();
+        client.publish(&batch).unwrap();
+        for seq in 1..=34 {
+            assert_eq!(seq_of(next(&from0)), ("org:a:x".to_owned(), seq));
+        }
+        for seq in 1..=33 {
+            assert_eq!(seq_of(next(&from1)), ("org:a:y".to_owned(), seq));
+        }
+        // Nothing of the channel no longer wanted, and nothing for the wrong shard.
+        client.publish(&[message("org:a:x", "end")]).unwrap();
+        assert_eq!(seq_of(next(&from0)), ("org:a:x".to_owned(), 35));
+        assert!(from1.is_empty());
+
+        wants.unsubscribe("org:a:x");
+        await_subscribers(&url, &keys, "org:a:x", 0);
+        drop(wants);
+        subscriber.join();
+    }
+
+    #[test]
+    fn a_restarted_redis_gets_every_subscription_again() {
+        let test = "pubsub_a_restarted_redis_gets_every_subscription_again";
+        let Some(redis) = common::OwnRedis::start(test) else {
+            return;
+        };
+        let url = redis.url();
+        let keys = Keys::new("sctest.restart");
+        let (subscriber, from0, _from1) = spawn(settings(url.clone(), "sctest.restart"));
+        let wants = subscriber.wants();
+        wants.subscribe("org:a:x");
+        assert_eq!(next(&from0), Incoming::Resubscribed);
+        await_subscribers(&url, &keys, "org:a:x", 1);
+        let mut client = connect(&url, keys.clone(), 100);
+        client.publish(&[message("org:a:x", "1")]).unwrap();
+        assert_eq!(seq_of(next(&from0)).1, 1);
+
+        let port = redis.stop();
+        assert_eq!(next(&from0), Incoming::Down);
+        let _back = common::OwnRedis::start_on(test, port).expect("restarted");
+        // Subscribed again before it says so: nothing published after this is missed.
+        assert_eq!(next(&from0), Incoming::Resubscribed);
+        let mut client = connect(&url, keys.clone(), 100);
+        client.publish(&[message("org:a:x", "after")]).unwrap();
+        let (channel, seq) = seq_of(next(&from0));
+        assert_eq!((channel.as_str(), seq), ("org:a:x", 1));
+        drop(wants);
+        subscriber.join();
+    }
+
+    #[test]
+    fn a_connection_that_stops_answering_is_dropped_and_made_again() {
+        let test = "pubsub_a_connection_that_stops_answering";
+        let Some(redis) = common::OwnRedis::start(test) else {
+            return;
+        };
+        let url = redis.url();
+        let keys = Keys::new("sctest.probe");
+        let (subscriber, from0, _from1) = spawn(settings(url.clone(), "sctest.probe"));
+        let wants = subscriber.wants();
+        wants.subscribe("org:a:x");
+        assert_eq!(next(&from0), Incoming::Resubscribed);
+        await_subscribers(&url, &keys, "org:a:x", 1);
+
+        // Redis holds every client's commands, the probe's PING too, for 2 s: the socket
+        // stays open and says nothing.
+        let mut admin = redis::Client::open(url.as_str())
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let paused_at = Instant::now();
+        let _: () = redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(2000)
+            .arg("ALL")
+            .query(&mut admin)
+            .unwrap();
+        assert_eq!(next(&from0), Incoming::Down);
+        assert!(
+            paused_at.elapsed() < Duration::from_millis(1900),
+            "noticed by the probe, not by the pause's end"
+        );
+        assert_eq!(next(&from0), Incoming::Resubscribed);
+        let mut client = connect(&url, keys.clone(), 100);
+        client.publish(&[message("org:a:x", "1")]).unwrap();
+        assert_eq!(seq_of(next(&from0)).1, 1);
+        drop(wants);
+        subscriber.join();
+    }
+}

@@ -11,7 +11,9 @@
 //! - `keys.rs`: key names and the PUB/SUB payload (`seq:epoch:kind:data`);
 //! - `lua/`: the scripts;
 //! - `client.rs`: one blocking connection, scripts loaded, publishes pipelined;
-//! - `link.rs`: the thread that owns a client and batches the shards' requests.
+//! - `link.rs`: the thread that owns a client and batches the shards' requests;
+//! - `pubsub.rs`: the node's PUB/SUB connection: the channels its shards want, their
+//!   messages to the owner shards, resubscription after a reconnect, probes.
 //!
 //! All Redis I/O is on these threads (the `redis` crate has no glommio runtime); shards talk
 //! to them over flume and never wait.
@@ -19,10 +21,12 @@
 pub mod client;
 pub mod keys;
 pub mod link;
+pub mod pubsub;
 
 pub use client::{Client, Page, Publish, Published, Retention};
 pub use keys::{Envelope, Keys};
 pub use link::{Completion, Link, Op, Request, Settings};
+pub use pubsub::{Incoming, Subscriber, Wants};
 
 /// What can go wrong talking to Redis.
 #[derive(Debug, Clone, thiserror::Error)]

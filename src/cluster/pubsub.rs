@@ -1,0 +1,424 @@
+//! The node's PUB/SUB connection to one Redis: it subscribes to the channels the node's
+//! shards want and hands each message to the owner shard of its channel.
+//!
+//! Two threads share one socket. The control thread writes (SUBSCRIBE and UNSUBSCRIBE in
+//! batches, probes) and owns the set of wanted channels; the reader thread parses what Redis
+//! sends. After a (re)connect every wanted channel is subscribed again, then a PING: Redis
+//! answers in order, so its PONG means all of them are in place, and only then is every shard
+//! told [`Incoming::Resubscribed`] (messages published while the connection was down must be
+//! read from the history). The reader tells the shards, so that for each shard `Resubscribed`
+//! comes before the connection's first message and `Down` after its last. A connection silent for a probe interval gets a PING; one that does
+//! not answer within the timeout is dropped and made again (centrifugo #1189: a dead PUB/SUB
+//! connection went unnoticed while publishes succeeded).
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use redis::{ConnectionAddr, IntoConnectionInfo, Value};
+
+use super::keys::Keys;
+
+/// Channels per SUBSCRIBE or UNSUBSCRIBE command.
+const SUBSCRIBE_BATCH: usize = 512;
+
+/// Where to connect and how to watch the connection.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The Redis URL (`redis://[[user]:password@]host:port`).
+    pub url: String,
+    /// Key prefix (as the publishing side's).
+    pub prefix: String,
+    /// A connection silent this long is probed.
+    pub probe_interval: Duration,
+    /// Bound on connecting, and on a probe's answer.
+    pub timeout: Duration,
+    /// First wait before reconnecting (doubled up to 32 times as long).
+    pub backoff: Duration,
+}
+
+/// What the shards hear from PUB/SUB.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Incoming {
+    /// A message published on `channel` (a channel's messages come in the order Redis
+    /// published them: seq order).
+    Message {
+        /// The shardcast channel.
+        channel: String,
+        /// `seq:epoch:kind:data` ([`super::Envelope`]).
+        payload: Vec<u8>,
+    },
+    /// The connection is down: nothing arrives until [`Incoming::Resubscribed`].
+    Down,
+    /// Connected, and every wanted channel subscribed: what was published since the last
+    /// message delivered must be read from the history.
+    Resubscribed,
+}
+
+/// The owner shard of a channel.
+pub type Route = Arc<dyn Fn(&str) -> usize + Send + Sync>;
+
+enum Control {
+    Subscribe(String),
+    Unsubscribe(String),
+    /// The reader of connection `generation` stopped.
+    ReaderDown(u64),
+    /// Connection `generation` answered a PING.
+    Pong(u64),
+}
+
+/// How shards say which channels the node wants (cheap to clone, never blocks).
+#[derive(Clone)]
+pub struct Wants(flume::Sender<Control>);
+
+impl Wants {
+    /// The node has a subscriber for `channel` now.
+    pub fn subscribe(&self, channel: &str) {
+        let _ = self.0.send(Control::Subscribe(channel.to_owned()));
+    }
+
+    /// The node has no subscriber for `channel` any more.
+    pub fn unsubscribe(&self, channel: &str) {
+        let _ = self.0.send(Control::Unsubscribe(channel.to_owned()));
+    }
+}
+
+/// The running PUB/SUB side: dropping it (and every [`Wants`]) stops its threads.
+pub struct Subscriber {
+    wants: Wants,
+    thread: JoinHandle<()>,
+}
+
+impl Subscriber {
+    /// Start it; messages of a channel go to `incoming[route(channel)]` (dropped when that
+    /// channel is full), and `Down` and `Resubscribed` to every shard (waiting for room).
+    pub fn spawn(
+        settings: Settings,
+        route: Route,
+        incoming: Vec<flume::Sender<Incoming>>,
+    ) -> std::io::Result<Self> {
+        let (tx, rx) = flume::unbounded();
+        let backoff = settings.backoff;
+        let mut control = ControlThread {
+            keys: Keys::new(&settings.prefix),
+            settings,
+            route,
+            incoming: Arc::new(incoming),
+            self_tx: tx.downgrade(),
+            wanted: HashSet::new(),
+            conn: None,
+            generation: 0,
+            retry_at: Instant::now(),
+            backoff,
+        };
+        let thread = std::thread::Builder::new()
+            .name("redis-pubsub".into())
+            .spawn(move || control.run(&rx))?;
+        Ok(Self {
+            wants: Wants(tx),
+            thread,
+        })
+    }
+
+    /// Where shards send what they want.
+    pub fn wants(&self) -> Wants {
+        self.wants.clone()
+    }
+
+    /// Stop: close the connection and wait for the control thread (every [`Wants`] clone
+    /// must be gone).
+    pub fn join(self) {
+        drop(self.wants);
+        let _ = self.thread.join();
+    }
+}
+
+struct Conn {
+    write: TcpStream,
+    /// When Redis last sent anything, or when the connection was made.
+    heard: Instant,
+    /// A probe is out since then.
+    probing: Option<Instant>,
+}
+
+struct ControlThread {
+    settings: Settings,
+    keys: Keys,
+    route: Route,
+    incoming: Arc<Vec<flume::Sender<Incoming>>>,
+    /// For the reader threads (weak: the control thread stops once the shards are gone).
+    self_tx: flume::WeakSender<Control>,
+    wanted: HashSet<String>,
+    conn: Option<Conn>,
+    generation: u64,
+    retry_at: Instant,
+    backoff: Duration,
+}
+
+impl ControlThread {
+    fn run(&mut self, rx: &flume::Receiver<Control>) {
+        loop {
+            let now = Instant::now();
+            if self.conn.is_none() && now >= self.retry_at {
+                self.connect();
+            }
+            let wait = match &self.conn {
+                None => self.retry_at.saturating_duration_since(now),
+                Some(conn) => match conn.probing {
+                    Some(since) => (since + self.settings.timeout).saturating_duration_since(now),
+                    None => {
+                        (conn.heard + self.settings.probe_interval).saturating_duration_since(now)
+                    }
+                },
+            };
+            match rx.recv_timeout(wait.max(Duration::from_millis(1))) {
+                Ok(first) => {
+                    let mut batch = vec![first];
+                    batch.extend(rx.try_iter());
+                    self.handle(batch);
+                }
+                Err(flume::RecvTimeoutError::Timeout) => self.probe(),
+                Err(flume::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        self.drop_conn();
+    }
+
+    fn handle(&mut self, batch: Vec<Control>) {
+        let mut subscribe = Vec::new();
+        let mut unsubscribe = Vec::new();
+        for control in batch {
+            match control {
+                Control::Subscribe(channel) => {
+                    if self.wanted.insert(channel.clone()) {
+                        unsubscribe.retain(|c| c != &channel);
+                        subscribe.push(channel);
+                    }
+                }
+                Control::Unsubscribe(channel) => {
+                    if self.wanted.remove(&channel) {
+                        subscribe.retain(|c| c != &channel);
+                        unsubscribe.push(channel);
+                    }
+                }
+                Control::ReaderDown(generation) if generation == self.generation => {
+                    self.lost("the connection closed");
+                }
+                Control::ReaderDown(_) => {}
+                Control::Pong(generation) if generation == self.generation => {
+                    if let Some(conn) = &mut self.conn {
+                        conn.heard = Instant::now();
+                        conn.probing = None;
+                    }
+                }
+                Control::Pong(_) => {}
+            }
+        }
+        if self.conn.is_some() {
+            let ok = self
+                .send_batched("SUBSCRIBE", subscribe.iter())
+                .and_then(|()| self.send_batched("UNSUBSCRIBE", unsubscribe.iter()));
+            if let Err(e) = ok {
+                self.lost(&e.to_string());
+            }
+        }
+    }
+
+    /// Probe a silent connection, or drop one whose probe went unanswered.
+    fn probe(&mut self) {
+        let now = Instant::now();
+        let Some(conn) = &mut self.conn else {
+            return;
+        };
+        match conn.probing {
+            Some(since) if now >= since + self.settings.timeout => {
+                self.lost("a probe went unanswered");
+            }
+            Some(_) => {}
+            None if now >= conn.heard + self.settings.probe_interval => {
+                conn.probing = Some(now);
+                if let Err(e) = self.send(&[&b"PING"[..]]) {
+                    self.lost(&e.to_string());
+                }
+            }
+            None => {}
+        }
+    }
+
+    fn connect(&mut self) {
+        match self.open() {
+            Ok(()) => self.backoff = self.settings.backoff,
+            Err(e) => {
+                tracing::warn!(url = %self.settings.url, "cannot reach Redis for PUB/SUB: {e}");
+                self.drop_conn();
+                self.retry_at = Instant::now() + self.backoff;
+                self.backoff = (self.backoff * 2).min(self.settings.backoff * 32);
+            }
+        }
+    }
+
+    fn open(&mut self) -> std::io::Result<()> {
+        let invalid = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
+        let info = self
+            .settings
+            .url
+            .as_str()
+            .into_connection_info()
+            .map_err(|e| invalid(e.to_string()))?;
+        let ConnectionAddr::Tcp(host, port) = info.addr() else {
+            return Err(invalid("only redis://host:port is supported".into()));
+        };
+        let addr = (host.as_str(), *port)
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| invalid(format!("{host} does not resolve")))?;
+        let write = TcpStream::connect_timeout(&addr, self.settings.timeout)?;
+        write.set_nodelay(true)?;
+        write.set_write_timeout(Some(self.settings.timeout))?;
+        let read = write.try_clone()?;
+        self.generation += 1;
+        let now = Instant::now();
+        self.conn = Some(Conn {
+            write,
+            heard: now,
+            probing: Some(now),
+        });
+        let redis = info.redis_settings();
+        if let Some(password) = redis.password() {
+            let mut auth: Vec<&[u8]> = vec![b"AUTH"];
+            if let Some(user) = redis.username() {
+                auth.push(user.as_bytes());
+            }
+            auth.push(password.as_bytes());
+            self.send(&auth)?;
+        }
+        let wanted: Vec<String> = self.wanted.iter().cloned().collect();
+        self.send_batched("SUBSCRIBE", wanted.iter())?;
+        // Answered after every SUBSCRIBE above: its PONG announces the subscriptions.
+        self.send(&[&b"PING"[..]])?;
+        let reader = Reader {
+            generation: self.generation,
+            keys: self.keys.clone(),
+            route: self.route.clone(),
+            incoming: self.incoming.clone(),
+            control: self.self_tx.clone(),
+        };
+        std::thread::Builder::new()
+            .name("redis-pubsub-read".into())
+            .spawn(move || reader.run(read))?;
+        Ok(())
+    }
+
+    fn lost(&mut self, why: &str) {
+        tracing::warn!(url = %self.settings.url, "Redis PUB/SUB connection lost: {why}");
+        // Its reader tells the shards, after the last message it read.
+        self.drop_conn();
+        self.retry_at = Instant::now() + self.backoff;
+        self.backoff = (self.backoff * 2).min(self.settings.backoff * 32);
+    }
+
+    fn drop_conn(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            // Ends the reader too.
+            let _ = conn.write.shutdown(Shutdown::Both);
+        }
+    }
+
+    fn send_batched<'a>(
+        &mut self,
+        command: &str,
+        channels: impl Iterator<Item = &'a String>,
+    ) -> std::io::Result<()> {
+        let names: Vec<String> = channels.map(|c| self.keys.pubsub(c)).collect();
+        for chunk in names.chunks(SUBSCRIBE_BATCH) {
+            let mut args: Vec<&[u8]> = vec![command.as_bytes()];
+            args.extend(chunk.iter().map(|n| n.as_bytes()));
+            self.send(&args)?;
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, args: &[&[u8]]) -> std::io::Result<()> {
+        let Some(conn) = &mut self.conn else {
+            return Ok(());
+        };
+        let owned: Vec<Vec<u8>> = args.iter().map(|a| a.to_vec()).collect();
+        conn.write.write_all(&redis::pack_command(&owned))
+    }
+}
+
+struct Reader {
+    generation: u64,
+    keys: Keys,
+    route: Route,
+    incoming: Arc<Vec<flume::Sender<Incoming>>>,
+    control: flume::WeakSender<Control>,
+}
+
+impl Reader {
+    fn run(self, read: TcpStream) {
+        let mut parser = redis::Parser::new();
+        let mut read = std::io::BufReader::new(read);
+        let mut announced = false;
+        while let Ok(value) = parser.parse_value(&mut read) {
+            self.on_value(value, &mut announced);
+        }
+        if announced {
+            self.tell_all(&Incoming::Down);
+        }
+        if let Some(control) = self.control.upgrade() {
+            let _ = control.send(Control::ReaderDown(self.generation));
+        }
+    }
+
+    fn tell_all(&self, incoming: &Incoming) {
+        for shard in self.incoming.iter() {
+            let _ = shard.send(incoming.clone());
+        }
+    }
+
+    fn on_value(&self, value: Value, announced: &mut bool) {
+        let mut pong = || {
+            // The first answers the PING sent after the subscriptions.
+            if !*announced {
+                *announced = true;
+                self.tell_all(&Incoming::Resubscribed);
+            }
+            if let Some(control) = self.control.upgrade() {
+                let _ = control.send(Control::Pong(self.generation));
+            }
+        };
+        match value {
+            Value::Array(items) => match items.as_slice() {
+                [Value::BulkString(kind), Value::BulkString(name), Value::BulkString(payload)]
+                    if kind == b"message" =>
+                {
+                    let name = String::from_utf8_lossy(name);
+                    if let Some(channel) = self.keys.channel_of(&name) {
+                        let shard = (self.route)(channel);
+                        if let Some(to) = self.incoming.get(shard) {
+                            // Never waits: with a bounded channel a shard that fell behind
+                            // loses the message and sees the gap in the seqs (the history
+                            // has it), and the other shards are not held up.
+                            let _ = to.try_send(Incoming::Message {
+                                channel: channel.to_owned(),
+                                payload: payload.clone(),
+                            });
+                        }
+                    }
+                }
+                [Value::BulkString(kind), ..] if kind == b"pong" => pong(),
+                _ => {}
+            },
+            // PING outside subscribed mode (nothing wanted yet) answers +PONG.
+            Value::SimpleString(s) if s == "PONG" => pong(),
+            Value::ServerError(e) => {
+                tracing::warn!("Redis PUB/SUB error: {e:?}");
+            }
+            _ => {}
+        }
+    }
+}
