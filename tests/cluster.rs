@@ -87,6 +87,14 @@ fn publishes_are_numbered_kept_and_published_in_seq_order() {
 
     let page = client.history(channel, 50, 1000).unwrap();
     assert_eq!((page.top, page.epoch.as_str()), (100, epoch.as_str()));
+    // Both expire (600 s and 3,600 s here) unless published to again.
+    for (key, most) in [(keys.stream(channel), 600), (keys.meta(channel), 3600)] {
+        let ttl: i64 = redis::cmd("TTL")
+            .arg(&key)
+            .query(client.connection())
+            .unwrap();
+        assert!((most - 10..=most).contains(&ttl), "{key}: TTL {ttl}");
+    }
     let seqs: Vec<u64> = page.messages.iter().map(|m| m.seq).collect();
     assert_eq!(seqs, (51..=100).collect::<Vec<_>>());
     assert_eq!(page.messages[0].data, batch[50].data);
@@ -158,21 +166,64 @@ fn a_channel_whose_meta_is_lost_gets_a_new_epoch_and_no_old_history() {
 }
 
 #[test]
-fn history_keeps_its_size_and_the_oldest_kept_seq_shows_the_gap() {
-    let Some(url) = common::redis_url("history_keeps_its_size") else {
+fn history_keeps_about_its_size_and_the_oldest_kept_seq_shows_the_gap() {
+    let Some(url) = common::redis_url("history_keeps_about_its_size") else {
         return;
     };
+    let keys = keys("trim");
     let channel = "org:acme:trim";
-    let mut client = connect(&url, keys("trim"), 10);
-    let batch: Vec<Publish> = (1..=25).map(|i| message(channel, &i.to_string())).collect();
+    let mut client = connect(&url, keys.clone(), 10);
+    let batch: Vec<Publish> = (1..=500)
+        .map(|i| message(channel, &i.to_string()))
+        .collect();
     client.publish(&batch).unwrap();
-    let page = client.history(channel, 3, 100).unwrap();
-    assert_eq!(page.top, 25);
+    // Trimmed a stream node at a time (MAXLEN ~): at least the size, at most a node (100
+    // entries, Redis's default) more.
+    let kept: u64 = redis::cmd("XLEN")
+        .arg(keys.stream(channel))
+        .query(client.connection())
+        .unwrap();
+    assert!((10..=110).contains(&kept), "{kept} kept");
+    let page = client.history(channel, 3, 1000).unwrap();
+    assert_eq!(page.top, 500);
     let seqs: Vec<u64> = page.messages.iter().map(|m| m.seq).collect();
-    assert_eq!(seqs, (16..=25).collect::<Vec<_>>(), "4..=15 are gone");
-    let limited = client.history(channel, 20, 2).unwrap();
+    let oldest = 500 - kept + 1;
+    assert!(oldest > 4, "what is gone shows as a gap after 3");
+    assert_eq!(seqs, (oldest..=500).collect::<Vec<_>>());
+    let limited = client.history(channel, 480, 2).unwrap();
     let seqs: Vec<u64> = limited.messages.iter().map(|m| m.seq).collect();
-    assert_eq!(seqs, [21, 22]);
+    assert_eq!(seqs, [481, 482]);
+}
+
+#[test]
+fn a_message_that_fails_in_a_batch_fails_alone() {
+    let Some(url) = common::redis_url("a_message_that_fails_in_a_batch_fails_alone") else {
+        return;
+    };
+    let keys = keys("fails");
+    let mut client = connect(&url, keys.clone(), 100);
+    // Someone else's key where the channel's meta hash would be.
+    let _: () = redis::cmd("SET")
+        .arg(keys.meta("org:a:bad"))
+        .arg("not a hash")
+        .query(client.connection())
+        .unwrap();
+    let batch: Vec<Publish> = (0..150)
+        .map(|i| message(if i == 70 { "org:a:bad" } else { "org:a:ok" }, "x"))
+        .collect();
+    let outcomes = client.publish(&batch).unwrap();
+    assert!(
+        matches!(outcomes[70], Err(ClusterError::Refused(_))),
+        "{:?}",
+        outcomes[70]
+    );
+    let seqs: Vec<u64> = outcomes
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 70)
+        .map(|(_, o)| o.clone().expect("the others are published").seq)
+        .collect();
+    assert_eq!(seqs, (1..=149).collect::<Vec<_>>());
 }
 
 fn settings(url: String, keys_prefix: &str) -> Settings {

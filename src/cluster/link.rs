@@ -5,6 +5,8 @@
 //! reached, requests fail at once (the shards decide what that means) and the thread
 //! reconnects with a backoff.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -76,10 +78,25 @@ pub enum Completion {
     },
 }
 
+/// What a link has done (written by its thread only, read by metrics and benchmarks).
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Round trips to Redis that carried publishes.
+    pub publish_round_trips: AtomicU64,
+    /// Publishes sent.
+    pub publishes: AtomicU64,
+    /// History reads sent.
+    pub history_reads: AtomicU64,
+    /// Microseconds spent waiting for Redis's answers, summed.
+    pub wait_micros: AtomicU64,
+}
+
 /// A running link: dropping every clone of its sender stops the thread.
 pub struct Link {
     /// Where shards send requests.
     pub requests: flume::Sender<Request>,
+    /// What it has done.
+    pub stats: Arc<Stats>,
     thread: JoinHandle<()>,
 }
 
@@ -91,12 +108,14 @@ impl Link {
     ) -> std::io::Result<Self> {
         let (requests, incoming) = flume::unbounded();
         let backoff = settings.backoff;
+        let stats = Arc::new(Stats::default());
         let mut worker = Worker {
             settings,
             completions,
             client: None,
             retry_at: None,
             backoff,
+            stats: stats.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("redis-link".into())
@@ -107,7 +126,11 @@ impl Link {
                     worker.serve(batch);
                 }
             })?;
-        Ok(Self { requests, thread })
+        Ok(Self {
+            requests,
+            stats,
+            thread,
+        })
     }
 
     /// Stop taking requests and wait for the thread to answer those it has.
@@ -124,6 +147,7 @@ struct Worker {
     /// Not before this may a connection be tried again.
     retry_at: Option<Instant>,
     backoff: Duration,
+    stats: Arc<Stats>,
 }
 
 impl Worker {
@@ -139,9 +163,11 @@ impl Worker {
                 } => {
                     // In the order asked: the publishes before it first.
                     self.publish(std::mem::take(&mut publishes));
+                    let started = Instant::now();
                     let result = self
                         .client()
                         .and_then(|client| client.history(&channel, since, limit));
+                    self.count(&self.stats.history_reads, 1, started);
                     self.check(&result);
                     let token = request.token;
                     self.complete(request.shard, Completion::History { token, result });
@@ -155,19 +181,31 @@ impl Worker {
         if run.is_empty() {
             return;
         }
-        let batch: Vec<Publish> = run.iter().map(|(_, _, p)| p.clone()).collect();
+        let (to, batch): (Vec<(usize, u64)>, Vec<Publish>) =
+            run.into_iter().map(|(s, t, p)| ((s, t), p)).unzip();
+        let started = Instant::now();
         let outcomes = self.client().and_then(|client| client.publish(&batch));
+        self.stats
+            .publish_round_trips
+            .fetch_add(1, Ordering::Relaxed);
+        self.count(&self.stats.publishes, batch.len() as u64, started);
         self.check(&outcomes);
         let mut outcomes = match outcomes {
             Ok(outcomes) => outcomes.into_iter(),
-            Err(e) => vec![Err(e); run.len()].into_iter(),
+            Err(e) => vec![Err(e); to.len()].into_iter(),
         };
-        for (shard, token, _) in run {
+        for (shard, token) in to {
             let result = outcomes
                 .next()
                 .unwrap_or_else(|| Err(ClusterError::Protocol("no outcome".into())));
             self.complete(shard, Completion::Published { token, result });
         }
+    }
+
+    fn count(&self, counter: &AtomicU64, n: u64, started: Instant) {
+        counter.fetch_add(n, Ordering::Relaxed);
+        let micros = started.elapsed().as_micros() as u64;
+        self.stats.wait_micros.fetch_add(micros, Ordering::Relaxed);
     }
 
     /// After a failed connection, the next request connects again.
