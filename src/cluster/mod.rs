@@ -12,6 +12,8 @@
 //! - `lua/`: the scripts;
 //! - `client.rs`: one blocking connection, scripts loaded, publishes pipelined;
 //! - `link.rs`: the thread that owns a client and batches the shards' requests;
+//! - `order.rs`: each seq of a channel once and in order on a node, gaps filled from the
+//!   history or reported (plain state, no I/O);
 //! - `pubsub.rs`: the node's PUB/SUB connection: the channels its shards want, their
 //!   messages to the owner shards, resubscription after a reconnect, probes.
 //!
@@ -21,6 +23,7 @@
 pub mod client;
 pub mod keys;
 pub mod link;
+pub mod order;
 pub mod pubsub;
 
 pub use client::{Client, Page, Publish, Published, Retention};
