@@ -78,7 +78,8 @@ pub enum Completion {
     },
 }
 
-/// What a link has done (written by its thread only, read by metrics and benchmarks).
+/// What a link has done (written by its thread only, read by metrics and benchmarks); what
+/// was not sent because Redis was unreachable is not counted.
 #[derive(Debug, Default)]
 pub struct Stats {
     /// Round trips to Redis that carried publishes.
@@ -164,10 +165,14 @@ impl Worker {
                     // In the order asked: the publishes before it first.
                     self.publish(std::mem::take(&mut publishes));
                     let started = Instant::now();
-                    let result = self
-                        .client()
-                        .and_then(|client| client.history(&channel, since, limit));
-                    self.count(&self.stats.history_reads, 1, started);
+                    let result = match self.client() {
+                        Ok(client) => {
+                            let result = client.history(&channel, since, limit);
+                            self.count(&self.stats.history_reads, 1, started);
+                            result
+                        }
+                        Err(e) => Err(e),
+                    };
                     self.check(&result);
                     let token = request.token;
                     self.complete(request.shard, Completion::History { token, result });
@@ -184,11 +189,17 @@ impl Worker {
         let (to, batch): (Vec<(usize, u64)>, Vec<Publish>) =
             run.into_iter().map(|(s, t, p)| ((s, t), p)).unzip();
         let started = Instant::now();
-        let outcomes = self.client().and_then(|client| client.publish(&batch));
-        self.stats
-            .publish_round_trips
-            .fetch_add(1, Ordering::Relaxed);
-        self.count(&self.stats.publishes, batch.len() as u64, started);
+        let outcomes = match self.client() {
+            Ok(client) => {
+                let outcomes = client.publish(&batch);
+                let stats = &self.stats;
+                stats.publish_round_trips.fetch_add(1, Ordering::Relaxed);
+                self.count(&self.stats.publishes, batch.len() as u64, started);
+                outcomes
+            }
+            // Nothing was sent: not a round trip.
+            Err(e) => Err(e),
+        };
         self.check(&outcomes);
         let mut outcomes = match outcomes {
             Ok(outcomes) => outcomes.into_iter(),
