@@ -47,6 +47,20 @@ impl Keys {
     }
 }
 
+/// Which of `n` Redis instances holds `channel` (client-side sharding): FNV-1a of its name,
+/// so that every node, of whatever build, agrees (std's hashers promise no stability).
+pub fn redis_for(channel: &str, n: usize) -> usize {
+    if n <= 1 {
+        return 0;
+    }
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for &byte in channel.as_bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (hash % n as u64) as usize
+}
+
 /// The kind's one-letter name in Redis.
 pub fn kind_code(kind: Kind) -> &'static str {
     match kind {
@@ -121,6 +135,34 @@ mod tests {
         assert_eq!(keys.channel_of(&keys.pubsub("org:a:x")), Some("org:a:x"));
         assert_eq!(keys.channel_of("other.ch.org:a:x"), None);
         assert_eq!(keys.channel_of("sc.meta.org:a:x"), None);
+    }
+
+    #[test]
+    fn channels_spread_over_redis_instances_the_same_way_everywhere() {
+        // Fixed values: a node of another build must send a channel to the same Redis.
+        assert_eq!(redis_for("org:acme:decisions", 1), 0);
+        let fixed: Vec<usize> = [
+            "org:acme:decisions",
+            "org:acme:usage",
+            "user:42:notifications",
+        ]
+        .iter()
+        .map(|c| redis_for(c, 3))
+        .collect();
+        assert_eq!(fixed, [0, 2, 0]);
+        for n in [2, 3, 5] {
+            let mut counts = vec![0; n];
+            for i in 0..3000 {
+                counts[redis_for(&format!("org:o{i}:decisions"), n)] += 1;
+            }
+            let even = 3000 / n;
+            assert!(
+                counts
+                    .iter()
+                    .all(|&c| c > even * 8 / 10 && c < even * 12 / 10),
+                "{n}: {counts:?}"
+            );
+        }
     }
 
     #[test]
