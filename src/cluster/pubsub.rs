@@ -7,9 +7,10 @@
 //! answers in order, so its PONG means all of them are in place, and only then is every shard
 //! told [`Incoming::Resubscribed`] (messages published while the connection was down must be
 //! read from the history). The reader tells the shards, so that for each shard `Resubscribed`
-//! comes before the connection's first message and `Down` after its last. A connection silent for a probe interval gets a PING; one that does
-//! not answer within the timeout is dropped and made again (centrifugo #1189: a dead PUB/SUB
-//! connection went unnoticed while publishes succeeded).
+//! comes before the connection's first message and `Down` after its last. Every probe
+//! interval the connection gets a PING; one whose PING is not answered within the timeout is
+//! dropped and made again (centrifugo #1189: a dead PUB/SUB connection went unnoticed while
+//! publishes succeeded).
 
 use std::collections::HashSet;
 use std::io::Write;
@@ -138,7 +139,7 @@ impl Subscriber {
 
 struct Conn {
     write: TcpStream,
-    /// When Redis last sent anything, or when the connection was made.
+    /// When Redis last answered a PING, or when the connection was made.
     heard: Instant,
     /// A probe is out since then.
     probing: Option<Instant>,
