@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use super::client::{Client, Page, Publish, Published, Retention};
 use super::keys::Keys;
-use super::ClusterError;
+use super::{Backoff, ClusterError};
 
 /// Most requests taken into one round trip.
 pub const MAX_BATCH: usize = 512;
@@ -108,13 +108,12 @@ impl Link {
         completions: Vec<flume::Sender<Completion>>,
     ) -> std::io::Result<Self> {
         let (requests, incoming) = flume::unbounded();
-        let backoff = settings.backoff;
+        let backoff = Backoff::new(settings.backoff);
         let stats = Arc::new(Stats::default());
         let mut worker = Worker {
             settings,
             completions,
             client: None,
-            retry_at: None,
             backoff,
             stats: stats.clone(),
         };
@@ -145,9 +144,7 @@ struct Worker {
     settings: Settings,
     completions: Vec<flume::Sender<Completion>>,
     client: Option<Client>,
-    /// Not before this may a connection be tried again.
-    retry_at: Option<Instant>,
-    backoff: Duration,
+    backoff: Backoff,
     stats: Arc<Stats>,
 }
 
@@ -236,8 +233,8 @@ impl Worker {
     fn client(&mut self) -> Result<&mut Client, ClusterError> {
         if self.client.is_none() {
             let now = Instant::now();
-            if let Some(at) = self.retry_at.filter(|&at| now < at) {
-                let wait = at - now;
+            if now < self.backoff.retry_at {
+                let wait = self.backoff.retry_at - now;
                 return Err(ClusterError::Unavailable(format!(
                     "reconnecting to {} in {} ms",
                     self.settings.url,
@@ -249,12 +246,10 @@ impl Worker {
             match Client::connect(&s.url, keys, s.retention.clone(), s.timeout) {
                 Ok(client) => {
                     self.client = Some(client);
-                    self.retry_at = None;
-                    self.backoff = s.backoff;
+                    self.backoff.succeeded();
                 }
                 Err(e) => {
-                    self.retry_at = Some(now + self.backoff);
-                    self.backoff = (self.backoff * 2).min(s.backoff * 32);
+                    self.backoff.failed(now);
                     tracing::warn!(url = %s.url, "cannot reach Redis: {e}");
                     return Err(e);
                 }

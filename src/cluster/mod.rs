@@ -31,6 +31,38 @@ pub use keys::{Envelope, Keys};
 pub use link::{Completion, Link, Op, Request, Settings};
 pub use pubsub::{Incoming, Subscriber, Wants};
 
+/// When to try a failed connection again: waits double from `first` up to 32 times as long,
+/// and start over once a connection is made.
+#[derive(Debug, Clone)]
+pub(crate) struct Backoff {
+    first: std::time::Duration,
+    next: std::time::Duration,
+    /// Not before this.
+    pub retry_at: std::time::Instant,
+}
+
+impl Backoff {
+    /// Try at once, then wait `first` after the first failure.
+    pub fn new(first: std::time::Duration) -> Self {
+        Self {
+            first,
+            next: first,
+            retry_at: std::time::Instant::now(),
+        }
+    }
+
+    /// An attempt failed at `now`.
+    pub fn failed(&mut self, now: std::time::Instant) {
+        self.retry_at = now + self.next;
+        self.next = (self.next * 2).min(self.first * 32);
+    }
+
+    /// A connection was made.
+    pub fn succeeded(&mut self) {
+        self.next = self.first;
+    }
+}
+
 /// What can go wrong talking to Redis.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ClusterError {

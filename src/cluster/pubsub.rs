@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use redis::{ConnectionAddr, IntoConnectionInfo, Value};
 
 use super::keys::Keys;
+use super::Backoff;
 
 /// Channels per SUBSCRIBE or UNSUBSCRIBE command.
 const SUBSCRIBE_BATCH: usize = 512;
@@ -102,7 +103,7 @@ impl Subscriber {
         incoming: Vec<flume::Sender<Incoming>>,
     ) -> std::io::Result<Self> {
         let (tx, rx) = flume::unbounded();
-        let backoff = settings.backoff;
+        let backoff = Backoff::new(settings.backoff);
         let mut control = ControlThread {
             keys: Keys::new(&settings.prefix),
             settings,
@@ -112,7 +113,6 @@ impl Subscriber {
             wanted: HashSet::new(),
             conn: None,
             generation: 0,
-            retry_at: Instant::now(),
             backoff,
         };
         let thread = std::thread::Builder::new()
@@ -155,19 +155,18 @@ struct ControlThread {
     wanted: HashSet<String>,
     conn: Option<Conn>,
     generation: u64,
-    retry_at: Instant,
-    backoff: Duration,
+    backoff: Backoff,
 }
 
 impl ControlThread {
     fn run(&mut self, rx: &flume::Receiver<Control>) {
         loop {
             let now = Instant::now();
-            if self.conn.is_none() && now >= self.retry_at {
+            if self.conn.is_none() && now >= self.backoff.retry_at {
                 self.connect();
             }
             let wait = match &self.conn {
-                None => self.retry_at.saturating_duration_since(now),
+                None => self.backoff.retry_at.saturating_duration_since(now),
                 Some(conn) => match conn.probing {
                     Some(since) => (since + self.settings.timeout).saturating_duration_since(now),
                     None => {
@@ -251,12 +250,11 @@ impl ControlThread {
 
     fn connect(&mut self) {
         match self.open() {
-            Ok(()) => self.backoff = self.settings.backoff,
+            Ok(()) => self.backoff.succeeded(),
             Err(e) => {
                 tracing::warn!(url = %self.settings.url, "cannot reach Redis for PUB/SUB: {e}");
                 self.drop_conn();
-                self.retry_at = Instant::now() + self.backoff;
-                self.backoff = (self.backoff * 2).min(self.settings.backoff * 32);
+                self.backoff.failed(Instant::now());
             }
         }
     }
@@ -317,8 +315,7 @@ impl ControlThread {
         tracing::warn!(url = %self.settings.url, "Redis PUB/SUB connection lost: {why}");
         // Its reader tells the shards, after the last message it read.
         self.drop_conn();
-        self.retry_at = Instant::now() + self.backoff;
-        self.backoff = (self.backoff * 2).min(self.settings.backoff * 32);
+        self.backoff.failed(Instant::now());
     }
 
     fn drop_conn(&mut self) {
