@@ -372,6 +372,25 @@ impl Reader {
         }
     }
 
+    /// Hand a message to its channel's owner shard.
+    fn route_message(&self, name: &[u8], payload: Vec<u8>) {
+        let Some(channel) = std::str::from_utf8(name)
+            .ok()
+            .and_then(|name| self.keys.channel_of(name))
+        else {
+            return;
+        };
+        if let Some(to) = self.incoming.get((self.route)(channel)) {
+            // Never waits: with a bounded channel a shard that fell behind loses the message
+            // and sees the gap in the seqs (the history has it), and the other shards are not
+            // held up.
+            let _ = to.try_send(Incoming::Message {
+                channel: channel.to_owned(),
+                payload,
+            });
+        }
+    }
+
     fn tell_all(&self, incoming: &Incoming) {
         for shard in self.incoming.iter() {
             let _ = shard.send(incoming.clone());
@@ -390,27 +409,22 @@ impl Reader {
             }
         };
         match value {
-            Value::Array(items) => match items.as_slice() {
-                [Value::BulkString(kind), Value::BulkString(name), Value::BulkString(payload)]
-                    if kind == b"message" =>
-                {
-                    let name = String::from_utf8_lossy(name);
-                    if let Some(channel) = self.keys.channel_of(&name) {
-                        let shard = (self.route)(channel);
-                        if let Some(to) = self.incoming.get(shard) {
-                            // Never waits: with a bounded channel a shard that fell behind
-                            // loses the message and sees the gap in the seqs (the history
-                            // has it), and the other shards are not held up.
-                            let _ = to.try_send(Incoming::Message {
-                                channel: channel.to_owned(),
-                                payload: payload.clone(),
-                            });
-                        }
+            Value::Array(mut items) => {
+                let kind = match items.first() {
+                    Some(Value::BulkString(kind)) => kind.as_slice(),
+                    _ => return,
+                };
+                if kind == b"pong" {
+                    pong();
+                } else if kind == b"message" && items.len() == 3 {
+                    // Taken out of the reply, not copied.
+                    if let (Some(Value::BulkString(payload)), Some(Value::BulkString(name))) =
+                        (items.pop(), items.pop())
+                    {
+                        self.route_message(&name, payload);
                     }
                 }
-                [Value::BulkString(kind), ..] if kind == b"pong" => pong(),
-                _ => {}
-            },
+            }
             // PING outside subscribed mode (nothing wanted yet) answers +PONG.
             Value::SimpleString(s) if s == "PONG" => pong(),
             Value::ServerError(e) => {
