@@ -436,6 +436,12 @@ mod pubsub {
         }
     }
 
+    fn subscribed(channel: &str) -> Incoming {
+        Incoming::Subscribed {
+            channel: channel.into(),
+        }
+    }
+
     fn seq_of(incoming: Incoming) -> (String, u64) {
         match incoming {
             Incoming::Message { channel, payload } => {
@@ -460,6 +466,11 @@ mod pubsub {
         wants.subscribe("org:a:y");
         wants.subscribe("org:a:gone");
         wants.unsubscribe("org:a:gone");
+        // Each subscription is confirmed to its owner once Redis has it, even one given up
+        // since.
+        assert_eq!(next(&from0), subscribed("org:a:x"));
+        assert_eq!(next(&from1), subscribed("org:a:y"));
+        assert_eq!(next(&from1), subscribed("org:a:gone"));
         await_subscribers(&url, &keys, "org:a:x", 1);
         await_subscribers(&url, &keys, "org:a:y", 1);
         await_subscribers(&url, &keys, "org:a:gone", 0);
@@ -501,7 +512,7 @@ mod pubsub {
         let wants = subscriber.wants();
         wants.subscribe("org:a:x");
         assert_eq!(next(&from0), Incoming::Resubscribed);
-        await_subscribers(&url, &keys, "org:a:x", 1);
+        assert_eq!(next(&from0), subscribed("org:a:x"));
         let mut client = connect(&url, keys.clone(), 100);
         client.publish(&[message("org:a:x", "1")]).unwrap();
         assert_eq!(seq_of(next(&from0)).1, 1);
@@ -531,6 +542,7 @@ mod pubsub {
         let wants = subscriber.wants();
         wants.subscribe("org:a:x");
         assert_eq!(next(&from0), Incoming::Resubscribed);
+        assert_eq!(next(&from0), subscribed("org:a:x"));
         await_subscribers(&url, &keys, "org:a:x", 1);
 
         // Redis holds every client's commands, the probe's PING too, for 2 s: the socket

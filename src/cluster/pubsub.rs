@@ -12,10 +12,10 @@
 //! dropped and made again (centrifugo #1189: a dead PUB/SUB connection went unnoticed while
 //! publishes succeeded).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -58,10 +58,21 @@ pub enum Incoming {
     /// Connected, and every wanted channel subscribed: what was published since the last
     /// message delivered must be read from the history.
     Resubscribed,
+    /// A [`Wants::subscribe`] of `channel` has taken effect: every message published from
+    /// now on arrives. Each call is answered once, to the channel's owner shard, unless the
+    /// connection drops first: then it is answered after the next `Resubscribed`.
+    Subscribed {
+        /// The shardcast channel.
+        channel: String,
+    },
 }
 
 /// The owner shard of a channel.
 pub type Route = Arc<dyn Fn(&str) -> usize + Send + Sync>;
+
+/// Channels whose subscription a tagged PING confirms, by tag (shared by the control thread,
+/// which tags, and the readers, which see the PONGs).
+type Tags = Arc<Mutex<HashMap<u64, Vec<String>>>>;
 
 enum Control {
     Subscribe(String),
@@ -77,7 +88,8 @@ enum Control {
 pub struct Wants(flume::Sender<Control>);
 
 impl Wants {
-    /// The node has a subscriber for `channel` now.
+    /// The node has a subscriber for `channel` now; [`Incoming::Subscribed`] says when Redis
+    /// has the subscription.
     pub fn subscribe(&self, channel: &str) {
         let _ = self.0.send(Control::Subscribe(channel.to_owned()));
     }
@@ -111,6 +123,9 @@ impl Subscriber {
             incoming: Arc::new(incoming),
             self_tx: tx.downgrade(),
             wanted: HashSet::new(),
+            tags: Tags::default(),
+            next_tag: 0,
+            unconfirmed: Vec::new(),
             conn: None,
             generation: 0,
             backoff,
@@ -153,6 +168,11 @@ struct ControlThread {
     /// For the reader threads (weak: the control thread stops once the shards are gone).
     self_tx: flume::WeakSender<Control>,
     wanted: HashSet<String>,
+    /// Subscriptions sent, waiting for their PONG.
+    tags: Tags,
+    next_tag: u64,
+    /// Subscriptions asked for while there was no connection: the next one confirms them.
+    unconfirmed: Vec<String>,
     conn: Option<Conn>,
     generation: u64,
     backoff: Backoff,
@@ -190,9 +210,13 @@ impl ControlThread {
     fn handle(&mut self, batch: Vec<Control>) {
         let mut subscribe = Vec::new();
         let mut unsubscribe = Vec::new();
+        // Every request is confirmed, even one for a channel wanted already: its SUBSCRIBE
+        // may still be on its way.
+        let mut confirm = Vec::new();
         for control in batch {
             match control {
                 Control::Subscribe(channel) => {
+                    confirm.push(channel.clone());
                     if self.wanted.insert(channel.clone()) {
                         unsubscribe.retain(|c| c != &channel);
                         subscribe.push(channel);
@@ -217,14 +241,36 @@ impl ControlThread {
                 Control::Pong(_) => {}
             }
         }
-        if self.conn.is_some() {
-            let ok = self
-                .send_batched("SUBSCRIBE", subscribe.iter())
-                .and_then(|()| self.send_batched("UNSUBSCRIBE", unsubscribe.iter()));
-            if let Err(e) = ok {
-                self.lost(&e.to_string());
-            }
+        if self.conn.is_none() {
+            self.unconfirmed.extend(confirm);
+            return;
         }
+        let sent = self
+            .send_batched("SUBSCRIBE", subscribe.iter())
+            .and_then(|()| self.send_batched("UNSUBSCRIBE", unsubscribe.iter()));
+        if let Err(e) = sent {
+            // The next connection subscribes them and confirms it.
+            self.unconfirmed.extend(confirm);
+            return self.lost(&e.to_string());
+        }
+        // Tagged even if the PING cannot be sent: the next connection confirms those too.
+        if let Err(e) = self.confirm(confirm) {
+            self.lost(&e.to_string());
+        }
+    }
+
+    /// Send a PING whose PONG, coming after everything sent before it, confirms `channels`.
+    fn confirm(&mut self, channels: Vec<String>) -> std::io::Result<()> {
+        if channels.is_empty() {
+            return Ok(());
+        }
+        self.next_tag += 1;
+        let tag = self.next_tag;
+        self.tags
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(tag, channels);
+        self.send(&[&b"PING"[..], tag.to_string().as_bytes()])
     }
 
     /// Probe a silent connection, or drop one whose probe went unanswered.
@@ -296,10 +342,24 @@ impl ControlThread {
         }
         let wanted: Vec<String> = self.wanted.iter().cloned().collect();
         self.send_batched("SUBSCRIBE", wanted.iter())?;
-        // Answered after every SUBSCRIBE above: its PONG announces the subscriptions.
-        self.send(&[&b"PING"[..]])?;
+        // Answered after every SUBSCRIBE above: its PONG announces the subscriptions, and
+        // confirms those a lost connection left unconfirmed.
+        let mut confirm = std::mem::take(&mut self.unconfirmed);
+        let lost: Vec<Vec<String>> = {
+            let mut tags = self.tags.lock().unwrap_or_else(|e| e.into_inner());
+            tags.drain().map(|(_, channels)| channels).collect()
+        };
+        confirm.extend(lost.into_iter().flatten());
+        self.next_tag += 1;
+        let tag = self.next_tag;
+        self.tags
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(tag, confirm);
+        self.send(&[&b"PING"[..], tag.to_string().as_bytes()])?;
         let reader = Reader {
             generation: self.generation,
+            tags: self.tags.clone(),
             keys: self.keys.clone(),
             route: self.route.clone(),
             incoming: self.incoming.clone(),
@@ -350,6 +410,7 @@ impl ControlThread {
 
 struct Reader {
     generation: u64,
+    tags: Tags,
     keys: Keys,
     route: Route,
     incoming: Arc<Vec<flume::Sender<Incoming>>>,
@@ -398,11 +459,26 @@ impl Reader {
     }
 
     fn on_value(&self, value: Value, announced: &mut bool) {
-        let mut pong = || {
+        let mut pong = |tag: &[u8]| {
             // The first answers the PING sent after the subscriptions.
             if !*announced {
                 *announced = true;
                 self.tell_all(&Incoming::Resubscribed);
+            }
+            let tag = std::str::from_utf8(tag).ok().and_then(|t| t.parse().ok());
+            if let Some(tag) = tag {
+                let confirmed = self
+                    .tags
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&tag);
+                for channel in confirmed.into_iter().flatten() {
+                    if let Some(to) = self.incoming.get((self.route)(&channel)) {
+                        // Waits for room, like `Down`: a lost confirmation would leave a
+                        // subscriber waiting for good.
+                        let _ = to.send(Incoming::Subscribed { channel });
+                    }
+                }
             }
             if let Some(control) = self.control.upgrade() {
                 let _ = control.send(Control::Pong(self.generation));
@@ -415,7 +491,10 @@ impl Reader {
                     _ => return,
                 };
                 if kind == b"pong" {
-                    pong();
+                    match items.get(1) {
+                        Some(Value::BulkString(tag)) => pong(tag),
+                        _ => pong(b""),
+                    }
                 } else if kind == b"message" && items.len() == 3 {
                     // Taken out of the reply, not copied.
                     if let (Some(Value::BulkString(payload)), Some(Value::BulkString(name))) =
@@ -425,8 +504,10 @@ impl Reader {
                     }
                 }
             }
-            // PING outside subscribed mode (nothing wanted yet) answers +PONG.
-            Value::SimpleString(s) if s == "PONG" => pong(),
+            // PING outside subscribed mode (nothing subscribed) answers +PONG, or its
+            // argument.
+            Value::SimpleString(s) if s == "PONG" => pong(b""),
+            Value::BulkString(tag) => pong(&tag),
             Value::ServerError(e) => {
                 tracing::warn!("Redis PUB/SUB error: {e:?}");
             }
