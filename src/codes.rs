@@ -49,6 +49,8 @@ pub enum ErrorCode {
     PayloadTooLarge,
     /// A request body without `Content-Length`.
     LengthRequired,
+    /// A cluster node cannot reach its Redis: the request was not carried out.
+    ClusterUnavailable,
     /// The server's own fault.
     Internal,
 }
@@ -79,6 +81,7 @@ impl ErrorCode {
             ErrorCode::OriginNotAllowed => "origin_not_allowed",
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::LengthRequired => "length_required",
+            ErrorCode::ClusterUnavailable => "cluster_unavailable",
             ErrorCode::Internal => "internal",
         }
     }

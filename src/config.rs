@@ -87,6 +87,8 @@ pub struct Config {
     pub shutdown: Shutdown,
     /// Cross-shard mesh.
     pub mesh: Mesh,
+    /// Several nodes as one server, through Redis (docs/CLUSTER.md).
+    pub cluster: Cluster,
     /// Diagnostic endpoints.
     pub diagnostics: Diagnostics,
     /// The HTTP side of the port: origins, request bodies.
@@ -289,6 +291,67 @@ pub struct Mesh {
     pub max_pending: usize,
 }
 
+/// Several nodes as one server: channels numbered, kept and delivered through Redis.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Cluster {
+    /// Redis URLs (a string or a list; channels are spread over several by a stable hash of
+    /// their name). Empty: a single node.
+    #[serde(deserialize_with = "one_or_many")]
+    pub redis_url: Vec<String>,
+    /// This node's name in logs and `/health` (empty: made up at start).
+    pub node_id: String,
+    /// Prefix of every Redis key and PUB/SUB channel (several clusters may share a Redis).
+    pub prefix: String,
+    /// A silent PUB/SUB connection is probed this often.
+    pub probe_interval_ms: u64,
+    /// Bound on connecting to Redis, on each round trip and on a probe's answer.
+    pub timeout_ms: u64,
+    /// Publishes a shard may have waiting for Redis before its publishers are paused.
+    pub max_in_flight: usize,
+    /// Seconds a channel's epoch and numbering outlive its last publish (0: for ever).
+    pub meta_ttl_secs: u64,
+    /// Seconds an idempotency key's result is remembered in Redis.
+    pub result_ttl_secs: u64,
+}
+
+impl Cluster {
+    /// Whether this node is part of a cluster.
+    pub fn enabled(&self) -> bool {
+        !self.redis_url.is_empty()
+    }
+}
+
+impl Default for Cluster {
+    fn default() -> Self {
+        Self {
+            redis_url: Vec::new(),
+            node_id: String::new(),
+            prefix: "shardcast".into(),
+            probe_interval_ms: 1_000,
+            timeout_ms: 2_000,
+            max_in_flight: 16_384,
+            meta_ttl_secs: 0,
+            result_ttl_secs: 86_400,
+        }
+    }
+}
+
+/// A string or a list of strings (an empty string: none).
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Urls {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Urls::deserialize(d)? {
+        Urls::One(url) if url.is_empty() => Vec::new(),
+        Urls::One(url) => vec![url],
+        Urls::Many(urls) => urls,
+    })
+}
+
 /// The HTTP side of the port.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -363,6 +426,7 @@ impl Default for Config {
             history: History::default(),
             shutdown: Shutdown::default(),
             mesh: Mesh::default(),
+            cluster: Cluster::default(),
             diagnostics: Diagnostics::default(),
             http: Http::default(),
             api_keys: Vec::new(),
@@ -528,6 +592,28 @@ impl Config {
         if self.storage.queue_capacity == 0 || self.storage.max_batch == 0 {
             return invalid("storage.queue_capacity and storage.max_batch must be positive".into());
         }
+        if self.cluster.enabled() {
+            if let Some(url) = self
+                .cluster
+                .redis_url
+                .iter()
+                .find(|u| !u.starts_with("redis://"))
+            {
+                return invalid(format!("cluster.redis_url: {url:?} is not a redis:// URL"));
+            }
+            if let Ok(crate::storage::Backend::Sqlite(_)) =
+                crate::storage::Backend::parse(&self.storage.url)
+            {
+                return invalid(
+                    "cluster mode needs a store every node shares: set storage.url to \
+                     postgres://… (or \"memory\"); SQLite is one node's file"
+                        .into(),
+                );
+            }
+            if self.cluster.max_in_flight == 0 || self.cluster.timeout_ms == 0 {
+                return invalid("cluster.max_in_flight and timeout_ms must be positive".into());
+            }
+        }
         if self.mesh.channel_capacity == 0 {
             return invalid("mesh.channel_capacity must be greater than zero".into());
         }
@@ -634,6 +720,24 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("loopback-only"), "{err}");
+    }
+
+    #[test]
+    fn cluster_takes_one_redis_url_or_a_list_and_refuses_sqlite() {
+        let memory = ("SHARDCAST_STORAGE__URL", "memory");
+        let one = [
+            ("SHARDCAST_CLUSTER__REDIS_URL", "redis://127.0.0.1:6379"),
+            memory,
+        ];
+        let config = Config::load(None, env(&one)).unwrap();
+        assert_eq!(config.cluster.redis_url, ["redis://127.0.0.1:6379"]);
+        let two = r#"["redis://a:6379", "redis://b:6379"]"#;
+        let config = Config::load(None, env(&[("SHARDCAST_CLUSTER__REDIS_URL", two), memory]));
+        assert_eq!(config.unwrap().cluster.redis_url.len(), 2);
+        assert!(!Config::default().cluster.enabled());
+        let sqlite = [("SHARDCAST_CLUSTER__REDIS_URL", "redis://127.0.0.1:6379")];
+        let err = Config::load(None, env(&sqlite)).unwrap_err();
+        assert!(err.to_string().contains("shares"), "{err}");
     }
 
     #[test]

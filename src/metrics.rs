@@ -49,9 +49,14 @@ pub enum Counter {
     /// Fan-out frames encoded: one per message, dialect in use and shard with subscribers
     /// (not one per subscriber).
     FramesEncoded,
+    /// Cluster: messages Redis published that this node could not deliver (missed, and gone
+    /// from the history).
+    ClusterGaps,
+    /// Cluster: channels whose numbering started again (Redis lost their state).
+    ClusterResets,
 }
 
-const COUNTERS: usize = 18;
+const COUNTERS: usize = 20;
 const AUTH_REASONS: [&str; 4] = [
     "missing_credentials",
     "invalid_key",
@@ -74,15 +79,18 @@ pub enum Task {
     Mesh,
     /// Answers from the storage threads.
     Storage,
+    /// What the cluster's Redis threads report.
+    Cluster,
 }
 
-const TASKS: [&str; 6] = [
+const TASKS: [&str; 7] = [
     "connection",
     "readiness",
     "accept",
     "timers",
     "mesh",
     "storage",
+    "cluster",
 ];
 
 /// A poll at least this long counts as slow.
@@ -441,6 +449,18 @@ impl Global {
             "counter",
             "Fan-out frames encoded: once per message and wire dialect on each shard with subscribers.",
             self.sum(Counter::FramesEncoded),
+        );
+        metric(
+            "shardcast_cluster_gaps_total",
+            "counter",
+            "Runs of messages published through Redis that this node could not deliver.",
+            self.sum(Counter::ClusterGaps),
+        );
+        metric(
+            "shardcast_cluster_resets_total",
+            "counter",
+            "Channels whose numbering started again because Redis lost their state.",
+            self.sum(Counter::ClusterResets),
         );
         metric(
             "shardcast_decisions_processed_total",

@@ -22,7 +22,9 @@ use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::clock::Now;
+use crate::cluster::node::{Node, ShardSide};
 use crate::config::Config;
+use crate::engine::Input;
 use crate::mesh::{self, Batch};
 use crate::metrics::{Global, Task};
 use crate::poller::{self, Poller, Ring, Watched};
@@ -43,6 +45,9 @@ pub enum ServerError {
     /// The decision store could not be opened.
     #[error("cannot open storage: {0}")]
     Storage(#[from] StorageError),
+    /// The cluster's Redis threads could not be started.
+    #[error("cannot start the cluster's Redis threads: {0}")]
+    Cluster(std::io::Error),
     /// A shard's readiness ring could not be made.
     #[error("cannot set up io_uring for shard {shard}: {source}")]
     Ring {
@@ -68,6 +73,7 @@ pub struct Server {
     stops: Vec<flume::Sender<()>>,
     shards: Vec<glommio::ExecutorJoinHandle<()>>,
     storage: Option<(Writer, std::thread::JoinHandle<()>)>,
+    cluster: Option<Node>,
 }
 
 impl Server {
@@ -98,6 +104,9 @@ impl Server {
         if let Some((writer, thread)) = self.storage {
             writer.stop();
             let _ = thread.join();
+        }
+        if let Some(node) = self.cluster {
+            node.join();
         }
     }
 }
@@ -252,13 +261,30 @@ pub fn start(mut config: Config) -> Result<Server, ServerError> {
         ),
         None => (None, None, None, Recovery::Now(Arc::default())),
     };
+    let (cluster, mut sides) = if config.cluster.enabled() {
+        if config.cluster.node_id.is_empty() {
+            config.cluster.node_id =
+                format!("{}-{}", std::process::id(), crate::decision::unix_ms());
+        }
+        let route = Arc::new(move |channel: &str| crate::shard::owner_of(channel, nshards));
+        let (node, sides) = Node::start(&config, nshards, route).map_err(ServerError::Cluster)?;
+        tracing::info!(
+            node = config.cluster.node_id,
+            redis = ?config.cluster.redis_url,
+            "cluster node: channels numbered and delivered through Redis"
+        );
+        (Some(node), sides.into_iter().map(Some).collect())
+    } else {
+        (None, Vec::new())
+    };
+    sides.resize_with(nshards, || None);
     let config = Arc::new(config);
     let global = Arc::new(Global::new(nshards));
     let mesh =
         (nshards > 1).then(|| MeshBuilder::<Batch, _>::full(nshards, config.mesh.channel_capacity));
     let mut stops = Vec::new();
     let mut shards = Vec::new();
-    for (id, socket) in sockets.into_iter().enumerate() {
+    for ((id, socket), cluster) in sockets.into_iter().enumerate().zip(sides) {
         let (stop_tx, stop_rx) = flume::bounded(1);
         stops.push(stop_tx);
         let cpu = cpus[(config.cpu_offset + id) % cpus.len()];
@@ -291,6 +317,7 @@ pub fn start(mut config: Config) -> Result<Server, ServerError> {
             listener,
             ring,
             storage: link,
+            cluster,
         };
         let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard-{id}"))
@@ -308,6 +335,7 @@ pub fn start(mut config: Config) -> Result<Server, ServerError> {
         stops,
         shards,
         storage: writer.zip(thread),
+        cluster,
     })
 }
 
@@ -318,6 +346,8 @@ struct ShardParts {
     /// The storage link, where this shard's answers come back, and what the store recovered
     /// (or where that will come from).
     storage: Option<(StorageLink, Inboxes, Recovery)>,
+    /// In a cluster: the Redis instances, and where their answers come back.
+    cluster: Option<ShardSide>,
 }
 
 /// Where the storage threads answer one shard.
@@ -340,8 +370,15 @@ async fn run_shard(
         listener,
         ring,
         storage,
+        cluster,
     } = parts;
+    let (page, max_in_flight) = (config.history.size.max(100), config.cluster.max_in_flight);
     let mut shard = Shard::new(id, nshards, config, global, Now::read());
+    let cluster = cluster.map(|side| {
+        let engine = crate::engine::Redis::new(id, side.instances, page, max_in_flight);
+        shard.attach_engine(Box::new(engine));
+        (side.completions, side.incoming)
+    });
     let mut later = None;
     let inboxes = storage.map(|(link, inboxes, recovered)| {
         match recovered {
@@ -383,6 +420,23 @@ async fn run_shard(
             }
         }))
     });
+    // What the Redis threads answer and hear; only these tasks wait for them.
+    if let Some((completions, incoming)) = cluster {
+        let answers = shard.clone();
+        glommio::spawn_local(timed(shard.clone(), Task::Cluster, async move {
+            while let Ok(completion) = completions.recv_async().await {
+                answers.heard(Input::Link(completion), Now::read());
+            }
+        }))
+        .detach();
+        let heard = shard.clone();
+        glommio::spawn_local(timed(shard.clone(), Task::Cluster, async move {
+            while let Ok(incoming) = incoming.recv_async().await {
+                heard.heard(Input::PubSub(incoming), Now::read());
+            }
+        }))
+        .detach();
+    }
     let poller = Rc::new(Poller::new(ring));
     if let Some(mesh) = mesh {
         match mesh.join().await {

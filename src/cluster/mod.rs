@@ -15,7 +15,10 @@
 //! - `order.rs`: each seq of a channel once and in order on a node, gaps filled from the
 //!   history or reported (plain state, no I/O);
 //! - `pubsub.rs`: the node's PUB/SUB connection: the channels its shards want, their
-//!   messages to the owner shards, resubscription after a reconnect, probes.
+//!   messages to the owner shards, resubscription after a reconnect, probes;
+//! - `node.rs`: a node's links and subscribers, started before its shards.
+//!
+//! The shards use them through the cluster engine, `crate::engine::Redis`.
 //!
 //! All Redis I/O is on these threads (the `redis` crate has no glommio runtime); shards talk
 //! to them over flume and never wait.
@@ -23,6 +26,7 @@
 pub mod client;
 pub mod keys;
 pub mod link;
+pub mod node;
 pub mod order;
 pub mod pubsub;
 

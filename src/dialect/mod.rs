@@ -258,6 +258,18 @@ pub enum Answer {
         /// Its idempotency key.
         key: Box<str>,
     },
+    /// See [`Reply::Error`].
+    Error {
+        /// The code.
+        code: ErrorCode,
+        /// What went wrong, for people.
+        message: Box<str>,
+        /// Raw request id (or idempotency key, as JSON) to echo.
+        id: Option<Box<[u8]>>,
+        /// The request was owed an answer (counted by the client's shard as waiting for
+        /// one): a PUBLISH without an id is not, but is still told it failed.
+        owed: bool,
+    },
 }
 
 impl Answer {
@@ -277,6 +289,22 @@ impl Answer {
                 seq: *seq,
             },
             Answer::StorageUnavailable { key } => Reply::StorageUnavailable { key },
+            Answer::Error {
+                code, message, id, ..
+            } => Reply::Error {
+                code: *code,
+                message,
+                id: id.as_deref(),
+                channel: None,
+            },
+        }
+    }
+
+    /// Whether this answers a request the client's shard counted as owed.
+    pub fn owed(&self) -> bool {
+        match self {
+            Answer::Error { owed, .. } => *owed,
+            _ => true,
         }
     }
 }

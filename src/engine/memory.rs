@@ -7,7 +7,7 @@ use std::hash::Hash;
 use std::rc::Rc;
 
 use super::history::{Found, Limits, Retired, Ring};
-use super::{Arrival, Engine, Event};
+use super::{Arrival, Engine, Event, Numbered};
 use crate::dialect::{Kind, Publication};
 
 /// A channel's numbering and history.
@@ -82,7 +82,14 @@ impl Memory {
 }
 
 impl Engine for Memory {
-    fn publish(&mut self, channel: &str, kind: Kind, data: Rc<[u8]>, at: Arrival) -> u64 {
+    fn publish(
+        &mut self,
+        channel: &str,
+        kind: Kind,
+        data: Rc<[u8]>,
+        at: Arrival,
+        _token: u64,
+    ) -> Numbered {
         let limits = self.limits;
         // One lookup of the channel, not one for the number and one for the ring.
         let state = self.entry(channel);
@@ -90,7 +97,7 @@ impl Engine for Memory {
         let seq = state.seq;
         let event = state.keep(Publication { seq, kind, data }, at, limits);
         self.events.push_back(event);
-        seq
+        Numbered::Now(seq)
     }
 
     fn reserve(&mut self, channel: &str, stored: bool) -> u64 {
@@ -114,10 +121,10 @@ impl Engine for Memory {
         }
     }
 
-    fn history(&mut self, channel: &str, after: u64, now_ms: u64) -> Found {
+    fn history(&mut self, channel: &str, after: u64, now_ms: u64, _token: u64) -> Option<Found> {
         let limits = self.limits;
         let state = self.entry(channel);
-        state.ring.since(after, now_ms, limits)
+        Some(state.ring.since(after, now_ms, limits))
     }
 
     /// Numbering continues from the stored maximum, never back below numbers given meanwhile

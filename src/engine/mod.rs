@@ -4,12 +4,13 @@
 //! subscribers and to the other shards that want the channel.
 //!
 //! [`Memory`] is the single-node engine: everything in the owner shard's memory, answered at
-//! once. A Redis engine (several nodes as one server) goes beside it: there the publications
-//! come from Redis PUB/SUB, published on any node, which is why delivery is an event and not
-//! the return value of `publish`. Its numbering and history reads take a round trip, so
-//! those calls will become completions with a token when it comes (docs/ARCHITECTURE.md).
-//! `tests.rs` holds the contract every engine must pass; centrifuge's `Broker` interface
-//! (`broker.go`, with `broker_memory.go` and `broker_redis.go` side by side) is the model.
+//! once. [`Redis`] (several nodes as one server, docs/CLUSTER.md) goes beside it: there the
+//! publications come from Redis PUB/SUB, published on any node, which is why delivery is an
+//! event and not the return value of `publish`; its numbering and history reads take a round
+//! trip, so they may answer later, as an [`Event`] carrying the caller's token, and what its
+//! threads hear comes in through [`Engine::heard`]. `tests.rs` holds the contract of the
+//! engines that answer at once; centrifuge's `Broker` interface (`broker.go`, with
+//! `broker_memory.go` and `broker_redis.go` side by side) is the model.
 //!
 //! What stays with the owner, whatever the engine: the queue of messages held behind
 //! uncommitted decisions (the store is the owner's), and which shards of this node want a
@@ -17,6 +18,7 @@
 
 pub mod history;
 mod memory;
+mod redis;
 #[cfg(test)]
 mod tests;
 
@@ -27,6 +29,7 @@ use crate::dialect::{Kind, Publication};
 pub use history::Found;
 pub(crate) use memory::shrink_if_sparse;
 pub use memory::Memory;
+pub use redis::{Input, Redis};
 
 /// When a message reached the owner.
 #[derive(Debug, Clone, Copy)]
@@ -37,9 +40,53 @@ pub struct Arrival {
     pub at_ms: u64,
 }
 
+/// A publish's seq: now, or later as [`Event::Numbered`] with the publish's token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Numbered {
+    /// This seq.
+    Now(u64),
+    /// Answered later.
+    Later,
+}
+
 /// What an engine hands back to the owner.
 #[derive(Debug)]
 pub enum Event {
+    /// A publish answered [`Numbered::Later`]: its seq, or why it was not published.
+    Numbered {
+        /// The publish's token.
+        token: u64,
+        /// The seq.
+        result: Result<u64, String>,
+    },
+    /// A history read answered `None`: what was found, or why nothing could be read.
+    History {
+        /// The read's token.
+        token: u64,
+        /// The history.
+        found: Result<Found, String>,
+    },
+    /// The node now hears every message published on `channel` (see [`Engine::want`]).
+    Subscribed {
+        /// The channel.
+        channel: Rc<str>,
+    },
+    /// Seqs `from..=to` of `channel` were published but cannot be delivered: its subscribers
+    /// must be told.
+    Gap {
+        /// The channel.
+        channel: Rc<str>,
+        /// First missing seq.
+        from: u64,
+        /// Last missing seq.
+        to: u64,
+    },
+    /// `channel`'s numbering started again (its state in Redis was lost): its subscribers'
+    /// positions mean nothing now.
+    Reset {
+        /// The channel.
+        channel: Rc<str>,
+    },
     /// Deliver `publication` to `channel`'s subscribers (events of a channel come in seq
     /// order).
     Publication {
@@ -55,7 +102,21 @@ pub enum Event {
 /// Numbering, history and delivery of the channels one shard owns.
 pub trait Engine {
     /// Number `data` as `channel`'s next message, keep it in the history and deliver it.
-    fn publish(&mut self, channel: &str, kind: Kind, data: Rc<[u8]>, at: Arrival) -> u64;
+    /// An answer that comes later is an [`Event::Numbered`] with `token`.
+    fn publish(
+        &mut self,
+        channel: &str,
+        kind: Kind,
+        data: Rc<[u8]>,
+        at: Arrival,
+        token: u64,
+    ) -> Numbered;
+
+    /// Whether numbering is answered at once, so that [`Engine::reserve`], [`Engine::keep`]
+    /// and [`Engine::give_back`] may be used (decisions held behind their commit).
+    fn numbers_locally(&self) -> bool {
+        true
+    }
 
     /// Take `channel`'s next seq for a message that is kept later with [`Engine::keep`] or
     /// given back (a decision waiting for its commit, or a message queued behind one).
@@ -70,8 +131,27 @@ pub trait Engine {
     /// may have it, so the sequence has no hole.
     fn give_back(&mut self, channel: &str, seq: u64);
 
-    /// What `channel` keeps after seq `after`, at `now_ms` on the shard clock.
-    fn history(&mut self, channel: &str, after: u64, now_ms: u64) -> Found;
+    /// What `channel` keeps after seq `after`, at `now_ms` on the shard clock; `None`: the
+    /// answer comes later as an [`Event::History`] with `token`.
+    fn history(&mut self, channel: &str, after: u64, now_ms: u64, token: u64) -> Option<Found>;
+
+    /// The node wants `channel` (some shard of it has subscribers) or, with `on` false, no
+    /// longer does. True when the node hears every message published on it from now on;
+    /// false: an [`Event::Subscribed`] says when.
+    fn want(&mut self, channel: &str, on: bool) -> bool {
+        let _ = (channel, on);
+        true
+    }
+
+    /// Take what the engine's threads report (an engine without threads hears nothing).
+    fn heard(&mut self, input: Input, at: Arrival) {
+        let _ = (input, at);
+    }
+
+    /// Too much is waiting for the engine: publishers should pause.
+    fn congested(&self) -> bool {
+        false
+    }
 
     /// The durable store holds `channel` up to `seq`: its numbering continues above it.
     fn recover(&mut self, channel: &str, seq: u64);

@@ -1,5 +1,6 @@
-//! What the owner of a channel keeps besides its engine: the other shards that want it and
-//! the messages held behind uncommitted decisions.
+//! What the owner of a channel keeps besides its engine: the other shards that want it, the
+//! messages held behind uncommitted decisions, and the subscriptions waiting for the node to
+//! hear the channel.
 //!
 //! Plain data, no I/O, no routing: the shard reads and updates it, then sends. Numbering and
 //! history are the engine's (`crate::engine`).
@@ -12,6 +13,8 @@ use crate::dialect::Publication;
 use crate::engine::shrink_if_sparse;
 use crate::engine::Arrival;
 
+use super::replays::{ReplayTo, Since};
+
 /// A channel owned by this shard that another shard wants or that has held messages.
 #[derive(Debug, Default)]
 pub(super) struct Owned {
@@ -20,6 +23,18 @@ pub(super) struct Owned {
     /// Messages numbered after a decision that is not committed yet, in seq order: they wait
     /// so that subscribers see every seq in order (empty unless `ack = "durable"`).
     pub held: VecDeque<Held>,
+    /// Subscriptions answered once the engine hears the channel (a cluster node's Redis
+    /// subscription is in place).
+    pub waiting: Vec<Waiter>,
+}
+
+/// A subscription waiting for the engine to hear its channel.
+#[derive(Debug)]
+pub(super) enum Waiter {
+    /// Answer `MeshMsg::InterestAck` with `token` to `shard` (this one too).
+    Ack { shard: usize, token: u64 },
+    /// Replay what came after `since`, then answer.
+    Replay { since: Since, to: ReplayTo },
 }
 
 /// A numbered message held back until the decisions before it are committed.
@@ -81,8 +96,9 @@ impl Channels {
 
     /// Forget the channels no other shard wants and nothing is held on.
     pub fn free_idle(&mut self) {
-        self.owned
-            .retain(|_, state| !state.interest.is_empty() || !state.held.is_empty());
+        self.owned.retain(|_, state| {
+            !state.interest.is_empty() || !state.held.is_empty() || !state.waiting.is_empty()
+        });
         shrink_if_sparse(&mut self.owned);
     }
 }

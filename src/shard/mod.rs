@@ -24,7 +24,7 @@ use crate::config::{BackpressurePolicy, Config, Scope};
 use crate::decision::{self, Decision, DecisionId, Original};
 use crate::dialect::shardcast::Parser;
 use crate::dialect::{Answer, Kind, Publication, Refusal, Reply, Request};
-use crate::engine::{Arrival, Engine, Event, Memory};
+use crate::engine::{Arrival, Engine, Event, Found, Input, Memory, Numbered};
 use crate::metrics::{Counter, Global, ShardCounters};
 use crate::queue::{Bounds, OutQueue, Pushed};
 use crate::storage;
@@ -36,13 +36,13 @@ mod peer;
 mod replays;
 mod subscriptions;
 
-use channels::{Channels, Held, Hold};
+use channels::{Channels, Held, Hold, Waiter};
 use ingest::{Admission, Decisions, Unconfirmed};
 use outbox::Outboxes;
 use peer::Registry;
 pub use peer::{Peer, Phase, Stall};
+use replays::{Asked, PendingRead, ReplayTo, Replays};
 pub use replays::{HistoryPage, Replay, Since};
-use replays::{PendingRead, ReplayTo, Replays};
 use subscriptions::{PendingSub, Subscriptions};
 
 /// Where an answer must go: a connection on some shard, with the request id to echo.
@@ -204,6 +204,10 @@ pub struct Shard {
     engine: RefCell<Box<dyn Engine>>,
     /// What the owner keeps besides: other shards' interest, messages held behind commits.
     channels: RefCell<Channels>,
+    /// Publishes the engine answers later, by token: whom to acknowledge.
+    numbering: RefCell<HashMap<u64, Origin>>,
+    /// Publishers paused while the engine is congested.
+    engine_waiters: RefCell<Vec<Waker>>,
     decisions: RefCell<Decisions>,
     replays: RefCell<Replays>,
     /// Server epoch (start time): seqs of ephemeral channels restart when it changes.
@@ -249,6 +253,8 @@ impl Shard {
             subs: RefCell::default(),
             engine: RefCell::new(Box::new(Memory::new(config.history.limits()))),
             channels: RefCell::default(),
+            numbering: RefCell::default(),
+            engine_waiters: RefCell::default(),
             decisions: RefCell::new(Decisions::new(&config, id)),
             replays: RefCell::default(),
             epoch: global.boot_id,
@@ -259,6 +265,32 @@ impl Shard {
             config,
             global,
         }
+    }
+
+    /// Number, keep and deliver this shard's channels with `engine` instead of the in-memory
+    /// one (a cluster node's [`crate::engine::Redis`]).
+    pub fn attach_engine(&mut self, engine: Box<dyn Engine>) {
+        self.engine = RefCell::new(engine);
+    }
+
+    /// What the engine's threads report, received at `now`.
+    pub fn heard(&self, input: Input, now: Now) {
+        self.enter(now);
+        let at = self.arrival(now.instant);
+        self.engine.borrow_mut().heard(input, at);
+        self.deliver_events();
+        if !self.engine.borrow().congested() {
+            for waker in self.engine_waiters.borrow_mut().drain(..) {
+                waker.wake();
+            }
+        }
+    }
+
+    /// A fresh token for a request whose answer comes later.
+    fn token(&self) -> u64 {
+        let token = self.next_token.get();
+        self.next_token.set(token + 1);
+        token
     }
 
     /// Store decisions through `link`. With what the store `recovered` at start-up the shard
@@ -510,8 +542,10 @@ impl Shard {
                     id: id.map(Box::from),
                 };
                 let (owner, t0) = (self.owner_of(&channel), now.instant);
-                if owner == self.id {
-                    // Owned here: no need to copy the message into a mesh message.
+                // Owned here: no need to copy the message into a mesh message. An engine that
+                // numbers elsewhere (Redis) is asked from any shard, bounded by its
+                // congestion, and delivers through the owner.
+                if owner == self.id || !self.engine.borrow().numbers_locally() {
                     self.publish_as_owner(&channel, data, origin, t0);
                     return Handled::Done;
                 }
@@ -704,6 +738,23 @@ impl Shard {
                     since,
                 };
                 self.route(owner, msg);
+            } else if !self.engine.borrow_mut().want(name, true) {
+                // The node does not hear the channel yet: answered once it does.
+                pending.waiting += 1;
+                let waiter = match since {
+                    Some(since) => Waiter::Replay {
+                        since,
+                        to: ReplayTo::Sub {
+                            shard: self.id,
+                            token,
+                        },
+                    },
+                    None => Waiter::Ack {
+                        shard: self.id,
+                        token,
+                    },
+                };
+                self.channels.borrow_mut().entry(name).waiting.push(waiter);
             } else if let Some(since) = since {
                 pending.waiting += 1;
                 local.push((name.clone(), since));
@@ -807,10 +858,46 @@ impl Shard {
     /// owns and send it `to` the subscriber. What the ring no longer holds may be stored
     /// decisions: then the store is read first.
     fn replay(&self, channel: &str, since: Since, to: ReplayTo) {
+        let token = self.token();
         let found = self
             .engine
             .borrow_mut()
-            .history(channel, since.after, self.ms());
+            .history(channel, since.after, self.ms(), token);
+        match found {
+            Some(found) => self.replay_found(channel, since, to, found),
+            None => {
+                let channel = channel.into();
+                let asked = Asked { channel, since, to };
+                self.replays.borrow_mut().ask(token, asked);
+                // An engine that cannot even ask answers at once.
+                self.deliver_events();
+            }
+        }
+    }
+
+    /// The engine's history read `token` is answered.
+    fn history_found(&self, token: u64, found: Result<Found, String>) {
+        let Some(Asked { channel, since, to }) = self.replays.borrow_mut().answer(token) else {
+            return;
+        };
+        match found {
+            Ok(found) => self.replay_found(&channel, since, to, found),
+            Err(e) => {
+                tracing::warn!(shard = self.id, channel = &*channel, "replay failed: {e}");
+                let replay = Replay {
+                    channel,
+                    messages: Vec::new(),
+                    upto: 0,
+                    complete: false,
+                };
+                self.send_replay(to, replay, false);
+            }
+        }
+    }
+
+    /// The second half of [`Shard::replay`]: what the engine found, and the store for what
+    /// it no longer has.
+    fn replay_found(&self, channel: &str, since: Since, to: ReplayTo, found: Found) {
         let in_range = since.after <= found.upto;
         let ring = Replay {
             channel: channel.into(),
@@ -833,8 +920,7 @@ impl Shard {
         let Some((link, limit)) = reader else {
             return self.send_replay(to, ring, false);
         };
-        let token = self.next_token.get();
-        self.next_token.set(token + 1);
+        let token = self.token();
         let query = storage::reader::Query::History {
             channel: channel.into(),
             after: since.after,
@@ -932,7 +1018,9 @@ impl Shard {
     fn unsubscribe_one(&self, conn: u64, channel: &str) {
         let now_empty = self.subs.borrow_mut().remove(conn, channel);
         let owner = self.owner_of(channel);
-        if now_empty && owner != self.id {
+        if now_empty && owner == self.id {
+            self.refresh_want(channel);
+        } else if now_empty {
             let msg = MeshMsg::Interest {
                 channel: channel.into(),
                 on: false,
@@ -945,16 +1033,50 @@ impl Shard {
 
     // ----- the owner's side -----
 
+    /// Tell the engine when the node no longer wants a channel this shard owns (no
+    /// subscriber here, no other shard interested), and answer the subscriptions that were
+    /// waiting for it.
+    fn refresh_want(&self, channel: &str) {
+        let interest = |o: &channels::Owned| !o.interest.is_empty();
+        let others = self.channels.borrow().get(channel).is_some_and(interest);
+        if others || self.subs.borrow().wanted(channel) {
+            return;
+        }
+        self.engine.borrow_mut().want(channel, false);
+        self.release_waiting(channel);
+    }
+
+    /// The node hears `channel` now (or no longer wants it): answer the subscriptions that
+    /// waited.
+    fn release_waiting(&self, channel: &str) {
+        let waiting = {
+            let mut channels = self.channels.borrow_mut();
+            let owned = channels.get_mut(channel);
+            owned.map(|o| std::mem::take(&mut o.waiting))
+        };
+        for waiter in waiting.into_iter().flatten() {
+            match waiter {
+                Waiter::Ack { shard, token } => self.route(shard, MeshMsg::InterestAck { token }),
+                Waiter::Replay { since, to } => self.replay(channel, since, to),
+            }
+        }
+    }
+
     /// Number a message on `channel` and fan it out (or hold it behind an uncommitted
-    /// decision).
-    fn fan_out(&self, channel: &str, kind: Kind, data: &[u8], t0: Instant) -> u64 {
+    /// decision). An engine that numbers later answers with `token`.
+    fn fan_out(&self, channel: &str, kind: Kind, data: &[u8], t0: Instant, token: u64) -> Numbered {
         let at = self.arrival(t0);
         let data = Rc::from(data);
         let mut channels = self.channels.borrow_mut();
         let Some(owned) = channels.get_mut(channel).filter(|o| !o.held.is_empty()) else {
             drop(channels);
-            let seq = self.engine.borrow_mut().publish(channel, kind, data, at);
-            self.deliver_events();
+            let seq = self
+                .engine
+                .borrow_mut()
+                .publish(channel, kind, data, at, token);
+            if let Numbered::Now(_) = seq {
+                self.deliver_events();
+            }
             return seq;
         };
         let seq = self.engine.borrow_mut().reserve(channel, false);
@@ -965,7 +1087,7 @@ impl Shard {
             at,
             hold,
         });
-        seq
+        Numbered::Now(seq)
     }
 
     /// When a message that reached the owner at `t0` arrived, on the shard clock too (no
@@ -975,19 +1097,52 @@ impl Shard {
         Arrival { t0, at_ms }
     }
 
-    /// Send what the engine has to deliver.
+    /// Do what the engine has to say: deliveries, and the answers that came later.
     fn deliver_events(&self) {
         loop {
             let event = self.engine.borrow_mut().next_event();
-            let Some(Event::Publication {
-                channel,
-                publication,
-                at,
-            }) = event
-            else {
-                return;
-            };
-            self.emit(&channel, &publication, at.t0);
+            match event {
+                None => return,
+                Some(Event::Publication {
+                    channel,
+                    publication,
+                    at,
+                }) => self.emit(&channel, &publication, at.t0),
+                Some(Event::Numbered { token, result }) => self.numbered(token, result),
+                Some(Event::History { token, found }) => self.history_found(token, found),
+                Some(Event::Subscribed { channel }) => self.release_waiting(&channel),
+                Some(Event::Gap { channel, from, to }) => {
+                    // Not yet told to the subscribers (docs/CLUSTER.md, to do).
+                    self.counters.add(Counter::ClusterGaps, 1);
+                    tracing::warn!(shard = self.id, %channel, from, to, "messages lost");
+                }
+                Some(Event::Reset { channel }) => {
+                    self.counters.add(Counter::ClusterResets, 1);
+                    tracing::warn!(shard = self.id, %channel, "numbering started again");
+                }
+            }
+        }
+    }
+
+    /// The engine numbered (or could not publish) the publish of `token`: acknowledge it.
+    fn numbered(&self, token: u64, result: Result<u64, String>) {
+        let Some(mut origin) = self.numbering.borrow_mut().remove(&token) else {
+            return;
+        };
+        let id = origin.id.take();
+        match (result, id) {
+            (Ok(seq), Some(id)) => self.reply(&origin, Answer::PublishAck { id, seq }),
+            (Ok(_), None) => {}
+            (Err(reason), id) => {
+                tracing::debug!(shard = self.id, "publish failed: {reason}");
+                let answer = Answer::Error {
+                    code: ErrorCode::ClusterUnavailable,
+                    message: format!("not published: {reason}").into(),
+                    owed: id.is_some(),
+                    id,
+                };
+                self.reply(&origin, answer);
+            }
         }
     }
 
@@ -1009,9 +1164,18 @@ impl Shard {
 
     /// Number and fan out a PUBLISH on a channel this shard owns; ACK it if it had an id.
     fn publish_as_owner(&self, channel: &str, data: &[u8], mut origin: Origin, t0: Instant) {
-        let seq = self.fan_out(channel, Kind::Message, data, t0);
-        if let Some(id) = origin.id.take() {
-            self.reply(&origin, Answer::PublishAck { id, seq });
+        let token = self.token();
+        match self.fan_out(channel, Kind::Message, data, t0, token) {
+            Numbered::Now(seq) => {
+                if let Some(id) = origin.id.take() {
+                    self.reply(&origin, Answer::PublishAck { id, seq });
+                }
+            }
+            Numbered::Later => {
+                self.numbering.borrow_mut().insert(token, origin);
+                // An engine that could not even send it has answered already.
+                self.deliver_events();
+            }
         }
     }
 
@@ -1045,6 +1209,17 @@ impl Shard {
         origin: Origin,
         t0: Instant,
     ) {
+        if !self.engine.borrow().numbers_locally() {
+            let mut id = Vec::new();
+            crate::json::push_str(&mut id, key);
+            let answer = Answer::Error {
+                code: ErrorCode::ClusterUnavailable,
+                message: "decisions are not taken in cluster mode yet (docs/CLUSTER.md)".into(),
+                id: Some(id.into()),
+                owed: true,
+            };
+            return self.reply(&origin, answer);
+        }
         let org = decision.org_id.as_str();
         let now = self.now().instant;
         let durable = self.storage.as_ref().is_some_and(|link| link.durable);
@@ -1074,7 +1249,11 @@ impl Shard {
         let id = decision_id.text();
         let data = decision::enrich(data, id.as_str(), &decision::rfc3339(ms));
         let Some(link) = &self.storage else {
-            let seq = self.fan_out(channel, Kind::Decision, &data, t0);
+            let numbered = self.fan_out(channel, Kind::Decision, &data, t0, self.token());
+            // An engine that numbers later does not take decisions (refused above).
+            let Numbered::Now(seq) = numbered else {
+                return self.reply(&origin, storage_unavailable(key));
+            };
             let original = Original { decision_id, seq };
             self.decisions
                 .borrow_mut()
@@ -1322,6 +1501,21 @@ impl Shard {
                 self.channels
                     .borrow_mut()
                     .interest(&channel, from as u16, on);
+                if !on {
+                    return self.refresh_want(&channel);
+                }
+                if !self.engine.borrow_mut().want(&channel, true) {
+                    // Answered once the node hears the channel.
+                    let waiter = match since {
+                        Some(since) => Waiter::Replay {
+                            since,
+                            to: ReplayTo::Sub { shard: from, token },
+                        },
+                        None => Waiter::Ack { shard: from, token },
+                    };
+                    let mut channels = self.channels.borrow_mut();
+                    return channels.entry(&channel).waiting.push(waiter);
+                }
                 // Registered first: every message after the replay's `upto` reaches that shard
                 // live (the mesh keeps each shard pair's messages in order).
                 if let Some(since) = since {
@@ -1336,7 +1530,8 @@ impl Shard {
             MeshMsg::Reply { conn, answer } => {
                 // Each request routed to an owner is answered once: the debt is paid.
                 if let Some(peer) = self.peer(conn) {
-                    peer.owed.set(peer.owed.get().saturating_sub(1));
+                    let paid = u32::from(answer.owed());
+                    peer.owed.set(peer.owed.get().saturating_sub(paid));
                     self.answer(&peer, &answer.reply());
                 }
             }
@@ -1377,14 +1572,19 @@ impl Shard {
         polled
     }
 
-    /// True when some peer shard has too much waiting for it: publishers should pause.
+    /// True when some peer shard, or the engine, has too much waiting for it: publishers
+    /// should pause.
     pub fn congested(&self) -> bool {
-        self.outboxes.congested()
+        self.outboxes.congested() || self.engine.borrow().congested()
     }
 
-    /// Wake `waker` once the mesh is no longer congested.
+    /// Wake `waker` once the mesh and the engine are no longer congested.
     pub fn wait_uncongested(&self, waker: &Waker) {
-        self.outboxes.wait_uncongested(waker);
+        if self.engine.borrow().congested() {
+            self.engine_waiters.borrow_mut().push(waker.clone());
+        } else {
+            self.outboxes.wait_uncongested(waker);
+        }
     }
 
     // ----- timers -----

@@ -131,13 +131,32 @@ impl PendingRead {
     }
 }
 
-/// The replays of one shard waiting for the store, by read token.
+/// A replay waiting for the engine's history (a round trip to Redis).
+#[derive(Debug)]
+pub(super) struct Asked {
+    pub channel: Box<str>,
+    pub since: Since,
+    pub to: ReplayTo,
+}
+
+/// The replays of one shard waiting for the store or the engine, by read token.
 #[derive(Debug, Default)]
 pub(super) struct Replays {
     reading: HashMap<u64, PendingRead>,
+    asked: HashMap<u64, Asked>,
 }
 
 impl Replays {
+    /// Wait for the engine's history read `token`.
+    pub fn ask(&mut self, token: u64, asked: Asked) {
+        self.asked.insert(token, asked);
+    }
+
+    /// The replay the engine's read `token` was for.
+    pub fn answer(&mut self, token: u64) -> Option<Asked> {
+        self.asked.remove(&token)
+    }
+
     /// Wait for store read `token`.
     pub fn wait(&mut self, token: u64, read: PendingRead) {
         self.reading.insert(token, read);

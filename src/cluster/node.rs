@@ -1,0 +1,115 @@
+//! A node's Redis threads, started before its shards: per Redis instance a link (publishes
+//! and history reads) and a PUB/SUB subscriber, and per shard the channels their answers come
+//! back on.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::client::Retention;
+use super::link::{self, Completion, Link};
+use super::pubsub::{self, Incoming, Subscriber, Wants};
+use crate::config::Config;
+
+/// Messages from PUB/SUB waiting for one shard; past it they are dropped and the shard
+/// fills the gap from the history.
+const INCOMING_CAPACITY: usize = 65_536;
+
+/// One Redis instance of the cluster, as a shard sees it.
+pub struct Instance {
+    /// Where the link takes requests.
+    pub link: flume::Sender<link::Request>,
+    /// What the node wants from its PUB/SUB.
+    pub wants: Wants,
+}
+
+/// What one shard is handed.
+pub struct ShardSide {
+    /// The Redis instances, in the order of `cluster.redis_url`.
+    pub instances: Vec<Instance>,
+    /// Answers of every link.
+    pub completions: flume::Receiver<Completion>,
+    /// What every PUB/SUB connection heard for the channels this shard owns.
+    pub incoming: flume::Receiver<Incoming>,
+}
+
+/// The node's Redis threads.
+pub struct Node {
+    links: Vec<Link>,
+    subscribers: Vec<Subscriber>,
+}
+
+impl Node {
+    /// Start the threads for `nshards` shards, whose owner of a channel is `route`.
+    pub fn start(
+        config: &Config,
+        nshards: usize,
+        route: pubsub::Route,
+    ) -> std::io::Result<(Self, Vec<ShardSide>)> {
+        let cluster = &config.cluster;
+        let timeout = Duration::from_millis(cluster.timeout_ms);
+        let backoff = Duration::from_millis(100);
+        let retention = Retention {
+            history_size: config.history.size,
+            history_ttl_s: config.history.ttl_secs,
+            meta_ttl_s: cluster.meta_ttl_secs,
+            result_ttl_s: cluster.result_ttl_secs,
+        };
+        let (completion_tx, completion_rx): (Vec<_>, Vec<_>) =
+            (0..nshards).map(|_| flume::unbounded()).unzip();
+        let (incoming_tx, incoming_rx): (Vec<_>, Vec<_>) = (0..nshards)
+            .map(|_| flume::bounded(INCOMING_CAPACITY))
+            .unzip();
+        let mut node = Node {
+            links: Vec::new(),
+            subscribers: Vec::new(),
+        };
+        for url in &cluster.redis_url {
+            let settings = link::Settings {
+                url: url.clone(),
+                prefix: cluster.prefix.clone(),
+                retention: retention.clone(),
+                timeout,
+                backoff,
+            };
+            node.links
+                .push(Link::spawn(settings, completion_tx.clone())?);
+            let settings = pubsub::Settings {
+                url: url.clone(),
+                prefix: cluster.prefix.clone(),
+                probe_interval: Duration::from_millis(cluster.probe_interval_ms),
+                timeout,
+                backoff,
+            };
+            let subscriber = Subscriber::spawn(settings, Arc::clone(&route), incoming_tx.clone())?;
+            node.subscribers.push(subscriber);
+        }
+        let sides = completion_rx
+            .into_iter()
+            .zip(incoming_rx)
+            .map(|(completions, incoming)| ShardSide {
+                instances: node
+                    .links
+                    .iter()
+                    .zip(&node.subscribers)
+                    .map(|(link, subscriber)| Instance {
+                        link: link.requests.clone(),
+                        wants: subscriber.wants(),
+                    })
+                    .collect(),
+                completions,
+                incoming,
+            })
+            .collect();
+        Ok((node, sides))
+    }
+
+    /// Stop the threads, once the shards (and their senders) are gone.
+    pub fn join(self) {
+        for link in self.links {
+            link.join();
+        }
+        for subscriber in self.subscribers {
+            subscriber.join();
+        }
+    }
+}

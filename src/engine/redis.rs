@@ -1,0 +1,287 @@
+//! The cluster engine: a channel's numbering, history and delivery in Redis, shared by every
+//! node (docs/CLUSTER.md). The owner shard of a channel sends its publishes and history
+//! reads to the node's link threads (`cluster::link`) and hears the channel's messages from
+//! the node's PUB/SUB threads (`cluster::pubsub`), in seq order through `cluster::Order`.
+//! A node delivers its own publishes the way it delivers every other node's: when Redis
+//! publishes them, so every node has one order.
+//!
+//! No I/O here: requests go out on flume channels that never block, and the answers come in
+//! through [`Engine::heard`]. Decisions are not numbered here yet (`numbers_locally` is
+//! false): the shard refuses them in cluster mode until they are.
+
+use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
+
+use super::history::Found;
+use super::{Arrival, Engine, Event, Numbered};
+use crate::cluster::keys::{redis_for, Envelope};
+use crate::cluster::link::{Completion, Op, Request};
+use crate::cluster::node::Instance;
+use crate::cluster::order::{Order, Step};
+use crate::cluster::{Incoming, Page, Publish};
+use crate::dialect::{Kind, Publication};
+
+/// What the engine's threads report to a shard.
+#[derive(Debug)]
+pub enum Input {
+    /// A link answered a request.
+    Link(Completion),
+    /// The PUB/SUB side heard something.
+    PubSub(Incoming),
+}
+
+/// Tokens of the engine's own history reads (gaps being filled) have this bit; the shard's
+/// never do.
+const FETCH: u64 = 1 << 63;
+
+/// The cluster engine of one shard.
+pub struct Redis {
+    shard: usize,
+    /// Channels are spread over these by [`redis_for`].
+    instances: Vec<Instance>,
+    order: Order,
+    steps: Vec<Step>,
+    events: VecDeque<Event>,
+    /// Channels the node wants, with how many of their subscriptions Redis has not yet
+    /// confirmed.
+    wanted: HashMap<Rc<str>, u32>,
+    /// The engine's own history reads, by token.
+    fetches: HashMap<u64, String>,
+    next_fetch: u64,
+    /// Most messages read per history request.
+    page: usize,
+    /// Publishes waiting for their answer, and how many may.
+    in_flight: usize,
+    max_in_flight: usize,
+}
+
+impl Redis {
+    /// The engine of shard `shard`, reading pages of `page` messages.
+    pub fn new(shard: usize, instances: Vec<Instance>, page: usize, max_in_flight: usize) -> Self {
+        Self {
+            shard,
+            instances,
+            order: Order::default(),
+            steps: Vec::new(),
+            events: VecDeque::new(),
+            wanted: HashMap::new(),
+            fetches: HashMap::new(),
+            next_fetch: 0,
+            page: page.max(1),
+            in_flight: 0,
+            max_in_flight,
+        }
+    }
+
+    fn instance(&self, channel: &str) -> &Instance {
+        &self.instances[redis_for(channel, self.instances.len())]
+    }
+
+    fn send(&self, channel: &str, token: u64, op: Op) -> bool {
+        let request = Request {
+            shard: self.shard,
+            token,
+            op,
+        };
+        self.instance(channel).link.send(request).is_ok()
+    }
+
+    /// Carry out what [`Order`] said, in order.
+    fn take_steps(&mut self, at: Arrival) {
+        let steps = std::mem::take(&mut self.steps);
+        for step in steps {
+            match step {
+                Step::Deliver {
+                    channel,
+                    publication,
+                } => self.events.push_back(Event::Publication {
+                    channel: channel.into(),
+                    publication: publication.into_shared(),
+                    at,
+                }),
+                Step::Fetch { channel, since } => {
+                    self.next_fetch += 1;
+                    let token = FETCH | self.next_fetch;
+                    let op = Op::History {
+                        channel: channel.clone(),
+                        since,
+                        limit: self.page,
+                    };
+                    if self.send(&channel, token, op) {
+                        self.fetches.insert(token, channel);
+                    } else {
+                        self.order.fetch_failed(&channel);
+                    }
+                }
+                Step::Gap { channel, from, to } => self.events.push_back(Event::Gap {
+                    channel: channel.into(),
+                    from,
+                    to,
+                }),
+                Step::Reset { channel, .. } => self.events.push_back(Event::Reset {
+                    channel: channel.into(),
+                }),
+            }
+        }
+    }
+
+    fn completed(&mut self, completion: Completion) {
+        match completion {
+            Completion::Published { token, result } => {
+                self.in_flight = self.in_flight.saturating_sub(1);
+                let result = result.map(|p| p.seq).map_err(|e| e.to_string());
+                self.events.push_back(Event::Numbered { token, result });
+            }
+            Completion::History { token, result } if token & FETCH != 0 => {
+                let Some(channel) = self.fetches.remove(&token) else {
+                    return;
+                };
+                match result {
+                    Ok(page) => self.order.fetched(&channel, page, &mut self.steps),
+                    Err(e) => {
+                        tracing::warn!(shard = self.shard, channel, "history read failed: {e}");
+                        self.order.fetch_failed(&channel);
+                    }
+                }
+            }
+            Completion::History { token, result } => {
+                let found = result.map(found).map_err(|e| e.to_string());
+                self.events.push_back(Event::History { token, found });
+            }
+        }
+    }
+
+    fn confirmed(&mut self, channel: &str) {
+        if let Some((name, waiting)) = self.wanted.get_key_value(channel) {
+            let name = Rc::clone(name);
+            let left = waiting.saturating_sub(1);
+            self.wanted.insert(Rc::clone(&name), left);
+            if left == 0 {
+                self.events.push_back(Event::Subscribed { channel: name });
+            }
+        }
+    }
+}
+
+/// A history page as a replay sees it: what is kept after the reader's seq, and where the
+/// kept part begins.
+fn found(page: Page) -> Found {
+    let floor = page.messages.first().map_or(page.top, |m| m.seq - 1);
+    Found {
+        messages: page
+            .messages
+            .into_iter()
+            .map(Publication::into_shared)
+            .collect(),
+        upto: page.top,
+        floor,
+    }
+}
+
+impl Engine for Redis {
+    fn publish(
+        &mut self,
+        channel: &str,
+        kind: Kind,
+        data: Rc<[u8]>,
+        _at: Arrival,
+        token: u64,
+    ) -> Numbered {
+        let op = Op::Publish(Publish {
+            channel: channel.to_owned(),
+            kind,
+            data: data.to_vec(),
+            idempotency_key: None,
+        });
+        if self.send(channel, token, op) {
+            self.in_flight += 1;
+        } else {
+            let result = Err("the Redis link has stopped".to_owned());
+            self.events.push_back(Event::Numbered { token, result });
+        }
+        Numbered::Later
+    }
+
+    fn numbers_locally(&self) -> bool {
+        false
+    }
+
+    fn reserve(&mut self, channel: &str, _stored: bool) -> u64 {
+        // The shard asks only when `numbers_locally`.
+        tracing::error!(shard = self.shard, channel, "reserve on the cluster engine");
+        0
+    }
+
+    fn keep(&mut self, channel: &str, _publication: Publication, _at: Arrival) {
+        tracing::error!(shard = self.shard, channel, "keep on the cluster engine");
+    }
+
+    fn give_back(&mut self, _channel: &str, _seq: u64) {}
+
+    fn history(&mut self, channel: &str, after: u64, _now_ms: u64, token: u64) -> Option<Found> {
+        let op = Op::History {
+            channel: channel.to_owned(),
+            since: after,
+            limit: self.page,
+        };
+        if !self.send(channel, token, op) {
+            let found = Err("the Redis link has stopped".to_owned());
+            self.events.push_back(Event::History { token, found });
+        }
+        None
+    }
+
+    /// Decisions' numbering is not kept by this engine yet.
+    fn recover(&mut self, _channel: &str, _seq: u64) {}
+
+    fn want(&mut self, channel: &str, on: bool) -> bool {
+        if !on {
+            if self.wanted.remove(channel).is_some() {
+                self.instance(channel).wants.unsubscribe(channel);
+                self.order.forget(channel);
+            }
+            return true;
+        }
+        if let Some(waiting) = self.wanted.get(channel) {
+            return *waiting == 0;
+        }
+        self.wanted.insert(channel.into(), 1);
+        self.instance(channel).wants.subscribe(channel);
+        false
+    }
+
+    fn heard(&mut self, input: Input, at: Arrival) {
+        match input {
+            Input::Link(completion) => self.completed(completion),
+            Input::PubSub(Incoming::Message { channel, payload }) => {
+                match Envelope::parse(&payload) {
+                    Ok(message) => self.order.live(&channel, &message, &mut self.steps),
+                    Err(e) => {
+                        tracing::warn!(shard = self.shard, channel, "bad PUB/SUB message: {e}")
+                    }
+                }
+            }
+            Input::PubSub(Incoming::Subscribed { channel }) => self.confirmed(&channel),
+            Input::PubSub(Incoming::Resubscribed) => self.order.resubscribed(&mut self.steps),
+            Input::PubSub(Incoming::Down) => {}
+        }
+        self.take_steps(at);
+    }
+
+    fn congested(&self) -> bool {
+        self.in_flight >= self.max_in_flight
+    }
+
+    /// Redis expires what is not used; the node forgets a channel when it is not wanted.
+    fn sweep(&mut self, _now_ms: u64, _needed: &dyn Fn(&str) -> bool) -> usize {
+        0
+    }
+
+    fn next_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    fn channels(&self) -> usize {
+        self.wanted.len()
+    }
+}

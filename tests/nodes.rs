@@ -1,0 +1,174 @@
+//! Several shardcast processes against one Redis, as one server (docs/CLUSTER.md): what a
+//! client on any node sees of what is published on every node.
+
+mod common;
+
+use std::collections::HashSet;
+
+use common::{channels_owned_by_each_shard, Server, ADMIN};
+use serde_json::{json, Value};
+
+/// A cluster node with `shards` shards on Redis `url`, under a key prefix of its own test.
+fn node(url: &str, prefix: &str, shards: usize) -> Server {
+    let extra = format!(
+        r#"
+[limits]
+outbound_queue_messages = 8192
+
+[cluster]
+redis_url = "{url}"
+prefix = "{prefix}"
+
+[storage]
+url = "memory"
+"#
+    );
+    Server::start_with(shards, &extra)
+}
+
+/// A prefix no earlier run has used: every channel starts at seq 1.
+fn fresh_prefix(test: &str) -> String {
+    format!(
+        "sctest.{test}.{}.{}",
+        std::process::id(),
+        common::unix_now()
+    )
+}
+
+/// The next MESSAGE of a subscriber: (channel, seq, data).
+fn message(client: &mut common::Client) -> (String, u64, Value) {
+    let m = client.recv_type("MESSAGE");
+    let channel = m["channel"].as_str().expect("channel").to_owned();
+    (channel, m["seq"].as_u64().expect("seq"), m["data"].clone())
+}
+
+#[test]
+fn every_subscriber_on_every_node_gets_every_message_once_and_in_seq_order() {
+    let Some(url) = common::redis_url("nodes_every_subscriber_gets_every_message") else {
+        return;
+    };
+    let prefix = fresh_prefix("every");
+    let nodes: Vec<Server> = (0..3).map(|_| node(&url, &prefix, 2)).collect();
+    // One channel owned by each shard of a node.
+    let channels = channels_owned_by_each_shard("usage");
+    let names: Vec<&str> = channels.iter().map(String::as_str).collect();
+    // A subscriber on each shard of each node.
+    let mut subscribers = Vec::new();
+    for node in &nodes {
+        for shard in 0..2 {
+            let mut client = node.client_on(ADMIN, shard);
+            client.subscribe(&names);
+            subscribers.push(client);
+        }
+    }
+    const EACH: u64 = 200;
+    let publishers: Vec<_> = nodes
+        .iter()
+        .enumerate()
+        .map(|(n, node)| {
+            let mut client = node.client_on(ADMIN, n % 2);
+            let channels = channels.clone();
+            std::thread::spawn(move || {
+                for i in 0..EACH {
+                    for channel in &channels {
+                        let id = format!("{n}-{i}");
+                        let data = json!({"node": n, "i": i});
+                        client
+                            .send(json!({"type":"PUBLISH","channel":channel,"data":data,"id":id}));
+                    }
+                }
+                let mut acked = Vec::new();
+                for _ in 0..EACH * 2 {
+                    let ack = client.recv_type("ACK");
+                    acked.push(ack["seq"].as_u64().expect("an ACK has a seq"));
+                }
+                acked
+            })
+        })
+        .collect();
+    let readers: Vec<_> = subscribers
+        .into_iter()
+        .map(|mut client| {
+            std::thread::spawn(move || {
+                let mut heard = Vec::new();
+                for _ in 0..3 * EACH * 2 {
+                    heard.push(message(&mut client));
+                }
+                // Nothing more: a duplicate would come after the last expected message.
+                client.ping();
+                heard
+            })
+        })
+        .collect();
+    let acked: Vec<u64> = publishers
+        .into_iter()
+        .flat_map(|p| p.join().expect("publisher"))
+        .collect();
+    assert_eq!(acked.len() as u64, 3 * EACH * 2);
+    for reader in readers {
+        let heard = reader.join().expect("subscriber");
+        for channel in &channels {
+            let of_channel: Vec<&(String, u64, Value)> =
+                heard.iter().filter(|(c, ..)| c == channel).collect();
+            let seqs: Vec<u64> = of_channel.iter().map(|(_, seq, _)| *seq).collect();
+            let expected: Vec<u64> = (1..=3 * EACH).collect();
+            assert_eq!(seqs, expected, "{channel}: every seq once, in order");
+            let sent: HashSet<(u64, u64)> = of_channel
+                .iter()
+                .map(|(_, _, d)| (d["node"].as_u64().unwrap(), d["i"].as_u64().unwrap()))
+                .collect();
+            assert_eq!(sent.len() as u64, 3 * EACH, "{channel}: every message once");
+            // Each node's own messages keep the order it published them in.
+            for n in 0..3 {
+                let mine: Vec<u64> = of_channel
+                    .iter()
+                    .filter(|(_, _, d)| d["node"] == n)
+                    .map(|(_, _, d)| d["i"].as_u64().unwrap())
+                    .collect();
+                assert_eq!(mine, (0..EACH).collect::<Vec<_>>(), "node {n} on {channel}");
+            }
+        }
+    }
+    // Every seq was acknowledged to exactly one publisher.
+    let mut acked = acked;
+    acked.sort_unstable();
+    let expected: Vec<u64> = (1..=3 * EACH).flat_map(|s| [s, s]).collect();
+    assert_eq!(acked, expected);
+}
+
+#[test]
+fn a_client_that_moves_to_another_node_gets_what_it_missed_then_live_messages() {
+    let Some(url) = common::redis_url("nodes_a_client_that_moves") else {
+        return;
+    };
+    let prefix = fresh_prefix("moves");
+    let a = node(&url, &prefix, 2);
+    let b = node(&url, &prefix, 2);
+    let channel = "org:acme:usage";
+    let mut subscriber = a.client(&format!("/ws?key={ADMIN}"));
+    subscriber.subscribe(&[channel]);
+    let mut publisher = a.client(&format!("/ws?key={ADMIN}"));
+    let publish = |publisher: &mut common::Client, i: u64| {
+        let id = i.to_string();
+        publisher.send(json!({"type":"PUBLISH","channel":channel,"data":i,"id":id}));
+        assert_eq!(publisher.recv_type("ACK")["seq"], i);
+    };
+    for i in 1..=3 {
+        publish(&mut publisher, i);
+        assert_eq!(message(&mut subscriber).1, i);
+    }
+    drop(subscriber);
+    for i in 4..=6 {
+        publish(&mut publisher, i);
+    }
+    // Back, on the other node, from where it left.
+    let mut moved = b.client(&format!("/ws?key={ADMIN}"));
+    moved.send(json!({"type":"SUB","channels":[channel],"since":{channel: 3},"id":"s"}));
+    let subscribed = moved.recv_type("SUBSCRIBED");
+    assert_eq!(subscribed["recovered"][channel], true, "{subscribed}");
+    for i in 4..=6 {
+        assert_eq!(message(&mut moved), (channel.to_owned(), i, json!(i)));
+    }
+    publish(&mut publisher, 7);
+    assert_eq!(message(&mut moved).1, 7);
+}
