@@ -96,7 +96,8 @@ const TASKS: [&str; 7] = [
 /// A poll at least this long counts as slow.
 const SLOW_POLL: Duration = Duration::from_millis(1);
 
-fn new_histogram() -> Histogram<u64> {
+/// A histogram of microseconds, 1 µs to 60 s, 3 significant digits.
+pub(crate) fn new_histogram() -> Histogram<u64> {
     // Microseconds, 1 µs to 60 s, 3 significant digits.
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("static histogram bounds are valid")
 }
@@ -231,6 +232,8 @@ pub struct Global {
     auth_failures: [AtomicU64; 4],
     /// False once shutdown has begun.
     pub ready: AtomicBool,
+    /// A cluster node's Redis threads.
+    pub cluster: Option<crate::cluster::node::Stats>,
 }
 
 impl Global {
@@ -254,6 +257,7 @@ impl Global {
             refused_capacity: AtomicU64::new(0),
             auth_failures: Default::default(),
             ready: AtomicBool::new(true),
+            cluster: None,
         }
     }
 
@@ -305,7 +309,7 @@ impl Global {
                 r#""metrics":{{"connections":{{"total":{},"active":{},"peak":{}}},"#,
                 r#""messages":{{"received":{},"sent":{},"dropped":{},"errors":{}}},"#,
                 r#""decisions":{{"processed":{},"duplicates":{},"errors":{}}}}},"#,
-                r#""memory":{{"rssBytes":{}}}}}"#
+                r#""memory":{{"rssBytes":{}}}{}}}"#
             ),
             status,
             uptime,
@@ -323,7 +327,42 @@ impl Global {
             c(Counter::DecisionsDuplicate),
             c(Counter::DecisionsRejected),
             rss_bytes(),
+            self.cluster_json(),
         )
+    }
+
+    /// `,"cluster":{…}` for `/health`, on a cluster node.
+    fn cluster_json(&self) -> String {
+        let Some(cluster) = &self.cluster else {
+            return String::new();
+        };
+        let mut out = br#","cluster":{"node":"#.to_vec();
+        crate::json::push_str(&mut out, &cluster.node_id);
+        out.extend_from_slice(br#","redis":["#);
+        for (i, (url, link, pubsub)) in cluster.instances.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            let state = |up: bool| if up { "up" } else { "down" };
+            out.extend_from_slice(br#"{"url":"#);
+            crate::json::push_str(&mut out, url);
+            let figures = format!(
+                concat!(
+                    r#","link":"{}","pubsub":"{}","subscriptions":{},"publishes":{},"#,
+                    r#""roundTrips":{},"messagesReceived":{},"resubscribes":{}}}"#
+                ),
+                state(link.up.load(Relaxed)),
+                state(pubsub.up.load(Relaxed)),
+                pubsub.subscriptions.load(Relaxed),
+                link.publishes.load(Relaxed),
+                link.publish_round_trips.load(Relaxed),
+                pubsub.messages.load(Relaxed),
+                pubsub.resubscribes.load(Relaxed),
+            );
+            out.extend_from_slice(figures.as_bytes());
+        }
+        out.extend_from_slice(b"]}");
+        String::from_utf8(out).unwrap_or_default()
     }
 
     /// `/metrics` body (Prometheus text format 0.0.4).
@@ -524,9 +563,51 @@ impl Global {
                 "shardcast_event_loop_slow_polls_total{{task=\"{task}\"}} {slow}"
             );
         }
+        self.cluster_prometheus(&mut out);
         out
     }
+
+    /// The Redis figures of a cluster node, labelled by Redis URL.
+    fn cluster_prometheus(&self, out: &mut String) {
+        use std::fmt::Write;
+        let Some(cluster) = &self.cluster else {
+            return;
+        };
+        type Read = fn(&LinkStats, &PubSubStats) -> u64;
+        let families: [(&str, &str, &str, Read); 9] = [
+            ("shardcast_cluster_link_up", "gauge", "1 while the node can publish through this Redis.", |l, _| l.up.load(Relaxed).into()),
+            ("shardcast_cluster_pubsub_up", "gauge", "1 while the node's PUB/SUB connection to this Redis has every subscription.", |_, p| p.up.load(Relaxed).into()),
+            ("shardcast_cluster_publishes_total", "counter", "Messages published through this Redis.", |l, _| l.publishes.load(Relaxed)),
+            ("shardcast_cluster_publish_round_trips_total", "counter", "Round trips that carried them (publishes per round trip = batching).", |l, _| l.publish_round_trips.load(Relaxed)),
+            ("shardcast_cluster_history_reads_total", "counter", "History reads from this Redis.", |l, _| l.history_reads.load(Relaxed)),
+            ("shardcast_cluster_connections_total", "counter", "Connections made to this Redis (publishing and PUB/SUB): more than 2 means reconnects.", |l, p| l.connections.load(Relaxed) + p.connections.load(Relaxed)),
+            ("shardcast_cluster_resubscribes_total", "counter", "Times every wanted channel was subscribed again on a new PUB/SUB connection.", |_, p| p.resubscribes.load(Relaxed)),
+            ("shardcast_cluster_messages_received_total", "counter", "Messages heard on PUB/SUB (dropped ones included, read again from the history).", |_, p| p.messages.load(Relaxed)),
+            ("shardcast_cluster_subscriptions", "gauge", "Channels this node is subscribed to in this Redis.", |_, p| p.subscriptions.load(Relaxed)),
+        ];
+        for (name, kind, help, read) in families {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (url, link, pubsub) in &cluster.instances {
+                let _ = writeln!(out, "{name}{{redis=\"{url}\"}} {}", read(link, pubsub));
+            }
+        }
+        let merged = merge(
+            cluster
+                .instances
+                .iter()
+                .map(|(_, link, _)| &link.round_trip),
+        );
+        histogram(
+            out,
+            "shardcast_cluster_round_trip_seconds",
+            "Time each round trip to Redis waited for its answer.",
+            &merged,
+        );
+    }
 }
+
+use crate::cluster::link::Stats as LinkStats;
+use crate::cluster::pubsub::Stats as PubSubStats;
 
 /// The shards' histograms added up.
 fn merge<'a>(slots: impl Iterator<Item = &'a Mutex<Histogram<u64>>>) -> Histogram<u64> {

@@ -278,8 +278,10 @@ pub fn start(mut config: Config) -> Result<Server, ServerError> {
         (None, Vec::new())
     };
     sides.resize_with(nshards, || None);
+    let mut global = Global::new(nshards);
+    global.cluster = cluster.as_ref().map(|n| n.stats(&config.cluster.node_id));
     let config = Arc::new(config);
-    let global = Arc::new(Global::new(nshards));
+    let global = Arc::new(global);
     let mesh =
         (nshards > 1).then(|| MeshBuilder::<Batch, _>::full(nshards, config.mesh.channel_capacity));
     let mut stops = Vec::new();

@@ -172,3 +172,72 @@ fn a_client_that_moves_to_another_node_gets_what_it_missed_then_live_messages() 
     publish(&mut publisher, 7);
     assert_eq!(message(&mut moved).1, 7);
 }
+
+#[test]
+fn health_and_metrics_show_redis_and_ready_follows_it_down_and_back() {
+    let Some(redis) = common::OwnRedis::start("nodes_health_follows_redis") else {
+        return;
+    };
+    let url = redis.url();
+    let a = node(&url, &fresh_prefix("health"), 2);
+    let cluster_up = |h: &Value| {
+        let r = &h["cluster"]["redis"][0];
+        r["link"] == "up" && r["pubsub"] == "up"
+    };
+    let health = a.wait_health("the cluster up", cluster_up);
+    assert_eq!(
+        health["cluster"]["redis"][0]["url"],
+        url.as_str(),
+        "{health}"
+    );
+    a.wait_ready();
+    let channel = "org:acme:usage";
+    let mut subscriber = a.client(&format!("/ws?key={ADMIN}"));
+    subscriber.subscribe(&[channel]);
+    let mut publisher = a.client(&format!("/ws?key={ADMIN}"));
+    publisher.send(json!({"type":"PUBLISH","channel":channel,"data":"before","id":"p1"}));
+    assert_eq!(publisher.recv_type("ACK")["seq"], 1);
+    assert_eq!(message(&mut subscriber).2, "before");
+    let publishes = format!("shardcast_cluster_publishes_total{{redis=\"{url}\"}}");
+    a.wait_metric(&publishes, 1);
+    a.wait_metric(
+        &format!("shardcast_cluster_subscriptions{{redis=\"{url}\"}}"),
+        1,
+    );
+    let (_, metrics) = a.get("/metrics");
+    assert!(
+        metrics.contains("shardcast_cluster_round_trip_seconds_count"),
+        "{metrics}"
+    );
+
+    // Redis gone: not ready, and a publish is refused rather than acknowledged.
+    let port = redis.stop();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (status, body) = a.get("/health/ready");
+        if status == 503 {
+            assert!(body.contains(r#""reason":"cluster_unavailable""#), "{body}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still ready: {body}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    publisher.send(json!({"type":"PUBLISH","channel":channel,"data":"during","id":"p2"}));
+    let refused = publisher.recv_type("ERROR");
+    assert_eq!(refused["code"], "cluster_unavailable", "{refused}");
+    assert_eq!(refused["id"], "p2", "{refused}");
+
+    // Back (empty, as a restart with nothing on disk leaves it): ready again with nobody
+    // publishing, and the subscription still delivers.
+    let _redis = common::OwnRedis::start_on("nodes_health_follows_redis", port)
+        .expect("redis-server started once already");
+    a.wait_ready();
+    a.wait_health("the cluster up again", cluster_up);
+    publisher.send(json!({"type":"PUBLISH","channel":channel,"data":"after","id":"p3"}));
+    publisher.recv_type("ACK");
+    assert_eq!(message(&mut subscriber).2, "after");
+    a.wait_metric(
+        &format!("shardcast_cluster_resubscribes_total{{redis=\"{url}\"}}"),
+        2,
+    );
+}

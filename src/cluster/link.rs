@@ -5,8 +5,8 @@
 //! reached, requests fail at once (the shards decide what that means) and the thread
 //! reconnects with a backoff.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -80,8 +80,14 @@ pub enum Completion {
 
 /// What a link has done (written by its thread only, read by metrics and benchmarks); what
 /// was not sent because Redis was unreachable is not counted.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Stats {
+    /// The last attempt to reach Redis succeeded.
+    pub up: AtomicBool,
+    /// Connections made.
+    pub connections: AtomicU64,
+    /// Microseconds each round trip waited for Redis.
+    pub round_trip: Mutex<hdrhistogram::Histogram<u64>>,
     /// Round trips to Redis that carried publishes.
     pub publish_round_trips: AtomicU64,
     /// Publishes sent.
@@ -90,6 +96,20 @@ pub struct Stats {
     pub history_reads: AtomicU64,
     /// Microseconds spent waiting for Redis's answers, summed.
     pub wait_micros: AtomicU64,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self {
+            up: AtomicBool::new(false),
+            connections: AtomicU64::new(0),
+            round_trip: Mutex::new(crate::metrics::new_histogram()),
+            publish_round_trips: AtomicU64::new(0),
+            publishes: AtomicU64::new(0),
+            history_reads: AtomicU64::new(0),
+            wait_micros: AtomicU64::new(0),
+        }
+    }
 }
 
 /// A running link: dropping every clone of its sender stops the thread.
@@ -120,7 +140,23 @@ impl Link {
         let thread = std::thread::Builder::new()
             .name("redis-link".into())
             .spawn(move || {
-                while let Ok(first) = incoming.recv() {
+                // Connected before the first request, so that health says at once whether
+                // Redis can be reached, and again whenever the backoff allows while it
+                // cannot be: an idle node's health must see Redis come back.
+                let _ = worker.client();
+                loop {
+                    let first = if worker.client.is_some() {
+                        incoming.recv().map_err(|_| ())
+                    } else {
+                        match incoming.recv_deadline(worker.backoff.retry_at) {
+                            Err(flume::RecvTimeoutError::Timeout) => {
+                                let _ = worker.client();
+                                continue;
+                            }
+                            received => received.map_err(|_| ()),
+                        }
+                    };
+                    let Ok(first) = first else { break };
                     let mut batch = vec![first];
                     batch.extend(incoming.try_iter().take(MAX_BATCH - 1));
                     worker.serve(batch);
@@ -214,12 +250,16 @@ impl Worker {
         counter.fetch_add(n, Ordering::Relaxed);
         let micros = started.elapsed().as_micros() as u64;
         self.stats.wait_micros.fetch_add(micros, Ordering::Relaxed);
+        if let Ok(mut histogram) = self.stats.round_trip.lock() {
+            histogram.saturating_record(micros.max(1));
+        }
     }
 
     /// After a failed connection, the next request connects again.
     fn check<T>(&mut self, result: &Result<T, ClusterError>) {
         if let Err(ClusterError::Unavailable(_) | ClusterError::Unknown(_)) = result {
             self.client = None;
+            self.stats.up.store(false, Ordering::Relaxed);
         }
     }
 
@@ -247,9 +287,12 @@ impl Worker {
                 Ok(client) => {
                     self.client = Some(client);
                     self.backoff.succeeded();
+                    self.stats.up.store(true, Ordering::Relaxed);
+                    self.stats.connections.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(e) => {
                     self.backoff.failed(now);
+                    self.stats.up.store(false, Ordering::Relaxed);
                     tracing::warn!(url = %s.url, "cannot reach Redis: {e}");
                     return Err(e);
                 }

@@ -22,6 +22,14 @@ pub struct Instance {
     pub wants: Wants,
 }
 
+/// `url` without its password, for health and metrics.
+fn redacted(url: &str) -> String {
+    match (url.split_once("://"), url.rfind('@')) {
+        (Some((scheme, _)), Some(at)) => format!("{scheme}://***{}", &url[at..]),
+        _ => url.to_owned(),
+    }
+}
+
 /// What one shard is handed.
 pub struct ShardSide {
     /// The Redis instances, in the order of `cluster.redis_url`.
@@ -32,8 +40,35 @@ pub struct ShardSide {
     pub incoming: flume::Receiver<Incoming>,
 }
 
+/// What a node's Redis threads have done, for health and metrics.
+#[derive(Debug)]
+pub struct Stats {
+    /// The node's name.
+    pub node_id: String,
+    /// Per Redis instance: its URL, its link's and its PUB/SUB side's figures.
+    pub instances: Vec<(String, Arc<link::Stats>, Arc<pubsub::Stats>)>,
+}
+
+impl Stats {
+    /// Why the node cannot deliver across nodes now, if it cannot: the first Redis whose
+    /// link or PUB/SUB connection is down.
+    pub fn unavailable(&self) -> Option<String> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.instances.iter().find_map(|(url, link, pubsub)| {
+            if !pubsub.up.load(Relaxed) {
+                Some(format!("no PUB/SUB connection to {url}"))
+            } else if !link.up.load(Relaxed) {
+                Some(format!("cannot publish through {url}"))
+            } else {
+                None
+            }
+        })
+    }
+}
+
 /// The node's Redis threads.
 pub struct Node {
+    urls: Vec<String>,
     links: Vec<Link>,
     subscribers: Vec<Subscriber>,
 }
@@ -60,6 +95,7 @@ impl Node {
             .map(|_| flume::bounded(INCOMING_CAPACITY))
             .unzip();
         let mut node = Node {
+            urls: cluster.redis_url.iter().map(|u| redacted(u)).collect(),
             links: Vec::new(),
             subscribers: Vec::new(),
         };
@@ -101,6 +137,20 @@ impl Node {
             })
             .collect();
         Ok((node, sides))
+    }
+
+    /// Their figures, under the node's name.
+    pub fn stats(&self, node_id: &str) -> Stats {
+        let instances = self.links.iter().zip(&self.subscribers);
+        let instances = instances.zip(&self.urls);
+        Stats {
+            node_id: node_id.to_owned(),
+            instances: instances
+                .map(|((link, subscriber), url)| {
+                    (url.clone(), link.stats.clone(), subscriber.stats.clone())
+                })
+                .collect(),
+        }
     }
 
     /// Stop the threads, once the shards (and their senders) are gone.

@@ -15,6 +15,7 @@
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -67,6 +68,23 @@ pub enum Incoming {
     },
 }
 
+/// What the PUB/SUB side has done (written by its threads, read by health and metrics).
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Connected, with every wanted channel subscribed.
+    pub up: std::sync::atomic::AtomicBool,
+    /// Connections made.
+    pub connections: AtomicU64,
+    /// Times every wanted channel was subscribed again on a new connection.
+    pub resubscribes: AtomicU64,
+    /// Messages heard.
+    pub messages: AtomicU64,
+    /// Messages a shard had no room for (it reads them from the history).
+    pub dropped: AtomicU64,
+    /// Channels the node wants.
+    pub subscriptions: AtomicU64,
+}
+
 /// The owner shard of a channel.
 pub type Route = Arc<dyn Fn(&str) -> usize + Send + Sync>;
 
@@ -103,6 +121,8 @@ impl Wants {
 /// The running PUB/SUB side: dropping it (and every [`Wants`]) stops its threads.
 pub struct Subscriber {
     wants: Wants,
+    /// What it has done.
+    pub stats: Arc<Stats>,
     thread: JoinHandle<()>,
 }
 
@@ -116,7 +136,9 @@ impl Subscriber {
     ) -> std::io::Result<Self> {
         let (tx, rx) = flume::unbounded();
         let backoff = Backoff::new(settings.backoff);
+        let stats = Arc::new(Stats::default());
         let mut control = ControlThread {
+            stats: stats.clone(),
             keys: Keys::new(&settings.prefix),
             settings,
             route,
@@ -135,6 +157,7 @@ impl Subscriber {
             .spawn(move || control.run(&rx))?;
         Ok(Self {
             wants: Wants(tx),
+            stats,
             thread,
         })
     }
@@ -161,6 +184,7 @@ struct Conn {
 }
 
 struct ControlThread {
+    stats: Arc<Stats>,
     settings: Settings,
     keys: Keys,
     route: Route,
@@ -241,6 +265,8 @@ impl ControlThread {
                 Control::Pong(_) => {}
             }
         }
+        let wanted = self.wanted.len() as u64;
+        self.stats.subscriptions.store(wanted, Relaxed);
         if self.conn.is_none() {
             self.unconfirmed.extend(confirm);
             return;
@@ -357,7 +383,9 @@ impl ControlThread {
             .unwrap_or_else(|e| e.into_inner())
             .insert(tag, confirm);
         self.send(&[&b"PING"[..], tag.to_string().as_bytes()])?;
+        self.stats.connections.fetch_add(1, Relaxed);
         let reader = Reader {
+            stats: self.stats.clone(),
             generation: self.generation,
             tags: self.tags.clone(),
             keys: self.keys.clone(),
@@ -409,6 +437,7 @@ impl ControlThread {
 }
 
 struct Reader {
+    stats: Arc<Stats>,
     generation: u64,
     tags: Tags,
     keys: Keys,
@@ -426,6 +455,7 @@ impl Reader {
             self.on_value(value, &mut announced);
         }
         if announced {
+            self.stats.up.store(false, Relaxed);
             self.tell_all(&Incoming::Down);
         }
         if let Some(control) = self.control.upgrade() {
@@ -445,10 +475,14 @@ impl Reader {
             // Never waits: with a bounded channel a shard that fell behind loses the message
             // and sees the gap in the seqs (the history has it), and the other shards are not
             // held up.
-            let _ = to.try_send(Incoming::Message {
+            self.stats.messages.fetch_add(1, Relaxed);
+            let message = Incoming::Message {
                 channel: channel.to_owned(),
                 payload,
-            });
+            };
+            if to.try_send(message).is_err() {
+                self.stats.dropped.fetch_add(1, Relaxed);
+            }
         }
     }
 
@@ -463,6 +497,8 @@ impl Reader {
             // The first answers the PING sent after the subscriptions.
             if !*announced {
                 *announced = true;
+                self.stats.up.store(true, Relaxed);
+                self.stats.resubscribes.fetch_add(1, Relaxed);
                 self.tell_all(&Incoming::Resubscribed);
             }
             let tag = std::str::from_utf8(tag).ok().and_then(|t| t.parse().ok());

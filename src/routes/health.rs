@@ -1,5 +1,6 @@
 //! What operators and load balancers ask: `/health` (counters and memory), `/health/live`,
-//! `/health/ready` (503 while draining or while the decision store is unreachable),
+//! `/health/ready` (503 while draining, while the decision store is unreachable, or while a
+//! cluster node cannot reach its Redis),
 //! `/metrics` (Prometheus text) and `/info` (what this server speaks and its limits).
 
 use std::sync::atomic::Ordering;
@@ -35,10 +36,13 @@ pub fn ready(shard: &Shard) -> Response {
         }
         _ => None,
     };
-    let Some(reason) = storage else {
-        return Response::json(200, r#"{"status":"ready"}"#);
+    let cluster = shard.global.cluster.as_ref();
+    let (code, reason) = match (storage, cluster.and_then(|c| c.unavailable())) {
+        (Some(reason), _) => ("storage_unavailable", reason),
+        (None, Some(reason)) => ("cluster_unavailable", reason),
+        (None, None) => return Response::json(200, r#"{"status":"ready"}"#),
     };
-    let mut body = br#"{"status":"not_ready","reason":"storage_unavailable","detail":"#.to_vec();
+    let mut body = format!(r#"{{"status":"not_ready","reason":"{code}","detail":"#).into_bytes();
     crate::json::push_str(&mut body, &reason);
     body.push(b'}');
     Response::json(503, body).header("Retry-After", "1")
