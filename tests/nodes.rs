@@ -10,8 +10,15 @@ use serde_json::{json, Value};
 
 /// A cluster node with `shards` shards on Redis `url`, under a key prefix of its own test.
 fn node(url: &str, prefix: &str, shards: usize) -> Server {
+    node_with(url, prefix, shards, "")
+}
+
+/// [`node`] with more configuration sections.
+fn node_with(url: &str, prefix: &str, shards: usize, more: &str) -> Server {
     let extra = format!(
         r#"
+{more}
+
 [limits]
 outbound_queue_messages = 8192
 
@@ -235,9 +242,136 @@ fn health_and_metrics_show_redis_and_ready_follows_it_down_and_back() {
     a.wait_health("the cluster up again", cluster_up);
     publisher.send(json!({"type":"PUBLISH","channel":channel,"data":"after","id":"p3"}));
     publisher.recv_type("ACK");
-    assert_eq!(message(&mut subscriber).2, "after");
+    // Redis lost the channel: its numbering starts again, and the subscriber is told so
+    // before the first message of the new numbering.
+    let reset = subscriber.recv();
+    assert_eq!(reset["type"], "SYSTEM", "{reset}");
+    assert_eq!(reset["event"], "channel_reset", "{reset}");
+    assert_eq!(reset["channel"], channel, "{reset}");
+    assert_eq!(
+        message(&mut subscriber),
+        (channel.to_owned(), 1, json!("after"))
+    );
     a.wait_metric(
         &format!("shardcast_cluster_resubscribes_total{{redis=\"{url}\"}}"),
         2,
     );
+}
+
+/// Redis refuses new connections (as when it is out of clients) until the guard is dropped:
+/// the node whose PUB/SUB connection was killed cannot make it again meanwhile.
+struct RefuseConnections(redis::Connection);
+
+impl RefuseConnections {
+    /// Refuse, then kill every PUB/SUB connection.
+    fn kill_pubsub(url: &str) -> Self {
+        let mut admin = redis::Client::open(url)
+            .and_then(|c| c.get_connection())
+            .expect("Redis admin connection");
+        let info: String = redis::cmd("INFO").arg("clients").query(&mut admin).unwrap();
+        let connected: u64 = info
+            .lines()
+            .find_map(|l| l.strip_prefix("connected_clients:"))
+            .and_then(|n| n.trim().parse().ok())
+            .expect("connected_clients");
+        let pubsub: String = redis::cmd("CLIENT")
+            .arg(&["LIST", "TYPE", "pubsub"])
+            .query(&mut admin)
+            .unwrap();
+        // Room for the connections that stay, none for those killed next.
+        let staying = connected - pubsub.lines().count() as u64;
+        let _: () = redis::cmd("CONFIG")
+            .arg(&["SET", "maxclients"])
+            .arg(staying)
+            .query(&mut admin)
+            .unwrap();
+        let _: u64 = redis::cmd("CLIENT")
+            .arg(&["KILL", "TYPE", "pubsub"])
+            .query(&mut admin)
+            .unwrap();
+        Self(admin)
+    }
+}
+
+impl Drop for RefuseConnections {
+    fn drop(&mut self) {
+        let _: Result<(), _> = redis::cmd("CONFIG")
+            .arg(&["SET", "maxclients", "10000"])
+            .query(&mut self.0);
+    }
+}
+
+/// Wait until node `a`'s PUB/SUB connection is `state`.
+fn wait_pubsub(a: &Server, state: &'static str) {
+    a.wait_health(state, |h| h["cluster"]["redis"][0]["pubsub"] == state);
+}
+
+#[test]
+fn what_is_published_while_a_node_cannot_listen_reaches_its_subscribers_afterwards() {
+    let Some(redis) = common::OwnRedis::start("nodes_published_while_a_node_cannot_listen") else {
+        return;
+    };
+    let (url, prefix) = (redis.url(), fresh_prefix("outage"));
+    let (a, b) = (node(&url, &prefix, 1), node(&url, &prefix, 1));
+    let channel = "org:acme:usage";
+    // Subscribed on A before anything was published: A has heard nothing of the channel.
+    let mut subscriber = a.client(&format!("/ws?key={ADMIN}"));
+    subscriber.subscribe(&[channel]);
+    let mut publisher = b.client(&format!("/ws?key={ADMIN}"));
+    let refusing = RefuseConnections::kill_pubsub(&url);
+    wait_pubsub(&a, "down");
+    for i in 1..=3 {
+        publisher.send(json!({"type":"PUBLISH","channel":channel,"data":i,"id":i}));
+        assert_eq!(publisher.recv_type("ACK")["seq"], i);
+    }
+    drop(refusing);
+    wait_pubsub(&a, "up");
+    publisher.send(json!({"type":"PUBLISH","channel":channel,"data":4,"id":4}));
+    for i in 1..=4 {
+        assert_eq!(message(&mut subscriber), (channel.to_owned(), i, json!(i)));
+    }
+}
+
+#[test]
+fn subscribers_are_told_which_seqs_the_history_no_longer_had() {
+    let Some(redis) = common::OwnRedis::start("nodes_told_which_seqs") else {
+        return;
+    };
+    let (url, prefix) = (redis.url(), fresh_prefix("lost"));
+    let small = "[history]\nsize = 10\n";
+    // Every node trims the history as it publishes: both keep 10.
+    let (a, b) = (
+        node_with(&url, &prefix, 2, small),
+        node_with(&url, &prefix, 1, small),
+    );
+    // Owned by A's shard 0, which tells its subscriber on shard 1 across the mesh.
+    let [channel, _] = channels_owned_by_each_shard("usage");
+    let channel = channel.as_str();
+    let mut subscribers = [a.client_on(ADMIN, 0), a.client_on(ADMIN, 1)];
+    for s in &mut subscribers {
+        s.subscribe(&[channel]);
+    }
+    let mut publisher = b.client(&format!("/ws?key={ADMIN}"));
+    let refusing = RefuseConnections::kill_pubsub(&url);
+    wait_pubsub(&a, "down");
+    const N: u64 = 500;
+    for i in 1..=N {
+        publisher.send(json!({"type":"PUBLISH","channel":channel,"data":i}));
+    }
+    publisher.send(json!({"type":"PUBLISH","channel":channel,"data":0,"id":"last"}));
+    assert_eq!(publisher.recv_type("ACK")["seq"], N + 1);
+    drop(refusing);
+    for s in &mut subscribers {
+        let lost = s.recv();
+        assert_eq!(lost["type"], "SYSTEM", "{lost}");
+        assert_eq!(lost["event"], "messages_lost", "{lost}");
+        assert_eq!(lost["channel"], channel, "{lost}");
+        assert_eq!(lost["from"], 1, "{lost}");
+        // The stream keeps at least 10, and at most one stream node (100) more.
+        let to = lost["to"].as_u64().expect("to");
+        assert!((N - 110..=N - 10).contains(&to), "{lost}");
+        for seq in to + 1..=N + 1 {
+            assert_eq!(message(s).1, seq);
+        }
+    }
 }

@@ -209,6 +209,22 @@ impl Order {
         }
     }
 
+    /// The channel's `top` and `epoch` read before the node subscribed to it: every seq
+    /// after `top` is its subscribers', and one that PUB/SUB did not bring (published before
+    /// the subscription took effect, or during an outage) is read from the history. Without
+    /// it, a channel heard nothing of before an outage would start again at whatever it
+    /// heard next.
+    pub fn anchor(&mut self, channel: &str, epoch: String, top: u64) {
+        let stream = self.streams.entry(channel.to_owned()).or_default();
+        if stream.next == 0 {
+            *stream = Stream {
+                epoch,
+                next: top + 1,
+                ..Stream::default()
+            };
+        }
+    }
+
     /// The node no longer wants `channel`.
     pub fn forget(&mut self, channel: &str) {
         self.streams.remove(channel);
@@ -287,6 +303,32 @@ mod tests {
             from,
             to,
         }
+    }
+
+    #[test]
+    fn an_anchored_channel_reads_what_pubsub_did_not_bring_after_its_top() {
+        let mut order = Order::default();
+        order.anchor(C, "e".into(), 4);
+        // Seqs 5 and 6 were published before the subscription took effect.
+        assert_eq!(live(&mut order, 7, "e"), [fetch(4)]);
+        assert_eq!(
+            delivered(&fetched(&mut order, page(7, "e", 5..=7))),
+            [5, 6, 7]
+        );
+        // An anchor read later (a second subscription) changes nothing heard already.
+        order.anchor(C, "e".into(), 9);
+        assert_eq!(delivered(&live(&mut order, 8, "e")), [8]);
+    }
+
+    #[test]
+    fn an_anchored_channel_heard_nothing_of_reads_what_it_missed_after_a_reconnect() {
+        let mut order = Order::default();
+        order.anchor(C, "e".into(), 0);
+        let mut steps = Vec::new();
+        order.resubscribed(&mut steps);
+        assert_eq!(steps, [fetch(0)]);
+        assert_eq!(delivered(&fetched(&mut order, page(2, "e", 1..=2))), [1, 2]);
+        assert_eq!(delivered(&live(&mut order, 3, "e")), [3]);
     }
 
     #[test]

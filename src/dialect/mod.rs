@@ -121,6 +121,22 @@ impl<'a> Encoded<'a> {
     }
 }
 
+/// What a channel's subscribers are told besides its messages: what a cluster node could
+/// not deliver. Owned and small, to cross the mesh as it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Notice {
+    /// Seqs `from..=to` were published but can no longer be had: resync if they matter.
+    Lost {
+        /// First missing seq.
+        from: u64,
+        /// Last missing seq.
+        to: u64,
+    },
+    /// The channel's numbering started again (Redis lost it): seqs may repeat, and a
+    /// position held from before recovers nothing.
+    Reset,
+}
+
 /// What the core says to one client, before any wire format. Borrowed: it is encoded at
 /// once (see [`Answer`] for what crosses shards).
 #[derive(Debug, Clone, Copy)]
@@ -216,6 +232,13 @@ pub enum Reply<'a> {
     Restart {
         /// The delay.
         reconnect_in_ms: u64,
+    },
+    /// Something about a subscribed channel's stream of messages.
+    Channel {
+        /// The channel.
+        channel: &'a str,
+        /// What.
+        notice: Notice,
     },
 }
 

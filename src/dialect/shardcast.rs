@@ -4,7 +4,7 @@
 use simd_json::prelude::*;
 use simd_json::tape::{Tape, Value};
 
-use super::{Ingest, Kind, Publication, Refusal, Reply, Request};
+use super::{Ingest, Kind, Notice, Publication, Refusal, Reply, Request};
 use crate::codec::{Frame, FrameBuilder};
 use crate::codes::ErrorCode;
 use crate::json;
@@ -343,7 +343,28 @@ pub fn reply(reply: &Reply<'_>) -> Frame {
         Reply::Refreshed { id, expires_ms } => refreshed(id, expires_ms),
         Reply::TokenExpired { grace_ms } => token_expired(grace_ms),
         Reply::Restart { reconnect_in_ms } => system_restart(reconnect_in_ms),
+        Reply::Channel { channel, notice } => system_channel(channel, notice),
     }
+}
+
+/// `SYSTEM` `messages_lost` (with the seqs) or `channel_reset`, for a subscribed channel.
+fn system_channel(channel: &str, notice: Notice) -> Frame {
+    let mut f = text();
+    let out = f.payload_mut();
+    let event: &[u8] = match notice {
+        Notice::Lost { .. } => br#"{"type":"SYSTEM","event":"messages_lost","channel":"#,
+        Notice::Reset => br#"{"type":"SYSTEM","event":"channel_reset","channel":"#,
+    };
+    out.extend_from_slice(event);
+    json::push_str(out, channel);
+    if let Notice::Lost { from, to } = notice {
+        out.extend_from_slice(br#","from":"#);
+        json::push_u64(out, from);
+        out.extend_from_slice(br#","to":"#);
+        json::push_u64(out, to);
+    }
+    out.push(b'}');
+    f.finish()
 }
 
 /// `READY`.
@@ -755,6 +776,14 @@ mod tests {
                 expires_ms: 1_800_000_000_000,
             },
             Reply::TokenExpired { grace_ms: 30_000 },
+            Reply::Channel {
+                channel: "org:a:usage",
+                notice: Notice::Lost { from: 3, to: 5 },
+            },
+            Reply::Channel {
+                channel: "org:a:usage",
+                notice: Notice::Reset,
+            },
         ];
         let mut frames = vec![publication("org:a:usage", &message)];
         frames.extend(replies.iter().map(reply));

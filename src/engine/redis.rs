@@ -34,6 +34,9 @@ pub enum Input {
 /// never do.
 const FETCH: u64 = 1 << 63;
 
+/// Tokens of the reads of a channel's top before subscribing to it have this one.
+const ANCHOR: u64 = 1 << 62;
+
 /// The cluster engine of one shard.
 pub struct Redis {
     shard: usize,
@@ -48,6 +51,10 @@ pub struct Redis {
     /// The engine's own history reads, by token.
     fetches: HashMap<u64, String>,
     next_fetch: u64,
+    /// Channels whose top is being read before subscribing, by token.
+    anchors: HashMap<u64, Rc<str>>,
+    /// Channels whose top could not be read: read again at the next sweep.
+    unanchored: Vec<Rc<str>>,
     /// Most messages read per history request.
     page: usize,
     /// Publishes waiting for their answer, and how many may.
@@ -67,6 +74,8 @@ impl Redis {
             wanted: HashMap::new(),
             fetches: HashMap::new(),
             next_fetch: 0,
+            anchors: HashMap::new(),
+            unanchored: Vec::new(),
             page: page.max(1),
             in_flight: 0,
             max_in_flight,
@@ -125,8 +134,46 @@ impl Redis {
         }
     }
 
+    /// Read `channel`'s top, then subscribe: what is published after that top is delivered,
+    /// from PUB/SUB or, for what it did not bring, from the history (see [`Order::anchor`]).
+    fn anchor(&mut self, channel: Rc<str>) {
+        self.next_fetch += 1;
+        let token = ANCHOR | self.next_fetch;
+        let op = Op::History {
+            channel: channel.to_string(),
+            since: 0,
+            limit: 0,
+        };
+        if self.send(&channel, token, op) {
+            self.anchors.insert(token, channel);
+        } else {
+            // The link has stopped (the node is stopping): listen all the same.
+            self.instance(&channel).wants.subscribe(&channel);
+        }
+    }
+
+    /// The top of a channel about to be subscribed to was read, or could not be.
+    fn anchored(&mut self, token: u64, result: Result<Page, crate::cluster::ClusterError>) {
+        let Some(channel) = self.anchors.remove(&token) else {
+            return; // Unwanted meanwhile.
+        };
+        match result {
+            Ok(page) => {
+                self.order.anchor(&channel, page.epoch, page.top);
+                self.instance(&channel).wants.subscribe(&channel);
+            }
+            Err(e) => {
+                tracing::debug!(shard = self.shard, %channel, "cannot read the top yet: {e}");
+                self.unanchored.push(channel);
+            }
+        }
+    }
+
     fn completed(&mut self, completion: Completion) {
         match completion {
+            Completion::History { token, result } if token & ANCHOR != 0 => {
+                self.anchored(token, result)
+            }
             Completion::Published { token, result } => {
                 self.in_flight = self.in_flight.saturating_sub(1);
                 let result = result.map(|p| p.seq).map_err(|e| e.to_string());
@@ -239,14 +286,18 @@ impl Engine for Redis {
             if self.wanted.remove(channel).is_some() {
                 self.instance(channel).wants.unsubscribe(channel);
                 self.order.forget(channel);
+                // A read of its top still on the way must not subscribe it.
+                self.anchors.retain(|_, c| &**c != channel);
+                self.unanchored.retain(|c| &**c != channel);
             }
             return true;
         }
         if let Some(waiting) = self.wanted.get(channel) {
             return *waiting == 0;
         }
-        self.wanted.insert(channel.into(), 1);
-        self.instance(channel).wants.subscribe(channel);
+        let channel: Rc<str> = channel.into();
+        self.wanted.insert(Rc::clone(&channel), 1);
+        self.anchor(channel);
         false
     }
 
@@ -273,7 +324,11 @@ impl Engine for Redis {
     }
 
     /// Redis expires what is not used; the node forgets a channel when it is not wanted.
+    /// Channels whose top could not be read are read again.
     fn sweep(&mut self, _now_ms: u64, _needed: &dyn Fn(&str) -> bool) -> usize {
+        for channel in std::mem::take(&mut self.unanchored) {
+            self.anchor(channel);
+        }
         0
     }
 

@@ -23,7 +23,7 @@ use crate::codes::{Close, ErrorCode};
 use crate::config::{BackpressurePolicy, Config, Scope};
 use crate::decision::{self, Decision, DecisionId, Original};
 use crate::dialect::shardcast::Parser;
-use crate::dialect::{Answer, Kind, Publication, Refusal, Reply, Request};
+use crate::dialect::{Answer, Kind, Notice, Publication, Refusal, Reply, Request};
 use crate::engine::{Arrival, Engine, Event, Found, Input, Memory, Numbered};
 use crate::metrics::{Counter, Global, ShardCounters};
 use crate::queue::{Bounds, OutQueue, Pushed};
@@ -129,6 +129,13 @@ pub enum MeshMsg {
         limit: usize,
         /// Where the page goes.
         reply: flume::Sender<HistoryPage>,
+    },
+    /// From a channel's owner: tell this shard's subscribers of the channel.
+    Notice {
+        /// Channel.
+        channel: Box<str>,
+        /// What.
+        notice: Notice,
     },
     /// An answer for one connection on the receiving shard, encoded there in its dialect.
     Reply {
@@ -1112,13 +1119,14 @@ impl Shard {
                 Some(Event::History { token, found }) => self.history_found(token, found),
                 Some(Event::Subscribed { channel }) => self.release_waiting(&channel),
                 Some(Event::Gap { channel, from, to }) => {
-                    // Not yet told to the subscribers (docs/CLUSTER.md, to do).
                     self.counters.add(Counter::ClusterGaps, 1);
                     tracing::warn!(shard = self.id, %channel, from, to, "messages lost");
+                    self.notify(&channel, Notice::Lost { from, to });
                 }
                 Some(Event::Reset { channel }) => {
                     self.counters.add(Counter::ClusterResets, 1);
                     tracing::warn!(shard = self.id, %channel, "numbering started again");
+                    self.notify(&channel, Notice::Reset);
                 }
             }
         }
@@ -1160,6 +1168,29 @@ impl Shard {
             }
         }
         self.deliver_local(channel, publication, t0);
+    }
+
+    /// Tell every subscriber of `channel`, on every shard, in order with its messages.
+    fn notify(&self, channel: &str, notice: Notice) {
+        if let Some(owned) = self.channels.borrow().get(channel) {
+            for &shard in &owned.interest {
+                let channel = channel.into();
+                self.route(usize::from(shard), MeshMsg::Notice { channel, notice });
+            }
+        }
+        self.notify_local(channel, notice);
+    }
+
+    /// Tell this shard's subscribers of `channel`: never dropped, after what they were sent.
+    fn notify_local(&self, channel: &str, notice: Notice) {
+        let reply = Reply::Channel { channel, notice };
+        let answer = |peer: &Rc<Peer>| peer.dialect().reply(&reply);
+        let tell = |peer: &Rc<Peer>, frame| self.answer_frame(peer, frame);
+        let dropped =
+            self.subs
+                .borrow_mut()
+                .notify(channel, notice, self.bounds.messages, answer, tell);
+        self.counters.add(Counter::MessagesDropped, dropped);
     }
 
     /// Number and fan out a PUBLISH on a channel this shard owns; ACK it if it had an id.
@@ -1527,6 +1558,7 @@ impl Shard {
             }
             MeshMsg::InterestAck { token } => self.answered(token, None),
             MeshMsg::Replay { token, replay } => self.answered(token, Some(replay.into_shared())),
+            MeshMsg::Notice { channel, notice } => self.notify_local(&channel, notice),
             MeshMsg::Reply { conn, answer } => {
                 // Each request routed to an owner is answered once: the debt is paid.
                 if let Some(peer) = self.peer(conn) {

@@ -10,7 +10,7 @@ use std::rc::Rc;
 use indexmap::IndexMap;
 
 use crate::codec::Frame;
-use crate::dialect::{Encoded, Publication};
+use crate::dialect::{Encoded, Notice, Publication};
 
 use super::{Peer, Replay};
 
@@ -133,18 +133,42 @@ impl Subscriptions {
         let mut dropped = 0;
         for peer in members.values() {
             let frame = encoded.frame(peer.dialect()).clone();
-            if let Some(catch) = waiting.as_mut().and_then(|w| w.get_mut(&peer.id)) {
-                if catch.live.len() >= bound {
-                    catch.live.pop_front();
-                    peer.dropped.set(peer.dropped.get() + 1);
-                    dropped += 1;
-                }
-                catch.live.push_back((publication.seq, frame));
-                continue;
+            match waiting.as_mut().and_then(|w| w.get_mut(&peer.id)) {
+                Some(catch) => dropped += keep(catch, peer, publication.seq, frame, bound),
+                None => deliver(peer, frame),
             }
-            deliver(peer, frame);
         }
         Some((dropped, encoded.encodings))
+    }
+
+    /// Hand `notice` of `channel` to every local subscriber through `tell`, framed by
+    /// `frame` (once per subscriber: notices are rare); a subscriber waiting for its replay
+    /// keeps it with its live messages, after the seqs it speaks of, within `bound`. Returns
+    /// how many kept messages were dropped for it.
+    pub fn notify(
+        &mut self,
+        channel: &str,
+        notice: Notice,
+        bound: usize,
+        frame: impl Fn(&Rc<Peer>) -> Frame,
+        mut tell: impl FnMut(&Rc<Peer>, Frame),
+    ) -> u64 {
+        let Some(members) = self.by_channel.get(channel) else {
+            return 0;
+        };
+        let after = match notice {
+            Notice::Lost { to, .. } => to,
+            Notice::Reset => u64::MAX,
+        };
+        let mut waiting = self.catching_up.get_mut(channel);
+        let mut dropped = 0;
+        for peer in members.values() {
+            match waiting.as_mut().and_then(|w| w.get_mut(&peer.id)) {
+                Some(catch) => dropped += keep(catch, peer, after, frame(peer), bound),
+                None => tell(peer, frame(peer)),
+            }
+        }
+        dropped
     }
 
     /// Park a SUB until its owners have answered.
@@ -174,4 +198,17 @@ impl Subscriptions {
     pub fn shrink(&mut self) {
         crate::engine::shrink_if_sparse(&mut self.by_channel);
     }
+}
+
+/// Keep `frame` (about `seq`) for a subscriber waiting for its replay, the oldest kept going
+/// first past `bound` as in the queue it is bound for; returns how many went.
+fn keep(catch: &mut CatchUp, peer: &Peer, seq: u64, frame: Frame, bound: usize) -> u64 {
+    let mut dropped = 0;
+    if catch.live.len() >= bound {
+        catch.live.pop_front();
+        peer.dropped.set(peer.dropped.get() + 1);
+        dropped = 1;
+    }
+    catch.live.push_back((seq, frame));
+    dropped
 }
