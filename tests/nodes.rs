@@ -61,13 +61,20 @@ fn every_subscriber_on_every_node_gets_every_message_once_and_in_seq_order() {
     let names: Vec<&str> = channels.iter().map(String::as_str).collect();
     // A subscriber on each shard of each node.
     let mut subscribers = Vec::new();
+    let mut epochs = HashSet::new();
     for node in &nodes {
         for shard in 0..2 {
             let mut client = node.client_on(ADMIN, shard);
-            client.subscribe(&names);
+            let subscribed = client.subscribe(&names);
+            for channel in &names {
+                let epoch = subscribed["epochs"][channel].as_str();
+                epochs.insert((*channel, epoch.expect("epochs").to_owned()));
+            }
             subscribers.push(client);
         }
     }
+    // Each channel has one epoch, whichever node and shard (owner or not) is asked.
+    assert_eq!(epochs.len(), names.len(), "{epochs:?}");
     const EACH: u64 = 200;
     let publishers: Vec<_> = nodes
         .iter()
@@ -153,7 +160,13 @@ fn a_client_that_moves_to_another_node_gets_what_it_missed_then_live_messages() 
     let b = node(&url, &prefix, 2);
     let channel = "org:acme:usage";
     let mut subscriber = a.client(&format!("/ws?key={ADMIN}"));
-    subscriber.subscribe(&[channel]);
+    let subscribed = subscriber.subscribe(&[channel]);
+    // The channel's own epoch, the same on every node, beside the node's.
+    let epoch = subscribed["epochs"][channel]
+        .as_str()
+        .expect("epochs")
+        .to_owned();
+    let node_epoch = subscribed["epoch"].clone();
     let mut publisher = a.client(&format!("/ws?key={ADMIN}"));
     let publish = |publisher: &mut common::Client, i: u64| {
         let id = i.to_string();
@@ -168,16 +181,34 @@ fn a_client_that_moves_to_another_node_gets_what_it_missed_then_live_messages() 
     for i in 4..=6 {
         publish(&mut publisher, i);
     }
-    // Back, on the other node, from where it left.
+    // Back, on the other node, from where it left, with both epochs it was given: the
+    // channel's decides.
     let mut moved = b.client(&format!("/ws?key={ADMIN}"));
-    moved.send(json!({"type":"SUB","channels":[channel],"since":{channel: 3},"id":"s"}));
+    let since = json!({channel: 3});
+    let epochs = json!({channel: epoch});
+    moved.send(
+        json!({"type":"SUB","channels":[channel],"since":since,"epoch":node_epoch,"epochs":epochs}),
+    );
     let subscribed = moved.recv_type("SUBSCRIBED");
     assert_eq!(subscribed["recovered"][channel], true, "{subscribed}");
+    assert_eq!(
+        subscribed["epochs"][channel],
+        epoch.as_str(),
+        "{subscribed}"
+    );
     for i in 4..=6 {
         assert_eq!(message(&mut moved), (channel.to_owned(), i, json!(i)));
     }
     publish(&mut publisher, 7);
     assert_eq!(message(&mut moved).1, 7);
+    // Seqs of another numbering of the channel are not recovered, though what there is
+    // is sent.
+    let mut other = b.client(&format!("/ws?key={ADMIN}"));
+    let epochs = json!({channel: "0123456789abcdef"});
+    other.send(json!({"type":"SUB","channels":[channel],"since":since,"epochs":epochs}));
+    let subscribed = other.recv_type("SUBSCRIBED");
+    assert_eq!(subscribed["recovered"][channel], false, "{subscribed}");
+    assert_eq!(message(&mut other).1, 4);
 }
 
 #[test]
@@ -200,7 +231,7 @@ fn health_and_metrics_show_redis_and_ready_follows_it_down_and_back() {
     a.wait_ready();
     let channel = "org:acme:usage";
     let mut subscriber = a.client(&format!("/ws?key={ADMIN}"));
-    subscriber.subscribe(&[channel]);
+    let subscribed = subscriber.subscribe(&[channel]);
     let mut publisher = a.client(&format!("/ws?key={ADMIN}"));
     publisher.send(json!({"type":"PUBLISH","channel":channel,"data":"before","id":"p1"}));
     assert_eq!(publisher.recv_type("ACK")["seq"], 1);
@@ -252,6 +283,21 @@ fn health_and_metrics_show_redis_and_ready_follows_it_down_and_back() {
         message(&mut subscriber),
         (channel.to_owned(), 1, json!("after"))
     );
+    // A client that had the old numbering's seq 1 and recovers with its epoch is told it
+    // cannot; one with the new epoch recovers.
+    let old_epoch = subscribed["epochs"][channel].clone();
+    let new_epoch = reset["epoch"].clone();
+    assert!(
+        new_epoch.is_string() && new_epoch != old_epoch,
+        "{reset} {subscribed}"
+    );
+    for (epoch, recovered) in [(old_epoch, false), (new_epoch, true)] {
+        let mut back = a.client(&format!("/ws?key={ADMIN}"));
+        let epochs = json!({channel: epoch});
+        back.send(json!({"type":"SUB","channels":[channel],"since":{channel: 1},"epochs":epochs}));
+        let answer = back.recv_type("SUBSCRIBED");
+        assert_eq!(answer["recovered"][channel], recovered, "{answer}");
+    }
     a.wait_metric(
         &format!("shardcast_cluster_resubscribes_total{{redis=\"{url}\"}}"),
         2,

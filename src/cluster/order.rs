@@ -225,6 +225,12 @@ impl Order {
         }
     }
 
+    /// `channel`'s epoch, once it is heard or anchored.
+    pub fn epoch(&self, channel: &str) -> Option<&str> {
+        let stream = self.streams.get(channel)?;
+        (stream.next > 0).then_some(stream.epoch.as_str())
+    }
+
     /// The node no longer wants `channel`.
     pub fn forget(&mut self, channel: &str) {
         self.streams.remove(channel);

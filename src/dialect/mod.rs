@@ -122,8 +122,8 @@ impl<'a> Encoded<'a> {
 }
 
 /// What a channel's subscribers are told besides its messages: what a cluster node could
-/// not deliver. Owned and small, to cross the mesh as it is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// not deliver. Owned, to cross the mesh as it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Notice {
     /// Seqs `from..=to` were published but can no longer be had: resync if they matter.
     Lost {
@@ -134,7 +134,10 @@ pub enum Notice {
     },
     /// The channel's numbering started again (Redis lost it): seqs may repeat, and a
     /// position held from before recovers nothing.
-    Reset,
+    Reset {
+        /// The channel's new epoch.
+        epoch: Box<str>,
+    },
 }
 
 /// What the core says to one client, before any wire format. Borrowed: it is encoded at
@@ -157,6 +160,8 @@ pub enum Reply<'a> {
         id: Option<&'a [u8]>,
         /// The server's epoch.
         epoch: u64,
+        /// `(channel, epoch)` for each channel whose own epoch is known (in a cluster).
+        epochs: &'a [(&'a str, &'a str)],
         /// `(channel, complete)` for each replay.
         recovered: &'a [(&'a str, bool)],
     },
@@ -238,7 +243,7 @@ pub enum Reply<'a> {
         /// The channel.
         channel: &'a str,
         /// What.
-        notice: Notice,
+        notice: &'a Notice,
     },
 }
 
@@ -345,6 +350,9 @@ pub enum Request<'a> {
         since: Vec<(String, u64)>,
         /// `epoch`: the server epoch those seqs belong to (from an earlier SUBSCRIBED).
         epoch: Option<u64>,
+        /// `epochs`: per channel, the channel's epoch those seqs belong to (a cluster's,
+        /// from an earlier SUBSCRIBED); it takes the place of `epoch` for that channel.
+        epochs: Vec<(String, String)>,
     },
     /// Unsubscribe from channels.
     Unsub {

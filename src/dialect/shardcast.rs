@@ -131,11 +131,13 @@ fn parse_request<'a>(
                         .ok_or_else(|| Refusal::bad_request("\"epoch\" must be a number"))?,
                 ),
             };
+            let epochs = epochs_map(value, &channels)?;
             Ok(Request::Sub {
                 channels,
                 id,
                 since,
                 epoch,
+                epochs,
             })
         }
         "UNSUB" => Ok(Request::Unsub {
@@ -212,6 +214,37 @@ fn since_map(value: Value<'_, '_>, channels: &[String]) -> Result<Vec<(String, u
                 Refusal::bad_request(format!("\"since\".{name} must be a seq (0 or more)"))
             })?;
             Ok((name.to_string(), seq))
+        })
+        .collect()
+}
+
+/// Longest channel epoch accepted in `epochs` (a cluster's are 16 hex digits).
+const MAX_EPOCH_LEN: usize = 64;
+
+/// `epochs`: per channel of the SUB, the epoch string an earlier SUBSCRIBED gave.
+fn epochs_map(value: Value<'_, '_>, channels: &[String]) -> Result<Vec<(String, String)>, Refusal> {
+    let Some(epochs) = value.get("epochs") else {
+        return Ok(Vec::new());
+    };
+    let epochs = epochs.as_object().ok_or_else(|| {
+        Refusal::bad_request("\"epochs\" must be an object of channel name to epoch")
+    })?;
+    epochs
+        .iter()
+        .map(|(name, epoch)| {
+            if !channels.iter().any(|c| c == name) {
+                return Err(Refusal::bad_request(format!(
+                    "\"epochs\" names {}, which is not in \"channels\"",
+                    json::echo(name)
+                )));
+            }
+            match epoch.as_str() {
+                Some(e) if e.len() <= MAX_EPOCH_LEN => Ok((name.to_string(), e.to_string())),
+                _ => Err(Refusal::bad_request(format!(
+                    "\"epochs\".{} must be a string of at most {MAX_EPOCH_LEN} bytes",
+                    json::echo(name)
+                ))),
+            }
         })
         .collect()
 }
@@ -320,8 +353,9 @@ pub fn reply(reply: &Reply<'_>) -> Frame {
             channels,
             id,
             epoch,
+            epochs,
             recovered,
-        } => subscribed(channels, id, epoch, recovered),
+        } => subscribed(channels, id, epoch, epochs, recovered),
         Reply::Unsubscribed { channels, id } => unsubscribed(channels, id),
         Reply::PublishAck { id, seq } => publish_ack(id, seq),
         Reply::IngestAck {
@@ -347,21 +381,28 @@ pub fn reply(reply: &Reply<'_>) -> Frame {
     }
 }
 
-/// `SYSTEM` `messages_lost` (with the seqs) or `channel_reset`, for a subscribed channel.
-fn system_channel(channel: &str, notice: Notice) -> Frame {
+/// `SYSTEM` `messages_lost` (with the seqs) or `channel_reset` (with the new epoch), for a
+/// subscribed channel.
+fn system_channel(channel: &str, notice: &Notice) -> Frame {
     let mut f = text();
     let out = f.payload_mut();
     let event: &[u8] = match notice {
         Notice::Lost { .. } => br#"{"type":"SYSTEM","event":"messages_lost","channel":"#,
-        Notice::Reset => br#"{"type":"SYSTEM","event":"channel_reset","channel":"#,
+        Notice::Reset { .. } => br#"{"type":"SYSTEM","event":"channel_reset","channel":"#,
     };
     out.extend_from_slice(event);
     json::push_str(out, channel);
-    if let Notice::Lost { from, to } = notice {
-        out.extend_from_slice(br#","from":"#);
-        json::push_u64(out, from);
-        out.extend_from_slice(br#","to":"#);
-        json::push_u64(out, to);
+    match notice {
+        Notice::Lost { from, to } => {
+            out.extend_from_slice(br#","from":"#);
+            json::push_u64(out, *from);
+            out.extend_from_slice(br#","to":"#);
+            json::push_u64(out, *to);
+        }
+        Notice::Reset { epoch } => {
+            out.extend_from_slice(br#","epoch":"#);
+            json::push_str(out, epoch);
+        }
     }
     out.push(b'}');
     f.finish()
@@ -396,6 +437,7 @@ fn subscribed(
     channels: &[impl AsRef<str>],
     id: Option<&[u8]>,
     epoch: u64,
+    epochs: &[(&str, &str)],
     recovered: &[(impl AsRef<str>, bool)],
 ) -> Frame {
     let mut f = text();
@@ -405,6 +447,18 @@ fn subscribed(
     push_opt_raw(out, "id", id);
     out.extend_from_slice(br#","epoch":"#);
     json::push_u64(out, epoch);
+    if !epochs.is_empty() {
+        out.extend_from_slice(br#","epochs":{"#);
+        for (i, (channel, epoch)) in epochs.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            json::push_str(out, channel);
+            out.push(b':');
+            json::push_str(out, epoch);
+        }
+        out.push(b'}');
+    }
     if !recovered.is_empty() {
         out.extend_from_slice(br#","recovered":{"#);
         for (i, (channel, complete)) in recovered.iter().enumerate() {
@@ -692,7 +746,7 @@ mod tests {
 
     #[test]
     fn sub_carries_since_and_epoch() {
-        let raw = br#"{"type":"SUB","channels":["a","b"],"since":{"a":41},"epoch":1700000000000}"#;
+        let raw = br#"{"type":"SUB","channels":["a","b"],"since":{"a":41},"epoch":1700000000000,"epochs":{"a":"0af3"}}"#;
         let req = Parser::default().parse(raw).unwrap();
         assert_eq!(
             req,
@@ -701,8 +755,28 @@ mod tests {
                 id: None,
                 since: vec![("a".into(), 41)],
                 epoch: Some(1_700_000_000_000),
+                epochs: vec![("a".into(), "0af3".into())],
             }
         );
+        let mut parser = Parser::default();
+        for (raw, why) in [
+            (
+                &br#"{"type":"SUB","channels":["a"],"epochs":{"b":"x"}}"#[..],
+                "\"epochs\" names \"b\", which is not in \"channels\"",
+            ),
+            (
+                br#"{"type":"SUB","channels":["a"],"epochs":{"a":7}}"#,
+                "\"epochs\".\"a\" must be a string of at most 64 bytes",
+            ),
+            (
+                br#"{"type":"SUB","channels":["a"],"epochs":["a"]}"#,
+                "\"epochs\" must be an object of channel name to epoch",
+            ),
+        ] {
+            let err = parser.parse(raw).unwrap_err();
+            assert_eq!(err.code.as_str(), "bad_request");
+            assert_eq!(err.message, why);
+        }
     }
 
     #[test]
@@ -740,6 +814,7 @@ mod tests {
                 channels: &channels,
                 id: Some(b"3"),
                 epoch: 17,
+                epochs: &[("org:a:usage", "0af3")],
                 recovered: &[("org:a:usage", false)],
             },
             Reply::Unsubscribed {
@@ -778,11 +853,13 @@ mod tests {
             Reply::TokenExpired { grace_ms: 30_000 },
             Reply::Channel {
                 channel: "org:a:usage",
-                notice: Notice::Lost { from: 3, to: 5 },
+                notice: &Notice::Lost { from: 3, to: 5 },
             },
             Reply::Channel {
                 channel: "org:a:usage",
-                notice: Notice::Reset,
+                notice: &Notice::Reset {
+                    epoch: "0af3".into(),
+                },
             },
         ];
         let mut frames = vec![publication("org:a:usage", &message)];

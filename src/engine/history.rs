@@ -47,6 +47,8 @@ pub struct Found {
     /// Highest seq delivered and no longer kept: messages in `(since, floor]` are missing
     /// from `messages` (only the store can supply them).
     pub floor: u64,
+    /// The channel's epoch, when it has one of its own (a cluster's, from Redis).
+    pub epoch: Option<Box<str>>,
 }
 
 impl Ring {
@@ -130,6 +132,7 @@ impl Ring {
                 .collect(),
             upto: self.last,
             floor: self.floor,
+            epoch: None,
         }
     }
 }

@@ -86,6 +86,8 @@ pub enum Event {
     Reset {
         /// The channel.
         channel: Rc<str>,
+        /// Its new epoch.
+        epoch: Box<str>,
     },
     /// Deliver `publication` to `channel`'s subscribers (events of a channel come in seq
     /// order).
@@ -166,4 +168,11 @@ pub trait Engine {
 
     /// Channels whose state is kept.
     fn channels(&self) -> usize;
+
+    /// `channel`'s own epoch, for an engine whose channels have one (a cluster's): a client
+    /// sends it back to recover, on whatever node. `None` on one node, whose epoch is the
+    /// server's.
+    fn epoch(&self, _channel: &str) -> Option<&str> {
+        None
+    }
 }

@@ -127,8 +127,9 @@ impl Redis {
                     from,
                     to,
                 }),
-                Step::Reset { channel, .. } => self.events.push_back(Event::Reset {
+                Step::Reset { channel, epoch } => self.events.push_back(Event::Reset {
                     channel: channel.into(),
+                    epoch: epoch.into(),
                 }),
             }
         }
@@ -222,6 +223,7 @@ fn found(page: Page) -> Found {
             .collect(),
         upto: page.top,
         floor,
+        epoch: Some(page.epoch.into()),
     }
 }
 
@@ -338,5 +340,9 @@ impl Engine for Redis {
 
     fn channels(&self) -> usize {
         self.wanted.len()
+    }
+
+    fn epoch(&self, channel: &str) -> Option<&str> {
+        self.order.epoch(channel)
     }
 }

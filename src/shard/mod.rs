@@ -118,6 +118,8 @@ pub enum MeshMsg {
     InterestAck {
         /// Token from the request.
         token: u64,
+        /// The channel and its own epoch, when the engine has one (in a cluster).
+        epoch: Option<(Box<str>, Box<str>)>,
     },
     /// To a channel's owner: a page of its history for the HTTP API.
     History {
@@ -509,13 +511,24 @@ impl Shard {
                 id,
                 since,
                 epoch,
+                mut epochs,
             } => {
                 // Seqs from another epoch may have been reused since (ephemeral channels restart
-                // at 1): such replays are never called complete.
+                // at 1): such replays are never called complete. A channel's own epoch (in a
+                // cluster) is compared by its owner.
                 let stale = epoch.is_some_and(|e| e != self.epoch);
                 let since = since
                     .into_iter()
-                    .map(|(channel, after)| (channel, Since { after, stale }))
+                    .map(|(channel, after)| {
+                        let mine = epochs.iter().position(|(c, _)| *c == channel);
+                        let epoch = mine.map(|i| epochs.swap_remove(i).1.into());
+                        let since = Since {
+                            after,
+                            stale,
+                            epoch,
+                        };
+                        (channel, since)
+                    })
                     .collect();
                 return self.subscribe(peer, principal, channels, id, since);
             }
@@ -720,13 +733,14 @@ impl Shard {
             id: id.map(Box::from),
             waiting: 0,
             replays: Vec::new(),
+            epochs: Vec::new(),
         };
         for name in &accepted {
             let channel: Rc<str> = Rc::from(name.as_str());
             if self.subs.borrow_mut().add(channel.clone(), peer) {
                 peer.channels.borrow_mut().push(channel.clone());
             }
-            let since = since.get(name).copied();
+            let since = since.get(name).cloned();
             if since.is_some() {
                 // From here until its replay is sent, live messages for this subscriber wait.
                 self.subs
@@ -765,6 +779,8 @@ impl Shard {
             } else if let Some(since) = since {
                 pending.waiting += 1;
                 local.push((name.clone(), since));
+            } else if let Some(epoch) = self.engine.borrow().epoch(name) {
+                pending.epochs.push((name.as_str().into(), epoch.into()));
             }
         }
         pending.channels = accepted;
@@ -840,10 +856,21 @@ impl Shard {
         self.counters.add(Counter::Replays, recovered.len() as u64);
         self.counters
             .add(Counter::ReplaysIncomplete, incomplete as u64);
+        let replayed = p
+            .replays
+            .iter()
+            .filter_map(|r| Some((&*r.channel, r.epoch.as_deref()?)));
+        let epochs: Vec<(&str, &str)> = p
+            .epochs
+            .iter()
+            .map(|(c, e)| (&**c, &**e))
+            .chain(replayed)
+            .collect();
         let subscribed = Reply::Subscribed {
             channels: &p.channels,
             id: p.id.as_deref(),
             epoch: self.epoch,
+            epochs: &epochs,
             recovered: &recovered,
         };
         self.answer(&peer, &subscribed);
@@ -896,6 +923,7 @@ impl Shard {
                     messages: Vec::new(),
                     upto: 0,
                     complete: false,
+                    epoch: None,
                 };
                 self.send_replay(to, replay, false);
             }
@@ -904,13 +932,18 @@ impl Shard {
 
     /// The second half of [`Shard::replay`]: what the engine found, and the store for what
     /// it no longer has.
-    fn replay_found(&self, channel: &str, since: Since, to: ReplayTo, found: Found) {
+    fn replay_found(&self, channel: &str, mut since: Since, to: ReplayTo, found: Found) {
+        if let (Some(theirs), Some(ours)) = (&since.epoch, &found.epoch) {
+            // The channel's own epoch decides, on whatever node the client was before.
+            since.stale = theirs != ours;
+        }
         let in_range = since.after <= found.upto;
         let ring = Replay {
             channel: channel.into(),
             messages: found.messages,
             upto: found.upto,
             complete: !since.stale && in_range && since.after >= found.floor,
+            epoch: found.epoch,
         };
         let missing = found.floor.saturating_sub(since.after) as usize;
         let limit = match &to {
@@ -983,7 +1016,7 @@ impl Shard {
     fn send_replay(&self, to: ReplayTo, replay: Replay, cut: bool) {
         match to {
             ReplayTo::Sub { shard, token } if shard == self.id => {
-                self.answered(token, Some(replay))
+                self.answered(token, Some(replay), None)
             }
             ReplayTo::Sub { shard, token } => {
                 let replay = Box::new(replay.into_sendable());
@@ -1063,10 +1096,19 @@ impl Shard {
         };
         for waiter in waiting.into_iter().flatten() {
             match waiter {
-                Waiter::Ack { shard, token } => self.route(shard, MeshMsg::InterestAck { token }),
+                Waiter::Ack { shard, token } => {
+                    let epoch = self.channel_epoch(channel);
+                    self.route(shard, MeshMsg::InterestAck { token, epoch });
+                }
                 Waiter::Replay { since, to } => self.replay(channel, since, to),
             }
         }
+    }
+
+    /// `channel` and its own epoch, for an InterestAck, when the engine has one.
+    fn channel_epoch(&self, channel: &str) -> Option<(Box<str>, Box<str>)> {
+        let engine = self.engine.borrow();
+        Some((channel.into(), engine.epoch(channel)?.into()))
     }
 
     /// Number a message on `channel` and fan it out (or hold it behind an uncommitted
@@ -1123,10 +1165,10 @@ impl Shard {
                     tracing::warn!(shard = self.id, %channel, from, to, "messages lost");
                     self.notify(&channel, Notice::Lost { from, to });
                 }
-                Some(Event::Reset { channel }) => {
+                Some(Event::Reset { channel, epoch }) => {
                     self.counters.add(Counter::ClusterResets, 1);
-                    tracing::warn!(shard = self.id, %channel, "numbering started again");
-                    self.notify(&channel, Notice::Reset);
+                    tracing::warn!(shard = self.id, %channel, %epoch, "numbering started again");
+                    self.notify(&channel, Notice::Reset { epoch });
                 }
             }
         }
@@ -1174,15 +1216,15 @@ impl Shard {
     fn notify(&self, channel: &str, notice: Notice) {
         if let Some(owned) = self.channels.borrow().get(channel) {
             for &shard in &owned.interest {
-                let channel = channel.into();
+                let (channel, notice) = (channel.into(), notice.clone());
                 self.route(usize::from(shard), MeshMsg::Notice { channel, notice });
             }
         }
-        self.notify_local(channel, notice);
+        self.notify_local(channel, &notice);
     }
 
     /// Tell this shard's subscribers of `channel`: never dropped, after what they were sent.
-    fn notify_local(&self, channel: &str, notice: Notice) {
+    fn notify_local(&self, channel: &str, notice: &Notice) {
         let reply = Reply::Channel { channel, notice };
         let answer = |peer: &Rc<Peer>| peer.dialect().reply(&reply);
         let tell = |peer: &Rc<Peer>, frame| self.answer_frame(peer, frame);
@@ -1553,12 +1595,15 @@ impl Shard {
                     let to = ReplayTo::Sub { shard: from, token };
                     self.replay(&channel, since, to);
                 } else if token != 0 {
-                    self.route(from, MeshMsg::InterestAck { token });
+                    let epoch = self.channel_epoch(&channel);
+                    self.route(from, MeshMsg::InterestAck { token, epoch });
                 }
             }
-            MeshMsg::InterestAck { token } => self.answered(token, None),
-            MeshMsg::Replay { token, replay } => self.answered(token, Some(replay.into_shared())),
-            MeshMsg::Notice { channel, notice } => self.notify_local(&channel, notice),
+            MeshMsg::InterestAck { token, epoch } => self.answered(token, None, epoch),
+            MeshMsg::Replay { token, replay } => {
+                self.answered(token, Some(replay.into_shared()), None)
+            }
+            MeshMsg::Notice { channel, notice } => self.notify_local(&channel, &notice),
             MeshMsg::Reply { conn, answer } => {
                 // Each request routed to an owner is answered once: the debt is paid.
                 if let Some(peer) = self.peer(conn) {
@@ -1576,6 +1621,7 @@ impl Shard {
                 let since = Since {
                     after,
                     stale: false,
+                    epoch: None,
                 };
                 self.replay(&channel, since, ReplayTo::Http { reply, limit });
             }
@@ -1583,8 +1629,13 @@ impl Shard {
     }
 
     /// An owner answered a pending SUB (with a replay, for a channel asked with `since`).
-    fn answered(&self, token: u64, replay: Option<Replay<Frame>>) {
-        let done = self.subs.borrow_mut().answered(token, replay);
+    fn answered(
+        &self,
+        token: u64,
+        replay: Option<Replay<Frame>>,
+        epoch: Option<(Box<str>, Box<str>)>,
+    ) {
+        let done = self.subs.borrow_mut().answered(token, replay, epoch);
         if let Some(sub) = done {
             self.finish_subscribe(token, sub);
         }

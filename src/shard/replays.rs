@@ -10,12 +10,15 @@ use std::rc::Rc;
 use crate::dialect::{Kind, Publication};
 
 /// Where a reconnecting subscriber left a channel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Since {
     /// Last seq the client has.
     pub after: u64,
     /// The client's seqs come from an earlier epoch (a restart may have reused them).
     pub stale: bool,
+    /// The channel's epoch the client's seqs come from, if it sent one: the owner compares
+    /// it with the channel's own (in a cluster), and it takes the place of `stale`.
+    pub epoch: Option<Box<str>>,
 }
 
 /// Messages a subscriber missed on one channel, from the owner's history. `D` is the
@@ -30,6 +33,8 @@ pub struct Replay<D = Rc<[u8]>> {
     pub upto: u64,
     /// Every message after the client's seq is in `messages`.
     pub complete: bool,
+    /// The channel's own epoch, when the engine has one (in a cluster).
+    pub epoch: Option<Box<str>>,
 }
 
 impl Replay {
@@ -40,6 +45,7 @@ impl Replay {
             messages: self.messages.iter().map(Publication::to_sendable).collect(),
             upto: self.upto,
             complete: self.complete,
+            epoch: self.epoch,
         }
     }
 }
@@ -56,6 +62,7 @@ impl Replay<Vec<u8>> {
                 .collect(),
             upto: self.upto,
             complete: self.complete,
+            epoch: self.epoch,
         }
     }
 }

@@ -27,6 +27,8 @@ pub(super) struct PendingSub {
     /// Owner answers still to come.
     pub waiting: usize,
     pub replays: Vec<Replay>,
+    /// `(channel, epoch)` of the channels without a replay whose epoch the owner gave.
+    pub epochs: Vec<(Box<str>, Box<str>)>,
 }
 
 /// A subscriber waiting for its replay: live messages for it are kept until the replay is
@@ -148,7 +150,7 @@ impl Subscriptions {
     pub fn notify(
         &mut self,
         channel: &str,
-        notice: Notice,
+        notice: &Notice,
         bound: usize,
         frame: impl Fn(&Rc<Peer>) -> Frame,
         mut tell: impl FnMut(&Rc<Peer>, Frame),
@@ -157,8 +159,8 @@ impl Subscriptions {
             return 0;
         };
         let after = match notice {
-            Notice::Lost { to, .. } => to,
-            Notice::Reset => u64::MAX,
+            Notice::Lost { to, .. } => *to,
+            Notice::Reset { .. } => u64::MAX,
         };
         let mut waiting = self.catching_up.get_mut(channel);
         let mut dropped = 0;
@@ -176,11 +178,17 @@ impl Subscriptions {
         self.pending.insert(token, sub);
     }
 
-    /// An owner answered SUB `token` (with a replay, for a channel asked with `since`): the
-    /// SUB, once nothing more is awaited.
-    pub fn answered(&mut self, token: u64, replay: Option<Replay>) -> Option<PendingSub> {
+    /// An owner answered SUB `token` (with a replay, for a channel asked with `since`, or
+    /// the channel's epoch): the SUB, once nothing more is awaited.
+    pub fn answered(
+        &mut self,
+        token: u64,
+        replay: Option<Replay>,
+        epoch: Option<(Box<str>, Box<str>)>,
+    ) -> Option<PendingSub> {
         let sub = self.pending.get_mut(&token)?;
         sub.replays.extend(replay);
+        sub.epochs.extend(epoch);
         sub.waiting -= 1;
         if sub.waiting > 0 {
             return None;
