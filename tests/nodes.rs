@@ -7,6 +7,7 @@ use std::collections::HashSet;
 
 use common::{channels_owned_by_each_shard, Server, ADMIN};
 use serde_json::{json, Value};
+use shardcast::cluster::keys::{redis_for, Keys};
 
 /// A cluster node with `shards` shards on Redis `url`, under a key prefix of its own test.
 fn node(url: &str, prefix: &str, shards: usize) -> Server {
@@ -15,6 +16,11 @@ fn node(url: &str, prefix: &str, shards: usize) -> Server {
 
 /// [`node`] with more configuration sections.
 fn node_with(url: &str, prefix: &str, shards: usize, more: &str) -> Server {
+    node_on(&format!("\"{url}\""), prefix, shards, more)
+}
+
+/// [`node_with`] with `redis_url` as a TOML value (a string or a list).
+fn node_on(redis_url: &str, prefix: &str, shards: usize, more: &str) -> Server {
     let extra = format!(
         r#"
 {more}
@@ -23,7 +29,7 @@ fn node_with(url: &str, prefix: &str, shards: usize, more: &str) -> Server {
 outbound_queue_messages = 8192
 
 [cluster]
-redis_url = "{url}"
+redis_url = {redis_url}
 prefix = "{prefix}"
 
 [storage]
@@ -58,11 +64,56 @@ fn every_subscriber_on_every_node_gets_every_message_once_and_in_seq_order() {
     let nodes: Vec<Server> = (0..3).map(|_| node(&url, &prefix, 2)).collect();
     // One channel owned by each shard of a node.
     let channels = channels_owned_by_each_shard("usage");
+    every_subscriber_gets_every_message(&nodes, &channels, 200);
+}
+
+#[test]
+fn channels_spread_over_two_redis_are_each_delivered_once_and_in_order() {
+    let (Some(one), Some(two)) = (
+        common::OwnRedis::start("nodes_two_redis"),
+        common::OwnRedis::start("nodes_two_redis"),
+    ) else {
+        return;
+    };
+    let prefix = fresh_prefix("two");
+    let urls = format!(r#"["{}", "{}"]"#, one.url(), two.url());
+    let nodes: Vec<Server> = (0..2).map(|_| node_on(&urls, &prefix, 2, "")).collect();
+    // Two channels held by each Redis (by the stable hash every node uses).
+    let mut channels: Vec<String> = Vec::new();
+    for held_by in 0..2 {
+        let mine = (0..)
+            .map(|i| format!("org:team{i}:usage"))
+            .filter(|c| redis_for(c, 2) == held_by);
+        channels.extend(mine.take(2));
+    }
+    every_subscriber_gets_every_message(&nodes, &channels, 100);
+    // Each channel's numbering lives in its Redis alone.
+    let keys = Keys::new(&prefix);
+    for (i, redis) in [&one, &two].into_iter().enumerate() {
+        let mut conn = redis::Client::open(redis.url())
+            .and_then(|c| c.get_connection())
+            .expect("Redis connection");
+        for channel in &channels {
+            let top: Option<u64> = redis::cmd("HGET")
+                .arg(keys.meta(channel))
+                .arg("s")
+                .query(&mut conn)
+                .expect("HGET");
+            let expected = (redis_for(channel, 2) == i).then_some(200);
+            assert_eq!(top, expected, "{channel} in Redis {i}");
+        }
+    }
+}
+
+/// Publishers on every node, each publishing `each` messages to every channel, and a
+/// subscriber to all of them on each shard of each node: every subscriber gets every
+/// message once, in seq order, and every seq is acknowledged to one publisher.
+fn every_subscriber_gets_every_message(nodes: &[Server], channels: &[String], each: u64) {
     let names: Vec<&str> = channels.iter().map(String::as_str).collect();
     // A subscriber on each shard of each node.
     let mut subscribers = Vec::new();
     let mut epochs = HashSet::new();
-    for node in &nodes {
+    for node in nodes {
         for shard in 0..2 {
             let mut client = node.client_on(ADMIN, shard);
             let subscribed = client.subscribe(&names);
@@ -75,15 +126,15 @@ fn every_subscriber_on_every_node_gets_every_message_once_and_in_seq_order() {
     }
     // Each channel has one epoch, whichever node and shard (owner or not) is asked.
     assert_eq!(epochs.len(), names.len(), "{epochs:?}");
-    const EACH: u64 = 200;
+    let (n_nodes, n_channels) = (nodes.len() as u64, channels.len() as u64);
     let publishers: Vec<_> = nodes
         .iter()
         .enumerate()
         .map(|(n, node)| {
             let mut client = node.client_on(ADMIN, n % 2);
-            let channels = channels.clone();
+            let channels = channels.to_vec();
             std::thread::spawn(move || {
-                for i in 0..EACH {
+                for i in 0..each {
                     for channel in &channels {
                         let id = format!("{n}-{i}");
                         let data = json!({"node": n, "i": i});
@@ -92,7 +143,7 @@ fn every_subscriber_on_every_node_gets_every_message_once_and_in_seq_order() {
                     }
                 }
                 let mut acked = Vec::new();
-                for _ in 0..EACH * 2 {
+                for _ in 0..each * n_channels {
                     let ack = client.recv_type("ACK");
                     acked.push(ack["seq"].as_u64().expect("an ACK has a seq"));
                 }
@@ -105,7 +156,7 @@ fn every_subscriber_on_every_node_gets_every_message_once_and_in_seq_order() {
         .map(|mut client| {
             std::thread::spawn(move || {
                 let mut heard = Vec::new();
-                for _ in 0..3 * EACH * 2 {
+                for _ in 0..n_nodes * each * n_channels {
                     heard.push(message(&mut client));
                 }
                 // Nothing more: a duplicate would come after the last expected message.
@@ -118,35 +169,41 @@ fn every_subscriber_on_every_node_gets_every_message_once_and_in_seq_order() {
         .into_iter()
         .flat_map(|p| p.join().expect("publisher"))
         .collect();
-    assert_eq!(acked.len() as u64, 3 * EACH * 2);
+    assert_eq!(acked.len() as u64, n_nodes * each * n_channels);
     for reader in readers {
         let heard = reader.join().expect("subscriber");
-        for channel in &channels {
+        for channel in channels {
             let of_channel: Vec<&(String, u64, Value)> =
                 heard.iter().filter(|(c, ..)| c == channel).collect();
             let seqs: Vec<u64> = of_channel.iter().map(|(_, seq, _)| *seq).collect();
-            let expected: Vec<u64> = (1..=3 * EACH).collect();
+            let expected: Vec<u64> = (1..=n_nodes * each).collect();
             assert_eq!(seqs, expected, "{channel}: every seq once, in order");
             let sent: HashSet<(u64, u64)> = of_channel
                 .iter()
                 .map(|(_, _, d)| (d["node"].as_u64().unwrap(), d["i"].as_u64().unwrap()))
                 .collect();
-            assert_eq!(sent.len() as u64, 3 * EACH, "{channel}: every message once");
+            assert_eq!(
+                sent.len() as u64,
+                n_nodes * each,
+                "{channel}: every message once"
+            );
             // Each node's own messages keep the order it published them in.
-            for n in 0..3 {
+            for n in 0..n_nodes {
                 let mine: Vec<u64> = of_channel
                     .iter()
                     .filter(|(_, _, d)| d["node"] == n)
                     .map(|(_, _, d)| d["i"].as_u64().unwrap())
                     .collect();
-                assert_eq!(mine, (0..EACH).collect::<Vec<_>>(), "node {n} on {channel}");
+                assert_eq!(mine, (0..each).collect::<Vec<_>>(), "node {n} on {channel}");
             }
         }
     }
     // Every seq was acknowledged to exactly one publisher.
     let mut acked = acked;
     acked.sort_unstable();
-    let expected: Vec<u64> = (1..=3 * EACH).flat_map(|s| [s, s]).collect();
+    let expected: Vec<u64> = (1..=n_nodes * each)
+        .flat_map(|s| std::iter::repeat_n(s, n_channels as usize))
+        .collect();
     assert_eq!(acked, expected);
 }
 
