@@ -10,6 +10,7 @@ use shardcast_bench::{connect, fanout};
 fn fanout_params(server: &Server) -> fanout::Params {
     fanout::Params {
         addr: server.addr,
+        publish_addr: None,
         proto: Proto::Shardcast,
         key: ADMIN.into(),
         subscribers: 40,
@@ -121,6 +122,28 @@ fn fanout_with_small_reads_loses_nothing() {
     let params = fanout::Params {
         read_bytes: 512,
         ..fanout_params(&server)
+    };
+    let report = fanout::run(&params, false, "fanout").expect("fanout");
+    assert_complete(&report);
+}
+
+/// The cross-node scenario: subscribers on one cluster node, publishers on another.
+#[test]
+fn fanout_across_two_cluster_nodes_loses_nothing() {
+    let Some(url) = redis_url("perf_fanout_across_two_cluster_nodes") else {
+        return;
+    };
+    let prefix = format!("scperf.{}.{}", std::process::id(), unix_now());
+    let config = format!(
+        "[cluster]\nredis_url = \"{url}\"\nprefix = \"{prefix}\"\n\n[storage]\nurl = \"memory\"\n"
+    );
+    let (subscribers, publishers) = (
+        Server::start_with(2, &config),
+        Server::start_with(2, &config),
+    );
+    let params = fanout::Params {
+        publish_addr: Some(publishers.addr),
+        ..fanout_params(&subscribers)
     };
     let report = fanout::run(&params, false, "fanout").expect("fanout");
     assert_complete(&report);

@@ -20,6 +20,9 @@ pub struct Params {
     /// Server address.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub addr: SocketAddr,
+    /// Where the publishers connect, when not to `--addr` (another node of a cluster).
+    #[arg(long)]
+    pub publish_addr: Option<SocketAddr>,
     /// Server protocol.
     #[arg(long, value_enum, default_value = "shardcast")]
     pub proto: Proto,
@@ -237,8 +240,12 @@ fn open_all(
         while next < roles.len() && state.opened - state.ready - state.dead < params.concurrency {
             let role = roles[next];
             let subscriber = matches!(role, Role::Subscriber { .. });
+            let addr = match role {
+                Role::Publisher(_) => params.publish_addr.unwrap_or(params.addr),
+                _ => params.addr,
+            };
             let id = engine
-                .connect(params.addr, source(state.opened), &path)
+                .connect(addr, source(state.opened), &path)
                 .map_err(|e| format!("connect: {e}"))?;
             debug_assert_eq!(id, state.roles.len());
             state.roles.push(role);
