@@ -12,10 +12,16 @@ use postgres::{Client, NoTls};
 use super::{DecisionQuery, Outcome, Param, RecentKey, Record, Recovered, StorageError, Store};
 
 /// Versioned migrations, applied in order; a database remembers which it has.
-const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    include_str!("../../migrations/postgres/0001_decisions.sql"),
-)];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        include_str!("../../migrations/postgres/0001_decisions.sql"),
+    ),
+    (
+        2,
+        include_str!("../../migrations/postgres/0002_unnumbered.sql"),
+    ),
+];
 
 /// Serializes migrations between servers starting against the same database.
 const MIGRATION_LOCK: i64 = 0x5348_4152_4443_4153; // "SHARDCAS"
@@ -86,7 +92,7 @@ impl Store for Postgres {
                 "INSERT INTO decisions (id, org, channel, seq, schema, idempotency_key,
                      direction, decision, tool, scope, payload_hash, latency_ms,
                      correlation_id, tags, data, created_ms)
-                 SELECT id, org, channel, seq, schema, key, direction, decision, tool, scope,
+                 SELECT id, org, channel, NULLIF(seq, 0), schema, key, direction, decision, tool, scope,
                         hash, latency, correlation, tags::jsonb, data::json, created
                  FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[],
                              $6::text[], $7::text[], $8::text[], $9::text[], $10::text[],
@@ -122,7 +128,7 @@ impl Store for Postgres {
         let mut originals = HashMap::new();
         if inserted.len() < batch.len() {
             let rows = tx.query(
-                "SELECT org, idempotency_key, id, seq FROM decisions
+                "SELECT org, idempotency_key, id, COALESCE(seq, 0) FROM decisions
                  WHERE (org, idempotency_key) IN (SELECT * FROM UNNEST($1::text[], $2::text[]))",
                 &[&orgs, &keys],
             )?;
@@ -180,7 +186,7 @@ impl Store for Postgres {
 
     fn recover(&mut self, since_ms: i64, limit: usize) -> Result<Recovered, StorageError> {
         let rows = self.client.query(
-            "SELECT channel, MAX(seq) FROM decisions GROUP BY channel",
+            "SELECT channel, MAX(seq) FROM decisions WHERE seq IS NOT NULL GROUP BY channel",
             &[],
         )?;
         let channel_seqs = rows
@@ -188,7 +194,7 @@ impl Store for Postgres {
             .map(|row| (row.get::<_, String>(0), row.get::<_, i64>(1) as u64))
             .collect();
         let rows = self.client.query(
-            "SELECT org, idempotency_key, channel, id, seq FROM decisions
+            "SELECT org, idempotency_key, channel, id, COALESCE(seq, 0) FROM decisions
              WHERE created_ms >= $1 ORDER BY created_ms DESC LIMIT $2",
             &[&since_ms, &(limit.min(i64::MAX as usize) as i64)],
         )?;
@@ -233,6 +239,28 @@ impl Store for Postgres {
             .collect())
     }
 
+    fn number(&mut self, numbered: &[(&str, u64)]) -> Result<usize, StorageError> {
+        let ids: Vec<&str> = numbered.iter().map(|(id, _)| *id).collect();
+        let seqs: Vec<i64> = numbered.iter().map(|(_, seq)| *seq as i64).collect();
+        let updated = self.client.execute(
+            "UPDATE decisions AS d SET seq = t.seq
+             FROM UNNEST($1::text[], $2::int8[]) AS t(id, seq)
+             WHERE d.id = t.id AND d.seq IS NULL",
+            &[&ids, &seqs],
+        )?;
+        Ok(updated as usize)
+    }
+
+    fn unnumbered(&mut self, before_ms: i64, limit: usize) -> Result<Vec<Record>, StorageError> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM decisions WHERE seq IS NULL AND created_ms < $1
+             ORDER BY created_ms LIMIT $2"
+        );
+        let limit = limit.min(i64::MAX as usize) as i64;
+        let rows = self.client.query(&sql, &[&before_ms, &limit])?;
+        Ok(rows.iter().map(record).collect())
+    }
+
     fn decisions(&mut self, query: &DecisionQuery) -> Result<Vec<Record>, StorageError> {
         let (tail, params) = query.tail(|n| format!("${n}"));
         let params: Vec<Box<dyn ToSql + Sync>> = params
@@ -249,7 +277,8 @@ impl Store for Postgres {
 }
 
 /// A decision's columns, in the order [`record`] reads them (JSON columns as their text).
-const COLUMNS: &str = "id, org, channel, seq, schema, idempotency_key, direction, decision,
+const COLUMNS: &str =
+    "id, org, channel, COALESCE(seq, 0), schema, idempotency_key, direction, decision,
     tool, scope, payload_hash, latency_ms, correlation_id, tags::text, data::text, created_ms";
 
 fn record(row: &::postgres::Row) -> Record {
@@ -328,6 +357,60 @@ mod tests {
         };
         let url = db.url.clone();
         contract::check(&mut || Box::new(Postgres::connect(&url).unwrap()) as Box<dyn Store>);
+    }
+
+    #[test]
+    fn decisions_committed_without_a_seq_are_found_and_numbered_once() {
+        let Some(db) = test_database("unnumbered") else {
+            return;
+        };
+        let mut store = Postgres::connect(&db.url).unwrap();
+        let c = "org:acme:decisions";
+        let (first, second) = (record("acme", "k1", c, 0), record("acme", "k2", c, 0));
+        let numbered = record("acme", "k0", c, 3);
+        let outcomes = store.commit(&[&numbered, &first, &second]).unwrap();
+        assert!(
+            outcomes.iter().all(|o| matches!(o, Outcome::Stored)),
+            "{outcomes:?}"
+        );
+        // The same key again, while its decision has no seq: the original, with seq 0.
+        let again = record("acme", "k1", c, 0);
+        let outcomes = store
+            .commit(&[&Record {
+                id: "dec_other".into(),
+                ..again
+            }])
+            .unwrap();
+        assert!(
+            matches!(&outcomes[..], [Outcome::Duplicate { id, seq: 0 }] if *id == first.id),
+            "{outcomes:?}"
+        );
+        let waiting = store.unnumbered(i64::MAX, 10).unwrap();
+        let ids: Vec<&str> = waiting.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, [first.id.as_str(), second.id.as_str()]);
+        assert!(store.unnumbered(first.created_ms, 10).unwrap().is_empty());
+        // Not in the channel's history nor its maximum until numbered.
+        assert_eq!(store.history(c, 0, 100, 10).unwrap().len(), 1);
+        assert_eq!(
+            store.recover(0, 10).unwrap().channel_seqs,
+            [(c.to_string(), 3)]
+        );
+        assert_eq!(store.number(&[(&first.id, 4)]).unwrap(), 1);
+        // Numbered once: a second numbering (another node, later) changes nothing.
+        assert_eq!(store.number(&[(&first.id, 9), (&second.id, 5)]).unwrap(), 1);
+        let seqs: Vec<u64> = store
+            .history(c, 0, 100, 10)
+            .unwrap()
+            .iter()
+            .map(|(s, _)| *s)
+            .collect();
+        assert_eq!(seqs, [3, 4, 5]);
+        assert_eq!(store.find("acme", "k1").unwrap().map(|r| r.seq), Some(4));
+        assert!(store.unnumbered(i64::MAX, 10).unwrap().is_empty());
+        // A seq the channel has already cannot be given twice.
+        let third = record("acme", "k3", c, 0);
+        store.commit(&[&third]).unwrap();
+        assert!(store.number(&[(&third.id, 4)]).is_err());
     }
 
     #[test]

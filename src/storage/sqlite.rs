@@ -61,6 +61,11 @@ impl Sqlite {
     }
 }
 
+/// Why SQLite holds no decision without a seq.
+const UNNUMBERED: &str =
+    "SQLite stores decisions numbered on one node; decisions numbered after their commit \
+     (cluster mode) need PostgreSQL";
+
 impl Store for Sqlite {
     fn commit(&mut self, batch: &[&Record]) -> Result<Vec<Outcome>, StorageError> {
         let tx = self
@@ -188,6 +193,15 @@ impl Store for Sqlite {
             |row| Ok((row.get::<_, i64>(0)? as u64, row.get(1)?)),
         )?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// One node numbers before it commits; cluster mode refuses SQLite.
+    fn number(&mut self, _numbered: &[(&str, u64)]) -> Result<usize, StorageError> {
+        Err(StorageError::Unsupported(UNNUMBERED))
+    }
+
+    fn unnumbered(&mut self, _before: i64, _limit: usize) -> Result<Vec<Record>, StorageError> {
+        Err(StorageError::Unsupported(UNNUMBERED))
     }
 
     fn decisions(&mut self, query: &DecisionQuery) -> Result<Vec<Record>, StorageError> {
