@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::HashSet;
 
-use common::{channels_owned_by_each_shard, Server, ADMIN};
+use common::{channels_owned_by_each_shard, ingest, Server, ADMIN};
 use serde_json::{json, Value};
 use shardcast::cluster::keys::{redis_for, Keys};
 
@@ -21,6 +21,11 @@ fn node_with(url: &str, prefix: &str, shards: usize, more: &str) -> Server {
 
 /// [`node_with`] with `redis_url` as a TOML value (a string or a list).
 fn node_on(redis_url: &str, prefix: &str, shards: usize, more: &str) -> Server {
+    node_storing(redis_url, prefix, shards, more, "memory")
+}
+
+/// [`node_on`] storing decisions at `storage` (a PostgreSQL URL).
+fn node_storing(redis_url: &str, prefix: &str, shards: usize, more: &str, storage: &str) -> Server {
     let extra = format!(
         r#"
 {more}
@@ -33,7 +38,7 @@ redis_url = {redis_url}
 prefix = "{prefix}"
 
 [storage]
-url = "memory"
+url = "{storage}"
 "#
     );
     Server::start_with(shards, &extra)
@@ -476,5 +481,163 @@ fn subscribers_are_told_which_seqs_the_history_no_longer_had() {
         for seq in to + 1..=N + 1 {
             assert_eq!(message(s).1, seq);
         }
+    }
+}
+
+/// Two nodes against the shared Redis, storing decisions in a PostgreSQL schema of the
+/// test's own.
+fn two_nodes_storing(test: &str) -> Option<(Server, Server, common::PgSchema)> {
+    two_nodes_storing_with(test, "")
+}
+
+/// [`two_nodes_storing`] with more configuration sections.
+fn two_nodes_storing_with(test: &str, more: &str) -> Option<(Server, Server, common::PgSchema)> {
+    let url = common::redis_url(test)?;
+    let db = common::postgres_schema(test)?;
+    let prefix = fresh_prefix(test);
+    let redis_url = format!("\"{url}\"");
+    let start = || node_storing(&redis_url, &prefix, 2, more, &db.url);
+    let (a, b) = (start(), start());
+    a.wait_ready();
+    b.wait_ready();
+    Some((a, b, db))
+}
+
+/// The stored seq of decision `key` of org acme, once its node has written it.
+fn stored_seq(db: &common::PgSchema, key: &str) -> i64 {
+    let mut client = postgres::Client::connect(&db.url, postgres::NoTls).expect("PostgreSQL");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let row = client
+            .query_one(
+                "SELECT seq FROM decisions WHERE org = 'acme' AND idempotency_key = $1",
+                &[&key],
+            )
+            .expect("one stored decision");
+        if let Some(seq) = row.get::<_, Option<i64>>(0) {
+            return seq;
+        }
+        assert!(std::time::Instant::now() < deadline, "{key} never numbered");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_decision_is_committed_numbered_and_delivered_on_every_node_once() {
+    let Some((a, b, db)) = two_nodes_storing("nodes_decision_delivered") else {
+        return;
+    };
+    let channel = "org:acme:decisions";
+    let mut subscriber = b.client(&format!("/ws?key={ADMIN}"));
+    subscriber.subscribe(&[channel]);
+    let mut producer = a.client(&format!("/ws?key={}", common::ACME));
+    producer.send(ingest(channel, "k1", common::decision("acme")));
+    let ack = producer.recv_type("ACK");
+    assert_eq!(ack["dedup"], false, "{ack}");
+    assert_eq!(ack["seq"], 1, "{ack}");
+    let id = ack["decisionId"].as_str().expect("decisionId").to_owned();
+    let delivered = subscriber.recv_type("DECISION");
+    assert_eq!(delivered["seq"], 1, "{delivered}");
+    assert_eq!(delivered["data"]["id"], id.as_str(), "{delivered}");
+    assert_eq!(stored_seq(&db, "k1"), 1);
+    // The same key on the other node: the original, and nothing delivered again.
+    let mut retry = b.client(&format!("/ws?key={}", common::ACME));
+    retry.send(ingest(channel, "k1", common::decision("acme")));
+    let again = retry.recv_type("ACK");
+    assert_eq!(again["dedup"], true, "{again}");
+    assert_eq!(again["decisionId"], id.as_str(), "{again}");
+    assert_eq!(again["seq"], 1, "{again}");
+    producer.send(json!({"type":"PUBLISH","channel":channel,"data":"next","id":"p"}));
+    assert_eq!(producer.recv_type("ACK")["seq"], 2);
+    let next = subscriber.recv();
+    assert_eq!(
+        (next["type"].as_str(), next["seq"].as_u64()),
+        (Some("MESSAGE"), Some(2)),
+        "{next}"
+    );
+}
+
+#[test]
+fn the_same_key_on_two_nodes_at_once_is_one_decision() {
+    let Some((a, b, db)) = two_nodes_storing("nodes_same_key_two_nodes") else {
+        return;
+    };
+    let channel = "org:acme:decisions";
+    let mut subscriber = a.client(&format!("/ws?key={ADMIN}"));
+    subscriber.subscribe(&[channel]);
+    const KEYS: usize = 20;
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+    let senders: Vec<_> = [&a, &b]
+        .into_iter()
+        .map(|node| {
+            let mut client = node.client(&format!("/ws?key={}", common::ACME));
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                (0..KEYS)
+                    .map(|k| {
+                        barrier.wait();
+                        client.send(ingest(
+                            channel,
+                            &format!("race-{k}"),
+                            common::decision("acme"),
+                        ));
+                        client.recv_type("ACK")
+                    })
+                    .collect::<Vec<Value>>()
+            })
+        })
+        .collect();
+    let acks: Vec<Vec<Value>> = senders
+        .into_iter()
+        .map(|s| s.join().expect("sender"))
+        .collect();
+    let mut seqs = HashSet::new();
+    for (k, (one, two)) in acks[0].iter().zip(&acks[1]).enumerate() {
+        assert_eq!(one["decisionId"], two["decisionId"], "{one} {two}");
+        assert_eq!(one["seq"], two["seq"], "{one} {two}");
+        let fresh = [one, two].iter().filter(|a| a["dedup"] == false).count();
+        assert_eq!(fresh, 1, "one of them stored it: {one} {two}");
+        seqs.insert(one["seq"].as_u64().expect("seq"));
+        assert_eq!(
+            stored_seq(&db, &format!("race-{k}")),
+            one["seq"].as_i64().unwrap()
+        );
+    }
+    assert_eq!(
+        seqs,
+        (1..=KEYS as u64).collect(),
+        "one seq per key, none skipped"
+    );
+    // One DECISION per key, in seq order, then the next message.
+    for seq in 1..=KEYS as u64 {
+        assert_eq!(subscriber.recv_type("DECISION")["seq"], seq);
+    }
+    let mut publisher = b.client(&format!("/ws?key={ADMIN}"));
+    publisher.send(json!({"type":"PUBLISH","channel":channel,"data":"after","id":"p"}));
+    publisher.recv_type("ACK");
+    let next = subscriber.recv();
+    assert_eq!(next["type"], "MESSAGE", "{next}");
+}
+
+#[test]
+fn a_replay_reads_from_postgresql_what_the_redis_history_no_longer_has() {
+    let small = "[history]\nsize = 10\n";
+    let Some((a, b, _db)) = two_nodes_storing_with("nodes_replay_from_postgres", small) else {
+        return;
+    };
+    let channel = "org:acme:decisions";
+    let mut producer = a.client(&format!("/ws?key={}", common::ACME));
+    const N: u64 = 250;
+    for k in 1..=N {
+        producer.send(ingest(channel, &format!("r-{k}"), common::decision("acme")));
+        assert_eq!(producer.recv_type("ACK")["seq"], k);
+    }
+    // Redis keeps the last 10 to 110; the rest comes from the store, on the other node.
+    let mut client = b.client(&format!("/ws?key={}", common::ACME));
+    client.send(json!({"type":"SUB","channels":[channel],"since":{channel: 0}}));
+    let subscribed = client.recv_type("SUBSCRIBED");
+    assert_eq!(subscribed["recovered"][channel], true, "{subscribed}");
+    for seq in 1..=N {
+        assert_eq!(client.recv_type("DECISION")["seq"], seq);
     }
 }

@@ -100,6 +100,20 @@ impl Engine for Memory {
         Numbered::Now(seq)
     }
 
+    /// Never asked: this engine numbers locally (see [`Engine::publish_stored`]).
+    fn publish_stored(
+        &mut self,
+        channel: &str,
+        _id: &str,
+        _data: Rc<[u8]>,
+        token: u64,
+    ) -> Numbered {
+        tracing::error!(channel, "publish_stored on the single-node engine");
+        let result = Err("the single-node engine numbers decisions before their commit".into());
+        self.events.push_back(Event::Numbered { token, result });
+        Numbered::Later
+    }
+
     fn reserve(&mut self, channel: &str, stored: bool) -> u64 {
         let state = self.entry(channel);
         state.stored |= stored;

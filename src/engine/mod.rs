@@ -114,6 +114,12 @@ pub trait Engine {
         token: u64,
     ) -> Numbered;
 
+    /// Number a decision already committed (in a cluster a decision is stored first) under
+    /// its decision id `id`: a second publish of it, from any node, gets the same seq and
+    /// delivers nothing. Answered as [`Engine::publish`] is. Only for an engine that does
+    /// not number locally: one node numbers a decision before its commit.
+    fn publish_stored(&mut self, channel: &str, id: &str, data: Rc<[u8]>, token: u64) -> Numbered;
+
     /// Whether numbering is answered at once, so that [`Engine::reserve`], [`Engine::keep`]
     /// and [`Engine::give_back`] may be used (decisions held behind their commit).
     fn numbers_locally(&self) -> bool {

@@ -199,6 +199,30 @@ impl Redis {
         }
     }
 
+    /// Hand a publish to the link; a link that has stopped is answered at once.
+    fn send_publish(
+        &mut self,
+        channel: &str,
+        kind: Kind,
+        data: &[u8],
+        idempotency_key: Option<&str>,
+        token: u64,
+    ) -> Numbered {
+        let op = Op::Publish(Publish {
+            channel: channel.to_owned(),
+            kind,
+            data: data.to_vec(),
+            idempotency_key: idempotency_key.map(str::to_owned),
+        });
+        if self.send(channel, token, op) {
+            self.in_flight += 1;
+        } else {
+            let result = Err("the Redis link has stopped".to_owned());
+            self.events.push_back(Event::Numbered { token, result });
+        }
+        Numbered::Later
+    }
+
     fn confirmed(&mut self, channel: &str) {
         if let Some((name, waiting)) = self.wanted.get_key_value(channel) {
             let name = Rc::clone(name);
@@ -236,19 +260,11 @@ impl Engine for Redis {
         _at: Arrival,
         token: u64,
     ) -> Numbered {
-        let op = Op::Publish(Publish {
-            channel: channel.to_owned(),
-            kind,
-            data: data.to_vec(),
-            idempotency_key: None,
-        });
-        if self.send(channel, token, op) {
-            self.in_flight += 1;
-        } else {
-            let result = Err("the Redis link has stopped".to_owned());
-            self.events.push_back(Event::Numbered { token, result });
-        }
-        Numbered::Later
+        self.send_publish(channel, kind, &data, None, token)
+    }
+
+    fn publish_stored(&mut self, channel: &str, id: &str, data: Rc<[u8]>, token: u64) -> Numbered {
+        self.send_publish(channel, Kind::Decision, &data, Some(id), token)
     }
 
     fn numbers_locally(&self) -> bool {

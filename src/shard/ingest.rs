@@ -27,6 +27,12 @@ pub(super) struct Unconfirmed {
     pub origin: Origin,
     /// Later INGESTs of the same key, answered with the same outcome.
     pub waiters: Vec<Origin>,
+    /// In a cluster, the enriched decision, published once it is committed (on one node it
+    /// waits in the channel's held queue instead).
+    pub data: Option<Rc<[u8]>>,
+    /// In a cluster, the key was stored first by another request: everyone is answered with
+    /// that original.
+    pub dedup: bool,
 }
 
 /// What to do with an INGEST.

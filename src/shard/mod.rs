@@ -30,6 +30,7 @@ use crate::queue::{Bounds, OutQueue, Pushed};
 use crate::storage;
 
 mod channels;
+mod clustered;
 mod ingest;
 mod outbox;
 mod peer;
@@ -993,6 +994,11 @@ impl Shard {
     /// ephemeral message, gone for good).
     pub fn loaded(&self, loaded: Loaded, now: Now) {
         self.enter(now);
+        // A clustered decision waiting for its key's original row.
+        let decision = self.decisions.borrow_mut().settle(loaded.token);
+        if let Some(u) = decision {
+            return self.found_original(u, loaded.result);
+        }
         let Some(read) = self.replays.borrow_mut().take(loaded.token) else {
             return;
         };
@@ -1176,6 +1182,10 @@ impl Shard {
 
     /// The engine numbered (or could not publish) the publish of `token`: acknowledge it.
     fn numbered(&self, token: u64, result: Result<u64, String>) {
+        let decision = self.decisions.borrow_mut().settle(token);
+        if let Some(u) = decision {
+            return self.decision_numbered(u, result);
+        }
         let Some(mut origin) = self.numbering.borrow_mut().remove(&token) else {
             return;
         };
@@ -1283,15 +1293,7 @@ impl Shard {
         t0: Instant,
     ) {
         if !self.engine.borrow().numbers_locally() {
-            let mut id = Vec::new();
-            crate::json::push_str(&mut id, key);
-            let answer = Answer::Error {
-                code: ErrorCode::ClusterUnavailable,
-                message: "decisions are not taken in cluster mode yet (docs/CLUSTER.md)".into(),
-                id: Some(id.into()),
-                owed: true,
-            };
-            return self.reply(&origin, answer);
+            return self.ingest_clustered(channel, decision, key, data, origin);
         }
         let org = decision.org_id.as_str();
         let now = self.now().instant;
@@ -1343,26 +1345,7 @@ impl Shard {
         };
         let token = self.next_token.get();
         self.next_token.set(token + 1);
-        let record = storage::Record {
-            id: id.as_str().into(),
-            org: org.into(),
-            channel: channel.into(),
-            seq,
-            schema: decision::SCHEMA.into(),
-            idempotency_key: key.into(),
-            direction: decision.direction.clone(),
-            decision: decision.decision.clone(),
-            tool: decision.tool.clone(),
-            scope: decision.scope.clone(),
-            payload_hash: decision.payload_hash.clone(),
-            latency_ms: decision.latency_ms,
-            correlation_id: decision.correlation_id.clone(),
-            tags: decision.tags.clone(),
-            // Valid UTF-8 (a text frame's, enriched with ASCII): moved, not copied.
-            data: String::from_utf8(data)
-                .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
-            created_ms: ms as i64,
-        };
+        let record = record(channel, decision, key, id.as_str(), seq, data, ms);
         let reply = link.completions.clone();
         if let Err(e) = link.writer.submit(storage::Request {
             record,
@@ -1402,6 +1385,8 @@ impl Shard {
             seq,
             origin,
             waiters: Vec::new(),
+            data: None,
+            dedup: false,
         };
         self.decisions.borrow_mut().hold(token, unconfirmed);
     }
@@ -1423,6 +1408,9 @@ impl Shard {
             }
             return;
         };
+        if !self.engine.borrow().numbers_locally() {
+            return self.stored_clustered(u, completion.outcome);
+        }
         let everyone = std::iter::once(&u.origin).chain(&u.waiters);
         // (what the held message becomes, whether its seq may be reused)
         let (hold, unused) = match completion.outcome {
@@ -1780,6 +1768,38 @@ impl Shard {
 pub const CLOSE_TIMEOUT_MS: u64 = 2_000;
 
 /// The ACK of a decision, owed to a client on any shard.
+/// The row of decision `id` (`data` enriched), numbered `seq` (0: not yet), made at `ms`.
+fn record(
+    channel: &str,
+    decision: &Decision,
+    key: &str,
+    id: &str,
+    seq: u64,
+    data: Vec<u8>,
+    ms: u64,
+) -> storage::Record {
+    storage::Record {
+        id: id.into(),
+        org: decision.org_id.clone(),
+        channel: channel.into(),
+        seq,
+        schema: decision::SCHEMA.into(),
+        idempotency_key: key.into(),
+        direction: decision.direction.clone(),
+        decision: decision.decision.clone(),
+        tool: decision.tool.clone(),
+        scope: decision.scope.clone(),
+        payload_hash: decision.payload_hash.clone(),
+        latency_ms: decision.latency_ms,
+        correlation_id: decision.correlation_id.clone(),
+        tags: decision.tags.clone(),
+        // Valid UTF-8 (a text frame's, enriched with ASCII): moved, not copied.
+        data: String::from_utf8(data)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+        created_ms: ms as i64,
+    }
+}
+
 fn ingest_ack(key: &str, decision_id: &str, dedup: bool, seq: u64) -> Answer {
     Answer::IngestAck {
         key: key.into(),

@@ -317,6 +317,22 @@ pub trait Store: Send {
     fn unnumbered(&mut self, before_ms: i64, limit: usize) -> Result<Vec<Record>, StorageError>;
 }
 
+/// Give committed decisions their seqs. What fails stays unnumbered in the store, where the
+/// next node to look numbers it again under the same idempotency key (same seq).
+fn number(store: &mut Option<Box<dyn Store>>, numbers: &[(String, u64)]) {
+    let numbers: Vec<(&str, u64)> = numbers
+        .iter()
+        .map(|(id, seq)| (id.as_str(), *seq))
+        .collect();
+    let result = match store {
+        Some(store) => store.number(&numbers),
+        None => Err(StorageError::Unsupported("the store is unreachable")),
+    };
+    if let Err(e) = result {
+        tracing::warn!(decisions = numbers.len(), "decisions left unnumbered: {e}");
+    }
+}
+
 /// Opens a store; called again, with backoff, after a failure.
 pub type Connect = Box<dyn FnMut() -> Result<Box<dyn Store>, StorageError> + Send>;
 
@@ -425,6 +441,8 @@ pub struct Writer {
 #[allow(clippy::large_enum_variant)]
 enum Job {
     Write(Request),
+    /// Give a committed decision (by id) the seq it was numbered with after its commit.
+    Number(String, u64),
     /// Everything queued before it is done: end the thread.
     Stop,
 }
@@ -443,6 +461,17 @@ impl Writer {
             .name("storage".into())
             .spawn(move || run(config, connect, inbox, &thread_status))?;
         Ok((Self { requests, status }, handle))
+    }
+
+    /// Give the committed decision `id` the seq it was numbered with (in a cluster, after its
+    /// commit); refused at once when the queue is full.
+    pub fn number(&self, id: String, seq: u64) -> Result<(), SubmitError> {
+        self.requests
+            .try_send(Job::Number(id, seq))
+            .map_err(|e| match e {
+                flume::TrySendError::Full(_) => SubmitError::Full,
+                flume::TrySendError::Disconnected(_) => SubmitError::Stopped,
+            })
     }
 
     /// Queue a decision; refused at once when the queue is full.
@@ -487,7 +516,7 @@ impl Submitted {
         let jobs = self.0.try_iter();
         let writes = jobs.filter_map(|job| match job {
             Job::Write(request) => Some(request),
-            Job::Stop => None,
+            Job::Number(..) | Job::Stop => None,
         });
         writes.collect()
     }
@@ -554,8 +583,8 @@ where
             next_attempt.saturating_duration_since(Instant::now())
         };
         let first = match inbox.recv_timeout(wait) {
-            Ok(Job::Write(request)) => request,
             Ok(Job::Stop) => return,
+            Ok(job) => job,
             Err(flume::RecvTimeoutError::Timeout)
                 if config.retention.is_some() && Instant::now() >= next_trim =>
             {
@@ -574,17 +603,30 @@ where
             Err(flume::RecvTimeoutError::Disconnected) => return,
         };
         // Group commit: everything that arrived while the last commit ran goes in this one.
-        batch.push(first);
+        let mut numbers: Vec<(String, u64)> = Vec::new();
         let mut stop = false;
-        while batch.len() < config.max_batch {
-            match inbox.try_recv() {
-                Ok(Job::Write(request)) => batch.push(request),
-                Ok(Job::Stop) => {
+        let mut next = Some(first);
+        while let Some(job) = next.take() {
+            match job {
+                Job::Write(request) => batch.push(request),
+                Job::Number(id, seq) => numbers.push((id, seq)),
+                Job::Stop => {
                     stop = true;
                     break;
                 }
-                Err(_) => break,
             }
+            if batch.len() < config.max_batch {
+                next = inbox.try_recv().ok();
+            }
+        }
+        if !numbers.is_empty() {
+            number(&mut store, &numbers);
+        }
+        if batch.is_empty() {
+            if stop {
+                return;
+            }
+            continue;
         }
         let outcomes = match store.as_mut() {
             None => Err(Outcome::Unavailable(status.reason())),

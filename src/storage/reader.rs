@@ -23,6 +23,13 @@ pub enum Query {
     },
     /// A page of the decisions API.
     Decisions(DecisionQuery),
+    /// The stored decision with this (org, idempotency key).
+    Find {
+        /// Organization.
+        org: String,
+        /// Idempotency key.
+        key: String,
+    },
 }
 
 /// What a read found.
@@ -32,6 +39,8 @@ pub enum Answer {
     History(Vec<(u64, String)>),
     /// For [`Query::Decisions`].
     Decisions(Vec<Record>),
+    /// For [`Query::Find`].
+    Found(Option<Box<Record>>),
 }
 
 /// Called with the result, on the reader's thread.
@@ -137,6 +146,7 @@ fn read(
             limit,
         } => Answer::History(db.history(channel, *after, *upto, *limit)?),
         Query::Decisions(q) => Answer::Decisions(db.decisions(q)?),
+        Query::Find { org, key } => Answer::Found(db.find(org, key)?.map(Box::new)),
     })
 }
 

@@ -1,0 +1,241 @@
+//! Decisions on a cluster node (docs/CLUSTER.md): committed to PostgreSQL first, without a
+//! seq, then numbered and delivered by Redis under their decision id, then acknowledged.
+//!
+//! The owner shard of the channel on this node takes the decision through three answers,
+//! each under a token of its own while the decision waits in `Decisions` (so that the same
+//! key sent again meanwhile joins it): the commit ([`Shard::stored_clustered`]), the
+//! winner's row when another node stored the key first ([`Shard::found_original`]), and
+//! Redis's number ([`Shard::decision_numbered`]). A second publish of the same decision, by
+//! this node or another, gets the same seq back from Redis and delivers nothing, which is
+//! what makes two nodes racing on one key give one decision.
+
+use std::rc::Rc;
+
+use super::{ingest_ack, storage_unavailable, Origin, Shard};
+use crate::codes::ErrorCode;
+use crate::decision::{self, Decision, DecisionId, Original};
+use crate::dialect::Answer;
+use crate::engine::Numbered;
+use crate::metrics::Counter;
+use crate::storage::{self, reader};
+
+use super::ingest::{Admission, Unconfirmed};
+
+impl Shard {
+    /// An INGEST on a channel this shard owns, on a cluster node: deduplicate it among the
+    /// node's own requests, then commit it without a seq.
+    pub(super) fn ingest_clustered(
+        &self,
+        channel: &str,
+        decision: &Decision,
+        key: &str,
+        data: &[u8],
+        origin: Origin,
+    ) {
+        let Some(link) = &self.storage else {
+            let why = "decisions in cluster mode need PostgreSQL storage ([storage] url)";
+            return self.reply(&origin, not_numbered(key, why));
+        };
+        let org = decision.org_id.as_str();
+        let now = self.now().instant;
+        // Always waits for its commit: the number comes after it.
+        let admission = self
+            .decisions
+            .borrow_mut()
+            .admit(org, key, true, origin, now);
+        let (origin, pending_key) = match admission {
+            Admission::Known(original, origin) => {
+                self.counters.add(Counter::DecisionsDuplicate, 1);
+                let id = original.decision_id.text();
+                return self.reply(&origin, ingest_ack(key, id.as_str(), true, original.seq));
+            }
+            Admission::Joined => return,
+            Admission::New {
+                origin,
+                pending_key,
+            } => (origin, pending_key),
+        };
+        let Some(pending_key) = pending_key.filter(|_| self.recovered.get()) else {
+            return self.reply(&origin, storage_unavailable(key));
+        };
+        let ms = self.now().unix_ms;
+        let decision_id = self.decisions.borrow_mut().next_id(ms);
+        let id = decision_id.text();
+        let data = decision::enrich(data, id.as_str(), &decision::rfc3339(ms));
+        let shared: Rc<[u8]> = Rc::from(&data[..]);
+        let record = super::record(channel, decision, key, id.as_str(), 0, data, ms);
+        let token = self.token();
+        let reply = link.completions.clone();
+        let request = storage::Request {
+            record,
+            token,
+            reply,
+        };
+        if let Err(e) = link.writer.submit(request) {
+            tracing::warn!(shard = self.id, "decision refused: {e}");
+            return self.reply(&origin, storage_unavailable(key));
+        }
+        let unconfirmed = Unconfirmed {
+            pending_key,
+            channel: channel.into(),
+            org: org.into(),
+            key: key.into(),
+            decision_id,
+            seq: 0,
+            origin,
+            waiters: Vec::new(),
+            data: Some(shared),
+            dedup: false,
+        };
+        self.decisions.borrow_mut().hold(token, unconfirmed);
+    }
+
+    /// The commit of a clustered decision was answered: number it (or the winner of its
+    /// key) through Redis, or tell everyone waiting for it why not.
+    pub(super) fn stored_clustered(&self, mut u: Unconfirmed, outcome: storage::Outcome) {
+        match outcome {
+            storage::Outcome::Stored => {
+                let data = u.data.clone().unwrap_or_else(|| Rc::from(&b"{}"[..]));
+                let id = u.decision_id.text();
+                self.publish_decision(u, id.as_str(), data);
+            }
+            storage::Outcome::Duplicate { id, seq } if seq > 0 => {
+                if let Some(decision_id) = DecisionId::parse(&id) {
+                    u.decision_id = decision_id;
+                }
+                u.dedup = true;
+                self.acknowledge(u, Ok(seq));
+            }
+            storage::Outcome::Duplicate { id, .. } => {
+                // Stored first by another node (or this one, earlier) and not numbered yet:
+                // number it here from its stored row, under its id.
+                let (Some(decision_id), Some(link)) = (DecisionId::parse(&id), &self.storage)
+                else {
+                    return self.refuse_decision(&u, "the original decision cannot be read");
+                };
+                u.decision_id = decision_id;
+                u.dedup = true;
+                let token = self.token();
+                let query = reader::Query::Find {
+                    org: u.org.to_string(),
+                    key: u.key.to_string(),
+                };
+                let loaded = link.loaded.clone();
+                let reply =
+                    Box::new(move |result| drop(loaded.send(super::Loaded { token, result })));
+                if link.reader.submit(query, reply).is_err() {
+                    return self.refuse_decision(&u, "the store's readers are busy");
+                }
+                self.decisions.borrow_mut().hold(token, u);
+            }
+            storage::Outcome::Unavailable(reason) | storage::Outcome::Failed(reason) => {
+                tracing::debug!(shard = self.id, "decision not stored: {reason}");
+                for to in everyone(&u) {
+                    self.reply(to, storage_unavailable(&u.key));
+                }
+            }
+        }
+    }
+
+    /// The stored row of a key another request stored first was read: number it.
+    pub(super) fn found_original(&self, u: Unconfirmed, result: Result<reader::Answer, String>) {
+        match result {
+            Ok(reader::Answer::Found(Some(original))) if original.seq > 0 => {
+                self.acknowledge(u, Ok(original.seq))
+            }
+            Ok(reader::Answer::Found(Some(original))) => {
+                let data: Rc<[u8]> = Rc::from(original.data.as_bytes());
+                self.publish_decision(u, &original.id, data);
+            }
+            Ok(other) => {
+                tracing::warn!(shard = self.id, "the original decision is gone: {other:?}");
+                self.refuse_decision(&u, "the original decision cannot be read");
+            }
+            Err(e) => {
+                tracing::warn!(shard = self.id, "the original decision cannot be read: {e}");
+                self.refuse_decision(&u, "the original decision cannot be read");
+            }
+        }
+    }
+
+    /// Redis numbered the decision of `token` (or could not): acknowledge it.
+    pub(super) fn decision_numbered(&self, u: Unconfirmed, result: Result<u64, String>) {
+        self.acknowledge(u, result);
+    }
+
+    /// Hand the committed decision `id` to Redis, `u` waiting for the number.
+    fn publish_decision(&self, u: Unconfirmed, id: &str, data: Rc<[u8]>) {
+        let token = self.token();
+        let channel = u.channel.clone();
+        self.decisions.borrow_mut().hold(token, u);
+        let numbered = self
+            .engine
+            .borrow_mut()
+            .publish_stored(&channel, id, data, token);
+        if let Numbered::Later = numbered {
+            // An engine that could not even send it has answered already.
+            self.deliver_events();
+        }
+    }
+
+    /// Answer everyone waiting for `u` with its seq, and write the seq to its row; or tell
+    /// them to retry: it is stored, so the retry finds it.
+    fn acknowledge(&self, u: Unconfirmed, result: Result<u64, String>) {
+        let seq = match result {
+            Ok(seq) => seq,
+            Err(reason) => {
+                tracing::debug!(shard = self.id, "decision not numbered: {reason}");
+                return self.refuse_decision(&u, "stored, but Redis did not number it");
+            }
+        };
+        let id = u.decision_id.text();
+        let original = Original {
+            decision_id: u.decision_id,
+            seq,
+        };
+        let now = self.now().instant;
+        self.decisions
+            .borrow_mut()
+            .remember(&u.org, &u.key, original, now);
+        if !u.dedup {
+            self.counters.add(Counter::DecisionsProcessed, 1);
+            if let Some(link) = &self.storage {
+                if let Err(e) = link.writer.number(id.as_str().into(), seq) {
+                    // Left unnumbered in the store: numbered again, to the same seq, later.
+                    tracing::warn!(shard = self.id, "decision's seq not written: {e}");
+                }
+            }
+        }
+        for (n, to) in everyone(&u).enumerate() {
+            let dedup = u.dedup || n > 0;
+            self.counters
+                .add(Counter::DecisionsDuplicate, u64::from(dedup));
+            self.reply(to, ingest_ack(&u.key, id.as_str(), dedup, seq));
+        }
+    }
+
+    /// Tell everyone waiting for `u` that it is not acknowledged, and to send it again (with
+    /// the same key: whatever was stored is found).
+    fn refuse_decision(&self, u: &Unconfirmed, why: &str) {
+        for to in everyone(u) {
+            self.reply(to, not_numbered(&u.key, why));
+        }
+    }
+}
+
+/// `ERROR cluster_unavailable` for decision `key`: retry it with the same key.
+fn not_numbered(key: &str, why: &str) -> Answer {
+    let mut id = Vec::new();
+    crate::json::push_str(&mut id, key);
+    Answer::Error {
+        code: ErrorCode::ClusterUnavailable,
+        message: format!("{why}: send it again with the same idempotencyKey").into(),
+        id: Some(id.into()),
+        owed: true,
+    }
+}
+
+/// Who a clustered decision answers: the first origin, then the same key's later ones.
+fn everyone(u: &Unconfirmed) -> impl Iterator<Item = &Origin> {
+    std::iter::once(&u.origin).chain(&u.waiters)
+}
