@@ -33,6 +33,9 @@ fn run(url: &str, window: usize, total: u64, channels: u64, size: usize) {
         },
         timeout: Duration::from_secs(5),
         backoff: Duration::from_millis(100),
+        probe: Duration::from_secs(1),
+        suspect: Default::default(),
+        floors: None,
     };
     let (to, from) = flume::unbounded();
     let link = Link::spawn(settings, vec![to]).expect("link");
@@ -51,6 +54,7 @@ fn run(url: &str, window: usize, total: u64, channels: u64, size: usize) {
             kind: Kind::Message,
             data: data.as_bytes().to_vec(),
             idempotency_key: None,
+            floor: Some(0),
         }),
     };
     let cpu_before = redis_cpu(&mut admin);

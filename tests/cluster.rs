@@ -31,12 +31,14 @@ fn message(channel: &str, data: &str) -> Publish {
         kind: Kind::Message,
         data: data.as_bytes().to_vec(),
         idempotency_key: None,
+        floor: Some(0),
     }
 }
 
 fn keyed(channel: &str, data: &str, key: &str) -> Publish {
     Publish {
         idempotency_key: Some(key.into()),
+        floor: Some(0),
         ..message(channel, data)
     }
 }
@@ -100,6 +102,40 @@ fn publishes_are_numbered_kept_and_published_in_seq_order() {
     assert_eq!(page.messages[0].data, batch[50].data);
     let top_only = client.history(channel, 0, 0).unwrap();
     assert_eq!((top_only.top, top_only.messages.len()), (100, 0));
+}
+
+#[test]
+fn a_channel_redis_has_no_numbering_for_goes_on_from_the_floor_it_is_given() {
+    let Some(url) = common::redis_url("a_channel_redis_has_no_numbering_for") else {
+        return;
+    };
+    let mut client = connect(&url, keys("floor"), 1000);
+    let channel = "org:acme:decisions";
+    let unknown = Publish {
+        floor: None,
+        ..message(channel, "1")
+    };
+    // Without a floor, refused, and nothing done: the channel still has no numbering.
+    let outcomes = client.publish(&[unknown.clone(), unknown.clone()]).unwrap();
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| matches!(o, Err(ClusterError::NoFloor))),
+        "{outcomes:?}"
+    );
+    assert_eq!(client.history(channel, 0, 0).unwrap().top, 0);
+    let floored = Publish {
+        floor: Some(41),
+        ..message(channel, "2")
+    };
+    let outcomes = client.publish(&[floored.clone(), unknown]).unwrap();
+    let seqs: Vec<u64> = outcomes.iter().map(|o| o.as_ref().unwrap().seq).collect();
+    // Once it has a numbering, a floor changes nothing.
+    assert_eq!(seqs, [42, 43]);
+    assert_eq!(
+        client.publish(&[floored]).unwrap()[0].as_ref().unwrap().seq,
+        44
+    );
 }
 
 #[test]
@@ -233,6 +269,9 @@ fn settings(url: String, keys_prefix: &str) -> Settings {
         retention: retention(1000),
         timeout: Duration::from_secs(2),
         backoff: Duration::from_millis(20),
+        probe: Duration::from_millis(200),
+        suspect: Default::default(),
+        floors: None,
     }
 }
 
@@ -395,6 +434,7 @@ mod pubsub {
             probe_interval: Duration::from_millis(200),
             timeout: Duration::from_millis(500),
             backoff: Duration::from_millis(20),
+            lost: Default::default(),
         }
     }
 

@@ -641,3 +641,48 @@ fn a_replay_reads_from_postgresql_what_the_redis_history_no_longer_has() {
         assert_eq!(client.recv_type("DECISION")["seq"], seq);
     }
 }
+
+#[test]
+fn decision_seqs_go_on_from_postgresql_after_redis_lost_the_channel() {
+    let test = "nodes_seqs_go_on_after_redis_lost";
+    let (Some(redis), Some(db)) = (common::OwnRedis::start(test), common::postgres_schema(test))
+    else {
+        return;
+    };
+    let (redis_url, prefix) = (format!("\"{}\"", redis.url()), fresh_prefix("floor"));
+    let start = || node_storing(&redis_url, &prefix, 2, "", &db.url);
+    let (a, b) = (start(), start());
+    let channel = "org:acme:decisions";
+    let mut producer = a.client(&format!("/ws?key={}", common::ACME));
+    for k in 1..=3 {
+        producer.send(ingest(channel, &format!("d{k}"), common::decision("acme")));
+        assert_eq!(producer.recv_type("ACK")["seq"], k);
+    }
+    assert_eq!(stored_seq(&db, "d3"), 3);
+    // Redis restarts with nothing: the channel's numbering is gone from it.
+    let port = redis.stop();
+    let _redis = common::OwnRedis::start_on(test, port).expect("redis-server started before");
+    a.wait_ready();
+    b.wait_ready();
+    let mut other = b.client(&format!("/ws?key={}", common::ACME));
+    other.send(ingest(channel, "d4", common::decision("acme")));
+    let ack = other.recv();
+    assert_eq!(
+        (ack["seq"].as_u64(), ack["dedup"].as_bool()),
+        (Some(4), Some(false)),
+        "{ack}"
+    );
+    assert_eq!(stored_seq(&db, "d4"), 4);
+    producer.send(json!({"type":"PUBLISH","channel":channel,"data":"m","id":"m"}));
+    let ack = producer.recv();
+    assert_eq!(ack["seq"], 5, "{ack}");
+    // All of it replays: 1-3 from PostgreSQL, 4-5 from Redis's new history.
+    let mut back = a.client(&format!("/ws?key={}", common::ACME));
+    back.send(json!({"type":"SUB","channels":[channel],"since":{channel: 0}}));
+    let subscribed = back.recv_type("SUBSCRIBED");
+    assert_eq!(subscribed["recovered"][channel], true, "{subscribed}");
+    for seq in 1..=4 {
+        assert_eq!(back.recv_type("DECISION")["seq"], seq);
+    }
+    assert_eq!(back.recv_type("MESSAGE")["seq"], 5);
+}

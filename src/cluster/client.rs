@@ -45,6 +45,9 @@ pub struct Publish {
     pub data: Vec<u8>,
     /// A retry with the same key gets the first one's seq and publishes nothing.
     pub idempotency_key: Option<String>,
+    /// Where the channel's numbering starts when Redis has none (its stored decisions'
+    /// highest seq); `None`: such a publish is refused with [`ClusterError::NoFloor`].
+    pub floor: Option<u64>,
 }
 
 /// What Redis numbered a message.
@@ -211,7 +214,11 @@ impl Client {
             .arg(r.result_ttl_s.max(1));
         for p in messages {
             let epoch = self.fresh_epoch();
-            call.arg(&p.data[..]).arg(kind_code(p.kind)).arg(epoch);
+            let floor = p.floor.map_or(-1, |f| f.min(i64::MAX as u64) as i64);
+            call.arg(&p.data[..])
+                .arg(kind_code(p.kind))
+                .arg(epoch)
+                .arg(floor);
         }
         call
     }
@@ -251,6 +258,14 @@ impl Client {
     }
 
     /// The connection itself, for commands the cluster's tests and tools send directly.
+    /// Whether the connection still reaches Redis (a PING).
+    pub fn ping(&mut self) -> Result<(), ClusterError> {
+        redis::cmd("PING")
+            .query::<String>(&mut self.conn)
+            .map(drop)
+            .map_err(unavailable)
+    }
+
     pub fn connection(&mut self) -> &mut redis::Connection {
         &mut self.conn
     }
@@ -271,6 +286,7 @@ fn published_all(value: Value, n: usize) -> Vec<Result<Published, ClusterError>>
         .into_iter()
         .map(|(seq, epoch, flag)| match flag {
             2 => Err(ClusterError::Refused(epoch)),
+            3 => Err(ClusterError::NoFloor),
             _ => Ok(Published {
                 seq,
                 epoch,

@@ -5,6 +5,7 @@
 //! reached, requests fail at once (the shards decide what that means) and the thread
 //! reconnects with a backoff.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -30,6 +31,30 @@ pub struct Settings {
     pub timeout: Duration,
     /// First wait before reconnecting after a failure (doubled up to 32 times as long).
     pub backoff: Duration,
+    /// A connection idle this long is checked (a PING) before it is used again, and while
+    /// it stays idle: Redis may have gone away meanwhile (a restart), and a request sent on
+    /// a dead connection would fail, with its effect unknown.
+    pub probe: Duration,
+    /// Set by the PUB/SUB side when its connection to the same Redis was lost: checked (a
+    /// PING) before the next use, as an idle connection is.
+    pub suspect: Arc<AtomicBool>,
+    /// Where a channel Redis has no numbering for goes on from; `None`: from 0.
+    pub floors: Option<Floors>,
+}
+
+/// Reads a channel's stored decisions' highest seq, where its numbering must go on from when
+/// Redis has none (a new channel, or one Redis lost): the unique `(channel, seq)` of the
+/// store must hold. Blocking: called on the link's thread, once per such channel.
+#[derive(Clone)]
+pub struct Floors(pub Arc<ReadFloor>);
+
+/// Reads one channel's floor, or says why it cannot.
+pub type ReadFloor = dyn Fn(&str) -> Result<u64, String> + Send + Sync;
+
+impl std::fmt::Debug for Floors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Floors")
+    }
 }
 
 /// A request from a shard; its answer goes to completion channel `shard` with `token`.
@@ -134,6 +159,7 @@ impl Link {
             settings,
             completions,
             client: None,
+            answered: Instant::now(),
             backoff,
             stats: stats.clone(),
         };
@@ -146,7 +172,13 @@ impl Link {
                 let _ = worker.client();
                 loop {
                     let first = if worker.client.is_some() {
-                        incoming.recv().map_err(|_| ())
+                        match incoming.recv_timeout(worker.settings.probe) {
+                            Err(flume::RecvTimeoutError::Timeout) => {
+                                worker.probe();
+                                continue;
+                            }
+                            received => received.map_err(|_| ()),
+                        }
                     } else {
                         match incoming.recv_deadline(worker.backoff.retry_at) {
                             Err(flume::RecvTimeoutError::Timeout) => {
@@ -180,6 +212,8 @@ struct Worker {
     settings: Settings,
     completions: Vec<flume::Sender<Completion>>,
     client: Option<Client>,
+    /// When the connection last answered.
+    answered: Instant,
     backoff: Backoff,
     stats: Arc<Stats>,
 }
@@ -219,12 +253,45 @@ impl Worker {
         if run.is_empty() {
             return;
         }
-        let (to, batch): (Vec<(usize, u64)>, Vec<Publish>) =
+        let (to, mut batch): (Vec<(usize, u64)>, Vec<Publish>) =
             run.into_iter().map(|(s, t, p)| ((s, t), p)).unzip();
+        if self.settings.floors.is_none() {
+            for p in batch.iter_mut().filter(|p| p.floor.is_none()) {
+                p.floor = Some(0);
+            }
+        }
+        let mut outcomes = self.send_publishes(&mut batch);
+        // A connection that died unnoticed (Redis restarted since it last answered) leaves
+        // what was sent on it unknown: a publish with an idempotency key is safe to send
+        // again, once, on a new connection (the first to have run, if one did, answers).
+        let again: Vec<usize> = (0..batch.len())
+            .filter(|&i| matches!(outcomes[i], Err(ClusterError::Unknown(_))))
+            .filter(|&i| batch[i].idempotency_key.is_some())
+            .collect();
+        if !again.is_empty() {
+            let mut retry: Vec<Publish> = again.iter().map(|&i| batch[i].clone()).collect();
+            let answers = self.send_publishes(&mut retry);
+            again
+                .into_iter()
+                .zip(answers)
+                .for_each(|(i, a)| outcomes[i] = a);
+        }
+        let mut outcomes = outcomes.into_iter();
+        for (shard, token) in to {
+            let result = outcomes
+                .next()
+                .unwrap_or_else(|| Err(ClusterError::Protocol("no outcome".into())));
+            self.complete(shard, Completion::Published { token, result });
+        }
+    }
+
+    /// One round trip for `batch` (and one more for channels Redis has no numbering for):
+    /// each message's outcome.
+    fn send_publishes(&mut self, batch: &mut [Publish]) -> Vec<Result<Published, ClusterError>> {
         let started = Instant::now();
         let outcomes = match self.client() {
             Ok(client) => {
-                let outcomes = client.publish(&batch);
+                let outcomes = client.publish(batch);
                 let stats = &self.stats;
                 stats.publish_round_trips.fetch_add(1, Ordering::Relaxed);
                 self.count(&self.stats.publishes, batch.len() as u64, started);
@@ -233,17 +300,53 @@ impl Worker {
             // Nothing was sent: not a round trip.
             Err(e) => Err(e),
         };
+        let outcomes = outcomes.map(|outcomes| self.floored(batch, outcomes));
         self.check(&outcomes);
-        let mut outcomes = match outcomes {
-            Ok(outcomes) => outcomes.into_iter(),
-            Err(e) => vec![Err(e); to.len()].into_iter(),
+        outcomes.unwrap_or_else(|e| vec![Err(e); batch.len()])
+    }
+
+    /// Publish again, from where the store's decisions leave them, the messages refused for
+    /// channels Redis has no numbering for; in order, so a channel's messages keep theirs.
+    fn floored(
+        &mut self,
+        batch: &mut [Publish],
+        mut outcomes: Vec<Result<Published, ClusterError>>,
+    ) -> Vec<Result<Published, ClusterError>> {
+        let refused: Vec<usize> = (0..outcomes.len())
+            .filter(|&i| matches!(outcomes[i], Err(ClusterError::NoFloor)))
+            .collect();
+        let Some(floors) = self.settings.floors.clone().filter(|_| !refused.is_empty()) else {
+            return outcomes;
         };
-        for (shard, token) in to {
-            let result = outcomes
-                .next()
-                .unwrap_or_else(|| Err(ClusterError::Protocol("no outcome".into())));
-            self.complete(shard, Completion::Published { token, result });
+        let mut found: HashMap<String, Result<u64, String>> = HashMap::new();
+        for &i in &refused {
+            let channel = &batch[i].channel;
+            let floor = found
+                .entry(channel.clone())
+                .or_insert_with(|| (floors.0)(channel))
+                .clone();
+            match floor {
+                Ok(floor) => batch[i].floor = Some(floor),
+                Err(e) => outcomes[i] = Err(ClusterError::Unavailable(e)),
+            }
         }
+        let again: Vec<usize> = refused
+            .into_iter()
+            .filter(|&i| batch[i].floor.is_some())
+            .collect();
+        let retry: Vec<Publish> = again.iter().map(|&i| batch[i].clone()).collect();
+        let answers = match self.client() {
+            Ok(client) => client.publish(&retry),
+            Err(e) => Err(e),
+        };
+        match answers {
+            Ok(answers) => again
+                .into_iter()
+                .zip(answers)
+                .for_each(|(i, a)| outcomes[i] = a),
+            Err(e) => again.into_iter().for_each(|i| outcomes[i] = Err(e.clone())),
+        }
+        outcomes
     }
 
     fn count(&self, counter: &AtomicU64, n: u64, started: Instant) {
@@ -257,6 +360,9 @@ impl Worker {
 
     /// After a failed connection, the next request connects again.
     fn check<T>(&mut self, result: &Result<T, ClusterError>) {
+        if result.is_ok() {
+            self.answered = Instant::now();
+        }
         if let Err(ClusterError::Unavailable(_) | ClusterError::Unknown(_)) = result {
             self.client = None;
             self.stats.up.store(false, Ordering::Relaxed);
@@ -270,7 +376,26 @@ impl Worker {
         }
     }
 
+    /// Check an idle connection; a dead one is dropped (the next use connects again).
+    fn probe(&mut self) {
+        let Some(client) = self.client.as_mut() else {
+            return;
+        };
+        match client.ping() {
+            Ok(()) => self.answered = Instant::now(),
+            Err(e) => {
+                tracing::warn!(url = %self.settings.url, "Redis connection lost: {e}");
+                self.client = None;
+                self.stats.up.store(false, Ordering::Relaxed);
+            }
+        }
+    }
+
     fn client(&mut self) -> Result<&mut Client, ClusterError> {
+        let suspect = self.settings.suspect.swap(false, Ordering::Relaxed);
+        if self.client.is_some() && (suspect || self.answered.elapsed() >= self.settings.probe) {
+            self.probe();
+        }
         if self.client.is_none() {
             let now = Instant::now();
             if now < self.backoff.retry_at {
@@ -286,6 +411,7 @@ impl Worker {
             match Client::connect(&s.url, keys, s.retention.clone(), s.timeout) {
                 Ok(client) => {
                     self.client = Some(client);
+                    self.answered = Instant::now();
                     self.backoff.succeeded();
                     self.stats.up.store(true, Ordering::Relaxed);
                     self.stats.connections.fetch_add(1, Ordering::Relaxed);

@@ -82,4 +82,7 @@ pub enum ClusterError {
     /// Redis answered something this code does not understand.
     #[error("unexpected answer from Redis: {0}")]
     Protocol(String),
+    /// Redis has no numbering for the channel and the publish said where none starts.
+    #[error("the channel has no numbering in Redis: where it starts must be read first")]
+    NoFloor,
 }

@@ -2,13 +2,14 @@
 //! and history reads) and a PUB/SUB subscriber, and per shard the channels their answers come
 //! back on.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::client::Retention;
 use super::link::{self, Completion, Link};
 use super::pubsub::{self, Incoming, Subscriber, Wants};
 use crate::config::Config;
+use crate::storage;
 
 /// Messages from PUB/SUB waiting for one shard; past it they are dropped and the shard
 /// fills the gap from the history.
@@ -28,6 +29,30 @@ fn redacted(url: &str) -> String {
         (Some((scheme, _)), Some(at)) => format!("{scheme}://***{}", &url[at..]),
         _ => url.to_owned(),
     }
+}
+
+/// Where a channel Redis has no numbering for goes on from: the highest seq of its decisions
+/// in the store (`None` for "memory", which keeps none), read on a connection of its own.
+fn floors(storage_url: &str) -> Option<link::Floors> {
+    let connect = storage::Backend::parse(storage_url)
+        .ok()
+        .and_then(storage::connector)?;
+    let state: Mutex<(storage::Connect, Option<Box<dyn storage::Store>>)> =
+        Mutex::new((connect, None));
+    let read = move |channel: &str| {
+        let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+        let (connect, store) = &mut *state;
+        let store_now = match store {
+            Some(s) => s,
+            None => store.insert(connect().map_err(|e| e.to_string())?),
+        };
+        store_now.top(channel).map_err(|e| {
+            // The connection may be broken: the next read opens a new one.
+            *store = None;
+            e.to_string()
+        })
+    };
+    Some(link::Floors(Arc::new(read)))
 }
 
 /// What one shard is handed.
@@ -89,6 +114,7 @@ impl Node {
             meta_ttl_s: cluster.meta_ttl_secs,
             result_ttl_s: cluster.result_ttl_secs,
         };
+        let floors = floors(&config.storage.url);
         let (completion_tx, completion_rx): (Vec<_>, Vec<_>) =
             (0..nshards).map(|_| flume::unbounded()).unzip();
         let (incoming_tx, incoming_rx): (Vec<_>, Vec<_>) = (0..nshards)
@@ -100,12 +126,16 @@ impl Node {
             subscribers: Vec::new(),
         };
         for url in &cluster.redis_url {
+            let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let settings = link::Settings {
                 url: url.clone(),
                 prefix: cluster.prefix.clone(),
                 retention: retention.clone(),
                 timeout,
                 backoff,
+                probe: Duration::from_millis(cluster.probe_interval_ms),
+                suspect: Arc::clone(&lost),
+                floors: floors.clone(),
             };
             node.links
                 .push(Link::spawn(settings, completion_tx.clone())?);
@@ -115,6 +145,7 @@ impl Node {
                 probe_interval: Duration::from_millis(cluster.probe_interval_ms),
                 timeout,
                 backoff,
+                lost,
             };
             let subscriber = Subscriber::spawn(settings, Arc::clone(&route), incoming_tx.clone())?;
             node.subscribers.push(subscriber);

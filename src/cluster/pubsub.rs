@@ -41,6 +41,9 @@ pub struct Settings {
     pub timeout: Duration,
     /// First wait before reconnecting (doubled up to 32 times as long).
     pub backoff: Duration,
+    /// Set when the connection is lost: the link to the same Redis checks its own before
+    /// using it again (Redis may have restarted).
+    pub lost: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// What the shards hear from PUB/SUB.
@@ -401,6 +404,7 @@ impl ControlThread {
 
     fn lost(&mut self, why: &str) {
         tracing::warn!(url = %self.settings.url, "Redis PUB/SUB connection lost: {why}");
+        self.settings.lost.store(true, Relaxed);
         // Its reader tells the shards, after the last message it read.
         self.drop_conn();
         self.backoff.failed(Instant::now());

@@ -213,6 +213,8 @@ impl Redis {
             kind,
             data: data.to_vec(),
             idempotency_key: idempotency_key.map(str::to_owned),
+            // The link knows where a channel Redis lost goes on from.
+            floor: None,
         });
         if self.send(channel, token, op) {
             self.in_flight += 1;

@@ -1197,7 +1197,7 @@ impl Shard {
                 tracing::debug!(shard = self.id, "publish failed: {reason}");
                 let answer = Answer::Error {
                     code: ErrorCode::ClusterUnavailable,
-                    message: format!("not published: {reason}").into(),
+                    message: format!("not acknowledged: {reason}").into(),
                     owed: id.is_some(),
                     id,
                 };

@@ -312,6 +312,9 @@ pub trait Store: Send {
     /// a decision after its commit) the seqs they were numbered with; a decision that has
     /// one keeps it. Returns how many were numbered.
     fn number(&mut self, numbered: &[(&str, u64)]) -> Result<usize, StorageError>;
+    /// The highest seq of `channel`'s stored decisions (0: none), where its numbering must
+    /// go on from when Redis lost it.
+    fn top(&mut self, channel: &str) -> Result<u64, StorageError>;
     /// Up to `limit` decisions committed without a seq before `before_ms`, oldest first:
     /// those a node stopped before numbering, for another to number.
     fn unnumbered(&mut self, before_ms: i64, limit: usize) -> Result<Vec<Record>, StorageError>;

@@ -251,6 +251,14 @@ impl Store for Postgres {
         Ok(updated as usize)
     }
 
+    fn top(&mut self, channel: &str) -> Result<u64, StorageError> {
+        let row = self.client.query_one(
+            "SELECT COALESCE(MAX(seq), 0) FROM decisions WHERE channel = $1",
+            &[&channel],
+        )?;
+        Ok(row.get::<_, i64>(0) as u64)
+    }
+
     fn unnumbered(&mut self, before_ms: i64, limit: usize) -> Result<Vec<Record>, StorageError> {
         let sql = format!(
             "SELECT {COLUMNS} FROM decisions WHERE seq IS NULL AND created_ms < $1

@@ -200,6 +200,15 @@ impl Store for Sqlite {
         Err(StorageError::Unsupported(UNNUMBERED))
     }
 
+    fn top(&mut self, channel: &str) -> Result<u64, StorageError> {
+        let top: i64 = self.conn.query_row(
+            "SELECT COALESCE(MAX(seq), 0) FROM decisions WHERE channel = ?1",
+            [channel],
+            |row| row.get(0),
+        )?;
+        Ok(top as u64)
+    }
+
     fn unnumbered(&mut self, _before: i64, _limit: usize) -> Result<Vec<Record>, StorageError> {
         Err(StorageError::Unsupported(UNNUMBERED))
     }

@@ -4,11 +4,13 @@
 -- µs (docs/BENCHMARKS.md, issue 12).
 -- ARGV: history size (0: keep none; trimmed a stream node at a time, so up to 100 more are
 -- kept), history TTL in s (0: none), meta TTL in s (0: none), result TTL in s; then per
--- message: data, kind (m|d), a fresh epoch for a channel that has none.
+-- message: data, kind (m|d), a fresh epoch for a channel that has none, and the seq its
+-- numbering starts after if it has none (its stored decisions' highest), or -1: then such a
+-- message is refused with flag 3 and nothing is done, for the caller to find that seq.
 -- KEYS, per message: the channel's meta hash (e = epoch, s = top seq), its history stream,
 -- the idempotency result hash ("" when the publish has no key), the PUB/SUB channel.
 -- Returns per message {seq, epoch, 1 when answered from the idempotency result else 0}, or
--- {0, error text, 2} for one that failed (the others still ran).
+-- {0, error text, 2} for one that failed (the others still ran), or {0, "", 3} (above).
 local size, ttl, meta_ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local result_ttl = tonumber(ARGV[4])
 
@@ -18,7 +20,7 @@ local epochs = {}
 -- The streams of those channels, whose TTLs are renewed once, at the end.
 local streams = {}
 
-local function publish(meta, stream, result, pubsub, data, kind, fresh)
+local function publish(meta, stream, result, pubsub, data, kind, fresh, floor)
   if result ~= "" then
     local known = redis.call("hmget", result, "e", "s")
     if known[1] then
@@ -27,13 +29,22 @@ local function publish(meta, stream, result, pubsub, data, kind, fresh)
   end
   local epoch = epochs[meta]
   if not epoch then
-    epoch = redis.call("hget", meta, "e")
-    if not epoch then
-      -- New, or its meta was lost (Redis restarted with nothing on disk, or evicted it): a
-      -- new epoch, and no history from the old one.
-      epoch = fresh
-      redis.call("hset", meta, "e", epoch)
-      redis.call("del", stream)
+    local state = redis.call("hmget", meta, "e", "s")
+    epoch = state[1]
+    if not state[2] then
+      -- No numbering: new, or its meta was lost (Redis restarted with nothing on disk, or
+      -- evicted it). It goes on from where the stored decisions leave it, so that their
+      -- seqs stay unique. A history read may have made its epoch already (subscribers
+      -- hold it); otherwise a new one, and no history from the old one.
+      if floor < 0 then
+        return {0, "", 3}
+      end
+      if not epoch then
+        epoch = fresh
+        redis.call("hset", meta, "e", epoch)
+        redis.call("del", stream)
+      end
+      redis.call("hset", meta, "s", floor)
     end
     epochs[meta] = epoch
     streams[meta] = stream
@@ -53,9 +64,9 @@ end
 
 local out = {}
 for i = 0, #KEYS / 4 - 1 do
-  local k, a = i * 4, 4 + i * 3
+  local k, a = i * 4, 4 + i * 4
   local ok, answer = pcall(publish, KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4],
-    ARGV[a + 1], ARGV[a + 2], ARGV[a + 3])
+    ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4]))
   if not ok then
     answer = {0, tostring(answer.err or answer), 2}
   end
