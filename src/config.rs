@@ -313,6 +313,9 @@ pub struct Cluster {
     pub meta_ttl_secs: u64,
     /// Seconds an idempotency key's result is remembered in Redis.
     pub result_ttl_secs: u64,
+    /// A decision committed this long ago and still without a seq (its node stopped before
+    /// Redis numbered it) is numbered by another node; looked for this often.
+    pub renumber_after_ms: u64,
 }
 
 impl Cluster {
@@ -333,6 +336,7 @@ impl Default for Cluster {
             max_in_flight: 16_384,
             meta_ttl_secs: 0,
             result_ttl_secs: 86_400,
+            renumber_after_ms: 5_000,
         }
     }
 }

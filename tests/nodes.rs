@@ -26,6 +26,18 @@ fn node_on(redis_url: &str, prefix: &str, shards: usize, more: &str) -> Server {
 
 /// [`node_on`] storing decisions at `storage` (a PostgreSQL URL).
 fn node_storing(redis_url: &str, prefix: &str, shards: usize, more: &str, storage: &str) -> Server {
+    node_full(redis_url, prefix, shards, more, "", storage)
+}
+
+/// [`node_storing`] with more `[cluster]` settings.
+fn node_full(
+    redis_url: &str,
+    prefix: &str,
+    shards: usize,
+    more: &str,
+    cluster: &str,
+    storage: &str,
+) -> Server {
     let extra = format!(
         r#"
 {more}
@@ -36,6 +48,7 @@ outbound_queue_messages = 8192
 [cluster]
 redis_url = {redis_url}
 prefix = "{prefix}"
+{cluster}
 
 [storage]
 url = "{storage}"
@@ -685,4 +698,97 @@ fn decision_seqs_go_on_from_postgresql_after_redis_lost_the_channel() {
         assert_eq!(back.recv_type("DECISION")["seq"], seq);
     }
     assert_eq!(back.recv_type("MESSAGE")["seq"], 5);
+}
+
+#[test]
+fn a_decision_a_stopped_node_committed_but_never_numbered_is_numbered_by_another() {
+    let test = "nodes_orphan_numbered";
+    let (Some(url), Some(db)) = (common::redis_url(test), common::postgres_schema(test)) else {
+        return;
+    };
+    let channel = "org:acme:decisions";
+    // What a node killed between the commit and Redis's answer leaves: a row without a seq.
+    let mut client = postgres::Client::connect(&db.url, postgres::NoTls).expect("PostgreSQL");
+    let cluster = "renumber_after_ms = 100";
+    let (redis_url, prefix) = (format!("\"{url}\""), fresh_prefix(test));
+    let node = node_full(&redis_url, &prefix, 2, "", cluster, &db.url);
+    node.wait_ready();
+    let created = common::unix_now() * 1000 - 1000;
+    client
+        .execute(
+            "INSERT INTO decisions (id, org, channel, seq, schema, idempotency_key, direction,
+                 decision, payload_hash, data, created_ms)
+             VALUES ('dec_orphan', 'acme', $1, NULL, 'decision.v1', 'orphan', 'precheck',
+                 'allow', 'sha256:x', '{\"id\":\"dec_orphan\"}', $2)",
+            &[&channel, &created],
+        )
+        .expect("insert the orphan");
+    let mut subscriber = node.client(&format!("/ws?key={ADMIN}"));
+    subscriber.subscribe(&[channel]);
+    let delivered = subscriber.recv_type("DECISION");
+    assert_eq!(delivered["data"]["id"], "dec_orphan", "{delivered}");
+    let seq = delivered["seq"].as_i64().expect("seq");
+    assert_eq!(stored_seq(&db, "orphan"), seq);
+    // Its key is known, with that id and seq.
+    let mut producer = node.client(&format!("/ws?key={}", common::ACME));
+    producer.send(ingest(channel, "orphan", common::decision("acme")));
+    let ack = producer.recv();
+    assert_eq!(
+        (ack["decisionId"].as_str(), ack["seq"].as_i64()),
+        (Some("dec_orphan"), Some(seq)),
+        "{ack}"
+    );
+    assert_eq!(ack["dedup"], true, "{ack}");
+}
+
+#[test]
+fn a_node_killed_during_ingest_loses_nothing_it_acknowledged() {
+    let Some((a, b, db)) = two_nodes_storing("nodes_killed_during_ingest") else {
+        return;
+    };
+    let channel = "org:acme:decisions";
+    const KEYS: u64 = 200;
+    let key = |k: u64| format!("kill-{k}");
+    let mut producer = a.client(&format!("/ws?key={}", common::ACME));
+    for k in 0..KEYS {
+        producer.send(ingest(channel, &key(k), common::decision("acme")));
+    }
+    // Killed once some are acknowledged, with the rest in flight.
+    let mut acked = std::collections::HashMap::new();
+    while acked.len() < 50 {
+        let ack = producer.recv_type("ACK");
+        let id = ack["decisionId"].as_str().expect("decisionId").to_owned();
+        acked.insert(
+            ack["id"].as_str().expect("key").to_owned(),
+            (id, ack["seq"].clone()),
+        );
+    }
+    let mut a = a;
+    a.child.kill().expect("kill -9");
+    a.wait_exit();
+    // Every key again on the other node: the acknowledged ones are known with their id and
+    // seq; the others are stored now either way, each under one seq.
+    let mut retry = b.client(&format!("/ws?key={}", common::ACME));
+    let mut seqs = HashSet::new();
+    for k in 0..KEYS {
+        retry.send(ingest(channel, &key(k), common::decision("acme")));
+        let ack = retry.recv();
+        assert_eq!(ack["type"], "ACK", "{ack}");
+        if let Some((id, seq)) = acked.get(&key(k)) {
+            assert_eq!(ack["dedup"], true, "{ack}");
+            assert_eq!(
+                (&ack["decisionId"], &ack["seq"]),
+                (&json!(id), seq),
+                "{ack}"
+            );
+        }
+        let seq = ack["seq"].as_u64().expect("seq");
+        assert!(seqs.insert(seq), "seq {seq} given twice");
+        assert_eq!(stored_seq(&db, &key(k)), seq as i64);
+    }
+    assert_eq!(
+        seqs,
+        (1..=KEYS).collect(),
+        "every seq one decision's, none skipped"
+    );
 }

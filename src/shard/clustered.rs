@@ -9,6 +9,7 @@
 //! this node or another, gets the same seq back from Redis and delivers nothing, which is
 //! what makes two nodes racing on one key give one decision.
 
+use std::collections::HashMap;
 use std::rc::Rc;
 
 use super::{ingest_ack, storage_unavailable, Origin, Shard};
@@ -85,7 +86,7 @@ impl Shard {
             origin,
             waiters: Vec::new(),
             data: Some(shared),
-            dedup: false,
+            original: None,
         };
         self.decisions.borrow_mut().hold(token, unconfirmed);
     }
@@ -100,21 +101,16 @@ impl Shard {
                 self.publish_decision(u, id.as_str(), data);
             }
             storage::Outcome::Duplicate { id, seq } if seq > 0 => {
-                if let Some(decision_id) = DecisionId::parse(&id) {
-                    u.decision_id = decision_id;
-                }
-                u.dedup = true;
-                self.acknowledge(u, Ok(seq));
+                u.original = Some(id.into());
+                self.acknowledge(u, Ok(seq), false);
             }
             storage::Outcome::Duplicate { id, .. } => {
                 // Stored first by another node (or this one, earlier) and not numbered yet:
                 // number it here from its stored row, under its id.
-                let (Some(decision_id), Some(link)) = (DecisionId::parse(&id), &self.storage)
-                else {
+                let Some(link) = &self.storage else {
                     return self.refuse_decision(&u, "the original decision cannot be read");
                 };
-                u.decision_id = decision_id;
-                u.dedup = true;
+                u.original = Some(id.into());
                 let token = self.token();
                 let query = reader::Query::Find {
                     org: u.org.to_string(),
@@ -141,7 +137,7 @@ impl Shard {
     pub(super) fn found_original(&self, u: Unconfirmed, result: Result<reader::Answer, String>) {
         match result {
             Ok(reader::Answer::Found(Some(original))) if original.seq > 0 => {
-                self.acknowledge(u, Ok(original.seq))
+                self.acknowledge(u, Ok(original.seq), false)
             }
             Ok(reader::Answer::Found(Some(original))) => {
                 let data: Rc<[u8]> = Rc::from(original.data.as_bytes());
@@ -160,7 +156,7 @@ impl Shard {
 
     /// Redis numbered the decision of `token` (or could not): acknowledge it.
     pub(super) fn decision_numbered(&self, u: Unconfirmed, result: Result<u64, String>) {
-        self.acknowledge(u, result);
+        self.acknowledge(u, result, true);
     }
 
     /// Hand the committed decision `id` to Redis, `u` waiting for the number.
@@ -178,9 +174,9 @@ impl Shard {
         }
     }
 
-    /// Answer everyone waiting for `u` with its seq, and write the seq to its row; or tell
-    /// them to retry: it is stored, so the retry finds it.
-    fn acknowledge(&self, u: Unconfirmed, result: Result<u64, String>) {
+    /// Answer everyone waiting for `u` with its seq, and (when Redis just gave it, `number`)
+    /// write the seq to its row; or tell them to retry: it is stored, so the retry finds it.
+    fn acknowledge(&self, u: Unconfirmed, result: Result<u64, String>, number: bool) {
         let seq = match result {
             Ok(seq) => seq,
             Err(reason) => {
@@ -188,29 +184,29 @@ impl Shard {
                 return self.refuse_decision(&u, "stored, but Redis did not number it");
             }
         };
-        let id = u.decision_id.text();
-        let original = Original {
-            decision_id: u.decision_id,
-            seq,
-        };
-        let now = self.now().instant;
-        self.decisions
-            .borrow_mut()
-            .remember(&u.org, &u.key, original, now);
-        if !u.dedup {
+        let mine = u.decision_id.text();
+        let id = u.original.as_deref().unwrap_or(mine.as_str());
+        if let Some(decision_id) = DecisionId::parse(id) {
+            let original = Original { decision_id, seq };
+            let now = self.now().instant;
+            self.decisions
+                .borrow_mut()
+                .remember(&u.org, &u.key, original, now);
+        }
+        if u.original.is_none() {
             self.counters.add(Counter::DecisionsProcessed, 1);
-            if let Some(link) = &self.storage {
-                if let Err(e) = link.writer.number(id.as_str().into(), seq) {
-                    // Left unnumbered in the store: numbered again, to the same seq, later.
-                    tracing::warn!(shard = self.id, "decision's seq not written: {e}");
-                }
+        }
+        if let Some(link) = self.storage.as_ref().filter(|_| number) {
+            if let Err(e) = link.writer.number(id.into(), seq) {
+                // Left unnumbered in the store: numbered again, to the same seq, later.
+                tracing::warn!(shard = self.id, "decision's seq not written: {e}");
             }
         }
         for (n, to) in everyone(&u).enumerate() {
-            let dedup = u.dedup || n > 0;
+            let dedup = u.original.is_some() || n > 0;
             self.counters
                 .add(Counter::DecisionsDuplicate, u64::from(dedup));
-            self.reply(to, ingest_ack(&u.key, id.as_str(), dedup, seq));
+            self.reply(to, ingest_ack(&u.key, id, dedup, seq));
         }
     }
 
@@ -219,6 +215,96 @@ impl Shard {
     fn refuse_decision(&self, u: &Unconfirmed, why: &str) {
         for to in everyone(u) {
             self.reply(to, not_numbered(&u.key, why));
+        }
+    }
+}
+
+/// Decisions committed without a seq that no node is numbering: their node stopped between
+/// the commit and Redis's answer. Shard 0 of every node looks for them now and then and
+/// numbers them under their ids (two nodes doing it at once give one seq).
+#[derive(Debug, Default)]
+pub(super) struct Orphans {
+    /// When to look next (Unix ms).
+    next_look_ms: u64,
+    /// The read under way, by token.
+    pub looking: Option<u64>,
+    /// Those being numbered: decision id by publish token.
+    pub numbering: HashMap<u64, Box<str>>,
+}
+
+/// Most orphans numbered per look.
+const ORPHANS_PER_LOOK: usize = 256;
+
+impl Shard {
+    /// On a cluster node's shard 0, every `renumber_after_ms`: read the decisions committed
+    /// longer ago than that and never numbered.
+    pub(super) fn look_for_orphans(&self) {
+        let Some(link) = self.storage.as_ref().filter(|_| self.id == 0) else {
+            return;
+        };
+        if self.engine.borrow().numbers_locally() {
+            return;
+        }
+        let now = self.now().unix_ms;
+        let after = self.config.cluster.renumber_after_ms;
+        let mut orphans = self.orphans.borrow_mut();
+        if orphans.looking.is_some() || !orphans.numbering.is_empty() || now < orphans.next_look_ms
+        {
+            return;
+        }
+        orphans.next_look_ms = now + after;
+        let token = self.token();
+        let query = reader::Query::Unnumbered {
+            before_ms: now.saturating_sub(after) as i64,
+            limit: ORPHANS_PER_LOOK,
+        };
+        let loaded = link.loaded.clone();
+        let reply = Box::new(move |result| drop(loaded.send(super::Loaded { token, result })));
+        if link.reader.submit(query, reply).is_ok() {
+            orphans.looking = Some(token);
+        }
+    }
+
+    /// The orphans were read: number each under its id.
+    pub(super) fn found_orphans(&self, result: Result<reader::Answer, String>) {
+        self.orphans.borrow_mut().looking = None;
+        let records = match result {
+            Ok(reader::Answer::Unnumbered(records)) => records,
+            Ok(other) => {
+                tracing::error!(shard = self.id, "unnumbered decisions read as {other:?}");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(shard = self.id, "cannot look for unnumbered decisions: {e}");
+                return;
+            }
+        };
+        for record in records {
+            tracing::info!(shard = self.id, id = %record.id, "numbering a decision its node left");
+            let token = self.token();
+            let id: Box<str> = record.id.as_str().into();
+            self.orphans.borrow_mut().numbering.insert(token, id);
+            let data: Rc<[u8]> = Rc::from(record.data.as_bytes());
+            let numbered =
+                self.engine
+                    .borrow_mut()
+                    .publish_stored(&record.channel, &record.id, data, token);
+            if let Numbered::Later = numbered {
+                self.deliver_events();
+            }
+        }
+    }
+
+    /// An orphan was numbered (or not: the next look tries again): write its seq.
+    pub(super) fn orphan_numbered(&self, id: &str, result: Result<u64, String>) {
+        match (result, &self.storage) {
+            (Ok(seq), Some(link)) => {
+                if let Err(e) = link.writer.number(id.into(), seq) {
+                    tracing::warn!(shard = self.id, "decision's seq not written: {e}");
+                }
+            }
+            (Ok(_), None) => {}
+            (Err(e), _) => tracing::warn!(shard = self.id, id, "decision not numbered: {e}"),
         }
     }
 }

@@ -30,9 +30,9 @@ pub(super) struct Unconfirmed {
     /// In a cluster, the enriched decision, published once it is committed (on one node it
     /// waits in the channel's held queue instead).
     pub data: Option<Rc<[u8]>>,
-    /// In a cluster, the key was stored first by another request: everyone is answered with
-    /// that original.
-    pub dedup: bool,
+    /// In a cluster, the id of the decision another request stored first with this key:
+    /// everyone is answered with that original.
+    pub original: Option<Box<str>>,
 }
 
 /// What to do with an INGEST.

@@ -216,6 +216,8 @@ pub struct Shard {
     channels: RefCell<Channels>,
     /// Publishes the engine answers later, by token: whom to acknowledge.
     numbering: RefCell<HashMap<u64, Origin>>,
+    /// Decisions stopped nodes committed and never numbered, numbered here (cluster).
+    orphans: RefCell<clustered::Orphans>,
     /// Publishers paused while the engine is congested.
     engine_waiters: RefCell<Vec<Waker>>,
     decisions: RefCell<Decisions>,
@@ -264,6 +266,7 @@ impl Shard {
             engine: RefCell::new(Box::new(Memory::new(config.history.limits()))),
             channels: RefCell::default(),
             numbering: RefCell::default(),
+            orphans: RefCell::default(),
             engine_waiters: RefCell::default(),
             decisions: RefCell::new(Decisions::new(&config, id)),
             replays: RefCell::default(),
@@ -999,6 +1002,9 @@ impl Shard {
         if let Some(u) = decision {
             return self.found_original(u, loaded.result);
         }
+        if self.orphans.borrow().looking == Some(loaded.token) {
+            return self.found_orphans(loaded.result);
+        }
         let Some(read) = self.replays.borrow_mut().take(loaded.token) else {
             return;
         };
@@ -1185,6 +1191,10 @@ impl Shard {
         let decision = self.decisions.borrow_mut().settle(token);
         if let Some(u) = decision {
             return self.decision_numbered(u, result);
+        }
+        let orphan = self.orphans.borrow_mut().numbering.remove(&token);
+        if let Some(id) = orphan {
+            return self.orphan_numbered(&id, result);
         }
         let Some(mut origin) = self.numbering.borrow_mut().remove(&token) else {
             return;
@@ -1386,7 +1396,7 @@ impl Shard {
             origin,
             waiters: Vec::new(),
             data: None,
-            dedup: false,
+            original: None,
         };
         self.decisions.borrow_mut().hold(token, unconfirmed);
     }
@@ -1725,6 +1735,7 @@ impl Shard {
     /// Expire history and forget the channels nobody needs any more: no other shard wants
     /// them, none subscribed here, nothing held, no history left (see [`Engine::sweep`]).
     fn free_idle_channels(&self, now: u64) {
+        self.look_for_orphans();
         let mut subs = self.subs.borrow_mut();
         let mut channels = self.channels.borrow_mut();
         channels.free_idle();

@@ -23,6 +23,13 @@ pub enum Query {
     },
     /// A page of the decisions API.
     Decisions(DecisionQuery),
+    /// Up to `limit` decisions committed before `before_ms` and never numbered.
+    Unnumbered {
+        /// Unix milliseconds.
+        before_ms: i64,
+        /// Most rows.
+        limit: usize,
+    },
     /// The stored decision with this (org, idempotency key).
     Find {
         /// Organization.
@@ -41,6 +48,8 @@ pub enum Answer {
     Decisions(Vec<Record>),
     /// For [`Query::Find`].
     Found(Option<Box<Record>>),
+    /// For [`Query::Unnumbered`].
+    Unnumbered(Vec<Record>),
 }
 
 /// Called with the result, on the reader's thread.
@@ -146,6 +155,9 @@ fn read(
             limit,
         } => Answer::History(db.history(channel, *after, *upto, *limit)?),
         Query::Decisions(q) => Answer::Decisions(db.decisions(q)?),
+        Query::Unnumbered { before_ms, limit } => {
+            Answer::Unnumbered(db.unnumbered(*before_ms, *limit)?)
+        }
         Query::Find { org, key } => Answer::Found(db.find(org, key)?.map(Box::new)),
     })
 }
