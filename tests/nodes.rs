@@ -792,3 +792,42 @@ fn a_node_killed_during_ingest_loses_nothing_it_acknowledged() {
         "every seq one decision's, none skipped"
     );
 }
+
+#[test]
+fn a_sub_the_node_cannot_confirm_while_redis_is_down_is_refused_in_time() {
+    let test = "nodes_sub_refused_while_redis_is_down";
+    let Some(redis) = common::OwnRedis::start(test) else {
+        return;
+    };
+    let (redis_url, prefix) = (format!("\"{}\"", redis.url()), fresh_prefix("subdown"));
+    let node = node_full(&redis_url, &prefix, 2, "", "timeout_ms = 300", "memory");
+    node.wait_ready();
+    let port = redis.stop();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while node.get("/health/ready").0 != 503 {
+        assert!(std::time::Instant::now() < deadline, "still ready");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let channel = "org:acme:usage";
+    let mut client = node.client(&format!("/ws?key={ADMIN}"));
+    for attempt in ["s1", "s2"] {
+        client.send(json!({"type":"SUB","channels":[channel],"id":attempt}));
+        let refused = client.recv();
+        assert_eq!(refused["type"], "ERROR", "{refused}");
+        assert_eq!(refused["code"], "cluster_unavailable", "{refused}");
+        assert_eq!(
+            (refused["channel"].as_str(), refused["id"].as_str()),
+            (Some(channel), Some(attempt))
+        );
+    }
+    // Not subscribed: back, Redis takes the subscription and delivers.
+    let _redis = common::OwnRedis::start_on(test, port).expect("redis-server started before");
+    node.wait_ready();
+    let subscribed = client.subscribe(&[channel]);
+    assert_eq!(subscribed["channels"], json!([channel]), "{subscribed}");
+    let mut publisher = node.client(&format!("/ws?key={ADMIN}"));
+    publisher.send(json!({"type":"PUBLISH","channel":channel,"data":"up","id":"p"}));
+    publisher.recv_type("ACK");
+    assert_eq!(message(&mut client).2, "up");
+    client.ping();
+}

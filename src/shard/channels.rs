@@ -24,8 +24,8 @@ pub(super) struct Owned {
     /// so that subscribers see every seq in order (empty unless `ack = "durable"`).
     pub held: VecDeque<Held>,
     /// Subscriptions answered once the engine hears the channel (a cluster node's Redis
-    /// subscription is in place).
-    pub waiting: Vec<Waiter>,
+    /// subscription is in place), each until its deadline (shard ms).
+    pub waiting: Vec<(u64, Waiter)>,
 }
 
 /// A subscription waiting for the engine to hear its channel.
@@ -60,6 +60,9 @@ pub(super) enum Hold {
 #[derive(Debug, Default)]
 pub(super) struct Channels {
     owned: HashMap<Box<str>, Owned>,
+    /// Channels with subscriptions waiting, by deadline (every wait is as long, so in the
+    /// order they began).
+    deadlines: VecDeque<(u64, Box<str>)>,
 }
 
 impl Channels {
@@ -79,6 +82,34 @@ impl Channels {
             self.owned.insert(channel.into(), Owned::default());
         }
         self.owned.get_mut(channel).expect("inserted above")
+    }
+
+    /// `waiter` waits for the engine to hear `channel` until `deadline` (shard ms).
+    pub fn wait(&mut self, channel: &str, waiter: Waiter, deadline: u64) {
+        self.entry(channel).waiting.push((deadline, waiter));
+        self.deadlines.push_back((deadline, channel.into()));
+    }
+
+    /// The subscriptions still waiting at `now` (shard ms) past their deadline, by channel.
+    pub fn expired(&mut self, now: u64) -> Vec<(Box<str>, Vec<Waiter>)> {
+        let mut late = Vec::new();
+        while self.deadlines.front().is_some_and(|(at, _)| *at <= now) {
+            let Some((_, channel)) = self.deadlines.pop_front() else {
+                break;
+            };
+            let Some(owned) = self.owned.get_mut(&channel) else {
+                continue;
+            };
+            let (gone, kept) = std::mem::take(&mut owned.waiting)
+                .into_iter()
+                .partition(|(at, _)| *at <= now);
+            owned.waiting = kept;
+            let gone: Vec<Waiter> = gone.into_iter().map(|(_, waiter)| waiter).collect();
+            if !gone.is_empty() {
+                late.push((channel, gone));
+            }
+        }
+        late
     }
 
     /// Shard `shard` wants `channel` (`on`) or no longer does.

@@ -115,6 +115,14 @@ pub enum MeshMsg {
         /// What was found.
         replay: Box<Replay<Vec<u8>>>,
     },
+    /// From a channel's owner: the node could not hear `channel` in time (a cluster node
+    /// that cannot reach Redis), so the SUB with this token does not get it.
+    SubFailed {
+        /// Token from the request.
+        token: u64,
+        /// The channel.
+        channel: Box<str>,
+    },
     /// From a channel's owner: the interest with this token is registered.
     InterestAck {
         /// Token from the request.
@@ -738,6 +746,7 @@ impl Shard {
             waiting: 0,
             replays: Vec::new(),
             epochs: Vec::new(),
+            failed: Vec::new(),
         };
         for name in &accepted {
             let channel: Rc<str> = Rc::from(name.as_str());
@@ -779,7 +788,8 @@ impl Shard {
                         token,
                     },
                 };
-                self.channels.borrow_mut().entry(name).waiting.push(waiter);
+                let deadline = self.ms() + self.config.cluster.timeout_ms;
+                self.channels.borrow_mut().wait(name, waiter, deadline);
             } else if let Some(since) = since {
                 pending.waiting += 1;
                 local.push((name.clone(), since));
@@ -815,6 +825,19 @@ impl Shard {
         let Some(peer) = self.peer(p.conn) else {
             return;
         };
+        for channel in &p.failed {
+            let reply = Reply::Error {
+                code: ErrorCode::ClusterUnavailable,
+                message: "this node cannot hear the channel now (Redis is out of reach): \
+                          send the SUB again",
+                id: p.id.as_deref(),
+                channel: Some(channel),
+            };
+            self.answer(&peer, &reply);
+        }
+        if p.channels.is_empty() {
+            return;
+        }
         // A replay must fit in the connection's fan-out bounds, or drop-oldest would lose part
         // of it silently: what does not fit is left out and the channel reported incomplete.
         let (mut room, mut bytes) = {
@@ -1106,7 +1129,7 @@ impl Shard {
             let owned = channels.get_mut(channel);
             owned.map(|o| std::mem::take(&mut o.waiting))
         };
-        for waiter in waiting.into_iter().flatten() {
+        for (_, waiter) in waiting.into_iter().flatten() {
             match waiter {
                 Waiter::Ack { shard, token } => {
                     let epoch = self.channel_epoch(channel);
@@ -1114,6 +1137,47 @@ impl Shard {
                 }
                 Waiter::Replay { since, to } => self.replay(channel, since, to),
             }
+        }
+    }
+
+    /// Subscriptions that waited past their deadline for the node to hear their channel
+    /// (a cluster node that cannot reach Redis): their SUBs are told, and may be sent again.
+    /// Without this a client repeating a SUB while Redis is down would grow them for ever.
+    fn fail_late_subscriptions(&self, now: u64) {
+        let late = self.channels.borrow_mut().expired(now);
+        for (channel, waiters) in late {
+            for waiter in waiters {
+                let (shard, token) = match waiter {
+                    Waiter::Ack { shard, token } => (shard, token),
+                    Waiter::Replay {
+                        to: ReplayTo::Sub { shard, token },
+                        ..
+                    } => (shard, token),
+                    Waiter::Replay {
+                        to: ReplayTo::Http { .. },
+                        ..
+                    } => continue,
+                };
+                let channel = channel.clone();
+                self.route(shard, MeshMsg::SubFailed { token, channel });
+            }
+            self.refresh_want(&channel);
+        }
+    }
+
+    /// The owner of `channel` could not subscribe the SUB with `token` to it in time: drop
+    /// that subscription, tell the client, and answer the rest of the SUB when it is ready.
+    fn sub_failed(&self, token: u64, channel: &str) {
+        let failed = self.subs.borrow_mut().failed(token, channel);
+        let Some((conn, done)) = failed else {
+            return;
+        };
+        if let Some(peer) = self.peer(conn) {
+            peer.channels.borrow_mut().retain(|c| **c != *channel);
+        }
+        self.unsubscribe_one(conn, channel);
+        if let Some(sub) = done {
+            self.finish_subscribe(token, sub);
         }
     }
 
@@ -1584,8 +1648,8 @@ impl Shard {
                         },
                         None => Waiter::Ack { shard: from, token },
                     };
-                    let mut channels = self.channels.borrow_mut();
-                    return channels.entry(&channel).waiting.push(waiter);
+                    let deadline = self.ms() + self.config.cluster.timeout_ms;
+                    return self.channels.borrow_mut().wait(&channel, waiter, deadline);
                 }
                 // Registered first: every message after the replay's `upto` reaches that shard
                 // live (the mesh keeps each shard pair's messages in order).
@@ -1598,6 +1662,7 @@ impl Shard {
                 }
             }
             MeshMsg::InterestAck { token, epoch } => self.answered(token, None, epoch),
+            MeshMsg::SubFailed { token, channel } => self.sub_failed(token, &channel),
             MeshMsg::Replay { token, replay } => {
                 self.answered(token, Some(replay.into_shared()), None)
             }
@@ -1736,6 +1801,7 @@ impl Shard {
     /// them, none subscribed here, nothing held, no history left (see [`Engine::sweep`]).
     fn free_idle_channels(&self, now: u64) {
         self.look_for_orphans();
+        self.fail_late_subscriptions(now);
         let mut subs = self.subs.borrow_mut();
         let mut channels = self.channels.borrow_mut();
         channels.free_idle();

@@ -29,6 +29,8 @@ pub(super) struct PendingSub {
     pub replays: Vec<Replay>,
     /// `(channel, epoch)` of the channels without a replay whose epoch the owner gave.
     pub epochs: Vec<(Box<str>, Box<str>)>,
+    /// Channels the node could not subscribe to in time (taken out of `channels`).
+    pub failed: Vec<String>,
 }
 
 /// A subscriber waiting for its replay: live messages for it are kept until the replay is
@@ -194,6 +196,20 @@ impl Subscriptions {
             return None;
         }
         self.pending.remove(&token)
+    }
+
+    /// The owner could not subscribe SUB `token` to `channel` in time: the connection, and
+    /// the SUB once nothing more is awaited.
+    pub fn failed(&mut self, token: u64, channel: &str) -> Option<(u64, Option<PendingSub>)> {
+        let sub = self.pending.get_mut(&token)?;
+        let conn = sub.conn;
+        sub.channels.retain(|c| c != channel);
+        sub.failed.push(channel.to_owned());
+        sub.waiting -= 1;
+        if sub.waiting > 0 {
+            return Some((conn, None));
+        }
+        Some((conn, self.pending.remove(&token)))
     }
 
     /// Channels with a subscriber waiting for its replay.

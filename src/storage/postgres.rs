@@ -489,7 +489,8 @@ mod tests {
             );
             std::thread::sleep(Duration::from_millis(5));
         }
-        assert!(matches!(submit(2), Outcome::Failed(_)));
+        let outcome = submit(2);
+        assert!(matches!(outcome, Outcome::Failed(_)), "{outcome:?}");
         assert!(!writer.status().ready());
         let mut n = 3;
         while submit(n) != Outcome::Stored {
