@@ -66,6 +66,19 @@ fn fresh_prefix(test: &str) -> String {
     )
 }
 
+/// The next ACK of a client; an ERROR instead fails the test at once (rather than after the
+/// read timeout) and says what it was.
+fn ack(client: &mut common::Client) -> Value {
+    loop {
+        let v = client.recv();
+        match v["type"].as_str() {
+            Some("ACK") => return v,
+            Some("ERROR") => panic!("an ERROR where an ACK was due: {v}"),
+            _ => {}
+        }
+    }
+}
+
 /// The next MESSAGE of a subscriber: (channel, seq, data).
 fn message(client: &mut common::Client) -> (String, u64, Value) {
     let m = client.recv_type("MESSAGE");
@@ -162,8 +175,8 @@ fn every_subscriber_gets_every_message(nodes: &[Server], channels: &[String], ea
                 }
                 let mut acked = Vec::new();
                 for _ in 0..each * n_channels {
-                    let ack = client.recv_type("ACK");
-                    acked.push(ack["seq"].as_u64().expect("an ACK has a seq"));
+                    let answer = ack(&mut client);
+                    acked.push(answer["seq"].as_u64().expect("an ACK has a seq"));
                 }
                 acked
             })
@@ -246,7 +259,7 @@ fn a_client_that_moves_to_another_node_gets_what_it_missed_then_live_messages() 
     let publish = |publisher: &mut common::Client, i: u64| {
         let id = i.to_string();
         publisher.send(json!({"type":"PUBLISH","channel":channel,"data":i,"id":id}));
-        assert_eq!(publisher.recv_type("ACK")["seq"], i);
+        assert_eq!(ack(publisher)["seq"], i);
     };
     for i in 1..=3 {
         publish(&mut publisher, i);
@@ -309,7 +322,7 @@ fn health_and_metrics_show_redis_and_ready_follows_it_down_and_back() {
     let subscribed = subscriber.subscribe(&[channel]);
     let mut publisher = a.client(&format!("/ws?key={ADMIN}"));
     publisher.send(json!({"type":"PUBLISH","channel":channel,"data":"before","id":"p1"}));
-    assert_eq!(publisher.recv_type("ACK")["seq"], 1);
+    assert_eq!(ack(&mut publisher)["seq"], 1);
     assert_eq!(message(&mut subscriber).2, "before");
     let publishes = format!("shardcast_cluster_publishes_total{{redis=\"{url}\"}}");
     a.wait_metric(&publishes, 1);
@@ -347,7 +360,7 @@ fn health_and_metrics_show_redis_and_ready_follows_it_down_and_back() {
     a.wait_ready();
     a.wait_health("the cluster up again", cluster_up);
     publisher.send(json!({"type":"PUBLISH","channel":channel,"data":"after","id":"p3"}));
-    publisher.recv_type("ACK");
+    ack(&mut publisher);
     // Redis lost the channel: its numbering starts again, and the subscriber is told so
     // before the first message of the new numbering.
     let reset = subscriber.recv();
@@ -443,7 +456,7 @@ fn what_is_published_while_a_node_cannot_listen_reaches_its_subscribers_afterwar
     wait_pubsub(&a, "down");
     for i in 1..=3 {
         publisher.send(json!({"type":"PUBLISH","channel":channel,"data":i,"id":i}));
-        assert_eq!(publisher.recv_type("ACK")["seq"], i);
+        assert_eq!(ack(&mut publisher)["seq"], i);
     }
     drop(refusing);
     wait_pubsub(&a, "up");
@@ -480,7 +493,7 @@ fn subscribers_are_told_which_seqs_the_history_no_longer_had() {
         publisher.send(json!({"type":"PUBLISH","channel":channel,"data":i}));
     }
     publisher.send(json!({"type":"PUBLISH","channel":channel,"data":0,"id":"last"}));
-    assert_eq!(publisher.recv_type("ACK")["seq"], N + 1);
+    assert_eq!(ack(&mut publisher)["seq"], N + 1);
     drop(refusing);
     for s in &mut subscribers {
         let lost = s.recv();
@@ -545,10 +558,10 @@ fn a_decision_is_committed_numbered_and_delivered_on_every_node_once() {
     subscriber.subscribe(&[channel]);
     let mut producer = a.client(&format!("/ws?key={}", common::ACME));
     producer.send(ingest(channel, "k1", common::decision("acme")));
-    let ack = producer.recv_type("ACK");
-    assert_eq!(ack["dedup"], false, "{ack}");
-    assert_eq!(ack["seq"], 1, "{ack}");
-    let id = ack["decisionId"].as_str().expect("decisionId").to_owned();
+    let first = ack(&mut producer);
+    assert_eq!(first["dedup"], false, "{first}");
+    assert_eq!(first["seq"], 1, "{first}");
+    let id = first["decisionId"].as_str().expect("decisionId").to_owned();
     let delivered = subscriber.recv_type("DECISION");
     assert_eq!(delivered["seq"], 1, "{delivered}");
     assert_eq!(delivered["data"]["id"], id.as_str(), "{delivered}");
@@ -556,12 +569,12 @@ fn a_decision_is_committed_numbered_and_delivered_on_every_node_once() {
     // The same key on the other node: the original, and nothing delivered again.
     let mut retry = b.client(&format!("/ws?key={}", common::ACME));
     retry.send(ingest(channel, "k1", common::decision("acme")));
-    let again = retry.recv_type("ACK");
+    let again = ack(&mut retry);
     assert_eq!(again["dedup"], true, "{again}");
     assert_eq!(again["decisionId"], id.as_str(), "{again}");
     assert_eq!(again["seq"], 1, "{again}");
     producer.send(json!({"type":"PUBLISH","channel":channel,"data":"next","id":"p"}));
-    assert_eq!(producer.recv_type("ACK")["seq"], 2);
+    assert_eq!(ack(&mut producer)["seq"], 2);
     let next = subscriber.recv();
     assert_eq!(
         (next["type"].as_str(), next["seq"].as_u64()),
@@ -594,7 +607,7 @@ fn the_same_key_on_two_nodes_at_once_is_one_decision() {
                             &format!("race-{k}"),
                             common::decision("acme"),
                         ));
-                        client.recv_type("ACK")
+                        ack(&mut client)
                     })
                     .collect::<Vec<Value>>()
             })
@@ -627,7 +640,7 @@ fn the_same_key_on_two_nodes_at_once_is_one_decision() {
     }
     let mut publisher = b.client(&format!("/ws?key={ADMIN}"));
     publisher.send(json!({"type":"PUBLISH","channel":channel,"data":"after","id":"p"}));
-    publisher.recv_type("ACK");
+    ack(&mut publisher);
     let next = subscriber.recv();
     assert_eq!(next["type"], "MESSAGE", "{next}");
 }
@@ -643,7 +656,7 @@ fn a_replay_reads_from_postgresql_what_the_redis_history_no_longer_has() {
     const N: u64 = 250;
     for k in 1..=N {
         producer.send(ingest(channel, &format!("r-{k}"), common::decision("acme")));
-        assert_eq!(producer.recv_type("ACK")["seq"], k);
+        assert_eq!(ack(&mut producer)["seq"], k);
     }
     // Redis keeps the last 10 to 110; the rest comes from the store, on the other node.
     let mut client = b.client(&format!("/ws?key={}", common::ACME));
@@ -669,7 +682,7 @@ fn decision_seqs_go_on_from_postgresql_after_redis_lost_the_channel() {
     let mut producer = a.client(&format!("/ws?key={}", common::ACME));
     for k in 1..=3 {
         producer.send(ingest(channel, &format!("d{k}"), common::decision("acme")));
-        assert_eq!(producer.recv_type("ACK")["seq"], k);
+        assert_eq!(ack(&mut producer)["seq"], k);
     }
     assert_eq!(stored_seq(&db, "d3"), 3);
     // Redis restarts with nothing: the channel's numbering is gone from it.
@@ -756,11 +769,14 @@ fn a_node_killed_during_ingest_loses_nothing_it_acknowledged() {
     // Killed once some are acknowledged, with the rest in flight.
     let mut acked = std::collections::HashMap::new();
     while acked.len() < 50 {
-        let ack = producer.recv_type("ACK");
-        let id = ack["decisionId"].as_str().expect("decisionId").to_owned();
+        let answer = ack(&mut producer);
+        let id = answer["decisionId"]
+            .as_str()
+            .expect("decisionId")
+            .to_owned();
         acked.insert(
-            ack["id"].as_str().expect("key").to_owned(),
-            (id, ack["seq"].clone()),
+            answer["id"].as_str().expect("key").to_owned(),
+            (id, answer["seq"].clone()),
         );
     }
     let mut a = a;
@@ -827,7 +843,7 @@ fn a_sub_the_node_cannot_confirm_while_redis_is_down_is_refused_in_time() {
     assert_eq!(subscribed["channels"], json!([channel]), "{subscribed}");
     let mut publisher = node.client(&format!("/ws?key={ADMIN}"));
     publisher.send(json!({"type":"PUBLISH","channel":channel,"data":"up","id":"p"}));
-    publisher.recv_type("ACK");
+    ack(&mut publisher);
     assert_eq!(message(&mut client).2, "up");
     client.ping();
 }

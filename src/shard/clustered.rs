@@ -20,7 +20,7 @@ use crate::engine::Numbered;
 use crate::metrics::Counter;
 use crate::storage::{self, reader};
 
-use super::ingest::{Admission, Unconfirmed};
+use super::ingest::Unconfirmed;
 
 impl Shard {
     /// An INGEST on a channel this shard owns, on a cluster node: deduplicate it among the
@@ -38,23 +38,9 @@ impl Shard {
             return self.reply(&origin, not_numbered(key, why));
         };
         let org = decision.org_id.as_str();
-        let now = self.now().instant;
         // Always waits for its commit: the number comes after it.
-        let admission = self
-            .decisions
-            .borrow_mut()
-            .admit(org, key, true, origin, now);
-        let (origin, pending_key) = match admission {
-            Admission::Known(original, origin) => {
-                self.counters.add(Counter::DecisionsDuplicate, 1);
-                let id = original.decision_id.text();
-                return self.reply(&origin, ingest_ack(key, id.as_str(), true, original.seq));
-            }
-            Admission::Joined => return,
-            Admission::New {
-                origin,
-                pending_key,
-            } => (origin, pending_key),
+        let Some((origin, pending_key)) = self.admit(org, key, true, origin) else {
+            return;
         };
         let Some(pending_key) = pending_key.filter(|_| self.recovered.get()) else {
             return self.reply(&origin, storage_unavailable(key));

@@ -1353,6 +1353,37 @@ impl Shard {
         self.counters.record_fanout(t0.elapsed());
     }
 
+    /// Admit an INGEST of `key` by `org`: `None` when it is answered already (a known key)
+    /// or will be with the same key in flight; else whom to answer and, when it must wait
+    /// for its commit (`durable`), its place among the keys in flight.
+    fn admit(
+        &self,
+        org: &str,
+        key: &str,
+        durable: bool,
+        origin: Origin,
+    ) -> Option<(Origin, Option<Rc<str>>)> {
+        let now = self.now().instant;
+        let admission = self
+            .decisions
+            .borrow_mut()
+            .admit(org, key, durable, origin, now);
+        match admission {
+            Admission::Known(original, origin) => {
+                self.counters.add(Counter::DecisionsDuplicate, 1);
+                let id = original.decision_id.text();
+                let ack = ingest_ack(key, id.as_str(), true, original.seq);
+                self.reply(&origin, ack);
+                None
+            }
+            Admission::Joined => None,
+            Admission::New {
+                origin,
+                pending_key,
+            } => Some((origin, pending_key)),
+        }
+    }
+
     /// Deduplicate, number, store (unless storage is "memory") and fan out a decision on a
     /// channel this shard owns. Under `ack = "durable"` the ACK and the fan-out wait for the
     /// commit (see [`Shard::stored`]); under "received" both happen at once and the decision is
@@ -1372,22 +1403,8 @@ impl Shard {
         let org = decision.org_id.as_str();
         let now = self.now().instant;
         let durable = self.storage.as_ref().is_some_and(|link| link.durable);
-        let admission = self
-            .decisions
-            .borrow_mut()
-            .admit(org, key, durable, origin, now);
-        let (origin, pending_key) = match admission {
-            Admission::Known(original, origin) => {
-                self.counters.add(Counter::DecisionsDuplicate, 1);
-                let id = original.decision_id.text();
-                let ack = ingest_ack(key, id.as_str(), true, original.seq);
-                return self.reply(&origin, ack);
-            }
-            Admission::Joined => return,
-            Admission::New {
-                origin,
-                pending_key,
-            } => (origin, pending_key),
+        let Some((origin, pending_key)) = self.admit(org, key, durable, origin) else {
+            return;
         };
         if !self.recovered.get() {
             // Numbering now could reuse a stored seq, and the key may be stored already.
