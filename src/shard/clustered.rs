@@ -82,7 +82,10 @@ impl Shard {
     pub(super) fn stored_clustered(&self, mut u: Unconfirmed, outcome: storage::Outcome) {
         match outcome {
             storage::Outcome::Stored => {
-                let data = u.data.clone().unwrap_or_else(|| Rc::from(&b"{}"[..]));
+                // Always there on this path; without it there is nothing to publish.
+                let Some(data) = u.data.clone() else {
+                    return self.refuse_decision(&u, "the decision's data is missing");
+                };
                 let id = u.decision_id.text();
                 self.publish_decision(u, id.as_str(), data);
             }
