@@ -151,8 +151,19 @@ fn pongs_and_drop_notices_survive_a_burst_to_a_slow_subscriber() {
         COUNT,
         "every message arrived or was reported dropped"
     );
+    // The pings went on the subscriber's own connection while the burst went on another:
+    // the server may read the last of them after it queued the last message, so their
+    // pongs may follow it. None may be missing.
+    while pongs < COUNT / 50 {
+        match slow.ws.read().expect("read") {
+            Message::Pong(payload) => {
+                pongs += 1;
+                assert_eq!(payload, pongs.to_string().as_bytes(), "pongs in ping order");
+            }
+            other => panic!("only pongs after the last message, not {other:?}"),
+        }
+    }
     slow.ping();
-    assert_eq!(pongs, COUNT / 50, "every ping answered");
     server.wait_health("drop counter to match", |h| {
         h["metrics"]["messages"]["dropped"] == told
     });
