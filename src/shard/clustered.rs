@@ -115,7 +115,7 @@ impl Shard {
             }
             storage::Outcome::Unavailable(reason) | storage::Outcome::Failed(reason) => {
                 tracing::debug!(shard = self.id, "decision not stored: {reason}");
-                for to in everyone(&u) {
+                for to in u.everyone() {
                     self.reply(to, storage_unavailable(&u.key));
                 }
             }
@@ -191,7 +191,7 @@ impl Shard {
                 tracing::warn!(shard = self.id, "decision's seq not written: {e}");
             }
         }
-        for (n, to) in everyone(&u).enumerate() {
+        for (n, to) in u.everyone().enumerate() {
             let dedup = u.original.is_some() || n > 0;
             self.counters
                 .add(Counter::DecisionsDuplicate, u64::from(dedup));
@@ -202,7 +202,7 @@ impl Shard {
     /// Tell everyone waiting for `u` that it is not acknowledged, and to send it again (with
     /// the same key: whatever was stored is found).
     fn refuse_decision(&self, u: &Unconfirmed, why: &str) {
-        for to in everyone(u) {
+        for to in u.everyone() {
             self.reply(to, not_numbered(&u.key, why));
         }
     }
@@ -308,9 +308,4 @@ fn not_numbered(key: &str, why: &str) -> Answer {
         id: Some(id.into()),
         owed: true,
     }
-}
-
-/// Who a clustered decision answers: the first origin, then the same key's later ones.
-fn everyone(u: &Unconfirmed) -> impl Iterator<Item = &Origin> {
-    std::iter::once(&u.origin).chain(&u.waiters)
 }

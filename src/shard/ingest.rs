@@ -35,6 +35,13 @@ pub(super) struct Unconfirmed {
     pub original: Option<Box<str>>,
 }
 
+impl Unconfirmed {
+    /// Who it answers: the first origin, then the same key's later ones.
+    pub fn everyone(&self) -> impl Iterator<Item = &Origin> {
+        std::iter::once(&self.origin).chain(&self.waiters)
+    }
+}
+
 /// What to do with an INGEST.
 pub(super) enum Admission {
     /// The key is known: answer with the original.

@@ -23,7 +23,7 @@ use crate::codes::{Close, ErrorCode};
 use crate::config::{BackpressurePolicy, Config, Scope};
 use crate::decision::{self, Decision, DecisionId, Original};
 use crate::dialect::shardcast::Parser;
-use crate::dialect::{Answer, Kind, Notice, Publication, Refusal, Reply, Request};
+use crate::dialect::{Answer, Dialect, Kind, Notice, Publication, Refusal, Reply, Request};
 use crate::engine::{Arrival, Engine, Event, Found, Input, Memory, Numbered};
 use crate::metrics::{Counter, Global, ShardCounters};
 use crate::queue::{Bounds, OutQueue, Pushed};
@@ -1159,9 +1159,9 @@ impl Shard {
                     } => continue,
                 };
                 let channel = channel.clone();
+                // Its shard drops the subscription, which refreshes what the node wants.
                 self.route(shard, MeshMsg::SubFailed { token, channel });
             }
-            self.refresh_want(&channel);
         }
     }
 
@@ -1252,15 +1252,17 @@ impl Shard {
 
     /// The engine numbered (or could not publish) the publish of `token`: acknowledge it.
     fn numbered(&self, token: u64, result: Result<u64, String>) {
-        let decision = self.decisions.borrow_mut().settle(token);
-        if let Some(u) = decision {
-            return self.decision_numbered(u, result);
-        }
-        let orphan = self.orphans.borrow_mut().numbering.remove(&token);
-        if let Some(id) = orphan {
-            return self.orphan_numbered(&id, result);
-        }
-        let Some(mut origin) = self.numbering.borrow_mut().remove(&token) else {
+        // A PUBLISH (the common case), else a decision, else one a stopped node left.
+        let publish = self.numbering.borrow_mut().remove(&token);
+        let Some(mut origin) = publish else {
+            let decision = self.decisions.borrow_mut().settle(token);
+            if let Some(u) = decision {
+                return self.decision_numbered(u, result);
+            }
+            let orphan = self.orphans.borrow_mut().numbering.remove(&token);
+            if let Some(id) = orphan {
+                self.orphan_numbered(&id, result);
+            }
             return;
         };
         let id = origin.id.take();
@@ -1310,7 +1312,7 @@ impl Shard {
     /// Tell this shard's subscribers of `channel`: never dropped, after what they were sent.
     fn notify_local(&self, channel: &str, notice: &Notice) {
         let reply = Reply::Channel { channel, notice };
-        let answer = |peer: &Rc<Peer>| peer.dialect().reply(&reply);
+        let answer = |dialect: Dialect| dialect.reply(&reply);
         let tell = |peer: &Rc<Peer>, frame| self.answer_frame(peer, frame);
         let dropped =
             self.subs
@@ -1502,7 +1504,7 @@ impl Shard {
         if !self.engine.borrow().numbers_locally() {
             return self.stored_clustered(u, completion.outcome);
         }
-        let everyone = std::iter::once(&u.origin).chain(&u.waiters);
+        let everyone = u.everyone();
         // (what the held message becomes, whether its seq may be reused)
         let (hold, unused) = match completion.outcome {
             storage::Outcome::Stored => {

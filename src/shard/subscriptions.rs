@@ -10,7 +10,7 @@ use std::rc::Rc;
 use indexmap::IndexMap;
 
 use crate::codec::Frame;
-use crate::dialect::{Encoded, Notice, Publication};
+use crate::dialect::{Dialect, Encoded, Notice, Publication};
 
 use super::{Peer, Replay};
 
@@ -146,7 +146,7 @@ impl Subscriptions {
     }
 
     /// Hand `notice` of `channel` to every local subscriber through `tell`, framed by
-    /// `frame` (once per subscriber: notices are rare); a subscriber waiting for its replay
+    /// `frame` once per dialect in use; a subscriber waiting for its replay
     /// keeps it with its live messages, after the seqs it speaks of, within `bound`. Returns
     /// how many kept messages were dropped for it.
     pub fn notify(
@@ -154,7 +154,7 @@ impl Subscriptions {
         channel: &str,
         notice: &Notice,
         bound: usize,
-        frame: impl Fn(&Rc<Peer>) -> Frame,
+        frame: impl Fn(Dialect) -> Frame,
         mut tell: impl FnMut(&Rc<Peer>, Frame),
     ) -> u64 {
         let Some(members) = self.by_channel.get(channel) else {
@@ -165,11 +165,15 @@ impl Subscriptions {
             Notice::Reset { .. } => u64::MAX,
         };
         let mut waiting = self.catching_up.get_mut(channel);
+        let mut frames: [Option<Frame>; Dialect::COUNT] = Default::default();
         let mut dropped = 0;
         for peer in members.values() {
+            let dialect = peer.dialect();
+            let framed = frames[dialect as usize].get_or_insert_with(|| frame(dialect));
+            let framed = framed.clone();
             match waiting.as_mut().and_then(|w| w.get_mut(&peer.id)) {
-                Some(catch) => dropped += keep(catch, peer, after, frame(peer), bound),
-                None => tell(peer, frame(peer)),
+                Some(catch) => dropped += keep(catch, peer, after, framed, bound),
+                None => tell(peer, framed),
             }
         }
         dropped
