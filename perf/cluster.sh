@@ -15,6 +15,7 @@
 # Raw reports go to perf/results/cluster/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source perf/medians.sh
 runs=${1:?usage: perf/cluster.sh RUNS [fanout args...]}
 shift
 cargo build --release --quiet --workspace
@@ -73,17 +74,7 @@ for run in $(seq 1 "$runs"); do
     wait "$b_pid" ${a_pid:+"$a_pid"} 2>/dev/null || true
   done
 done
-figures=("deliveries/s" "server cpu per delivery" "latency p50" "latency p99" "latency p99.9"
-  "redis cpu per publish" "publishes per round trip")
+figures="deliveries/s;server cpu per delivery;latency p50;latency p99;latency p99.9;redis cpu per publish;publishes per round trip"
 for setup in "${setups[@]}"; do
-  lost=$(cat "$out/$setup-"*.txt | awk '$1 == "lost" {s += $2} END {print s + 0}')
-  line="$setup ($lost lost):"
-  for figure in "${figures[@]}"; do
-    values=$(cat "$out/$setup-"*.txt | awk -F '  +' -v f="$figure" '$2 == f {split($3, v, " "); print v[1], v[2]}' | sort -g)
-    [ -n "$values" ] || continue
-    n=$(echo "$values" | grep -c .)
-    median=$(echo "$values" | awk -v n="$n" 'NR == int((n + 1) / 2) {print}')
-    line+=" $figure $median ($(echo "$values" | head -1 | cut -d' ' -f1)..$(echo "$values" | tail -1 | cut -d' ' -f1));"
-  done
-  echo "$line"
+  medians "$setup" "$figures" "$out/$setup-"*.txt
 done

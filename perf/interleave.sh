@@ -12,6 +12,7 @@
 # fan-out scenarios run against it with --proto broadcast). CONFIG overrides perf/bench.toml.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source perf/medians.sh
 old=${1:?usage: perf/interleave.sh OLD_COMMIT [RUNS]}
 runs=${2:-10}
 IFS=';' read -r -a scenarios <<<"${SCENARIOS:-fanout -n 1000 -d 5;fanout -n 1000 -d 5 --read-bytes 4096;ingest -p 64 -w 16 -d 5}"
@@ -47,20 +48,10 @@ for run in $(seq 1 "$runs"); do
   done
 done
 # Per scenario and build: the median (min..max) over the runs of each figure the reports have.
-figures=("server cpu per delivery" "server cpu busy" "deliveries/s" "acks/s" "connect rate" "latency p99" "latency p99.9"
-  "server rss per connection" "server lag p99 (bucket)" "server polls >= 1 ms")
+figures="server cpu per delivery;server cpu busy;deliveries/s;acks/s;connect rate;latency p99;latency p99.9;server rss per connection;server lag p99 (bucket);server polls >= 1 ms"
 for i in "${!scenarios[@]}"; do
   echo "${scenarios[$i]}"
   for build in "${builds[@]}"; do
-    lost=$(cat "$out/$build-$i-"*.txt | awk '$1 == "lost" {s += $2} END {print s + 0}')
-    line="  $build ($lost lost):"
-    for figure in "${figures[@]}"; do
-      values=$(cat "$out/$build-$i-"*.txt | awk -F '  +' -v f="$figure" '$2 == f {split($3, v, " "); print v[1], v[2]}' | sort -g)
-      [ -n "$values" ] || continue
-      n=$(echo "$values" | grep -c .)
-      median=$(echo "$values" | awk -v n="$n" 'NR == int((n + 1) / 2) {print}')
-      line+=" $figure $median ($(echo "$values" | head -1 | cut -d' ' -f1)..$(echo "$values" | tail -1 | cut -d' ' -f1), $n runs);"
-    done
-    echo "$line"
+    medians "  $build" "$figures" "$out/$build-$i-"*.txt
   done
 done
