@@ -375,9 +375,10 @@ async fn run_shard(
         cluster,
     } = parts;
     let (page, max_in_flight) = (config.history.size.max(100), config.cluster.max_in_flight);
+    let (node, limits) = ((global.boot_id, id, nshards), config.history.limits());
     let mut shard = Shard::new(id, nshards, config, global, Now::read());
     let cluster = cluster.map(|side| {
-        let engine = crate::engine::Redis::new(id, side.instances, page, max_in_flight);
+        let engine = crate::engine::Redis::new(node, side.instances, page, max_in_flight, limits);
         shard.attach_engine(Box::new(engine));
         (side.completions, side.incoming)
     });

@@ -320,7 +320,7 @@ fn the_link_answers_every_request_of_every_shard_in_the_order_sent() {
                 .recv_timeout(Duration::from_secs(10))
                 .expect("an answer")
             {
-                Completion::Published { token, result } => {
+                Completion::Published { token, result, .. } => {
                     assert_eq!(token, next[shard] * 2 + shard as u64, "answers in order");
                     next[shard] += 1;
                     seqs.insert(token, result.expect("published").seq);
@@ -435,6 +435,7 @@ mod pubsub {
             timeout: Duration::from_millis(500),
             backoff: Duration::from_millis(20),
             lost: Default::default(),
+            redis: 0,
         }
     }
 
@@ -499,8 +500,8 @@ mod pubsub {
         let prefix = format!("sctest.{}.pubsub", std::process::id());
         let keys = Keys::new(&prefix);
         let (subscriber, from0, from1) = spawn(settings(url.clone(), &prefix));
-        assert_eq!(next(&from0), Incoming::Resubscribed);
-        assert_eq!(next(&from1), Incoming::Resubscribed);
+        assert_eq!(next(&from0), Incoming::Resubscribed { redis: 0 });
+        assert_eq!(next(&from1), Incoming::Resubscribed { redis: 0 });
         let wants = subscriber.wants();
         wants.subscribe("org:a:x");
         wants.subscribe("org:a:y");
@@ -551,17 +552,17 @@ mod pubsub {
         let (subscriber, from0, _from1) = spawn(settings(url.clone(), "sctest.restart"));
         let wants = subscriber.wants();
         wants.subscribe("org:a:x");
-        assert_eq!(next(&from0), Incoming::Resubscribed);
+        assert_eq!(next(&from0), Incoming::Resubscribed { redis: 0 });
         assert_eq!(next(&from0), subscribed("org:a:x"));
         let mut client = connect(&url, keys.clone(), 100);
         client.publish(&[message("org:a:x", "1")]).unwrap();
         assert_eq!(seq_of(next(&from0)).1, 1);
 
         let port = redis.stop();
-        assert_eq!(next(&from0), Incoming::Down);
+        assert_eq!(next(&from0), Incoming::Down { redis: 0 });
         let _back = common::OwnRedis::start_on(test, port).expect("restarted");
         // Subscribed again before it says so: nothing published after this is missed.
-        assert_eq!(next(&from0), Incoming::Resubscribed);
+        assert_eq!(next(&from0), Incoming::Resubscribed { redis: 0 });
         let mut client = connect(&url, keys.clone(), 100);
         client.publish(&[message("org:a:x", "after")]).unwrap();
         let (channel, seq) = seq_of(next(&from0));
@@ -581,7 +582,7 @@ mod pubsub {
         let (subscriber, from0, _from1) = spawn(settings(url.clone(), "sctest.probe"));
         let wants = subscriber.wants();
         wants.subscribe("org:a:x");
-        assert_eq!(next(&from0), Incoming::Resubscribed);
+        assert_eq!(next(&from0), Incoming::Resubscribed { redis: 0 });
         assert_eq!(next(&from0), subscribed("org:a:x"));
         await_subscribers(&url, &keys, "org:a:x", 1);
 
@@ -598,12 +599,12 @@ mod pubsub {
             .arg("ALL")
             .query(&mut admin)
             .unwrap();
-        assert_eq!(next(&from0), Incoming::Down);
+        assert_eq!(next(&from0), Incoming::Down { redis: 0 });
         assert!(
             paused_at.elapsed() < Duration::from_millis(1900),
             "noticed by the probe, not by the pause's end"
         );
-        assert_eq!(next(&from0), Incoming::Resubscribed);
+        assert_eq!(next(&from0), Incoming::Resubscribed { redis: 0 });
         let mut client = connect(&url, keys.clone(), 100);
         client.publish(&[message("org:a:x", "1")]).unwrap();
         assert_eq!(seq_of(next(&from0)).1, 1);

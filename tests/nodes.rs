@@ -348,10 +348,21 @@ fn health_and_metrics_show_redis_and_ready_follows_it_down_and_back() {
         assert!(std::time::Instant::now() < deadline, "still ready: {body}");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+    // A publish is numbered and delivered by the node alone, under an epoch of its own,
+    // and says so.
     publisher.send(json!({"type":"PUBLISH","channel":channel,"data":"during","id":"p2"}));
-    let refused = publisher.recv_type("ERROR");
-    assert_eq!(refused["code"], "cluster_unavailable", "{refused}");
-    assert_eq!(refused["id"], "p2", "{refused}");
+    let during = ack(&mut publisher);
+    assert_eq!(
+        (&during["seq"], &during["local"]),
+        (&json!(1), &json!(true))
+    );
+    let moved = subscriber.recv();
+    assert_eq!(moved["event"], "channel_reset", "{moved}");
+    assert_ne!(moved["epoch"], subscribed["epochs"][channel], "{moved}");
+    assert_eq!(
+        message(&mut subscriber),
+        (channel.to_owned(), 1, json!("during"))
+    );
 
     // Back (empty, as a restart with nothing on disk leaves it): ready again with nobody
     // publishing, and the subscription still delivers.
@@ -361,8 +372,8 @@ fn health_and_metrics_show_redis_and_ready_follows_it_down_and_back() {
     a.wait_health("the cluster up again", cluster_up);
     publisher.send(json!({"type":"PUBLISH","channel":channel,"data":"after","id":"p3"}));
     ack(&mut publisher);
-    // Redis lost the channel: its numbering starts again, and the subscriber is told so
-    // before the first message of the new numbering.
+    // Redis lost the channel: its numbering starts again, and the subscriber is moved to
+    // it before its first message.
     let reset = subscriber.recv();
     assert_eq!(reset["type"], "SYSTEM", "{reset}");
     assert_eq!(reset["event"], "channel_reset", "{reset}");
@@ -376,7 +387,7 @@ fn health_and_metrics_show_redis_and_ready_follows_it_down_and_back() {
     let old_epoch = subscribed["epochs"][channel].clone();
     let new_epoch = reset["epoch"].clone();
     assert!(
-        new_epoch.is_string() && new_epoch != old_epoch,
+        new_epoch.is_string() && new_epoch != old_epoch && new_epoch != moved["epoch"],
         "{reset} {subscribed}"
     );
     for (epoch, recovered) in [(old_epoch, false), (new_epoch, true)] {
@@ -432,6 +443,38 @@ impl Drop for RefuseConnections {
         let _: Result<(), _> = redis::cmd("CONFIG")
             .arg(&["SET", "maxclients", "10000"])
             .query(&mut self.0);
+    }
+}
+
+impl RefuseConnections {
+    /// Refuse, then kill every connection made so far but this one's and `keep`'s.
+    fn kill_all_but(url: &str, keep: &[u64]) -> Self {
+        let mut admin = redis::Client::open(url)
+            .and_then(|c| c.get_connection())
+            .expect("Redis admin connection");
+        let me: u64 = redis::cmd("CLIENT").arg("ID").query(&mut admin).unwrap();
+        let list: String = redis::cmd("CLIENT").arg("LIST").query(&mut admin).unwrap();
+        let ids: Vec<u64> = list
+            .lines()
+            .filter_map(|l| {
+                l.split(' ')
+                    .find_map(|f| f.strip_prefix("id="))?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        let _: () = redis::cmd("CONFIG")
+            .arg(&["SET", "maxclients"])
+            .arg(keep.len() + 1)
+            .query(&mut admin)
+            .unwrap();
+        for id in ids.into_iter().filter(|id| *id != me && !keep.contains(id)) {
+            let _: Result<(), _> = redis::cmd("CLIENT")
+                .arg(&["KILL", "ID"])
+                .arg(id)
+                .query(&mut admin);
+        }
+        Self(admin)
     }
 }
 
@@ -846,4 +889,190 @@ fn a_sub_the_node_cannot_confirm_while_redis_is_down_is_refused_in_time() {
     ack(&mut publisher);
     assert_eq!(message(&mut client).2, "up");
     client.ping();
+}
+
+#[test]
+fn a_node_cut_off_from_redis_delivers_its_own_publishes_then_what_it_missed() {
+    let test = "nodes_cut_off_from_redis";
+    let Some(redis) = common::OwnRedis::start(test) else {
+        return;
+    };
+    let (url, prefix) = (redis.url(), fresh_prefix("cutoff"));
+    let a = node(&url, &prefix, 2);
+    a.wait_ready();
+    let channel = "org:acme:usage";
+    // A subscriber on each shard: one hears from the channel's owner through the mesh.
+    let mut subscribers: Vec<_> = (0..2).map(|s| a.client_on(ADMIN, s)).collect();
+    let epoch = subscribers[0].subscribe(&[channel])["epochs"][channel].clone();
+    subscribers[1].subscribe(&[channel]);
+    let mut publisher = a.client(&format!("/ws?key={ADMIN}"));
+    publisher.send(json!({"type":"PUBLISH","channel":channel,"data":"before","id":"b"}));
+    assert_eq!(ack(&mut publisher)["seq"], 1);
+    for s in &mut subscribers {
+        assert_eq!(message(s), (channel.to_owned(), 1, json!("before")));
+    }
+    // Another node as Redis sees it: a connection that Redis keeps while the node's own are
+    // killed and refused.
+    let mut other = shardcast::cluster::Client::connect(
+        &url,
+        Keys::new(&prefix),
+        shardcast::cluster::Retention {
+            history_size: 100,
+            history_ttl_s: 600,
+            meta_ttl_s: 3600,
+            result_ttl_s: 300,
+        },
+        std::time::Duration::from_secs(2),
+    )
+    .expect("a connection of the test's own");
+    let other_id: u64 = redis::cmd("CLIENT")
+        .arg("ID")
+        .query(other.connection())
+        .unwrap();
+    let refusing = RefuseConnections::kill_all_but(&url, &[other_id]);
+    wait_pubsub(&a, "down");
+
+    // Numbered and delivered by the node alone, on both shards, under an epoch of its own.
+    publisher.send(json!({"type":"PUBLISH","channel":channel,"data":"local","id":"l"}));
+    let local = ack(&mut publisher);
+    assert_eq!((&local["seq"], &local["local"]), (&json!(1), &json!(true)));
+    let mut local_epoch = Value::Null;
+    for s in &mut subscribers {
+        let moved = s.recv();
+        assert_eq!(
+            (&moved["event"], &moved["channel"]),
+            (&json!("channel_reset"), &json!(channel)),
+            "{moved}"
+        );
+        assert_ne!(moved["epoch"], epoch, "{moved}");
+        local_epoch = moved["epoch"].clone();
+        assert_eq!(message(s), (channel.to_owned(), 1, json!("local")));
+    }
+    // A client coming now is given that epoch, and recovers in it.
+    let mut late = a.client(&format!("/ws?key={ADMIN}"));
+    let epochs = json!({channel: local_epoch});
+    late.send(json!({"type":"SUB","channels":[channel],"since":{channel: 0},"epochs":epochs}));
+    let subscribed = late.recv_type("SUBSCRIBED");
+    assert_eq!(subscribed["epochs"][channel], local_epoch, "{subscribed}");
+    assert_eq!(subscribed["recovered"][channel], true, "{subscribed}");
+    assert_eq!(message(&mut late), (channel.to_owned(), 1, json!("local")));
+    // Meanwhile another node publishes through Redis.
+    let publish = shardcast::cluster::Publish {
+        channel: channel.into(),
+        kind: shardcast::dialect::Kind::Message,
+        data: br#""remote""#.to_vec(),
+        idempotency_key: None,
+        floor: Some(0),
+    };
+    let published = other.publish(&[publish]).expect("a round trip").remove(0);
+    let published = published.expect("published");
+    assert_eq!(published.seq, 2);
+
+    // Back: moved to Redis's numbering (the same epoch), with what was published there
+    // meanwhile, then live.
+    drop(refusing);
+    wait_pubsub(&a, "up");
+    for s in subscribers.iter_mut().chain([&mut late]) {
+        let back = s.recv();
+        assert_eq!(
+            (&back["event"], &back["epoch"]),
+            (&json!("channel_reset"), &epoch),
+            "{back}"
+        );
+        assert_eq!(message(s), (channel.to_owned(), 2, json!("remote")));
+    }
+    publisher.send(json!({"type":"PUBLISH","channel":channel,"data":"after","id":"a"}));
+    let after = ack(&mut publisher);
+    assert_eq!((&after["seq"], &after["local"]), (&json!(3), &Value::Null));
+    for s in subscribers.iter_mut().chain([&mut late]) {
+        assert_eq!(message(s), (channel.to_owned(), 3, json!("after")));
+    }
+}
+
+#[test]
+fn while_redis_is_down_decisions_are_stored_and_acknowledged_then_numbered_everywhere() {
+    let test = "nodes_decisions_while_redis_is_down";
+    let (Some(redis), Some(db)) = (common::OwnRedis::start(test), common::postgres_schema(test))
+    else {
+        return;
+    };
+    let (redis_url, prefix) = (format!("\"{}\"", redis.url()), fresh_prefix("ingestdown"));
+    let start = || {
+        node_full(
+            &redis_url,
+            &prefix,
+            2,
+            "",
+            "renumber_after_ms = 200",
+            &db.url,
+        )
+    };
+    let (a, b) = (start(), start());
+    a.wait_ready();
+    b.wait_ready();
+    let (decisions, usage) = ("org:acme:decisions", "org:acme:usage");
+    let subscribe = |node: &Server| {
+        let mut client = node.client(&format!("/ws?key={ADMIN}"));
+        client.subscribe(&[decisions, usage]);
+        client
+    };
+    let (mut on_a, mut on_b) = (subscribe(&a), subscribe(&b));
+    let mut producer = a.client(&format!("/ws?key={}", common::ACME));
+    producer.send(ingest(decisions, "d1", common::decision("acme")));
+    assert_eq!(ack(&mut producer)["seq"], 1);
+    for s in [&mut on_a, &mut on_b] {
+        assert_eq!(s.recv_type("DECISION")["seq"], 1);
+    }
+
+    let port = redis.stop();
+    wait_pubsub(&a, "down");
+    wait_pubsub(&b, "down");
+    // Committed and acknowledged without a seq: Redis numbers it when it is back.
+    producer.send(ingest(decisions, "d2", common::decision("acme")));
+    let stored = ack(&mut producer);
+    assert_eq!(
+        (&stored["seq"], &stored["dedup"]),
+        (&Value::Null, &json!(false))
+    );
+    let id = stored["decisionId"].clone();
+    // Each node delivers its own publishes to its own subscribers, and only those.
+    for (node, name) in [(&a, "from a"), (&b, "from b")] {
+        let mut publisher = node.client(&format!("/ws?key={ADMIN}"));
+        publisher.send(json!({"type":"PUBLISH","channel":usage,"data":name,"id":1}));
+        assert_eq!(ack(&mut publisher)["local"], true);
+    }
+    for (s, name) in [(&mut on_a, "from a"), (&mut on_b, "from b")] {
+        assert_eq!(s.recv()["event"], "channel_reset");
+        assert_eq!(message(s), (usage.to_owned(), 1, json!(name)));
+    }
+
+    // Back, empty (nothing on disk): the decision is numbered after the stored ones and
+    // delivered on both nodes once; plain channels start again under a new epoch.
+    let _redis = common::OwnRedis::start_on(test, port).expect("redis-server started before");
+    for s in [&mut on_a, &mut on_b] {
+        let decision = loop {
+            let v = s.recv();
+            assert_ne!(v["event"], "messages_lost", "nothing was lost: {v}");
+            if v["type"] == "DECISION" {
+                break v;
+            }
+        };
+        assert_eq!(
+            (&decision["seq"], &decision["data"]["id"]),
+            (&json!(2), &id)
+        );
+    }
+    assert_eq!(stored_seq(&db, "d2"), 2);
+    producer.send(ingest(decisions, "d2", common::decision("acme")));
+    let again = ack(&mut producer);
+    assert_eq!(
+        (&again["seq"], &again["dedup"], &again["decisionId"]),
+        (&json!(2), &json!(true), &id)
+    );
+    let mut publisher = b.client(&format!("/ws?key={ADMIN}"));
+    publisher.send(json!({"type":"PUBLISH","channel":usage,"data":"across","id":2}));
+    ack(&mut publisher);
+    for s in [&mut on_a, &mut on_b] {
+        assert_eq!(message(s).2, "across", "delivered across nodes again");
+    }
 }

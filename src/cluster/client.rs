@@ -108,7 +108,11 @@ impl Client {
             epochs: RandomState::new(),
             made: 0,
         };
-        client.load_scripts()?;
+        // Nothing is done on a connection that cannot even load them (Redis out of clients
+        // answers its first command with an error): Redis could not be reached.
+        client
+            .load_scripts()
+            .map_err(|e| ClusterError::Unavailable(e.to_string()))?;
         Ok(client)
     }
 

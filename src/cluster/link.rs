@@ -93,6 +93,9 @@ pub enum Completion {
         token: u64,
         /// Its seq and epoch, or why not.
         result: Result<Published, ClusterError>,
+        /// The publish itself, handed back when Redis could not be reached (nothing was
+        /// done): the node may deliver it alone.
+        unsent: Option<Box<Publish>>,
     },
     /// A history read's outcome.
     History {
@@ -277,11 +280,18 @@ impl Worker {
                 .for_each(|(i, a)| outcomes[i] = a);
         }
         let mut outcomes = outcomes.into_iter();
-        for (shard, token) in to {
+        for ((shard, token), publish) in to.into_iter().zip(batch) {
             let result = outcomes
                 .next()
                 .unwrap_or_else(|| Err(ClusterError::Protocol("no outcome".into())));
-            self.complete(shard, Completion::Published { token, result });
+            let unsent =
+                matches!(result, Err(ClusterError::Unavailable(_))).then(|| publish.into());
+            let completion = Completion::Published {
+                token,
+                result,
+                unsent,
+            };
+            self.complete(shard, completion);
         }
     }
 

@@ -125,7 +125,7 @@ impl Node {
             links: Vec::new(),
             subscribers: Vec::new(),
         };
-        for url in &cluster.redis_url {
+        for (redis, url) in cluster.redis_url.iter().enumerate() {
             let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let settings = link::Settings {
                 url: url.clone(),
@@ -146,6 +146,7 @@ impl Node {
                 timeout,
                 backoff,
                 lost,
+                redis,
             };
             let subscriber = Subscriber::spawn(settings, Arc::clone(&route), incoming_tx.clone())?;
             node.subscribers.push(subscriber);

@@ -8,7 +8,10 @@
 //! give back. A gap in the seqs is filled from the channel's history, with the live messages
 //! held meanwhile and merged by seq (centrifuge's `PubSubSync` does the same). What the
 //! history no longer has is a [`Step::Gap`]; a new epoch (Redis lost the channel) a
-//! [`Step::Reset`]. No I/O and no clock: the shard's tests and this file's drive it alone.
+//! [`Step::Reset`]. A channel numbered on the node while Redis was down is [`Order::divert`]ed:
+//! its subscribers were moved to a local numbering, and are moved back with a `Reset` before
+//! the first message from Redis when it returns. No I/O and no clock: the shard's tests and
+//! this file's drive it alone.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -57,6 +60,17 @@ pub enum Step {
     },
 }
 
+impl Stream {
+    /// See [`Order::catch_up`].
+    fn catch_up(&mut self) -> Option<u64> {
+        if self.next == 0 || self.fetching {
+            return None;
+        }
+        self.fetching = true;
+        Some(self.next - 1)
+    }
+}
+
 #[derive(Debug, Default)]
 struct Stream {
     epoch: String,
@@ -65,6 +79,22 @@ struct Stream {
     fetching: bool,
     /// Live messages after a gap, by seq.
     held: BTreeMap<u64, Publication<Vec<u8>>>,
+    diverted: Diverted,
+    /// A new numbering (epoch) began: the next page read starts it, from the first message
+    /// it or the held ones have, with no gap before.
+    restarted: bool,
+}
+
+/// Whether a channel's subscribers follow Redis's numbering (see [`Order::divert`]).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Diverted {
+    /// They do.
+    #[default]
+    No,
+    /// They follow the node's own while Redis is down: nothing from Redis is delivered.
+    Away,
+    /// Redis is back: the next thing delivered is a `Reset` to its epoch.
+    Returning,
 }
 
 /// The order of every channel a node's shard owns and hears from Redis.
@@ -77,13 +107,16 @@ impl Order {
     /// A message heard on PUB/SUB.
     pub fn live(&mut self, channel: &str, message: &Envelope<'_>, steps: &mut Vec<Step>) {
         let stream = self.streams.entry(channel.to_owned()).or_default();
+        if stream.diverted == Diverted::Away {
+            return; // Read from the history once Redis is back.
+        }
         let publication = Publication {
             seq: message.seq,
             kind: message.kind,
             data: message.data.to_vec(),
         };
-        if stream.next == 0 || stream.epoch != message.epoch {
-            if stream.next != 0 {
+        if stream.next == 0 {
+            if stream.diverted == Diverted::Returning {
                 steps.push(Step::Reset {
                     channel: channel.to_owned(),
                     epoch: message.epoch.to_owned(),
@@ -99,11 +132,38 @@ impl Order {
             steps.push(deliver(channel, publication));
             return;
         }
+        if stream.epoch != message.epoch {
+            steps.push(Step::Reset {
+                channel: channel.to_owned(),
+                epoch: message.epoch.to_owned(),
+            });
+            *stream = Stream {
+                epoch: message.epoch.to_owned(),
+                next: message.seq + 1,
+                ..Stream::default()
+            };
+            if message.seq == 1 {
+                steps.push(deliver(channel, publication));
+                return;
+            }
+            // The new numbering began while this node was not listening: all of it that
+            // is kept is its subscribers'.
+            stream.restarted = true;
+            stream.fetching = true;
+            stream.held.insert(message.seq, publication);
+            steps.push(Step::Fetch {
+                channel: channel.to_owned(),
+                since: 0,
+            });
+            return;
+        }
         if message.seq < stream.next {
             return; // Already delivered: heard twice (a fetch and PUB/SUB both had it).
         }
-        if message.seq == stream.next && !stream.fetching {
+        // A returning channel's subscribers are moved back by the fetch.
+        if message.seq == stream.next && !stream.fetching && stream.diverted == Diverted::No {
             stream.next += 1;
+            stream.restarted = false;
             steps.push(deliver(channel, publication));
             return;
         }
@@ -125,15 +185,41 @@ impl Order {
             return; // Forgotten meanwhile.
         };
         stream.fetching = false;
-        if page.epoch != stream.epoch {
-            steps.push(Step::Reset {
+        match stream.diverted {
+            Diverted::Away => return, // Read again once Redis is back.
+            Diverted::Returning => {
+                stream.diverted = Diverted::No;
+                steps.push(Step::Reset {
+                    channel: channel.to_owned(),
+                    epoch: page.epoch.clone(),
+                });
+            }
+            Diverted::No if page.epoch != stream.epoch => steps.push(Step::Reset {
                 channel: channel.to_owned(),
                 epoch: page.epoch.clone(),
-            });
+            }),
+            Diverted::No => {}
+        }
+        if page.epoch != stream.epoch {
+            // Read from its start: the page began after the old numbering's seq.
             stream.epoch = page.epoch;
             stream.held.clear();
-            stream.next = page.top + 1;
+            stream.restarted = true;
+            stream.fetching = true;
+            steps.push(Step::Fetch {
+                channel: channel.to_owned(),
+                since: 0,
+            });
             return;
+        }
+        if stream.restarted {
+            // Where the new numbering starts (a decision channel's continues from the
+            // store's highest seq, so it may not be 1); nothing yet: its first message.
+            let first_kept = page.messages.first().map(|m| m.seq);
+            let first_held = stream.held.keys().next().copied();
+            let first = first_kept.into_iter().chain(first_held).min();
+            stream.restarted = first.is_none();
+            stream.next = first.unwrap_or(page.top + 1);
         }
         // A page stops short of the top when it held as many as were asked for: the rest is
         // still there, to be read next.
@@ -142,13 +228,17 @@ impl Order {
             Self::advance(channel, stream, publication, steps);
         }
         if covered == page.top && page.top >= stream.next {
-            // Published up to the top, and the history keeps none of it.
-            steps.push(Step::Gap {
-                channel: channel.to_owned(),
-                from: stream.next,
-                to: page.top,
-            });
-            stream.next = page.top + 1;
+            // Published up to the top, and the history keeps none of it but what is held.
+            let held = stream.held.range(stream.next..).next().map(|(&seq, _)| seq);
+            let to = held.map_or(page.top, |seq| page.top.min(seq - 1));
+            if to >= stream.next {
+                steps.push(Step::Gap {
+                    channel: channel.to_owned(),
+                    from: stream.next,
+                    to,
+                });
+                stream.next = to + 1;
+            }
         }
         while let Some(entry) = stream.held.first_entry() {
             if *entry.key() > stream.next {
@@ -188,25 +278,34 @@ impl Order {
         steps.push(deliver(channel, publication));
     }
 
-    /// The PUB/SUB connection was made again: what every channel missed meanwhile must be
-    /// read.
-    pub fn resubscribed(&mut self, steps: &mut Vec<Step>) {
+    /// The PUB/SUB connection of the channels `of` was made again: what each missed
+    /// meanwhile must be read, and those diverted go back to Redis's numbering.
+    pub fn resubscribed(&mut self, of: &dyn Fn(&str) -> bool, steps: &mut Vec<Step>) {
         for (channel, stream) in &mut self.streams {
-            if stream.next > 0 && !stream.fetching {
-                stream.fetching = true;
-                steps.push(Step::Fetch {
-                    channel: channel.clone(),
-                    since: stream.next - 1,
-                });
+            if !of(channel) {
+                continue;
+            }
+            if stream.diverted == Diverted::Away {
+                stream.diverted = Diverted::Returning;
+            }
+            if let Some(since) = stream.catch_up() {
+                let channel = channel.clone();
+                steps.push(Step::Fetch { channel, since });
             }
         }
     }
 
-    /// A fetch failed: let the next live message or reconnection ask again.
+    /// A fetch failed: ask again with [`Order::catch_up`] (or at the next live message).
     pub fn fetch_failed(&mut self, channel: &str) {
         if let Some(stream) = self.streams.get_mut(channel) {
             stream.fetching = false;
         }
+    }
+
+    /// Where to read `channel`'s history from, unless it is being read already or nothing
+    /// of it was heard yet (then it is being read now).
+    pub fn catch_up(&mut self, channel: &str) -> Option<u64> {
+        self.streams.get_mut(channel)?.catch_up()
     }
 
     /// The channel's `top` and `epoch` read before the node subscribed to it: every seq
@@ -217,12 +316,18 @@ impl Order {
     pub fn anchor(&mut self, channel: &str, epoch: String, top: u64) {
         let stream = self.streams.entry(channel.to_owned()).or_default();
         if stream.next == 0 {
-            *stream = Stream {
-                epoch,
-                next: top + 1,
-                ..Stream::default()
-            };
+            stream.epoch = epoch;
+            stream.next = top + 1;
         }
+    }
+
+    /// The node numbers `channel` itself while Redis is down, and told its subscribers so:
+    /// nothing from Redis is delivered until [`Order::resubscribed`], and then, before the
+    /// first message, a [`Step::Reset`] to Redis's epoch (the same as before or not) moves
+    /// them back.
+    pub fn divert(&mut self, channel: &str) {
+        let stream = self.streams.entry(channel.to_owned()).or_default();
+        stream.diverted = Diverted::Away;
     }
 
     /// `channel`'s epoch, once it is heard or anchored.
@@ -331,7 +436,7 @@ mod tests {
         let mut order = Order::default();
         order.anchor(C, "e".into(), 0);
         let mut steps = Vec::new();
-        order.resubscribed(&mut steps);
+        order.resubscribed(&|_| true, &mut steps);
         assert_eq!(steps, [fetch(0)]);
         assert_eq!(delivered(&fetched(&mut order, page(2, "e", 1..=2))), [1, 2]);
         assert_eq!(delivered(&live(&mut order, 3, "e")), [3]);
@@ -435,9 +540,44 @@ mod tests {
         assert_eq!(delivered(&live(&mut order, 2, "new")), [2]);
         // Found by a fetch: the page's epoch differs.
         assert_eq!(live(&mut order, 5, "new"), [fetch(2)]);
-        let steps = fetched(&mut order, page(3, "newer", [1, 2, 3]));
-        assert!(matches!(&steps[..], [Step::Reset { epoch, .. }] if epoch == "newer"));
-        assert_eq!(delivered(&live(&mut order, 4, "newer")), [4]);
+        let steps = fetched(&mut order, page(3, "newer", [3]));
+        assert_eq!(steps, [reset("newer"), fetch(0)], "read from its start");
+        assert!(
+            live(&mut order, 4, "newer").is_empty(),
+            "held behind the read"
+        );
+        let steps = fetched(&mut order, page(4, "newer", [1, 2, 3, 4]));
+        assert_eq!(delivered(&steps), [1, 2, 3, 4]);
+        assert_eq!(delivered(&live(&mut order, 5, "newer")), [5]);
+    }
+
+    #[test]
+    fn a_new_numbering_heard_past_its_start_is_read_from_where_it_starts() {
+        let mut order = Order::default();
+        live(&mut order, 7, "e");
+        // A decision channel's new numbering continues from the store's seq 1.
+        assert_eq!(live(&mut order, 3, "f"), [reset("f"), fetch(0)]);
+        let steps = fetched(&mut order, page(3, "f", [2, 3]));
+        assert_eq!(steps.len(), 2, "no gap before its start: {steps:?}");
+        assert_eq!(delivered(&steps), [2, 3]);
+        // No history kept at all: from the held message.
+        order.forget(C);
+        live(&mut order, 7, "e");
+        assert_eq!(live(&mut order, 5, "g"), [reset("g"), fetch(0)]);
+        assert_eq!(delivered(&fetched(&mut order, page(5, "g", []))), [5]);
+        // Nothing in the new numbering yet when it is read: it starts at its first message.
+        order.forget(C);
+        live(&mut order, 7, "e");
+        order.resubscribed(&|_| true, &mut Vec::new());
+        assert_eq!(
+            fetched(&mut order, page(0, "h", [])),
+            [reset("h"), fetch(0)]
+        );
+        assert!(fetched(&mut order, page(0, "h", [])).is_empty());
+        assert_eq!(live(&mut order, 2, "h"), [fetch(0)]);
+        let steps = fetched(&mut order, page(2, "h", [2]));
+        assert_eq!(steps.len(), 1, "no gap before its start: {steps:?}");
+        assert_eq!(delivered(&steps), [2]);
     }
 
     #[test]
@@ -445,10 +585,10 @@ mod tests {
         let mut order = Order::default();
         live(&mut order, 9, "e");
         let mut steps = Vec::new();
-        order.resubscribed(&mut steps);
+        order.resubscribed(&|c| c != "org:a:other", &mut steps);
         assert_eq!(steps, [fetch(9)]);
         let mut again = Vec::new();
-        order.resubscribed(&mut again);
+        order.resubscribed(&|_| true, &mut again);
         assert!(again.is_empty(), "one fetch at a time");
         assert!(
             live(&mut order, 12, "e").is_empty(),
@@ -477,5 +617,80 @@ mod tests {
         let steps = fetched(&mut order, page(top, "e", 2..=top));
         assert_eq!(delivered(&steps), (2..=top).collect::<Vec<_>>());
         assert!(!steps.iter().any(|s| matches!(s, Step::Gap { .. })));
+    }
+
+    fn reset(epoch: &str) -> Step {
+        Step::Reset {
+            channel: C.into(),
+            epoch: epoch.into(),
+        }
+    }
+
+    #[test]
+    fn a_diverted_channel_hears_nothing_then_moves_back_with_a_reset_and_what_it_missed() {
+        let mut order = Order::default();
+        live(&mut order, 3, "e");
+        order.divert(C);
+        assert!(
+            live(&mut order, 4, "e").is_empty(),
+            "not delivered while away"
+        );
+        assert!(fetched(&mut order, page(4, "e", [4])).is_empty());
+        // Redis is back with the same epoch: moved back, then 4 and 5 from the history.
+        let mut steps = Vec::new();
+        order.resubscribed(&|_| true, &mut steps);
+        assert_eq!(steps, [fetch(3)]);
+        assert!(live(&mut order, 6, "e").is_empty(), "held behind the fetch");
+        let steps = fetched(&mut order, page(5, "e", [4, 5]));
+        assert_eq!(steps[0], reset("e"));
+        assert_eq!(delivered(&steps), [4, 5, 6]);
+        assert_eq!(steps.len(), 4, "one reset");
+        assert_eq!(delivered(&live(&mut order, 7, "e")), [7]);
+    }
+
+    #[test]
+    fn a_returning_channel_is_moved_back_even_when_its_fetch_failed() {
+        let mut order = Order::default();
+        live(&mut order, 3, "e");
+        order.divert(C);
+        order.resubscribed(&|_| true, &mut Vec::new());
+        order.fetch_failed(C);
+        assert_eq!(order.catch_up(C), Some(3), "read again");
+        assert_eq!(order.catch_up(C), None, "one read at a time");
+        order.fetch_failed(C);
+        // The next in seq order is not delivered before the reset: it fetches first.
+        assert_eq!(live(&mut order, 4, "e"), [fetch(3)]);
+        let steps = fetched(&mut order, page(4, "e", [4]));
+        assert_eq!(steps[0], reset("e"));
+        assert_eq!(delivered(&steps), [4]);
+        // Redis lost the channel meanwhile: one reset, to the new epoch.
+        order.divert(C);
+        order.resubscribed(&|_| true, &mut Vec::new());
+        let steps = fetched(&mut order, page(2, "new", [2]));
+        assert_eq!(steps, [reset("new"), fetch(0)]);
+        let steps = fetched(&mut order, page(2, "new", [1, 2]));
+        assert_eq!(delivered(&steps), [1, 2]);
+        assert_eq!(delivered(&live(&mut order, 3, "new")), [3]);
+    }
+
+    #[test]
+    fn a_diverted_channel_never_heard_is_moved_back_by_its_first_message() {
+        let mut order = Order::default();
+        order.divert(C);
+        assert!(live(&mut order, 1, "e").is_empty());
+        order.resubscribed(&|_| true, &mut Vec::new());
+        let steps = live(&mut order, 2, "e");
+        assert_eq!(steps[0], reset("e"));
+        assert_eq!(delivered(&steps), [2]);
+    }
+
+    #[test]
+    fn a_held_message_is_delivered_when_the_history_keeps_nothing() {
+        let mut order = Order::default();
+        live(&mut order, 1, "e");
+        assert_eq!(live(&mut order, 5, "e"), [fetch(1)]);
+        let steps = fetched(&mut order, page(5, "e", []));
+        assert_eq!(steps[0], gap(2, 4));
+        assert_eq!(delivered(&steps), [5]);
     }
 }

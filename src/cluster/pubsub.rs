@@ -44,6 +44,8 @@ pub struct Settings {
     /// Set when the connection is lost: the link to the same Redis checks its own before
     /// using it again (Redis may have restarted).
     pub lost: Arc<std::sync::atomic::AtomicBool>,
+    /// This Redis's place in `cluster.redis_url`, told with `Down` and `Resubscribed`.
+    pub redis: usize,
 }
 
 /// What the shards hear from PUB/SUB.
@@ -57,11 +59,18 @@ pub enum Incoming {
         /// `seq:epoch:kind:data` ([`super::Envelope`]).
         payload: Vec<u8>,
     },
-    /// The connection is down: nothing arrives until [`Incoming::Resubscribed`].
-    Down,
-    /// Connected, and every wanted channel subscribed: what was published since the last
-    /// message delivered must be read from the history.
-    Resubscribed,
+    /// The connection to Redis `redis` (its place in `cluster.redis_url`) is down, or could
+    /// not be made: nothing arrives from it until [`Incoming::Resubscribed`].
+    Down {
+        /// Which Redis.
+        redis: usize,
+    },
+    /// Connected to Redis `redis`, and every wanted channel subscribed: what was published
+    /// since the last message delivered must be read from the history.
+    Resubscribed {
+        /// Which Redis.
+        redis: usize,
+    },
     /// A [`Wants::subscribe`] of `channel` has taken effect: every message published from
     /// now on arrives. Each call is answered once, to the channel's owner shard, unless the
     /// connection drops first: then it is answered after the next `Resubscribed`.
@@ -98,8 +107,9 @@ type Tags = Arc<Mutex<HashMap<u64, Vec<String>>>>;
 enum Control {
     Subscribe(String),
     Unsubscribe(String),
-    /// The reader of connection `generation` stopped.
-    ReaderDown(u64),
+    /// The reader of connection `generation` stopped (having told the shards `Down` if it
+    /// had told them `Resubscribed`).
+    ReaderDown(u64, bool),
     /// Connection `generation` answered a PING.
     Pong(u64),
 }
@@ -154,6 +164,7 @@ impl Subscriber {
             conn: None,
             generation: 0,
             backoff,
+            told_down: false,
         };
         let thread = std::thread::Builder::new()
             .name("redis-pubsub".into())
@@ -203,6 +214,9 @@ struct ControlThread {
     conn: Option<Conn>,
     generation: u64,
     backoff: Backoff,
+    /// The shards were told `Down`, or will be by the reader that told them `Resubscribed`:
+    /// a failed attempt need not tell them.
+    told_down: bool,
 }
 
 impl ControlThread {
@@ -255,10 +269,11 @@ impl ControlThread {
                         unsubscribe.push(channel);
                     }
                 }
-                Control::ReaderDown(generation) if generation == self.generation => {
+                Control::ReaderDown(generation, told) if generation == self.generation => {
+                    self.told_down |= told;
                     self.lost("the connection closed");
                 }
-                Control::ReaderDown(_) => {}
+                Control::ReaderDown(_, told) => self.told_down |= told,
                 Control::Pong(generation) if generation == self.generation => {
                     if let Some(conn) = &mut self.conn {
                         conn.heard = Instant::now();
@@ -330,6 +345,15 @@ impl ControlThread {
                 tracing::warn!(url = %self.settings.url, "cannot reach Redis for PUB/SUB: {e}");
                 self.drop_conn();
                 self.backoff.failed(Instant::now());
+                // A node that never reached Redis, or whose connection failed before it was
+                // announced, has not been told by a reader.
+                if !self.told_down {
+                    self.told_down = true;
+                    let redis = self.settings.redis;
+                    for shard in self.incoming.iter() {
+                        let _ = shard.send(Incoming::Down { redis });
+                    }
+                }
             }
         }
     }
@@ -388,6 +412,7 @@ impl ControlThread {
         self.send(&[&b"PING"[..], tag.to_string().as_bytes()])?;
         self.stats.connections.fetch_add(1, Relaxed);
         let reader = Reader {
+            redis: self.settings.redis,
             stats: self.stats.clone(),
             generation: self.generation,
             tags: self.tags.clone(),
@@ -405,7 +430,9 @@ impl ControlThread {
     fn lost(&mut self, why: &str) {
         tracing::warn!(url = %self.settings.url, "Redis PUB/SUB connection lost: {why}");
         self.settings.lost.store(true, Relaxed);
-        // Its reader tells the shards, after the last message it read.
+        // Its reader tells the shards, after the last message it read, if it told them
+        // `Resubscribed`.
+        self.told_down |= self.stats.up.load(Relaxed);
         self.drop_conn();
         self.backoff.failed(Instant::now());
     }
@@ -441,6 +468,7 @@ impl ControlThread {
 }
 
 struct Reader {
+    redis: usize,
     stats: Arc<Stats>,
     generation: u64,
     tags: Tags,
@@ -459,11 +487,12 @@ impl Reader {
             self.on_value(value, &mut announced);
         }
         if announced {
+            // Told first: once health says it is down, every shard has been told.
+            self.tell_all(&Incoming::Down { redis: self.redis });
             self.stats.up.store(false, Relaxed);
-            self.tell_all(&Incoming::Down);
         }
         if let Some(control) = self.control.upgrade() {
-            let _ = control.send(Control::ReaderDown(self.generation));
+            let _ = control.send(Control::ReaderDown(self.generation, announced));
         }
     }
 
@@ -503,7 +532,7 @@ impl Reader {
                 *announced = true;
                 self.stats.up.store(true, Relaxed);
                 self.stats.resubscribes.fetch_add(1, Relaxed);
-                self.tell_all(&Incoming::Resubscribed);
+                self.tell_all(&Incoming::Resubscribed { redis: self.redis });
             }
             let tag = std::str::from_utf8(tag).ok().and_then(|t| t.parse().ok());
             if let Some(tag) = tag {

@@ -178,6 +178,8 @@ pub enum Reply<'a> {
         id: &'a [u8],
         /// The message's seq.
         seq: u64,
+        /// Numbered and delivered by this node alone: the cluster's Redis is down.
+        local: bool,
     },
     /// A decision stored (or known: `dedup`) as `decision_id`, numbered `seq`.
     IngestAck {
@@ -269,6 +271,8 @@ pub enum Answer {
         id: Box<[u8]>,
         /// The message's seq.
         seq: u64,
+        /// See [`Reply::PublishAck`].
+        local: bool,
     },
     /// See [`Reply::IngestAck`].
     IngestAck {
@@ -304,7 +308,11 @@ impl Answer {
     /// The reply to encode.
     pub fn reply(&self) -> Reply<'_> {
         match self {
-            Answer::PublishAck { id, seq } => Reply::PublishAck { id, seq: *seq },
+            Answer::PublishAck { id, seq, local } => Reply::PublishAck {
+                id,
+                seq: *seq,
+                local: *local,
+            },
             Answer::IngestAck {
                 key,
                 decision_id,

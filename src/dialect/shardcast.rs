@@ -357,7 +357,7 @@ pub fn reply(reply: &Reply<'_>) -> Frame {
             recovered,
         } => subscribed(channels, id, epoch, epochs, recovered),
         Reply::Unsubscribed { channels, id } => unsubscribed(channels, id),
-        Reply::PublishAck { id, seq } => publish_ack(id, seq),
+        Reply::PublishAck { id, seq, local } => publish_ack(id, seq, local),
         Reply::IngestAck {
             key,
             decision_id,
@@ -519,14 +519,17 @@ fn rate_limited(retry_after_ms: u64) -> Frame {
     f.finish()
 }
 
-/// `ACK` for a PUBLISH.
-fn publish_ack(id: &[u8], seq: u64) -> Frame {
+/// `ACK` for a PUBLISH; `"local":true` when only this node's subscribers get it.
+fn publish_ack(id: &[u8], seq: u64, local: bool) -> Frame {
     let mut f = text();
     let out = f.payload_mut();
     out.extend_from_slice(br#"{"type":"ACK","id":"#);
     out.extend_from_slice(id);
     out.extend_from_slice(br#","seq":"#);
     json::push_u64(out, seq);
+    if local {
+        out.extend_from_slice(br#","local":true"#);
+    }
     out.push(b'}');
     f.finish()
 }
@@ -544,7 +547,12 @@ fn ingest_ack(key: &str, decision_id: &str, dedup: bool, seq: u64) -> Frame {
     } else {
         br#","dedup":false,"seq":"#
     });
-    json::push_u64(out, seq);
+    // Seqs start at 1: 0 is a decision stored but not numbered yet (a cluster whose Redis
+    // is down).
+    match seq {
+        0 => out.extend_from_slice(b"null"),
+        seq => json::push_u64(out, seq),
+    }
     out.push(b'}');
     f.finish()
 }
@@ -832,12 +840,24 @@ mod tests {
             Reply::PublishAck {
                 id: br#""x""#,
                 seq: 9,
+                local: false,
+            },
+            Reply::PublishAck {
+                id: b"1",
+                seq: 2,
+                local: true,
             },
             Reply::IngestAck {
                 key: "k",
                 decision_id: "dec_1",
                 dedup: true,
                 seq: 4,
+            },
+            Reply::IngestAck {
+                key: "k",
+                decision_id: "dec_1",
+                dedup: false,
+                seq: 0,
             },
             Reply::StorageUnavailable { key: "k" },
             Reply::Pong {

@@ -110,7 +110,12 @@ impl Engine for Memory {
     ) -> Numbered {
         tracing::error!(channel, "publish_stored on the single-node engine");
         let result = Err("the single-node engine numbers decisions before their commit".into());
-        self.events.push_back(Event::Numbered { token, result });
+        let local = false;
+        self.events.push_back(Event::Numbered {
+            token,
+            result,
+            local,
+        });
         Numbered::Later
     }
 

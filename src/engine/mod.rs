@@ -58,6 +58,9 @@ pub enum Event {
         token: u64,
         /// The seq.
         result: Result<u64, String>,
+        /// Numbered by this node alone, under the channel's local epoch (its Redis is
+        /// down): delivered to this node's subscribers only.
+        local: bool,
     },
     /// A history read answered `None`: what was found, or why nothing could be read.
     History {
@@ -88,6 +91,16 @@ pub enum Event {
         channel: Rc<str>,
         /// Its new epoch.
         epoch: Box<str>,
+    },
+    /// The publish of `token` must be numbered by `channel`'s owner shard (the node cannot
+    /// reach Redis): send it there, and the answer it gets to its publisher.
+    Reroute {
+        /// The publish's token.
+        token: u64,
+        /// The channel.
+        channel: Rc<str>,
+        /// The message.
+        data: Rc<[u8]>,
     },
     /// Deliver `publication` to `channel`'s subscribers (events of a channel come in seq
     /// order).
@@ -154,6 +167,13 @@ pub trait Engine {
     /// Take what the engine's threads report (an engine without threads hears nothing).
     fn heard(&mut self, input: Input, at: Arrival) {
         let _ = (input, at);
+    }
+
+    /// `channel`'s publishes must go to its owner shard, as on one node: the node cannot
+    /// hear its Redis, and the owner may have to number them itself.
+    fn degraded(&self, channel: &str) -> bool {
+        let _ = channel;
+        false
     }
 
     /// Too much is waiting for the engine: publishers should pause.

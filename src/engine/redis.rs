@@ -6,13 +6,20 @@
 //! publishes them, so every node has one order.
 //!
 //! No I/O here: requests go out on flume channels that never block, and the answers come in
-//! through [`Engine::heard`]. Decisions are not numbered here yet (`numbers_locally` is
-//! false): the shard refuses them in cluster mode until they are.
+//! through [`Engine::heard`]. Decisions are committed first and numbered by
+//! [`Engine::publish_stored`] (`numbers_locally` is false).
+//!
+//! While the node's PUB/SUB connection to a channel's Redis is down, the channel is
+//! [`Engine::degraded`]: its publishes come to its owner shard, which still tries Redis first
+//! and, when Redis cannot be reached, numbers and delivers them itself under a local epoch of
+//! its own (`Local`), told to the subscribers as a reset; when the connection is back, they
+//! are moved back to Redis's numbering and get what was published there meanwhile
+//! ([`Order::divert`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 
-use super::history::Found;
+use super::history::{Found, Limits, Ring};
 use super::{Arrival, Engine, Event, Numbered};
 use crate::cluster::keys::{redis_for, Envelope};
 use crate::cluster::link::{Completion, Op, Request};
@@ -37,11 +44,29 @@ const FETCH: u64 = 1 << 63;
 /// Tokens of the reads of a channel's top before subscribing to it have this one.
 const ANCHOR: u64 = 1 << 62;
 
+/// A channel this node numbers itself while its Redis is down.
+struct Local {
+    epoch: Box<str>,
+    seq: u64,
+    ring: Ring,
+}
+
 /// The cluster engine of one shard.
 pub struct Redis {
     shard: usize,
     /// Channels are spread over these by [`redis_for`].
     instances: Vec<Instance>,
+    /// Per instance: the node's PUB/SUB connection to it is down.
+    down: Vec<bool>,
+    /// Channels numbered here meanwhile.
+    local: HashMap<Rc<str>, Local>,
+    /// Shards of the node (a channel's owner is `shard::owner_of`).
+    nshards: usize,
+    /// Local epochs are `{node}.{shard}.{n}`: never one of Redis's (16 hex digits).
+    node: u64,
+    locals_made: u64,
+    /// History kept of local channels.
+    limits: Limits,
     order: Order,
     steps: Vec<Step>,
     events: VecDeque<Event>,
@@ -55,6 +80,8 @@ pub struct Redis {
     anchors: HashMap<u64, Rc<str>>,
     /// Channels whose top could not be read: read again at the next sweep.
     unanchored: Vec<Rc<str>>,
+    /// Channels whose history could not be read to fill a gap: read again at the next sweep.
+    unfetched: Vec<String>,
     /// Most messages read per history request.
     page: usize,
     /// Publishes waiting for their answer, and how many may.
@@ -63,11 +90,25 @@ pub struct Redis {
 }
 
 impl Redis {
-    /// The engine of shard `shard`, reading pages of `page` messages.
-    pub fn new(shard: usize, instances: Vec<Instance>, page: usize, max_in_flight: usize) -> Self {
+    /// The engine of shard `shard` of `nshards` of node `node` (its boot id), reading pages
+    /// of `page` messages, and keeping `limits` of history of the channels it numbers while
+    /// Redis is down.
+    pub fn new(
+        (node, shard, nshards): (u64, usize, usize),
+        instances: Vec<Instance>,
+        page: usize,
+        max_in_flight: usize,
+        limits: Limits,
+    ) -> Self {
         Self {
             shard,
+            down: vec![false; instances.len()],
             instances,
+            local: HashMap::new(),
+            nshards,
+            node,
+            locals_made: 0,
+            limits,
             order: Order::default(),
             steps: Vec::new(),
             events: VecDeque::new(),
@@ -76,6 +117,7 @@ impl Redis {
             next_fetch: 0,
             anchors: HashMap::new(),
             unanchored: Vec::new(),
+            unfetched: Vec::new(),
             page: page.max(1),
             in_flight: 0,
             max_in_flight,
@@ -83,7 +125,66 @@ impl Redis {
     }
 
     fn instance(&self, channel: &str) -> &Instance {
-        &self.instances[redis_for(channel, self.instances.len())]
+        &self.instances[self.redis_of(channel)]
+    }
+
+    fn redis_of(&self, channel: &str) -> usize {
+        redis_for(channel, self.instances.len())
+    }
+
+    /// Number and deliver a publish Redis could not take, under the channel's local epoch
+    /// (made, and told to its subscribers, at the first).
+    fn publish_here(&mut self, token: u64, unsent: Publish, at: Arrival) {
+        let channel: Rc<str> = unsent.channel.into();
+        let (kind, data) = (unsent.kind, Rc::from(unsent.data));
+        if !self.local.contains_key(&channel) {
+            self.locals_made += 1;
+            let epoch = format!("{:x}.{}.{}", self.node, self.shard, self.locals_made);
+            tracing::warn!(shard = self.shard, %channel, %epoch, "Redis is down: numbering here");
+            self.order.divert(&channel);
+            self.events.push_back(Event::Reset {
+                channel: Rc::clone(&channel),
+                epoch: epoch.as_str().into(),
+            });
+            let local = Local {
+                epoch: epoch.into(),
+                seq: 0,
+                ring: Ring::new(0),
+            };
+            self.local.insert(Rc::clone(&channel), local);
+        }
+        let Some(local) = self.local.get_mut(&channel) else {
+            return;
+        };
+        local.seq += 1;
+        let publication = Publication {
+            seq: local.seq,
+            kind,
+            data,
+        };
+        local.ring.push(&publication, at.at_ms, self.limits);
+        let seq = local.seq;
+        self.events.push_back(Event::Publication {
+            channel,
+            publication,
+            at,
+        });
+        self.events.push_back(Event::Numbered {
+            token,
+            result: Ok(seq),
+            local: true,
+        });
+    }
+
+    /// The PUB/SUB connection to Redis `redis` is back: its channels numbered here go back to
+    /// Redis's numbering (their subscribers are moved by the first message from it).
+    fn reconnected(&mut self, redis: usize) {
+        self.down[redis] = false;
+        let n = self.instances.len();
+        self.local
+            .retain(|channel, _| redis_for(channel, n) != redis);
+        let of = |channel: &str| redis_for(channel, n) == redis;
+        self.order.resubscribed(&of, &mut self.steps);
     }
 
     fn send(&self, channel: &str, token: u64, op: Op) -> bool {
@@ -108,20 +209,7 @@ impl Redis {
                     publication: publication.into_shared(),
                     at,
                 }),
-                Step::Fetch { channel, since } => {
-                    self.next_fetch += 1;
-                    let token = FETCH | self.next_fetch;
-                    let op = Op::History {
-                        channel: channel.clone(),
-                        since,
-                        limit: self.page,
-                    };
-                    if self.send(&channel, token, op) {
-                        self.fetches.insert(token, channel);
-                    } else {
-                        self.order.fetch_failed(&channel);
-                    }
-                }
+                Step::Fetch { channel, since } => self.fetch(channel, since),
                 Step::Gap { channel, from, to } => self.events.push_back(Event::Gap {
                     channel: channel.into(),
                     from,
@@ -132,6 +220,22 @@ impl Redis {
                     epoch: epoch.into(),
                 }),
             }
+        }
+    }
+
+    /// Read `channel`'s history after `since` for [`Order::fetched`].
+    fn fetch(&mut self, channel: String, since: u64) {
+        self.next_fetch += 1;
+        let token = FETCH | self.next_fetch;
+        let op = Op::History {
+            channel: channel.clone(),
+            since,
+            limit: self.page,
+        };
+        if self.send(&channel, token, op) {
+            self.fetches.insert(token, channel);
+        } else {
+            self.order.fetch_failed(&channel);
         }
     }
 
@@ -170,15 +274,48 @@ impl Redis {
         }
     }
 
-    fn completed(&mut self, completion: Completion) {
+    /// A publish Redis could not be reached for: numbered here if the node cannot hear
+    /// Redis either (a publish of a decision is not: it is numbered when Redis is back), by
+    /// the channel's owner, to which another shard sends it back. Whether it is answered.
+    fn unsent(&mut self, token: u64, unsent: Publish, at: Arrival) -> bool {
+        if unsent.idempotency_key.is_some() || !self.degraded(&unsent.channel) {
+            return false;
+        }
+        if crate::shard::owner_of(&unsent.channel, self.nshards) == self.shard {
+            self.publish_here(token, unsent, at);
+        } else {
+            self.events.push_back(Event::Reroute {
+                token,
+                channel: unsent.channel.into(),
+                data: unsent.data.into(),
+            });
+        }
+        true
+    }
+
+    fn completed(&mut self, completion: Completion, at: Arrival) {
         match completion {
             Completion::History { token, result } if token & ANCHOR != 0 => {
                 self.anchored(token, result)
             }
-            Completion::Published { token, result } => {
+            Completion::Published {
+                token,
+                result,
+                unsent,
+            } => {
                 self.in_flight = self.in_flight.saturating_sub(1);
+                if let Some(unsent) = unsent {
+                    if self.unsent(token, *unsent, at) {
+                        return;
+                    }
+                }
                 let result = result.map(|p| p.seq).map_err(|e| e.to_string());
-                self.events.push_back(Event::Numbered { token, result });
+                let local = false;
+                self.events.push_back(Event::Numbered {
+                    token,
+                    result,
+                    local,
+                });
             }
             Completion::History { token, result } if token & FETCH != 0 => {
                 let Some(channel) = self.fetches.remove(&token) else {
@@ -187,8 +324,10 @@ impl Redis {
                 match result {
                     Ok(page) => self.order.fetched(&channel, page, &mut self.steps),
                     Err(e) => {
-                        tracing::warn!(shard = self.shard, channel, "history read failed: {e}");
+                        // Read again at the next sweep (the link may be reconnecting).
+                        tracing::debug!(shard = self.shard, channel, "history read failed: {e}");
                         self.order.fetch_failed(&channel);
+                        self.unfetched.push(channel);
                     }
                 }
             }
@@ -220,7 +359,12 @@ impl Redis {
             self.in_flight += 1;
         } else {
             let result = Err("the Redis link has stopped".to_owned());
-            self.events.push_back(Event::Numbered { token, result });
+            let local = false;
+            self.events.push_back(Event::Numbered {
+                token,
+                result,
+                local,
+            });
         }
         Numbered::Later
     }
@@ -285,7 +429,12 @@ impl Engine for Redis {
 
     fn give_back(&mut self, _channel: &str, _seq: u64) {}
 
-    fn history(&mut self, channel: &str, after: u64, _now_ms: u64, token: u64) -> Option<Found> {
+    fn history(&mut self, channel: &str, after: u64, now_ms: u64, token: u64) -> Option<Found> {
+        if let Some(local) = self.local.get_mut(channel) {
+            let mut found = local.ring.since(after, now_ms, self.limits);
+            found.epoch = Some(local.epoch.clone());
+            return Some(found);
+        }
         let op = Op::History {
             channel: channel.to_owned(),
             since: after,
@@ -306,6 +455,7 @@ impl Engine for Redis {
             if self.wanted.remove(channel).is_some() {
                 self.instance(channel).wants.unsubscribe(channel);
                 self.order.forget(channel);
+                self.local.remove(channel);
                 // A read of its top still on the way must not subscribe it.
                 self.anchors.retain(|_, c| &**c != channel);
                 self.unanchored.retain(|c| &**c != channel);
@@ -323,7 +473,7 @@ impl Engine for Redis {
 
     fn heard(&mut self, input: Input, at: Arrival) {
         match input {
-            Input::Link(completion) => self.completed(completion),
+            Input::Link(completion) => self.completed(completion, at),
             Input::PubSub(Incoming::Message { channel, payload }) => {
                 match Envelope::parse(&payload) {
                     Ok(message) => self.order.live(&channel, &message, &mut self.steps),
@@ -333,8 +483,8 @@ impl Engine for Redis {
                 }
             }
             Input::PubSub(Incoming::Subscribed { channel }) => self.confirmed(&channel),
-            Input::PubSub(Incoming::Resubscribed) => self.order.resubscribed(&mut self.steps),
-            Input::PubSub(Incoming::Down) => {}
+            Input::PubSub(Incoming::Resubscribed { redis }) => self.reconnected(redis),
+            Input::PubSub(Incoming::Down { redis }) => self.down[redis] = true,
         }
         self.take_steps(at);
     }
@@ -344,12 +494,24 @@ impl Engine for Redis {
     }
 
     /// Redis expires what is not used; the node forgets a channel when it is not wanted.
-    /// Channels whose top could not be read are read again.
-    fn sweep(&mut self, _now_ms: u64, _needed: &dyn Fn(&str) -> bool) -> usize {
+    /// What could not be read (a channel's top, a gap) is read again; the history of the
+    /// channels numbered here expires as one node's does.
+    fn sweep(&mut self, now_ms: u64, needed: &dyn Fn(&str) -> bool) -> usize {
         for channel in std::mem::take(&mut self.unanchored) {
             self.anchor(channel);
         }
-        0
+        for channel in std::mem::take(&mut self.unfetched) {
+            if let Some(since) = self.order.catch_up(&channel) {
+                self.fetch(channel, since);
+            }
+        }
+        let before = self.local.len();
+        let limits = self.limits;
+        self.local.retain(|channel, local| {
+            local.ring.expire(now_ms, limits);
+            needed(channel) || !local.ring.is_empty()
+        });
+        before - self.local.len()
     }
 
     fn next_event(&mut self) -> Option<Event> {
@@ -361,6 +523,13 @@ impl Engine for Redis {
     }
 
     fn epoch(&self, channel: &str) -> Option<&str> {
-        self.order.epoch(channel)
+        match self.local.get(channel) {
+            Some(local) => Some(&local.epoch),
+            None => self.order.epoch(channel),
+        }
+    }
+
+    fn degraded(&self, channel: &str) -> bool {
+        self.down[self.redis_of(channel)]
     }
 }

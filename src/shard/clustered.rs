@@ -164,18 +164,21 @@ impl Shard {
     }
 
     /// Answer everyone waiting for `u` with its seq, and (when Redis just gave it, `number`)
-    /// write the seq to its row; or tell them to retry: it is stored, so the retry finds it.
+    /// write the seq to its row. Without a seq (Redis cannot be reached) the ACK says
+    /// `"seq":null`: the decision is stored, so it is numbered and delivered when Redis is
+    /// back (see [`Shard::look_for_orphans`]), and a retry of its key then gets the seq.
     fn acknowledge(&self, u: Unconfirmed, result: Result<u64, String>, number: bool) {
-        let seq = match result {
-            Ok(seq) => seq,
-            Err(reason) => {
-                tracing::debug!(shard = self.id, "decision not numbered: {reason}");
-                return self.refuse_decision(&u, "stored, but Redis did not number it");
-            }
-        };
+        let seq = result.unwrap_or_else(|reason| {
+            tracing::warn!(
+                shard = self.id,
+                "decision stored, not numbered yet: {reason}"
+            );
+            0
+        });
         let mine = u.decision_id.text();
         let id = u.original.as_deref().unwrap_or(mine.as_str());
-        if let Some(decision_id) = DecisionId::parse(id) {
+        // One without a seq is not remembered: a retry reads its seq from the store.
+        if let Some(decision_id) = DecisionId::parse(id).filter(|_| seq > 0) {
             let original = Original { decision_id, seq };
             let now = self.now().instant;
             self.decisions
@@ -185,7 +188,7 @@ impl Shard {
         if u.original.is_none() {
             self.counters.add(Counter::DecisionsProcessed, 1);
         }
-        if let Some(link) = self.storage.as_ref().filter(|_| number) {
+        if let Some(link) = self.storage.as_ref().filter(|_| number && seq > 0) {
             if let Err(e) = link.writer.number(id.into(), seq) {
                 // Left unnumbered in the store: numbered again, to the same seq, later.
                 tracing::warn!(shard = self.id, "decision's seq not written: {e}");

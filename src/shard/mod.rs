@@ -576,8 +576,13 @@ impl Shard {
                 let (owner, t0) = (self.owner_of(&channel), now.instant);
                 // Owned here: no need to copy the message into a mesh message. An engine that
                 // numbers elsewhere (Redis) is asked from any shard, bounded by its
-                // congestion, and delivers through the owner.
-                if owner == self.id || !self.engine.borrow().numbers_locally() {
+                // congestion, and delivers through the owner; unless it cannot reach Redis,
+                // and the owner may have to number the message itself.
+                let anywhere = {
+                    let engine = self.engine.borrow();
+                    !engine.numbers_locally() && !engine.degraded(&channel)
+                };
+                if owner == self.id || anywhere {
                     self.publish_as_owner(&channel, data, origin, t0);
                     return Handled::Done;
                 }
@@ -1233,8 +1238,17 @@ impl Shard {
                     publication,
                     at,
                 }) => self.emit(&channel, &publication, at.t0),
-                Some(Event::Numbered { token, result }) => self.numbered(token, result),
+                Some(Event::Numbered {
+                    token,
+                    result,
+                    local,
+                }) => self.numbered(token, result, local),
                 Some(Event::History { token, found }) => self.history_found(token, found),
+                Some(Event::Reroute {
+                    token,
+                    channel,
+                    data,
+                }) => self.reroute(token, &channel, &data),
                 Some(Event::Subscribed { channel }) => self.release_waiting(&channel),
                 Some(Event::Gap { channel, from, to }) => {
                     self.counters.add(Counter::ClusterGaps, 1);
@@ -1250,8 +1264,9 @@ impl Shard {
         }
     }
 
-    /// The engine numbered (or could not publish) the publish of `token`: acknowledge it.
-    fn numbered(&self, token: u64, result: Result<u64, String>) {
+    /// The engine numbered (or could not publish) the publish of `token` (on this node
+    /// alone: `local`): acknowledge it.
+    fn numbered(&self, token: u64, result: Result<u64, String>, local: bool) {
         // A PUBLISH (the common case), else a decision, else one a stopped node left.
         let publish = self.numbering.borrow_mut().remove(&token);
         let Some(mut origin) = publish else {
@@ -1267,7 +1282,7 @@ impl Shard {
         };
         let id = origin.id.take();
         match (result, id) {
-            (Ok(seq), Some(id)) => self.reply(&origin, Answer::PublishAck { id, seq }),
+            (Ok(seq), Some(id)) => self.reply(&origin, Answer::PublishAck { id, seq, local }),
             (Ok(_), None) => {}
             (Err(reason), id) => {
                 tracing::debug!(shard = self.id, "publish failed: {reason}");
@@ -1280,6 +1295,24 @@ impl Shard {
                 self.reply(&origin, answer);
             }
         }
+    }
+
+    /// Send the publish of `token` to `channel`'s owner, which numbers it while the node
+    /// cannot reach Redis; its answer goes to the publisher as from any owner.
+    fn reroute(&self, token: u64, channel: &str, data: &[u8]) {
+        let Some(origin) = self.numbering.borrow_mut().remove(&token) else {
+            return;
+        };
+        if let Some(peer) = origin.id.as_ref().and_then(|_| self.peer(origin.conn)) {
+            peer.owed.set(peer.owed.get() + 1);
+        }
+        let msg = MeshMsg::Publish {
+            channel: channel.into(),
+            data: data.to_vec(),
+            origin,
+            t0: self.now().instant,
+        };
+        self.route(self.owner_of(channel), msg);
     }
 
     /// Send a numbered message to every subscriber, here and on the shards that have
@@ -1327,7 +1360,8 @@ impl Shard {
         match self.fan_out(channel, Kind::Message, data, t0, token) {
             Numbered::Now(seq) => {
                 if let Some(id) = origin.id.take() {
-                    self.reply(&origin, Answer::PublishAck { id, seq });
+                    let local = false;
+                    self.reply(&origin, Answer::PublishAck { id, seq, local });
                 }
             }
             Numbered::Later => {
