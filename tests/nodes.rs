@@ -852,23 +852,106 @@ fn a_node_killed_during_ingest_loses_nothing_it_acknowledged() {
     );
 }
 
+/// Wait until Redis at `url` has `n` subscribers of `channel` under `prefix`.
+fn await_redis_subscribers(url: &str, prefix: &str, channel: &str, n: i64) {
+    let mut conn = redis::Client::open(url)
+        .and_then(|c| c.get_connection())
+        .expect("Redis connection");
+    let name = Keys::new(prefix).pubsub(channel);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let counts: Vec<(String, i64)> = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(&name)
+            .query(&mut conn)
+            .expect("PUBSUB NUMSUB");
+        if counts[0].1 == n {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{counts:?}, not {n}");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 #[test]
-fn a_sub_the_node_cannot_confirm_while_redis_is_down_is_refused_in_time() {
-    let test = "nodes_sub_refused_while_redis_is_down";
+fn a_sub_while_redis_is_down_is_served_by_the_node_then_by_redis_when_it_is_back() {
+    let test = "nodes_sub_while_redis_is_down";
     let Some(redis) = common::OwnRedis::start(test) else {
         return;
     };
-    let (redis_url, prefix) = (format!("\"{}\"", redis.url()), fresh_prefix("subdown"));
-    let node = node_full(&redis_url, &prefix, 2, "", "timeout_ms = 300", "memory");
+    let (url, prefix) = (redis.url(), fresh_prefix("subdown"));
+    let node = node_full(&format!("\"{url}\""), &prefix, 2, "", "", "memory");
     node.wait_ready();
     let port = redis.stop();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while node.get("/health/ready").0 != 503 {
-        assert!(std::time::Instant::now() < deadline, "still ready");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_pubsub(&node, "down");
+    // A channel the node has never heard of: subscribed at once, on the node alone.
     let channel = "org:acme:usage";
     let mut client = node.client(&format!("/ws?key={ADMIN}"));
+    let subscribed = client.subscribe(&[channel]);
+    assert_eq!(subscribed["channels"], json!([channel]), "{subscribed}");
+    let mut publisher = node.client(&format!("/ws?key={ADMIN}"));
+    publisher.send(json!({"type":"PUBLISH","channel":channel,"data":"down","id":"d"}));
+    assert_eq!(ack(&mut publisher)["local"], true);
+    assert_eq!(client.recv()["event"], "channel_reset");
+    assert_eq!(message(&mut client), (channel.to_owned(), 1, json!("down")));
+
+    // Back: subscribed in Redis, and moved to its numbering before its first message.
+    let _redis = common::OwnRedis::start_on(test, port).expect("redis-server started before");
+    node.wait_ready();
+    await_redis_subscribers(&url, &prefix, channel, 1);
+    publisher.send(json!({"type":"PUBLISH","channel":channel,"data":"up","id":"u"}));
+    let up = ack(&mut publisher);
+    assert_eq!(
+        (&up["seq"], &up["local"]),
+        (&json!(1), &Value::Null),
+        "{up}"
+    );
+    let back = client.recv();
+    assert_eq!(back["event"], "channel_reset", "{back}");
+    assert_eq!(message(&mut client), (channel.to_owned(), 1, json!("up")));
+    client.ping();
+}
+
+#[test]
+fn a_sub_the_node_cannot_confirm_is_refused_in_time() {
+    let test = "nodes_sub_refused_in_time";
+    let Some(redis) = common::OwnRedis::start(test) else {
+        return;
+    };
+    let (url, prefix) = (redis.url(), fresh_prefix("subrefused"));
+    let node = node_full(
+        &format!("\"{url}\""),
+        &prefix,
+        2,
+        "",
+        "timeout_ms = 300",
+        "memory",
+    );
+    node.wait_ready();
+    // The node still hears Redis (its PUB/SUB connection counts as one once it has a
+    // subscription), but cannot read a channel's top to subscribe to it.
+    let mut client = node.client(&format!("/ws?key={ADMIN}"));
+    client.subscribe(&["org:acme:notifications"]);
+    await_redis_subscribers(&url, &prefix, "org:acme:notifications", 1);
+    let mut admin = redis::Client::open(url.as_str())
+        .and_then(|c| c.get_connection())
+        .expect("Redis admin connection");
+    let pubsub: String = redis::cmd("CLIENT")
+        .arg(&["LIST", "TYPE", "pubsub"])
+        .query(&mut admin)
+        .unwrap();
+    let room = pubsub.lines().count() + 1;
+    let _: () = redis::cmd("CONFIG")
+        .arg(&["SET", "maxclients"])
+        .arg(room)
+        .query(&mut admin)
+        .unwrap();
+    let _: u64 = redis::cmd("CLIENT")
+        .arg(&["KILL", "TYPE", "normal"])
+        .query(&mut admin)
+        .unwrap();
+    let refusing = RefuseConnections(admin);
+    let channel = "org:acme:usage";
     for attempt in ["s1", "s2"] {
         client.send(json!({"type":"SUB","channels":[channel],"id":attempt}));
         let refused = client.recv();
@@ -879,9 +962,9 @@ fn a_sub_the_node_cannot_confirm_while_redis_is_down_is_refused_in_time() {
             (Some(channel), Some(attempt))
         );
     }
-    // Not subscribed: back, Redis takes the subscription and delivers.
-    let _redis = common::OwnRedis::start_on(test, port).expect("redis-server started before");
-    node.wait_ready();
+    // Not subscribed: once Redis takes connections again, it takes the subscription.
+    drop(refusing);
+    node.wait_health("the link up", |h| h["cluster"]["redis"][0]["link"] == "up");
     let subscribed = client.subscribe(&[channel]);
     assert_eq!(subscribed["channels"], json!([channel]), "{subscribed}");
     let mut publisher = node.client(&format!("/ws?key={ADMIN}"));

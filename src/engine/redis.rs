@@ -466,6 +466,15 @@ impl Engine for Redis {
             return *waiting == 0;
         }
         let channel: Rc<str> = channel.into();
+        if self.degraded(&channel) {
+            // Redis cannot take the subscription now: the node's own publishes are heard at
+            // once, Redis's from its top when it is back, the subscribers moved to its
+            // numbering then.
+            self.wanted.insert(Rc::clone(&channel), 0);
+            self.order.divert(&channel);
+            self.unanchored.push(channel);
+            return true;
+        }
         self.wanted.insert(Rc::clone(&channel), 1);
         self.anchor(channel);
         false

@@ -578,11 +578,7 @@ impl Shard {
                 // numbers elsewhere (Redis) is asked from any shard, bounded by its
                 // congestion, and delivers through the owner; unless it cannot reach Redis,
                 // and the owner may have to number the message itself.
-                let anywhere = {
-                    let engine = self.engine.borrow();
-                    !engine.numbers_locally() && !engine.degraded(&channel)
-                };
-                if owner == self.id || anywhere {
+                if owner == self.id || self.numbered_from_any_shard(&channel) {
                     self.publish_as_owner(&channel, data, origin, t0);
                     return Handled::Done;
                 }
@@ -1184,6 +1180,13 @@ impl Shard {
         if let Some(sub) = done {
             self.finish_subscribe(token, sub);
         }
+    }
+
+    /// A PUBLISH on `channel` goes straight to an engine that numbers elsewhere (Redis), from
+    /// whatever shard: unless the node cannot reach it, and the owner may number it itself.
+    fn numbered_from_any_shard(&self, channel: &str) -> bool {
+        let engine = self.engine.borrow();
+        !engine.numbers_locally() && !engine.degraded(channel)
     }
 
     /// `channel` and its own epoch, for an InterestAck, when the engine has one.
