@@ -115,38 +115,26 @@ impl Order {
             kind: message.kind,
             data: message.data.to_vec(),
         };
-        if stream.next == 0 {
-            if stream.diverted == Diverted::Returning {
+        let new_epoch = stream.next != 0 && stream.epoch != message.epoch;
+        if stream.next == 0 || new_epoch {
+            if new_epoch || stream.diverted == Diverted::Returning {
                 steps.push(Step::Reset {
                     channel: channel.to_owned(),
                     epoch: message.epoch.to_owned(),
                 });
             }
-            // From now: what came before this node listened is not its subscribers' (a
+            *stream = Stream {
+                epoch: message.epoch.to_owned(),
+                next: message.seq + 1,
+                ..Stream::default()
+            };
+            // Heard first: what came before this node listened is not its subscribers' (a
             // subscriber asks for it with `since`).
-            *stream = Stream {
-                epoch: message.epoch.to_owned(),
-                next: message.seq + 1,
-                ..Stream::default()
-            };
-            steps.push(deliver(channel, publication));
-            return;
-        }
-        if stream.epoch != message.epoch {
-            steps.push(Step::Reset {
-                channel: channel.to_owned(),
-                epoch: message.epoch.to_owned(),
-            });
-            *stream = Stream {
-                epoch: message.epoch.to_owned(),
-                next: message.seq + 1,
-                ..Stream::default()
-            };
-            if message.seq == 1 {
+            if !new_epoch || message.seq == 1 {
                 steps.push(deliver(channel, publication));
                 return;
             }
-            // The new numbering began while this node was not listening: all of it that
+            // A new numbering that began while this node was not listening: all of it that
             // is kept is its subscribers'.
             stream.restarted = true;
             stream.fetching = true;
