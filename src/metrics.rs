@@ -52,11 +52,15 @@ pub enum Counter {
     /// Cluster: messages Redis published that this node could not deliver (missed, and gone
     /// from the history).
     ClusterGaps,
-    /// Cluster: channels whose numbering started again (Redis lost their state).
+    /// Cluster: channels whose numbering started again (Redis lost their state), or moved to
+    /// the node's own while it could not reach Redis, and back.
     ClusterResets,
+    /// Cluster: messages numbered and delivered by this node alone (it could not reach
+    /// Redis).
+    ClusterLocal,
 }
 
-const COUNTERS: usize = 20;
+const COUNTERS: usize = 21;
 const AUTH_REASONS: [&str; 4] = [
     "missing_credentials",
     "invalid_key",
@@ -498,8 +502,14 @@ impl Global {
         metric(
             "shardcast_cluster_resets_total",
             "counter",
-            "Channels whose numbering started again because Redis lost their state.",
+            "Channels whose numbering changed: Redis lost their state, or the node numbered them itself while it could not reach Redis, and back.",
             self.sum(Counter::ClusterResets),
+        );
+        metric(
+            "shardcast_cluster_local_messages_total",
+            "counter",
+            "Messages numbered and delivered by this node alone while it could not reach Redis (the other nodes never get them).",
+            self.sum(Counter::ClusterLocal),
         );
         metric(
             "shardcast_decisions_processed_total",

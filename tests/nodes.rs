@@ -1031,6 +1031,7 @@ fn a_node_cut_off_from_redis_delivers_its_own_publishes_then_what_it_missed() {
         local_epoch = moved["epoch"].clone();
         assert_eq!(message(s), (channel.to_owned(), 1, json!("local")));
     }
+    a.wait_metric("shardcast_cluster_local_messages_total", 1);
     // A client coming now is given that epoch, and recovers in it.
     let mut late = a.client(&format!("/ws?key={ADMIN}"));
     let epochs = json!({channel: local_epoch});
@@ -1157,5 +1158,148 @@ fn while_redis_is_down_decisions_are_stored_and_acknowledged_then_numbered_every
     ack(&mut publisher);
     for s in [&mut on_a, &mut on_b] {
         assert_eq!(message(s).2, "across", "delivered across nodes again");
+    }
+}
+
+/// What a subscriber may see of one channel: within each numbering (epoch), every seq once
+/// and in order, unless it was told which were lost.
+#[derive(Default)]
+struct Numbering {
+    next: Option<u64>,
+    epochs: usize,
+    heard: HashSet<(usize, u64)>,
+}
+
+impl Numbering {
+    fn see(&mut self, v: &Value) {
+        match (v["type"].as_str(), v["event"].as_str()) {
+            (Some("SYSTEM"), Some("channel_reset")) => {
+                self.epochs += 1;
+                self.next = None;
+            }
+            (Some("SYSTEM"), Some("messages_lost")) => {
+                let (from, to) = (v["from"].as_u64().unwrap(), v["to"].as_u64().unwrap());
+                assert!(
+                    self.next.is_none_or(|n| n == from),
+                    "lost {v} after {:?}",
+                    self.next
+                );
+                self.next = Some(to + 1);
+            }
+            (Some("MESSAGE"), _) => {
+                let seq = v["seq"].as_u64().expect("seq");
+                assert!(
+                    self.next.is_none_or(|n| n == seq),
+                    "{v}: expected seq {:?}, nothing said of those between",
+                    self.next
+                );
+                assert!(self.heard.insert((self.epochs, seq)), "{v} twice");
+                self.next = Some(seq + 1);
+            }
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn redis_restarted_mid_run_loses_no_subscription_and_skips_nothing_in_silence() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+    use std::sync::Arc;
+    let test = "nodes_redis_restarted_mid_run";
+    let Some(redis) = common::OwnRedis::start(test) else {
+        return;
+    };
+    let (url, prefix) = (redis.url(), fresh_prefix("midrun"));
+    let nodes = [node(&url, &prefix, 2), node(&url, &prefix, 2)];
+    for n in &nodes {
+        n.wait_ready();
+    }
+    let channel = "org:acme:usage";
+    let readers: Vec<_> = nodes
+        .iter()
+        .flat_map(|n| [n.client_on(ADMIN, 0), n.client_on(ADMIN, 1)])
+        .map(|mut client| {
+            client.subscribe(&[channel]);
+            std::thread::spawn(move || {
+                let (mut numbering, mut last) = (Numbering::default(), HashSet::new());
+                while last.len() < 2 {
+                    let v = client.recv();
+                    numbering.see(&v);
+                    if let Some(n) = v["data"]["last"].as_u64() {
+                        last.insert(n);
+                    }
+                }
+                (numbering.heard.len(), numbering.epochs)
+            })
+        })
+        .collect();
+    let (answered, stop) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let publishers: Vec<_> = nodes
+        .iter()
+        .enumerate()
+        .map(|(n, node)| {
+            let mut client = node.client(&format!("/ws?key={ADMIN}"));
+            let (answered, stop) = (Arc::clone(&answered), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let mut i = 0;
+                while !stop.load(Relaxed) {
+                    i += 1;
+                    let data = json!({"node": n, "i": i});
+                    client.send(json!({"type":"PUBLISH","channel":channel,"data":data,"id":i}));
+                    // An ACK, or (the moment Redis goes) cluster_unavailable.
+                    let answer = loop {
+                        let v = client.recv();
+                        if v["type"] == "ACK" || v["type"] == "ERROR" {
+                            break v;
+                        }
+                    };
+                    if answer["type"] == "ERROR" {
+                        assert_eq!(answer["code"], "cluster_unavailable", "{answer}");
+                    }
+                    answered.fetch_add(1, Relaxed);
+                }
+                client
+            })
+        })
+        .collect();
+    let wait_answers = |more: u64| {
+        let target = answered.load(Relaxed) + more;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while answered.load(Relaxed) < target {
+            assert!(std::time::Instant::now() < deadline, "publishers stalled");
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    };
+    wait_answers(100);
+    let port = redis.stop();
+    for n in &nodes {
+        wait_pubsub(n, "down");
+    }
+    wait_answers(100);
+    let _redis = common::OwnRedis::start_on(test, port).expect("redis-server started before");
+    for n in &nodes {
+        n.wait_ready();
+    }
+    wait_answers(100);
+    stop.store(true, Relaxed);
+    for (n, publisher) in publishers.into_iter().enumerate() {
+        let mut client = publisher.join().expect("publisher");
+        let data = json!({"last": n});
+        client.send(json!({"type":"PUBLISH","channel":channel,"data":data,"id":"last"}));
+        let last = ack(&mut client);
+        assert_eq!(last["local"], Value::Null, "through Redis again: {last}");
+    }
+    for reader in readers {
+        let (heard, resets) = reader.join().expect("subscriber");
+        println!(
+            "a subscriber heard {heard} messages in {} numberings",
+            resets + 1
+        );
+        assert!(heard > 100, "{heard} messages");
+        // Redis lost the channel: told at least once that its numbering started again.
+        assert!(resets >= 1, "{resets} resets");
     }
 }

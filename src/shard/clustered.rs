@@ -169,7 +169,8 @@ impl Shard {
     /// back (see [`Shard::look_for_orphans`]), and a retry of its key then gets the seq.
     fn acknowledge(&self, u: Unconfirmed, result: Result<u64, String>, number: bool) {
         let seq = result.unwrap_or_else(|reason| {
-            tracing::warn!(
+            // Not a warning each: an outage would flood the log (health and metrics say it).
+            tracing::debug!(
                 shard = self.id,
                 "decision stored, not numbered yet: {reason}"
             );

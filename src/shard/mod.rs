@@ -1284,6 +1284,8 @@ impl Shard {
             return;
         };
         let id = origin.id.take();
+        self.counters
+            .add(Counter::ClusterLocal, u64::from(local && result.is_ok()));
         match (result, id) {
             (Ok(seq), Some(id)) => self.reply(&origin, Answer::PublishAck { id, seq, local }),
             (Ok(_), None) => {}
