@@ -238,3 +238,27 @@ fn slow_subscriber(server: &Server, channel: &str) -> Client {
     slow.subscribe(&[channel]);
     slow
 }
+
+/// CHANNELS lists the connection's subscriptions, as SUB and UNSUB leave them.
+#[test]
+fn channels_lists_what_the_connection_is_subscribed_to() {
+    let server = Server::start("");
+    let mut client = server.client_on(ADMIN, 0);
+    client.send(json!({"type":"CHANNELS","id":"c0"}));
+    assert_eq!(
+        client.recv(),
+        json!({"type":"CHANNELS","channels":[],"id":"c0"})
+    );
+    // One channel owned by each shard: the answer does not depend on where they live.
+    let [a, b] = channels_owned_by_each_shard("usage");
+    client.subscribe(&[&a, &b]);
+    client.send(json!({"type":"CHANNELS","id":"c1"}));
+    assert_eq!(
+        client.recv(),
+        json!({"type":"CHANNELS","channels":[a, b],"id":"c1"})
+    );
+    client.send(json!({"type":"UNSUB","channels":[a]}));
+    client.recv_type("UNSUBSCRIBED");
+    client.send(json!({"type":"CHANNELS"}));
+    assert_eq!(client.recv(), json!({"type":"CHANNELS","channels":[b]}));
+}

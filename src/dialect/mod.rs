@@ -172,6 +172,13 @@ pub enum Reply<'a> {
         /// Raw request id to echo.
         id: Option<&'a [u8]>,
     },
+    /// The answer to CHANNELS.
+    Channels {
+        /// The connection's subscriptions, in the order made.
+        channels: &'a [std::rc::Rc<str>],
+        /// Raw request id to echo.
+        id: Option<&'a [u8]>,
+    },
     /// A PUBLISH numbered `seq`.
     PublishAck {
         /// Raw request id.
@@ -391,6 +398,11 @@ pub enum Request<'a> {
     Ping {
         /// Raw `timestamp` to echo.
         timestamp: Option<&'a [u8]>,
+    },
+    /// The channels this connection is subscribed to.
+    Channels {
+        /// Raw request id to echo, if any.
+        id: Option<&'a [u8]>,
     },
 }
 

@@ -158,8 +158,10 @@ fn parse_request<'a>(
         "PING" => Ok(Request::Ping {
             timestamp: json::member(raw, members, "timestamp"),
         }),
+        "CHANNELS" => Ok(Request::Channels { id }),
         other => Err(Refusal::bad_request(format!(
-            "unknown message type {}; expected SUB, UNSUB, PUBLISH, INGEST, REFRESH or PING",
+            "unknown message type {}; expected SUB, UNSUB, PUBLISH, INGEST, REFRESH, PING or \
+             CHANNELS",
             json::echo(other)
         ))),
     }
@@ -357,6 +359,7 @@ pub fn reply(reply: &Reply<'_>) -> Frame {
             recovered,
         } => subscribed(channels, id, epoch, epochs, recovered),
         Reply::Unsubscribed { channels, id } => unsubscribed(channels, id),
+        Reply::Channels { channels, id } => channels_answer(channels, id),
         Reply::PublishAck { id, seq, local } => publish_ack(id, seq, local),
         Reply::IngestAck {
             key,
@@ -425,6 +428,17 @@ fn unsubscribed(channels: &[impl AsRef<str>], id: Option<&[u8]>) -> Frame {
     let mut f = text();
     let out = f.payload_mut();
     out.extend_from_slice(br#"{"type":"UNSUBSCRIBED","channels":"#);
+    push_channels(out, channels);
+    push_opt_raw(out, "id", id);
+    out.push(b'}');
+    f.finish()
+}
+
+/// `CHANNELS`: what the connection is subscribed to.
+fn channels_answer(channels: &[impl AsRef<str>], id: Option<&[u8]>) -> Frame {
+    let mut f = text();
+    let out = f.payload_mut();
+    out.extend_from_slice(br#"{"type":"CHANNELS","channels":"#);
     push_channels(out, channels);
     push_opt_raw(out, "id", id);
     out.push(b'}');
@@ -828,6 +842,10 @@ mod tests {
             Reply::Unsubscribed {
                 channels: &channels,
                 id: None,
+            },
+            Reply::Channels {
+                channels: &["org:a:usage".into(), "org:a:x\"y".into()],
+                id: Some(b"1"),
             },
             Reply::Error {
                 code: ErrorCode::Forbidden,

@@ -645,6 +645,16 @@ impl Shard {
                 self.route(owner, msg);
             }
             Request::Ping { timestamp } => self.answer(peer, &Reply::Pong { timestamp }),
+            Request::Channels { id } => {
+                let channels = peer.channels.borrow().to_vec();
+                self.answer(
+                    peer,
+                    &Reply::Channels {
+                        channels: &channels,
+                        id,
+                    },
+                );
+            }
             Request::Refresh { id, .. } => {
                 // The connection owns its credentials and answers REFRESH itself.
                 let refusal = Refusal::bad_request("REFRESH is not accepted here").with_id(id);
