@@ -83,6 +83,8 @@ pub struct Config {
     pub storage: Storage,
     /// Recent messages kept per channel for `SUB` with `since`.
     pub history: History,
+    /// Who is in a channel (`SUB` with `presence`).
+    pub presence: Presence,
     /// Graceful shutdown.
     pub shutdown: Shutdown,
     /// Cross-shard mesh.
@@ -238,6 +240,25 @@ impl Default for Storage {
             max_batch: 4_096,
             retention_days: 0,
             readers: 2,
+        }
+    }
+}
+
+/// Presence: who is in a channel.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Presence {
+    /// Most members in one PRESENCE answer (`cursor` pages through the rest).
+    pub max_members: usize,
+    /// Most bytes of a connection's presence metadata (STATUS `meta`).
+    pub max_meta_bytes: usize,
+}
+
+impl Default for Presence {
+    fn default() -> Self {
+        Self {
+            max_members: 1_000,
+            max_meta_bytes: 1_024,
         }
     }
 }
@@ -428,6 +449,7 @@ impl Default for Config {
             ingest: Ingest::default(),
             storage: Storage::default(),
             history: History::default(),
+            presence: Presence::default(),
             shutdown: Shutdown::default(),
             mesh: Mesh::default(),
             cluster: Cluster::default(),

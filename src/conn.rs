@@ -510,7 +510,7 @@ impl Conn {
         self.enter(Phase::Open);
         match principal {
             Some(principal) => {
-                let id = format!("{:x}-{}-{}", shard.global.boot_id, shard.id, self.peer.id);
+                let id = shard.connection_id(self.peer.id);
                 let ready = Reply::Ready {
                     connection_id: &id,
                     shard: shard.id,

@@ -58,9 +58,13 @@ pub enum Counter {
     /// Cluster: messages numbered and delivered by this node alone (it could not reach
     /// Redis).
     ClusterLocal,
+    /// Presence members of the channels this shard owns (a gauge).
+    PresenceMembers,
+    /// Presence changes told (JOIN, LEAVE, STATUS).
+    PresenceChanges,
 }
 
-const COUNTERS: usize = 21;
+const COUNTERS: usize = 23;
 const AUTH_REASONS: [&str; 4] = [
     "missing_credentials",
     "invalid_key",
@@ -504,6 +508,18 @@ impl Global {
             "counter",
             "Channels whose numbering changed: Redis lost their state, or the node numbered them itself while it could not reach Redis, and back.",
             self.sum(Counter::ClusterResets),
+        );
+        metric(
+            "shardcast_presence_members",
+            "gauge",
+            "Presence members: connections subscribed with presence, counted once per channel.",
+            self.sum(Counter::PresenceMembers),
+        );
+        metric(
+            "shardcast_presence_changes_total",
+            "counter",
+            "Presence changes told to a channel's members (JOIN, LEAVE, STATUS).",
+            self.sum(Counter::PresenceChanges),
         );
         metric(
             "shardcast_cluster_local_messages_total",

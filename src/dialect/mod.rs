@@ -140,6 +140,64 @@ pub enum Notice {
     },
 }
 
+/// A presence member's status.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Status {
+    /// The default.
+    #[default]
+    Online,
+    /// Away.
+    Away,
+    /// Busy.
+    Busy,
+}
+
+impl Status {
+    /// The status named `name`, if it is one.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "online" => Some(Status::Online),
+            "away" => Some(Status::Away),
+            "busy" => Some(Status::Busy),
+            _ => None,
+        }
+    }
+
+    /// Its name on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Online => "online",
+            Status::Away => "away",
+            Status::Busy => "busy",
+        }
+    }
+}
+
+/// A connection present in a channel, as JOIN, LEAVE, STATUS and PRESENCE show it. Owned, to
+/// cross the mesh.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// The JWT `sub`, or the API key id.
+    pub user: Box<str>,
+    /// The connection's id, as READY gave it.
+    pub connection_id: Box<str>,
+    /// Its status.
+    pub status: Status,
+    /// Its metadata: a JSON object, raw (`{}` when none was set).
+    pub meta: Box<[u8]>,
+}
+
+/// What changed in a channel's presence, told to its presence subscribers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// A member came.
+    Join,
+    /// A member went.
+    Leave,
+    /// A member's status changed.
+    Status,
+}
+
 /// What the core says to one client, before any wire format. Borrowed: it is encoded at
 /// once (see [`Answer`] for what crosses shards).
 #[derive(Debug, Clone, Copy)]
@@ -171,6 +229,31 @@ pub enum Reply<'a> {
         channels: &'a [String],
         /// Raw request id to echo.
         id: Option<&'a [u8]>,
+    },
+    /// The answer to PRESENCE: a page of `channel`'s members (`cursor`: where the next
+    /// begins, when there is more).
+    Presence {
+        /// The channel.
+        channel: &'a str,
+        /// Raw request id to echo.
+        id: Option<&'a [u8]>,
+        /// Members in all.
+        total: usize,
+        /// Distinct users among them.
+        users: usize,
+        /// This page.
+        members: &'a [Member],
+        /// Where the next page begins.
+        cursor: Option<&'a str>,
+    },
+    /// A presence change on `channel`.
+    PresenceChange {
+        /// The channel.
+        channel: &'a str,
+        /// What changed.
+        change: Change,
+        /// Who.
+        member: &'a Member,
     },
     /// The answer to CHANNELS.
     Channels {
@@ -292,6 +375,21 @@ pub enum Answer {
         /// Its seq.
         seq: u64,
     },
+    /// See [`Reply::Presence`].
+    Presence {
+        /// The channel.
+        channel: Box<str>,
+        /// Raw request id to echo.
+        id: Option<Box<[u8]>>,
+        /// Members in all.
+        total: usize,
+        /// Distinct users among them.
+        users: usize,
+        /// This page.
+        members: Vec<Member>,
+        /// Where the next page begins.
+        cursor: Option<Box<str>>,
+    },
     /// See [`Reply::StorageUnavailable`].
     StorageUnavailable {
         /// Its idempotency key.
@@ -332,6 +430,21 @@ impl Answer {
                 seq: *seq,
             },
             Answer::StorageUnavailable { key } => Reply::StorageUnavailable { key },
+            Answer::Presence {
+                channel,
+                id,
+                total,
+                users,
+                members,
+                cursor,
+            } => Reply::Presence {
+                channel,
+                id: id.as_deref(),
+                total: *total,
+                users: *users,
+                members,
+                cursor: cursor.as_deref(),
+            },
             Answer::Error {
                 code, message, id, ..
             } => Reply::Error {
@@ -368,6 +481,9 @@ pub enum Request<'a> {
         /// `epochs`: per channel, the channel's epoch those seqs belong to (a cluster's,
         /// from an earlier SUBSCRIBED); it takes the place of `epoch` for that channel.
         epochs: Vec<(String, String)>,
+        /// `presence`: become a member of these channels, and hear their JOIN, LEAVE and
+        /// STATUS.
+        presence: bool,
     },
     /// Unsubscribe from channels.
     Unsub {
@@ -403,6 +519,22 @@ pub enum Request<'a> {
     Channels {
         /// Raw request id to echo, if any.
         id: Option<&'a [u8]>,
+    },
+    /// A page of a channel's presence members.
+    Presence {
+        /// The channel.
+        channel: String,
+        /// Raw request id to echo, if any.
+        id: Option<&'a [u8]>,
+        /// From a previous answer's `cursor`.
+        cursor: Option<String>,
+    },
+    /// This connection's status (and metadata) in every channel where it is a member.
+    Status {
+        /// The status.
+        status: Status,
+        /// Raw JSON object, if given.
+        meta: Option<&'a [u8]>,
     },
 }
 

@@ -4,7 +4,7 @@
 use simd_json::prelude::*;
 use simd_json::tape::{Tape, Value};
 
-use super::{Ingest, Kind, Notice, Publication, Refusal, Reply, Request};
+use super::{Change, Ingest, Kind, Member, Notice, Publication, Refusal, Reply, Request, Status};
 use crate::codec::{Frame, FrameBuilder};
 use crate::codes::ErrorCode;
 use crate::json;
@@ -132,12 +132,19 @@ fn parse_request<'a>(
                 ),
             };
             let epochs = epochs_map(value, &channels)?;
+            let presence = match value.get("presence") {
+                None => false,
+                Some(p) => p
+                    .as_bool()
+                    .ok_or_else(|| Refusal::bad_request("\"presence\" must be true or false"))?,
+            };
             Ok(Request::Sub {
                 channels,
                 id,
                 since,
                 epoch,
                 epochs,
+                presence,
             })
         }
         "UNSUB" => Ok(Request::Unsub {
@@ -159,9 +166,36 @@ fn parse_request<'a>(
             timestamp: json::member(raw, members, "timestamp"),
         }),
         "CHANNELS" => Ok(Request::Channels { id }),
+        "PRESENCE" => {
+            let cursor = match value.get("cursor") {
+                None => None,
+                Some(c) => Some(
+                    c.into_string()
+                        .ok_or_else(|| Refusal::bad_request("\"cursor\" must be a string"))?
+                        .to_string(),
+                ),
+            };
+            Ok(Request::Presence {
+                channel: str_field(value, "channel")?,
+                id,
+                cursor,
+            })
+        }
+        "STATUS" => {
+            let name = str_field(value, "status")?;
+            let status = Status::parse(&name).ok_or_else(|| {
+                Refusal::bad_request("\"status\" must be \"online\", \"away\" or \"busy\"")
+            })?;
+            let meta = match value.get("meta") {
+                None => None,
+                Some(m) if m.as_object().is_some() => json::member(raw, members, "meta"),
+                Some(_) => return Err(Refusal::bad_request("\"meta\" must be an object")),
+            };
+            Ok(Request::Status { status, meta })
+        }
         other => Err(Refusal::bad_request(format!(
-            "unknown message type {}; expected SUB, UNSUB, PUBLISH, INGEST, REFRESH, PING or \
-             CHANNELS",
+            "unknown message type {}; expected SUB, UNSUB, PUBLISH, INGEST, REFRESH, PING, \
+             CHANNELS, PRESENCE or STATUS",
             json::echo(other)
         ))),
     }
@@ -360,6 +394,19 @@ pub fn reply(reply: &Reply<'_>) -> Frame {
         } => subscribed(channels, id, epoch, epochs, recovered),
         Reply::Unsubscribed { channels, id } => unsubscribed(channels, id),
         Reply::Channels { channels, id } => channels_answer(channels, id),
+        Reply::Presence {
+            channel,
+            id,
+            total,
+            users,
+            members,
+            cursor,
+        } => presence_answer(channel, id, (total, users), members, cursor),
+        Reply::PresenceChange {
+            channel,
+            change,
+            member,
+        } => presence_change(channel, change, member),
         Reply::PublishAck { id, seq, local } => publish_ack(id, seq, local),
         Reply::IngestAck {
             key,
@@ -430,6 +477,68 @@ fn unsubscribed(channels: &[impl AsRef<str>], id: Option<&[u8]>) -> Frame {
     out.extend_from_slice(br#"{"type":"UNSUBSCRIBED","channels":"#);
     push_channels(out, channels);
     push_opt_raw(out, "id", id);
+    out.push(b'}');
+    f.finish()
+}
+
+/// A presence member's JSON object.
+fn push_member(out: &mut Vec<u8>, member: &Member) {
+    out.extend_from_slice(br#"{"user":"#);
+    json::push_str(out, &member.user);
+    out.extend_from_slice(br#","connectionId":"#);
+    json::push_str(out, &member.connection_id);
+    out.extend_from_slice(br#","status":"#);
+    json::push_str(out, member.status.as_str());
+    out.extend_from_slice(br#","meta":"#);
+    out.extend_from_slice(&member.meta);
+    out.push(b'}');
+}
+
+/// `PRESENCE`: a page of a channel's members.
+fn presence_answer(
+    channel: &str,
+    id: Option<&[u8]>,
+    (total, users): (usize, usize),
+    members: &[Member],
+    cursor: Option<&str>,
+) -> Frame {
+    let mut f = text();
+    let out = f.payload_mut();
+    out.extend_from_slice(br#"{"type":"PRESENCE","channel":"#);
+    json::push_str(out, channel);
+    push_opt_raw(out, "id", id);
+    out.extend_from_slice(br#","total":"#);
+    json::push_u64(out, total as u64);
+    out.extend_from_slice(br#","users":"#);
+    json::push_u64(out, users as u64);
+    out.extend_from_slice(br#","members":["#);
+    for (i, member) in members.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        push_member(out, member);
+    }
+    out.push(b']');
+    if let Some(cursor) = cursor {
+        out.extend_from_slice(br#","cursor":"#);
+        json::push_str(out, cursor);
+    }
+    out.push(b'}');
+    f.finish()
+}
+
+/// `JOIN`, `LEAVE` or `STATUS` of `member` on `channel`.
+fn presence_change(channel: &str, change: Change, member: &Member) -> Frame {
+    let mut f = text();
+    let out = f.payload_mut();
+    out.extend_from_slice(match change {
+        Change::Join => br#"{"type":"JOIN","channel":"#,
+        Change::Leave => br#"{"type":"LEAVE","channel":"#,
+        Change::Status => br#"{"type":"STATUS","channel":"#,
+    });
+    json::push_str(out, channel);
+    out.extend_from_slice(br#","member":"#);
+    push_member(out, member);
     out.push(b'}');
     f.finish()
 }
@@ -768,7 +877,7 @@ mod tests {
 
     #[test]
     fn sub_carries_since_and_epoch() {
-        let raw = br#"{"type":"SUB","channels":["a","b"],"since":{"a":41},"epoch":1700000000000,"epochs":{"a":"0af3"}}"#;
+        let raw = br#"{"type":"SUB","channels":["a","b"],"since":{"a":41},"epoch":1700000000000,"epochs":{"a":"0af3"},"presence":true}"#;
         let req = Parser::default().parse(raw).unwrap();
         assert_eq!(
             req,
@@ -778,6 +887,7 @@ mod tests {
                 since: vec![("a".into(), 41)],
                 epoch: Some(1_700_000_000_000),
                 epochs: vec![("a".into(), "0af3".into())],
+                presence: true,
             }
         );
         let mut parser = Parser::default();
@@ -827,6 +937,12 @@ mod tests {
             data: br#"{"k":[1]}"#.to_vec(),
         };
         let channels = ["org:a:usage".to_string()];
+        let members = [Member {
+            user: "u\"1".into(),
+            connection_id: "1a-0-7".into(),
+            status: Status::Away,
+            meta: br#"{"doc": "q3"}"#.to_vec().into(),
+        }];
         let replies = [
             Reply::Ready {
                 connection_id: "c-1",
@@ -846,6 +962,19 @@ mod tests {
             Reply::Channels {
                 channels: &["org:a:usage".into(), "org:a:x\"y".into()],
                 id: Some(b"1"),
+            },
+            Reply::Presence {
+                channel: "org:a:usage",
+                id: Some(b"2"),
+                total: 3,
+                users: 2,
+                members: &members,
+                cursor: Some("0.7"),
+            },
+            Reply::PresenceChange {
+                channel: "org:a:usage",
+                change: Change::Status,
+                member: &members[0],
             },
             Reply::Error {
                 code: ErrorCode::Forbidden,

@@ -34,6 +34,7 @@ mod clustered;
 mod ingest;
 mod outbox;
 mod peer;
+mod presence;
 mod replays;
 mod subscriptions;
 
@@ -129,6 +130,33 @@ pub enum MeshMsg {
         token: u64,
         /// The channel and its own epoch, when the engine has one (in a cluster).
         epoch: Option<(Box<str>, Box<str>)>,
+    },
+    /// To a channel's owner: what the connection at `place` did in its presence.
+    Roster {
+        /// Channel.
+        channel: Box<str>,
+        /// The member's shard and connection.
+        place: presence::Place,
+        /// Joined or changed, or left.
+        op: presence::Roster,
+    },
+    /// From a channel's owner: tell this shard's presence members of `channel`.
+    PresenceChange {
+        /// Channel.
+        channel: Box<str>,
+        /// What changed.
+        change: crate::dialect::Change,
+        /// Who.
+        member: crate::dialect::Member,
+    },
+    /// To a channel's owner: a page of its members for a client's PRESENCE.
+    PresenceQuery {
+        /// Channel.
+        channel: Box<str>,
+        /// Members after this place (a cursor).
+        after: Option<presence::Place>,
+        /// Who to answer.
+        origin: Origin,
     },
     /// To a channel's owner: a page of its history for the HTTP API.
     History {
@@ -226,6 +254,11 @@ pub struct Shard {
     numbering: RefCell<HashMap<u64, Origin>>,
     /// Decisions stopped nodes committed and never numbered, numbered here (cluster).
     orphans: RefCell<clustered::Orphans>,
+    /// Presence members of the channels this shard owns.
+    rosters: RefCell<presence::Rosters>,
+    /// The status and metadata of this shard's connections that sent STATUS (kept here,
+    /// not in every [`Peer`]).
+    statuses: RefCell<HashMap<u64, presence::Statused>>,
     /// Publishers paused while the engine is congested.
     engine_waiters: RefCell<Vec<Waker>>,
     decisions: RefCell<Decisions>,
@@ -275,6 +308,8 @@ impl Shard {
             channels: RefCell::default(),
             numbering: RefCell::default(),
             orphans: RefCell::default(),
+            rosters: RefCell::default(),
+            statuses: RefCell::default(),
             engine_waiters: RefCell::default(),
             decisions: RefCell::new(Decisions::new(&config, id)),
             replays: RefCell::default(),
@@ -413,7 +448,14 @@ impl Shard {
         for channel in channels {
             self.unsubscribe_one(peer.id, &channel);
         }
+        self.statuses.borrow_mut().remove(&peer.id);
         self.conns.borrow_mut().remove(peer.id);
+    }
+
+    /// Connection `conn`'s id as clients see it (READY, presence): unique across the
+    /// node's shards and restarts.
+    pub fn connection_id(&self, conn: u64) -> String {
+        format!("{:x}-{}-{}", self.global.boot_id, self.id, conn)
     }
 
     /// The connection with this id, if it is still open.
@@ -524,6 +566,7 @@ impl Shard {
                 since,
                 epoch,
                 mut epochs,
+                presence,
             } => {
                 // Seqs from another epoch may have been reused since (ephemeral channels restart
                 // at 1): such replays are never called complete. A channel's own epoch (in a
@@ -542,7 +585,7 @@ impl Shard {
                         (channel, since)
                     })
                     .collect();
-                return self.subscribe(peer, principal, channels, id, since);
+                return self.subscribe(peer, principal, (channels, presence), id, since);
             }
             Request::Unsub { channels, id } => {
                 for channel in &channels {
@@ -645,6 +688,49 @@ impl Shard {
                 self.route(owner, msg);
             }
             Request::Ping { timestamp } => self.answer(peer, &Reply::Pong { timestamp }),
+            Request::Status { status, meta } => {
+                if let Err(refusal) = self.set_status(peer, principal, status, meta) {
+                    return self.refuse(peer, &refusal);
+                }
+            }
+            Request::Presence {
+                channel,
+                id,
+                cursor,
+            } => {
+                if let Err(refusal) = self.check_channel(principal, Scope::Subscribe, &channel) {
+                    return self.refuse(peer, &refusal.with_id(id));
+                }
+                let after = match cursor.as_deref().map(presence::parse_cursor) {
+                    None => None,
+                    Some(Some(place)) => Some(place),
+                    Some(None) => {
+                        let refusal =
+                            Refusal::bad_request("\"cursor\" is not one this server gave");
+                        return self.refuse(peer, &refusal.with_id(id));
+                    }
+                };
+                let origin = Origin {
+                    shard: self.id,
+                    conn: peer.id,
+                    id: id.map(Box::from),
+                };
+                let owner = self.owner_of(&channel);
+                if owner == self.id {
+                    self.presence_page(&channel, after, origin);
+                } else {
+                    peer.owed.set(peer.owed.get() + 1);
+                    let channel = channel.into();
+                    self.route(
+                        owner,
+                        MeshMsg::PresenceQuery {
+                            channel,
+                            after,
+                            origin,
+                        },
+                    );
+                }
+            }
             Request::Channels { id } => {
                 let channels = peer.channels.borrow().to_vec();
                 self.answer(
@@ -697,7 +783,7 @@ impl Shard {
         &self,
         peer: &Rc<Peer>,
         principal: &Principal,
-        names: Vec<String>,
+        (names, presence): (Vec<String>, bool),
         id: Option<&[u8]>,
         since: HashMap<String, Since>,
     ) -> Handled {
@@ -807,6 +893,10 @@ impl Shard {
             } else if let Some(epoch) = self.engine.borrow().epoch(name) {
                 pending.epochs.push((name.as_str().into(), epoch.into()));
             }
+        }
+        if presence {
+            // After the interest above: the owner knows this shard before it tells it.
+            self.join(peer, principal, &accepted);
         }
         pending.channels = accepted;
         if pending.waiting == 0 {
@@ -1102,6 +1192,8 @@ impl Shard {
     }
 
     fn unsubscribe_one(&self, conn: u64, channel: &str) {
+        // Before the interest goes: the owner still tells this shard's other members.
+        self.leave(conn, channel);
         let now_empty = self.subs.borrow_mut().remove(conn, channel);
         let owner = self.owner_of(channel);
         if now_empty && owner == self.id {
@@ -1735,6 +1827,17 @@ impl Shard {
                 self.answered(token, Some(replay.into_shared()), None)
             }
             MeshMsg::Notice { channel, notice } => self.notify_local(&channel, &notice),
+            MeshMsg::Roster { channel, place, op } => self.roster(&channel, place, op),
+            MeshMsg::PresenceChange {
+                channel,
+                change,
+                member,
+            } => self.tell_members(&channel, change, &member),
+            MeshMsg::PresenceQuery {
+                channel,
+                after,
+                origin,
+            } => self.presence_page(&channel, after, origin),
             MeshMsg::Reply { conn, answer } => {
                 // Each request routed to an owner is answered once: the debt is paid.
                 if let Some(peer) = self.peer(conn) {

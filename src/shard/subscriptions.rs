@@ -52,6 +52,9 @@ pub(super) struct Subscriptions {
     catching_up: HashMap<Rc<str>, HashMap<u64, CatchUp>>,
     /// SUBs waiting for owners, by token.
     pending: HashMap<u64, PendingSub>,
+    /// Per channel, the local subscribers that are its presence members (they hear its
+    /// JOIN, LEAVE and STATUS).
+    members: HashMap<Rc<str>, Subscribers>,
 }
 
 impl Subscriptions {
@@ -179,6 +182,51 @@ impl Subscriptions {
         dropped
     }
 
+    /// Make subscriber `peer` a presence member of `channel`; false when it already was.
+    pub fn add_member(&mut self, channel: Rc<str>, peer: &Rc<Peer>) -> bool {
+        let members = self.members.entry(channel).or_default();
+        members.insert(peer.id, peer.clone()).is_none()
+    }
+
+    /// Whether connection `conn` is a presence member of `channel`.
+    pub fn is_member(&self, channel: &str, conn: u64) -> bool {
+        self.members
+            .get(channel)
+            .is_some_and(|members| members.contains_key(&conn))
+    }
+
+    /// `conn` is no longer a presence member of `channel`; true when it was.
+    pub fn remove_member(&mut self, channel: &str, conn: u64) -> bool {
+        let Some(members) = self.members.get_mut(channel) else {
+            return false;
+        };
+        let was = members.swap_remove(&conn).is_some();
+        if members.is_empty() {
+            self.members.remove(channel);
+        }
+        was
+    }
+
+    /// Hand `frame` (made once per dialect in use) to every presence member of `channel`
+    /// through `deliver`; returns how many.
+    pub fn tell_members(
+        &self,
+        channel: &str,
+        frame: impl Fn(Dialect) -> Frame,
+        mut deliver: impl FnMut(&Rc<Peer>, Frame),
+    ) -> usize {
+        let Some(members) = self.members.get(channel) else {
+            return 0;
+        };
+        let mut frames: [Option<Frame>; Dialect::COUNT] = Default::default();
+        for peer in members.values() {
+            let dialect = peer.dialect();
+            let framed = frames[dialect as usize].get_or_insert_with(|| frame(dialect));
+            deliver(peer, framed.clone());
+        }
+        members.len()
+    }
+
     /// Park a SUB until its owners have answered.
     pub fn park(&mut self, token: u64, sub: PendingSub) {
         self.pending.insert(token, sub);
@@ -225,6 +273,7 @@ impl Subscriptions {
     /// Give back the subscriber map's table once it is mostly empty.
     pub fn shrink(&mut self) {
         crate::engine::shrink_if_sparse(&mut self.by_channel);
+        crate::engine::shrink_if_sparse(&mut self.members);
     }
 }
 

@@ -134,6 +134,7 @@ scopes = ["subscribe"]
         let ready = c.recv();
         assert_eq!(ready["type"], "READY", "{ready}");
         c.shard = ready["shard"].as_u64().expect("shard") as usize;
+        c.connection_id = ready["connectionId"].as_str().unwrap_or_default().into();
         c
     }
 
@@ -160,6 +161,7 @@ scopes = ["subscribe"]
         let ready = c.recv();
         assert_eq!(ready["type"], "READY", "{ready}");
         c.shard = ready["shard"].as_u64().expect("shard") as usize;
+        c.connection_id = ready["connectionId"].as_str().unwrap_or_default().into();
         c
     }
 
@@ -293,6 +295,8 @@ pub fn http_get(addr: SocketAddr, path: &str, headers: &str) -> (u16, String) {
 pub struct Client {
     pub ws: WebSocket<TcpStream>,
     pub shard: usize,
+    /// READY's `connectionId` (empty before READY is read).
+    pub connection_id: String,
 }
 
 impl Client {
@@ -315,7 +319,11 @@ impl Client {
             tungstenite::HandshakeError::Failure(e) => e,
             tungstenite::HandshakeError::Interrupted(_) => panic!("interrupted handshake"),
         })?;
-        Ok(Client { ws, shard: 0 })
+        Ok(Client {
+            ws,
+            shard: 0,
+            connection_id: String::new(),
+        })
     }
 
     /// Send a JSON text message.

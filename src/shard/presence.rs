@@ -1,0 +1,321 @@
+//! Presence: who is in a channel. A channel's members are kept by its owner shard
+//! ([`Rosters`], plain data). A member's own shard tells the owner when it joins (a SUB with
+//! `presence`), leaves (UNSUB, or its connection closes) or changes status (STATUS); the
+//! owner tells the channel's presence members on every shard, through the mesh like any
+//! fan-out, and answers PRESENCE a page at a time.
+//!
+//! On a cluster node this is the node's own presence: Redis presence is not built yet
+//! (docs/CLUSTER.md).
+
+use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
+
+use super::{MeshMsg, Origin, Peer, Shard};
+use crate::auth::Principal;
+use crate::dialect::{Answer, Change, Member, Refusal, Reply, Status};
+use crate::metrics::Counter;
+
+/// Where a member is: its shard and connection (unique on the node, and the order pages
+/// follow).
+pub type Place = (u16, u64);
+
+/// A connection's STATUS: its status and metadata (a JSON object, raw).
+pub type Statused = (Status, Box<[u8]>);
+
+/// What a member's shard tells a channel's owner.
+#[derive(Debug)]
+pub enum Roster {
+    /// The connection is a member now, or changed its status.
+    Set(Member),
+    /// It is not a member any more.
+    Leave,
+}
+
+/// One channel's members, and how many connections each user has among them.
+#[derive(Debug, Default)]
+struct Members {
+    by_place: BTreeMap<Place, Member>,
+    users: HashMap<Box<str>, u32>,
+}
+
+/// The members of the channels one shard owns.
+#[derive(Debug, Default)]
+pub(super) struct Rosters {
+    by_channel: HashMap<Box<str>, Members>,
+    total: usize,
+}
+
+impl Rosters {
+    /// `member`, at `place`, is in `channel`: a JOIN if it was not, else a STATUS.
+    fn set(&mut self, channel: &str, place: Place, member: Member) -> Change {
+        if !self.by_channel.contains_key(channel) {
+            self.by_channel.insert(channel.into(), Members::default());
+        }
+        let Some(members) = self.by_channel.get_mut(channel) else {
+            return Change::Join;
+        };
+        let user = member.user.clone();
+        if members.by_place.insert(place, member).is_some() {
+            return Change::Status;
+        }
+        *members.users.entry(user).or_default() += 1;
+        self.total += 1;
+        Change::Join
+    }
+
+    /// The member at `place` left `channel`, if it was in it.
+    fn remove(&mut self, channel: &str, place: Place) -> Option<Member> {
+        let members = self.by_channel.get_mut(channel)?;
+        let member = members.by_place.remove(&place)?;
+        if let Some(n) = members.users.get_mut(&member.user) {
+            *n -= 1;
+            if *n == 0 {
+                members.users.remove(&member.user);
+            }
+        }
+        if members.by_place.is_empty() {
+            self.by_channel.remove(channel);
+        }
+        self.total -= 1;
+        Some(member)
+    }
+
+    /// `channel`'s members after `after`, at most `max`: (members in all, distinct users, the
+    /// page, where the next page begins if there is more).
+    fn page(
+        &self,
+        channel: &str,
+        after: Option<Place>,
+        max: usize,
+    ) -> (usize, usize, Vec<Member>, Option<Place>) {
+        let Some(members) = self.by_channel.get(channel) else {
+            return (0, 0, Vec::new(), None);
+        };
+        let range = match after {
+            Some(after) => members
+                .by_place
+                .range((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded)),
+            None => members.by_place.range(..),
+        };
+        let mut page: Vec<(Place, Member)> = range
+            .take(max.saturating_add(1))
+            .map(|(place, member)| (*place, member.clone()))
+            .collect();
+        let more = page.len() > max;
+        page.truncate(max);
+        let next = if more {
+            page.last().map(|(place, _)| *place)
+        } else {
+            None
+        };
+        let page = page.into_iter().map(|(_, member)| member).collect();
+        (members.by_place.len(), members.users.len(), page, next)
+    }
+}
+
+/// A PRESENCE cursor: opaque to clients, the place the last page ended at.
+fn cursor_text(place: Place) -> Box<str> {
+    format!("{}.{}", place.0, place.1).into()
+}
+
+/// The place a cursor names.
+pub fn parse_cursor(text: &str) -> Option<Place> {
+    let (shard, conn) = text.split_once('.')?;
+    Some((shard.parse().ok()?, conn.parse().ok()?))
+}
+
+impl Shard {
+    /// What `peer` (`principal`) looks like as a member.
+    fn member(&self, peer: &Peer, principal: &Principal) -> Member {
+        let user = principal.user.as_deref().or(principal.key_id.as_deref());
+        let statuses = self.statuses.borrow();
+        let (status, meta) = match statuses.get(&peer.id) {
+            Some((status, meta)) => (*status, meta.clone()),
+            None => (Status::Online, b"{}".to_vec().into()),
+        };
+        Member {
+            user: user.unwrap_or_default().into(),
+            connection_id: self.connection_id(peer.id).into(),
+            status,
+            meta,
+        }
+    }
+
+    /// `peer`, just subscribed to `channels` with `presence`, becomes a member of each.
+    pub(super) fn join(&self, peer: &Rc<Peer>, principal: &Principal, channels: &[String]) {
+        for name in channels {
+            let channel: Rc<str> = name.as_str().into();
+            if self.subs.borrow_mut().add_member(channel, peer) {
+                let member = self.member(peer, principal);
+                self.to_roster(name, peer.id, Roster::Set(member));
+            }
+        }
+    }
+
+    /// Connection `conn` unsubscribes from `channel`: it leaves, if it was a member.
+    pub(super) fn leave(&self, conn: u64, channel: &str) {
+        if self.subs.borrow_mut().remove_member(channel, conn) {
+            self.to_roster(channel, conn, Roster::Leave);
+        }
+    }
+
+    /// STATUS: `peer`'s status and metadata, in every channel where it is a member.
+    pub(super) fn set_status(
+        &self,
+        peer: &Peer,
+        principal: &Principal,
+        status: Status,
+        meta: Option<&[u8]>,
+    ) -> Result<(), Refusal> {
+        let max = self.config.presence.max_meta_bytes;
+        if meta.is_some_and(|m| m.len() > max) {
+            return Err(Refusal::bad_request(format!(
+                "\"meta\" is over {max} bytes ([presence] max_meta_bytes)"
+            )));
+        }
+        let meta = meta.unwrap_or(b"{}").into();
+        self.statuses.borrow_mut().insert(peer.id, (status, meta));
+        let channels = peer.channels.borrow().to_vec();
+        for channel in channels {
+            if self.subs.borrow().is_member(&channel, peer.id) {
+                let member = self.member(peer, principal);
+                self.to_roster(&channel, peer.id, Roster::Set(member));
+            }
+        }
+        Ok(())
+    }
+
+    /// Tell `channel`'s owner what connection `conn` of this shard did.
+    fn to_roster(&self, channel: &str, conn: u64, op: Roster) {
+        let owner = self.owner_of(channel);
+        let place = (self.id as u16, conn);
+        if owner == self.id {
+            return self.roster(channel, place, op);
+        }
+        let channel = channel.into();
+        self.route(owner, MeshMsg::Roster { channel, place, op });
+    }
+
+    /// On `channel`'s owner: the member at `place` did `op`; its presence members are told.
+    pub(super) fn roster(&self, channel: &str, place: Place, op: Roster) {
+        let told = match op {
+            Roster::Set(member) => {
+                let change = self
+                    .rosters
+                    .borrow_mut()
+                    .set(channel, place, member.clone());
+                Some((change, member))
+            }
+            Roster::Leave => {
+                let gone = self.rosters.borrow_mut().remove(channel, place);
+                gone.map(|member| (Change::Leave, member))
+            }
+        };
+        let total = self.rosters.borrow().total;
+        self.counters.set(Counter::PresenceMembers, total as u64);
+        let Some((change, member)) = told else {
+            return;
+        };
+        self.counters.add(Counter::PresenceChanges, 1);
+        if let Some(owned) = self.channels.borrow().get(channel) {
+            for &shard in &owned.interest {
+                let (channel, member) = (channel.into(), member.clone());
+                let msg = MeshMsg::PresenceChange {
+                    channel,
+                    change,
+                    member,
+                };
+                self.route(usize::from(shard), msg);
+            }
+        }
+        self.tell_members(channel, change, &member);
+    }
+
+    /// Tell this shard's presence members of `channel` what changed, as fan-out (a member
+    /// that has fallen behind loses the oldest first, as with messages).
+    pub(super) fn tell_members(&self, channel: &str, change: Change, member: &Member) {
+        let reply = Reply::PresenceChange {
+            channel,
+            change,
+            member,
+        };
+        let frame = |dialect: crate::dialect::Dialect| dialect.reply(&reply);
+        let deliver = |peer: &Rc<Peer>, frame| self.deliver(peer, frame);
+        self.subs.borrow().tell_members(channel, frame, deliver);
+    }
+
+    /// On `channel`'s owner: answer a PRESENCE from `origin` with the page after `after`.
+    pub(super) fn presence_page(&self, channel: &str, after: Option<Place>, mut origin: Origin) {
+        let max = self.config.presence.max_members;
+        let (total, users, members, next) = self.rosters.borrow().page(channel, after, max);
+        let answer = Answer::Presence {
+            channel: channel.into(),
+            id: origin.id.take(),
+            total,
+            users,
+            members,
+            cursor: next.map(cursor_text),
+        };
+        self.reply(&origin, answer);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(user: &str, n: u64) -> Member {
+        Member {
+            user: user.into(),
+            connection_id: format!("c{n}").into(),
+            status: Status::Online,
+            meta: b"{}".to_vec().into(),
+        }
+    }
+
+    #[test]
+    fn members_join_change_leave_and_are_counted_by_user() {
+        let mut rosters = Rosters::default();
+        assert_eq!(rosters.set("c", (0, 1), member("ann", 1)), Change::Join);
+        assert_eq!(rosters.set("c", (1, 1), member("ann", 2)), Change::Join);
+        assert_eq!(rosters.set("c", (0, 2), member("bob", 3)), Change::Join);
+        let away = Member {
+            status: Status::Away,
+            ..member("bob", 3)
+        };
+        assert_eq!(rosters.set("c", (0, 2), away), Change::Status);
+        let (total, users, page, next) = rosters.page("c", None, 10);
+        assert_eq!((total, users, page.len(), next), (3, 2, 3, None));
+        assert_eq!(page[1].status, Status::Away, "in place order");
+        assert_eq!(
+            rosters.remove("c", (0, 1)).map(|m| m.user),
+            Some("ann".into())
+        );
+        assert!(rosters.remove("c", (0, 1)).is_none(), "gone already");
+        assert_eq!(rosters.page("c", None, 10).1, 2, "ann is still there once");
+        rosters.remove("c", (1, 1));
+        rosters.remove("c", (0, 2));
+        assert_eq!((rosters.total, rosters.by_channel.len()), (0, 0));
+    }
+
+    #[test]
+    fn pages_follow_their_cursor_through_every_member_once() {
+        let mut rosters = Rosters::default();
+        for n in 0..25 {
+            rosters.set("c", ((n % 2) as u16, n), member(&format!("u{n}"), n));
+        }
+        let (mut seen, mut after) = (Vec::new(), None);
+        loop {
+            let (total, users, page, next) = rosters.page("c", after, 10);
+            assert_eq!((total, users), (25, 25));
+            seen.extend(page.into_iter().map(|m| m.connection_id));
+            let Some(next) = next else { break };
+            after = parse_cursor(&cursor_text(next));
+            assert_eq!(after, Some(next));
+        }
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), 25);
+        assert_eq!(parse_cursor("x"), None);
+    }
+}
