@@ -139,6 +139,7 @@ fn shard_with_subscribers(n: usize) -> (Shard, Vec<Rc<shardcast::shard::Peer>>, 
         user: None,
         key_id: None,
         scopes: Scopes::from_list(&[Scope::Admin]),
+        exclusive: false,
         expires_ms: None,
     };
     let mut parser = Parser::default();

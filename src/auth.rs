@@ -45,6 +45,8 @@ pub struct Principal {
     pub key_id: Option<Box<str>>,
     /// Scopes held.
     pub scopes: Scopes,
+    /// Its connections are exclusive per session key (`[sessions]`).
+    pub exclusive: bool,
     /// When the credential stops being valid, in Unix milliseconds (a JWT's `exp` plus the
     /// configured leeway); `None` for API keys.
     pub expires_ms: Option<u64>,
@@ -201,6 +203,9 @@ struct Claims {
     exp: u64,
     #[serde(default)]
     scopes: ScopeClaim,
+    /// `"exclusive"`: one connection per session key.
+    #[serde(default)]
+    session: Option<String>,
 }
 
 /// `scopes` as a list or a space-separated string (both are common in the wild).
@@ -233,6 +238,7 @@ impl Authenticator {
                     user: None,
                     key_id: Some(k.id.as_str().into()),
                     scopes: Scopes::from_list(&k.scopes),
+                    exclusive: k.session == crate::config::SessionMode::Exclusive,
                     expires_ms: None,
                 };
                 (k.secret.clone(), Rc::new(principal))
@@ -287,6 +293,7 @@ impl Authenticator {
             user: Some(claims.sub.into()),
             key_id: None,
             scopes: Scopes::from_list(&scopes),
+            exclusive: claims.session.as_deref() == Some("exclusive"),
             expires_ms: Some(expires_secs.saturating_mul(1_000)),
         }))
     }
@@ -320,6 +327,7 @@ mod tests {
             secret: "s1".into(),
             org: "acme".into(),
             scopes: vec![Scope::Subscribe, Scope::Publish],
+            session: Default::default(),
         });
         config
     }
@@ -423,6 +431,7 @@ mod tests {
             user: Some("u1".into()),
             key_id: None,
             scopes: Scopes::from_list(&[Scope::Subscribe]),
+            exclusive: false,
             expires_ms: None,
         };
         let ch = |s| Channel::parse(s, &cats).unwrap();

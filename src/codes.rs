@@ -95,36 +95,53 @@ impl std::fmt::Display for ErrorCode {
 
 /// WebSocket close codes the server sends (RFC 6455 section 7.4, and shardcast's own 4xxx).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u16)]
 pub enum Close {
     /// The client closed; answered in kind.
-    Normal = 1000,
+    Normal,
     /// The server is restarting (after `SYSTEM restart`).
-    GoingAway = 1001,
+    GoingAway,
     /// A frame broke the protocol.
-    ProtocolError = 1002,
+    ProtocolError,
     /// Text that is not UTF-8.
-    InvalidData = 1007,
+    InvalidData,
     /// The connection read too slowly (policy "close").
-    SlowConsumer = 1008,
+    SlowConsumer,
     /// A message over `limits.max_message_bytes`.
-    TooBig = 1009,
+    TooBig,
     /// Too many malformed or refused messages.
-    BadMessages = 4400,
+    BadMessages,
     /// Missing or unknown credentials.
-    Unauthorized = 4401,
+    Unauthorized,
+    /// An exclusive session is held by another connection (`[sessions] policy = "reject"`).
+    SessionConflict,
     /// An invalid or expired token.
-    TokenRefused = 4403,
+    TokenRefused,
     /// A message left incomplete, or replies left unread, for too long.
-    Stalled = 4408,
+    Stalled,
+    /// A newer connection took this one's exclusive session (the event gateway's code: the
+    /// same as [`Close::Stalled`]'s, told apart by the reason and the SYSTEM before it).
+    SessionReplaced,
     /// Over the rate limit, repeatedly.
-    RateLimited = 4429,
+    RateLimited,
 }
 
 impl Close {
     /// The code as sent.
     pub const fn code(self) -> u16 {
-        self as u16
+        match self {
+            Close::Normal => 1000,
+            Close::GoingAway => 1001,
+            Close::ProtocolError => 1002,
+            Close::InvalidData => 1007,
+            Close::SlowConsumer => 1008,
+            Close::TooBig => 1009,
+            Close::BadMessages => 4400,
+            Close::Unauthorized => 4401,
+            Close::SessionConflict => 4402,
+            Close::TokenRefused => 4403,
+            Close::Stalled | Close::SessionReplaced => 4408,
+            Close::RateLimited => 4429,
+        }
     }
 }
 

@@ -85,6 +85,8 @@ pub struct Config {
     pub history: History,
     /// Who is in a channel (`SUB` with `presence`).
     pub presence: Presence,
+    /// One connection per user (per session name) for exclusive credentials.
+    pub sessions: Sessions,
     /// Graceful shutdown.
     pub shutdown: Shutdown,
     /// Cross-shard mesh.
@@ -432,6 +434,39 @@ pub struct ApiKey {
     pub org: String,
     /// Scopes granted.
     pub scopes: Vec<Scope>,
+    /// `"exclusive"`: one connection per user and session name at a time (`[sessions]`).
+    #[serde(default)]
+    pub session: SessionMode,
+}
+
+/// Whether a credential's connections share their session.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionMode {
+    /// Any number of connections at once.
+    #[default]
+    Shared,
+    /// One per session key (user, and `?session=NAME`).
+    Exclusive,
+}
+
+/// What happens when a second connection claims an exclusive session.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionPolicy {
+    /// The newest wins: the older connection is told `session_replaced` and closed (4408).
+    #[default]
+    Replace,
+    /// The first stays: the newcomer is closed with 4402.
+    Reject,
+}
+
+/// Exclusive sessions.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Sessions {
+    /// Who wins a conflict.
+    pub policy: SessionPolicy,
 }
 
 impl Default for Config {
@@ -450,6 +485,7 @@ impl Default for Config {
             storage: Storage::default(),
             history: History::default(),
             presence: Presence::default(),
+            sessions: Sessions::default(),
             shutdown: Shutdown::default(),
             mesh: Mesh::default(),
             cluster: Cluster::default(),

@@ -496,6 +496,23 @@ impl Conn {
                 }
             }
         };
+        // An exclusive credential's session: its user and `?session=NAME`.
+        let session = match &principal {
+            Some(p) if p.exclusive => {
+                let name = crate::routes::api::params(&request.query)
+                    .into_iter()
+                    .find_map(|(k, v)| (k == "session").then_some(v))
+                    .unwrap_or_default();
+                let max = crate::shard::sessions::MAX_SESSION_NAME;
+                if name.len() > max {
+                    let message = format!("\"session\" is over {max} bytes");
+                    let refused = Response::error(400, ErrorCode::BadRequest, &message);
+                    return self.respond(&refused, false, Vec::new());
+                }
+                Some(crate::shard::sessions::session_key(p, &name))
+            }
+            _ => None,
+        };
         if shard.shutting_down.get() {
             let refused = Response::error(503, ErrorCode::ShuttingDown, "server is restarting");
             return self.respond(&refused.header("Retry-After", "1"), false, Vec::new());
@@ -510,12 +527,17 @@ impl Conn {
         self.enter(Phase::Open);
         match principal {
             Some(principal) => {
-                let id = shard.connection_id(self.peer.id);
-                let ready = Reply::Ready {
-                    connection_id: &id,
-                    shard: shard.id,
-                };
-                shard.answer(&self.peer, &ready);
+                if let Some(key) = session {
+                    // READY once the session's owner grants it.
+                    shard.claim_session(&self.peer, key);
+                } else {
+                    let id = shard.connection_id(self.peer.id);
+                    let ready = Reply::Ready {
+                        connection_id: &id,
+                        shard: shard.id,
+                    };
+                    shard.answer(&self.peer, &ready);
+                }
                 self.set_token_deadline(&principal);
                 self.bucket = TokenBucket::full(shard.config.limits.rate(), shard.now_ms());
                 self.mode = Mode::Session(principal);

@@ -62,9 +62,13 @@ pub enum Counter {
     PresenceMembers,
     /// Presence changes told (JOIN, LEAVE, STATUS).
     PresenceChanges,
+    /// Exclusive sessions taken over by a newer connection.
+    SessionsReplaced,
+    /// Connections refused because their exclusive session was held (policy "reject").
+    SessionsRefused,
 }
 
-const COUNTERS: usize = 23;
+const COUNTERS: usize = 25;
 const AUTH_REASONS: [&str; 4] = [
     "missing_credentials",
     "invalid_key",
@@ -520,6 +524,18 @@ impl Global {
             "counter",
             "Presence changes told to a channel's members (JOIN, LEAVE, STATUS).",
             self.sum(Counter::PresenceChanges),
+        );
+        metric(
+            "shardcast_sessions_replaced_total",
+            "counter",
+            "Exclusive sessions taken over by a newer connection (the older one closed with 4408).",
+            self.sum(Counter::SessionsReplaced),
+        );
+        metric(
+            "shardcast_sessions_refused_total",
+            "counter",
+            "Connections refused with 4402 because their exclusive session was held.",
+            self.sum(Counter::SessionsRefused),
         );
         metric(
             "shardcast_cluster_local_messages_total",

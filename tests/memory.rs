@@ -83,6 +83,7 @@ fn config() -> Config {
         secret: "mem-secret".into(),
         org: "mem".into(),
         scopes: vec![Scope::Subscribe],
+        session: Default::default(),
     });
     config
 }

@@ -28,6 +28,7 @@ fuzz_target!(|data: &[u8]| {
         user: None,
         key_id: None,
         scopes: Scopes::from_list(&[Scope::Admin]),
+        exclusive: false,
         expires_ms: None,
     };
     let _ = shardcast::routes::api::decisions_query(&admin, &request.query);

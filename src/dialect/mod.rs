@@ -255,6 +255,8 @@ pub enum Reply<'a> {
         /// Who.
         member: &'a Member,
     },
+    /// A newer connection took this one's exclusive session: it is closed next.
+    SessionReplaced,
     /// The answer to CHANNELS.
     Channels {
         /// The connection's subscriptions, in the order made.

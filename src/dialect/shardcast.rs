@@ -394,6 +394,12 @@ pub fn reply(reply: &Reply<'_>) -> Frame {
         } => subscribed(channels, id, epoch, epochs, recovered),
         Reply::Unsubscribed { channels, id } => unsubscribed(channels, id),
         Reply::Channels { channels, id } => channels_answer(channels, id),
+        Reply::SessionReplaced => {
+            let mut f = text();
+            f.payload_mut()
+                .extend_from_slice(br#"{"type":"SYSTEM","event":"session_replaced"}"#);
+            f.finish()
+        }
         Reply::Presence {
             channel,
             id,
@@ -963,6 +969,7 @@ mod tests {
                 channels: &["org:a:usage".into(), "org:a:x\"y".into()],
                 id: Some(b"1"),
             },
+            Reply::SessionReplaced,
             Reply::Presence {
                 channel: "org:a:usage",
                 id: Some(b"2"),

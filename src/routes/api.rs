@@ -354,6 +354,7 @@ mod tests {
             user: None,
             key_id: Some("k".into()),
             scopes: Scopes::from_list(scopes),
+            exclusive: false,
             expires_ms: None,
         }
     }

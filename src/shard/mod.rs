@@ -36,6 +36,7 @@ mod outbox;
 mod peer;
 mod presence;
 mod replays;
+pub mod sessions;
 mod subscriptions;
 
 use channels::{Channels, Held, Hold, Waiter};
@@ -158,6 +159,27 @@ pub enum MeshMsg {
         /// Who to answer.
         origin: Origin,
     },
+    /// To a session key's owner: the connection at `place` claims it.
+    SessionClaim {
+        /// The session key.
+        key: Box<str>,
+        /// The claimant.
+        place: presence::Place,
+    },
+    /// To a session key's owner: the connection at `place` is gone.
+    SessionRelease {
+        /// The session key.
+        key: Box<str>,
+        /// The connection.
+        place: presence::Place,
+    },
+    /// From a session key's owner: what became of connection `conn`'s claim.
+    SessionOutcome {
+        /// The connection.
+        conn: u64,
+        /// Granted, replaced or refused.
+        outcome: sessions::Outcome,
+    },
     /// To a channel's owner: a page of its history for the HTTP API.
     History {
         /// Channel.
@@ -259,6 +281,10 @@ pub struct Shard {
     /// The status and metadata of this shard's connections that sent STATUS (kept here,
     /// not in every [`Peer`]).
     statuses: RefCell<HashMap<u64, presence::Statused>>,
+    /// Who holds the exclusive sessions this shard owns.
+    holders: RefCell<sessions::Holders>,
+    /// The session key of each of this shard's connections that claimed one.
+    session_keys: RefCell<HashMap<u64, Box<str>>>,
     /// Publishers paused while the engine is congested.
     engine_waiters: RefCell<Vec<Waker>>,
     decisions: RefCell<Decisions>,
@@ -310,6 +336,8 @@ impl Shard {
             orphans: RefCell::default(),
             rosters: RefCell::default(),
             statuses: RefCell::default(),
+            holders: RefCell::default(),
+            session_keys: RefCell::default(),
             engine_waiters: RefCell::default(),
             decisions: RefCell::new(Decisions::new(&config, id)),
             replays: RefCell::default(),
@@ -449,6 +477,7 @@ impl Shard {
             self.unsubscribe_one(peer.id, &channel);
         }
         self.statuses.borrow_mut().remove(&peer.id);
+        self.release_session(peer.id);
         self.conns.borrow_mut().remove(peer.id);
     }
 
@@ -1828,6 +1857,9 @@ impl Shard {
             }
             MeshMsg::Notice { channel, notice } => self.notify_local(&channel, &notice),
             MeshMsg::Roster { channel, place, op } => self.roster(&channel, place, op),
+            MeshMsg::SessionClaim { key, place } => self.session_claimed(&key, place),
+            MeshMsg::SessionRelease { key, place } => self.session_released(&key, place),
+            MeshMsg::SessionOutcome { conn, outcome } => self.session_outcome(conn, outcome),
             MeshMsg::PresenceChange {
                 channel,
                 change,

@@ -181,6 +181,7 @@ pub(super) fn admin() -> Principal {
         user: None,
         key_id: None,
         scopes: Scopes::from_list(&[Scope::Admin]),
+        exclusive: false,
         expires_ms: None,
     }
 }

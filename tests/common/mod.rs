@@ -360,6 +360,21 @@ impl Client {
         }
     }
 
+    /// The next text message, or the close code if the server closes first.
+    pub fn recv_close_or_text(&mut self) -> Result<Value, Option<u16>> {
+        loop {
+            match self.ws.read() {
+                Ok(Message::Text(t)) => {
+                    return Ok(serde_json::from_str(&t).unwrap_or_else(|e| panic!("{t}: {e}")))
+                }
+                Ok(Message::Close(frame)) => return Err(frame.map(|f| u16::from(f.code))),
+                Ok(_) => continue,
+                Err(tungstenite::Error::ConnectionClosed) => return Err(None),
+                Err(e) => panic!("read failed: {e}"),
+            }
+        }
+    }
+
     /// Read until the server closes; returns the close code.
     pub fn recv_close(&mut self) -> Option<u16> {
         loop {
