@@ -727,41 +727,16 @@ impl Shard {
                 id,
                 cursor,
             } => {
-                if let Err(refusal) = self.check_channel(principal, Scope::Subscribe, &channel) {
+                let asked = self
+                    .check_channel(principal, Scope::Subscribe, &channel)
+                    .map(drop)
+                    .and_then(|()| self.presence_query(peer, &channel, id, cursor.as_deref()));
+                if let Err(refusal) = asked {
                     return self.refuse(peer, &refusal.with_id(id));
-                }
-                let after = match cursor.as_deref().map(presence::parse_cursor) {
-                    None => None,
-                    Some(Some(place)) => Some(place),
-                    Some(None) => {
-                        let refusal =
-                            Refusal::bad_request("\"cursor\" is not one this server gave");
-                        return self.refuse(peer, &refusal.with_id(id));
-                    }
-                };
-                let origin = Origin {
-                    shard: self.id,
-                    conn: peer.id,
-                    id: id.map(Box::from),
-                };
-                let owner = self.owner_of(&channel);
-                if owner == self.id {
-                    self.presence_page(&channel, after, origin);
-                } else {
-                    peer.owed.set(peer.owed.get() + 1);
-                    let channel = channel.into();
-                    self.route(
-                        owner,
-                        MeshMsg::PresenceQuery {
-                            channel,
-                            after,
-                            origin,
-                        },
-                    );
                 }
             }
             Request::Channels { id } => {
-                let channels = peer.channels.borrow().to_vec();
+                let channels = peer.channels.borrow();
                 self.answer(
                     peer,
                     &Reply::Channels {

@@ -175,12 +175,49 @@ impl Shard {
         }
         let meta = meta.unwrap_or(b"{}").into();
         self.statuses.borrow_mut().insert(peer.id, (status, meta));
+        let member = self.member(peer, principal);
         let channels = peer.channels.borrow().to_vec();
         for channel in channels {
             if self.subs.borrow().is_member(&channel, peer.id) {
-                let member = self.member(peer, principal);
-                self.to_roster(&channel, peer.id, Roster::Set(member));
+                self.to_roster(&channel, peer.id, Roster::Set(member.clone()));
             }
+        }
+        Ok(())
+    }
+
+    /// PRESENCE on `channel` (allowed): asked of its owner, answered to `peer` with the page
+    /// after `cursor`.
+    pub(super) fn presence_query(
+        &self,
+        peer: &Peer,
+        channel: &str,
+        id: Option<&[u8]>,
+        cursor: Option<&str>,
+    ) -> Result<(), Refusal> {
+        let after =
+            match cursor {
+                None => None,
+                Some(text) => Some(parse_cursor(text).ok_or_else(|| {
+                    Refusal::bad_request("\"cursor\" is not one this server gave")
+                })?),
+            };
+        let origin = Origin {
+            shard: self.id,
+            conn: peer.id,
+            id: id.map(Box::from),
+        };
+        let owner = self.owner_of(channel);
+        if owner == self.id {
+            self.presence_page(channel, after, origin);
+        } else {
+            peer.owed.set(peer.owed.get() + 1);
+            let channel = channel.into();
+            let msg = MeshMsg::PresenceQuery {
+                channel,
+                after,
+                origin,
+            };
+            self.route(owner, msg);
         }
         Ok(())
     }

@@ -10,10 +10,9 @@
 //! (docs/CLUSTER.md).
 
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
 
 use super::presence::Place;
-use super::{MeshMsg, Peer, Shard};
+use super::{owner_of, MeshMsg, Peer, Shard};
 use crate::auth::Principal;
 use crate::codes::Close;
 use crate::config::SessionPolicy;
@@ -49,17 +48,6 @@ pub fn session_key(principal: &Principal, name: &str) -> Box<str> {
     .into()
 }
 
-/// The shard that keeps session `key`.
-fn owner_of_session(key: &str, nshards: usize) -> usize {
-    if nshards <= 1 {
-        return 0;
-    }
-    // Fixed keys: the same answer on every shard.
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    key.hash(&mut hasher);
-    (hasher.finish() % nshards as u64) as usize
-}
-
 impl Holders {
     /// `place` claims `key` under `policy`: who is told what.
     fn claim(&mut self, key: &str, place: Place, policy: SessionPolicy) -> Vec<(Place, Outcome)> {
@@ -91,7 +79,8 @@ impl Shard {
     pub fn claim_session(&self, peer: &Peer, key: Box<str>) {
         self.session_keys.borrow_mut().insert(peer.id, key.clone());
         let place = (self.id as u16, peer.id);
-        let owner = owner_of_session(&key, self.nshards);
+        // Placed as a channel name is: the same answer on every shard.
+        let owner = owner_of(&key, self.nshards);
         if owner == self.id {
             return self.session_claimed(&key, place);
         }
@@ -104,7 +93,7 @@ impl Shard {
             return;
         };
         let place = (self.id as u16, conn);
-        let owner = owner_of_session(&key, self.nshards);
+        let owner = owner_of(&key, self.nshards);
         if owner == self.id {
             return self.session_released(&key, place);
         }
