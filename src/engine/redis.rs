@@ -223,6 +223,16 @@ impl Redis {
         }
     }
 
+    /// The answer to the publish of `token`, numbered by Redis (or not).
+    fn answer(&mut self, token: u64, result: Result<u64, String>) {
+        let local = false;
+        self.events.push_back(Event::Numbered {
+            token,
+            result,
+            local,
+        });
+    }
+
     /// Read `channel`'s history after `since` for [`Order::fetched`].
     fn fetch(&mut self, channel: String, since: u64) {
         self.next_fetch += 1;
@@ -310,12 +320,7 @@ impl Redis {
                     }
                 }
                 let result = result.map(|p| p.seq).map_err(|e| e.to_string());
-                let local = false;
-                self.events.push_back(Event::Numbered {
-                    token,
-                    result,
-                    local,
-                });
+                self.answer(token, result);
             }
             Completion::History { token, result } if token & FETCH != 0 => {
                 let Some(channel) = self.fetches.remove(&token) else {
@@ -358,13 +363,7 @@ impl Redis {
         if self.send(channel, token, op) {
             self.in_flight += 1;
         } else {
-            let result = Err("the Redis link has stopped".to_owned());
-            let local = false;
-            self.events.push_back(Event::Numbered {
-                token,
-                result,
-                local,
-            });
+            self.answer(token, Err("the Redis link has stopped".to_owned()));
         }
         Numbered::Later
     }
@@ -506,10 +505,19 @@ impl Engine for Redis {
     /// What could not be read (a channel's top, a gap) is read again; the history of the
     /// channels numbered here expires as one node's does.
     fn sweep(&mut self, now_ms: u64, needed: &dyn Fn(&str) -> bool) -> usize {
-        for channel in std::mem::take(&mut self.unanchored) {
+        // Not while their Redis is down: every sweep would send them all to fail again.
+        let (later, now): (Vec<_>, Vec<_>) = std::mem::take(&mut self.unanchored)
+            .into_iter()
+            .partition(|c| self.degraded(c));
+        self.unanchored = later;
+        for channel in now {
             self.anchor(channel);
         }
-        for channel in std::mem::take(&mut self.unfetched) {
+        let (later, now): (Vec<_>, Vec<_>) = std::mem::take(&mut self.unfetched)
+            .into_iter()
+            .partition(|c| self.degraded(c));
+        self.unfetched = later;
+        for channel in now {
             if let Some(since) = self.order.catch_up(&channel) {
                 self.fetch(channel, since);
             }
