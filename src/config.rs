@@ -254,6 +254,9 @@ pub struct Presence {
     pub max_members: usize,
     /// Most bytes of a connection's presence metadata (STATUS `meta`).
     pub max_meta_bytes: usize,
+    /// In a cluster: a member its node has not refreshed in Redis for this long is gone (its
+    /// node stopped), and LEAVE is told; nodes refresh theirs every third of it.
+    pub ttl_ms: u64,
 }
 
 impl Default for Presence {
@@ -261,6 +264,7 @@ impl Default for Presence {
         Self {
             max_members: 1_000,
             max_meta_bytes: 1_024,
+            ttl_ms: 30_000,
         }
     }
 }
@@ -462,11 +466,23 @@ pub enum SessionPolicy {
 }
 
 /// Exclusive sessions.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Sessions {
     /// Who wins a conflict.
     pub policy: SessionPolicy,
+    /// In a cluster: a session's lock in Redis that its node has not refreshed for this long
+    /// is free (its node stopped); nodes refresh theirs every third of it.
+    pub lock_ttl_ms: u64,
+}
+
+impl Default for Sessions {
+    fn default() -> Self {
+        Self {
+            policy: SessionPolicy::default(),
+            lock_ttl_ms: 15_000,
+        }
+    }
 }
 
 impl Default for Config {

@@ -121,6 +121,8 @@ pub struct ShardCounters {
     fanout_latency: RefCell<Histogram<u64>>,
     /// How late the lag probe's timer ran.
     loop_lag: RefCell<Histogram<u64>>,
+    /// From a session's takeover to its older holder's close.
+    kill_latency: RefCell<Histogram<u64>>,
     /// Per task: the longest single poll so far, in microseconds.
     longest_poll: [Cell<u64>; TASKS.len()],
     /// Per task: polls of at least [`SLOW_POLL`].
@@ -133,6 +135,7 @@ impl Default for ShardCounters {
             values: Default::default(),
             fanout_latency: RefCell::new(new_histogram()),
             loop_lag: RefCell::new(new_histogram()),
+            kill_latency: RefCell::new(new_histogram()),
             longest_poll: Default::default(),
             slow_polls: Default::default(),
         }
@@ -169,6 +172,13 @@ impl ShardCounters {
         let _ = self.loop_lag.borrow_mut().record(micros);
     }
 
+    /// Record how long after a newer connection took its session an older one was told to
+    /// go.
+    pub fn record_kill(&self, elapsed: Duration) {
+        let micros = (elapsed.as_micros() as u64).clamp(1, 60_000_000);
+        let _ = self.kill_latency.borrow_mut().record(micros);
+    }
+
     /// Record one poll of `task` that took `took`.
     #[inline]
     pub fn record_poll(&self, task: Task, took: Duration) {
@@ -200,6 +210,7 @@ impl ShardCounters {
         }
         move_histogram(&self.fanout_latency, &slot.fanout_latency);
         move_histogram(&self.loop_lag, &slot.loop_lag);
+        move_histogram(&self.kill_latency, &slot.kill_latency);
     }
 }
 
@@ -220,6 +231,7 @@ pub struct ShardSlot {
     values: [AtomicU64; COUNTERS],
     fanout_latency: Mutex<Histogram<u64>>,
     loop_lag: Mutex<Histogram<u64>>,
+    kill_latency: Mutex<Histogram<u64>>,
     longest_poll: [AtomicU64; TASKS.len()],
     slow_polls: [AtomicU64; TASKS.len()],
 }
@@ -229,7 +241,9 @@ pub struct ShardSlot {
 pub struct Global {
     /// When the server started.
     pub started: Instant,
-    /// Unix milliseconds at start: makes connection ids unique across restarts.
+    /// Unix milliseconds at start, shifted left 12 bits, and 12 random bits: makes connection
+    /// ids unique across restarts and across the nodes of a cluster (two may start in the same
+    /// millisecond), and stays below 2^53 for JavaScript clients, which get it as `epoch`.
     pub boot_id: u64,
     /// One slot per shard.
     pub shards: Vec<ShardSlot>,
@@ -248,17 +262,25 @@ pub struct Global {
     pub cluster: Option<crate::cluster::node::Stats>,
 }
 
+/// See [`Global::boot_id`].
+fn boot_id() -> u64 {
+    use std::hash::BuildHasher;
+    let random = std::collections::hash_map::RandomState::new().hash_one(std::process::id());
+    (crate::decision::unix_ms() << 12) | (random & 0xfff)
+}
+
 impl Global {
     /// State for `shards` shards.
     pub fn new(shards: usize) -> Self {
         Self {
             started: Instant::now(),
-            boot_id: crate::decision::unix_ms(),
+            boot_id: boot_id(),
             shards: (0..shards)
                 .map(|_| ShardSlot {
                     values: Default::default(),
                     fanout_latency: Mutex::new(new_histogram()),
                     loop_lag: Mutex::new(new_histogram()),
+                    kill_latency: Mutex::new(new_histogram()),
                     longest_poll: Default::default(),
                     slow_polls: Default::default(),
                 })
@@ -581,6 +603,13 @@ impl Global {
             &mut out,
             "shardcast_event_loop_lag_seconds",
             "How late each shard ran a timer due every 10 ms: time its event loop could not run a ready task.",
+            &merged,
+        );
+        let merged = merge(self.shards.iter().map(|slot| &slot.kill_latency));
+        histogram(
+            &mut out,
+            "shardcast_session_kill_latency_seconds",
+            "From a newer connection taking an exclusive session (Redis's clock) to the older holder being told to go, on the holder's node (cluster mode).",
             &merged,
         );
         let _ = writeln!(out, "# HELP shardcast_event_loop_longest_poll_seconds The longest single poll of a shard's task since start, by task.\n# TYPE shardcast_event_loop_longest_poll_seconds gauge");

@@ -261,13 +261,16 @@ pub fn start(mut config: Config) -> Result<Server, ServerError> {
         ),
         None => (None, None, None, Recovery::Now(Arc::default())),
     };
+    let mut global = Global::new(nshards);
     let (cluster, mut sides) = if config.cluster.enabled() {
         if config.cluster.node_id.is_empty() {
             config.cluster.node_id =
                 format!("{}-{}", std::process::id(), crate::decision::unix_ms());
         }
         let route = Arc::new(move |channel: &str| crate::shard::owner_of(channel, nshards));
-        let (node, sides) = Node::start(&config, nshards, route).map_err(ServerError::Cluster)?;
+        let boot = format!("{:x}", global.boot_id);
+        let (node, sides) =
+            Node::start(&config, &boot, nshards, route).map_err(ServerError::Cluster)?;
         tracing::info!(
             node = config.cluster.node_id,
             redis = ?config.cluster.redis_url,
@@ -278,7 +281,6 @@ pub fn start(mut config: Config) -> Result<Server, ServerError> {
         (None, Vec::new())
     };
     sides.resize_with(nshards, || None);
-    let mut global = Global::new(nshards);
     global.cluster = cluster.as_ref().map(|n| n.stats(&config.cluster.node_id));
     let config = Arc::new(config);
     let global = Arc::new(global);

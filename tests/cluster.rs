@@ -5,11 +5,12 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use shardcast::cluster::keys::{member_bytes, parse_member, Heard, Kill};
 use shardcast::cluster::{
-    Client, ClusterError, Completion, Envelope, Keys, Link, Op, Publish, Request, Retention,
-    Settings,
+    Claimed, Client, ClusterError, Completion, Envelope, Keys, Link, Op, Publish, Request,
+    Retention, Settings,
 };
-use shardcast::dialect::Kind;
+use shardcast::dialect::{Change, Kind, Member, Status};
 
 fn retention(history_size: usize) -> Retention {
     Retention {
@@ -262,6 +263,173 @@ fn a_message_that_fails_in_a_batch_fails_alone() {
     assert_eq!(seqs, (1..=149).collect::<Vec<_>>());
 }
 
+/// A member as a node keeps it in Redis.
+fn member(user: &str, id: &str, status: Status) -> (String, Vec<u8>) {
+    let member = Member {
+        user: user.into(),
+        connection_id: id.into(),
+        status,
+        meta: b"{}".to_vec().into(),
+    };
+    (id.to_owned(), member_bytes(&member))
+}
+
+/// The presence changes told on a channel's PUB/SUB, as (change, node, connection id).
+fn changes(pubsub: &mut redis::PubSub<'_>, n: usize) -> Vec<(Change, String, String)> {
+    (0..n)
+        .map(|_| {
+            let payload: Vec<u8> = pubsub.get_message().expect("told").get_payload().unwrap();
+            let Ok(Heard::Presence {
+                change,
+                node,
+                member,
+            }) = Heard::parse(&payload)
+            else {
+                panic!("not a presence change: {payload:?}");
+            };
+            let id = parse_member(member).expect("member").connection_id;
+            (change, node.to_owned(), id.to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn presence_counts_users_pages_by_id_tells_changes_and_expires_members() {
+    let Some(url) = common::redis_url("presence_counts_users_pages_by_id") else {
+        return;
+    };
+    let keys = keys("presence");
+    let channel = "org:acme:usage";
+    let mut listener = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let mut pubsub = listener.as_pubsub();
+    pubsub.subscribe(keys.pubsub(channel)).unwrap();
+    pubsub
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut client = connect(&url, keys, 10);
+    let users = ["u0", "u0", "u1", "u2", "u3"];
+    let five: Vec<_> = (0..5)
+        .map(|i| member(users[i], &format!("n1-0-{i}"), Status::Online))
+        .collect();
+    client
+        .presence_write(channel, "n1", 60_000, &five, &[])
+        .unwrap();
+    let told = changes(&mut pubsub, 5);
+    assert!(told.iter().all(|(c, n, _)| *c == Change::Join && n == "n1"));
+    // Refreshed unchanged: nothing told; changed: STATUS.
+    let away = member("u0", "n1-0-0", Status::Away);
+    let again = [five[1].clone(), away];
+    client
+        .presence_write(channel, "n1", 60_000, &again, &[])
+        .unwrap();
+    let told = changes(&mut pubsub, 1);
+    assert_eq!(told[0], (Change::Status, "n1".into(), "n1-0-0".into()));
+
+    let mut pages = Vec::new();
+    let mut after = String::new();
+    loop {
+        let page = client.presence_page(channel, &after, 2).unwrap();
+        assert_eq!((page.total, page.users), (5, 4));
+        assert!(page.members.len() <= 2);
+        pages.push(page.members.len());
+        match page.last {
+            Some(last) => after = last,
+            None => break,
+        }
+    }
+    assert_eq!(pages, [2, 2, 1]);
+
+    client
+        .presence_write(
+            channel,
+            "n2",
+            60_000,
+            &[],
+            &["n1-0-4".into(), "gone".into()],
+        )
+        .unwrap();
+    let told = changes(&mut pubsub, 1);
+    assert_eq!(told[0], (Change::Leave, "n2".into(), "n1-0-4".into()));
+    let page = client.presence_page(channel, "", 10).unwrap();
+    assert_eq!((page.total, page.users, page.members.len()), (4, 3, 4));
+
+    // A member not refreshed within its TTL (0 here) is gone at the next call, told as a
+    // LEAVE of no node's ("-"), and no longer counted.
+    let brief = [member("u9", "n3-0-1", Status::Online)];
+    client
+        .presence_write(channel, "n3", 0, &brief, &[])
+        .unwrap();
+    assert_eq!(changes(&mut pubsub, 1)[0].0, Change::Join);
+    let page = client.presence_page(channel, "", 10).unwrap();
+    assert_eq!((page.total, page.users), (4, 3));
+    let told = changes(&mut pubsub, 1);
+    assert_eq!(told[0], (Change::Leave, "-".into(), "n3-0-1".into()));
+}
+
+#[test]
+fn a_session_lock_is_granted_replaced_refused_refreshed_and_released() {
+    let Some(url) = common::redis_url("a_session_lock_is_granted_replaced") else {
+        return;
+    };
+    let keys = keys("sessions");
+    let mut listener = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let mut pubsub = listener.as_pubsub();
+    pubsub.subscribe(keys.node("n1")).unwrap();
+    pubsub
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut client = connect(&url, keys, 10);
+    let key = "acme\0solo\0tab";
+    assert_eq!(
+        client.claim(key, "n1-0-1", 60_000, true).unwrap(),
+        Claimed::Granted
+    );
+    assert_eq!(
+        client.claim(key, "n1-0-1", 60_000, true).unwrap(),
+        Claimed::Granted
+    );
+    assert_eq!(
+        client.claim(key, "n2-1-5", 60_000, true).unwrap(),
+        Claimed::Replaced("n1-0-1".into())
+    );
+    // The holder's node is told on its channel.
+    let payload: Vec<u8> = pubsub.get_message().unwrap().get_payload().unwrap();
+    let kill = Kill::parse(&payload).unwrap();
+    assert_eq!((kill.shard, kill.conn, kill.key.as_str()), (0, 1, key));
+    assert_eq!(
+        client.claim(key, "n3-0-1", 60_000, false).unwrap(),
+        Claimed::Refused("n2-1-5".into())
+    );
+    // The replaced holder's refresh finds it lost; a lock nobody holds is taken again.
+    let locks = [
+        (key.to_owned(), "n1-0-1".to_owned()),
+        ("other".to_owned(), "n1-0-2".to_owned()),
+        (key.to_owned(), "n2-1-5".to_owned()),
+    ];
+    assert_eq!(client.refresh(&locks, 60_000).unwrap(), [0]);
+    assert_eq!(
+        client.claim("other", "n3-0-1", 60_000, false).unwrap(),
+        Claimed::Refused("n1-0-2".into())
+    );
+    // Only the holder's release frees it.
+    client.release(key, "n1-0-1").unwrap();
+    assert!(matches!(
+        client.claim(key, "n3-0-1", 60_000, false),
+        Ok(Claimed::Refused(_))
+    ));
+    client.release(key, "n2-1-5").unwrap();
+    assert_eq!(
+        client.claim(key, "n3-0-1", 60_000, false).unwrap(),
+        Claimed::Granted
+    );
+}
+
 fn settings(url: String, keys_prefix: &str) -> Settings {
     Settings {
         url,
@@ -272,6 +440,9 @@ fn settings(url: String, keys_prefix: &str) -> Settings {
         probe: Duration::from_millis(200),
         suspect: Default::default(),
         floors: None,
+        node: "n1".into(),
+        presence_ttl_ms: 30_000,
+        session_ttl_ms: 15_000,
     }
 }
 
@@ -329,6 +500,7 @@ fn the_link_answers_every_request_of_every_shard_in_the_order_sent() {
                     assert_eq!(token, 9999);
                     history = Some(result.expect("history"));
                 }
+                other => panic!("not asked: {other:?}"),
             }
             if next[shard] == 1000 && (shard == 0 || history.is_some()) {
                 break;
@@ -436,6 +608,7 @@ mod pubsub {
             backoff: Duration::from_millis(20),
             lost: Default::default(),
             redis: 0,
+            node: "n1".into(),
         }
     }
 

@@ -15,6 +15,12 @@ use super::ClusterError;
 
 const PUBLISH: &str = include_str!("lua/publish.lua");
 const HISTORY: &str = include_str!("lua/history.lua");
+const PRESENCE: &str = include_str!("lua/presence.lua");
+const SESSION: &str = include_str!("lua/session.lua");
+
+/// Members (or locks) per call of the presence (or session) script: a refresh of a channel
+/// with 100,000 members is many short calls, not one that holds Redis for long.
+const ENTRIES_PER_CALL: usize = 256;
 
 /// Messages per call of the publish script: the call's own cost is shared by this many, and
 /// Redis, which runs one script at a time, is held for about 0.3 ms by each.
@@ -73,6 +79,37 @@ pub struct Page {
     pub messages: Vec<Publication<Vec<u8>>>,
 }
 
+/// A page of a channel's presence in Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresencePage {
+    /// Members in all.
+    pub total: usize,
+    /// Distinct users among them.
+    pub users: usize,
+    /// The page, in id order, as `keys::member_bytes` wrote them.
+    pub members: Vec<Vec<u8>>,
+    /// The last id of the page, when more follow.
+    pub last: Option<String>,
+}
+
+/// How a claim of an exclusive session ended in Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claimed {
+    /// The claimer holds it; no one else did (or it did already).
+    Granted,
+    /// The claimer holds it; this holder was told to go.
+    Replaced(String),
+    /// This holder keeps it (policy "reject").
+    Refused(String),
+}
+
+/// The cluster's scripts.
+#[derive(Debug, Clone, Copy)]
+enum Script {
+    Presence,
+    Session,
+}
+
 /// A connection to one Redis with the cluster's scripts loaded.
 pub struct Client {
     conn: redis::Connection,
@@ -80,6 +117,8 @@ pub struct Client {
     retention: Retention,
     publish_sha: String,
     history_sha: String,
+    presence_sha: String,
+    session_sha: String,
     epochs: RandomState,
     made: u64,
 }
@@ -105,6 +144,8 @@ impl Client {
             retention,
             publish_sha: String::new(),
             history_sha: String::new(),
+            presence_sha: String::new(),
+            session_sha: String::new(),
             epochs: RandomState::new(),
             made: 0,
         };
@@ -126,6 +167,8 @@ impl Client {
         };
         self.publish_sha = load(&mut self.conn, PUBLISH)?;
         self.history_sha = load(&mut self.conn, HISTORY)?;
+        self.presence_sha = load(&mut self.conn, PRESENCE)?;
+        self.session_sha = load(&mut self.conn, SESSION)?;
         Ok(())
     }
 
@@ -261,7 +304,163 @@ impl Client {
         ))
     }
 
-    /// The connection itself, for commands the cluster's tests and tools send directly.
+    /// Run the calls of `script` (keys, arguments) in one round trip: each call's reply. A
+    /// call Redis answers NOSCRIPT (it restarted) did not run: all are sent again once the
+    /// scripts are loaded again.
+    fn run(
+        &mut self,
+        script: Script,
+        calls: &[(Vec<String>, Vec<Vec<u8>>)],
+    ) -> Result<Vec<Value>, ClusterError> {
+        for pass in 0..2 {
+            let sha = match script {
+                Script::Presence => &self.presence_sha,
+                Script::Session => &self.session_sha,
+            };
+            let mut pipe = redis::pipe();
+            for (keys, args) in calls {
+                let mut call = redis::cmd("EVALSHA");
+                call.arg(sha).arg(keys.len()).arg(keys).arg(args);
+                pipe.add_command(call);
+            }
+            let replies: Vec<redis::RedisResult<Value>> =
+                pipe.ignore_errors().query(&mut self.conn).map_err(lost)?;
+            if pass == 0
+                && replies
+                    .iter()
+                    .any(|r| matches!(r, Err(e) if e.code() == Some("NOSCRIPT")))
+            {
+                self.load_scripts()?;
+                continue;
+            }
+            return replies.into_iter().map(|r| r.map_err(failed)).collect();
+        }
+        Err(ClusterError::Protocol("the scripts stay unknown".into()))
+    }
+
+    /// `channel`'s presence: members `set` (id, member) kept for `ttl_ms` (JOIN or STATUS
+    /// told for the new and the changed), members `removed` (LEAVE told), on behalf of `node`.
+    pub fn presence_write(
+        &mut self,
+        channel: &str,
+        node: &str,
+        ttl_ms: u64,
+        set: &[(String, Vec<u8>)],
+        removed: &[String],
+    ) -> Result<(), ClusterError> {
+        let keys = self.presence_keys(channel);
+        let mut calls = Vec::new();
+        for chunk in set.chunks(ENTRIES_PER_CALL) {
+            let mut args = vec![b"set".to_vec(), ttl_ms.to_string().into(), node.into()];
+            for (id, member) in chunk {
+                args.push(id.as_bytes().to_vec());
+                args.push(member.clone());
+            }
+            calls.push((keys.clone(), args));
+        }
+        for chunk in removed.chunks(ENTRIES_PER_CALL) {
+            let mut args = vec![b"rem".to_vec(), node.into()];
+            args.extend(chunk.iter().map(|id| id.as_bytes().to_vec()));
+            calls.push((keys.clone(), args));
+        }
+        if calls.is_empty() {
+            return Ok(());
+        }
+        self.run(Script::Presence, &calls).map(drop)
+    }
+
+    /// `channel`'s members after id `after` (`""`: from the first), at most `max`.
+    pub fn presence_page(
+        &mut self,
+        channel: &str,
+        after: &str,
+        max: usize,
+    ) -> Result<PresencePage, ClusterError> {
+        let args = vec![b"get".to_vec(), after.into(), max.to_string().into()];
+        let call = (self.presence_keys(channel), args);
+        let reply = self.run(Script::Presence, &[call])?.pop();
+        let reply = reply.ok_or_else(|| ClusterError::Protocol("no reply".into()))?;
+        let (total, users, members, last): (usize, usize, Vec<Vec<u8>>, String) =
+            redis::from_redis_value(reply).map_err(|e| ClusterError::Protocol(e.to_string()))?;
+        Ok(PresencePage {
+            total,
+            users,
+            members,
+            last: (!last.is_empty()).then_some(last),
+        })
+    }
+
+    fn presence_keys(&self, channel: &str) -> Vec<String> {
+        let mut keys = self.keys.presence(channel).to_vec();
+        keys.push(self.keys.pubsub(channel));
+        keys
+    }
+
+    /// Connection `holder` claims session `key` for `ttl_ms`; `replace`: a holder is told
+    /// to go, else the claim is refused.
+    pub fn claim(
+        &mut self,
+        key: &str,
+        holder: &str,
+        ttl_ms: u64,
+        replace: bool,
+    ) -> Result<Claimed, ClusterError> {
+        let policy = if replace { "replace" } else { "reject" };
+        let args = [
+            "claim",
+            holder,
+            &ttl_ms.to_string(),
+            policy,
+            self.keys.prefix(),
+            key,
+        ];
+        let args = args.iter().map(|a| a.as_bytes().to_vec()).collect();
+        let call = (vec![self.keys.session(key)], args);
+        let reply = self.run(Script::Session, &[call])?.pop();
+        let reply = reply.ok_or_else(|| ClusterError::Protocol("no reply".into()))?;
+        let (outcome, held): (u8, String) =
+            redis::from_redis_value(reply).map_err(|e| ClusterError::Protocol(e.to_string()))?;
+        Ok(match outcome {
+            1 => Claimed::Granted,
+            2 => Claimed::Replaced(held),
+            _ => Claimed::Refused(held),
+        })
+    }
+
+    /// Connection `holder` lets session `key` go (if it still holds it).
+    pub fn release(&mut self, key: &str, holder: &str) -> Result<(), ClusterError> {
+        let args = vec![b"release".to_vec(), holder.into()];
+        let call = (vec![self.keys.session(key)], args);
+        self.run(Script::Session, &[call]).map(drop)
+    }
+
+    /// Keep `locks` (session key, holder) for `ttl_ms` more: the places of those someone
+    /// else holds now.
+    pub fn refresh(
+        &mut self,
+        locks: &[(String, String)],
+        ttl_ms: u64,
+    ) -> Result<Vec<usize>, ClusterError> {
+        let calls: Vec<_> = locks
+            .chunks(ENTRIES_PER_CALL)
+            .map(|chunk| {
+                let keys = chunk.iter().map(|(k, _)| self.keys.session(k)).collect();
+                let mut args = vec![b"refresh".to_vec(), ttl_ms.to_string().into()];
+                args.extend(chunk.iter().map(|(_, h)| h.as_bytes().to_vec()));
+                (keys, args)
+            })
+            .collect();
+        let replies = self.run(Script::Session, &calls)?;
+        let mut lost = Vec::new();
+        for (n, reply) in replies.into_iter().enumerate() {
+            let places: Vec<usize> = redis::from_redis_value(reply)
+                .map_err(|e| ClusterError::Protocol(e.to_string()))?;
+            let first = n * ENTRIES_PER_CALL;
+            lost.extend(places.into_iter().map(|p| first + p.saturating_sub(1)));
+        }
+        Ok(lost)
+    }
+
     /// Whether the connection still reaches Redis (a PING).
     pub fn ping(&mut self) -> Result<(), ClusterError> {
         redis::cmd("PING")
@@ -270,6 +469,7 @@ impl Client {
             .map_err(unavailable)
     }
 
+    /// The connection itself, for commands the cluster's tests and tools send directly.
     pub fn connection(&mut self) -> &mut redis::Connection {
         &mut self.conn
     }

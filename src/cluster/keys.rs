@@ -1,6 +1,6 @@
 //! Where a channel lives in Redis, and what its PUB/SUB messages carry.
 
-use crate::dialect::Kind;
+use crate::dialect::{Change, Kind, Member, Status};
 
 use super::ClusterError;
 
@@ -37,6 +37,27 @@ impl Keys {
     /// The PUB/SUB channel the channel's messages go out on.
     pub fn pubsub(&self, channel: &str) -> String {
         format!("{}.ch.{channel}", self.prefix)
+    }
+
+    /// The channel's presence keys, in `presence.lua`'s order: members, expiry times, ids
+    /// for paging, connections per user.
+    pub fn presence(&self, channel: &str) -> [String; 4] {
+        ["m", "x", "i", "u"].map(|part| format!("{}.presence.{part}.{channel}", self.prefix))
+    }
+
+    /// The lock of exclusive session `key`.
+    pub fn session(&self, key: &str) -> String {
+        format!("{}.session.{key}", self.prefix)
+    }
+
+    /// The PUB/SUB channel of node `node` (its boot id in hex): kill switches.
+    pub fn node(&self, node: &str) -> String {
+        format!("{}.node.{node}", self.prefix)
+    }
+
+    /// The prefix, for scripts that name keys themselves.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
     }
 
     /// The shardcast channel of a PUB/SUB channel name, if it is one of ours.
@@ -78,6 +99,126 @@ pub fn kind_of(code: &[u8]) -> Result<Kind, ClusterError> {
             "unknown message kind {:?}",
             String::from_utf8_lossy(code)
         ))),
+    }
+}
+
+/// A member as Redis keeps it and `presence.lua` sends it: `{status}{ulen}:{user}{clen}:{id}
+/// {meta}` (status `o`, `a` or `b`; lengths in bytes), so the script can find the user.
+pub fn member_bytes(member: &Member) -> Vec<u8> {
+    let status = match member.status {
+        Status::Online => 'o',
+        Status::Away => 'a',
+        Status::Busy => 'b',
+    };
+    let (user, id) = (&member.user, &member.connection_id);
+    let mut out = format!("{status}{}:{user}{}:{id}", user.len(), id.len()).into_bytes();
+    out.extend_from_slice(&member.meta);
+    out
+}
+
+/// The member [`member_bytes`] wrote.
+pub fn parse_member(bytes: &[u8]) -> Result<Member, ClusterError> {
+    let bad = || ClusterError::Protocol("bad presence member".into());
+    let (&status, rest) = bytes.split_first().ok_or_else(bad)?;
+    let status = match status {
+        b'o' => Status::Online,
+        b'a' => Status::Away,
+        b'b' => Status::Busy,
+        _ => return Err(bad()),
+    };
+    let text = |bytes: &[u8]| -> Result<(Box<str>, usize), ClusterError> {
+        let colon = bytes.iter().position(|&b| b == b':').ok_or_else(bad)?;
+        let len: usize = std::str::from_utf8(&bytes[..colon])
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(bad)?;
+        let field = bytes.get(colon + 1..colon + 1 + len).ok_or_else(bad)?;
+        let field = std::str::from_utf8(field).map_err(|_| bad())?;
+        Ok((field.into(), colon + 1 + len))
+    };
+    let (user, used) = text(rest)?;
+    let rest = &rest[used..];
+    let (connection_id, used) = text(rest)?;
+    Ok(Member {
+        user,
+        connection_id,
+        status,
+        meta: rest[used..].into(),
+    })
+}
+
+/// What a channel's PUB/SUB carries: a numbered message, or a presence change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Heard<'a> {
+    /// A message `publish.lua` numbered.
+    Message(Envelope<'a>),
+    /// `p:{j|l|s}:{node}:{member}` from `presence.lua`.
+    Presence {
+        /// What happened.
+        change: Change,
+        /// The node whose connection it was (its boot id in hex), `-` for an expiry.
+        node: &'a str,
+        /// The member, as [`member_bytes`] wrote it.
+        member: &'a [u8],
+    },
+}
+
+impl<'a> Heard<'a> {
+    /// Read a channel's PUB/SUB payload.
+    pub fn parse(payload: &'a [u8]) -> Result<Self, ClusterError> {
+        let Some(rest) = payload.strip_prefix(b"p:") else {
+            return Envelope::parse(payload).map(Heard::Message);
+        };
+        let bad = || ClusterError::Protocol("bad presence payload".into());
+        let mut parts = rest.splitn(3, |&b| b == b':');
+        let change = match parts.next().ok_or_else(bad)? {
+            b"j" => Change::Join,
+            b"l" => Change::Leave,
+            b"s" => Change::Status,
+            _ => return Err(bad()),
+        };
+        let node = parts.next().ok_or_else(bad)?;
+        let node = std::str::from_utf8(node).map_err(|_| bad())?;
+        let member = parts.next().ok_or_else(bad)?;
+        Ok(Heard::Presence {
+            change,
+            node,
+            member,
+        })
+    }
+}
+
+/// A kill switch, as `session.lua` sends it on a node's channel: `{holder} {unix ms} {key}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Kill {
+    /// The holder's shard on its node.
+    pub shard: usize,
+    /// Its connection on that shard.
+    pub conn: u64,
+    /// When the newer connection took the session (Redis's clock, unix ms).
+    pub at_ms: u64,
+    /// The session key.
+    pub key: String,
+}
+
+impl Kill {
+    /// Read a node channel's payload.
+    pub fn parse(payload: &[u8]) -> Result<Self, ClusterError> {
+        let bad = || ClusterError::Protocol("bad kill switch".into());
+        let text = std::str::from_utf8(payload).map_err(|_| bad())?;
+        let mut parts = text.splitn(3, ' ');
+        let holder = parts.next().ok_or_else(bad)?;
+        let at_ms = parts.next().and_then(|t| t.parse().ok()).ok_or_else(bad)?;
+        let key = parts.next().ok_or_else(bad)?.to_owned();
+        let mut place = holder.split('-').skip(1);
+        let shard = place.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+        let conn = place.next().and_then(|c| c.parse().ok()).ok_or_else(bad)?;
+        Ok(Self {
+            shard,
+            conn,
+            at_ms,
+            key,
+        })
     }
 }
 
@@ -172,6 +313,45 @@ mod tests {
         assert_eq!(e.epoch, "ab12");
         assert_eq!(e.kind, Kind::Decision);
         assert_eq!(e.data, b"{\"a\":\"b:c\"}");
+    }
+
+    #[test]
+    fn members_kill_switches_and_presence_payloads_read_back() {
+        let member = Member {
+            user: "ann:1".into(),
+            connection_id: "18c-1-7".into(),
+            status: Status::Away,
+            meta: br#"{"a":"b:c"}"#.to_vec().into(),
+        };
+        let bytes = member_bytes(&member);
+        assert_eq!(bytes, br#"a5:ann:17:18c-1-7{"a":"b:c"}"#);
+        assert_eq!(parse_member(&bytes).unwrap(), member);
+        let mut payload = b"p:s:18c:".to_vec();
+        payload.extend_from_slice(&bytes);
+        let heard = Heard::parse(&payload).unwrap();
+        let Heard::Presence {
+            change,
+            node,
+            member: m,
+        } = heard
+        else {
+            panic!("{heard:?}");
+        };
+        assert_eq!((change, node, m), (Change::Status, "18c", &bytes[..]));
+        assert!(matches!(Heard::parse(b"3:e:m:{}"), Ok(Heard::Message(_))));
+        for bad in [&b"p:q:1:o1:a1:b"[..], b"p:j", b"p:j:1"] {
+            assert!(Heard::parse(bad).is_err(), "{bad:?}");
+        }
+        for bad in [&b""[..], b"o", b"x1:a1:b", b"o1:a9:b", b"o9:a", b"o1:a-1:b"] {
+            assert!(parse_member(bad).is_err(), "{bad:?}");
+        }
+        let kill = Kill::parse(b"18c-1-7 1700000000000 acme\0ann\0").unwrap();
+        assert_eq!(
+            (kill.shard, kill.conn, kill.at_ms),
+            (1, 7, 1_700_000_000_000)
+        );
+        assert_eq!(kill.key, "acme\0ann\0");
+        assert!(Kill::parse(b"18c 1 k").is_err());
     }
 
     #[test]

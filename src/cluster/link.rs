@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::client::{Client, Page, Publish, Published, Retention};
+use super::client::{Claimed, Client, Page, PresencePage, Publish, Published, Retention};
 use super::keys::Keys;
 use super::{Backoff, ClusterError};
 
@@ -40,6 +40,13 @@ pub struct Settings {
     pub suspect: Arc<AtomicBool>,
     /// Where a channel Redis has no numbering for goes on from; `None`: from 0.
     pub floors: Option<Floors>,
+    /// This node's boot id in hex: its presence changes are told under it, and its
+    /// connections' ids begin with it.
+    pub node: String,
+    /// A presence member not refreshed this long is gone.
+    pub presence_ttl_ms: u64,
+    /// A session lock not refreshed this long is free.
+    pub session_ttl_ms: u64,
 }
 
 /// Reads a channel's stored decisions' highest seq, where its numbering must go on from when
@@ -82,6 +89,43 @@ pub enum Op {
         /// Most messages.
         limit: usize,
     },
+    /// Members of a channel kept (new, changed or refreshed) and removed. Not answered: a
+    /// change that fails is made good by the next refresh, or by the expiry.
+    Presence {
+        /// The channel.
+        channel: String,
+        /// (connection id, member as `keys::member_bytes` wrote it).
+        set: Vec<(String, Vec<u8>)>,
+        /// Connection ids.
+        removed: Vec<String>,
+    },
+    /// A page of a channel's members, after id `after` (`""`: from the first).
+    PresencePage {
+        /// The channel.
+        channel: String,
+        /// Where the page starts.
+        after: String,
+        /// Most members.
+        max: usize,
+    },
+    /// Connection `holder` claims exclusive session `key`.
+    Claim {
+        /// The session key.
+        key: String,
+        /// The claiming connection's id.
+        holder: String,
+        /// Replace a holder (else refuse the claim).
+        replace: bool,
+    },
+    /// Connection `holder` lets session `key` go. Not answered.
+    Release {
+        /// The session key.
+        key: String,
+        /// The connection's id.
+        holder: String,
+    },
+    /// Keep the node's session locks (key, holder).
+    Refresh(Vec<(String, String)>),
 }
 
 /// The answer to a [`Request`].
@@ -103,6 +147,27 @@ pub enum Completion {
         token: u64,
         /// The page, or why not.
         result: Result<Page, ClusterError>,
+    },
+    /// A presence page, or why not.
+    PresencePage {
+        /// The request's token.
+        token: u64,
+        /// The page.
+        result: Result<PresencePage, ClusterError>,
+    },
+    /// A claim's outcome.
+    Claimed {
+        /// The request's token.
+        token: u64,
+        /// Granted, or refused, or why it could not be asked.
+        result: Result<Claimed, ClusterError>,
+    },
+    /// A refresh's outcome: which of the locks (by place in the request) someone else holds.
+    Refreshed {
+        /// The request's token.
+        token: u64,
+        /// The places, or why not.
+        result: Result<Vec<usize>, ClusterError>,
     },
 }
 
@@ -225,31 +290,89 @@ impl Worker {
     fn serve(&mut self, batch: Vec<Request>) {
         let mut publishes = Vec::new();
         for request in batch {
-            match request.op {
-                Op::Publish(publish) => publishes.push((request.shard, request.token, publish)),
-                Op::History {
-                    channel,
-                    since,
-                    limit,
-                } => {
-                    // In the order asked: the publishes before it first.
-                    self.publish(std::mem::take(&mut publishes));
-                    let started = Instant::now();
-                    let result = match self.client() {
-                        Ok(client) => {
-                            let result = client.history(&channel, since, limit);
-                            self.count(&self.stats.history_reads, 1, started);
-                            result
-                        }
-                        Err(e) => Err(e),
-                    };
-                    self.check(&result);
-                    let token = request.token;
-                    self.complete(request.shard, Completion::History { token, result });
-                }
+            let (shard, token) = (request.shard, request.token);
+            if let Op::Publish(publish) = request.op {
+                publishes.push((shard, token, publish));
+                continue;
+            }
+            // In the order asked: the publishes before it first.
+            self.publish(std::mem::take(&mut publishes));
+            if let Some(completion) = self.other(token, request.op) {
+                self.complete(shard, completion);
             }
         }
         self.publish(publishes);
+    }
+
+    /// Carry out a request that is not a publish, one round trip; its answer, if it has one.
+    fn other(&mut self, token: u64, op: Op) -> Option<Completion> {
+        let started = Instant::now();
+        let s = &self.settings;
+        let (node, presence_ttl, session_ttl) =
+            (s.node.clone(), s.presence_ttl_ms, s.session_ttl_ms);
+        match op {
+            Op::Publish(_) => None,
+            Op::History {
+                channel,
+                since,
+                limit,
+            } => {
+                let result = self.with(|c| c.history(&channel, since, limit));
+                if result.is_ok() {
+                    self.count(&self.stats.history_reads, 1, started);
+                }
+                Some(Completion::History { token, result })
+            }
+            Op::Presence {
+                channel,
+                set,
+                removed,
+            } => {
+                let result =
+                    self.with(|c| c.presence_write(&channel, &node, presence_ttl, &set, &removed));
+                if let Err(e) = result {
+                    tracing::debug!(channel, "presence not written: {e}");
+                }
+                None
+            }
+            Op::PresencePage {
+                channel,
+                after,
+                max,
+            } => {
+                let result = self.with(|c| c.presence_page(&channel, &after, max));
+                Some(Completion::PresencePage { token, result })
+            }
+            Op::Claim {
+                key,
+                holder,
+                replace,
+            } => {
+                let result = self.with(|c| c.claim(&key, &holder, session_ttl, replace));
+                Some(Completion::Claimed { token, result })
+            }
+            Op::Release { key, holder } => {
+                let _ = self.with(|c| c.release(&key, &holder));
+                None
+            }
+            Op::Refresh(locks) => {
+                let result = self.with(|c| c.refresh(&locks, session_ttl));
+                Some(Completion::Refreshed { token, result })
+            }
+        }
+    }
+
+    /// `f` on the connection (made first if need be), its failure noted.
+    fn with<T>(
+        &mut self,
+        f: impl FnOnce(&mut Client) -> Result<T, ClusterError>,
+    ) -> Result<T, ClusterError> {
+        let result = match self.client() {
+            Ok(client) => f(client),
+            Err(e) => Err(e),
+        };
+        self.check(&result);
+        result
     }
 
     fn publish(&mut self, run: Vec<(usize, u64, Publish)>) {

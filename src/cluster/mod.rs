@@ -30,7 +30,7 @@ pub mod node;
 pub mod order;
 pub mod pubsub;
 
-pub use client::{Client, Page, Publish, Published, Retention};
+pub use client::{Claimed, Client, Page, PresencePage, Publish, Published, Retention};
 pub use keys::{Envelope, Keys};
 pub use link::{Completion, Link, Op, Request, Settings};
 pub use pubsub::{Incoming, Subscriber, Wants};

@@ -99,9 +99,11 @@ pub struct Node {
 }
 
 impl Node {
-    /// Start the threads for `nshards` shards, whose owner of a channel is `route`.
+    /// Start the threads of node `boot` (its boot id in hex) for `nshards` shards, whose
+    /// owner of a channel is `route`.
     pub fn start(
         config: &Config,
+        boot: &str,
         nshards: usize,
         route: pubsub::Route,
     ) -> std::io::Result<(Self, Vec<ShardSide>)> {
@@ -136,6 +138,9 @@ impl Node {
                 probe: Duration::from_millis(cluster.probe_interval_ms),
                 suspect: Arc::clone(&lost),
                 floors: floors.clone(),
+                node: boot.to_owned(),
+                presence_ttl_ms: config.presence.ttl_ms,
+                session_ttl_ms: config.sessions.lock_ttl_ms,
             };
             node.links
                 .push(Link::spawn(settings, completion_tx.clone())?);
@@ -147,6 +152,7 @@ impl Node {
                 backoff,
                 lost,
                 redis,
+                node: boot.to_owned(),
             };
             let subscriber = Subscriber::spawn(settings, Arc::clone(&route), incoming_tx.clone())?;
             node.subscribers.push(subscriber);

@@ -46,6 +46,8 @@ pub struct Settings {
     pub lost: Arc<std::sync::atomic::AtomicBool>,
     /// This Redis's place in `cluster.redis_url`, told with `Down` and `Resubscribed`.
     pub redis: usize,
+    /// This node's boot id in hex: its own channel (`Keys::node`) brings kill switches.
+    pub node: String,
 }
 
 /// What the shards hear from PUB/SUB.
@@ -70,6 +72,16 @@ pub enum Incoming {
     Resubscribed {
         /// Which Redis.
         redis: usize,
+    },
+    /// Connection `conn` of the shard told must give up exclusive session `key`: a newer
+    /// connection took it at `at_ms` (unix ms, Redis's clock), on some node.
+    Kill {
+        /// The connection.
+        conn: u64,
+        /// Its session key.
+        key: String,
+        /// When.
+        at_ms: u64,
     },
     /// A [`Wants::subscribe`] of `channel` has taken effect: every message published from
     /// now on arrives. Each call is answered once, to the channel's owner shard, unless the
@@ -394,6 +406,8 @@ impl ControlThread {
             self.send(&auth)?;
         }
         let wanted: Vec<String> = self.wanted.iter().cloned().collect();
+        let own = self.keys.node(&self.settings.node);
+        self.send(&[&b"SUBSCRIBE"[..], own.as_bytes()])?;
         self.send_batched("SUBSCRIBE", wanted.iter())?;
         // Answered after every SUBSCRIBE above: its PONG announces the subscriptions, and
         // confirms those a lost connection left unconfirmed.
@@ -417,6 +431,7 @@ impl ControlThread {
             generation: self.generation,
             tags: self.tags.clone(),
             keys: self.keys.clone(),
+            own,
             route: self.route.clone(),
             incoming: self.incoming.clone(),
             control: self.self_tx.clone(),
@@ -473,6 +488,8 @@ struct Reader {
     generation: u64,
     tags: Tags,
     keys: Keys,
+    /// The node's own channel.
+    own: String,
     route: Route,
     incoming: Arc<Vec<flume::Sender<Incoming>>>,
     control: flume::WeakSender<Control>,
@@ -496,8 +513,22 @@ impl Reader {
         }
     }
 
-    /// Hand a message to its channel's owner shard.
+    /// Hand a message to its channel's owner shard, a kill switch to its connection's shard.
     fn route_message(&self, name: &[u8], payload: Vec<u8>) {
+        if name == self.own.as_bytes() {
+            match super::keys::Kill::parse(&payload) {
+                Ok(kill) => {
+                    if let Some(to) = self.incoming.get(kill.shard) {
+                        let (conn, key, at_ms) = (kill.conn, kill.key, kill.at_ms);
+                        // Waits for room: a lost kill switch would leave two holders until
+                        // the next refresh of the locks.
+                        let _ = to.send(Incoming::Kill { conn, key, at_ms });
+                    }
+                }
+                Err(e) => tracing::warn!("{e}"),
+            }
+            return;
+        }
         let Some(channel) = std::str::from_utf8(name)
             .ok()
             .and_then(|name| self.keys.channel_of(name))

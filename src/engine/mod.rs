@@ -25,7 +25,7 @@ mod tests;
 use std::rc::Rc;
 use std::time::Instant;
 
-use crate::dialect::{Kind, Publication};
+use crate::dialect::{Change, Kind, Member, Publication};
 pub use history::Found;
 pub(crate) use memory::shrink_if_sparse;
 pub use memory::Memory;
@@ -102,6 +102,49 @@ pub enum Event {
         /// The message.
         data: Rc<[u8]>,
     },
+    /// A member connected to another node joined `channel`, left it (or its node stopped
+    /// refreshing it) or changed its status: `channel`'s presence members must be told.
+    PresenceChange {
+        /// The channel.
+        channel: Rc<str>,
+        /// What happened.
+        change: Change,
+        /// Who.
+        member: Member,
+    },
+    /// The answer to [`Engine::presence_page`] of `token`: (members in all, distinct users,
+    /// the page, the cursor of the next page if there is one), or why not.
+    PresencePage {
+        /// The request's token.
+        token: u64,
+        /// The page.
+        result: Result<PresencePage, String>,
+    },
+    /// The answer to [`Engine::claim`] of `token`: whether the claimer holds the session now
+    /// (a holder on another node was told to go), or why it could not be asked.
+    Claimed {
+        /// The request's token.
+        token: u64,
+        /// Granted, or refused (policy "reject").
+        result: Result<bool, String>,
+    },
+    /// Session locks (key, holder) that [`Engine::refresh_locks`] found held by someone
+    /// else: their holders here must go.
+    LocksLost(Vec<(String, String)>),
+    /// The node hears Redis again after it could not: kill switches and presence changes
+    /// may have been missed meanwhile, so what the shard keeps must be refreshed now (a lock
+    /// that someone else took meanwhile comes back as [`Event::LocksLost`]).
+    Reconnected,
+    /// Connection `conn` of this shard must give up session `key`: a newer connection, on
+    /// another node or this one, took it at `at_ms` (unix ms).
+    Kill {
+        /// The connection.
+        conn: u64,
+        /// Its session key.
+        key: String,
+        /// When it was taken.
+        at_ms: u64,
+    },
     /// Deliver `publication` to `channel`'s subscribers (events of a channel come in seq
     /// order).
     Publication {
@@ -114,7 +157,13 @@ pub enum Event {
     },
 }
 
-/// Numbering, history and delivery of the channels one shard owns.
+/// A page of a channel's members across the cluster: (members in all, distinct users, the
+/// page, the cursor of the next page if there is one).
+pub type PresencePage = (usize, usize, Vec<Member>, Option<Box<str>>);
+
+/// Numbering, history and delivery of the channels one shard owns; in a cluster, their
+/// presence and the exclusive sessions across nodes too (on one node those are the shard's
+/// own: the methods for them do nothing, and say so).
 pub trait Engine {
     /// Number `data` as `channel`'s next message, keep it in the history and deliver it.
     /// An answer that comes later is an [`Event::Numbered`] with `token`.
@@ -174,6 +223,39 @@ pub trait Engine {
     fn degraded(&self, channel: &str) -> bool {
         let _ = channel;
         false
+    }
+
+    /// The node's members of `channel`: `set` are there (new, changed, or still there: a
+    /// refresh), `removed` are gone. Told to the other nodes.
+    fn presence(&mut self, channel: &str, set: &[&Member], removed: &[&str]) {
+        let _ = (channel, set, removed);
+    }
+
+    /// Ask for a page of `channel`'s members on every node after cursor `after` (`""`: the
+    /// first), at most `max`: true if asked (answered as [`Event::PresencePage`] with
+    /// `token`); false: the node's own members are all there are.
+    fn presence_page(&mut self, channel: &str, after: &str, max: usize, token: u64) -> bool {
+        let _ = (channel, after, max, token);
+        false
+    }
+
+    /// Connection `holder` (its id) claims exclusive session `key` on every node, replacing
+    /// a holder or (`replace` false) not: true if asked (answered as [`Event::Claimed`] with
+    /// `token`); false: the node's own holders are all there are.
+    fn claim(&mut self, key: &str, holder: &str, replace: bool, token: u64) -> bool {
+        let _ = (key, holder, replace, token);
+        false
+    }
+
+    /// Connection `holder` has let session `key` go.
+    fn release(&mut self, key: &str, holder: &str) {
+        let _ = (key, holder);
+    }
+
+    /// Keep the locks (key, holder) of the sessions this shard has granted; the lost ones
+    /// come back as [`Event::LocksLost`].
+    fn refresh_locks(&mut self, locks: Vec<(String, String)>) {
+        let _ = locks;
     }
 
     /// Too much is waiting for the engine: publishers should pause.

@@ -21,12 +21,12 @@ use std::rc::Rc;
 
 use super::history::{Found, Limits, Ring};
 use super::{Arrival, Engine, Event, Numbered};
-use crate::cluster::keys::{redis_for, Envelope};
+use crate::cluster::keys::{member_bytes, parse_member, redis_for, Heard};
 use crate::cluster::link::{Completion, Op, Request};
 use crate::cluster::node::Instance;
 use crate::cluster::order::{Order, Step};
-use crate::cluster::{Incoming, Page, Publish};
-use crate::dialect::{Kind, Publication};
+use crate::cluster::{Claimed, ClusterError, Incoming, Page, Publish};
+use crate::dialect::{Change, Kind, Member, Publication};
 
 /// What the engine's threads report to a shard.
 #[derive(Debug)]
@@ -43,6 +43,9 @@ const FETCH: u64 = 1 << 63;
 
 /// Tokens of the reads of a channel's top before subscribing to it have this one.
 const ANCHOR: u64 = 1 << 62;
+
+/// Tokens of the refreshes of session locks have this one.
+const LOCKS: u64 = 1 << 61;
 
 /// A channel this node numbers itself while its Redis is down.
 struct Local {
@@ -64,6 +67,11 @@ pub struct Redis {
     nshards: usize,
     /// Local epochs are `{node}.{shard}.{n}`: never one of Redis's (16 hex digits).
     node: u64,
+    /// The node's boot id in hex: what its connection ids begin with, and the name its
+    /// presence changes go out under.
+    boot: String,
+    /// Session lock refreshes waiting for their answer, by token: what they asked.
+    refreshes: HashMap<u64, Vec<(String, String)>>,
     locals_made: u64,
     /// History kept of local channels.
     limits: Limits,
@@ -107,6 +115,8 @@ impl Redis {
             local: HashMap::new(),
             nshards,
             node,
+            boot: format!("{node:x}"),
+            refreshes: HashMap::new(),
             locals_made: 0,
             limits,
             order: Order::default(),
@@ -180,6 +190,7 @@ impl Redis {
     /// Redis's numbering (their subscribers are moved by the first message from it).
     fn reconnected(&mut self, redis: usize) {
         self.down[redis] = false;
+        self.events.push_back(Event::Reconnected);
         let n = self.instances.len();
         self.local
             .retain(|channel, _| redis_for(channel, n) != redis);
@@ -340,7 +351,67 @@ impl Redis {
                 let found = result.map(found).map_err(|e| e.to_string());
                 self.events.push_back(Event::History { token, found });
             }
+            Completion::PresencePage { token, result } => {
+                let result = result.map_err(|e| e.to_string()).and_then(|page| {
+                    let members: Result<Vec<Member>, ClusterError> =
+                        page.members.iter().map(|m| parse_member(m)).collect();
+                    let members = members.map_err(|e| e.to_string())?;
+                    let cursor = page.last.map(Box::from);
+                    Ok((page.total, page.users, members, cursor))
+                });
+                self.events.push_back(Event::PresencePage { token, result });
+            }
+            Completion::Claimed { token, result } => {
+                let result = result
+                    .map(|claimed| !matches!(claimed, Claimed::Refused(_)))
+                    .map_err(|e| e.to_string());
+                self.events.push_back(Event::Claimed { token, result });
+            }
+            Completion::Refreshed { token, result } => {
+                let Some(locks) = self.refreshes.remove(&token) else {
+                    return;
+                };
+                match result {
+                    Ok(places) => {
+                        let lost: Vec<_> = places
+                            .iter()
+                            .filter_map(|&i| locks.get(i).cloned())
+                            .collect();
+                        if !lost.is_empty() {
+                            self.events.push_back(Event::LocksLost(lost));
+                        }
+                    }
+                    Err(e) => tracing::debug!(shard = self.shard, "locks not refreshed: {e}"),
+                }
+            }
         }
+    }
+
+    /// A presence change heard on `channel`'s PUB/SUB: told to the shard unless it is one
+    /// of this node's own members (the node told its members itself, and keeps them).
+    fn presence_heard(&mut self, channel: &str, change: Change, node: &str, member: &[u8]) {
+        if node == self.boot {
+            return;
+        }
+        let member = match parse_member(member) {
+            Ok(member) => member,
+            Err(e) => return tracing::warn!(shard = self.shard, channel, "{e}"),
+        };
+        let ours = member
+            .connection_id
+            .strip_prefix(self.boot.as_str())
+            .is_some_and(|rest| rest.starts_with('-'));
+        if ours {
+            // Expired in Redis while the node still has it (it could not refresh it): the
+            // next refresh puts it back.
+            return;
+        }
+        let channel = channel.into();
+        self.events.push_back(Event::PresenceChange {
+            channel,
+            change,
+            member,
+        });
     }
 
     /// Hand a publish to the link; a link that has stopped is answered at once.
@@ -482,13 +553,17 @@ impl Engine for Redis {
     fn heard(&mut self, input: Input, at: Arrival) {
         match input {
             Input::Link(completion) => self.completed(completion, at),
-            Input::PubSub(Incoming::Message { channel, payload }) => {
-                match Envelope::parse(&payload) {
-                    Ok(message) => self.order.live(&channel, &message, &mut self.steps),
-                    Err(e) => {
-                        tracing::warn!(shard = self.shard, channel, "bad PUB/SUB message: {e}")
-                    }
-                }
+            Input::PubSub(Incoming::Message { channel, payload }) => match Heard::parse(&payload) {
+                Ok(Heard::Message(message)) => self.order.live(&channel, &message, &mut self.steps),
+                Ok(Heard::Presence {
+                    change,
+                    node,
+                    member,
+                }) => self.presence_heard(&channel, change, node, member),
+                Err(e) => tracing::warn!(shard = self.shard, channel, "bad PUB/SUB message: {e}"),
+            },
+            Input::PubSub(Incoming::Kill { conn, key, at_ms }) => {
+                self.events.push_back(Event::Kill { conn, key, at_ms })
             }
             Input::PubSub(Incoming::Subscribed { channel }) => self.confirmed(&channel),
             Input::PubSub(Incoming::Resubscribed { redis }) => self.reconnected(redis),
@@ -499,6 +574,65 @@ impl Engine for Redis {
 
     fn congested(&self) -> bool {
         self.in_flight >= self.max_in_flight
+    }
+
+    fn presence(&mut self, channel: &str, set: &[&Member], removed: &[&str]) {
+        let op = Op::Presence {
+            channel: channel.to_owned(),
+            set: set
+                .iter()
+                .map(|m| (m.connection_id.to_string(), member_bytes(m)))
+                .collect(),
+            removed: removed.iter().map(|id| (*id).to_owned()).collect(),
+        };
+        // Not answered: a failure is made good by the next refresh, or by the expiry.
+        self.send(channel, 0, op);
+    }
+
+    fn presence_page(&mut self, channel: &str, after: &str, max: usize, token: u64) -> bool {
+        let op = Op::PresencePage {
+            channel: channel.to_owned(),
+            after: after.to_owned(),
+            max,
+        };
+        self.send(channel, token, op)
+    }
+
+    fn claim(&mut self, key: &str, holder: &str, replace: bool, token: u64) -> bool {
+        let op = Op::Claim {
+            key: key.to_owned(),
+            holder: holder.to_owned(),
+            replace,
+        };
+        self.send(key, token, op)
+    }
+
+    fn release(&mut self, key: &str, holder: &str) {
+        let op = Op::Release {
+            key: key.to_owned(),
+            holder: holder.to_owned(),
+        };
+        self.send(key, 0, op);
+    }
+
+    fn refresh_locks(&mut self, locks: Vec<(String, String)>) {
+        let mut by_redis: HashMap<usize, Vec<(String, String)>> = HashMap::new();
+        for lock in locks {
+            by_redis
+                .entry(self.redis_of(&lock.0))
+                .or_default()
+                .push(lock);
+        }
+        for (_, locks) in by_redis {
+            self.next_fetch += 1;
+            let token = LOCKS | self.next_fetch;
+            let Some(key) = locks.first().map(|(key, _)| key.clone()) else {
+                continue;
+            };
+            if self.send(&key, token, Op::Refresh(locks.clone())) {
+                self.refreshes.insert(token, locks);
+            }
+        }
     }
 
     /// Redis expires what is not used; the node forgets a channel when it is not wanted.

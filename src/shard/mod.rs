@@ -154,8 +154,8 @@ pub enum MeshMsg {
     PresenceQuery {
         /// Channel.
         channel: Box<str>,
-        /// Members after this place (a cursor).
-        after: Option<presence::Place>,
+        /// Members after this cursor.
+        after: Option<Box<str>>,
         /// Who to answer.
         origin: Origin,
     },
@@ -175,6 +175,8 @@ pub enum MeshMsg {
     },
     /// From a session key's owner: what became of connection `conn`'s claim.
     SessionOutcome {
+        /// The session key.
+        key: Box<str>,
         /// The connection.
         conn: u64,
         /// Granted, replaced or refused.
@@ -278,6 +280,13 @@ pub struct Shard {
     orphans: RefCell<clustered::Orphans>,
     /// Presence members of the channels this shard owns.
     rosters: RefCell<presence::Rosters>,
+    /// PRESENCE pages the engine answers later, by token: the channel, whom to answer.
+    presence_asks: RefCell<HashMap<u64, (Box<str>, Origin)>>,
+    /// Claims of sessions the engine answers later, by token: the key, the claimant.
+    claims: RefCell<HashMap<u64, (Box<str>, presence::Place)>>,
+    /// When the engine is next told of the members and session holders this shard keeps
+    /// (unix ms; in a cluster Redis forgets what is not refreshed).
+    next_refresh_ms: Cell<u64>,
     /// The status and metadata of this shard's connections that sent STATUS (kept here,
     /// not in every [`Peer`]).
     statuses: RefCell<HashMap<u64, presence::Statused>>,
@@ -335,6 +344,9 @@ impl Shard {
             numbering: RefCell::default(),
             orphans: RefCell::default(),
             rosters: RefCell::default(),
+            presence_asks: RefCell::default(),
+            claims: RefCell::default(),
+            next_refresh_ms: Cell::new(0),
             statuses: RefCell::default(),
             holders: RefCell::default(),
             session_keys: RefCell::default(),
@@ -484,7 +496,29 @@ impl Shard {
     /// Connection `conn`'s id as clients see it (READY, presence): unique across the
     /// node's shards and restarts.
     pub fn connection_id(&self, conn: u64) -> String {
-        format!("{:x}-{}-{}", self.global.boot_id, self.id, conn)
+        self.place_id((self.id as u16, conn))
+    }
+
+    /// The id of the connection at `place` on this node: `{boot id}-{shard}-{conn}`, unique
+    /// across restarts and nodes (a cluster's presence and session locks key on it).
+    fn place_id(&self, place: presence::Place) -> String {
+        format!("{:x}-{}-{}", self.global.boot_id, place.0, place.1)
+    }
+
+    /// In a cluster: tell the engine again, every third of the shorter TTL, of this shard's
+    /// presence members and session holders (Redis forgets what is not refreshed).
+    fn refresh_cluster(&self) {
+        if self.engine.borrow().numbers_locally() {
+            return;
+        }
+        let now = self.now().unix_ms;
+        if now < self.next_refresh_ms.get() {
+            return;
+        }
+        let ttl = (self.config.presence.ttl_ms).min(self.config.sessions.lock_ttl_ms);
+        self.next_refresh_ms.set(now + (ttl / 3).max(1));
+        self.refresh_presence();
+        self.refresh_sessions();
     }
 
     /// The connection with this id, if it is still open.
@@ -1369,6 +1403,17 @@ impl Shard {
                     tracing::warn!(shard = self.id, %channel, %epoch, "numbering started again");
                     self.notify(&channel, Notice::Reset { epoch });
                 }
+                Some(Event::PresenceChange {
+                    channel,
+                    change,
+                    member,
+                }) => self.presence_changed(&channel, change, &member),
+                Some(Event::PresencePage { token, result }) => self.presence_paged(token, result),
+                Some(Event::Claimed { token, result }) => self.claim_answered(token, result),
+                Some(Event::LocksLost(locks)) => self.locks_lost(locks),
+                // At the next tick.
+                Some(Event::Reconnected) => self.next_refresh_ms.set(0),
+                Some(Event::Kill { conn, key, at_ms }) => self.killed(conn, &key, at_ms),
             }
         }
     }
@@ -1834,7 +1879,9 @@ impl Shard {
             MeshMsg::Roster { channel, place, op } => self.roster(&channel, place, op),
             MeshMsg::SessionClaim { key, place } => self.session_claimed(&key, place),
             MeshMsg::SessionRelease { key, place } => self.session_released(&key, place),
-            MeshMsg::SessionOutcome { conn, outcome } => self.session_outcome(conn, outcome),
+            MeshMsg::SessionOutcome { key, conn, outcome } => {
+                self.session_outcome(&key, conn, outcome)
+            }
             MeshMsg::PresenceChange {
                 channel,
                 change,
@@ -1844,7 +1891,7 @@ impl Shard {
                 channel,
                 after,
                 origin,
-            } => self.presence_page(&channel, after, origin),
+            } => self.presence_page(&channel, after.as_deref(), origin),
             MeshMsg::Reply { conn, answer } => {
                 // Each request routed to an owner is answered once: the debt is paid.
                 if let Some(peer) = self.peer(conn) {
@@ -1924,6 +1971,7 @@ impl Shard {
     /// in one go held the shard for 15-37 ms; the timers sweep one slice per tick instead.
     pub fn sweep_slice(&self, ping: &Frame, now: Now, slice: u64, slices: u64) {
         self.enter(now);
+        self.refresh_cluster();
         let now = self.ms();
         let ws = &self.config.websocket;
         if slice == 0 {

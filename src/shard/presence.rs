@@ -4,8 +4,11 @@
 //! owner tells the channel's presence members on every shard, through the mesh like any
 //! fan-out, and answers PRESENCE a page at a time.
 //!
-//! On a cluster node this is the node's own presence: Redis presence is not built yet
-//! (docs/CLUSTER.md).
+//! In a cluster the owner keeps the node's own members, and the engine tells them to the other
+//! nodes (Redis keeps every node's members, each refreshed by its node: see
+//! `cluster/lua/presence.lua`): what the other nodes' members do comes back as an
+//! [`crate::engine::Event::PresenceChange`], fanned out here as the node's own, and PRESENCE
+//! pages through Redis (through the node's own members while Redis cannot be asked).
 
 use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
@@ -13,6 +16,7 @@ use std::rc::Rc;
 use super::{MeshMsg, Origin, Peer, Shard};
 use crate::auth::Principal;
 use crate::dialect::{Answer, Change, Member, Refusal, Reply, Status};
+use crate::engine::PresencePage;
 use crate::metrics::Counter;
 
 /// Where a member is: its shard and connection (unique on the node, and the order pages
@@ -80,6 +84,13 @@ impl Rosters {
         Some(member)
     }
 
+    /// Every channel with members, and its members.
+    fn each(&self) -> impl Iterator<Item = (&str, Vec<&Member>)> {
+        self.by_channel
+            .iter()
+            .map(|(channel, members)| (&**channel, members.by_place.values().collect()))
+    }
+
     /// `channel`'s members after `after`, at most `max`: (members in all, distinct users, the
     /// page, where the next page begins if there is more).
     fn page(
@@ -112,6 +123,9 @@ impl Rosters {
         (members.by_place.len(), members.users.len(), page, next)
     }
 }
+
+/// Longest PRESENCE cursor a cluster gives (a connection id).
+const MAX_CURSOR: usize = 128;
 
 /// A PRESENCE cursor: opaque to clients, the place the last page ended at.
 fn cursor_text(place: Place) -> Box<str> {
@@ -194,13 +208,20 @@ impl Shard {
         id: Option<&[u8]>,
         cursor: Option<&str>,
     ) -> Result<(), Refusal> {
-        let after =
-            match cursor {
-                None => None,
-                Some(text) => Some(parse_cursor(text).ok_or_else(|| {
-                    Refusal::bad_request("\"cursor\" is not one this server gave")
-                })?),
-            };
+        // One node's cursors are places; a cluster's are connection ids, from Redis.
+        let clustered = !self.engine.borrow().numbers_locally();
+        let known = |text: &str| {
+            if clustered {
+                text.len() <= MAX_CURSOR
+            } else {
+                parse_cursor(text).is_some()
+            }
+        };
+        if cursor.is_some_and(|text| !known(text)) {
+            return Err(Refusal::bad_request(
+                "\"cursor\" is not one this server gave",
+            ));
+        }
         let origin = Origin {
             shard: self.id,
             conn: peer.id,
@@ -208,13 +229,12 @@ impl Shard {
         };
         let owner = self.owner_of(channel);
         if owner == self.id {
-            self.presence_page(channel, after, origin);
+            self.presence_page(channel, cursor, origin);
         } else {
             peer.owed.set(peer.owed.get() + 1);
-            let channel = channel.into();
             let msg = MeshMsg::PresenceQuery {
-                channel,
-                after,
+                channel: channel.into(),
+                after: cursor.map(Box::from),
                 origin,
             };
             self.route(owner, msg);
@@ -233,7 +253,8 @@ impl Shard {
         self.route(owner, MeshMsg::Roster { channel, place, op });
     }
 
-    /// On `channel`'s owner: the member at `place` did `op`; its presence members are told.
+    /// On `channel`'s owner: the member at `place` did `op`; its presence members are told,
+    /// on this node and (through the engine) the others.
     pub(super) fn roster(&self, channel: &str, place: Place, op: Roster) {
         let told = match op {
             Roster::Set(member) => {
@@ -253,6 +274,17 @@ impl Shard {
         let Some((change, member)) = told else {
             return;
         };
+        let mut engine = self.engine.borrow_mut();
+        match change {
+            Change::Leave => engine.presence(channel, &[], &[&member.connection_id]),
+            Change::Join | Change::Status => engine.presence(channel, &[&member], &[]),
+        }
+        drop(engine);
+        self.presence_changed(channel, change, &member);
+    }
+
+    /// On `channel`'s owner: tell its presence members on every shard of the node.
+    pub(super) fn presence_changed(&self, channel: &str, change: Change, member: &Member) {
         self.counters.add(Counter::PresenceChanges, 1);
         if let Some(owned) = self.channels.borrow().get(channel) {
             for &shard in &owned.interest {
@@ -265,7 +297,17 @@ impl Shard {
                 self.route(usize::from(shard), msg);
             }
         }
-        self.tell_members(channel, change, &member);
+        self.tell_members(channel, change, member);
+    }
+
+    /// Tell the engine again of every member of the channels this shard owns (in a cluster,
+    /// Redis forgets those their node stops refreshing).
+    pub(super) fn refresh_presence(&self) {
+        let rosters = self.rosters.borrow();
+        let mut engine = self.engine.borrow_mut();
+        for (channel, members) in rosters.each() {
+            engine.presence(channel, &members, &[]);
+        }
     }
 
     /// Tell this shard's presence members of `channel` what changed, as fan-out (a member
@@ -281,17 +323,50 @@ impl Shard {
         self.subs.borrow().tell_members(channel, frame, deliver);
     }
 
-    /// On `channel`'s owner: answer a PRESENCE from `origin` with the page after `after`.
-    pub(super) fn presence_page(&self, channel: &str, after: Option<Place>, mut origin: Origin) {
+    /// On `channel`'s owner: answer a PRESENCE from `origin` with the page after cursor
+    /// `after`: asked of the engine (every node's members), or from the node's own.
+    pub(super) fn presence_page(&self, channel: &str, after: Option<&str>, origin: Origin) {
         let max = self.config.presence.max_members;
+        let token = self.token();
+        let asked =
+            self.engine
+                .borrow_mut()
+                .presence_page(channel, after.unwrap_or_default(), max, token);
+        if asked {
+            let ask = (channel.into(), origin);
+            self.presence_asks.borrow_mut().insert(token, ask);
+            return;
+        }
+        let after = after.and_then(parse_cursor);
         let (total, users, members, next) = self.rosters.borrow().page(channel, after, max);
+        let cursor = next.map(cursor_text);
+        self.presence_answer(channel, origin, (total, users, members, cursor));
+    }
+
+    /// The engine's answer to the PRESENCE of `token`; when it could not ask, the node's own
+    /// members are the answer.
+    pub(super) fn presence_paged(&self, token: u64, result: Result<PresencePage, String>) {
+        let Some((channel, origin)) = self.presence_asks.borrow_mut().remove(&token) else {
+            return;
+        };
+        let page = result.unwrap_or_else(|e| {
+            tracing::debug!(shard = self.id, %channel, "presence from this node only: {e}");
+            let max = self.config.presence.max_members;
+            let (total, users, members, next) = self.rosters.borrow().page(&channel, None, max);
+            (total, users, members, next.map(cursor_text))
+        });
+        self.presence_answer(&channel, origin, page);
+    }
+
+    fn presence_answer(&self, channel: &str, mut origin: Origin, page: PresencePage) {
+        let (total, users, members, cursor) = page;
         let answer = Answer::Presence {
             channel: channel.into(),
             id: origin.id.take(),
             total,
             users,
             members,
-            cursor: next.map(cursor_text),
+            cursor,
         };
         self.reply(&origin, answer);
     }

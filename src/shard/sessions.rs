@@ -6,8 +6,11 @@
 //! ("reject": closed with 4402). Two claims at the same moment: one holder, whatever the
 //! order.
 //!
-//! On a cluster node this is the node's own: a lock in Redis is not built yet
-//! (docs/CLUSTER.md).
+//! In a cluster the owner asks the engine first: a lock per session key in Redis, held by
+//! the connection's id and refreshed by its node, decides between nodes, and a holder on
+//! another node is told to go by a kill switch on its node's channel
+//! ([`crate::engine::Event::Kill`]). The owner's holders are then the node's share of them;
+//! while Redis cannot be asked, they decide alone (exclusive on the node only).
 
 use std::collections::HashMap;
 
@@ -66,11 +69,13 @@ impl Holders {
         }
     }
 
-    /// `place` is gone: `key` is free, if `place` held it.
-    fn release(&mut self, key: &str, place: Place) {
-        if self.0.get(key) == Some(&place) {
+    /// `place` is gone: `key` is free, if `place` held it (then true).
+    fn release(&mut self, key: &str, place: Place) -> bool {
+        let held = self.0.get(key) == Some(&place);
+        if held {
             self.0.remove(key);
         }
+        held
     }
 }
 
@@ -92,6 +97,11 @@ impl Shard {
         let Some(key) = self.session_keys.borrow_mut().remove(&conn) else {
             return;
         };
+        self.send_release(key, conn);
+    }
+
+    /// Tell `key`'s owner that connection `conn` of this shard no longer holds it.
+    fn send_release(&self, key: Box<str>, conn: u64) {
         let place = (self.id as u16, conn);
         let owner = owner_of(&key, self.nshards);
         if owner == self.id {
@@ -100,10 +110,42 @@ impl Shard {
         self.route(owner, MeshMsg::SessionRelease { key, place });
     }
 
-    /// On the key's owner: a claim.
+    /// On the key's owner: a claim, asked of the engine first (in a cluster).
     pub(super) fn session_claimed(&self, key: &str, place: Place) {
         let policy = self.config.sessions.policy;
+        let (token, holder) = (self.token(), self.place_id(place));
+        let replace = policy == SessionPolicy::Replace;
+        if self.engine.borrow_mut().claim(key, &holder, replace, token) {
+            self.claims.borrow_mut().insert(token, (key.into(), place));
+            return;
+        }
+        self.decide(key, place, policy);
+    }
+
+    /// The engine's answer to the claim of `token`: granted across the cluster (the holders
+    /// here are replaced too), refused, or not known (Redis could not be asked: the node's
+    /// holders decide).
+    pub(super) fn claim_answered(&self, token: u64, result: Result<bool, String>) {
+        let Some((key, place)) = self.claims.borrow_mut().remove(&token) else {
+            return;
+        };
+        match result {
+            Ok(true) => self.decide(&key, place, SessionPolicy::Replace),
+            Ok(false) => self.tell_outcomes(&key, vec![(place, Outcome::Refused)]),
+            Err(e) => {
+                tracing::warn!(shard = self.id, "session decided on this node only: {e}");
+                self.decide(&key, place, self.config.sessions.policy);
+            }
+        }
+    }
+
+    /// Decide `place`'s claim of `key` among this node's holders.
+    fn decide(&self, key: &str, place: Place, policy: SessionPolicy) {
         let told = self.holders.borrow_mut().claim(key, place, policy);
+        self.tell_outcomes(key, told);
+    }
+
+    fn tell_outcomes(&self, key: &str, told: Vec<(Place, Outcome)>) {
         for (to, outcome) in told {
             match outcome {
                 Outcome::Replaced => self.counters.add(Counter::SessionsReplaced, 1),
@@ -112,22 +154,79 @@ impl Shard {
             }
             let (shard, conn) = (usize::from(to.0), to.1);
             if shard == self.id {
-                self.session_outcome(conn, outcome);
+                self.session_outcome(key, conn, outcome);
             } else {
-                self.route(shard, MeshMsg::SessionOutcome { conn, outcome });
+                let key = key.into();
+                self.route(shard, MeshMsg::SessionOutcome { key, conn, outcome });
             }
         }
     }
 
     /// On the key's owner: a holder left.
     pub(super) fn session_released(&self, key: &str, place: Place) {
-        self.holders.borrow_mut().release(key, place);
+        if self.holders.borrow_mut().release(key, place) {
+            let holder = self.place_id(place);
+            self.engine.borrow_mut().release(key, &holder);
+        }
     }
 
-    /// On the connection's shard: what its claim (or a later one) decided.
-    pub(super) fn session_outcome(&self, conn: u64, outcome: Outcome) {
-        let Some(peer) = self.peer(conn) else {
-            return; // Gone meanwhile: its release follows its claim to the owner.
+    /// On the keys' owner: the engine found these locks held by others (taken while this
+    /// node could not hear of it): their holders here go.
+    pub(super) fn locks_lost(&self, locks: Vec<(String, String)>) {
+        for (key, holder) in locks {
+            let held = self.holders.borrow().0.get(key.as_str()).copied();
+            if let Some(place) = held.filter(|&p| self.place_id(p) == holder) {
+                self.holders.borrow_mut().release(&key, place);
+                self.tell_outcomes(&key, vec![(place, Outcome::Replaced)]);
+            }
+        }
+    }
+
+    /// On the connection's shard: a newer connection took `key`, held by connection `conn`,
+    /// at `at_ms` (unix ms): it goes, unless it went already.
+    pub(super) fn killed(&self, conn: u64, key: &str, at_ms: u64) {
+        if self.session_keys.borrow().get(&conn).map(|k| &**k) != Some(key) {
+            return;
+        }
+        let waited = self.now().unix_ms.saturating_sub(at_ms);
+        self.counters
+            .record_kill(std::time::Duration::from_millis(waited));
+        self.counters.add(Counter::SessionsReplaced, 1);
+        self.session_outcome(key, conn, Outcome::Replaced);
+        // The owner's holders forget it (Redis has the newer one already).
+        self.send_release(key.into(), conn);
+    }
+
+    /// Keep the locks of the sessions this shard holds (in a cluster, Redis frees a lock its
+    /// node stops refreshing).
+    pub(super) fn refresh_sessions(&self) {
+        let locks: Vec<(String, String)> = self
+            .holders
+            .borrow()
+            .0
+            .iter()
+            .map(|(key, &place)| (key.to_string(), self.place_id(place)))
+            .collect();
+        if !locks.is_empty() {
+            self.engine.borrow_mut().refresh_locks(locks);
+        }
+    }
+
+    /// On the connection's shard: what its claim of `key` (or a later one) decided.
+    pub(super) fn session_outcome(&self, key: &str, conn: u64, outcome: Outcome) {
+        let claiming = self
+            .session_keys
+            .borrow()
+            .get(&conn)
+            .is_some_and(|k| &**k == key);
+        let peer = self.peer(conn).filter(|_| claiming);
+        let Some(peer) = peer else {
+            if outcome == Outcome::Granted {
+                // Gone (or replaced) while its claim was being decided in Redis: its
+                // release may have reached the owner first, so it is sent again.
+                self.send_release(key.into(), conn);
+            }
+            return;
         };
         match outcome {
             Outcome::Granted => {
@@ -169,12 +268,12 @@ mod tests {
             [((0, 1), Outcome::Replaced), ((1, 2), Outcome::Granted)]
         );
         // The replaced one's release frees nothing; the holder's does.
-        holders.release("k", (0, 1));
+        assert!(!holders.release("k", (0, 1)));
         assert_eq!(
             holders.claim("k", (0, 3), SessionPolicy::Reject),
             [((0, 3), Outcome::Refused)]
         );
-        holders.release("k", (1, 2));
+        assert!(holders.release("k", (1, 2)));
         assert_eq!(
             holders.claim("k", (0, 3), SessionPolicy::Reject),
             [((0, 3), Outcome::Granted)]

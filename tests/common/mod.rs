@@ -193,15 +193,19 @@ scopes = ["subscribe"]
         }
     }
 
+    /// The Prometheus counter `name` (unlabelled) now, 0 if absent.
+    pub fn metric(&self, name: &str) -> u64 {
+        let (_, text) = self.get("/metrics");
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0)
+    }
+
     /// Wait until the Prometheus counter `name` reaches at least `min`; returns its value.
     pub fn wait_metric(&self, name: &str, min: u64) -> u64 {
         let deadline = Instant::now() + WAIT;
         loop {
-            let (_, text) = self.get("/metrics");
-            let value = text
-                .lines()
-                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-                .unwrap_or(0);
+            let value = self.metric(name);
             if value >= min {
                 return value;
             }
