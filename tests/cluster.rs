@@ -315,7 +315,7 @@ fn presence_counts_users_pages_by_id_tells_changes_and_expires_members() {
         .map(|i| member(users[i], &format!("n1-0-{i}"), Status::Online))
         .collect();
     client
-        .presence_write(channel, "n1", 60_000, &five, &[])
+        .presence_write(&[(channel.into(), five.clone(), vec![])], "n1", 60_000)
         .unwrap();
     let told = changes(&mut pubsub, 5);
     assert!(told.iter().all(|(c, n, _)| *c == Change::Join && n == "n1"));
@@ -323,7 +323,7 @@ fn presence_counts_users_pages_by_id_tells_changes_and_expires_members() {
     let away = member("u0", "n1-0-0", Status::Away);
     let again = [five[1].clone(), away];
     client
-        .presence_write(channel, "n1", 60_000, &again, &[])
+        .presence_write(&[(channel.into(), again.to_vec(), vec![])], "n1", 60_000)
         .unwrap();
     let told = changes(&mut pubsub, 1);
     assert_eq!(told[0], (Change::Status, "n1".into(), "n1-0-0".into()));
@@ -344,11 +344,9 @@ fn presence_counts_users_pages_by_id_tells_changes_and_expires_members() {
 
     client
         .presence_write(
-            channel,
+            &[(channel.into(), vec![], vec!["n1-0-4".into(), "gone".into()])],
             "n2",
             60_000,
-            &[],
-            &["n1-0-4".into(), "gone".into()],
         )
         .unwrap();
     let told = changes(&mut pubsub, 1);
@@ -358,10 +356,12 @@ fn presence_counts_users_pages_by_id_tells_changes_and_expires_members() {
 
     // A member not refreshed within its TTL (0 here) is gone at the next call, told as a
     // LEAVE of no node's ("-"), and no longer counted.
-    let brief = [member("u9", "n3-0-1", Status::Online)];
-    client
-        .presence_write(channel, "n3", 0, &brief, &[])
-        .unwrap();
+    let brief = [(
+        channel.into(),
+        vec![member("u9", "n3-0-1", Status::Online)],
+        vec![],
+    )];
+    client.presence_write(&brief, "n3", 0).unwrap();
     assert_eq!(changes(&mut pubsub, 1)[0].0, Change::Join);
     let page = client.presence_page(channel, "", 10).unwrap();
     assert_eq!((page.total, page.users), (4, 3));

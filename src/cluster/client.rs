@@ -92,6 +92,10 @@ pub struct PresencePage {
     pub last: Option<String>,
 }
 
+/// One channel's presence change: (channel, members kept as (connection id, member bytes),
+/// connection ids removed).
+pub type PresenceWrite = (String, Vec<(String, Vec<u8>)>, Vec<String>);
+
 /// How a claim of an exclusive session ended in Redis.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claimed {
@@ -338,30 +342,31 @@ impl Client {
         Err(ClusterError::Protocol("the scripts stay unknown".into()))
     }
 
-    /// `channel`'s presence: members `set` (id, member) kept for `ttl_ms` (JOIN or STATUS
-    /// told for the new and the changed), members `removed` (LEAVE told), on behalf of `node`.
+    /// Presence of several channels in one round trip, each (channel, members `set` as (id,
+    /// member) kept for `ttl_ms` (JOIN or STATUS told for the new and the changed), ids
+    /// `removed` (LEAVE told)), on behalf of `node`.
     pub fn presence_write(
         &mut self,
-        channel: &str,
+        writes: &[PresenceWrite],
         node: &str,
         ttl_ms: u64,
-        set: &[(String, Vec<u8>)],
-        removed: &[String],
     ) -> Result<(), ClusterError> {
-        let keys = self.presence_keys(channel);
         let mut calls = Vec::new();
-        for chunk in set.chunks(ENTRIES_PER_CALL) {
-            let mut args = vec![b"set".to_vec(), ttl_ms.to_string().into(), node.into()];
-            for (id, member) in chunk {
-                args.push(id.as_bytes().to_vec());
-                args.push(member.clone());
+        for (channel, set, removed) in writes {
+            let keys = self.presence_keys(channel);
+            for chunk in set.chunks(ENTRIES_PER_CALL) {
+                let mut args = vec![b"set".to_vec(), ttl_ms.to_string().into(), node.into()];
+                for (id, member) in chunk {
+                    args.push(id.as_bytes().to_vec());
+                    args.push(member.clone());
+                }
+                calls.push((keys.clone(), args));
             }
-            calls.push((keys.clone(), args));
-        }
-        for chunk in removed.chunks(ENTRIES_PER_CALL) {
-            let mut args = vec![b"rem".to_vec(), node.into()];
-            args.extend(chunk.iter().map(|id| id.as_bytes().to_vec()));
-            calls.push((keys.clone(), args));
+            for chunk in removed.chunks(ENTRIES_PER_CALL) {
+                let mut args = vec![b"rem".to_vec(), node.into()];
+                args.extend(chunk.iter().map(|id| id.as_bytes().to_vec()));
+                calls.push((keys.clone(), args));
+            }
         }
         if calls.is_empty() {
             return Ok(());

@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::client::{Claimed, Client, Page, PresencePage, Publish, Published, Retention};
+use super::client::{
+    Claimed, Client, Page, PresencePage, PresenceWrite, Publish, Published, Retention,
+};
 use super::keys::Keys;
 use super::{Backoff, ClusterError};
 
@@ -289,27 +291,47 @@ struct Worker {
 impl Worker {
     fn serve(&mut self, batch: Vec<Request>) {
         let mut publishes = Vec::new();
+        // Not answered, and independent of the rest: one round trip for all of them, after
+        // the others.
+        let mut presence: Vec<PresenceWrite> = Vec::new();
         for request in batch {
             let (shard, token) = (request.shard, request.token);
-            if let Op::Publish(publish) = request.op {
-                publishes.push((shard, token, publish));
-                continue;
-            }
-            // In the order asked: the publishes before it first.
-            self.publish(std::mem::take(&mut publishes));
-            if let Some(completion) = self.other(token, request.op) {
-                self.complete(shard, completion);
+            match request.op {
+                Op::Publish(publish) => publishes.push((shard, token, publish)),
+                Op::Presence {
+                    channel,
+                    set,
+                    removed,
+                } => presence.push((channel, set, removed)),
+                op => {
+                    // In the order asked: the publishes before it first.
+                    self.publish(std::mem::take(&mut publishes));
+                    if let Some(completion) = self.other(token, op) {
+                        self.complete(shard, completion);
+                    }
+                }
             }
         }
         self.publish(publishes);
+        self.write_presence(&presence);
+    }
+
+    fn write_presence(&mut self, writes: &[PresenceWrite]) {
+        if writes.is_empty() {
+            return;
+        }
+        let s = &self.settings;
+        let (node, ttl) = (s.node.clone(), s.presence_ttl_ms);
+        if let Err(e) = self.with(|c| c.presence_write(writes, &node, ttl)) {
+            // Made good by the next refresh, or by the expiry.
+            tracing::debug!(writes = writes.len(), "presence not written: {e}");
+        }
     }
 
     /// Carry out a request that is not a publish, one round trip; its answer, if it has one.
     fn other(&mut self, token: u64, op: Op) -> Option<Completion> {
         let started = Instant::now();
-        let s = &self.settings;
-        let (node, presence_ttl, session_ttl) =
-            (s.node.clone(), s.presence_ttl_ms, s.session_ttl_ms);
+        let session_ttl = self.settings.session_ttl_ms;
         match op {
             Op::Publish(_) => None,
             Op::History {
@@ -328,11 +350,7 @@ impl Worker {
                 set,
                 removed,
             } => {
-                let result =
-                    self.with(|c| c.presence_write(&channel, &node, presence_ttl, &set, &removed));
-                if let Err(e) = result {
-                    tracing::debug!(channel, "presence not written: {e}");
-                }
+                self.write_presence(&[(channel, set, removed)]);
                 None
             }
             Op::PresencePage {
