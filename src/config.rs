@@ -254,6 +254,10 @@ pub struct Presence {
     pub max_members: usize,
     /// Most bytes of a connection's presence metadata (STATUS `meta`).
     pub max_meta_bytes: usize,
+    /// JOIN, LEAVE and STATUS are told while a channel has at most this many members on the
+    /// node (each is a fan-out to every member: a mass reconnect of N members is N²/2
+    /// deliveries); past it, PRESENCE is how members learn who is there.
+    pub max_announced: usize,
     /// In a cluster: a member its node has not refreshed in Redis for this long is gone (its
     /// node stopped), and LEAVE is told; nodes refresh theirs every third of it.
     pub ttl_ms: u64,
@@ -264,6 +268,7 @@ impl Default for Presence {
         Self {
             max_members: 1_000,
             max_meta_bytes: 1_024,
+            max_announced: 10_000,
             ttl_ms: 30_000,
         }
     }

@@ -62,13 +62,16 @@ pub enum Counter {
     PresenceMembers,
     /// Presence changes told (JOIN, LEAVE, STATUS).
     PresenceChanges,
+    /// Presence changes not told: the channel has more members than `[presence]
+    /// max_announced`.
+    PresenceUntold,
     /// Exclusive sessions taken over by a newer connection.
     SessionsReplaced,
     /// Connections refused because their exclusive session was held (policy "reject").
     SessionsRefused,
 }
 
-const COUNTERS: usize = 25;
+const COUNTERS: usize = 26;
 const AUTH_REASONS: [&str; 4] = [
     "missing_credentials",
     "invalid_key",
@@ -546,6 +549,12 @@ impl Global {
             "counter",
             "Presence changes told to a channel's members (JOIN, LEAVE, STATUS).",
             self.sum(Counter::PresenceChanges),
+        );
+        metric(
+            "shardcast_presence_untold_total",
+            "counter",
+            "Presence changes not told: their channel had more members on the node than [presence] max_announced (PRESENCE still lists them).",
+            self.sum(Counter::PresenceUntold),
         );
         metric(
             "shardcast_sessions_replaced_total",

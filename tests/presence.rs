@@ -144,3 +144,34 @@ fn presence_needs_the_subscribe_scope_and_bounded_valid_requests() {
     }
     client.ping();
 }
+
+#[test]
+fn past_max_announced_members_changes_are_not_told_but_presence_lists_everyone() {
+    let server = Server::start("[presence]\nmax_announced = 2\n");
+    let channel = "org:acme:usage";
+    let mut ann = server.client_on(ADMIN, 0);
+    join(&mut ann, channel);
+    let mut bob = server.client_on(ACME, 1);
+    join(&mut bob, channel);
+    let joined = change(&mut ann, "JOIN");
+    let joined = if joined["member"]["connectionId"] == ann.connection_id.as_str() {
+        change(&mut ann, "JOIN")
+    } else {
+        joined
+    };
+    assert_eq!(joined["member"]["connectionId"], bob.connection_id.as_str());
+    // A third member: more than 2, so nobody is told, and the server counts it.
+    let mut carol = server.client_on(ACME, 0);
+    join(&mut carol, channel);
+    server.wait_metric("shardcast_presence_untold_total", 1);
+    let page = presence(&mut ann, channel, None);
+    assert_eq!(page["total"], 3, "{page}");
+    ann.send(json!({"type":"PING","timestamp":"t"}));
+    let next = ann.recv();
+    assert_eq!(next["type"], "PONG", "no JOIN past the bound: {next}");
+    // Back to 2: told again.
+    drop(carol);
+    server.wait_metric("shardcast_presence_untold_total", 2);
+    drop(bob);
+    assert_eq!(change(&mut ann, "LEAVE")["member"]["user"], "acme-key");
+}

@@ -84,6 +84,11 @@ impl Rosters {
         Some(member)
     }
 
+    /// How many members `channel` has.
+    fn count(&self, channel: &str) -> usize {
+        self.by_channel.get(channel).map_or(0, |m| m.by_place.len())
+    }
+
     /// Every channel with members, and its members.
     fn each(&self) -> impl Iterator<Item = (&str, Vec<&Member>)> {
         self.by_channel
@@ -283,8 +288,14 @@ impl Shard {
         self.presence_changed(channel, change, &member);
     }
 
-    /// On `channel`'s owner: tell its presence members on every shard of the node.
+    /// On `channel`'s owner: tell its presence members on every shard of the node, unless
+    /// it has more than `[presence] max_announced` here, counting the member (so a LEAVE is
+    /// told where its JOIN was, if nobody joined between).
     pub(super) fn presence_changed(&self, channel: &str, change: Change, member: &Member) {
+        let with_it = self.rosters.borrow().count(channel) + usize::from(change == Change::Leave);
+        if with_it > self.config.presence.max_announced {
+            return self.counters.add(Counter::PresenceUntold, 1);
+        }
         self.counters.add(Counter::PresenceChanges, 1);
         if let Some(owned) = self.channels.borrow().get(channel) {
             for &shard in &owned.interest {
@@ -407,6 +418,34 @@ mod tests {
         assert_eq!(rosters.page("c", None, 10).1, 2, "ann is still there once");
         rosters.remove("c", (1, 1));
         rosters.remove("c", (0, 2));
+        assert_eq!((rosters.total, rosters.by_channel.len()), (0, 0));
+    }
+
+    #[test]
+    fn a_channel_of_100_000_members_pages_through_all_of_them_and_empties() {
+        let mut rosters = Rosters::default();
+        let n = 100_000u64;
+        for i in 0..n {
+            let place = ((i % 4) as u16, i);
+            rosters.set("big", place, member(&format!("u{}", i % 50_000), i));
+        }
+        assert_eq!(rosters.count("big"), 100_000);
+        let (mut seen, mut after, mut pages) = (0, None, 0);
+        loop {
+            let (total, users, page, next) = rosters.page("big", after, 1_000);
+            assert_eq!((total, users), (100_000, 50_000));
+            assert!(page.len() <= 1_000);
+            seen += page.len();
+            pages += 1;
+            match next {
+                Some(next) => after = Some(next),
+                None => break,
+            }
+        }
+        assert_eq!((seen, pages), (100_000, 100));
+        for i in 0..n {
+            rosters.remove("big", ((i % 4) as u16, i));
+        }
         assert_eq!((rosters.total, rosters.by_channel.len()), (0, 0));
     }
 
