@@ -61,11 +61,22 @@ fn connect_scenario_opens_and_holds_every_connection() {
         hold: 0.1,
         pid: Some(server.child.id()),
         label: "shardcast".into(),
+        rooms: 0,
+        presence: false,
     };
     let report = connect::run(&params).expect("connect scenario");
     assert_eq!(figure(&report, "connections ok"), 300.0);
     assert_eq!(figure(&report, "connections failed"), 0.0);
     assert!(figure(&report, "server rss after") > 0.0);
+    // Connected means SUBSCRIBED, in one of 10 channels, as a presence member.
+    let rooms = connect::Params {
+        rooms: 10,
+        presence: true,
+        ..params
+    };
+    let report = connect::run(&rooms).expect("connect scenario with rooms");
+    assert_eq!(figure(&report, "connections ok"), 300.0);
+    server.wait_metric("shardcast_presence_members", 300);
 }
 
 #[test]

@@ -37,10 +37,19 @@ pub struct Params {
     /// Label for the server in reports.
     #[arg(long, default_value = "shardcast")]
     pub label: String,
+    /// Once READY, each connection subscribes to one of this many channels
+    /// (`org:room{i}:usage`, shardcast only; 0: none) and counts as connected at SUBSCRIBED.
+    #[arg(long, default_value_t = 0)]
+    pub rooms: usize,
+    /// Subscribe with presence (each connection a member of its room: JOIN to the others).
+    #[arg(long)]
+    pub presence: bool,
 }
 
 struct State {
     proto: Proto,
+    rooms: usize,
+    presence: bool,
     started: Vec<Instant>,
     readies_left: Vec<u32>,
     ready: usize,
@@ -60,6 +69,14 @@ impl State {
 
 impl Handler for State {
     fn on_open(&mut self, id: usize, outs: &mut Outs) {
+        if self.rooms > 0 && self.proto == Proto::Shardcast {
+            let room = id % self.rooms;
+            let sub = format!(
+                r#"{{"type":"SUB","channels":["org:room{room}:usage"],"presence":{}}}"#,
+                self.presence
+            );
+            outs.text(id, sub.as_bytes());
+        }
         self.proto.on_open(None, &mut |t| outs.text(id, t));
         if self.readies_left[id] == 0 {
             self.became_ready(id);
@@ -99,6 +116,8 @@ pub fn run(params: &Params) -> Result<Report, String> {
     let mut engine = Engine::new(params.addr.to_string(), 256 * 1024).map_err(|e| e.to_string())?;
     let mut state = State {
         proto: params.proto,
+        rooms: params.rooms,
+        presence: params.presence,
         started: Vec::with_capacity(params.connections),
         readies_left: Vec::with_capacity(params.connections),
         ready: 0,
@@ -122,7 +141,10 @@ pub fn run(params: &Params) -> Result<Report, String> {
             match engine.connect(params.addr, Some(src), &path) {
                 Ok(_) => {
                     state.started.push(Instant::now());
-                    state.readies_left.push(params.proto.readies_needed(false));
+                    let subscriber = params.rooms > 0 && params.proto == Proto::Shardcast;
+                    state
+                        .readies_left
+                        .push(params.proto.readies_needed(subscriber));
                 }
                 Err(e) => {
                     // Keep ids aligned with the engine's: count it as a failure.
