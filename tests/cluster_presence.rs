@@ -299,3 +299,63 @@ fn two_connections_at_once_on_two_nodes_leave_exactly_one() {
         assert_eq!(survivors, 1, "round {round}");
     }
 }
+
+#[test]
+fn while_redis_is_down_sessions_and_presence_are_the_nodes_own_then_redis_decides_again() {
+    let test = "cluster_presence_redis_down";
+    let Some(redis) = OwnRedis::start(test) else {
+        return;
+    };
+    let prefix = format!("sctest.{test}.{}.{}", std::process::id(), unix_now());
+    let a = node(&redis.url(), &prefix, "[presence]\nttl_ms = 1500\n");
+    let pubsub = |state: &'static str| {
+        a.wait_health(state, move |h| h["cluster"]["redis"][0]["pubsub"] == state);
+    };
+    pubsub("up");
+    let port = redis.stop();
+    pubsub("down");
+    // Decided on the node: READY, and the newest wins.
+    let path = format!("/ws?key={SOLO}");
+    let mut first = a.client(&path);
+    let mut second = a.client(&path);
+    replaced(&mut first);
+    second.ping();
+    // Presence from the node's own members.
+    let channel = "org:acme:usage";
+    let mut ann = a.client(&format!("/ws?key={ADMIN}"));
+    join(&mut ann, channel);
+    let (ids, counts) = all_members(&mut ann, channel);
+    assert_eq!(ids, [ann.connection_id.clone()]);
+    assert_eq!(counts, json!({"total":1,"users":1}));
+
+    // Redis back, empty: the node puts its holder's lock and its members there again (the
+    // refresh when PUB/SUB is back), and a newcomer replaces the holder through Redis.
+    let redis = OwnRedis::start_on(test, port).expect("Redis again");
+    pubsub("up");
+    let keys = shardcast::cluster::Keys::new(&prefix);
+    let mut conn = redis::Client::open(redis.url().as_str())
+        .and_then(|c| c.get_connection())
+        .expect("Redis");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let lock: Option<String> = redis::cmd("GET")
+            .arg(keys.session("acme\0solo\0"))
+            .query(&mut conn)
+            .expect("GET");
+        let member: bool = redis::cmd("HEXISTS")
+            .arg(&keys.presence(channel)[0])
+            .arg(&ann.connection_id)
+            .query(&mut conn)
+            .expect("HEXISTS");
+        if lock.as_deref() == Some(second.connection_id.as_str()) && member {
+            break;
+        }
+        assert!(Instant::now() < deadline, "lock {lock:?}, member {member}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (ids, _) = all_members(&mut ann, channel);
+    assert_eq!(ids, [ann.connection_id.clone()]);
+    let mut third = a.client(&path);
+    replaced(&mut second);
+    third.ping();
+}
