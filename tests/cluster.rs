@@ -44,6 +44,21 @@ fn keyed(channel: &str, data: &str, key: &str) -> Publish {
     }
 }
 
+/// A connection for [`listening`].
+fn listener(url: &str) -> redis::Connection {
+    redis::Client::open(url).unwrap().get_connection().unwrap()
+}
+
+/// `conn` subscribed to PUB/SUB channel `name`, reads bounded by 5 s.
+fn listening(conn: &mut redis::Connection, name: String) -> redis::PubSub<'_> {
+    let mut pubsub = conn.as_pubsub();
+    pubsub.subscribe(name).unwrap();
+    pubsub
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    pubsub
+}
+
 fn connect(url: &str, keys: Keys, size: usize) -> Client {
     Client::connect(url, keys, retention(size), Duration::from_secs(2)).expect("connect")
 }
@@ -56,15 +71,8 @@ fn publishes_are_numbered_kept_and_published_in_seq_order() {
     };
     let keys = keys("order");
     let channel = "org:acme:decisions";
-    let mut listener = redis::Client::open(url.as_str())
-        .unwrap()
-        .get_connection()
-        .unwrap();
-    let mut pubsub = listener.as_pubsub();
-    pubsub.subscribe(keys.pubsub(channel)).unwrap();
-    pubsub
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
+    let mut listener = listener(&url);
+    let mut pubsub = listening(&mut listener, keys.pubsub(channel));
 
     let mut client = connect(&url, keys.clone(), 1000);
     let batch: Vec<Publish> = (1..=100)
@@ -300,15 +308,8 @@ fn presence_counts_users_pages_by_id_tells_changes_and_expires_members() {
     };
     let keys = keys("presence");
     let channel = "org:acme:usage";
-    let mut listener = redis::Client::open(url.as_str())
-        .unwrap()
-        .get_connection()
-        .unwrap();
-    let mut pubsub = listener.as_pubsub();
-    pubsub.subscribe(keys.pubsub(channel)).unwrap();
-    pubsub
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
+    let mut listener = listener(&url);
+    let mut pubsub = listening(&mut listener, keys.pubsub(channel));
     let mut client = connect(&url, keys, 10);
     let users = ["u0", "u0", "u1", "u2", "u3"];
     let five: Vec<_> = (0..5)
@@ -375,15 +376,8 @@ fn a_session_lock_is_granted_replaced_refused_refreshed_and_released() {
         return;
     };
     let keys = keys("sessions");
-    let mut listener = redis::Client::open(url.as_str())
-        .unwrap()
-        .get_connection()
-        .unwrap();
-    let mut pubsub = listener.as_pubsub();
-    pubsub.subscribe(keys.node("n1")).unwrap();
-    pubsub
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
+    let mut listener = listener(&url);
+    let mut pubsub = listening(&mut listener, keys.node("n1"));
     let mut client = connect(&url, keys, 10);
     let key = "acme\0solo\0tab";
     assert_eq!(

@@ -50,26 +50,11 @@ fn two_nodes(test: &str, more: &str) -> Option<(Server, Server)> {
     Some(nodes)
 }
 
-/// SUB `channel` with presence, and wait for SUBSCRIBED.
-fn join(client: &mut Client, channel: &str) {
-    client.send(json!({"type":"SUB","channels":[channel],"presence":true,"id":"s"}));
-    client.recv_type("SUBSCRIBED");
-}
-
-fn presence(client: &mut Client, channel: &str, cursor: Option<&str>) -> Value {
-    let mut ask = json!({"type":"PRESENCE","channel":channel,"id":"p"});
-    if let Some(cursor) = cursor {
-        ask["cursor"] = json!(cursor);
-    }
-    client.send(ask);
-    client.recv_type("PRESENCE")
-}
-
 /// Every member PRESENCE pages through, by connection id, and the first page's counts.
 fn all_members(client: &mut Client, channel: &str) -> (Vec<String>, Value) {
     let (mut ids, mut cursor, mut first) = (Vec::new(), None::<String>, None);
     loop {
-        let page = presence(client, channel, cursor.as_deref());
+        let page = client.presence(channel, cursor.as_deref());
         for m in page["members"].as_array().expect("members") {
             ids.push(m["connectionId"].as_str().expect("id").to_owned());
         }
@@ -108,10 +93,10 @@ fn members_on_two_nodes_see_each_other_and_a_killed_node_leaves_within_the_ttl()
     };
     let channel = "org:acme:usage";
     let mut ann = a.client(&format!("/ws?key={ADMIN}"));
-    join(&mut ann, channel);
+    ann.join_presence(channel);
 
     let mut bob = b.client(&format!("/ws?key={ACME}"));
-    join(&mut bob, channel);
+    bob.join_presence(channel);
     let (kind, id, joined) = change(&mut ann);
     assert_eq!(
         (kind.as_str(), id.as_str()),
@@ -129,9 +114,9 @@ fn members_on_two_nodes_see_each_other_and_a_killed_node_leaves_within_the_ttl()
 
     // Two more on B: four members, three users, two a page, from either node.
     let mut carol = b.client(&format!("/ws?key={ACME}"));
-    join(&mut carol, channel);
+    carol.join_presence(channel);
     let mut dave = b.client(&format!("/ws?key={ACME_READONLY}"));
-    join(&mut dave, channel);
+    dave.join_presence(channel);
     for _ in 0..2 {
         assert_eq!(change(&mut ann).0, "JOIN");
     }
@@ -181,17 +166,6 @@ fn members_on_two_nodes_see_each_other_and_a_killed_node_leaves_within_the_ttl()
     assert_eq!(counts, json!({"total":1,"users":1}));
 }
 
-/// The end of a replaced connection: SYSTEM session_replaced, then 4408.
-fn replaced(client: &mut Client) {
-    let told = client.recv();
-    assert_eq!(
-        told,
-        json!({"type":"SYSTEM","event":"session_replaced"}),
-        "{told}"
-    );
-    assert_eq!(client.recv_close(), Some(4408));
-}
-
 #[test]
 fn an_exclusive_session_moves_to_the_newest_connection_on_either_node() {
     let Some((a, b)) = two_nodes("cluster_sessions_replace", "") else {
@@ -200,11 +174,11 @@ fn an_exclusive_session_moves_to_the_newest_connection_on_either_node() {
     let path = format!("/ws?key={SOLO}");
     let mut first = a.client(&path);
     let mut second = b.client(&path);
-    replaced(&mut first);
+    first.expect_replaced();
     second.ping();
     // Back to A, on the shard the first one had or not.
     let mut third = a.client(&path);
-    replaced(&mut second);
+    second.expect_replaced();
     third.ping();
     b.wait_metric("shardcast_session_kill_latency_seconds_count", 1);
     a.wait_metric("shardcast_session_kill_latency_seconds_count", 1);
@@ -318,12 +292,12 @@ fn while_redis_is_down_sessions_and_presence_are_the_nodes_own_then_redis_decide
     let path = format!("/ws?key={SOLO}");
     let mut first = a.client(&path);
     let mut second = a.client(&path);
-    replaced(&mut first);
+    first.expect_replaced();
     second.ping();
     // Presence from the node's own members.
     let channel = "org:acme:usage";
     let mut ann = a.client(&format!("/ws?key={ADMIN}"));
-    join(&mut ann, channel);
+    ann.join_presence(channel);
     let (ids, counts) = all_members(&mut ann, channel);
     assert_eq!(ids, [ann.connection_id.clone()]);
     assert_eq!(counts, json!({"total":1,"users":1}));
@@ -356,6 +330,6 @@ fn while_redis_is_down_sessions_and_presence_are_the_nodes_own_then_redis_decide
     let (ids, _) = all_members(&mut ann, channel);
     assert_eq!(ids, [ann.connection_id.clone()]);
     let mut third = a.client(&path);
-    replaced(&mut second);
+    second.expect_replaced();
     third.ping();
 }

@@ -6,24 +6,9 @@ mod common;
 use common::*;
 use serde_json::{json, Value};
 
-/// SUB `channel` with presence, and wait for SUBSCRIBED (JOINs may come before it).
-fn join(client: &mut Client, channel: &str) {
-    client.send(json!({"type":"SUB","channels":[channel],"presence":true,"id":"s"}));
-    client.recv_type("SUBSCRIBED");
-}
-
 /// The next presence change of `kind` (JOIN, LEAVE, STATUS) a client hears.
 fn change(client: &mut Client, kind: &str) -> Value {
     client.recv_type(kind)
-}
-
-fn presence(client: &mut Client, channel: &str, cursor: Option<&str>) -> Value {
-    let mut ask = json!({"type":"PRESENCE","channel":channel,"id":"p"});
-    if let Some(cursor) = cursor {
-        ask["cursor"] = json!(cursor);
-    }
-    client.send(ask);
-    client.recv_type("PRESENCE")
 }
 
 #[test]
@@ -33,7 +18,7 @@ fn members_on_every_shard_hear_joins_status_and_leaves() {
     let channel = "org:acme:usage".to_owned();
     let owner = shardcast::shard::owner_of(&channel, 2);
     let mut ann = server.client_on(ADMIN, 1 - owner);
-    join(&mut ann, &channel);
+    ann.join_presence(&channel);
     let own = change(&mut ann, "JOIN");
     assert_eq!(own["member"]["connectionId"], ann.connection_id.as_str());
     // A subscriber without presence hears messages, not presence.
@@ -41,7 +26,7 @@ fn members_on_every_shard_hear_joins_status_and_leaves() {
     quiet.subscribe(&[&channel]);
 
     let mut bob = server.client_on(ACME, owner);
-    join(&mut bob, &channel);
+    bob.join_presence(&channel);
     let joined = change(&mut ann, "JOIN");
     assert_eq!(
         joined,
@@ -56,7 +41,7 @@ fn members_on_every_shard_hear_joins_status_and_leaves() {
     assert_eq!(away["member"]["connectionId"], bob.connection_id.as_str());
 
     // Two members, one per page.
-    let first = presence(&mut ann, &channel, None);
+    let first = ann.presence(&channel, None);
     assert_eq!(
         (&first["total"], &first["users"]),
         (&json!(2), &json!(2)),
@@ -68,7 +53,7 @@ fn members_on_every_shard_hear_joins_status_and_leaves() {
         "{first}"
     );
     let cursor = first["cursor"].as_str().expect("a cursor: there is more");
-    let second = presence(&mut ann, &channel, Some(cursor));
+    let second = ann.presence(&channel, Some(cursor));
     assert_eq!(
         second["members"].as_array().map(Vec::len),
         Some(1),
@@ -88,7 +73,7 @@ fn members_on_every_shard_hear_joins_status_and_leaves() {
     drop(bob);
     let left = change(&mut ann, "LEAVE");
     assert_eq!(left["member"]["user"], "acme-key", "{left}");
-    let after = presence(&mut ann, &channel, None);
+    let after = ann.presence(&channel, None);
     assert_eq!(
         (&after["total"], &after["users"]),
         (&json!(1), &json!(1)),
@@ -98,7 +83,7 @@ fn members_on_every_shard_hear_joins_status_and_leaves() {
     ann.send(json!({"type":"UNSUB","channels":[channel]}));
     ann.recv_type("UNSUBSCRIBED");
     let mut watcher = server.client_on(ADMIN, 0);
-    assert_eq!(presence(&mut watcher, &channel, None)["total"], 0);
+    assert_eq!(watcher.presence(&channel, None)["total"], 0);
     quiet.send(json!({"type":"PING","timestamp":"t"}));
     let next = quiet.recv();
     assert_eq!(
@@ -150,9 +135,9 @@ fn past_max_announced_members_changes_are_not_told_but_presence_lists_everyone()
     let server = Server::start("[presence]\nmax_announced = 2\n");
     let channel = "org:acme:usage";
     let mut ann = server.client_on(ADMIN, 0);
-    join(&mut ann, channel);
+    ann.join_presence(channel);
     let mut bob = server.client_on(ACME, 1);
-    join(&mut bob, channel);
+    bob.join_presence(channel);
     let joined = change(&mut ann, "JOIN");
     let joined = if joined["member"]["connectionId"] == ann.connection_id.as_str() {
         change(&mut ann, "JOIN")
@@ -162,9 +147,9 @@ fn past_max_announced_members_changes_are_not_told_but_presence_lists_everyone()
     assert_eq!(joined["member"]["connectionId"], bob.connection_id.as_str());
     // A third member: more than 2, so nobody is told, and the server counts it.
     let mut carol = server.client_on(ACME, 0);
-    join(&mut carol, channel);
+    carol.join_presence(channel);
     server.wait_metric("shardcast_presence_untold_total", 1);
-    let page = presence(&mut ann, channel, None);
+    let page = ann.presence(channel, None);
     assert_eq!(page["total"], 3, "{page}");
     ann.send(json!({"type":"PING","timestamp":"t"}));
     let next = ann.recv();

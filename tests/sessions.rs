@@ -26,23 +26,12 @@ session = "exclusive"
     Server::start_with(2, &extra)
 }
 
-/// The end of a replaced connection: SYSTEM session_replaced, then 4408.
-fn replaced(client: &mut Client) {
-    let told = client.recv();
-    assert_eq!(
-        told,
-        json!({"type":"SYSTEM","event":"session_replaced"}),
-        "{told}"
-    );
-    assert_eq!(client.recv_close(), Some(4408));
-}
-
 #[test]
 fn the_newest_connection_takes_the_session_on_any_shard() {
     let server = server("");
     let mut first = server.client_on(SOLO, 0);
     let mut second = server.client_on(SOLO, 1);
-    replaced(&mut first);
+    first.expect_replaced();
     second.ping();
     // Another session name, and keys that are not exclusive, are left alone.
     let mut tab = server.client(&format!("/ws?key={SOLO}&session=tab2"));
@@ -59,7 +48,7 @@ fn the_newest_connection_takes_the_session_on_any_shard() {
     };
     let mut web = server.client(&format!("/ws?token={}", token(0)));
     let mut newer = server.client(&format!("/ws?token={}", token(1)));
-    replaced(&mut web);
+    web.expect_replaced();
     newer.ping();
     server.wait_metric("shardcast_sessions_replaced_total", 2);
 }

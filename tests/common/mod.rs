@@ -379,6 +379,33 @@ impl Client {
         }
     }
 
+    /// SUB `channel` with presence, and wait for SUBSCRIBED (JOINs may come before it).
+    pub fn join_presence(&mut self, channel: &str) {
+        self.send(json!({"type":"SUB","channels":[channel],"presence":true,"id":"s"}));
+        self.recv_type("SUBSCRIBED");
+    }
+
+    /// PRESENCE of `channel` from `cursor`: the answer.
+    pub fn presence(&mut self, channel: &str, cursor: Option<&str>) -> Value {
+        let mut ask = json!({"type":"PRESENCE","channel":channel,"id":"p"});
+        if let Some(cursor) = cursor {
+            ask["cursor"] = json!(cursor);
+        }
+        self.send(ask);
+        self.recv_type("PRESENCE")
+    }
+
+    /// The end of a replaced exclusive connection: SYSTEM session_replaced, then 4408.
+    pub fn expect_replaced(&mut self) {
+        let told = self.recv();
+        assert_eq!(
+            told,
+            json!({"type":"SYSTEM","event":"session_replaced"}),
+            "{told}"
+        );
+        assert_eq!(self.recv_close(), Some(4408));
+    }
+
     /// Read until the server closes; returns the close code.
     pub fn recv_close(&mut self) -> Option<u16> {
         loop {
