@@ -38,7 +38,9 @@ pub enum Roster {
 /// One channel's members, and how many connections each user has among them.
 #[derive(Debug, Default)]
 struct Members {
-    by_place: BTreeMap<Place, Member>,
+    /// Boxed: a B-tree leaf has room for 11 entries, so inline members made a channel of one
+    /// member cost about 1.75 KB (docs/BENCHMARKS.md, issue 13).
+    by_place: BTreeMap<Place, Box<Member>>,
     users: HashMap<Box<str>, u32>,
 }
 
@@ -59,7 +61,7 @@ impl Rosters {
             return Change::Join;
         };
         let user = member.user.clone();
-        if members.by_place.insert(place, member).is_some() {
+        if members.by_place.insert(place, Box::new(member)).is_some() {
             return Change::Status;
         }
         *members.users.entry(user).or_default() += 1;
@@ -81,7 +83,7 @@ impl Rosters {
             self.by_channel.remove(channel);
         }
         self.total -= 1;
-        Some(member)
+        Some(*member)
     }
 
     /// How many members `channel` has.
@@ -91,9 +93,10 @@ impl Rosters {
 
     /// Every channel with members, and its members.
     fn each(&self) -> impl Iterator<Item = (&str, Vec<&Member>)> {
-        self.by_channel
-            .iter()
-            .map(|(channel, members)| (&**channel, members.by_place.values().collect()))
+        self.by_channel.iter().map(|(channel, members)| {
+            let list = members.by_place.values().map(|m| &**m).collect();
+            (&**channel, list)
+        })
     }
 
     /// `channel`'s members after `after`, at most `max`: (members in all, distinct users, the
@@ -115,7 +118,7 @@ impl Rosters {
         };
         let mut page: Vec<(Place, Member)> = range
             .take(max.saturating_add(1))
-            .map(|(place, member)| (*place, member.clone()))
+            .map(|(place, member)| (*place, Member::clone(member)))
             .collect();
         let more = page.len() > max;
         page.truncate(max);
