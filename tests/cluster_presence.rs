@@ -10,22 +10,13 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::{json, Value};
 
-const SOLO: &str = "solo-secret";
-
 /// A node of 2 shards on Redis `url` under `prefix`, with presence and sessions TTLs short
 /// enough for a test, and an exclusive key.
 fn node(url: &str, prefix: &str, more: &str) -> Server {
     let extra = format!(
         r#"
 {more}
-
-[[api_keys]]
-id = "solo"
-secret = "{SOLO}"
-org = "acme"
-scopes = ["subscribe", "publish"]
-session = "exclusive"
-
+{EXCLUSIVE_KEY}
 [cluster]
 redis_url = "{url}"
 prefix = "{prefix}"

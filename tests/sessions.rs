@@ -6,22 +6,13 @@ mod common;
 use common::*;
 use serde_json::json;
 
-const SOLO: &str = "solo-secret";
-
 /// An exclusive API key, with `[sessions]` settings.
 fn server(sessions: &str) -> Server {
     let extra = format!(
         r#"
 [sessions]
 {sessions}
-
-[[api_keys]]
-id = "solo"
-secret = "{SOLO}"
-org = "acme"
-scopes = ["subscribe", "publish"]
-session = "exclusive"
-"#
+{EXCLUSIVE_KEY}"#
     );
     Server::start_with(2, &extra)
 }

@@ -188,6 +188,16 @@ impl<'a> Heard<'a> {
     }
 }
 
+/// The node (boot id in hex), shard and connection of a connection id
+/// (`{boot}-{shard}-{conn}`, as `Shard::connection_id` makes it).
+pub fn connection_place(id: &str) -> Option<(&str, usize, u64)> {
+    let mut parts = id.splitn(3, '-');
+    let node = parts.next()?;
+    let shard = parts.next()?.parse().ok()?;
+    let conn = parts.next()?.parse().ok()?;
+    Some((node, shard, conn))
+}
+
 /// A kill switch, as `session.lua` sends it on a node's channel: `{holder} {unix ms} {key}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Kill {
@@ -210,9 +220,7 @@ impl Kill {
         let holder = parts.next().ok_or_else(bad)?;
         let at_ms = parts.next().and_then(|t| t.parse().ok()).ok_or_else(bad)?;
         let key = parts.next().ok_or_else(bad)?.to_owned();
-        let mut place = holder.split('-').skip(1);
-        let shard = place.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
-        let conn = place.next().and_then(|c| c.parse().ok()).ok_or_else(bad)?;
+        let (_, shard, conn) = connection_place(holder).ok_or_else(bad)?;
         Ok(Self {
             shard,
             conn,

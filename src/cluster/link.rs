@@ -164,12 +164,10 @@ pub enum Completion {
         /// Granted, or refused, or why it could not be asked.
         result: Result<Claimed, ClusterError>,
     },
-    /// A refresh's outcome: which of the locks (by place in the request) someone else holds.
+    /// A refresh's outcome: the locks of the request (key, holder) that someone else holds.
     Refreshed {
-        /// The request's token.
-        token: u64,
-        /// The places, or why not.
-        result: Result<Vec<usize>, ClusterError>,
+        /// Those locks, or why not.
+        lost: Result<Vec<(String, String)>, ClusterError>,
     },
 }
 
@@ -333,7 +331,8 @@ impl Worker {
         let started = Instant::now();
         let session_ttl = self.settings.session_ttl_ms;
         match op {
-            Op::Publish(_) => None,
+            // Taken apart in `serve`: publishes pipelined, presence writes batched.
+            Op::Publish(_) | Op::Presence { .. } => None,
             Op::History {
                 channel,
                 since,
@@ -344,14 +343,6 @@ impl Worker {
                     self.count(&self.stats.history_reads, 1, started);
                 }
                 Some(Completion::History { token, result })
-            }
-            Op::Presence {
-                channel,
-                set,
-                removed,
-            } => {
-                self.write_presence(&[(channel, set, removed)]);
-                None
             }
             Op::PresencePage {
                 channel,
@@ -374,8 +365,13 @@ impl Worker {
                 None
             }
             Op::Refresh(locks) => {
-                let result = self.with(|c| c.refresh(&locks, session_ttl));
-                Some(Completion::Refreshed { token, result })
+                let lost = self.with(|c| c.refresh(&locks, session_ttl)).map(|places| {
+                    places
+                        .iter()
+                        .filter_map(|&i| locks.get(i).cloned())
+                        .collect()
+                });
+                Some(Completion::Refreshed { lost })
             }
         }
     }

@@ -21,7 +21,7 @@ use std::rc::Rc;
 
 use super::history::{Found, Limits, Ring};
 use super::{Arrival, Engine, Event, Numbered};
-use crate::cluster::keys::{member_bytes, parse_member, redis_for, Heard};
+use crate::cluster::keys::{connection_place, member_bytes, parse_member, redis_for, Heard};
 use crate::cluster::link::{Completion, Op, Request};
 use crate::cluster::node::Instance;
 use crate::cluster::order::{Order, Step};
@@ -43,9 +43,6 @@ const FETCH: u64 = 1 << 63;
 
 /// Tokens of the reads of a channel's top before subscribing to it have this one.
 const ANCHOR: u64 = 1 << 62;
-
-/// Tokens of the refreshes of session locks have this one.
-const LOCKS: u64 = 1 << 61;
 
 /// A channel this node numbers itself while its Redis is down.
 struct Local {
@@ -70,8 +67,6 @@ pub struct Redis {
     /// The node's boot id in hex: what its connection ids begin with, and the name its
     /// presence changes go out under.
     boot: String,
-    /// Session lock refreshes waiting for their answer, by token: what they asked.
-    refreshes: HashMap<u64, Vec<(String, String)>>,
     locals_made: u64,
     /// History kept of local channels.
     limits: Limits,
@@ -116,7 +111,6 @@ impl Redis {
             nshards,
             node,
             boot: format!("{node:x}"),
-            refreshes: HashMap::new(),
             locals_made: 0,
             limits,
             order: Order::default(),
@@ -367,23 +361,11 @@ impl Redis {
                     .map_err(|e| e.to_string());
                 self.events.push_back(Event::Claimed { token, result });
             }
-            Completion::Refreshed { token, result } => {
-                let Some(locks) = self.refreshes.remove(&token) else {
-                    return;
-                };
-                match result {
-                    Ok(places) => {
-                        let lost: Vec<_> = places
-                            .iter()
-                            .filter_map(|&i| locks.get(i).cloned())
-                            .collect();
-                        if !lost.is_empty() {
-                            self.events.push_back(Event::LocksLost(lost));
-                        }
-                    }
-                    Err(e) => tracing::debug!(shard = self.shard, "locks not refreshed: {e}"),
-                }
-            }
+            Completion::Refreshed { lost } => match lost {
+                Ok(lost) if lost.is_empty() => {}
+                Ok(lost) => self.events.push_back(Event::LocksLost(lost)),
+                Err(e) => tracing::debug!(shard = self.shard, "locks not refreshed: {e}"),
+            },
         }
     }
 
@@ -397,10 +379,7 @@ impl Redis {
             Ok(member) => member,
             Err(e) => return tracing::warn!(shard = self.shard, channel, "{e}"),
         };
-        let ours = member
-            .connection_id
-            .strip_prefix(self.boot.as_str())
-            .is_some_and(|rest| rest.starts_with('-'));
+        let ours = connection_place(&member.connection_id).is_some_and(|(n, ..)| n == self.boot);
         if ours {
             // Expired in Redis while the node still has it (it could not refresh it): the
             // next refresh puts it back.
@@ -624,14 +603,11 @@ impl Engine for Redis {
                 .push(lock);
         }
         for (_, locks) in by_redis {
-            self.next_fetch += 1;
-            let token = LOCKS | self.next_fetch;
             let Some(key) = locks.first().map(|(key, _)| key.clone()) else {
                 continue;
             };
-            if self.send(&key, token, Op::Refresh(locks.clone())) {
-                self.refreshes.insert(token, locks);
-            }
+            // Answered as a `Completion::Refreshed`, which says which locks it concerns.
+            self.send(&key, 0, Op::Refresh(locks));
         }
     }
 

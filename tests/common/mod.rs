@@ -651,6 +651,20 @@ pub fn postgres_schema(test: &str) -> Option<PgSchema> {
     })
 }
 
+/// The secret of [`EXCLUSIVE_KEY`].
+pub const SOLO: &str = "solo-secret";
+
+/// An API key of org acme whose connections hold exclusive sessions (`[sessions]`), as a
+/// config section.
+pub const EXCLUSIVE_KEY: &str = r#"
+[[api_keys]]
+id = "solo"
+secret = "solo-secret"
+org = "acme"
+scopes = ["subscribe", "publish"]
+session = "exclusive"
+"#;
+
 /// The Redis server tests share (127.0.0.1:6379 unless `SHARDCAST_TEST_REDIS` says), or
 /// `None` (with a loud note) when it is not running here; under CI=true it must be.
 pub fn redis_url(test: &str) -> Option<String> {
