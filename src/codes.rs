@@ -49,8 +49,12 @@ pub enum ErrorCode {
     PayloadTooLarge,
     /// A request body without `Content-Length`.
     LengthRequired,
+    /// A request body that is not JSON (`Content-Type`).
+    UnsupportedMediaType,
     /// A cluster node cannot reach its Redis: the request was not carried out.
     ClusterUnavailable,
+    /// Too much is waiting inside the server (other shards, Redis): retry shortly.
+    Overloaded,
     /// The server's own fault.
     Internal,
 }
@@ -81,8 +85,42 @@ impl ErrorCode {
             ErrorCode::OriginNotAllowed => "origin_not_allowed",
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::LengthRequired => "length_required",
+            ErrorCode::UnsupportedMediaType => "unsupported_media_type",
             ErrorCode::ClusterUnavailable => "cluster_unavailable",
+            ErrorCode::Overloaded => "overloaded",
             ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+impl ErrorCode {
+    /// The HTTP status a request refused with this code gets.
+    pub const fn http_status(self) -> u16 {
+        match self {
+            ErrorCode::BadRequest
+            | ErrorCode::InvalidChannel
+            | ErrorCode::InvalidDecision
+            | ErrorCode::TooManySubscriptions
+            | ErrorCode::BadVersion => 400,
+            ErrorCode::MissingCredentials
+            | ErrorCode::InvalidKey
+            | ErrorCode::InvalidToken
+            | ErrorCode::TokenExpired => 401,
+            ErrorCode::Forbidden | ErrorCode::OriginNotAllowed => 403,
+            ErrorCode::NotFound => 404,
+            ErrorCode::MethodNotAllowed => 405,
+            ErrorCode::LengthRequired => 411,
+            ErrorCode::PayloadTooLarge => 413,
+            ErrorCode::UnsupportedMediaType => 415,
+            ErrorCode::UpgradeRequired => 426,
+            ErrorCode::RateLimited | ErrorCode::SlowConsumer => 429,
+            ErrorCode::Internal => 500,
+            ErrorCode::StorageUnavailable
+            | ErrorCode::ShuttingDown
+            | ErrorCode::OverCapacity
+            | ErrorCode::NotReady
+            | ErrorCode::ClusterUnavailable
+            | ErrorCode::Overloaded => 503,
         }
     }
 }

@@ -251,7 +251,7 @@ pub struct Original {
     pub seq: u64,
 }
 
-/// Remembers idempotency keys per org for a time window, up to a number of entries (oldest
+/// Remembers idempotency keys per org (or per channel: any namespace) for a time window, up to a number of entries (oldest
 /// forgotten first). One per shard: every channel of an org is owned by one shard.
 ///
 /// Each remembered key is one allocation (`org`, a NUL, `key`), shared by the map and the
@@ -266,8 +266,8 @@ pub struct Original {
 /// which fills front to back, is allocated whole at the start (its pages are touched, so
 /// count in RSS, only as keys arrive).
 #[derive(Debug)]
-pub struct DedupTable {
-    segments: Vec<HashMap<Rc<str>, Original>>,
+pub struct DedupTable<V = Original> {
+    segments: Vec<HashMap<Rc<str>, V>>,
     /// Picks a key's segment (keyed like the maps, so that no client can aim at one).
     pick: RandomState,
     /// Segment `i` takes the hashes below `bounds[i]` (and at or above the one before).
@@ -285,7 +285,7 @@ const SEGMENTS: usize = 64;
 /// The expiry queue is allocated whole up to this many keys; a larger bound grows it.
 const PREALLOCATED: usize = 1 << 22;
 
-impl DedupTable {
+impl<V: Copy> DedupTable<V> {
     /// An empty table.
     pub fn new(window: Duration, max_entries: usize) -> Self {
         let max_entries = max_entries.max(1);
@@ -337,7 +337,7 @@ impl DedupTable {
     }
 
     /// The original outcome of `(org, key)`, if it is still remembered.
-    pub fn get(&mut self, org: &str, key: &str, now: Instant) -> Option<Original> {
+    pub fn get(&mut self, org: &str, key: &str, now: Instant) -> Option<V> {
         self.expire(now);
         self.compose(org, key);
         let segment = self.segment(&self.key);
@@ -345,7 +345,7 @@ impl DedupTable {
     }
 
     /// Remember `(org, key)`.
-    pub fn insert(&mut self, org: &str, key: &str, original: Original, now: Instant) {
+    pub fn insert(&mut self, org: &str, key: &str, original: V, now: Instant) {
         self.expire(now);
         while self.len >= self.max_entries {
             match self.order.pop_front() {

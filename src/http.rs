@@ -36,6 +36,8 @@ pub struct Request {
     /// The connection may carry another request after this one (HTTP/1.1 without
     /// `Connection: close`, or HTTP/1.0 with `keep-alive`).
     pub keep_alive: bool,
+    /// `Content-Type`, as sent (`None` when absent).
+    pub content_type: Option<String>,
     /// `Content-Length` (0 when absent).
     pub content_length: usize,
     /// A `Transfer-Encoding` was sent (not supported: bodies need `Content-Length`).
@@ -114,6 +116,8 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Request, usize)>, HeadError> {
             content_length = Some(length);
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             out.transfer_encoding = true;
+        } else if name.eq_ignore_ascii_case("content-type") {
+            out.content_type = Some(value.to_string());
         } else if name.eq_ignore_ascii_case("origin") {
             out.origin = Some(value.to_string());
         } else if name.eq_ignore_ascii_case("access-control-request-method") {
@@ -285,9 +289,12 @@ impl Response {
             403 => "Forbidden",
             404 => "Not Found",
             405 => "Method Not Allowed",
+            409 => "Conflict",
             411 => "Length Required",
             413 => "Content Too Large",
+            415 => "Unsupported Media Type",
             426 => "Upgrade Required",
+            429 => "Too Many Requests",
             431 => "Request Header Fields Too Large",
             500 => "Internal Server Error",
             503 => "Service Unavailable",

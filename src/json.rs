@@ -73,6 +73,41 @@ pub fn scan_object(input: &[u8]) -> Option<Scanned> {
     }
 }
 
+/// True when the JSON value `input` holds (valid or not) nests objects and arrays deeper
+/// than [`MAX_DEPTH`]; counted on brackets alone, without recursion.
+pub fn too_deep(input: &[u8]) -> bool {
+    let pos = skip_ws(input, 0);
+    matches!(input.get(pos), Some(b'{' | b'['))
+        && skip_container(input, pos).is_some_and(|(_, depth)| depth > MAX_DEPTH)
+}
+
+/// Raw byte ranges of the items of the JSON array `input`; `None` if it is not an array.
+/// Meaningful only on valid JSON, like [`scan_object`].
+pub fn array_items(input: &[u8]) -> Option<Vec<Range<usize>>> {
+    let mut items = Vec::new();
+    let mut pos = skip_ws(input, 0);
+    if input.get(pos) != Some(&b'[') {
+        return None;
+    }
+    pos = skip_ws(input, pos + 1);
+    if input.get(pos) == Some(&b']') {
+        return Some(items);
+    }
+    loop {
+        let end = match input.get(pos)? {
+            b'{' | b'[' => skip_container(input, pos)?.0,
+            _ => skip_scalar(input, pos)?,
+        };
+        items.push(pos..end);
+        pos = skip_ws(input, end);
+        match input.get(pos)? {
+            b',' => pos = skip_ws(input, pos + 1),
+            b']' => return Some(items),
+            _ => return None,
+        }
+    }
+}
+
 /// Objects with up to this many keys are checked pairwise.
 const PAIRWISE: usize = 16;
 
@@ -308,6 +343,25 @@ pub fn push_u64(out: &mut Vec<u8>, n: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finds_array_items_and_deep_nesting() {
+        let doc = br#" [ {"a":"],"} , 1.5e2,"x" ,[[]] ,null ] "#;
+        let items: Vec<&[u8]> = array_items(doc)
+            .unwrap()
+            .into_iter()
+            .map(|r| &doc[r])
+            .collect();
+        let expected: [&[u8]; 5] = [br#"{"a":"],"}"#, b"1.5e2", br#""x""#, b"[[]]", b"null"];
+        assert_eq!(items, expected);
+        assert_eq!(array_items(b"[]"), Some(Vec::new()));
+        assert_eq!(array_items(b"{}"), None);
+        assert_eq!(array_items(b"[1 2]"), None);
+        let deep = "[".repeat(MAX_DEPTH + 1) + &"]".repeat(MAX_DEPTH + 1);
+        assert!(too_deep(deep.as_bytes()));
+        let fine = "[".repeat(MAX_DEPTH) + &"]".repeat(MAX_DEPTH);
+        assert!(!too_deep(fine.as_bytes()) && !too_deep(b"1"));
+    }
 
     #[test]
     fn finds_raw_member_values() {

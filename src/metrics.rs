@@ -69,9 +69,12 @@ pub enum Counter {
     SessionsReplaced,
     /// Connections refused because their exclusive session was held (policy "reject").
     SessionsRefused,
+    /// PUBLISHes answered from the idempotency keys this node remembers (not published
+    /// again).
+    PublishDuplicates,
 }
 
-const COUNTERS: usize = 26;
+const COUNTERS: usize = 27;
 const AUTH_REASONS: [&str; 4] = [
     "missing_credentials",
     "invalid_key",
@@ -585,6 +588,12 @@ impl Global {
             "counter",
             "Decisions deduplicated by idempotency key.",
             self.sum(Counter::DecisionsDuplicate),
+        );
+        metric(
+            "shardcast_publish_duplicates_total",
+            "counter",
+            "PUBLISHes answered from a remembered idempotency key, not published again.",
+            self.sum(Counter::PublishDuplicates),
         );
         metric(
             "shardcast_decisions_rejected_total",

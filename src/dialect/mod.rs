@@ -502,6 +502,9 @@ pub enum Request<'a> {
         data: &'a [u8],
         /// Raw request id; an ACK is sent only when present.
         id: Option<&'a [u8]>,
+        /// `idempotencyKey`: a retry of a key the channel's owner remembers is answered with
+        /// the original seq and not published again.
+        key: Option<String>,
     },
     /// A governance decision to validate, deduplicate and fan out.
     Ingest(Ingest<'a>),

@@ -44,6 +44,29 @@ const TAPE_KEPT: usize = 4096;
 impl Parser {
     /// Parse one text message.
     pub fn parse<'a>(&mut self, raw: &'a [u8]) -> Result<Request<'a>, Refusal> {
+        self.parse_as(raw, None)
+    }
+
+    /// Parse an HTTP request body as a request of type `kind` (`"PUBLISH"`, `"INGEST"`):
+    /// the same fields and checks as the WebSocket message, without its `type`.
+    pub fn parse_body<'a>(&mut self, kind: &str, raw: &'a [u8]) -> Result<Request<'a>, Refusal> {
+        self.parse_as(raw, Some(kind))
+    }
+
+    /// Check that `raw` is one JSON value, nested no deeper than [`json::MAX_DEPTH`], with no
+    /// name twice in one object: what every request passes before its spans are trusted.
+    pub fn validate(&mut self, raw: &[u8]) -> Result<(), Refusal> {
+        if json::too_deep(raw) {
+            let message = format!("nested deeper than {} levels", json::MAX_DEPTH);
+            return Err(Refusal::bad_request(message));
+        }
+        self.with_tape(raw, |tape| match json::duplicate_key(&tape.0) {
+            Some(key) => Err(duplicate(key)),
+            None => Ok(()),
+        })
+    }
+
+    fn parse_as<'a>(&mut self, raw: &'a [u8], kind: Option<&str>) -> Result<Request<'a>, Refusal> {
         // The raw scan goes first: deep nesting is refused before simd-json makes anything of
         // it, and it finds the raw spans (`data` is forwarded byte for byte).
         let scanned = json::scan_object(raw);
@@ -52,12 +75,21 @@ impl Parser {
             let id = json::member(raw, &deep.members, "id");
             return Err(Refusal::bad_request(message).with_id(id));
         }
+        self.with_tape(raw, |tape| parse_tape(tape, raw, scanned, kind))
+    }
+
+    /// Run `f` on the tape of `raw` (an error if it is not JSON).
+    fn with_tape<T>(
+        &mut self,
+        raw: &[u8],
+        f: impl FnOnce(&Tape<'_>) -> Result<T, Refusal>,
+    ) -> Result<T, Refusal> {
         self.copy.clear();
         self.copy.extend_from_slice(raw);
         // The node list moves out and back (no allocation): its nodes borrow this call's copy.
         let mut tape = Tape(std::mem::take(&mut self.tape.0)).reset();
         let result = match simd_json::fill_tape(&mut self.copy, &mut self.buffers, &mut tape) {
-            Ok(()) => parse_tape(&tape, raw, scanned),
+            Ok(()) => f(&tape),
             Err(e) => Err(Refusal::bad_request(format!("invalid JSON: {e}"))),
         };
         self.tape = if tape.0.capacity() > TAPE_KEPT {
@@ -69,11 +101,20 @@ impl Parser {
     }
 }
 
+fn duplicate(key: &str) -> Refusal {
+    let message = format!(
+        "duplicate key {}: a name may appear once per object",
+        json::echo(key)
+    );
+    Refusal::bad_request(message)
+}
+
 /// The request in a parsed message, with `scanned` its raw top-level members.
 fn parse_tape<'a>(
     tape: &Tape<'_>,
     raw: &'a [u8],
     scanned: Option<json::Scanned>,
+    kind: Option<&str>,
 ) -> Result<Request<'a>, Refusal> {
     let value = tape.as_value();
     let scanned = scanned.ok_or_else(|| Refusal::bad_request("message must be a JSON object"))?;
@@ -82,16 +123,12 @@ fn parse_tape<'a>(
     // duplicate would let what the server checks differ from what subscribers read. One
     // rule: no name twice in one object.
     if let Some(key) = json::duplicate_key(&tape.0) {
-        let message = format!(
-            "duplicate key {}: a name may appear once per object",
-            json::echo(key)
-        );
         // Echo what the client will match the answer by (an INGEST's is its key).
-        let echo = match value.get("type").and_then(|t| t.into_string()) {
+        let echo = match kind.or_else(|| value.get("type").and_then(|t| t.into_string())) {
             Some("INGEST") => "idempotencyKey",
             _ => "id",
         };
-        return Err(Refusal::bad_request(message).with_id(json::member(raw, &members, echo)));
+        return Err(duplicate(key).with_id(json::member(raw, &members, echo)));
     }
     let id = json::member(raw, &members, "id");
     if let Some(id) = id {
@@ -99,9 +136,8 @@ fn parse_tape<'a>(
             return Err(Refusal::bad_request("id must be a string or number"));
         }
     }
-    let kind = value
-        .get("type")
-        .and_then(|t| t.into_string())
+    let kind = kind
+        .or_else(|| value.get("type").and_then(|t| t.into_string()))
         .ok_or_else(|| Refusal::bad_request("missing \"type\"").with_id(id))?;
     parse_request(kind, value, raw, &members, id).map_err(|r| {
         if r.id.is_none() {
@@ -155,7 +191,16 @@ fn parse_request<'a>(
             let channel = str_field(value, "channel")?;
             let data = json::member(raw, members, "data")
                 .ok_or_else(|| Refusal::bad_request("missing \"data\""))?;
-            Ok(Request::Publish { channel, data, id })
+            let key = match value.get("idempotencyKey") {
+                None => None,
+                Some(_) => Some(idempotency_key(value)?),
+            };
+            Ok(Request::Publish {
+                channel,
+                data,
+                id,
+                key,
+            })
         }
         "INGEST" => parse_ingest(value, raw, members),
         "REFRESH" => Ok(Request::Refresh {
@@ -199,6 +244,16 @@ fn parse_request<'a>(
             json::echo(other)
         ))),
     }
+}
+
+/// `idempotencyKey`: a string of 1 to [`MAX_ID_LEN`] bytes.
+fn idempotency_key(value: Value<'_, '_>) -> Result<String, Refusal> {
+    let key = str_field(value, "idempotencyKey")?;
+    if key.is_empty() || key.len() > MAX_ID_LEN {
+        let message = format!("\"idempotencyKey\" must be 1 to {MAX_ID_LEN} bytes");
+        return Err(Refusal::bad_request(message));
+    }
+    Ok(key)
 }
 
 fn str_field(value: Value<'_, '_>, name: &str) -> Result<String, Refusal> {
@@ -290,14 +345,8 @@ fn parse_ingest<'a>(
     raw: &'a [u8],
     members: &[(std::ops::Range<usize>, std::ops::Range<usize>)],
 ) -> Result<Request<'a>, Refusal> {
-    let key = str_field(value, "idempotencyKey")?;
     let raw_key = json::member(raw, members, "idempotencyKey");
-    if key.is_empty() || key.len() > MAX_ID_LEN {
-        return Err(Refusal::bad_request(format!(
-            "\"idempotencyKey\" must be 1 to {MAX_ID_LEN} bytes"
-        ))
-        .with_id(raw_key));
-    }
+    let key = idempotency_key(value).map_err(|r| r.with_id(raw_key))?;
     let channel = str_field(value, "channel").map_err(|r| r.with_id(raw_key))?;
     match value.get("schema").and_then(|s| s.into_string()) {
         Some(crate::decision::SCHEMA) => {}
@@ -666,7 +715,12 @@ fn publish_ack(id: &[u8], seq: u64, local: bool) -> Frame {
 /// `ACK` for an INGEST.
 fn ingest_ack(key: &str, decision_id: &str, dedup: bool, seq: u64) -> Frame {
     let mut f = text();
-    let out = f.payload_mut();
+    ingest_ack_json(f.payload_mut(), key, decision_id, dedup, seq);
+    f.finish()
+}
+
+/// The JSON of an INGEST's `ACK` (also the body of `POST /api/ingest`'s answer).
+pub fn ingest_ack_json(out: &mut Vec<u8>, key: &str, decision_id: &str, dedup: bool, seq: u64) {
     out.extend_from_slice(br#"{"type":"ACK","id":"#);
     json::push_str(out, key);
     out.extend_from_slice(br#","decisionId":"#);
@@ -683,7 +737,6 @@ fn ingest_ack(key: &str, decision_id: &str, dedup: bool, seq: u64) -> Frame {
         seq => json::push_u64(out, seq),
     }
     out.push(b'}');
-    f.finish()
 }
 
 /// `ERROR storage_unavailable` for an INGEST (never an ACK: the decision was not stored).
@@ -766,8 +819,19 @@ mod tests {
                 channel: "org:a:usage".into(),
                 data: br#"{ "x" : 1.50, "s":"\u00e9" }"#,
                 id: Some(br#""r1""#),
+                key: None,
             }
         );
+        let body = br#"{"channel":"org:a:usage","idempotencyKey":"k1","data":[1]}"#;
+        let req = Parser::default().parse_body("PUBLISH", body).unwrap();
+        assert!(matches!(req, Request::Publish { key: Some(k), data: b"[1]", .. } if k == "k1"));
+        for bad in [
+            &br#"{"channel":"org:a:usage","idempotencyKey":"","data":1}"#[..],
+            br#"{"channel":"org:a:usage","idempotencyKey":7,"data":1}"#,
+            br#"{"channel":"org:a:usage","data":1,"data":2}"#,
+        ] {
+            assert!(Parser::default().parse_body("PUBLISH", bad).is_err());
+        }
     }
 
     #[test]

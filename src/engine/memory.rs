@@ -87,6 +87,7 @@ impl Engine for Memory {
         channel: &str,
         kind: Kind,
         data: Rc<[u8]>,
+        _key: Option<&str>,
         at: Arrival,
         _token: u64,
     ) -> Numbered {

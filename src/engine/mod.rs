@@ -166,12 +166,16 @@ pub type PresencePage = (usize, usize, Vec<Member>, Option<Box<str>>);
 /// own: the methods for them do nothing, and say so).
 pub trait Engine {
     /// Number `data` as `channel`'s next message, keep it in the history and deliver it.
-    /// An answer that comes later is an [`Event::Numbered`] with `token`.
+    /// An answer that comes later is an [`Event::Numbered`] with `token`. `key` is the
+    /// publish's idempotency key, given only to an engine that numbers elsewhere (a retry
+    /// of it, from any node, gets the original seq and delivers nothing); where numbering is
+    /// local the owner remembers keys itself.
     fn publish(
         &mut self,
         channel: &str,
         kind: Kind,
         data: Rc<[u8]>,
+        key: Option<&str>,
         at: Arrival,
         token: u64,
     ) -> Numbered;

@@ -452,10 +452,13 @@ impl Engine for Redis {
         channel: &str,
         kind: Kind,
         data: Rc<[u8]>,
+        key: Option<&str>,
         _at: Arrival,
         token: u64,
     ) -> Numbered {
-        self.send_publish(channel, kind, &data, None, token)
+        // Apart from decision ids (`publish_stored`), which share the channel's results.
+        let key = key.map(|key| format!("publish:{key}"));
+        self.send_publish(channel, kind, &data, key.as_deref(), token)
     }
 
     fn publish_stored(&mut self, channel: &str, id: &str, data: Rc<[u8]>, token: u64) -> Numbered {

@@ -27,7 +27,7 @@ fn data(text: &str) -> Rc<[u8]> {
 }
 
 fn publish(engine: &mut dyn Engine, channel: &str, text: &str, at_ms: u64) -> u64 {
-    match engine.publish(channel, Kind::Message, data(text), at(at_ms), 0) {
+    match engine.publish(channel, Kind::Message, data(text), None, at(at_ms), 0) {
         super::Numbered::Now(seq) => seq,
         super::Numbered::Later => panic!("the contract is for engines that answer at once"),
     }

@@ -266,7 +266,7 @@ pub fn history_body(channel: &str, since: u64, page: &HistoryPage) -> String {
 // ----- handlers -----
 
 /// Who asks: the request's credentials, or a 401.
-fn principal(shard: &Shard, request: &Request) -> Result<Rc<Principal>, Response> {
+pub(super) fn principal(shard: &Shard, request: &Request) -> Result<Rc<Principal>, Response> {
     shard.auth.authenticate(&request.credentials).map_err(|e| {
         shard.global.auth_failed(e.code());
         Response::error(401, e.code(), &e.to_string())
@@ -339,7 +339,8 @@ pub fn decisions(shard: &Shard, request: &Request) -> Route {
     answer().map_or_else(Route::Respond, Route::Wait)
 }
 
-fn stopping() -> Response {
+/// The answer to a request the server stopped before answering.
+pub(super) fn stopping() -> Response {
     Response::error(503, ErrorCode::ShuttingDown, "server is stopping")
 }
 

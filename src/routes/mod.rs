@@ -4,12 +4,14 @@
 //! shard. The `Origin` allow-list and CORS apply to every route here.
 //!
 //! - [`health`]: `/health`, `/health/live`, `/health/ready`, `/metrics`, `/info`.
-//! - [`api`]: the REST API (`/api/decisions`, `/api/channels/{channel}/history`).
+//! - [`api`]: the REST read API (`/api/decisions`, `/api/channels/{channel}/history`).
+//! - [`write`]: the REST write API (`/api/publish`, `/api/publish/batch`, `/api/ingest`).
 //! - [`cors`]: which origins may use the server, and the headers that let them.
 
 pub mod api;
 pub mod cors;
 pub mod health;
+pub mod write;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -55,6 +57,9 @@ pub fn route(shard: &Shard, request: &Request) -> Route {
         ("GET", "/metrics") => Route::Respond(health::metrics(shard)),
         ("GET", "/info") => Route::Respond(health::info(shard)),
         ("GET", "/api/decisions") => api::decisions(shard, request),
+        ("POST", "/api/publish") => write::publish(shard, request),
+        ("POST", "/api/publish/batch") => write::publish_batch(shard, request),
+        ("POST", "/api/ingest") => write::ingest(shard, request),
         ("GET", _) if api::history_channel(path).is_some() => api::history(shard, request),
         (_, _) => Route::Respond(match methods(path) {
             Some(allow) if method == "OPTIONS" => Response::empty(204).header("Allow", allow),
@@ -82,5 +87,9 @@ fn methods(path: &str) -> Option<&'static str> {
         "/ws" | "/health" | "/health/live" | "/health/ready" | "/metrics" | "/info"
     ) || path == "/api/decisions"
         || api::history_channel(path).is_some();
+    let post = matches!(path, "/api/publish" | "/api/publish/batch" | "/api/ingest");
+    if post {
+        return Some("POST, OPTIONS");
+    }
     get.then_some("GET, OPTIONS")
 }

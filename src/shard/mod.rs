@@ -23,7 +23,7 @@ use crate::codes::{Close, ErrorCode};
 use crate::config::{BackpressurePolicy, Config, Scope};
 use crate::decision::{self, Decision, DecisionId, Original};
 use crate::dialect::shardcast::Parser;
-use crate::dialect::{Answer, Dialect, Kind, Notice, Publication, Refusal, Reply, Request};
+use crate::dialect::{Answer, Dialect, Ingest, Kind, Notice, Publication, Refusal, Reply, Request};
 use crate::engine::{Arrival, Engine, Event, Found, Input, Memory, Numbered};
 use crate::metrics::{Counter, Global, ShardCounters};
 use crate::queue::{Bounds, OutQueue, Pushed};
@@ -48,15 +48,51 @@ use replays::{Asked, PendingRead, ReplayTo, Replays};
 pub use replays::{HistoryPage, Replay, Since};
 use subscriptions::{PendingSub, Subscriptions};
 
-/// Where an answer must go: a connection on some shard, with the request id to echo.
+/// Who waits for an answer.
+#[derive(Debug)]
+pub enum Client {
+    /// A connection on some shard: that shard encodes the answer in its dialect.
+    Conn {
+        /// Shard of the connection.
+        shard: usize,
+        /// Connection id on that shard.
+        conn: u64,
+    },
+    /// An HTTP request: its handler, on whatever shard, awaits the answer on this channel.
+    Http(flume::Sender<Answer>),
+}
+
+/// Where an answer must go, with the request id to echo.
 #[derive(Debug)]
 pub struct Origin {
-    /// Shard of the connection.
-    pub shard: usize,
-    /// Connection id on that shard.
-    pub conn: u64,
-    /// Raw request id (PUBLISH: an ACK is owed only when present).
+    /// Who.
+    pub client: Client,
+    /// Raw request id (PUBLISH: an ACK is owed only when present, or to HTTP).
     pub id: Option<Box<[u8]>>,
+}
+
+impl Origin {
+    /// Connection `conn` of shard `shard`, echoing `id`.
+    pub fn conn(shard: usize, conn: u64, id: Option<&[u8]>) -> Self {
+        let client = Client::Conn { shard, conn };
+        let id = id.map(Box::from);
+        Origin { client, id }
+    }
+
+    /// An HTTP request, answered on `reply`.
+    pub fn http(reply: flume::Sender<Answer>) -> Self {
+        let client = Client::Http(reply);
+        Origin { client, id: None }
+    }
+
+    /// The id to acknowledge a PUBLISH with, if an ACK is owed: a connection is owed one
+    /// when its PUBLISH had an id, an HTTP request always (it has no id to echo).
+    fn take_ack(&mut self) -> Option<Box<[u8]>> {
+        match self.client {
+            Client::Conn { .. } => self.id.take(),
+            Client::Http(_) => Some(Box::default()),
+        }
+    }
 }
 
 /// What shards tell each other. Sent in batches; owned data only (it crosses threads).
@@ -68,6 +104,8 @@ pub enum MeshMsg {
         channel: Box<str>,
         /// Raw `data`.
         data: Vec<u8>,
+        /// Its idempotency key.
+        key: Option<Box<str>>,
         /// Who to acknowledge.
         origin: Origin,
         /// When the publisher's shard received it.
@@ -232,6 +270,16 @@ pub struct Loaded {
     pub result: Result<storage::reader::Answer, String>,
 }
 
+/// Where a request went: carried out on this shard, or sent to the one that owns it (whose
+/// answer crosses the mesh).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    /// This shard.
+    Here,
+    /// Another shard.
+    Away,
+}
+
 /// What became of a client request.
 #[must_use]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -276,6 +324,9 @@ pub struct Shard {
     channels: RefCell<Channels>,
     /// Publishes the engine answers later, by token: whom to acknowledge.
     numbering: RefCell<HashMap<u64, Origin>>,
+    /// Idempotency keys of the PUBLISHes this shard numbered ("channel\0key" to seq), when
+    /// the engine numbers locally (Redis remembers them in a cluster).
+    published: RefCell<decision::DedupTable<u64>>,
     /// Decisions stopped nodes committed and never numbered, numbered here (cluster).
     orphans: RefCell<clustered::Orphans>,
     /// Presence members of the channels this shard owns.
@@ -342,6 +393,10 @@ impl Shard {
             engine: RefCell::new(Box::new(Memory::new(config.history.limits()))),
             channels: RefCell::default(),
             numbering: RefCell::default(),
+            published: RefCell::new(decision::DedupTable::new(
+                std::time::Duration::from_secs(config.ingest.dedup_window_secs),
+                config.ingest.dedup_max_entries,
+            )),
             orphans: RefCell::default(),
             rosters: RefCell::default(),
             presence_asks: RefCell::default(),
@@ -600,13 +655,15 @@ impl Shard {
 
     /// Answer a client that may live on another shard: its own shard encodes the answer.
     fn reply(&self, origin: &Origin, answer: Answer) {
-        if origin.shard == self.id {
-            if let Some(peer) = self.peer(origin.conn) {
-                self.answer(&peer, &answer.reply());
+        match origin.client {
+            Client::Conn { shard, conn } if shard == self.id => {
+                if let Some(peer) = self.peer(conn) {
+                    self.answer(&peer, &answer.reply());
+                }
             }
-        } else {
-            let conn = origin.conn;
-            self.route(origin.shard, MeshMsg::Reply { conn, answer });
+            Client::Conn { shard, conn } => self.route(shard, MeshMsg::Reply { conn, answer }),
+            // A handler that stopped waiting (its connection closed) needs nothing.
+            Client::Http(ref reply) => drop(reply.send(answer)),
         }
     }
 
@@ -670,85 +727,34 @@ impl Shard {
                     },
                 );
             }
-            Request::Publish { channel, data, id } => {
-                if let Err(refusal) = self.check_channel(principal, Scope::Publish, &channel) {
-                    return self.refuse(peer, &refusal.with_id(id));
+            Request::Publish {
+                channel,
+                data,
+                id,
+                key,
+            } => {
+                let origin = Origin::conn(self.id, peer.id, id);
+                let key = key.as_deref();
+                match self.publish(principal, (&channel, data, key), origin, now) {
+                    Err(refusal) => return self.refuse(peer, &refusal.with_id(id)),
+                    // Its ACK is owed by another shard: it counts against the reply budget.
+                    Ok(Sent::Away) if id.is_some() => peer.owed.set(peer.owed.get() + 1),
+                    Ok(_) => {}
                 }
-                let origin = Origin {
-                    shard: self.id,
-                    conn: peer.id,
-                    id: id.map(Box::from),
-                };
-                let (owner, t0) = (self.owner_of(&channel), now.instant);
-                // Owned here: no need to copy the message into a mesh message. An engine that
-                // numbers elsewhere (Redis) is asked from any shard, bounded by its
-                // congestion, and delivers through the owner; unless it cannot reach Redis,
-                // and the owner may have to number the message itself.
-                if owner == self.id || self.numbered_from_any_shard(&channel) {
-                    self.publish_as_owner(&channel, data, origin, t0);
-                    return Handled::Done;
-                }
-                if origin.id.is_some() {
-                    peer.owed.set(peer.owed.get() + 1);
-                }
-                let msg = MeshMsg::Publish {
-                    channel: channel.into(),
-                    data: data.to_vec(),
-                    origin,
-                    t0,
-                };
-                self.route(owner, msg);
             }
             Request::Ingest(ingest) => {
                 let key = Some(ingest.raw_key);
-                let channel = match self.check_channel(principal, Scope::Ingest, &ingest.channel) {
-                    Ok(channel) => channel,
-                    Err(refusal) => {
-                        return self.refuse(peer, &refusal.with_id(key));
-                    }
-                };
-                let expected_org = channel.org().unwrap_or(&principal.org);
-                if ingest.decision.org_id != expected_org {
-                    self.counters.add(Counter::DecisionsRejected, 1);
-                    let message = format!("data.orgId must be {expected_org:?}, the channel's org");
-                    let reply = Reply::Error {
-                        code: ErrorCode::InvalidDecision,
-                        message: &message,
-                        id: key,
-                        channel: None,
-                    };
+                let origin = Origin::conn(self.id, peer.id, None);
+                match self.ingest_request(principal, ingest, origin, now) {
                     // A decision refused by validation, like those the parser refuses: counted
                     // as rejected, not as a bad message.
-                    self.answer(peer, &reply);
-                    return Handled::Done;
+                    Err(refusal) if refusal.code == ErrorCode::InvalidDecision => {
+                        self.answer(peer, &Reply::refusal(&refusal.with_id(key)));
+                    }
+                    Err(refusal) => return self.refuse(peer, &refusal.with_id(key)),
+                    Ok(Sent::Away) => peer.owed.set(peer.owed.get() + 1),
+                    Ok(Sent::Here) => {}
                 }
-                let origin = Origin {
-                    shard: self.id,
-                    conn: peer.id,
-                    id: None,
-                };
-                let (owner, t0) = (self.owner_of(&ingest.channel), now.instant);
-                if owner == self.id {
-                    self.ingest(
-                        &ingest.channel,
-                        &ingest.decision,
-                        &ingest.key,
-                        ingest.data,
-                        origin,
-                        t0,
-                    );
-                    return Handled::Done;
-                }
-                peer.owed.set(peer.owed.get() + 1);
-                let msg = MeshMsg::Ingest {
-                    channel: ingest.channel.as_str().into(),
-                    decision: ingest.decision,
-                    key: ingest.key.as_str().into(),
-                    data: ingest.data.to_vec(),
-                    origin,
-                    t0,
-                };
-                self.route(owner, msg);
             }
             Request::Ping { timestamp } => self.answer(peer, &Reply::Pong { timestamp }),
             Request::Status { status, meta } => {
@@ -791,6 +797,77 @@ impl Shard {
     fn refuse(&self, peer: &Peer, refusal: &Refusal) -> Handled {
         self.answer(peer, &Reply::refusal(refusal));
         Handled::Refused
+    }
+
+    /// A PUBLISH (channel, raw data, idempotency key) by `principal`, from a connection or
+    /// over HTTP, received at `now`: checked here, then numbered by the channel's owner,
+    /// which answers `origin`.
+    pub fn publish(
+        &self,
+        principal: &Principal,
+        (channel, data, key): (&str, &[u8], Option<&str>),
+        origin: Origin,
+        now: Now,
+    ) -> Result<Sent, Refusal> {
+        self.enter(now);
+        self.check_channel(principal, Scope::Publish, channel)?;
+        let (owner, t0) = (self.owner_of(channel), self.now().instant);
+        // Owned here: no need to copy the message into a mesh message. An engine that
+        // numbers elsewhere (Redis) is asked from any shard, bounded by its congestion, and
+        // delivers through the owner; unless it cannot reach Redis, and the owner may have to
+        // number the message itself.
+        if owner == self.id || self.numbered_from_any_shard(channel) {
+            self.publish_as_owner(channel, data, key, origin, t0);
+            return Ok(Sent::Here);
+        }
+        let msg = MeshMsg::Publish {
+            channel: channel.into(),
+            data: data.to_vec(),
+            key: key.map(Box::from),
+            origin,
+            t0,
+        };
+        self.route(owner, msg);
+        Ok(Sent::Away)
+    }
+
+    /// An INGEST by `principal`, from a connection or over HTTP, received at `now`: checked
+    /// here (a decision of another org than its channel's is `invalid_decision`),
+    /// then deduplicated, stored and numbered by the channel's owner, which answers `origin`.
+    pub fn ingest_request(
+        &self,
+        principal: &Principal,
+        ingest: Ingest<'_>,
+        origin: Origin,
+        now: Now,
+    ) -> Result<Sent, Refusal> {
+        self.enter(now);
+        let channel = self.check_channel(principal, Scope::Ingest, &ingest.channel)?;
+        let expected_org = channel.org().unwrap_or(&principal.org);
+        if ingest.decision.org_id != expected_org {
+            self.counters.add(Counter::DecisionsRejected, 1);
+            return Err(Refusal {
+                code: ErrorCode::InvalidDecision,
+                message: format!("data.orgId must be {expected_org:?}, the channel's org"),
+                id: None,
+            });
+        }
+        let (owner, t0) = (self.owner_of(&ingest.channel), self.now().instant);
+        if owner == self.id {
+            let (channel, decision, key) = (&ingest.channel, &ingest.decision, &ingest.key);
+            self.ingest(channel, decision, key, ingest.data, origin, t0);
+            return Ok(Sent::Here);
+        }
+        let msg = MeshMsg::Ingest {
+            channel: ingest.channel.as_str().into(),
+            decision: ingest.decision,
+            key: ingest.key.as_str().into(),
+            data: ingest.data.to_vec(),
+            origin,
+            t0,
+        };
+        self.route(owner, msg);
+        Ok(Sent::Away)
     }
 
     /// Parse `name` and check that `principal` may use it for `scope`.
@@ -1337,7 +1414,15 @@ impl Shard {
 
     /// Number a message on `channel` and fan it out (or hold it behind an uncommitted
     /// decision). An engine that numbers later answers with `token`.
-    fn fan_out(&self, channel: &str, kind: Kind, data: &[u8], t0: Instant, token: u64) -> Numbered {
+    /// `key` (a PUBLISH's idempotency key) goes to an engine that numbers elsewhere.
+    fn fan_out(
+        &self,
+        channel: &str,
+        (kind, key): (Kind, Option<&str>),
+        data: &[u8],
+        t0: Instant,
+        token: u64,
+    ) -> Numbered {
         let at = self.arrival(t0);
         let data = Rc::from(data);
         let mut channels = self.channels.borrow_mut();
@@ -1346,7 +1431,7 @@ impl Shard {
             let seq = self
                 .engine
                 .borrow_mut()
-                .publish(channel, kind, data, at, token);
+                .publish(channel, kind, data, key, at, token);
             if let Numbered::Now(_) = seq {
                 self.deliver_events();
             }
@@ -1434,7 +1519,7 @@ impl Shard {
             }
             return;
         };
-        let id = origin.id.take();
+        let id = origin.take_ack();
         self.counters
             .add(Counter::ClusterLocal, u64::from(local && result.is_ok()));
         match (result, id) {
@@ -1459,12 +1544,16 @@ impl Shard {
         let Some(origin) = self.numbering.borrow_mut().remove(&token) else {
             return;
         };
-        if let Some(peer) = origin.id.as_ref().and_then(|_| self.peer(origin.conn)) {
-            peer.owed.set(peer.owed.get() + 1);
+        if let (Client::Conn { conn, .. }, Some(_)) = (&origin.client, &origin.id) {
+            if let Some(peer) = self.peer(*conn) {
+                peer.owed.set(peer.owed.get() + 1);
+            }
         }
+        // Keys are not remembered by a node that cannot reach Redis (docs/CLUSTER.md).
         let msg = MeshMsg::Publish {
             channel: channel.into(),
             data: data.to_vec(),
+            key: None,
             origin,
             t0: self.now().instant,
         };
@@ -1511,11 +1600,37 @@ impl Shard {
     }
 
     /// Number and fan out a PUBLISH on a channel this shard owns; ACK it if it had an id.
-    fn publish_as_owner(&self, channel: &str, data: &[u8], mut origin: Origin, t0: Instant) {
+    /// A retry of an idempotency key still remembered is acknowledged with the original
+    /// seq and not published again (by the owner here, by Redis in a cluster).
+    fn publish_as_owner(
+        &self,
+        channel: &str,
+        data: &[u8],
+        key: Option<&str>,
+        mut origin: Origin,
+        t0: Instant,
+    ) {
+        let numbers_locally = self.engine.borrow().numbers_locally();
+        let now = self.now().instant;
+        let remembered = key
+            .filter(|_| numbers_locally)
+            .and_then(|key| self.published.borrow_mut().get(channel, key, now));
+        if let Some(seq) = remembered {
+            self.counters.add(Counter::PublishDuplicates, 1);
+            if let Some(id) = origin.take_ack() {
+                let local = false;
+                self.reply(&origin, Answer::PublishAck { id, seq, local });
+            }
+            return;
+        }
         let token = self.token();
-        match self.fan_out(channel, Kind::Message, data, t0, token) {
+        let engine_key = key.filter(|_| !numbers_locally);
+        match self.fan_out(channel, (Kind::Message, engine_key), data, t0, token) {
             Numbered::Now(seq) => {
-                if let Some(id) = origin.id.take() {
+                if let Some(key) = key {
+                    self.published.borrow_mut().insert(channel, key, seq, now);
+                }
+                if let Some(id) = origin.take_ack() {
                     let local = false;
                     self.reply(&origin, Answer::PublishAck { id, seq, local });
                 }
@@ -1607,7 +1722,7 @@ impl Shard {
         let id = decision_id.text();
         let data = decision::enrich(data, id.as_str(), &decision::rfc3339(ms));
         let Some(link) = &self.storage else {
-            let numbered = self.fan_out(channel, Kind::Decision, &data, t0, self.token());
+            let numbered = self.fan_out(channel, (Kind::Decision, None), &data, t0, self.token());
             // An engine that numbers later does not take decisions (refused above).
             let Numbered::Now(seq) = numbered else {
                 return self.reply(&origin, storage_unavailable(key));
@@ -1820,9 +1935,10 @@ impl Shard {
             MeshMsg::Publish {
                 channel,
                 data,
+                key,
                 origin,
                 t0,
-            } => self.publish_as_owner(&channel, &data, origin, t0),
+            } => self.publish_as_owner(&channel, &data, key.as_deref(), origin, t0),
             MeshMsg::Ingest {
                 channel,
                 decision,

@@ -230,11 +230,7 @@ impl Shard {
                 "\"cursor\" is not one this server gave",
             ));
         }
-        let origin = Origin {
-            shard: self.id,
-            conn: peer.id,
-            id: id.map(Box::from),
-        };
+        let origin = Origin::conn(self.id, peer.id, id);
         let owner = self.owner_of(channel);
         if owner == self.id {
             self.presence_page(channel, cursor, origin);

@@ -272,11 +272,36 @@ impl Drop for Server {
 /// A plain HTTP GET with optional extra header lines (asking the server to close the
 /// connection after it); returns status and body.
 pub fn http_get(addr: SocketAddr, path: &str, headers: &str) -> (u16, String) {
+    http_request(addr, "GET", path, headers, "")
+}
+
+/// `POST path` of JSON `body` with API key `key`: the status and the JSON answer.
+pub fn post(addr: SocketAddr, path: &str, key: &str, body: &Value) -> (u16, Value) {
+    let headers = format!("X-API-Key: {key}\r\nContent-Type: application/json\r\n");
+    let (status, text) = http_request(addr, "POST", path, &headers, &body.to_string());
+    let v = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {text:?}: {e}"));
+    (status, v)
+}
+
+/// One HTTP request with extra header lines and a body (with its `Content-Length`), asking
+/// the server to close the connection after it; returns status and body.
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: &str,
+) -> (u16, String) {
     let mut s = TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(WAIT)).unwrap();
+    let length = if body.is_empty() && method == "GET" {
+        String::new()
+    } else {
+        format!("Content-Length: {}\r\n", body.len())
+    };
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n{headers}\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n{length}{headers}\r\n{body}"
     )
     .unwrap();
     let mut text = String::new();
