@@ -161,6 +161,9 @@ pub enum Close {
     SessionReplaced,
     /// Over the rate limit, repeatedly.
     RateLimited,
+    /// Asked for through the server API (`DELETE /api/connections/{id}?code=`): 1000, 1001,
+    /// 1008, or 3000 to 4999.
+    Requested(u16),
 }
 
 impl Close {
@@ -179,6 +182,7 @@ impl Close {
             Close::TokenRefused => 4403,
             Close::Stalled | Close::SessionReplaced => 4408,
             Close::RateLimited => 4429,
+            Close::Requested(code) => code,
         }
     }
 }

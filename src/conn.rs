@@ -105,6 +105,7 @@ pub fn serve(
     };
     // Read at once: the request may already be waiting.
     peer.readiness.set(ready::READABLE);
+    peer.fd.set(socket.fd());
     let mut conn = Conn {
         shard,
         peer,
@@ -191,8 +192,9 @@ impl Conn {
                     Poll::Pending => return Poll::Pending,
                 }
             }
-            if let Some((close, reason, discard)) = self.peer.take_close_request() {
-                self.start_close(close.code(), reason, discard);
+            if let Some(request) = self.peer.take_close_request() {
+                let (code, discard) = (request.close.code(), request.discard);
+                self.start_close(code, &request.reason, discard);
             }
             if self.flush().is_err() {
                 return Poll::Ready(());
@@ -540,6 +542,7 @@ impl Conn {
                 }
                 self.set_token_deadline(&principal);
                 self.bucket = TokenBucket::full(shard.config.limits.rate(), shard.now_ms());
+                shard.open_session(&self.peer, &principal);
                 self.mode = Mode::Session(principal);
             }
             None => self.mode = Mode::Echo,
@@ -739,6 +742,7 @@ impl Conn {
         }
         self.set_token_deadline(&fresh);
         let expires = fresh.expires_ms.unwrap_or(u64::MAX);
+        shard.refresh_session(&self.peer, &fresh);
         self.mode = Mode::Session(fresh);
         self.bad_messages = 0;
         let expires_ms = expires;
@@ -782,7 +786,7 @@ impl Conn {
     }
 
     /// Queue a close frame (after what is queued, unless `discard`) and stop taking messages.
-    fn start_close(&mut self, code: u16, reason: &'static str, discard: bool) {
+    fn start_close(&mut self, code: u16, reason: &str, discard: bool) {
         if !self.is_websocket() {
             self.peer.abort.set(true);
             return;

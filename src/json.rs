@@ -159,6 +159,13 @@ pub fn key_is(raw: &[u8], name: &str) -> bool {
     raw == name.as_bytes() || (raw.contains(&b'\\') && *unescape(raw) == *name.as_bytes())
 }
 
+/// The text of a raw JSON string value (quotes included, escapes decoded); `None` when the
+/// value is not a string. Meaningful only on validated JSON.
+pub fn string(raw: &[u8]) -> Option<String> {
+    let inner = raw.strip_prefix(b"\"")?.strip_suffix(b"\"")?;
+    String::from_utf8(unescape(inner)).ok()
+}
+
 /// Decode the escapes of a valid JSON string's contents.
 fn unescape(raw: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(raw.len());

@@ -321,3 +321,334 @@ fn ingest_without_a_store_is_503_storage_unavailable() {
     );
     assert_eq!(status, 200);
 }
+
+/// A connection with a token for `user` of `org` (subscribe scope).
+fn user_client(server: &Server, user: &str, org: &str) -> common::Client {
+    let exp = common::unix_now() + 3600;
+    let token = common::jwt_with(json!({"sub": user, "org": org, "exp": exp}));
+    server.client(&format!("/ws?token={token}"))
+}
+
+/// Connections of `user` of `org` until there are at least `n` and both shards have one.
+fn user_clients(server: &Server, user: &str, org: &str, n: usize) -> Vec<common::Client> {
+    let mut clients: Vec<common::Client> = Vec::new();
+    while clients.len() < n
+        || clients.iter().map(|c| c.shard).min() == clients.iter().map(|c| c.shard).max()
+    {
+        clients.push(user_client(server, user, org));
+        assert!(clients.len() < 200, "connections all land on one shard");
+    }
+    clients
+}
+
+/// `client` receives nothing before the answer to a PING.
+fn nothing_for(client: &mut common::Client) {
+    client.send(json!({"type":"PING","timestamp":"quiet"}));
+    let next = client.recv();
+    assert_eq!(
+        (&next["type"], &next["timestamp"]),
+        (&json!("PONG"), &json!("quiet")),
+        "{next}"
+    );
+}
+
+#[test]
+fn a_message_to_a_user_reaches_each_of_its_connections_once_on_every_shard() {
+    let server = Server::start("");
+    let mut u1 = user_clients(&server, "u1", "acme", 3);
+    // One of them subscribed to the channel: it gets the message once, as a subscriber.
+    u1[0].subscribe(&["user:u1:notifications"]);
+    let mut u1_beta = user_client(&server, "u1", "beta");
+    let mut u2 = user_client(&server, "u2", "acme");
+
+    let body = json!({"data": {"title": "done"}, "event": "notification"});
+    let (status, sent) = post(server.addr, "/api/users/u1/send", ACME, &body);
+    assert_eq!(status, 200, "{sent}");
+    let expected = json!({"user": "u1", "channel": "user:u1:notifications", "seq": 1,
+        "reached": u1.len(), "queued": false});
+    assert_eq!(
+        sent, expected,
+        "acme's key reaches u1's connections in acme only"
+    );
+    let (_, second) = post(server.addr, "/api/users/u1/send", ACME, &json!({"data": 2}));
+    assert_eq!(second["seq"], 2);
+    for client in &mut u1 {
+        let (seq, data) = message(client, "user:u1:notifications");
+        assert_eq!(
+            (seq, data),
+            (
+                1,
+                json!({"event": "notification", "payload": {"title": "done"}})
+            )
+        );
+        assert_eq!(
+            message(client, "user:u1:notifications"),
+            (2, json!(2)),
+            "no second copy"
+        );
+    }
+    nothing_for(&mut u1_beta);
+    nothing_for(&mut u2);
+
+    // An admin key reaches every org's; a category names another of the user's channels.
+    let body = json!({"data": 3, "category": "usage"});
+    let (_, sent) = post(server.addr, "/api/users/u1/send", ADMIN, &body);
+    assert_eq!(
+        (&sent["channel"], &sent["reached"]),
+        (&json!("user:u1:usage"), &json!(u1.len() + 1))
+    );
+    assert_eq!(message(&mut u1_beta, "user:u1:usage"), (1, json!(3)));
+    // Nobody connected: nobody reached.
+    let (_, nobody) = post(
+        server.addr,
+        "/api/users/nobody/send",
+        ACME,
+        &json!({"data": 0}),
+    );
+    assert_eq!(nobody["reached"], 0);
+
+    // Who may send: not a user's token, not a key without publish.
+    let (status, _) = post(server.addr, "/api/users/u1/send", ACME_READONLY, &body);
+    assert_eq!(status, 403);
+    let headers = format!("Authorization: Bearer {}\r\n", jwt(3600, &["publish"]));
+    let (status, _) = http_request(
+        server.addr,
+        "POST",
+        "/api/users/u1/send",
+        &headers,
+        &body.to_string(),
+    );
+    assert_eq!(status, 403);
+    let (status, bad) = post(server.addr, "/api/users/u%20x/send", ACME, &body);
+    assert_eq!(
+        (status, bad["error"].as_str()),
+        (400, Some("invalid_channel"))
+    );
+    let (status, bad) = post(
+        server.addr,
+        "/api/users/u1/send",
+        ACME,
+        &json!({"data": 1, "category": "nope"}),
+    );
+    assert_eq!(
+        (status, bad["error"].as_str()),
+        (400, Some("invalid_channel"))
+    );
+
+    // Many users at once, answered in order.
+    let body = json!({"users": ["u1", "u2", "nobody", "bad user"], "data": "all"});
+    let (status, bulk) = post(server.addr, "/api/users/send", ACME, &body);
+    assert_eq!(status, 200, "{bulk}");
+    let results = bulk["results"].as_array().expect("results");
+    assert_eq!(
+        (
+            &results[0]["user"],
+            &results[0]["seq"],
+            &results[0]["reached"]
+        ),
+        (&json!("u1"), &json!(3), &json!(u1.len()))
+    );
+    assert_eq!(
+        (&results[1]["user"], &results[1]["reached"]),
+        (&json!("u2"), &json!(1))
+    );
+    assert_eq!(results[2]["reached"], 0);
+    assert_eq!(
+        (&results[3]["user"], &results[3]["error"]),
+        (&json!("bad user"), &json!("invalid_channel"))
+    );
+    assert_eq!(bulk["reached"], u1.len() + 1);
+    assert_eq!(message(&mut u2, "user:u2:notifications"), (1, json!("all")));
+}
+
+#[test]
+fn a_broadcast_reaches_every_connection_of_the_org_or_all() {
+    let server = Server::start("");
+    let mut acme = vec![
+        server.client(&format!("/ws?key={ACME}")),
+        user_client(&server, "u1", "acme"),
+    ];
+    let mut others = vec![
+        user_client(&server, "u9", "beta"),
+        server.client(&format!("/ws?key={ADMIN}")),
+    ];
+    let (status, answer) = post(
+        server.addr,
+        "/api/broadcast",
+        ACME,
+        &json!({"data": {"m": "hi"}}),
+    );
+    assert_eq!((status, answer), (200, json!({"reached": 2})));
+    for client in &mut acme {
+        let told = client.recv();
+        assert_eq!(
+            told,
+            json!({"type": "SYSTEM", "event": "broadcast", "data": {"m": "hi"}})
+        );
+    }
+    for client in &mut others {
+        nothing_for(client);
+    }
+    let (_, all) = post(server.addr, "/api/broadcast", ADMIN, &json!({"data": 1}));
+    assert_eq!(all["reached"], 4);
+    let (_, beta) = post(
+        server.addr,
+        "/api/broadcast",
+        ADMIN,
+        &json!({"data": 1, "org": "beta"}),
+    );
+    assert_eq!(beta["reached"], 1);
+    let (status, _) = post(
+        server.addr,
+        "/api/broadcast",
+        ACME,
+        &json!({"data": 1, "org": "beta"}),
+    );
+    assert_eq!(status, 403);
+    let (status, _) = post(server.addr, "/api/broadcast", ACME, &json!({"org": "acme"}));
+    assert_eq!(status, 400);
+}
+
+/// GET `path` with API key `key`: status and JSON.
+fn get(server: &Server, path: &str, key: &str) -> (u16, Value) {
+    let (status, text) = common::http_get(server.addr, path, &format!("X-API-Key: {key}\r\n"));
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {text:?}: {e}")),
+    )
+}
+
+/// DELETE `path` with API key `key`: status and JSON.
+fn delete(server: &Server, path: &str, key: &str) -> (u16, Value) {
+    let headers = format!("X-API-Key: {key}\r\n");
+    let (status, text) = http_request(server.addr, "DELETE", path, &headers, "");
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {text:?}: {e}")),
+    )
+}
+
+#[test]
+fn connections_are_listed_by_page_and_closed_with_the_code_asked() {
+    let server = Server::start("");
+    let mut keyed: Vec<_> = (0..5)
+        .map(|_| server.client(&format!("/ws?key={ACME}")))
+        .collect();
+    keyed[0].subscribe(&[USAGE, "org:acme:decisions"]);
+    keyed[1].subscribe(&[USAGE]);
+    let mut u1 = user_clients(&server, "u1", "acme", 2);
+    u1[0].subscribe(&["user:u1:notifications"]);
+    let mut beta = user_client(&server, "u9", "beta");
+    let acme_ids: std::collections::BTreeSet<String> = keyed
+        .iter()
+        .chain(&u1)
+        .map(|c| c.connection_id.clone())
+        .collect();
+
+    // Pages of 2 over both shards: every acme connection once, none of beta's.
+    let mut seen = Vec::new();
+    let mut path = "/api/connections?limit=2".to_string();
+    loop {
+        let (status, page) = get(&server, &path, ACME);
+        assert_eq!(status, 200, "{page}");
+        assert_eq!(page["totals"]["connections"], acme_ids.len(), "{page}");
+        assert_eq!(page["totals"]["orgs"], json!({"acme": acme_ids.len()}));
+        let conns = page["connections"].as_array().expect("connections");
+        assert!(conns.len() <= 2);
+        for c in conns {
+            assert_eq!(c["org"], "acme");
+            assert!(
+                c["remoteAddress"]
+                    .as_str()
+                    .is_some_and(|a| a.starts_with("127.0.0.1:")),
+                "{c}"
+            );
+            seen.push(c["connectionId"].as_str().expect("id").to_string());
+        }
+        match page["nextCursor"].as_str() {
+            Some(cursor) => path = format!("/api/connections?limit=2&cursor={cursor}"),
+            None => break,
+        }
+    }
+    let unique: std::collections::BTreeSet<String> = seen.iter().cloned().collect();
+    assert_eq!(unique.len(), seen.len(), "no connection twice");
+    assert_eq!(unique, acme_ids);
+    let (_, all) = get(&server, "/api/connections", ADMIN);
+    let total = acme_ids.len() + 1;
+    assert_eq!(all["totals"]["connections"], total);
+    assert_eq!(
+        all["totals"]["orgs"],
+        json!({"acme": acme_ids.len(), "beta": 1})
+    );
+    let by_shard: u64 = all["totals"]["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["connections"].as_u64().unwrap())
+        .sum();
+    assert_eq!(by_shard, total as u64);
+    let (_, mine) = get(&server, "/api/connections?user=u1", ADMIN);
+    assert_eq!(mine["connections"].as_array().unwrap().len(), u1.len());
+    let (status, _) = get(&server, "/api/connections?org=beta", ACME);
+    assert_eq!(status, 403);
+    let (status, _) = get(&server, "/api/connections", ACME_READONLY);
+    assert_eq!(status, 403);
+
+    let (_, status_u1) = get(&server, "/api/users/u1", ACME);
+    assert_eq!(status_u1["online"], true);
+    assert_eq!(status_u1["connections"].as_array().unwrap().len(), u1.len());
+    assert_eq!(status_u1["channels"], json!(["user:u1:notifications"]));
+
+    let (_, channels) = get(&server, "/api/channels", ACME);
+    assert_eq!(
+        channels["channels"],
+        json!([
+            {"channel": "org:acme:decisions", "subscribers": 1},
+            {"channel": "org:acme:usage", "subscribers": 2},
+        ]),
+        "acme's channels only"
+    );
+    let (_, first) = get(&server, "/api/channels?limit=1", ADMIN);
+    assert_eq!(first["nextCursor"], "org:acme:decisions");
+    let (_, users) = get(&server, "/api/channels?prefix=user:", ADMIN);
+    assert_eq!(
+        users["channels"],
+        json!([{"channel": "user:u1:notifications", "subscribers": 1}])
+    );
+
+    // By id, with a code and reason; then gone.
+    let id = keyed[2].connection_id.clone();
+    let (status, closed) = delete(
+        &server,
+        &format!("/api/connections/{id}?code=4000&reason=bye"),
+        ACME,
+    );
+    assert_eq!((status, closed), (200, json!({"closed": 1})));
+    assert_eq!(keyed[2].recv_close(), Some(4000));
+    let (status, gone) = delete(&server, &format!("/api/connections/{id}"), ACME);
+    assert_eq!((status, gone["error"].as_str()), (404, Some("not_found")));
+    let (status, _) = delete(
+        &server,
+        &format!("/api/connections/{}", beta.connection_id),
+        ACME,
+    );
+    assert_eq!(
+        status, 404,
+        "another org's connection is not acme's to close"
+    );
+    let (status, _) = delete(&server, &format!("/api/connections/{id}?code=999"), ACME);
+    assert_eq!(status, 400);
+    // By user, on every shard.
+    let (_, closed) = delete(&server, "/api/users/u1/connections?code=4001", ACME);
+    assert_eq!(closed, json!({"closed": u1.len()}));
+    for client in &mut u1 {
+        assert_eq!(client.recv_close(), Some(4001));
+    }
+    let (_, status_u1) = get(&server, "/api/users/u1", ACME);
+    assert_eq!(
+        (&status_u1["online"], &status_u1["connections"]),
+        (&json!(false), &json!([]))
+    );
+    nothing_for(&mut beta);
+    nothing_for(&mut keyed[0]);
+}

@@ -332,6 +332,11 @@ pub enum Reply<'a> {
         /// The delay.
         reconnect_in_ms: u64,
     },
+    /// A message the server API broadcast to every connection (of an org).
+    Broadcast {
+        /// Raw JSON of its `data`.
+        data: &'a [u8],
+    },
     /// Something about a subscribed channel's stream of messages.
     Channel {
         /// The channel.

@@ -483,7 +483,18 @@ pub fn reply(reply: &Reply<'_>) -> Frame {
         Reply::TokenExpired { grace_ms } => token_expired(grace_ms),
         Reply::Restart { reconnect_in_ms } => system_restart(reconnect_in_ms),
         Reply::Channel { channel, notice } => system_channel(channel, notice),
+        Reply::Broadcast { data } => broadcast(data),
     }
+}
+
+/// `SYSTEM` `broadcast`, from the server API.
+fn broadcast(data: &[u8]) -> Frame {
+    let mut f = text();
+    let out = f.payload_mut();
+    out.extend_from_slice(br#"{"type":"SYSTEM","event":"broadcast","data":"#);
+    out.extend_from_slice(data);
+    out.push(b'}');
+    f.finish()
 }
 
 /// `SYSTEM` `messages_lost` (with the seqs) or `channel_reset` (with the new epoch), for a

@@ -9,7 +9,9 @@
 //! - [`cors`]: which origins may use the server, and the headers that let them.
 
 pub mod api;
+pub mod connections;
 pub mod cors;
+pub mod deliver;
 pub mod health;
 pub mod write;
 
@@ -60,6 +62,18 @@ pub fn route(shard: &Shard, request: &Request) -> Route {
         ("POST", "/api/publish") => write::publish(shard, request),
         ("POST", "/api/publish/batch") => write::publish_batch(shard, request),
         ("POST", "/api/ingest") => write::ingest(shard, request),
+        ("POST", "/api/users/send") => deliver::send_to_users(shard, request),
+        ("POST", "/api/broadcast") => deliver::broadcast(shard, request),
+        ("GET", "/api/connections") => connections::list(shard, request),
+        ("GET", "/api/channels") => connections::channels(shard, request),
+        ("POST", _) if deliver::path_user(path, "/send").is_some() => {
+            deliver::send_to_user(shard, request)
+        }
+        ("DELETE", _) if deliver::path_user(path, "/connections").is_some() => {
+            connections::disconnect_user(shard, request)
+        }
+        ("GET", _) if deliver::path_user(path, "").is_some() => connections::user(shard, request),
+        ("DELETE", _) if connection_path(path) => connections::disconnect(shard, request),
         ("GET", _) if api::history_channel(path).is_some() => api::history(shard, request),
         (_, _) => Route::Respond(match methods(path) {
             Some(allow) if method == "OPTIONS" => Response::empty(204).header("Allow", allow),
@@ -80,6 +94,12 @@ pub fn route(shard: &Shard, request: &Request) -> Route {
     }
 }
 
+/// `/api/connections/{id}`.
+fn connection_path(path: &str) -> bool {
+    path.strip_prefix("/api/connections/")
+        .is_some_and(|id| !id.is_empty() && !id.contains('/'))
+}
+
 /// The methods `path` answers (for `405` and `OPTIONS`), if it is served at all.
 fn methods(path: &str) -> Option<&'static str> {
     let get = matches!(
@@ -87,9 +107,24 @@ fn methods(path: &str) -> Option<&'static str> {
         "/ws" | "/health" | "/health/live" | "/health/ready" | "/metrics" | "/info"
     ) || path == "/api/decisions"
         || api::history_channel(path).is_some();
-    let post = matches!(path, "/api/publish" | "/api/publish/batch" | "/api/ingest");
+    let post = matches!(
+        path,
+        "/api/publish"
+            | "/api/publish/batch"
+            | "/api/ingest"
+            | "/api/users/send"
+            | "/api/broadcast"
+    ) || deliver::path_user(path, "/send").is_some();
     if post {
         return Some("POST, OPTIONS");
+    }
+    if connection_path(path) || deliver::path_user(path, "/connections").is_some() {
+        return Some("DELETE, OPTIONS");
+    }
+    if matches!(path, "/api/connections" | "/api/channels")
+        || deliver::path_user(path, "").is_some()
+    {
+        return Some("GET, OPTIONS");
     }
     get.then_some("GET, OPTIONS")
 }

@@ -176,12 +176,66 @@ fn failure(answer: &Answer) -> Response {
 }
 
 /// A request refused before it reached the core.
-fn refused(refusal: Refusal) -> Response {
+pub(super) fn refused(refusal: Refusal) -> Response {
     Response::error(refusal.code.http_status(), refusal.code, &refusal.message)
 }
 
-fn bad(message: &str) -> Response {
+pub(super) fn bad(message: &str) -> Response {
     Response::error(400, ErrorCode::BadRequest, message)
+}
+
+/// A JSON object body, checked as every request is (one value, no name twice, not too
+/// deep), with its members' raw spans.
+pub(super) struct Body<'a> {
+    raw: &'a [u8],
+    members: Vec<json::Member>,
+}
+
+impl<'a> Body<'a> {
+    /// The body of `request`, if the shard can take a write now and it is a JSON object.
+    pub fn read(shard: &Shard, request: &'a http::Request) -> Result<Self, Response> {
+        writable(shard, request)?;
+        let raw = &request.body[..];
+        shard.parser.borrow_mut().validate(raw).map_err(refused)?;
+        let members = json::object_members(raw).ok_or_else(|| bad("body must be an object"))?;
+        Ok(Body { raw, members })
+    }
+
+    /// The raw value of member `name`.
+    pub fn raw(&self, name: &str) -> Option<&'a [u8]> {
+        json::member(self.raw, &self.members, name)
+    }
+
+    /// Member `name`, which must be a string if present.
+    pub fn text(&self, name: &str) -> Result<Option<String>, Response> {
+        match self.raw(name) {
+            None => Ok(None),
+            Some(raw) => json::string(raw)
+                .map(Some)
+                .ok_or_else(|| bad(&format!("\"{name}\" must be a string"))),
+        }
+    }
+
+    /// Member `name`, which must be an array of 1 to `max` strings if present.
+    pub fn texts(&self, name: &str, max: usize) -> Result<Option<Vec<String>>, Response> {
+        let Some(raw) = self.raw(name) else {
+            return Ok(None);
+        };
+        let wrong = || {
+            bad(&format!(
+                "\"{name}\" must be an array of 1 to {max} strings"
+            ))
+        };
+        let items = json::array_items(raw).ok_or_else(wrong)?;
+        if items.is_empty() || items.len() > max {
+            return Err(wrong());
+        }
+        let texts = items.into_iter().map(|item| json::string(&raw[item]));
+        texts
+            .collect::<Option<Vec<_>>>()
+            .map(Some)
+            .ok_or_else(wrong)
+    }
 }
 
 /// A write the shard can take now, with a body the API can read (JSON, when a
@@ -213,6 +267,6 @@ pub(super) fn writable(shard: &Shard, request: &http::Request) -> Result<(), Res
 }
 
 /// The route for a handler that answers at once (`Err`) or later (`Ok`).
-fn respond(handler: impl FnOnce() -> Result<Pending, Response>) -> Route {
+pub(super) fn respond(handler: impl FnOnce() -> Result<Pending, Response>) -> Route {
     handler().map_or_else(Route::Respond, Route::Wait)
 }

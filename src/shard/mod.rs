@@ -31,6 +31,7 @@ use crate::storage;
 
 mod channels;
 mod clustered;
+pub mod directory;
 mod ingest;
 mod outbox;
 mod peer;
@@ -106,6 +107,8 @@ pub enum MeshMsg {
         data: Vec<u8>,
         /// Its idempotency key.
         key: Option<Box<str>>,
+        /// Sent to a user through the server API: once numbered, to the user's connections.
+        to_user: Option<Box<directory::ToUser>>,
         /// Who to acknowledge.
         origin: Origin,
         /// When the publisher's shard received it.
@@ -238,6 +241,35 @@ pub enum MeshMsg {
         /// What.
         notice: Notice,
     },
+    /// To every shard: give `direct` to the connections of `audience` there, and say how
+    /// many on `reply`.
+    Direct {
+        /// Whose connections.
+        audience: directory::Audience,
+        /// What they get.
+        direct: directory::Direct,
+        /// Where the count goes.
+        reply: Option<flume::Sender<usize>>,
+    },
+    /// To one shard: a page of its connections, with its totals (the server API).
+    Connections {
+        /// Which.
+        filter: directory::Filter,
+        /// After this connection id.
+        after: u64,
+        /// At most this many.
+        limit: usize,
+        /// Where the page goes.
+        reply: flume::Sender<directory::Listing>,
+    },
+    /// To one shard: its channels with subscribers there whose names start with `prefix`,
+    /// and how many (the server API).
+    Channels {
+        /// The prefix.
+        prefix: Box<str>,
+        /// Where the list goes.
+        reply: flume::Sender<Vec<(Box<str>, usize)>>,
+    },
     /// An answer for one connection on the receiving shard, encoded there in its dialect.
     Reply {
         /// Connection id.
@@ -324,6 +356,10 @@ pub struct Shard {
     channels: RefCell<Channels>,
     /// Publishes the engine answers later, by token: whom to acknowledge.
     numbering: RefCell<HashMap<u64, Origin>>,
+    /// Those of them sent to a user: its channel, the data, and who to reach once numbered.
+    user_sends: RefCell<HashMap<u64, UserSend>>,
+    /// The open sessions, by user and org (for the server API).
+    directory: RefCell<directory::Directory>,
     /// Idempotency keys of the PUBLISHes this shard numbered ("channel\0key" to seq), when
     /// the engine numbers locally (Redis remembers them in a cluster).
     published: RefCell<decision::DedupTable<u64>>,
@@ -357,6 +393,9 @@ pub struct Shard {
     recovered: Cell<bool>,
     outboxes: Outboxes,
 }
+
+/// A message to a user waiting for its seq: its channel, its data, whom it goes to.
+type UserSend = (Box<str>, Rc<[u8]>, directory::ToUser);
 
 /// Size of the per-shard read buffer.
 pub const SCRATCH_BYTES: usize = 64 * 1024;
@@ -393,6 +432,8 @@ impl Shard {
             engine: RefCell::new(Box::new(Memory::new(config.history.limits()))),
             channels: RefCell::default(),
             numbering: RefCell::default(),
+            user_sends: RefCell::default(),
+            directory: RefCell::default(),
             published: RefCell::new(decision::DedupTable::new(
                 std::time::Duration::from_secs(config.ingest.dedup_window_secs),
                 config.ingest.dedup_max_entries,
@@ -545,6 +586,7 @@ impl Shard {
         }
         self.statuses.borrow_mut().remove(&peer.id);
         self.release_session(peer.id);
+        self.close_session(peer);
         self.conns.borrow_mut().remove(peer.id);
     }
 
@@ -811,24 +853,61 @@ impl Shard {
     ) -> Result<Sent, Refusal> {
         self.enter(now);
         self.check_channel(principal, Scope::Publish, channel)?;
+        Ok(self.publish_checked((channel, data, key), None, origin))
+    }
+
+    /// A message to `user`'s own `channel` (`user:{id}:{category}`) from the server API: the
+    /// channel's owner numbers it as a PUBLISH, then it reaches every connection of the
+    /// user (of `org` only, unless `None`) on every shard, subscribed to it or not. Each
+    /// shard sends how many it reached on `reached`; `origin` gets the seq.
+    pub fn send_to_user(
+        &self,
+        (channel, data, key): (&str, &[u8], Option<&str>),
+        to: directory::ToUser,
+        origin: Origin,
+        now: Now,
+    ) -> Result<Sent, Refusal> {
+        self.enter(now);
+        let parsed = Channel::parse(channel, &self.config.channels.categories);
+        let named =
+            parsed.is_ok_and(|c| c.kind == crate::auth::ChannelKind::User && c.id == &*to.user);
+        if !named {
+            let message = format!("{}: not that user's channel", crate::json::echo(channel));
+            return Err(Refusal {
+                code: ErrorCode::InvalidChannel,
+                message,
+                id: None,
+            });
+        }
+        Ok(self.publish_checked((channel, data, key), Some(Box::new(to)), origin))
+    }
+
+    /// A PUBLISH already allowed, to its owner.
+    fn publish_checked(
+        &self,
+        (channel, data, key): (&str, &[u8], Option<&str>),
+        to_user: Option<Box<directory::ToUser>>,
+        origin: Origin,
+    ) -> Sent {
         let (owner, t0) = (self.owner_of(channel), self.now().instant);
         // Owned here: no need to copy the message into a mesh message. An engine that
         // numbers elsewhere (Redis) is asked from any shard, bounded by its congestion, and
         // delivers through the owner; unless it cannot reach Redis, and the owner may have to
         // number the message itself.
         if owner == self.id || self.numbered_from_any_shard(channel) {
-            self.publish_as_owner(channel, data, key, origin, t0);
-            return Ok(Sent::Here);
+            self.publish_as_owner(channel, data, (key, to_user), origin, t0);
+            return Sent::Here;
         }
         let msg = MeshMsg::Publish {
             channel: channel.into(),
             data: data.to_vec(),
             key: key.map(Box::from),
+            to_user,
             origin,
             t0,
         };
         self.route(owner, msg);
-        Ok(Sent::Away)
+        Sent::Away
     }
 
     /// An INGEST by `principal`, from a connection or over HTTP, received at `now`: checked
@@ -1519,6 +1598,15 @@ impl Shard {
             }
             return;
         };
+        let send = self.user_sends.borrow_mut().remove(&token);
+        if let (Some((channel, data, to)), Ok(seq)) = (send, &result) {
+            let publication = Publication {
+                seq: *seq,
+                kind: Kind::Message,
+                data,
+            };
+            self.to_user(&channel, &publication, to);
+        }
         let id = origin.take_ack();
         self.counters
             .add(Counter::ClusterLocal, u64::from(local && result.is_ok()));
@@ -1544,6 +1632,9 @@ impl Shard {
         let Some(origin) = self.numbering.borrow_mut().remove(&token) else {
             return;
         };
+        // The owner numbers it alone, for this node: the user's other connections are told
+        // nothing (their count comes back as none).
+        self.user_sends.borrow_mut().remove(&token);
         if let (Client::Conn { conn, .. }, Some(_)) = (&origin.client, &origin.id) {
             if let Some(peer) = self.peer(*conn) {
                 peer.owed.set(peer.owed.get() + 1);
@@ -1554,6 +1645,7 @@ impl Shard {
             channel: channel.into(),
             data: data.to_vec(),
             key: None,
+            to_user: None,
             origin,
             t0: self.now().instant,
         };
@@ -1606,7 +1698,7 @@ impl Shard {
         &self,
         channel: &str,
         data: &[u8],
-        key: Option<&str>,
+        (key, to_user): (Option<&str>, Option<Box<directory::ToUser>>),
         mut origin: Origin,
         t0: Instant,
     ) {
@@ -1630,6 +1722,15 @@ impl Shard {
                 if let Some(key) = key {
                     self.published.borrow_mut().insert(channel, key, seq, now);
                 }
+                if let Some(to) = to_user {
+                    let data = Rc::from(data);
+                    let publication = Publication {
+                        seq,
+                        kind: Kind::Message,
+                        data,
+                    };
+                    self.to_user(channel, &publication, *to);
+                }
                 if let Some(id) = origin.take_ack() {
                     let local = false;
                     self.reply(&origin, Answer::PublishAck { id, seq, local });
@@ -1637,6 +1738,10 @@ impl Shard {
             }
             Numbered::Later => {
                 self.numbering.borrow_mut().insert(token, origin);
+                if let Some(to) = to_user {
+                    let send = (channel.into(), Rc::from(data), *to);
+                    self.user_sends.borrow_mut().insert(token, send);
+                }
                 // An engine that could not even send it has answered already.
                 self.deliver_events();
             }
@@ -1936,9 +2041,29 @@ impl Shard {
                 channel,
                 data,
                 key,
+                to_user,
                 origin,
                 t0,
-            } => self.publish_as_owner(&channel, &data, key.as_deref(), origin, t0),
+            } => self.publish_as_owner(&channel, &data, (key.as_deref(), to_user), origin, t0),
+            MeshMsg::Direct {
+                audience,
+                direct,
+                reply,
+            } => {
+                let reached = self.direct(&audience, &direct);
+                if let Some(reply) = reply {
+                    let _ = reply.send(reached);
+                }
+            }
+            MeshMsg::Connections {
+                filter,
+                after,
+                limit,
+                reply,
+            } => drop(reply.send(self.listing(&filter, after, limit))),
+            MeshMsg::Channels { prefix, reply } => {
+                drop(reply.send(self.subs.borrow().counts(&prefix)))
+            }
             MeshMsg::Ingest {
                 channel,
                 decision,

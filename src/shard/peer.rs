@@ -2,12 +2,14 @@
 //! what the sweeper watches; and the registry of a shard's connections. Everything else about a
 //! connection lives in its task (`conn.rs`).
 
+use std::borrow::Cow;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::task::Waker;
 
 use smallvec::SmallVec;
 
+use crate::auth::Principal;
 use crate::codec::Frame;
 use crate::codes::Close;
 use crate::dialect::Dialect;
@@ -31,8 +33,12 @@ pub struct Peer {
     pub id: u64,
     pub(super) out: RefCell<OutQueue>,
     pub(super) waker: Cell<Option<Waker>>,
-    /// Close requested by the shard: code, reason, and whether queued frames are discarded.
-    pub(super) close: Cell<Option<(Close, &'static str, bool)>>,
+    /// Close requested by the shard (boxed: rare, and a connection waits without one).
+    pub(super) close: Cell<Option<Box<CloseRequest>>>,
+    /// Who the connection authenticated as, once its session is open.
+    pub(super) principal: RefCell<Option<Rc<Principal>>>,
+    /// Its socket, for the remote address the server API lists (`-1`: none).
+    pub fd: Cell<i32>,
     /// Set to drop the connection without a closing handshake.
     pub abort: Cell<bool>,
     /// Current phase.
@@ -65,6 +71,17 @@ pub struct Peer {
     pub owed: Cell<u32>,
 }
 
+/// A close the shard asked a connection to make.
+#[derive(Debug)]
+pub struct CloseRequest {
+    /// The code.
+    pub close: Close,
+    /// The reason sent with it.
+    pub reason: Cow<'static, str>,
+    /// Queued frames are dropped first.
+    pub discard: bool,
+}
+
 /// What an open connection is waiting for its client to do; the sweeper closes it with 4408
 /// when the wait lasts too long.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,6 +103,8 @@ impl Peer {
             out: RefCell::default(),
             waker: Cell::new(None),
             close: Cell::new(None),
+            principal: RefCell::new(None),
+            fd: Cell::new(-1),
             abort: Cell::new(false),
             phase: Cell::new(Phase::Http),
             phase_since: Cell::new(now),
@@ -134,17 +153,31 @@ impl Peer {
         }
     }
 
-    /// Ask the connection to close with `code` (discarding queued frames when `discard`).
-    pub fn request_close(&self, code: Close, reason: &'static str, discard: bool) {
-        if self.close.get().is_none() {
-            self.close.set(Some((code, reason, discard)));
+    /// Ask the connection to close with `code` (discarding queued frames when `discard`);
+    /// the first request wins.
+    pub fn request_close(&self, code: Close, reason: impl Into<Cow<'static, str>>, discard: bool) {
+        let pending = self.close.take();
+        let first = pending.is_none();
+        self.close.set(pending.or_else(|| {
+            Some(Box::new(CloseRequest {
+                close: code,
+                reason: reason.into(),
+                discard,
+            }))
+        }));
+        if first {
             self.wake();
         }
     }
 
     /// Take a pending close request.
-    pub fn take_close_request(&self) -> Option<(Close, &'static str, bool)> {
+    pub fn take_close_request(&self) -> Option<Box<CloseRequest>> {
         self.close.take()
+    }
+
+    /// Who the connection authenticated as (`None` before its session opens).
+    pub fn principal(&self) -> Option<Rc<Principal>> {
+        self.principal.borrow().clone()
     }
 
     /// Enter (or leave, with [`Stall::None`]) a wait for the client, as of `now`.

@@ -66,6 +66,15 @@ impl Subscriptions {
             .is_some_and(|members| members.contains_key(&conn))
     }
 
+    /// The channels with subscribers here whose names start with `prefix`, and how many.
+    pub fn counts(&self, prefix: &str) -> Vec<(Box<str>, usize)> {
+        let named = self
+            .by_channel
+            .iter()
+            .filter(|(c, _)| c.starts_with(prefix));
+        named.map(|(c, subs)| ((**c).into(), subs.len())).collect()
+    }
+
     /// Whether `channel` has any local subscriber.
     pub fn wanted(&self, channel: &str) -> bool {
         self.by_channel.contains_key(channel)

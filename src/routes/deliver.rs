@@ -1,0 +1,273 @@
+//! The server API's deliveries: `POST /api/users/{userId}/send`, `POST /api/users/send`
+//! (many users) and `POST /api/broadcast`.
+//!
+//! A message to a user is a PUBLISH on the user's own channel (`user:{id}:notifications`,
+//! or `category`): numbered, kept in its history and delivered to its subscribers by its
+//! owner, which then hands it to every connection of that user on every shard, subscribed
+//! or not. Each shard says how many of the user's connections it reached.
+
+use super::api::{principal, stopping};
+use super::write::{bad, refused, respond, Body};
+use super::Route;
+use crate::auth::Principal;
+use crate::clock::Now;
+use crate::codes::ErrorCode;
+use crate::config::Scope;
+use crate::dialect::Answer;
+use crate::http::{self, Response};
+use crate::json;
+use crate::shard::directory::{Audience, Direct, ToUser};
+use crate::shard::{MeshMsg, Origin, Shard};
+
+/// Most users in one `POST /api/users/send`.
+pub const MAX_USERS: usize = 1_000;
+/// The category of a user's channel when a send names none.
+pub const DEFAULT_CATEGORY: &str = "notifications";
+
+/// The org whose connections `principal` may act on: `Ok(None)` for an admin key (any; or
+/// `org` when it names one), its own for an API key with the publish scope. Users' tokens
+/// act on their own channels only, never on other people's connections.
+pub(super) fn acting_org(
+    principal: &Principal,
+    org: Option<&str>,
+) -> Result<Option<Box<str>>, Response> {
+    if principal.scopes.has(Scope::Admin) {
+        return Ok(org.map(Box::from));
+    }
+    if principal.key_id.is_none() || !principal.scopes.has(Scope::Publish) {
+        let message = "this takes an API key with the publish scope, or an admin key";
+        return Err(Response::error(403, ErrorCode::Forbidden, message));
+    }
+    match org {
+        Some(org) if *org != *principal.org => {
+            let message = format!("this key acts on org {:?} only", &*principal.org);
+            Err(Response::error(403, ErrorCode::Forbidden, &message))
+        }
+        _ => Ok(Some(principal.org.clone())),
+    }
+}
+
+/// The user of a `/api/users/{userId}…` path, percent-decoded.
+pub fn path_user(path: &str, suffix: &str) -> Option<String> {
+    let user = path.strip_prefix("/api/users/")?.strip_suffix(suffix)?;
+    (!user.is_empty() && !user.contains('/')).then(|| http::percent_decode(user))
+}
+
+/// What one send carries: the data as delivered (wrapped as `{"event","payload"}` when the
+/// send names an event), the user's channel's category, and its idempotency key.
+struct Message {
+    data: Vec<u8>,
+    category: String,
+    key: Option<String>,
+}
+
+impl Message {
+    fn read(body: &Body<'_>) -> Result<Self, Response> {
+        let data = body.raw("data").ok_or_else(|| bad("missing \"data\""))?;
+        let data = match body.text("event")? {
+            Some(event) => {
+                let mut out = br#"{"event":"#.to_vec();
+                json::push_str(&mut out, &event);
+                out.extend_from_slice(br#","payload":"#);
+                out.extend_from_slice(data);
+                out.push(b'}');
+                out
+            }
+            None => data.to_vec(),
+        };
+        let category = body.text("category")?;
+        let key = body.text("idempotencyKey")?;
+        if key.as_ref().is_some_and(|k| k.is_empty() || k.len() > 256) {
+            return Err(bad("\"idempotencyKey\" must be 1 to 256 bytes"));
+        }
+        Ok(Message {
+            data,
+            category: category.unwrap_or_else(|| DEFAULT_CATEGORY.into()),
+            key,
+        })
+    }
+}
+
+/// A send to `user` under way: its channel, and where its seq and reach come back.
+struct Sending {
+    user: String,
+    channel: String,
+    answer: flume::Receiver<Answer>,
+    reached: flume::Receiver<usize>,
+}
+
+/// Send `message` to `user`'s connections (of `org` only, unless `None`).
+fn send(
+    shard: &Shard,
+    user: &str,
+    org: Option<Box<str>>,
+    message: &Message,
+) -> Result<Sending, Response> {
+    let channel = format!("user:{user}:{}", message.category);
+    let (reply, answer) = flume::bounded(1);
+    let (reached_tx, reached) = flume::unbounded();
+    let to = ToUser {
+        user: user.into(),
+        org,
+        reached: reached_tx,
+    };
+    let sent = (channel.as_str(), &message.data[..], message.key.as_deref());
+    shard
+        .send_to_user(sent, to, Origin::http(reply), Now::read())
+        .map_err(refused)?;
+    Ok(Sending {
+        user: user.into(),
+        channel,
+        answer,
+        reached,
+    })
+}
+
+/// Wait for a send's seq and reach: its result object, or the error that stopped it.
+async fn outcome(sending: Sending) -> Result<Vec<u8>, Response> {
+    let seq = match sending.answer.recv_async().await {
+        Ok(Answer::PublishAck { seq, .. }) => seq,
+        Ok(Answer::Error { code, message, .. }) => {
+            return Err(Response::error(code.http_status(), code, &message))
+        }
+        Ok(_) => {
+            return Err(Response::error(
+                500,
+                ErrorCode::Internal,
+                "unexpected answer",
+            ))
+        }
+        Err(_) => return Err(stopping()),
+    };
+    // Every shard's count, until the last one is in (their senders are then gone).
+    let mut reached = 0;
+    while let Ok(n) = sending.reached.recv_async().await {
+        reached += n;
+    }
+    let mut out = br#"{"user":"#.to_vec();
+    json::push_str(&mut out, &sending.user);
+    out.extend_from_slice(br#","channel":"#);
+    json::push_str(&mut out, &sending.channel);
+    out.extend_from_slice(br#","seq":"#);
+    json::push_u64(&mut out, seq);
+    out.extend_from_slice(br#","reached":"#);
+    json::push_u64(&mut out, reached as u64);
+    out.extend_from_slice(br#","queued":false}"#);
+    Ok(out)
+}
+
+/// `POST /api/users/{userId}/send {data, event?, category?, idempotencyKey?}` →
+/// `{"user","channel","seq","reached","queued"}`.
+pub fn send_to_user(shard: &Shard, request: &http::Request) -> Route {
+    respond(|| {
+        let principal = principal(shard, request)?;
+        let org = acting_org(&principal, None)?;
+        let user = path_user(&request.path, "/send").unwrap_or_default();
+        let body = Body::read(shard, request)?;
+        let message = Message::read(&body)?;
+        let sending = send(shard, &user, org, &message)?;
+        Ok(Box::pin(async move {
+            match outcome(sending).await {
+                Ok(body) => Response::json(200, body),
+                Err(response) => response,
+            }
+        }))
+    })
+}
+
+/// `POST /api/users/send {users:[…], data, event?, category?}` → `{"results":[…],
+/// "reached":N}`: one result per user, in order, as `POST /api/users/{userId}/send` answers
+/// (or `{"user","error","message"}`).
+pub fn send_to_users(shard: &Shard, request: &http::Request) -> Route {
+    respond(|| {
+        let principal = principal(shard, request)?;
+        let org = acting_org(&principal, None)?;
+        let body = Body::read(shard, request)?;
+        let users = body
+            .texts("users", MAX_USERS)?
+            .ok_or_else(|| bad("missing \"users\""))?;
+        let mut message = Message::read(&body)?;
+        // One key would answer every user but the first with the first's seq.
+        message.key = None;
+        let sends: Vec<_> = users
+            .iter()
+            .map(|user| (user.clone(), send(shard, user, org.clone(), &message)))
+            .collect();
+        Ok(Box::pin(async move {
+            let mut out = br#"{"results":["#.to_vec();
+            let mut total = 0u64;
+            for (i, (user, sending)) in sends.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                let result = match sending {
+                    Ok(sending) => outcome(sending).await,
+                    Err(refused) => Err(refused),
+                };
+                match result {
+                    Ok(body) => {
+                        total += reached_of(&body);
+                        out.extend_from_slice(&body);
+                    }
+                    Err(refused) if refused.status() == 503 => return refused,
+                    Err(refused) => {
+                        // `{"error":…,"message":…}` with the user first.
+                        out.extend_from_slice(br#"{"user":"#);
+                        json::push_str(&mut out, &user);
+                        out.push(b',');
+                        out.extend_from_slice(&refused.body()[1..]);
+                    }
+                }
+            }
+            out.extend_from_slice(br#"],"reached":"#);
+            json::push_u64(&mut out, total);
+            out.push(b'}');
+            Response::json(200, out)
+        }))
+    })
+}
+
+/// The `reached` figure of a send's result object.
+fn reached_of(result: &[u8]) -> u64 {
+    json::object_members(result)
+        .and_then(|members| json::member(result, &members, "reached"))
+        .and_then(|raw| std::str::from_utf8(raw).ok()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// `POST /api/broadcast {data, org?}` → `{"reached":N}`: `{"type":"SYSTEM",
+/// "event":"broadcast","data":…}` to every connection of the org (an admin key: of `org`,
+/// or all).
+pub fn broadcast(shard: &Shard, request: &http::Request) -> Route {
+    respond(|| {
+        let principal = principal(shard, request)?;
+        let body = Body::read(shard, request)?;
+        let org = acting_org(&principal, body.text("org")?.as_deref())?;
+        let data = body.raw("data").ok_or_else(|| bad("missing \"data\""))?;
+        let audience = Audience::Org(org);
+        let direct = Direct::Broadcast(data.to_vec());
+        let reached = ask_every_shard(shard, |reply| MeshMsg::Direct {
+            audience: audience.clone(),
+            direct: direct.clone(),
+            reply: Some(reply),
+        });
+        Ok(Box::pin(async move {
+            let mut total = 0;
+            while let Ok(n) = reached.recv_async().await {
+                total += n;
+            }
+            Response::json(200, format!(r#"{{"reached":{total}}}"#))
+        }))
+    })
+}
+
+/// Send every shard (this one too) the message `ask` makes with a reply channel; the
+/// answers come in on the receiver, which ends once every shard has answered.
+pub(super) fn ask_every_shard<T>(
+    shard: &Shard,
+    ask: impl Fn(flume::Sender<T>) -> MeshMsg,
+) -> flume::Receiver<T> {
+    let (reply, answers) = flume::unbounded();
+    shard.to_every_shard(|| ask(reply.clone()), Now::read());
+    answers
+}
