@@ -141,6 +141,7 @@ fn shard_with_subscribers(n: usize) -> (Shard, Vec<Rc<shardcast::shard::Peer>>, 
         scopes: Scopes::from_list(&[Scope::Admin]),
         exclusive: false,
         expires_ms: None,
+        grant: None,
     };
     let mut parser = Parser::default();
     let sub = format!(r#"{{"type":"SUB","channels":["{channel}"]}}"#);

@@ -20,6 +20,7 @@ impl Scopes {
             Scope::Publish => 2,
             Scope::Ingest => 4,
             Scope::Admin => 8,
+            Scope::Tokens => 16,
         }
     }
 
@@ -50,6 +51,74 @@ pub struct Principal {
     /// When the credential stops being valid, in Unix milliseconds (a JWT's `exp` plus the
     /// configured leeway); `None` for API keys.
     pub expires_ms: Option<u64>,
+    /// What a token says of itself beyond its rights (`None` for API keys).
+    pub grant: Option<Box<Grant>>,
+}
+
+/// A token's identity and limits: what revocation and channel lists go by.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Grant {
+    /// Its `jti`, if it has one.
+    pub jti: Option<Box<str>>,
+    /// Its `iat` (Unix seconds; 0 when absent: older than any revocation).
+    pub issued_s: u64,
+    /// Its `channels`: the only channels it may use (exact names, or prefixes ending in
+    /// `*`); `None`: any its scopes allow.
+    pub channels: Option<Vec<Box<str>>>,
+}
+
+impl Grant {
+    /// Whether the token's channel list lets it use `name`.
+    pub fn allows(&self, name: &str) -> bool {
+        self.channels.as_ref().is_none_or(|list| {
+            list.iter().any(|allowed| match allowed.strip_suffix('*') {
+                Some(prefix) => name.starts_with(prefix),
+                None => **allowed == *name,
+            })
+        })
+    }
+}
+
+/// A revoked token (`jti`), or every token of a user issued at or before `at_ms`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revocation {
+    /// What is revoked.
+    pub what: Revoked,
+    /// When (Unix ms).
+    pub at_ms: u64,
+    /// Kept until then (Unix ms): no token it covers is valid after it.
+    pub until_ms: u64,
+}
+
+/// What a [`Revocation`] covers.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Revoked {
+    /// The token with this `jti`.
+    Jti(Box<str>),
+    /// The tokens of this `sub` (of this org only, unless `None`).
+    Sub {
+        /// The user.
+        sub: Box<str>,
+        /// Only in this org.
+        org: Option<Box<str>>,
+    },
+}
+
+impl Revocation {
+    /// Whether it covers the token of `principal`.
+    pub fn covers(&self, principal: &Principal) -> bool {
+        let Some(grant) = &principal.grant else {
+            return false;
+        };
+        match &self.what {
+            Revoked::Jti(jti) => grant.jti.as_deref() == Some(&**jti),
+            Revoked::Sub { sub, org } => {
+                principal.user.as_deref() == Some(&**sub)
+                    && org.as_deref().is_none_or(|o| *o == *principal.org)
+                    && grant.issued_s.saturating_mul(1_000) <= self.at_ms
+            }
+        }
+    }
 }
 
 /// The kinds of channel (first part of `type:id:category`).
@@ -139,6 +208,18 @@ impl Principal {
         if !self.scopes.has(scope) {
             return false;
         }
+        // Only a token with a channel list pays for composing the name.
+        if let Some(grant) = self.grant.as_ref().filter(|g| g.channels.is_some()) {
+            let name = format!(
+                "{}:{}:{}",
+                kind_name(channel.kind),
+                channel.id,
+                channel.category
+            );
+            if !grant.allows(&name) {
+                return false;
+            }
+        }
         if self.scopes.has(Scope::Admin) {
             return true;
         }
@@ -147,6 +228,14 @@ impl Principal {
             ChannelKind::User => self.user.as_deref() == Some(channel.id),
             ChannelKind::Key => self.key_id.as_deref() == Some(channel.id),
         }
+    }
+}
+
+fn kind_name(kind: ChannelKind) -> &'static str {
+    match kind {
+        ChannelKind::Org => "org",
+        ChannelKind::User => "user",
+        ChannelKind::Key => "key",
     }
 }
 
@@ -165,6 +254,9 @@ pub enum AuthError {
     /// The token has expired.
     #[error("token expired")]
     Expired,
+    /// The token was revoked.
+    #[error("token revoked")]
+    Revoked,
 }
 
 impl AuthError {
@@ -172,7 +264,7 @@ impl AuthError {
     pub fn close_code(&self) -> Close {
         match self {
             AuthError::Missing | AuthError::BadKey => Close::Unauthorized,
-            AuthError::BadToken(_) | AuthError::Expired => Close::TokenRefused,
+            AuthError::BadToken(_) | AuthError::Expired | AuthError::Revoked => Close::TokenRefused,
         }
     }
 
@@ -183,6 +275,7 @@ impl AuthError {
             AuthError::BadKey => ErrorCode::InvalidKey,
             AuthError::BadToken(_) => ErrorCode::InvalidToken,
             AuthError::Expired => ErrorCode::TokenExpired,
+            AuthError::Revoked => ErrorCode::TokenRevoked,
         }
     }
 }
@@ -206,6 +299,13 @@ struct Claims {
     /// `"exclusive"`: one connection per session key.
     #[serde(default)]
     session: Option<String>,
+    #[serde(default)]
+    jti: Option<String>,
+    #[serde(default)]
+    iat: u64,
+    /// The only channels the token may use.
+    #[serde(default)]
+    channels: Option<Vec<String>>,
 }
 
 /// `scopes` as a list or a space-separated string (both are common in the wild).
@@ -224,6 +324,8 @@ pub struct Authenticator {
     keys: HashMap<String, Rc<Principal>>,
     jwt: Option<(DecodingKey, Validation)>,
     leeway_secs: u64,
+    /// Revoked tokens, until their `until_ms`.
+    revoked: std::cell::RefCell<HashMap<Revoked, Revocation>>,
 }
 
 impl Authenticator {
@@ -240,6 +342,7 @@ impl Authenticator {
                     scopes: Scopes::from_list(&k.scopes),
                     exclusive: k.session == crate::config::SessionMode::Exclusive,
                     expires_ms: None,
+                    grant: None,
                 };
                 (k.secret.clone(), Rc::new(principal))
             })
@@ -259,7 +362,47 @@ impl Authenticator {
             keys,
             jwt,
             leeway_secs: config.auth.jwt_leeway_secs,
+            revoked: Default::default(),
         }
+    }
+
+    /// Refuse the tokens `revocation` covers from now on (until its `until_ms`).
+    pub fn revoke(&self, revocation: Revocation) {
+        let mut revoked = self.revoked.borrow_mut();
+        let kept = revoked.get(&revocation.what);
+        // A later revocation of the same user covers more of its tokens.
+        if kept.is_none_or(|k| k.at_ms <= revocation.at_ms) {
+            revoked.insert(revocation.what.clone(), revocation);
+        }
+    }
+
+    /// Forget revocations past their `until_ms` (`now_ms`: Unix ms).
+    pub fn expire_revocations(&self, now_ms: u64) {
+        self.revoked.borrow_mut().retain(|_, r| r.until_ms > now_ms);
+    }
+
+    /// Whether a revocation covers `principal`'s token.
+    pub fn is_revoked(&self, principal: &Principal) -> bool {
+        let Some(grant) = &principal.grant else {
+            return false;
+        };
+        let revoked = self.revoked.borrow();
+        if revoked.is_empty() {
+            return false;
+        }
+        let mut keys = Vec::with_capacity(3);
+        if let Some(jti) = &grant.jti {
+            keys.push(Revoked::Jti(jti.clone()));
+        }
+        if let Some(sub) = &principal.user {
+            for org in [None, Some(principal.org.clone())] {
+                let sub = sub.clone();
+                keys.push(Revoked::Sub { sub, org });
+            }
+        }
+        keys.iter()
+            .filter_map(|key| revoked.get(key))
+            .any(|r| r.covers(principal))
     }
 
     /// Resolve credentials to a principal. A key wins over a token when both are given.
@@ -288,14 +431,26 @@ impl Authenticator {
             ScopeClaim::None => vec![Scope::Subscribe],
         };
         let expires_secs = claims.exp.saturating_add(self.leeway_secs);
-        Ok(Rc::new(Principal {
+        let grant = Grant {
+            jti: claims.jti.map(Into::into),
+            issued_s: claims.iat,
+            channels: claims
+                .channels
+                .map(|list| list.into_iter().map(Into::into).collect()),
+        };
+        let principal = Principal {
             org: claims.org.into(),
             user: Some(claims.sub.into()),
             key_id: None,
             scopes: Scopes::from_list(&scopes),
             exclusive: claims.session.as_deref() == Some("exclusive"),
             expires_ms: Some(expires_secs.saturating_mul(1_000)),
-        }))
+            grant: Some(Box::new(grant)),
+        };
+        if self.is_revoked(&principal) {
+            return Err(AuthError::Revoked);
+        }
+        Ok(Rc::new(principal))
     }
 }
 
@@ -305,6 +460,7 @@ fn parse_scope(s: &str) -> Option<Scope> {
         "publish" => Some(Scope::Publish),
         "ingest" => Some(Scope::Ingest),
         "admin" => Some(Scope::Admin),
+        "tokens" => Some(Scope::Tokens),
         _ => None,
     }
 }
@@ -433,6 +589,7 @@ mod tests {
             scopes: Scopes::from_list(&[Scope::Subscribe]),
             exclusive: false,
             expires_ms: None,
+            grant: None,
         };
         let ch = |s| Channel::parse(s, &cats).unwrap();
         assert!(user.may(Scope::Subscribe, &ch("org:acme:decisions")));

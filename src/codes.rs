@@ -31,6 +31,10 @@ pub enum ErrorCode {
     InvalidKey,
     /// A token that does not verify.
     InvalidToken,
+    /// A revoked token.
+    TokenRevoked,
+    /// `POST /api/tokens` on a server without `auth.jwt_secret`.
+    TokensDisabled,
     /// A plain HTTP request on a WebSocket endpoint.
     UpgradeRequired,
     /// An unsupported `Sec-WebSocket-Version`.
@@ -76,6 +80,8 @@ impl ErrorCode {
             ErrorCode::MissingCredentials => "missing_credentials",
             ErrorCode::InvalidKey => "invalid_key",
             ErrorCode::InvalidToken => "invalid_token",
+            ErrorCode::TokenRevoked => "token_revoked",
+            ErrorCode::TokensDisabled => "tokens_disabled",
             ErrorCode::UpgradeRequired => "upgrade_required",
             ErrorCode::BadVersion => "bad_version",
             ErrorCode::OverCapacity => "over_capacity",
@@ -105,7 +111,9 @@ impl ErrorCode {
             ErrorCode::MissingCredentials
             | ErrorCode::InvalidKey
             | ErrorCode::InvalidToken
-            | ErrorCode::TokenExpired => 401,
+            | ErrorCode::TokenExpired
+            | ErrorCode::TokenRevoked => 401,
+            ErrorCode::TokensDisabled => 409,
             ErrorCode::Forbidden | ErrorCode::OriginNotAllowed => 403,
             ErrorCode::NotFound => 404,
             ErrorCode::MethodNotAllowed => 405,

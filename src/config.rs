@@ -184,6 +184,9 @@ pub struct Auth {
     /// After a connection's token expires: how long it may still send REFRESH (its other
     /// requests refused, its subscriptions kept) before it is closed with 4403.
     pub token_grace_ms: u64,
+    /// The longest life of a token `POST /api/tokens` issues, in seconds; revocations are
+    /// kept this long (plus the leeway).
+    pub max_token_secs: u64,
 }
 
 /// Channel naming rules.
@@ -429,6 +432,8 @@ pub enum Scope {
     Ingest,
     /// Every channel, every operation.
     Admin,
+    /// Issue and revoke tokens for its own org (`POST /api/tokens`).
+    Tokens,
 }
 
 /// An API key.
@@ -554,6 +559,7 @@ impl Default for Auth {
             jwt_leeway_secs: 0,
             refuse_with: RefuseWith::Close,
             token_grace_ms: 30_000,
+            max_token_secs: 7 * 86_400,
         }
     }
 }

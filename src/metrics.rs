@@ -75,11 +75,12 @@ pub enum Counter {
 }
 
 const COUNTERS: usize = 27;
-const AUTH_REASONS: [&str; 4] = [
+const AUTH_REASONS: [&str; 5] = [
     "missing_credentials",
     "invalid_key",
     "invalid_token",
     "token_expired",
+    "token_revoked",
 ];
 
 /// The tasks of a shard whose polls are timed (see [`ShardCounters::record_poll`]).
@@ -261,7 +262,7 @@ pub struct Global {
     pub peak: AtomicUsize,
     /// Upgrades refused because of `max_connections`.
     pub refused_capacity: AtomicU64,
-    auth_failures: [AtomicU64; 4],
+    auth_failures: [AtomicU64; 5],
     /// False once shutdown has begun.
     pub ready: AtomicBool,
     /// A cluster node's Redis threads.

@@ -652,3 +652,195 @@ fn connections_are_listed_by_page_and_closed_with_the_code_asked() {
     nothing_for(&mut beta);
     nothing_for(&mut keyed[0]);
 }
+
+const TOKENS_KEY: &str = "acme-tokens-secret";
+
+/// A server with, besides the usual keys, acme's key that may issue tokens.
+fn token_server() -> Server {
+    Server::start(&format!(
+        "[[api_keys]]\nid = \"acme-tokens\"\nsecret = \"{TOKENS_KEY}\"\norg = \"acme\"\nscopes = [\"tokens\"]\n"
+    ))
+}
+
+/// Issue a token with `key`: (status, answer).
+fn issue(server: &Server, key: &str, body: Value) -> (u16, Value) {
+    post(server.addr, "/api/tokens", key, &body)
+}
+
+/// The token of a successful issue.
+fn token_of(answer: &Value) -> String {
+    answer["token"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{answer}"))
+        .to_string()
+}
+
+#[test]
+fn an_issued_token_connects_with_exactly_its_rights() {
+    let server = token_server();
+    let body = json!({"sub": "u5", "scopes": ["subscribe", "publish"],
+        "channels": ["org:acme:usage", "user:u5:*"], "expiresIn": 60});
+    let (status, answer) = issue(&server, TOKENS_KEY, body.clone());
+    assert_eq!(status, 200, "{answer}");
+    assert!(
+        answer["expiresAt"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z')),
+        "{answer}"
+    );
+    let mut client = server.client(&format!("/ws?token={}", token_of(&answer)));
+    client.subscribe(&[USAGE, "user:u5:notifications"]);
+    client.send(json!({"type":"SUB","channels":["org:acme:decisions"],"id":"d"}));
+    assert_eq!(
+        client.recv_type("ERROR")["code"],
+        "forbidden",
+        "not in its channels"
+    );
+    client.send(json!({"type":"PUBLISH","channel":USAGE,"data":1,"id":"p"}));
+    assert_eq!(client.recv_type("ACK")["seq"], 1);
+    client.send(ingest(USAGE, "k", decision("acme")));
+    assert_eq!(
+        client.recv_type("ERROR")["code"],
+        "forbidden",
+        "no ingest scope"
+    );
+    let (_, status_u5) = get(&server, "/api/users/u5", ACME);
+    assert_eq!(status_u5["online"], true);
+
+    // A tokens key: its own org, the three client scopes, nothing more.
+    let (status, _) = issue(
+        &server,
+        TOKENS_KEY,
+        json!({"sub": "u5", "org": "beta", "scopes": ["subscribe"], "expiresIn": 60}),
+    );
+    assert_eq!(status, 403);
+    let (status, _) = issue(
+        &server,
+        TOKENS_KEY,
+        json!({"sub": "u5", "scopes": ["admin"], "expiresIn": 60}),
+    );
+    assert_eq!(status, 403);
+    let (status, _) = issue(&server, ACME, body.clone());
+    assert_eq!(status, 403, "publish is not the tokens scope");
+    let (status, answer) = issue(
+        &server,
+        ADMIN,
+        json!({"sub": "u5", "org": "beta", "scopes": ["subscribe"], "expiresIn": 60}),
+    );
+    assert_eq!(status, 200, "an admin key issues for any org");
+    let mut beta = server.client(&format!("/ws?token={}", token_of(&answer)));
+    beta.subscribe(&["org:beta:usage"]);
+    for (bad, why) in [
+        (json!({"scopes": ["subscribe"], "expiresIn": 60}), "no sub"),
+        (
+            json!({"sub": "a b", "scopes": ["subscribe"], "expiresIn": 60}),
+            "bad sub",
+        ),
+        (
+            json!({"sub": "u5", "scopes": ["fly"], "expiresIn": 60}),
+            "unknown scope",
+        ),
+        (
+            json!({"sub": "u5", "scopes": ["subscribe"], "expiresIn": 0}),
+            "no life",
+        ),
+        (
+            json!({"sub": "u5", "scopes": ["subscribe"], "expiresIn": 99999999}),
+            "too long",
+        ),
+        (
+            json!({"sub": "u5", "scopes": ["subscribe"], "expiresIn": 60, "channels": ["nope"]}),
+            "bad channel",
+        ),
+        (
+            json!({"sub": "u5", "scopes": ["subscribe"], "expiresIn": 60, "session": "shared"}),
+            "bad session",
+        ),
+    ] {
+        let (status, answer) = issue(&server, TOKENS_KEY, bad);
+        assert_eq!(
+            (status, answer["error"].as_str()),
+            (400, Some("bad_request")),
+            "{why}: {answer}"
+        );
+    }
+}
+
+/// Connect with `token` and expect the server to close with 4403 (refused).
+fn refused(server: &Server, token: &str) {
+    let mut client =
+        common::Client::connect(server.addr, &format!("/ws?token={token}")).expect("upgrade");
+    assert_eq!(client.recv_close(), Some(4403));
+}
+
+#[test]
+fn a_revoked_token_is_refused_and_its_connections_closed_even_after_a_restart() {
+    let server = token_server();
+    let body = json!({"sub": "u6", "scopes": ["subscribe"], "expiresIn": 600});
+    let (_, first) = issue(&server, TOKENS_KEY, body.clone());
+    let (_, second) = issue(&server, TOKENS_KEY, body.clone());
+    let (a, b) = (token_of(&first), token_of(&second));
+    let mut on_a = server.client(&format!("/ws?token={a}"));
+    let mut on_b = server.client(&format!("/ws?token={b}"));
+
+    let revoke = json!({"jti": first["jti"]});
+    let (status, answer) = post(server.addr, "/api/tokens/revoke", TOKENS_KEY, &revoke);
+    assert_eq!(
+        (status, answer),
+        (200, json!({"revoked": true, "closed": 1}))
+    );
+    assert_eq!(on_a.recv_close(), Some(4403));
+    refused(&server, &a);
+    nothing_for(&mut on_b);
+    server.wait_metric("shardcast_auth_failures_total{reason=\"token_revoked\"}", 1);
+    drop(on_b);
+
+    // Kept in the store: refused after a restart too.
+    let server = server.kill_and_restart();
+    refused(&server, &a);
+    let mut on_b = server.client(&format!("/ws?token={b}"));
+
+    // By user: every token issued so far, live or not; the ones issued after still work.
+    let (status, answer) = post(
+        server.addr,
+        "/api/tokens/revoke",
+        ADMIN,
+        &json!({"sub": "u6"}),
+    );
+    assert_eq!(
+        (status, answer),
+        (200, json!({"revoked": true, "closed": 1}))
+    );
+    assert_eq!(on_b.recv_close(), Some(4403));
+    refused(&server, &b);
+    // Tokens carry their issue time in whole seconds: one issued in the revocation's second
+    // counts as revoked, so wait for the next.
+    let second_now = common::unix_now();
+    while common::unix_now() == second_now {
+        std::thread::yield_now();
+    }
+    let (_, later) = issue(&server, TOKENS_KEY, body);
+    server.client(&format!("/ws?token={}", token_of(&later)));
+
+    let (status, _) = post(
+        server.addr,
+        "/api/tokens/revoke",
+        ACME,
+        &json!({"sub": "u6"}),
+    );
+    assert_eq!(status, 403);
+    let (status, _) = post(
+        server.addr,
+        "/api/tokens/revoke",
+        TOKENS_KEY,
+        &json!({"sub": "u6", "org": "beta"}),
+    );
+    assert_eq!(status, 403);
+    let (status, _) = post(
+        server.addr,
+        "/api/tokens/revoke",
+        TOKENS_KEY,
+        &json!({"jti": "x", "sub": "u6"}),
+    );
+    assert_eq!(status, 400);
+}

@@ -357,6 +357,7 @@ mod tests {
             scopes: Scopes::from_list(scopes),
             exclusive: false,
             expires_ms: None,
+            grant: None,
         }
     }
 

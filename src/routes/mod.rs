@@ -13,10 +13,12 @@ pub mod connections;
 pub mod cors;
 pub mod deliver;
 pub mod health;
+pub mod tokens;
 pub mod write;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::rc::Rc;
 
 use crate::codes::ErrorCode;
 use crate::dialect::Dialect;
@@ -41,7 +43,7 @@ pub enum Route {
 }
 
 /// Where `request` goes.
-pub fn route(shard: &Shard, request: &Request) -> Route {
+pub fn route(shard: &Rc<Shard>, request: &Request) -> Route {
     let origins = &shard.config.http.allowed_origins;
     let verdict = cors::judge(origins, request.origin.as_deref());
     if verdict == Verdict::Refused {
@@ -64,6 +66,8 @@ pub fn route(shard: &Shard, request: &Request) -> Route {
         ("POST", "/api/ingest") => write::ingest(shard, request),
         ("POST", "/api/users/send") => deliver::send_to_users(shard, request),
         ("POST", "/api/broadcast") => deliver::broadcast(shard, request),
+        ("POST", "/api/tokens") => tokens::issue(shard, request),
+        ("POST", "/api/tokens/revoke") => tokens::revoke(shard, request),
         ("GET", "/api/connections") => connections::list(shard, request),
         ("GET", "/api/channels") => connections::channels(shard, request),
         ("POST", _) if deliver::path_user(path, "/send").is_some() => {
@@ -114,6 +118,8 @@ fn methods(path: &str) -> Option<&'static str> {
             | "/api/ingest"
             | "/api/users/send"
             | "/api/broadcast"
+            | "/api/tokens"
+            | "/api/tokens/revoke"
     ) || deliver::path_user(path, "/send").is_some();
     if post {
         return Some("POST, OPTIONS");

@@ -240,6 +240,21 @@ impl Shard {
         reached
     }
 
+    /// Refuse the tokens `revocation` covers from now on, and close this shard's connections
+    /// that use one (4403): how many.
+    pub(super) fn revoke(&self, revocation: crate::auth::Revocation) -> usize {
+        let mut closed = 0;
+        for peer in self.peers() {
+            let covered = peer.principal().is_some_and(|p| revocation.covers(&p));
+            if covered && peer.phase.get() == Phase::Open {
+                peer.request_close(Close::TokenRefused, "token revoked", false);
+                closed += 1;
+            }
+        }
+        self.auth.revoke(revocation);
+        closed
+    }
+
     /// Send `msg` to shard `to` (this one too) at `now`, from the server API.
     pub fn to_shard(&self, to: usize, msg: MeshMsg, now: Now) {
         self.enter(now);

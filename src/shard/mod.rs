@@ -251,6 +251,14 @@ pub enum MeshMsg {
         /// Where the count goes.
         reply: Option<flume::Sender<usize>>,
     },
+    /// To every shard: refuse the tokens `revocation` covers, and close the connections
+    /// using them (4403); say how many on `reply`.
+    Revoke {
+        /// What is revoked.
+        revocation: crate::auth::Revocation,
+        /// Where the count goes.
+        reply: flume::Sender<usize>,
+    },
     /// To one shard: a page of its connections, with its totals (the server API).
     Connections {
         /// Which.
@@ -513,6 +521,9 @@ impl Shard {
             }
         }
         drop(engine);
+        for revocation in &recovered.revocations {
+            self.auth.revoke(revocation.clone());
+        }
         let (id, nshards) = (self.id, self.nshards);
         let mine = recovered.recent.iter();
         let mine = mine.filter(|recent| owner_of(&recent.channel, nshards) == id);
@@ -2055,6 +2066,9 @@ impl Shard {
                     let _ = reply.send(reached);
                 }
             }
+            MeshMsg::Revoke { revocation, reply } => {
+                let _ = reply.send(self.revoke(revocation));
+            }
             MeshMsg::Connections {
                 filter,
                 after,
@@ -2217,6 +2231,7 @@ impl Shard {
         let ws = &self.config.websocket;
         if slice == 0 {
             self.free_idle_channels(now);
+            self.auth.expire_revocations(self.now().unix_ms);
         }
         let peers = self.conns.borrow().slice(slice, slices);
         for peer in peers {
@@ -2369,6 +2384,7 @@ fn scope_verb(scope: Scope) -> &'static str {
         Scope::Publish => "publish",
         Scope::Ingest => "ingest",
         Scope::Admin => "administer",
+        Scope::Tokens => "issue tokens",
     }
 }
 

@@ -183,6 +183,7 @@ pub(super) fn admin() -> Principal {
         scopes: Scopes::from_list(&[Scope::Admin]),
         exclusive: false,
         expires_ms: None,
+        grant: None,
     }
 }
 

@@ -30,6 +30,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::auth::{Revocation, Revoked};
+
 /// Errors of the storage layer.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -187,6 +189,33 @@ pub struct Recovered {
     /// The newest idempotency keys, newest first, to warm the shards' caches: a known key must
     /// not be fanned out again before the database could say so (ack = "received").
     pub recent: Vec<RecentKey>,
+    /// The token revocations still in force.
+    pub revocations: Vec<Revocation>,
+}
+
+/// A revocation's row key: (kind, value, org), as the `revocations` table has it.
+fn revocation_key(revocation: &Revocation) -> (&'static str, &str, &str) {
+    match &revocation.what {
+        Revoked::Jti(jti) => ("jti", jti, ""),
+        Revoked::Sub { sub, org } => ("sub", sub, org.as_deref().unwrap_or("")),
+    }
+}
+
+/// The revocation of a `revocations` row, if its kind is known.
+fn revocation(kind: &str, value: String, org: String, at: i64, until: i64) -> Option<Revocation> {
+    let what = match kind {
+        "jti" => Revoked::Jti(value.into()),
+        "sub" => Revoked::Sub {
+            sub: value.into(),
+            org: (!org.is_empty()).then(|| org.into()),
+        },
+        _ => return None,
+    };
+    Some(Revocation {
+        what,
+        at_ms: at.max(0) as u64,
+        until_ms: until.max(0) as u64,
+    })
 }
 
 /// A stored decision's identity, for the idempotency cache.
@@ -295,6 +324,9 @@ pub trait Store: Send {
     fn recover(&mut self, since_ms: i64, limit: usize) -> Result<Recovered, StorageError>;
     /// The stored decision with this (org, idempotency key), if any.
     fn find(&mut self, org: &str, key: &str) -> Result<Option<Record>, StorageError>;
+    /// Keep `revocation` (until its `until_ms`; [`Store::recover`] returns it), and forget
+    /// those past theirs.
+    fn revoke(&mut self, revocation: &Revocation) -> Result<(), StorageError>;
     /// Delete at most `limit` decisions created before `before_ms`; returns how many went.
     fn trim(&mut self, before_ms: i64, limit: usize) -> Result<usize, StorageError>;
     /// `(seq, data)` of the decisions on `channel` with `after < seq <= upto`, in seq order,
@@ -736,6 +768,34 @@ pub(crate) mod contract {
         assert!(keys.contains(&("acme", "k2", 2)), "{keys:?}");
         let future = db.recover(i64::MAX, 10).unwrap();
         assert!(future.recent.is_empty());
+
+        // Revocations in force come back at recovery, the latest of one key kept; spent ones
+        // are forgotten.
+        let now = crate::decision::unix_ms();
+        let sub = |org: Option<&str>, at_ms, until_ms| Revocation {
+            what: Revoked::Sub {
+                sub: "u1".into(),
+                org: org.map(Into::into),
+            },
+            at_ms,
+            until_ms,
+        };
+        let jti = Revocation {
+            what: Revoked::Jti("j1".into()),
+            at_ms: now,
+            until_ms: now + 60_000,
+        };
+        for r in [
+            sub(Some("acme"), now - 10, now + 60_000),
+            sub(Some("acme"), now, now + 60_000),
+            sub(None, now - 5, now - 1),
+            jti.clone(),
+        ] {
+            db.revoke(&r).unwrap();
+        }
+        let mut kept = db.recover(0, 1).unwrap().revocations;
+        kept.sort_by_key(|r| matches!(r.what, Revoked::Sub { .. }));
+        assert_eq!(kept, [jti, sub(Some("acme"), now, now + 60_000)]);
 
         // A batch that cannot be stored whole stores nothing.
         let fine = record("acme", "k3", "org:acme:decisions", 3);

@@ -10,6 +10,7 @@ use postgres::types::ToSql;
 use postgres::{Client, NoTls};
 
 use super::{DecisionQuery, Outcome, Param, RecentKey, Record, Recovered, StorageError, Store};
+use crate::auth::Revocation;
 
 /// Versioned migrations, applied in order; a database remembers which it has.
 const MIGRATIONS: &[(i32, &str)] = &[
@@ -20,6 +21,10 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (
         2,
         include_str!("../../migrations/postgres/0002_unnumbered.sql"),
+    ),
+    (
+        3,
+        include_str!("../../migrations/postgres/0003_revocations.sql"),
     ),
 ];
 
@@ -208,10 +213,40 @@ impl Store for Postgres {
                 seq: row.get::<_, i64>(4) as u64,
             })
             .collect();
+        let rows = self.client.query(
+            "SELECT kind, value, org, at_ms, until_ms FROM revocations WHERE until_ms > $1",
+            &[&(crate::decision::unix_ms() as i64)],
+        )?;
+        let revocations = rows
+            .iter()
+            .filter_map(|row| {
+                let (kind, value, org) = (row.get(0), row.get(1), row.get(2));
+                super::revocation(kind, value, org, row.get(3), row.get(4))
+            })
+            .collect();
         Ok(Recovered {
             channel_seqs,
             recent,
+            revocations,
         })
+    }
+
+    fn revoke(&mut self, revocation: &Revocation) -> Result<(), StorageError> {
+        let (kind, value, org) = super::revocation_key(revocation);
+        let (at, until) = (revocation.at_ms as i64, revocation.until_ms as i64);
+        let now = crate::decision::unix_ms() as i64;
+        let mut tx = self.client.transaction()?;
+        tx.execute("DELETE FROM revocations WHERE until_ms <= $1", &[&now])?;
+        tx.execute(
+            "INSERT INTO revocations (kind, value, org, at_ms, until_ms)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (kind, value, org) DO UPDATE
+             SET at_ms = GREATEST(revocations.at_ms, EXCLUDED.at_ms),
+                 until_ms = GREATEST(revocations.until_ms, EXCLUDED.until_ms)",
+            &[&kind, &value, &org, &at, &until],
+        )?;
+        tx.commit()?;
+        Ok(())
     }
 
     fn find(&mut self, org: &str, key: &str) -> Result<Option<Record>, StorageError> {

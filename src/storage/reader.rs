@@ -30,6 +30,8 @@ pub enum Query {
         /// Most rows.
         limit: usize,
     },
+    /// Keep a token revocation (a write, but rare and off the decisions' commit path).
+    Revoke(crate::auth::Revocation),
     /// The stored decision with this (org, idempotency key).
     Find {
         /// Organization.
@@ -50,6 +52,8 @@ pub enum Answer {
     Found(Option<Box<Record>>),
     /// For [`Query::Unnumbered`].
     Unnumbered(Vec<Record>),
+    /// For [`Query::Revoke`]: kept.
+    Revoked,
 }
 
 /// Called with the result, on the reader's thread.
@@ -159,6 +163,10 @@ fn read(
             Answer::Unnumbered(db.unnumbered(*before_ms, *limit)?)
         }
         Query::Find { org, key } => Answer::Found(db.find(org, key)?.map(Box::new)),
+        Query::Revoke(revocation) => {
+            db.revoke(revocation)?;
+            Answer::Revoked
+        }
     })
 }
 

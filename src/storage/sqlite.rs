@@ -9,12 +9,19 @@ use std::time::Duration;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::{DecisionQuery, Outcome, Param, RecentKey, Record, Recovered, StorageError, Store};
+use crate::auth::Revocation;
 
 /// Versioned migrations, applied in order; a database remembers which it has.
-const MIGRATIONS: &[(u32, &str)] = &[(
-    1,
-    include_str!("../../migrations/sqlite/0001_decisions.sql"),
-)];
+const MIGRATIONS: &[(u32, &str)] = &[
+    (
+        1,
+        include_str!("../../migrations/sqlite/0001_decisions.sql"),
+    ),
+    (
+        2,
+        include_str!("../../migrations/sqlite/0002_revocations.sql"),
+    ),
+];
 
 /// A SQLite database of decisions.
 pub struct Sqlite {
@@ -162,10 +169,45 @@ impl Store for Sqlite {
                 })
             })?
             .collect::<Result<Vec<_>, _>>()?;
+        let mut stmt = self.conn.prepare(
+            "SELECT kind, value, org, at_ms, until_ms FROM revocations WHERE until_ms > ?1",
+        )?;
+        let rows = stmt.query_map(params![crate::decision::unix_ms() as i64], |row| {
+            Ok((
+                row.get::<_, String>(0)?,
+                row.get::<_, String>(1)?,
+                row.get::<_, String>(2)?,
+                row.get::<_, i64>(3)?,
+                row.get::<_, i64>(4)?,
+            ))
+        })?;
+        let mut revocations = Vec::new();
+        for row in rows {
+            let (kind, value, org, at, until) = row?;
+            revocations.extend(super::revocation(&kind, value, org, at, until));
+        }
         Ok(Recovered {
             channel_seqs,
             recent,
+            revocations,
         })
+    }
+
+    fn revoke(&mut self, revocation: &Revocation) -> Result<(), StorageError> {
+        let (kind, value, org) = super::revocation_key(revocation);
+        let (at, until) = (revocation.at_ms as i64, revocation.until_ms as i64);
+        let now = crate::decision::unix_ms() as i64;
+        let tx = self.conn.transaction()?;
+        tx.execute("DELETE FROM revocations WHERE until_ms <= ?1", params![now])?;
+        tx.execute(
+            "INSERT INTO revocations (kind, value, org, at_ms, until_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (kind, value, org) DO UPDATE
+             SET at_ms = max(at_ms, excluded.at_ms), until_ms = max(until_ms, excluded.until_ms)",
+            params![kind, value, org, at, until],
+        )?;
+        tx.commit()?;
+        Ok(())
     }
 
     fn find(&mut self, org: &str, key: &str) -> Result<Option<Record>, StorageError> {
