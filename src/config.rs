@@ -87,6 +87,8 @@ pub struct Config {
     pub presence: Presence,
     /// One connection per user (per session name) for exclusive credentials.
     pub sessions: Sessions,
+    /// Messages to users who are not connected, kept for when they are.
+    pub offline: Offline,
     /// Graceful shutdown.
     pub shutdown: Shutdown,
     /// Cross-shard mesh.
@@ -273,6 +275,36 @@ impl Default for Presence {
             max_meta_bytes: 1_024,
             max_announced: 10_000,
             ttl_ms: 30_000,
+        }
+    }
+}
+
+/// Offline delivery: a message the server API sends to a user with no connection is kept
+/// (bounded, for a time, in the store) and delivered when the user next connects.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Offline {
+    /// Keep messages for users who are not connected.
+    pub enabled: bool,
+    /// Most messages kept per user (the oldest goes first).
+    pub max_messages: usize,
+    /// Most bytes of data kept per user (the oldest goes first).
+    pub max_bytes: usize,
+    /// A message not delivered within this many seconds is dropped.
+    pub ttl_secs: u64,
+    /// Most bytes kept for all users of the node together; past it, new messages are not
+    /// kept (`queued: false`).
+    pub max_total_bytes: usize,
+}
+
+impl Default for Offline {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            max_messages: 100,
+            max_bytes: 256 * 1024,
+            ttl_secs: 86_400,
+            max_total_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -511,6 +543,7 @@ impl Default for Config {
             storage: Storage::default(),
             history: History::default(),
             presence: Presence::default(),
+            offline: Offline::default(),
             sessions: Sessions::default(),
             shutdown: Shutdown::default(),
             mesh: Mesh::default(),

@@ -72,9 +72,18 @@ pub enum Counter {
     /// PUBLISHes answered from the idempotency keys this node remembers (not published
     /// again).
     PublishDuplicates,
+    /// Messages kept for users who are not connected (a gauge).
+    OfflineKept,
+    /// Kept messages delivered when their user connected.
+    OfflineDelivered,
+    /// Kept messages dropped to keep a user's queue within its bounds.
+    OfflineDropped,
+    /// Messages not kept: the node keeps `[offline] max_total_bytes` already, or the message
+    /// alone is over `max_bytes`.
+    OfflineRefused,
 }
 
-const COUNTERS: usize = 27;
+const COUNTERS: usize = 31;
 const AUTH_REASONS: [&str; 5] = [
     "missing_credentials",
     "invalid_key",
@@ -595,6 +604,30 @@ impl Global {
             "counter",
             "PUBLISHes answered from a remembered idempotency key, not published again.",
             self.sum(Counter::PublishDuplicates),
+        );
+        metric(
+            "shardcast_offline_messages",
+            "gauge",
+            "Messages kept for users who are not connected.",
+            self.sum(Counter::OfflineKept),
+        );
+        metric(
+            "shardcast_offline_delivered_total",
+            "counter",
+            "Kept messages delivered when their user connected.",
+            self.sum(Counter::OfflineDelivered),
+        );
+        metric(
+            "shardcast_offline_dropped_total",
+            "counter",
+            "Kept messages dropped, oldest first, to keep a user within its bounds.",
+            self.sum(Counter::OfflineDropped),
+        );
+        metric(
+            "shardcast_offline_refused_total",
+            "counter",
+            "Messages not kept: the node keeps max_total_bytes already, or one is over max_bytes.",
+            self.sum(Counter::OfflineRefused),
         );
         metric(
             "shardcast_decisions_rejected_total",

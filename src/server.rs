@@ -256,7 +256,7 @@ pub fn start(mut config: Config) -> Result<Server, ServerError> {
         Some(opened) => (
             Some(opened.writer),
             Some(opened.thread),
-            Some(opened.reader),
+            Some((opened.reader, opened.ordered)),
             opened.recovery,
         ),
         None => (None, None, None, Recovery::Now(Arc::default())),
@@ -300,7 +300,7 @@ pub fn start(mut config: Config) -> Result<Server, ServerError> {
         let link = writer
             .as_ref()
             .zip(reader.as_ref())
-            .map(|(writer, reader)| {
+            .map(|(writer, (reader, ordered))| {
                 let (completions, inbox) = flume::unbounded();
                 let (loaded, loads) = flume::unbounded();
                 let durable = config.storage.ack == crate::config::AckMode::Durable;
@@ -309,6 +309,7 @@ pub fn start(mut config: Config) -> Result<Server, ServerError> {
                     completions,
                     durable,
                     reader: reader.clone(),
+                    ordered: ordered.clone(),
                     loaded,
                 };
                 let inboxes = Inboxes {

@@ -844,3 +844,110 @@ fn a_revoked_token_is_refused_and_its_connections_closed_even_after_a_restart() 
     );
     assert_eq!(status, 400);
 }
+
+#[test]
+fn messages_to_a_user_not_connected_wait_for_it_in_order_and_survive_a_restart() {
+    let server = Server::start("[offline]\nenabled = true\nmax_messages = 3\n");
+    for n in 1..=4 {
+        let (status, sent) = post(server.addr, "/api/users/u7/send", ACME, &json!({"data": n}));
+        assert_eq!(status, 200, "{sent}");
+        assert_eq!(
+            (&sent["seq"], &sent["reached"], &sent["queued"]),
+            (&json!(n), &json!(0), &json!(true))
+        );
+    }
+    // At most 3 per user: the oldest went.
+    let (_, queue) = get(&server, "/api/users/u7/queue", ACME);
+    let seqs: Vec<u64> = queue["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, [2, 3, 4], "{queue}");
+    assert_eq!(queue["messages"][0]["data"], 2);
+    assert_eq!(queue["messages"][0]["channel"], "user:u7:notifications");
+    server.wait_metric("shardcast_offline_dropped_total", 1);
+    assert_eq!(server.wait_metric("shardcast_offline_messages", 3), 3);
+
+    // Killed: what was kept is in the store.
+    let server = server.kill_and_restart();
+    let (_, queue) = get(&server, "/api/users/u7/queue", ACME);
+    assert_eq!(queue["messages"].as_array().unwrap().len(), 3, "{queue}");
+    // Another org's key sees none of acme's.
+    let (status, _) = get(&server, "/api/users/u7/queue", ACME_READONLY);
+    assert_eq!(status, 403);
+
+    // Delivered in order when the user connects, before what is sent after.
+    let mut u7 = user_client(&server, "u7", "acme");
+    let (_, live) = post(
+        server.addr,
+        "/api/users/u7/send",
+        ACME,
+        &json!({"data": "live"}),
+    );
+    assert_eq!(
+        (&live["reached"], &live["queued"]),
+        (&json!(1), &json!(false))
+    );
+    for n in 2..=4 {
+        assert_eq!(message(&mut u7, "user:u7:notifications").1, json!(n));
+    }
+    assert_eq!(message(&mut u7, "user:u7:notifications").1, json!("live"));
+    let (_, queue) = get(&server, "/api/users/u7/queue", ACME);
+    assert_eq!(queue["messages"], json!([]));
+    server.wait_metric("shardcast_offline_delivered_total", 3);
+    drop(u7);
+
+    // Deleted through the API: nothing is delivered.
+    let mut sent = json!(null);
+    for _ in 0..50 {
+        // Until the owner has heard that u7's connection is gone.
+        sent = post(
+            server.addr,
+            "/api/users/u7/send",
+            ACME,
+            &json!({"data": "late"}),
+        )
+        .1;
+        if sent["queued"] == true {
+            break;
+        }
+    }
+    assert_eq!(sent["queued"], true, "{sent}");
+    let (status, deleted) = delete(&server, "/api/users/u7/queue", ACME);
+    assert_eq!(
+        (status, deleted["deleted"].as_u64().map(|n| n >= 1)),
+        (200, Some(true))
+    );
+    let mut u7 = user_client(&server, "u7", "acme");
+    nothing_for(&mut u7);
+}
+
+#[test]
+fn without_offline_delivery_a_message_to_nobody_is_not_kept_and_expired_ones_go() {
+    let server = Server::start("");
+    let (_, sent) = post(server.addr, "/api/users/u8/send", ACME, &json!({"data": 1}));
+    assert_eq!(
+        (&sent["reached"], &sent["queued"]),
+        (&json!(0), &json!(false))
+    );
+    drop(server);
+    let server = Server::start("[offline]\nenabled = true\nttl_secs = 1\n");
+    let (_, sent) = post(server.addr, "/api/users/u8/send", ACME, &json!({"data": 1}));
+    assert_eq!(sent["queued"], true);
+    let deadline = std::time::Instant::now() + common::WAIT;
+    loop {
+        let (_, queue) = get(&server, "/api/users/u8/queue", ACME);
+        if queue["messages"] == json!([]) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never expired: {queue}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let mut u8 = user_client(&server, "u8", "acme");
+    nothing_for(&mut u8);
+}

@@ -88,12 +88,14 @@ impl Message {
     }
 }
 
-/// A send to `user` under way: its channel, and where its seq and reach come back.
+/// A send to `user` under way: its channel, and where its seq, its reach and whether it
+/// was kept come back.
 struct Sending {
     user: String,
     channel: String,
     answer: flume::Receiver<Answer>,
     reached: flume::Receiver<usize>,
+    queued: flume::Receiver<bool>,
 }
 
 /// Send `message` to `user`'s connections (of `org` only, unless `None`).
@@ -106,10 +108,12 @@ fn send(
     let channel = format!("user:{user}:{}", message.category);
     let (reply, answer) = flume::bounded(1);
     let (reached_tx, reached) = flume::unbounded();
+    let (queued_tx, queued) = flume::bounded(1);
     let to = ToUser {
         user: user.into(),
         org,
         reached: reached_tx,
+        queued: queued_tx,
     };
     let sent = (channel.as_str(), &message.data[..], message.key.as_deref());
     shard
@@ -120,6 +124,7 @@ fn send(
         channel,
         answer,
         reached,
+        queued,
     })
 }
 
@@ -144,6 +149,8 @@ async fn outcome(sending: Sending) -> Result<Vec<u8>, Response> {
     while let Ok(n) = sending.reached.recv_async().await {
         reached += n;
     }
+    // Sent true once kept (and stored); dropped unsent when it was not kept.
+    let queued = sending.queued.recv_async().await.unwrap_or(false);
     let mut out = br#"{"user":"#.to_vec();
     json::push_str(&mut out, &sending.user);
     out.extend_from_slice(br#","channel":"#);
@@ -152,7 +159,11 @@ async fn outcome(sending: Sending) -> Result<Vec<u8>, Response> {
     json::push_u64(&mut out, seq);
     out.extend_from_slice(br#","reached":"#);
     json::push_u64(&mut out, reached as u64);
-    out.extend_from_slice(br#","queued":false}"#);
+    out.extend_from_slice(if queued {
+        br#","queued":true}"#
+    } else {
+        br#","queued":false}"#
+    });
     Ok(out)
 }
 
@@ -270,4 +281,54 @@ pub(super) fn ask_every_shard<T>(
     let (reply, answers) = flume::unbounded();
     shard.to_every_shard(|| ask(reply.clone()), Now::read());
     answers
+}
+
+/// `GET /api/users/{userId}/queue` → `{"user","messages":[{"channel","seq","data",
+/// "queuedAt","expiresAt"}]}`, oldest first; `DELETE` the same → `{"deleted":N}`. An org's
+/// key sees and deletes what its org sent.
+pub fn queue(shard: &Shard, request: &http::Request) -> Route {
+    respond(|| {
+        let principal = principal(shard, request)?;
+        let org = acting_org(&principal, None)?;
+        let user = path_user(&request.path, "/queue").unwrap_or_default();
+        let clear = request.method == "DELETE";
+        let (reply, answer) = flume::bounded(1);
+        let owner = crate::shard::offline::owner_of_user(&user, shard.nshards);
+        let msg = MeshMsg::OfflineQueue {
+            user: user.as_str().into(),
+            org,
+            clear,
+            reply,
+        };
+        shard.to_shard(owner, msg, Now::read());
+        Ok(Box::pin(async move {
+            let Ok(rows) = answer.recv_async().await else {
+                return stopping();
+            };
+            if clear {
+                return Response::json(200, format!(r#"{{"deleted":{}}}"#, rows.len()));
+            }
+            let mut out = br#"{"user":"#.to_vec();
+            json::push_str(&mut out, &user);
+            out.extend_from_slice(br#","messages":["#);
+            for (i, row) in rows.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                out.extend_from_slice(br#"{"channel":"#);
+                json::push_str(&mut out, &row.channel);
+                out.extend_from_slice(br#","seq":"#);
+                json::push_u64(&mut out, row.seq);
+                out.extend_from_slice(br#","data":"#);
+                out.extend_from_slice(row.data.as_bytes());
+                out.extend_from_slice(br#","queuedAt":"#);
+                json::push_str(&mut out, &crate::decision::rfc3339(row.created_ms as u64));
+                out.extend_from_slice(br#","expiresAt":"#);
+                json::push_str(&mut out, &crate::decision::rfc3339(row.expires_ms as u64));
+                out.push(b'}');
+            }
+            out.extend_from_slice(b"]}");
+            Response::json(200, out)
+        }))
+    })
 }

@@ -76,6 +76,9 @@ pub fn route(shard: &Rc<Shard>, request: &Request) -> Route {
         ("DELETE", _) if deliver::path_user(path, "/connections").is_some() => {
             connections::disconnect_user(shard, request)
         }
+        ("GET" | "DELETE", _) if deliver::path_user(path, "/queue").is_some() => {
+            deliver::queue(shard, request)
+        }
         ("GET", _) if deliver::path_user(path, "").is_some() => connections::user(shard, request),
         ("DELETE", _) if connection_path(path) => connections::disconnect(shard, request),
         ("GET", _) if api::history_channel(path).is_some() => api::history(shard, request),
@@ -123,6 +126,9 @@ fn methods(path: &str) -> Option<&'static str> {
     ) || deliver::path_user(path, "/send").is_some();
     if post {
         return Some("POST, OPTIONS");
+    }
+    if deliver::path_user(path, "/queue").is_some() {
+        return Some("GET, DELETE, OPTIONS");
     }
     if connection_path(path) || deliver::path_user(path, "/connections").is_some() {
         return Some("DELETE, OPTIONS");

@@ -24,19 +24,26 @@ pub(super) struct Directory {
 }
 
 impl Directory {
-    fn add(&mut self, principal: &Principal, conn: u64) {
-        if let Some(user) = &principal.user {
-            self.users.entry(Rc::from(&**user)).or_default().push(conn);
-        }
+    /// Add connection `conn`: true when it is its user's first here.
+    fn add(&mut self, principal: &Principal, conn: u64) -> bool {
         *self.orgs.entry(Rc::from(&*principal.org)).or_default() += 1;
+        let Some(user) = &principal.user else {
+            return false;
+        };
+        let conns = self.users.entry(Rc::from(&**user)).or_default();
+        conns.push(conn);
+        conns.len() == 1
     }
 
-    fn remove(&mut self, principal: &Principal, conn: u64) {
+    /// Remove connection `conn`: true when it was its user's last here.
+    fn remove(&mut self, principal: &Principal, conn: u64) -> bool {
+        let mut last = false;
         if let Some(user) = &principal.user {
             if let Some(conns) = self.users.get_mut(&**user) {
                 conns.retain(|c| *c != conn);
                 if conns.is_empty() {
                     self.users.remove(&**user);
+                    last = true;
                 }
             }
         }
@@ -46,6 +53,7 @@ impl Directory {
                 self.orgs.remove(&*principal.org);
             }
         }
+        last
     }
 
     /// `user`'s connections here.
@@ -120,6 +128,9 @@ pub struct ToUser {
     pub org: Option<Box<str>>,
     /// Each shard sends how many of the user's connections it reached (dropped when done).
     pub reached: flume::Sender<usize>,
+    /// True once the message is kept for when the user connects (dropped unsent: it was
+    /// not kept).
+    pub queued: flume::Sender<bool>,
 }
 
 /// Which connections a listing shows.
@@ -176,8 +187,11 @@ pub struct Listing {
 impl Shard {
     /// `peer`'s session opens as `principal`: the server API can find it from now on.
     pub fn open_session(&self, peer: &Peer, principal: &Rc<Principal>) {
-        self.directory.borrow_mut().add(principal, peer.id);
+        let first = self.directory.borrow_mut().add(principal, peer.id);
         *peer.principal.borrow_mut() = Some(principal.clone());
+        if let Some(user) = principal.user.as_deref().filter(|_| first) {
+            self.tell_online(user, true);
+        }
     }
 
     /// `peer` runs on a refreshed credential (the same user and org).
@@ -187,8 +201,12 @@ impl Shard {
 
     /// `peer` is gone.
     pub(super) fn close_session(&self, peer: &Peer) {
-        if let Some(principal) = peer.principal.borrow_mut().take() {
-            self.directory.borrow_mut().remove(&principal, peer.id);
+        let Some(principal) = peer.principal.borrow_mut().take() else {
+            return;
+        };
+        let last = self.directory.borrow_mut().remove(&principal, peer.id);
+        if let Some(user) = principal.user.as_deref().filter(|_| last) {
+            self.tell_online(user, false);
         }
     }
 
@@ -267,24 +285,6 @@ impl Shard {
         self.enter(now);
         for shard in 0..self.nshards {
             self.route(shard, make());
-        }
-    }
-
-    /// Send the message `publication`, numbered on the user's channel `channel`, to the
-    /// user's connections on every shard of this node.
-    pub(super) fn to_user(&self, channel: &str, publication: &Publication, to: ToUser) {
-        let ToUser { user, org, reached } = to;
-        let audience = Audience::User { user, org };
-        for shard in 0..self.nshards {
-            let msg = MeshMsg::Direct {
-                audience: audience.clone(),
-                direct: Direct::Publication {
-                    channel: channel.into(),
-                    publication: publication.to_sendable(),
-                },
-                reply: Some(reached.clone()),
-            };
-            self.route(shard, msg);
         }
     }
 

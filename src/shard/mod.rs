@@ -33,6 +33,7 @@ mod channels;
 mod clustered;
 pub mod directory;
 mod ingest;
+pub mod offline;
 mod outbox;
 mod peer;
 mod presence;
@@ -251,6 +252,28 @@ pub enum MeshMsg {
         /// Where the count goes.
         reply: Option<flume::Sender<usize>>,
     },
+    /// To the owner of `user`'s channels: shard `shard` has (or no longer has) connections of
+    /// the user.
+    UserOnline {
+        /// The user.
+        user: Box<str>,
+        /// The shard.
+        shard: u16,
+        /// Has some now.
+        on: bool,
+    },
+    /// To the owner of `user`'s channels: what it keeps for the user (and, with `clear`,
+    /// drop it), of what `org` sent (or all).
+    OfflineQueue {
+        /// The user.
+        user: Box<str>,
+        /// Sent by this org only.
+        org: Option<Box<str>>,
+        /// Drop it.
+        clear: bool,
+        /// Where the messages go.
+        reply: flume::Sender<Vec<storage::OfflineRow>>,
+    },
     /// To every shard: refuse the tokens `revocation` covers, and close the connections
     /// using them (4403); say how many on `reply`.
     Revoke {
@@ -297,6 +320,8 @@ pub struct StorageLink {
     pub durable: bool,
     /// The store's readers, for replays that reach past the in-memory history.
     pub reader: storage::Reader,
+    /// One reader, for small writes that must keep their order (offline messages).
+    pub ordered: storage::Reader,
     /// Where this shard's reads come back (read by the server's completion task).
     pub loaded: flume::Sender<Loaded>,
 }
@@ -368,6 +393,9 @@ pub struct Shard {
     user_sends: RefCell<HashMap<u64, UserSend>>,
     /// The open sessions, by user and org (for the server API).
     directory: RefCell<directory::Directory>,
+    /// Of the users whose channels this shard owns: where they are connected, and what is
+    /// kept for them while they are not.
+    offline: RefCell<offline::Offline>,
     /// Idempotency keys of the PUBLISHes this shard numbered ("channel\0key" to seq), when
     /// the engine numbers locally (Redis remembers them in a cluster).
     published: RefCell<decision::DedupTable<u64>>,
@@ -442,6 +470,7 @@ impl Shard {
             numbering: RefCell::default(),
             user_sends: RefCell::default(),
             directory: RefCell::default(),
+            offline: RefCell::default(),
             published: RefCell::new(decision::DedupTable::new(
                 std::time::Duration::from_secs(config.ingest.dedup_window_secs),
                 config.ingest.dedup_max_entries,
@@ -524,6 +553,7 @@ impl Shard {
         for revocation in &recovered.revocations {
             self.auth.revoke(revocation.clone());
         }
+        self.recover_offline(&recovered.offline);
         let (id, nshards) = (self.id, self.nshards);
         let mine = recovered.recent.iter();
         let mine = mine.filter(|recent| owner_of(&recent.channel, nshards) == id);
@@ -905,7 +935,8 @@ impl Shard {
         // numbers elsewhere (Redis) is asked from any shard, bounded by its congestion, and
         // delivers through the owner; unless it cannot reach Redis, and the owner may have to
         // number the message itself.
-        if owner == self.id || self.numbered_from_any_shard(channel) {
+        // A message to a user goes to its owner, which knows where the user is connected.
+        if owner == self.id || (to_user.is_none() && self.numbered_from_any_shard(channel)) {
             self.publish_as_owner(channel, data, (key, to_user), origin, t0);
             return Sent::Here;
         }
@@ -1616,7 +1647,7 @@ impl Shard {
                 kind: Kind::Message,
                 data,
             };
-            self.to_user(&channel, &publication, to);
+            self.user_message(&channel, &publication, to);
         }
         let id = origin.take_ack();
         self.counters
@@ -1740,7 +1771,7 @@ impl Shard {
                         kind: Kind::Message,
                         data,
                     };
-                    self.to_user(channel, &publication, *to);
+                    self.user_message(channel, &publication, *to);
                 }
                 if let Some(id) = origin.take_ack() {
                     let local = false;
@@ -2066,6 +2097,19 @@ impl Shard {
                     let _ = reply.send(reached);
                 }
             }
+            MeshMsg::UserOnline { user, shard, on } => self.user_online(&user, shard, on),
+            MeshMsg::OfflineQueue {
+                user,
+                org,
+                clear,
+                reply,
+            } => {
+                let kept = self.offline_queue(&user, org.as_deref());
+                if clear {
+                    self.offline_clear(&user, org.as_deref());
+                }
+                let _ = reply.send(kept);
+            }
             MeshMsg::Revoke { revocation, reply } => {
                 let _ = reply.send(self.revoke(revocation));
             }
@@ -2232,6 +2276,7 @@ impl Shard {
         if slice == 0 {
             self.free_idle_channels(now);
             self.auth.expire_revocations(self.now().unix_ms);
+            self.expire_offline();
         }
         let peers = self.conns.borrow().slice(slice, slices);
         for peer in peers {

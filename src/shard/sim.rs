@@ -71,6 +71,7 @@ impl Sim {
                 completions: done,
                 durable,
                 reader: reader.clone(),
+                ordered: reader.clone(),
                 loaded: read,
             };
             shard.attach_storage(link, Some(&storage::Recovered::default()), now);

@@ -191,6 +191,51 @@ pub struct Recovered {
     pub recent: Vec<RecentKey>,
     /// The token revocations still in force.
     pub revocations: Vec<Revocation>,
+    /// The messages kept for users not connected, not expired, oldest first.
+    pub offline: Vec<OfflineRow>,
+}
+
+/// A message kept for a user who is not connected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OfflineRow {
+    /// Unique: `{boot}-{shard}-{ord}`.
+    pub id: String,
+    /// Its order among those made in the same millisecond.
+    pub ord: i64,
+    /// The user (JWT `sub`).
+    pub user: String,
+    /// Only for the user's connections of this org (`None`: any).
+    pub org: Option<String>,
+    /// The user's channel it was numbered on.
+    pub channel: String,
+    /// Its seq there.
+    pub seq: u64,
+    /// Its data (JSON).
+    pub data: String,
+    /// When it was kept (Unix ms).
+    pub created_ms: i64,
+    /// When it is dropped undelivered (Unix ms).
+    pub expires_ms: i64,
+}
+
+/// A change to the offline messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OfflineOp {
+    /// Keep `row`, and drop the messages (by id) it pushed out of the user's bounds.
+    Keep {
+        /// The message.
+        row: OfflineRow,
+        /// Ids dropped to make room.
+        dropped: Vec<String>,
+    },
+    /// Drop the messages kept for this user (delivered, or deleted through the API): those
+    /// sent by `org`, or all.
+    Clear {
+        /// The user.
+        user: String,
+        /// Only those sent by this org (`None`: all).
+        org: Option<String>,
+    },
 }
 
 /// A revocation's row key: (kind, value, org), as the `revocations` table has it.
@@ -327,6 +372,9 @@ pub trait Store: Send {
     /// Keep `revocation` (until its `until_ms`; [`Store::recover`] returns it), and forget
     /// those past theirs.
     fn revoke(&mut self, revocation: &Revocation) -> Result<(), StorageError>;
+    /// Change the messages kept for users who are not connected ([`Store::recover`] returns
+    /// those not expired), and forget the expired ones.
+    fn offline(&mut self, op: &OfflineOp) -> Result<(), StorageError>;
     /// Delete at most `limit` decisions created before `before_ms`; returns how many went.
     fn trim(&mut self, before_ms: i64, limit: usize) -> Result<usize, StorageError>;
     /// `(seq, data)` of the decisions on `channel` with `after < seq <= upto`, in seq order,
@@ -796,6 +844,52 @@ pub(crate) mod contract {
         let mut kept = db.recover(0, 1).unwrap().revocations;
         kept.sort_by_key(|r| matches!(r.what, Revoked::Sub { .. }));
         assert_eq!(kept, [jti, sub(Some("acme"), now, now + 60_000)]);
+
+        // Offline messages: kept in order, those pushed out and cleared gone, expired ones
+        // not recovered.
+        let now = now as i64;
+        let row = |id: &str, ord, org: Option<&str>, expires_ms| OfflineRow {
+            id: id.into(),
+            ord,
+            user: "u1".into(),
+            org: org.map(Into::into),
+            channel: "user:u1:notifications".into(),
+            seq: ord as u64,
+            data: format!(r#"{{"n": {ord}}}"#),
+            created_ms: now,
+            expires_ms,
+        };
+        let keep = |row, dropped: &[&str]| OfflineOp::Keep {
+            row,
+            dropped: dropped.iter().map(|d| d.to_string()).collect(),
+        };
+        db.offline(&keep(row("a", 1, Some("acme"), now + 60_000), &[]))
+            .unwrap();
+        db.offline(&keep(row("b", 2, None, now + 60_000), &[]))
+            .unwrap();
+        db.offline(&keep(row("c", 3, Some("acme"), now + 60_000), &["a"]))
+            .unwrap();
+        db.offline(&keep(row("d", 4, Some("acme"), now - 1), &[]))
+            .unwrap();
+        let offline = db.recover(0, 1).unwrap().offline;
+        assert_eq!(
+            offline,
+            [
+                row("b", 2, None, now + 60_000),
+                row("c", 3, Some("acme"), now + 60_000)
+            ]
+        );
+        let clear = |org: Option<&str>| OfflineOp::Clear {
+            user: "u1".into(),
+            org: org.map(Into::into),
+        };
+        db.offline(&clear(Some("acme"))).unwrap();
+        assert_eq!(
+            db.recover(0, 1).unwrap().offline,
+            [row("b", 2, None, now + 60_000)]
+        );
+        db.offline(&clear(None)).unwrap();
+        assert!(db.recover(0, 1).unwrap().offline.is_empty());
 
         // A batch that cannot be stored whole stores nothing.
         let fine = record("acme", "k3", "org:acme:decisions", 3);

@@ -30,6 +30,9 @@ pub struct Opened {
     pub thread: std::thread::JoinHandle<()>,
     /// The readers' queue.
     pub reader: Reader,
+    /// One reader's queue, for the store's small writes that must keep their order (offline
+    /// messages, revocations).
+    pub ordered: Reader,
     /// When the shards learn the store's state.
     pub recovery: Recovery,
 }
@@ -96,13 +99,17 @@ pub fn open(config: &Config, nshards: usize) -> Result<Option<Opened>, StorageEr
     let reader = Reader::spawn(&backend, config.storage.readers, READ_QUEUE)
         .map_err(StorageError::Io)?
         .map(|(reader, _threads)| reader);
-    let Some(reader) = reader else {
+    let ordered = Reader::spawn(&backend, 1, READ_QUEUE)
+        .map_err(StorageError::Io)?
+        .map(|(ordered, _thread)| ordered);
+    let (Some(reader), Some(ordered)) = (reader, ordered) else {
         return Ok(None);
     };
     Ok(Some(Opened {
         writer,
         thread,
         reader,
+        ordered,
         recovery,
     }))
 }

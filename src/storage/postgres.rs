@@ -9,7 +9,10 @@ use std::time::Duration;
 use postgres::types::ToSql;
 use postgres::{Client, NoTls};
 
-use super::{DecisionQuery, Outcome, Param, RecentKey, Record, Recovered, StorageError, Store};
+use super::{
+    DecisionQuery, OfflineOp, OfflineRow, Outcome, Param, RecentKey, Record, Recovered,
+    StorageError, Store,
+};
 use crate::auth::Revocation;
 
 /// Versioned migrations, applied in order; a database remembers which it has.
@@ -25,6 +28,10 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (
         3,
         include_str!("../../migrations/postgres/0003_revocations.sql"),
+    ),
+    (
+        4,
+        include_str!("../../migrations/postgres/0004_offline.sql"),
     ),
 ];
 
@@ -224,10 +231,33 @@ impl Store for Postgres {
                 super::revocation(kind, value, org, row.get(3), row.get(4))
             })
             .collect();
+        let rows = self.client.query(
+            "SELECT id, ord, user_id, org, channel, seq, data, created_ms, expires_ms
+             FROM offline_messages WHERE expires_ms > $1 ORDER BY created_ms, ord",
+            &[&(crate::decision::unix_ms() as i64)],
+        )?;
+        let offline = rows
+            .iter()
+            .map(|row| {
+                let org: String = row.get(3);
+                OfflineRow {
+                    id: row.get(0),
+                    ord: row.get(1),
+                    user: row.get(2),
+                    org: (!org.is_empty()).then_some(org),
+                    channel: row.get(4),
+                    seq: row.get::<_, i64>(5) as u64,
+                    data: row.get(6),
+                    created_ms: row.get(7),
+                    expires_ms: row.get(8),
+                }
+            })
+            .collect();
         Ok(Recovered {
             channel_seqs,
             recent,
             revocations,
+            offline,
         })
     }
 
@@ -245,6 +275,55 @@ impl Store for Postgres {
                  until_ms = GREATEST(revocations.until_ms, EXCLUDED.until_ms)",
             &[&kind, &value, &org, &at, &until],
         )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn offline(&mut self, op: &OfflineOp) -> Result<(), StorageError> {
+        let mut tx = self.client.transaction()?;
+        match op {
+            OfflineOp::Keep { row, dropped } => {
+                let now = crate::decision::unix_ms() as i64;
+                tx.execute(
+                    "DELETE FROM offline_messages WHERE expires_ms <= $1",
+                    &[&now],
+                )?;
+                if !dropped.is_empty() {
+                    tx.execute(
+                        "DELETE FROM offline_messages WHERE id = ANY($1)",
+                        &[dropped],
+                    )?;
+                }
+                tx.execute(
+                    "INSERT INTO offline_messages
+                     (id, ord, user_id, org, channel, seq, data, created_ms, expires_ms)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (id) DO NOTHING",
+                    &[
+                        &row.id,
+                        &row.ord,
+                        &row.user,
+                        &row.org.as_deref().unwrap_or(""),
+                        &row.channel,
+                        &(row.seq as i64),
+                        &row.data,
+                        &row.created_ms,
+                        &row.expires_ms,
+                    ],
+                )?;
+            }
+            OfflineOp::Clear { user, org: None } => {
+                tx.execute("DELETE FROM offline_messages WHERE user_id = $1", &[user])?;
+            }
+            OfflineOp::Clear {
+                user,
+                org: Some(org),
+            } => {
+                tx.execute(
+                    "DELETE FROM offline_messages WHERE user_id = $1 AND org = $2",
+                    &[user, org],
+                )?;
+            }
+        }
         tx.commit()?;
         Ok(())
     }

@@ -32,6 +32,9 @@ pub enum Query {
     },
     /// Keep a token revocation (a write, but rare and off the decisions' commit path).
     Revoke(crate::auth::Revocation),
+    /// Change the offline messages (writes that must keep their order: see
+    /// `StorageLink::ordered`).
+    Offline(super::OfflineOp),
     /// The stored decision with this (org, idempotency key).
     Find {
         /// Organization.
@@ -52,8 +55,8 @@ pub enum Answer {
     Found(Option<Box<Record>>),
     /// For [`Query::Unnumbered`].
     Unnumbered(Vec<Record>),
-    /// For [`Query::Revoke`]: kept.
-    Revoked,
+    /// For [`Query::Revoke`] and [`Query::Offline`]: done.
+    Done,
 }
 
 /// Called with the result, on the reader's thread.
@@ -165,7 +168,11 @@ fn read(
         Query::Find { org, key } => Answer::Found(db.find(org, key)?.map(Box::new)),
         Query::Revoke(revocation) => {
             db.revoke(revocation)?;
-            Answer::Revoked
+            Answer::Done
+        }
+        Query::Offline(op) => {
+            db.offline(op)?;
+            Answer::Done
         }
     })
 }

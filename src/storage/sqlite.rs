@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use super::{DecisionQuery, Outcome, Param, RecentKey, Record, Recovered, StorageError, Store};
+use super::{
+    DecisionQuery, OfflineOp, OfflineRow, Outcome, Param, RecentKey, Record, Recovered,
+    StorageError, Store,
+};
 use crate::auth::Revocation;
 
 /// Versioned migrations, applied in order; a database remembers which it has.
@@ -21,6 +24,7 @@ const MIGRATIONS: &[(u32, &str)] = &[
         2,
         include_str!("../../migrations/sqlite/0002_revocations.sql"),
     ),
+    (3, include_str!("../../migrations/sqlite/0003_offline.sql")),
 ];
 
 /// A SQLite database of decisions.
@@ -186,10 +190,31 @@ impl Store for Sqlite {
             let (kind, value, org, at, until) = row?;
             revocations.extend(super::revocation(&kind, value, org, at, until));
         }
+        let mut stmt = self.conn.prepare(
+            "SELECT id, ord, user_id, org, channel, seq, data, created_ms, expires_ms
+             FROM offline_messages WHERE expires_ms > ?1 ORDER BY created_ms, ord",
+        )?;
+        let offline = stmt
+            .query_map(params![crate::decision::unix_ms() as i64], |row| {
+                let org: String = row.get(3)?;
+                Ok(OfflineRow {
+                    id: row.get(0)?,
+                    ord: row.get(1)?,
+                    user: row.get(2)?,
+                    org: (!org.is_empty()).then_some(org),
+                    channel: row.get(4)?,
+                    seq: row.get::<_, i64>(5)? as u64,
+                    data: row.get(6)?,
+                    created_ms: row.get(7)?,
+                    expires_ms: row.get(8)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Recovered {
             channel_seqs,
             recent,
             revocations,
+            offline,
         })
     }
 
@@ -206,6 +231,55 @@ impl Store for Sqlite {
              SET at_ms = max(at_ms, excluded.at_ms), until_ms = max(until_ms, excluded.until_ms)",
             params![kind, value, org, at, until],
         )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn offline(&mut self, op: &OfflineOp) -> Result<(), StorageError> {
+        let tx = self.conn.transaction()?;
+        match op {
+            OfflineOp::Keep { row, dropped } => {
+                let now = crate::decision::unix_ms() as i64;
+                tx.execute(
+                    "DELETE FROM offline_messages WHERE expires_ms <= ?1",
+                    params![now],
+                )?;
+                for id in dropped {
+                    tx.execute("DELETE FROM offline_messages WHERE id = ?1", params![id])?;
+                }
+                tx.execute(
+                    "INSERT OR IGNORE INTO offline_messages
+                     (id, ord, user_id, org, channel, seq, data, created_ms, expires_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                    params![
+                        row.id,
+                        row.ord,
+                        row.user,
+                        row.org.as_deref().unwrap_or(""),
+                        row.channel,
+                        row.seq as i64,
+                        row.data,
+                        row.created_ms,
+                        row.expires_ms
+                    ],
+                )?;
+            }
+            OfflineOp::Clear { user, org: None } => {
+                tx.execute(
+                    "DELETE FROM offline_messages WHERE user_id = ?1",
+                    params![user],
+                )?;
+            }
+            OfflineOp::Clear {
+                user,
+                org: Some(org),
+            } => {
+                tx.execute(
+                    "DELETE FROM offline_messages WHERE user_id = ?1 AND org = ?2",
+                    params![user, org],
+                )?;
+            }
+        }
         tx.commit()?;
         Ok(())
     }
