@@ -30,6 +30,8 @@ use crate::shard::{Handled, Peer, Phase, Shard, Stall};
 
 /// Reads handled per poll before yielding to other connections.
 const READ_BUDGET: usize = 16;
+/// Most bytes read and dropped from a client after the last response, before closing.
+const LINGER_BYTES: usize = 1 << 20;
 /// Bytes gathered for one send (whole frames; at least one).
 const WRITE_CHUNK: usize = 128 * 1024;
 
@@ -37,8 +39,13 @@ enum Mode {
     /// Reading HTTP requests: the bytes read and not yet used (an incomplete request, or
     /// pipelined ones behind the one being answered).
     Http(Vec<u8>),
-    /// The last HTTP response is queued; done once it is written.
+    /// The last HTTP response is queued; once it is written, the connection lingers.
     HttpReply,
+    /// The last response is written and our side shut: what the client still sends (the
+    /// rest of a body refused with 413, say) is read and dropped until it closes, so that
+    /// the kernel does not answer it with a reset that could destroy the response unread.
+    /// At most `left` more bytes, and the handshake timeout.
+    Lingering { left: usize },
     /// A request is being answered elsewhere (a storage reader, the channel's owner).
     HttpWait(Box<Waiting>),
     /// An authenticated WebSocket session.
@@ -213,10 +220,19 @@ impl Conn {
         Poll::Pending
     }
 
-    fn finished(&self) -> bool {
+    fn finished(&mut self) -> bool {
         let flushed = self.peer.out().borrow().is_empty();
         match self.mode {
+            Mode::HttpReply if flushed && !self.eof => {
+                // Our side is done: the client sees the end of the response, and its own
+                // unread bytes are drained rather than reset.
+                // SAFETY: shutting down one direction of the socket this connection owns.
+                unsafe { libc::shutdown(self.socket.fd(), libc::SHUT_WR) };
+                self.mode = Mode::Lingering { left: LINGER_BYTES };
+                false
+            }
             Mode::HttpReply => flushed,
+            Mode::Lingering { .. } => self.eof,
             Mode::Http(_) => self.eof && flushed,
             _ => self.eof || (self.close_queued && self.close_received && flushed),
         }
@@ -379,6 +395,12 @@ impl Conn {
             Mode::Http(buffered) => {
                 buffered.extend_from_slice(data);
                 self.serve_http();
+            }
+            Mode::Lingering { left } => {
+                *left = left.saturating_sub(data.len());
+                if *left == 0 {
+                    self.eof = true;
+                }
             }
             Mode::HttpReply | Mode::HttpWait(_) => {}
             Mode::Session(_) | Mode::Echo | Mode::Refused => self.on_frames(data),

@@ -208,6 +208,35 @@ fn bad_requests_get_their_status_and_the_connection_closes() {
     assert_eq!(read_response(&mut s).status, 405);
 }
 
+#[test]
+fn a_body_refused_as_too_large_is_drained_so_the_413_arrives() {
+    // The server answers at the head, while the body is still coming: closing with it unread
+    // would make the kernel send a reset, which can destroy the response before it is read.
+    let server = Server::start("[http]\nmax_body_bytes = 1024\n");
+    let body = "x".repeat(512 * 1024);
+    let mut s = std::net::TcpStream::connect(server.addr).unwrap();
+    s.set_read_timeout(Some(common::WAIT)).unwrap();
+    let head = format!(
+        "POST /api/publish HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let writer = {
+        let mut s = s.try_clone().unwrap();
+        std::thread::spawn(move || {
+            use std::io::Write;
+            // The server may stop reading once it has the head; that is fine.
+            let _ = s
+                .write_all(head.as_bytes())
+                .and_then(|()| s.write_all(body.as_bytes()));
+        })
+    };
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut s, &mut text).expect("no reset");
+    assert!(text.starts_with("HTTP/1.1 413"), "{text:.80}");
+    assert!(text.contains("payload_too_large"), "{text}");
+    writer.join().unwrap();
+}
+
 /// An upgrade request's head, from `origin` when given.
 fn upgrade(origin: Option<&str>) -> String {
     let origin = origin.map_or(String::new(), |o| format!("Origin: {o}\r\n"));
