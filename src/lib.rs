@@ -9,7 +9,8 @@
 //! - [`codes`]: every error code and close code a client can be told, in one catalogue.
 //! - [`http`]: HTTP/1.1 request heads (httparse), body lengths, the upgrade's checks,
 //!   responses (keep-alive or close).
-//! - [`routes`]: the HTTP route table: upgrades, health and metrics, the REST API, the
+//! - [`routes`]: the HTTP route table: upgrades, health and metrics, the REST API (reads,
+//!   and the server API: publish, ingest, users, broadcasts, connections, tokens), the
 //!   `Origin` allow-list and CORS.
 //! - [`dialect`]: what crosses the wire boundary: requests in, typed replies and
 //!   publications out, each encoded by the connection's dialect (the shardcast JSON protocol

@@ -4,7 +4,7 @@
 //! asks them and puts the answers together.
 
 use super::api::{params, principal, stopping};
-use super::deliver::{acting_org, ask_every_shard, path_user};
+use super::deliver::{acting_org, ask_every_shard, user_of};
 use super::write::{bad, respond};
 use super::Route;
 use crate::auth::Channel;
@@ -250,7 +250,7 @@ pub fn disconnect_user(shard: &Shard, request: &http::Request) -> Route {
         let principal = principal(shard, request)?;
         let org = acting_org(&principal, None)?;
         let (close, reason) = close_of(&request.query)?;
-        let user = path_user(&request.path, "/connections").unwrap_or_default();
+        let user = user_of(request, "/connections")?;
         let audience = Audience::User {
             user: user.into(),
             org,
@@ -339,7 +339,7 @@ pub fn user(shard: &Shard, request: &http::Request) -> Route {
     respond(|| {
         let principal = principal(shard, request)?;
         let org = acting_org(&principal, None)?;
-        let user = path_user(&request.path, "").unwrap_or_default();
+        let user = user_of(request, "")?;
         let filter = Filter {
             org,
             user: Some(user.as_str().into()),

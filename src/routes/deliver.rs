@@ -53,6 +53,23 @@ pub fn path_user(path: &str, suffix: &str) -> Option<String> {
     (!user.is_empty() && !user.contains('/')).then(|| http::percent_decode(user))
 }
 
+/// The user of the request's `/api/users/{userId}…` path, if it is a user id that may have
+/// channels (`user:{id}:…`): letters, digits, `-`, `_`, `.` and `@`.
+pub(super) fn user_of(request: &http::Request, suffix: &str) -> Result<String, Response> {
+    let user = path_user(&request.path, suffix).unwrap_or_default();
+    let valid = user
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@'));
+    if user.is_empty() || user.len() > 128 || !valid {
+        let message = format!(
+            "{} is not a user id (1 to 128 letters, digits, - _ . or @)",
+            json::echo(&user)
+        );
+        return Err(Response::error(400, ErrorCode::InvalidChannel, &message));
+    }
+    Ok(user)
+}
+
 /// What one send carries: the data as delivered (wrapped as `{"event","payload"}` when the
 /// send names an event), the user's channel's category, and its idempotency key.
 struct Message {
@@ -173,7 +190,7 @@ pub fn send_to_user(shard: &Shard, request: &http::Request) -> Route {
     respond(|| {
         let principal = principal(shard, request)?;
         let org = acting_org(&principal, None)?;
-        let user = path_user(&request.path, "/send").unwrap_or_default();
+        let user = user_of(request, "/send")?;
         let body = Body::read(shard, request)?;
         let message = Message::read(&body)?;
         let sending = send(shard, &user, org, &message)?;
@@ -290,7 +307,7 @@ pub fn queue(shard: &Shard, request: &http::Request) -> Route {
     respond(|| {
         let principal = principal(shard, request)?;
         let org = acting_org(&principal, None)?;
-        let user = path_user(&request.path, "/queue").unwrap_or_default();
+        let user = user_of(request, "/queue")?;
         let clear = request.method == "DELETE";
         let (reply, answer) = flume::bounded(1);
         let owner = crate::shard::offline::owner_of_user(&user, shard.nshards);

@@ -5,7 +5,14 @@
 //!
 //! - [`health`]: `/health`, `/health/live`, `/health/ready`, `/metrics`, `/info`.
 //! - [`api`]: the REST read API (`/api/decisions`, `/api/channels/{channel}/history`).
-//! - [`write`]: the REST write API (`/api/publish`, `/api/publish/batch`, `/api/ingest`).
+//! - [`write`]: the server API's writes (`/api/publish`, `/api/publish/batch`, `/api/ingest`).
+//! - [`deliver`]: messages to users, broadcasts, offline queues (`/api/users/…`,
+//!   `/api/broadcast`).
+//! - [`connections`]: who is connected, and disconnects (`/api/connections`,
+//!   `/api/users/{id}`, `/api/channels`).
+//! - [`tokens`]: `/api/tokens` and `/api/tokens/revoke`.
+//!
+//! docs/API.md describes them; docs/openapi.yaml is their contract.
 //! - [`cors`]: which origins may use the server, and the headers that let them.
 
 pub mod api;
