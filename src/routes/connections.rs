@@ -4,7 +4,7 @@
 //! asks them and puts the answers together.
 
 use super::api::{params, principal, stopping};
-use super::deliver::{acting_org, ask_every_shard, user_of};
+use super::deliver::{acting_org, ask_every_shard, direct_everywhere, user_of};
 use super::write::{bad, respond};
 use super::Route;
 use crate::auth::Channel;
@@ -137,17 +137,24 @@ fn list_body(listings: &[Listing], conns: &[(usize, &ConnInfo)], next: Option<&s
         out.push(b':');
         json::push_u64(&mut out, *n as u64);
     }
-    out.extend_from_slice(br#"}},"connections":["#);
-    for (i, (s, c)) in conns.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        conn_json(&mut out, *s, c);
-    }
-    out.extend_from_slice(br#"],"nextCursor":"#);
+    out.extend_from_slice(br#"}},"connections":"#);
+    push_conns(&mut out, conns.iter().map(|(s, c)| (*s, *c)));
+    out.extend_from_slice(br#","nextCursor":"#);
     push_opt(&mut out, next);
     out.push(b'}');
     out
+}
+
+/// A JSON array of connections (each with its shard).
+fn push_conns<'a>(out: &mut Vec<u8>, conns: impl Iterator<Item = (usize, &'a ConnInfo)>) {
+    out.push(b'[');
+    for (i, (shard, c)) in conns.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        conn_json(out, shard, c);
+    }
+    out.push(b']');
 }
 
 /// One connection as JSON.
@@ -256,18 +263,7 @@ pub fn disconnect_user(shard: &Shard, request: &http::Request) -> Route {
             org,
         };
         let direct = Direct::Close { close, reason };
-        let closed = ask_every_shard(shard, |reply| MeshMsg::Direct {
-            audience: audience.clone(),
-            direct: direct.clone(),
-            reply: Some(reply),
-        });
-        Ok(Box::pin(async move {
-            let mut total = 0;
-            while let Ok(n) = closed.recv_async().await {
-                total += n;
-            }
-            Response::json(200, format!(r#"{{"closed":{total}}}"#))
-        }))
+        Ok(direct_everywhere(shard, audience, direct, "closed"))
     })
 }
 
@@ -367,14 +363,9 @@ pub fn user(shard: &Shard, request: &http::Request) -> Route {
             json::push_str(&mut out, &user);
             out.extend_from_slice(br#","online":"#);
             out.extend_from_slice(if conns.is_empty() { b"false" } else { b"true" });
-            out.extend_from_slice(br#","connections":["#);
-            for (i, (s, c)) in conns.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                conn_json(&mut out, *s, c);
-            }
-            out.extend_from_slice(br#"],"channels":["#);
+            out.extend_from_slice(br#","connections":"#);
+            push_conns(&mut out, conns.iter().map(|(s, c)| (*s, c)));
+            out.extend_from_slice(br#","channels":["#);
             for (i, channel) in channels.iter().enumerate() {
                 if i > 0 {
                     out.push(b',');

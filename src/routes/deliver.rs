@@ -8,7 +8,7 @@
 
 use super::api::{principal, stopping};
 use super::write::{bad, refused, respond, Body};
-use super::Route;
+use super::{Pending, Route};
 use crate::auth::Principal;
 use crate::clock::Now;
 use crate::codes::ErrorCode;
@@ -162,10 +162,7 @@ async fn outcome(sending: Sending) -> Result<Vec<u8>, Response> {
         Err(_) => return Err(stopping()),
     };
     // Every shard's count, until the last one is in (their senders are then gone).
-    let mut reached = 0;
-    while let Ok(n) = sending.reached.recv_async().await {
-        reached += n;
-    }
+    let reached = total(sending.reached).await;
     // Sent true once kept (and stored); dropped unsent when it was not kept.
     let queued = sending.queued.recv_async().await.unwrap_or(false);
     let mut out = br#"{"user":"#.to_vec();
@@ -272,21 +269,42 @@ pub fn broadcast(shard: &Shard, request: &http::Request) -> Route {
         let body = Body::read(shard, request)?;
         let org = acting_org(&principal, body.text("org")?.as_deref())?;
         let data = body.raw("data").ok_or_else(|| bad("missing \"data\""))?;
-        let audience = Audience::Org(org);
         let direct = Direct::Broadcast(data.to_vec());
-        let reached = ask_every_shard(shard, |reply| MeshMsg::Direct {
-            audience: audience.clone(),
-            direct: direct.clone(),
-            reply: Some(reply),
-        });
-        Ok(Box::pin(async move {
-            let mut total = 0;
-            while let Ok(n) = reached.recv_async().await {
-                total += n;
-            }
-            Response::json(200, format!(r#"{{"reached":{total}}}"#))
-        }))
+        Ok(direct_everywhere(
+            shard,
+            Audience::Org(org),
+            direct,
+            "reached",
+        ))
     })
+}
+
+/// Give `direct` to `audience` on every shard; the response counts the connections reached,
+/// as `{"<name>":N}`.
+pub(super) fn direct_everywhere(
+    shard: &Shard,
+    audience: Audience,
+    direct: Direct,
+    name: &'static str,
+) -> Pending {
+    let reached = ask_every_shard(shard, |reply| MeshMsg::Direct {
+        audience: audience.clone(),
+        direct: direct.clone(),
+        reply: Some(reply),
+    });
+    Box::pin(async move {
+        let total = total(reached).await;
+        Response::json(200, format!(r#"{{"{name}":{total}}}"#))
+    })
+}
+
+/// The sum of the counts sent on `counts`, once every sender is gone.
+pub(super) async fn total(counts: flume::Receiver<usize>) -> usize {
+    let mut total = 0;
+    while let Ok(n) = counts.recv_async().await {
+        total += n;
+    }
+    total
 }
 
 /// Send every shard (this one too) the message `ask` makes with a reply channel; the

@@ -11,7 +11,7 @@ use std::rc::Rc;
 use serde::Serialize;
 
 use super::api::{principal, stopping};
-use super::deliver::ask_every_shard;
+use super::deliver::{ask_every_shard, total};
 use super::write::{bad, respond, Body};
 use super::Route;
 use crate::auth::{Principal, Revocation, Revoked};
@@ -239,11 +239,8 @@ pub fn revoke(shard: &Rc<Shard>, request: &http::Request) -> Route {
                 revocation: revocation.clone(),
                 reply,
             });
-            let mut total = 0;
-            while let Ok(n) = closed.recv_async().await {
-                total += n;
-            }
-            Response::json(200, format!(r#"{{"revoked":true,"closed":{total}}}"#))
+            let closed = total(closed).await;
+            Response::json(200, format!(r#"{{"revoked":true,"closed":{closed}}}"#))
         }))
     })
 }

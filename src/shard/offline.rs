@@ -118,15 +118,7 @@ impl Shard {
                 channel: kept.channel,
                 publication: kept.publication.to_sendable(),
             };
-            let reply = None;
-            self.route(
-                usize::from(shard),
-                MeshMsg::Direct {
-                    audience,
-                    direct,
-                    reply,
-                },
-            );
+            self.direct_to(shard, audience, direct, None);
         }
         self.counters.add(Counter::OfflineDelivered, delivered);
         let clear = OfflineOp::Clear {
@@ -153,16 +145,7 @@ impl Shard {
                     channel: channel.into(),
                     publication: publication.to_sendable(),
                 };
-                let reply = Some(reached.clone());
-                let audience = audience.clone();
-                self.route(
-                    usize::from(shard),
-                    MeshMsg::Direct {
-                        audience,
-                        direct,
-                        reply,
-                    },
-                );
+                self.direct_to(shard, audience.clone(), direct, Some(reached.clone()));
             }
             return;
         }
@@ -174,6 +157,22 @@ impl Shard {
         };
         let _ = reached;
         self.store_offline(row, Some(queued));
+    }
+
+    /// Send `direct` for `audience` to shard `shard`, whose count (if asked) goes to `reply`.
+    fn direct_to(
+        &self,
+        shard: u16,
+        audience: Audience,
+        direct: Direct,
+        reply: Option<flume::Sender<usize>>,
+    ) {
+        let msg = MeshMsg::Direct {
+            audience,
+            direct,
+            reply,
+        };
+        self.route(usize::from(shard), msg);
     }
 
     /// Keep a message for `user` within the bounds: the store's change, or `None` when the
