@@ -1,5 +1,6 @@
-//! A client's JSON text message through the parser the server uses (the raw member scan, then
-//! simd-json's tape and the decision checks), and the decision enrichment of what it accepts.
+//! A client's JSON text message (and HTTP API body) through the parser the server uses (the
+//! raw member scan, then simd-json's tape and the decision checks), and the decision
+//! enrichment of what it accepts.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -23,6 +24,17 @@ fuzz_target!(|data: &[u8]| {
             String::from_utf8_lossy(&enriched)
         );
     }
-    // The scan runs before simd-json has validated anything: it must take any bytes.
+    // The same text as an HTTP API body (the message without its type), and as a batch:
+    // whatever `validate` lets through, the raw scans must find whole items.
+    let _ = parser.parse_body("PUBLISH", data);
+    let _ = parser.parse_body("INGEST", data);
+    if parser.validate(data).is_ok() {
+        for item in shardcast::json::array_items(data).into_iter().flatten() {
+            let _ = parser.parse_body("PUBLISH", &data[item]);
+        }
+    }
+    // The scans run before simd-json has validated anything: they must take any bytes.
     let _ = shardcast::json::scan_object(data);
+    let _ = shardcast::json::array_items(data);
+    let _ = shardcast::json::too_deep(data);
 });

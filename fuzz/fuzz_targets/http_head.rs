@@ -30,6 +30,7 @@ fuzz_target!(|data: &[u8]| {
         scopes: Scopes::from_list(&[Scope::Admin]),
         exclusive: false,
         expires_ms: None,
+        grant: None,
     };
     let _ = shardcast::routes::api::decisions_query(&admin, &request.query);
     let categories = ["decisions".to_string(), "usage".to_string()];
