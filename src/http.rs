@@ -283,6 +283,7 @@ impl Response {
     pub fn to_bytes(&self, keep_alive: bool) -> Vec<u8> {
         let reason = match self.status {
             200 => "OK",
+            202 => "Accepted",
             204 => "No Content",
             400 => "Bad Request",
             401 => "Unauthorized",

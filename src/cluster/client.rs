@@ -466,6 +466,15 @@ impl Client {
         Ok(lost)
     }
 
+    /// PUBLISH `payload` on the PUB/SUB channel `channel`: how many connections heard it.
+    pub fn publish_raw(&mut self, channel: &str, payload: &[u8]) -> Result<u64, ClusterError> {
+        redis::cmd("PUBLISH")
+            .arg(channel)
+            .arg(payload)
+            .query::<u64>(&mut self.conn)
+            .map_err(unavailable)
+    }
+
     /// Whether the connection still reaches Redis (a PING).
     pub fn ping(&mut self) -> Result<(), ClusterError> {
         redis::cmd("PING")

@@ -55,6 +55,12 @@ impl Keys {
         format!("{}.node.{node}", self.prefix)
     }
 
+    /// The PUB/SUB channel every node hears: server API commands for every node
+    /// ([`Control`]).
+    pub fn control(&self) -> String {
+        format!("{}.control", self.prefix)
+    }
+
     /// The prefix, for scripts that name keys themselves.
     pub fn prefix(&self) -> &str {
         &self.prefix
@@ -271,9 +277,271 @@ impl<'a> Envelope<'a> {
     }
 }
 
+/// What the server API asks of the other nodes, on the control channel (every node) or a
+/// node's own channel (one node). Published by the node that took the request, which has
+/// done its own part already; a node ignores what it published itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Control {
+    /// `SYSTEM broadcast` with `data` to every connection (of `org`).
+    Broadcast {
+        /// Only this org's connections.
+        org: Option<String>,
+        /// Raw JSON.
+        data: Vec<u8>,
+    },
+    /// Close every connection of `user` (of `org`) with `code` and `reason`.
+    CloseUser {
+        /// The user.
+        user: String,
+        /// Only this org's connections.
+        org: Option<String>,
+        /// The close code.
+        code: u16,
+        /// The reason.
+        reason: String,
+    },
+    /// Close connection `conn` of shard `shard` (if of `org`) with `code` and `reason`.
+    CloseConn {
+        /// Its shard on the node.
+        shard: usize,
+        /// Its id on the shard.
+        conn: u64,
+        /// Only if of this org.
+        org: Option<String>,
+        /// The close code.
+        code: u16,
+        /// The reason.
+        reason: String,
+    },
+    /// A token revocation: refuse the tokens it covers, close their connections.
+    Revoke(crate::auth::Revocation),
+    /// A message numbered `seq` on `user`'s channel `channel`: to the user's connections
+    /// (of `org`) that are not its subscribers (those have it from Redis already).
+    ToUser {
+        /// The user.
+        user: String,
+        /// Only this org's connections.
+        org: Option<String>,
+        /// The user's channel.
+        channel: String,
+        /// Its seq.
+        seq: u64,
+        /// Raw JSON.
+        data: Vec<u8>,
+    },
+}
+
+/// What starts a control message on a node's channel (a kill switch starts with a hex digit).
+const CONTROL_MARK: u8 = b'!';
+
+impl Control {
+    /// The payload, from node `from` (boot id in hex): `!`, then length-prefixed fields
+    /// (`len:bytes`), the node and the kind first.
+    pub fn encode(&self, from: &str) -> Vec<u8> {
+        let org = |o: &Option<String>| o.as_deref().unwrap_or("").as_bytes().to_vec();
+        let fields: Vec<Vec<u8>> = match self {
+            Control::Broadcast { org: o, data } => vec![b"b".to_vec(), org(o), data.clone()],
+            Control::CloseUser {
+                user,
+                org: o,
+                code,
+                reason,
+            } => vec![
+                b"u".to_vec(),
+                user.as_bytes().to_vec(),
+                org(o),
+                code.to_string().into_bytes(),
+                reason.as_bytes().to_vec(),
+            ],
+            Control::CloseConn {
+                shard,
+                conn,
+                org: o,
+                code,
+                reason,
+            } => vec![
+                b"c".to_vec(),
+                shard.to_string().into_bytes(),
+                conn.to_string().into_bytes(),
+                org(o),
+                code.to_string().into_bytes(),
+                reason.as_bytes().to_vec(),
+            ],
+            Control::Revoke(r) => {
+                let (kind, value, o) = match &r.what {
+                    crate::auth::Revoked::Jti(jti) => ("j", jti.to_string(), None),
+                    crate::auth::Revoked::Sub { sub, org } => {
+                        ("s", sub.to_string(), org.as_deref().map(String::from))
+                    }
+                };
+                vec![
+                    b"r".to_vec(),
+                    kind.as_bytes().to_vec(),
+                    value.into_bytes(),
+                    org(&o),
+                    r.at_ms.to_string().into_bytes(),
+                    r.until_ms.to_string().into_bytes(),
+                ]
+            }
+            Control::ToUser {
+                user,
+                org: o,
+                channel,
+                seq,
+                data,
+            } => vec![
+                b"m".to_vec(),
+                user.as_bytes().to_vec(),
+                org(o),
+                channel.as_bytes().to_vec(),
+                seq.to_string().into_bytes(),
+                data.clone(),
+            ],
+        };
+        let mut out = vec![CONTROL_MARK];
+        for field in std::iter::once(from.as_bytes()).chain(fields.iter().map(Vec::as_slice)) {
+            out.extend_from_slice(field.len().to_string().as_bytes());
+            out.push(b':');
+            out.extend_from_slice(field);
+        }
+        out
+    }
+
+    /// Whether `payload` (on a node's channel) is a control message, not a kill switch.
+    pub fn is_control(payload: &[u8]) -> bool {
+        payload.first() == Some(&CONTROL_MARK)
+    }
+
+    /// The node it came from and the command.
+    pub fn parse(payload: &[u8]) -> Result<(String, Self), ClusterError> {
+        let bad = || ClusterError::Protocol("bad control message".into());
+        let mut rest = payload.strip_prefix(&[CONTROL_MARK]).ok_or_else(bad)?;
+        let mut fields: Vec<&[u8]> = Vec::new();
+        while !rest.is_empty() {
+            let colon = rest.iter().position(|b| *b == b':').ok_or_else(bad)?;
+            let len: usize = std::str::from_utf8(&rest[..colon])
+                .ok()
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(bad)?;
+            let field = rest.get(colon + 1..colon + 1 + len).ok_or_else(bad)?;
+            fields.push(field);
+            rest = &rest[colon + 1 + len..];
+        }
+        let text = |i: usize| -> Result<String, ClusterError> {
+            let field = fields.get(i).ok_or_else(bad)?;
+            String::from_utf8(field.to_vec()).map_err(|_| bad())
+        };
+        let number =
+            |i: usize| -> Result<u64, ClusterError> { text(i)?.parse().map_err(|_| bad()) };
+        let org = |i: usize| -> Result<Option<String>, ClusterError> {
+            Ok(Some(text(i)?).filter(|o| !o.is_empty()))
+        };
+        let raw = |i: usize| fields.get(i).map(|f| f.to_vec()).ok_or_else(bad);
+        let from = text(0)?;
+        let code = |i: usize| -> Result<u16, ClusterError> { text(i)?.parse().map_err(|_| bad()) };
+        let control = match fields.get(1).copied() {
+            Some(b"b") => Control::Broadcast {
+                org: org(2)?,
+                data: raw(3)?,
+            },
+            Some(b"u") => Control::CloseUser {
+                user: text(2)?,
+                org: org(3)?,
+                code: code(4)?,
+                reason: text(5)?,
+            },
+            Some(b"c") => Control::CloseConn {
+                shard: number(2)? as usize,
+                conn: number(3)?,
+                org: org(4)?,
+                code: code(5)?,
+                reason: text(6)?,
+            },
+            Some(b"r") => {
+                let what = match fields.get(2).copied() {
+                    Some(b"j") => crate::auth::Revoked::Jti(text(3)?.into()),
+                    Some(b"s") => crate::auth::Revoked::Sub {
+                        sub: text(3)?.into(),
+                        org: org(4)?.map(Into::into),
+                    },
+                    _ => return Err(bad()),
+                };
+                Control::Revoke(crate::auth::Revocation {
+                    what,
+                    at_ms: number(5)?,
+                    until_ms: number(6)?,
+                })
+            }
+            Some(b"m") => Control::ToUser {
+                user: text(2)?,
+                org: org(3)?,
+                channel: text(4)?,
+                seq: number(5)?,
+                data: raw(6)?,
+            },
+            _ => return Err(bad()),
+        };
+        Ok((from, control))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_messages_read_back_as_written_and_bad_ones_are_refused() {
+        let revocation = crate::auth::Revocation {
+            what: crate::auth::Revoked::Sub {
+                sub: "u1".into(),
+                org: Some("acme".into()),
+            },
+            at_ms: 5,
+            until_ms: 9,
+        };
+        let all = [
+            Control::Broadcast {
+                org: None,
+                data: b"{\"a\":\"1:2\"}".to_vec(),
+            },
+            Control::CloseUser {
+                user: "u1".into(),
+                org: Some("acme".into()),
+                code: 4001,
+                reason: "bye\n:".into(),
+            },
+            Control::CloseConn {
+                shard: 1,
+                conn: 42,
+                org: None,
+                code: 1000,
+                reason: String::new(),
+            },
+            Control::Revoke(revocation),
+            Control::ToUser {
+                user: "u1".into(),
+                org: None,
+                channel: "user:u1:notifications".into(),
+                seq: 7,
+                data: b"[]".to_vec(),
+            },
+        ];
+        for control in all {
+            let payload = control.encode("1a2b");
+            assert!(Control::is_control(&payload));
+            assert_eq!(Control::parse(&payload).unwrap(), ("1a2b".into(), control));
+        }
+        for bad in [
+            &b"1a2b-0-1 5 key"[..],
+            b"!",
+            b"!4:1a2b1:z",
+            b"!9:1a",
+            b"!x:",
+        ] {
+            assert!(Control::parse(bad).is_err(), "{bad:?}");
+        }
+        assert!(!Control::is_control(b"1a2b-0-1 5 key"));
+    }
 
     #[test]
     fn names_keep_channels_apart_and_pubsub_names_map_back() {

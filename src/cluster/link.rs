@@ -128,6 +128,14 @@ pub enum Op {
     },
     /// Keep the node's session locks (key, holder).
     Refresh(Vec<(String, String)>),
+    /// PUBLISH a control message (`keys::Control`) to every node, or to node `node` (its
+    /// boot id in hex). Not answered: the node that asked has done its own part.
+    Control {
+        /// One node, or all.
+        node: Option<String>,
+        /// The encoded message.
+        payload: Vec<u8>,
+    },
 }
 
 /// The answer to a [`Request`].
@@ -362,6 +370,14 @@ impl Worker {
             }
             Op::Release { key, holder } => {
                 let _ = self.with(|c| c.release(&key, &holder));
+                None
+            }
+            Op::Control { node, payload } => {
+                let keys = Keys::new(&self.settings.prefix);
+                let channel = node.map_or_else(|| keys.control(), |node| keys.node(&node));
+                if let Err(e) = self.with(|c| c.publish_raw(&channel, &payload)) {
+                    tracing::warn!("a server API command for the other nodes was lost: {e}");
+                }
                 None
             }
             Op::Refresh(locks) => {

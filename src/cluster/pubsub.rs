@@ -83,6 +83,9 @@ pub enum Incoming {
         /// When.
         at_ms: u64,
     },
+    /// A control message (`keys::Control`, still encoded) from the control channel or the
+    /// node's own: to shard 0, which acts for the node.
+    Control(Vec<u8>),
     /// A [`Wants::subscribe`] of `channel` has taken effect: every message published from
     /// now on arrives. Each call is answered once, to the channel's owner shard, unless the
     /// connection drops first: then it is answered after the next `Resubscribed`.
@@ -407,7 +410,8 @@ impl ControlThread {
         }
         let wanted: Vec<String> = self.wanted.iter().cloned().collect();
         let own = self.keys.node(&self.settings.node);
-        self.send(&[&b"SUBSCRIBE"[..], own.as_bytes()])?;
+        let control = self.keys.control();
+        self.send(&[&b"SUBSCRIBE"[..], own.as_bytes(), control.as_bytes()])?;
         self.send_batched("SUBSCRIBE", wanted.iter())?;
         // Answered after every SUBSCRIBE above: its PONG announces the subscriptions, and
         // confirms those a lost connection left unconfirmed.
@@ -432,6 +436,7 @@ impl ControlThread {
             tags: self.tags.clone(),
             keys: self.keys.clone(),
             own,
+            control_channel: control,
             route: self.route.clone(),
             incoming: self.incoming.clone(),
             control: self.self_tx.clone(),
@@ -490,6 +495,8 @@ struct Reader {
     keys: Keys,
     /// The node's own channel.
     own: String,
+    /// The control channel every node hears.
+    control_channel: String,
     route: Route,
     incoming: Arc<Vec<flume::Sender<Incoming>>>,
     control: flume::WeakSender<Control>,
@@ -515,7 +522,17 @@ impl Reader {
 
     /// Hand a message to its channel's owner shard, a kill switch to its connection's shard.
     fn route_message(&self, name: &[u8], payload: Vec<u8>) {
-        if name == self.own.as_bytes() {
+        let own = name == self.own.as_bytes();
+        let control = name == self.control_channel.as_bytes();
+        if control || (own && super::keys::Control::is_control(&payload)) {
+            if let Some(to) = self.incoming.first() {
+                // Waits for room, like a kill switch: a lost one would leave a connection
+                // open that the API closed, or a token working that it revoked.
+                let _ = to.send(Incoming::Control(payload));
+            }
+            return;
+        }
+        if own {
             match super::keys::Kill::parse(&payload) {
                 Ok(kill) => {
                     if let Some(to) = self.incoming.get(kill.shard) {

@@ -145,6 +145,8 @@ pub enum Event {
         /// When it was taken.
         at_ms: u64,
     },
+    /// Another node asks this one to do its part of a server API request (to shard 0).
+    Control(crate::cluster::keys::Control),
     /// Deliver `publication` to `channel`'s subscribers (events of a channel come in seq
     /// order).
     Publication {
@@ -260,6 +262,13 @@ pub trait Engine {
     /// come back as [`Event::LocksLost`].
     fn refresh_locks(&mut self, locks: Vec<(String, String)>) {
         let _ = locks;
+    }
+
+    /// Ask the other nodes (or node `node`, its boot id in hex) to do their part of a server
+    /// API request: false on one node, which has no others.
+    fn tell_nodes(&mut self, control: &crate::cluster::keys::Control, node: Option<&str>) -> bool {
+        let _ = (control, node);
+        false
     }
 
     /// Too much is waiting for the engine: publishers should pause.

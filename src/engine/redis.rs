@@ -21,7 +21,9 @@ use std::rc::Rc;
 
 use super::history::{Found, Limits, Ring};
 use super::{Arrival, Engine, Event, Numbered};
-use crate::cluster::keys::{connection_place, member_bytes, parse_member, redis_for, Heard};
+use crate::cluster::keys::{
+    connection_place, member_bytes, parse_member, redis_for, Control, Heard,
+};
 use crate::cluster::link::{Completion, Op, Request};
 use crate::cluster::node::Instance;
 use crate::cluster::order::{Order, Step};
@@ -550,12 +552,34 @@ impl Engine for Redis {
             Input::PubSub(Incoming::Subscribed { channel }) => self.confirmed(&channel),
             Input::PubSub(Incoming::Resubscribed { redis }) => self.reconnected(redis),
             Input::PubSub(Incoming::Down { redis }) => self.down[redis] = true,
+            Input::PubSub(Incoming::Control(payload)) => match Control::parse(&payload) {
+                // Its own: done already, where the request was taken.
+                Ok((from, _)) if from == self.boot => {}
+                Ok((_, control)) => self.events.push_back(Event::Control(control)),
+                Err(e) => tracing::warn!(shard = self.shard, "{e}"),
+            },
         }
         self.take_steps(at);
     }
 
     fn congested(&self) -> bool {
         self.in_flight >= self.max_in_flight
+    }
+
+    fn tell_nodes(&mut self, control: &Control, node: Option<&str>) -> bool {
+        let Some(first) = self.instances.first() else {
+            return false;
+        };
+        let op = Op::Control {
+            node: node.map(str::to_owned),
+            payload: control.encode(&self.boot),
+        };
+        let request = Request {
+            shard: self.shard,
+            token: 0,
+            op,
+        };
+        first.link.send(request).is_ok()
     }
 
     fn presence(&mut self, channel: &str, set: &[&Member], removed: &[&str]) {

@@ -9,6 +9,7 @@ use super::write::{bad, respond};
 use super::Route;
 use crate::auth::Channel;
 use crate::clock::Now;
+use crate::cluster::keys::Control;
 use crate::codes::{Close, ErrorCode};
 use crate::http::{self, Response};
 use crate::json;
@@ -225,10 +226,29 @@ pub fn disconnect(shard: &Shard, request: &http::Request) -> Route {
         let id = http::percent_decode(id);
         let place = crate::cluster::keys::connection_place(&id);
         let here = format!("{:x}", shard.global.boot_id);
-        let Some((_, s, conn)) = place.filter(|(node, s, _)| *node == here && *s < shard.nshards)
+        let Some((node, s, conn)) =
+            place.filter(|(node, s, _)| *node != here || *s < shard.nshards)
         else {
             return Err(not_found(&id));
         };
+        if node != here {
+            // Another node's: it closes it, if it has it (a single node has no others).
+            let control = Control::CloseConn {
+                shard: s,
+                conn,
+                org: org.as_deref().map(String::from),
+                code: close.code(),
+                reason: reason.to_string(),
+            };
+            let hex = node.bytes().all(|b| b.is_ascii_hexdigit());
+            if !hex || !shard.tell_nodes(control, Some(node)) {
+                return Err(not_found(&id));
+            }
+            let mut body = br#"{"forwarded":"#.to_vec();
+            json::push_str(&mut body, node);
+            body.push(b'}');
+            return Err(Response::json(202, body));
+        }
         let (reply, reached) = flume::bounded(1);
         let msg = MeshMsg::Direct {
             // Only a connection of the caller's org is closed.
@@ -258,6 +278,14 @@ pub fn disconnect_user(shard: &Shard, request: &http::Request) -> Route {
         let org = acting_org(&principal, None)?;
         let (close, reason) = close_of(&request.query)?;
         let user = user_of(request, "/connections")?;
+        let control = Control::CloseUser {
+            user: user.clone(),
+            org: org.as_deref().map(String::from),
+            code: close.code(),
+            reason: reason.to_string(),
+        };
+        // The other nodes close theirs; `closed` counts this node's.
+        shard.tell_nodes(control, None);
         let audience = Audience::User {
             user: user.into(),
             org,

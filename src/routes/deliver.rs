@@ -11,6 +11,7 @@ use super::write::{bad, refused, respond, Body};
 use super::{Pending, Route};
 use crate::auth::Principal;
 use crate::clock::Now;
+use crate::cluster::keys::Control;
 use crate::codes::ErrorCode;
 use crate::config::Scope;
 use crate::dialect::Answer;
@@ -269,6 +270,12 @@ pub fn broadcast(shard: &Shard, request: &http::Request) -> Route {
         let body = Body::read(shard, request)?;
         let org = acting_org(&principal, body.text("org")?.as_deref())?;
         let data = body.raw("data").ok_or_else(|| bad("missing \"data\""))?;
+        let control = Control::Broadcast {
+            org: org.as_deref().map(String::from),
+            data: data.to_vec(),
+        };
+        // The other nodes reach theirs; `reached` counts this node's.
+        shard.tell_nodes(control, None);
         let direct = Direct::Broadcast(data.to_vec());
         Ok(direct_everywhere(
             shard,

@@ -15,6 +15,7 @@ use super::deliver::{ask_every_shard, total};
 use super::write::{bad, respond, Body};
 use super::Route;
 use crate::auth::{Principal, Revocation, Revoked};
+use crate::cluster::keys::Control;
 use crate::codes::ErrorCode;
 use crate::config::Scope;
 use crate::http::{self, Response};
@@ -237,8 +238,10 @@ pub fn revoke(shard: &Rc<Shard>, request: &http::Request) -> Route {
             }
             let closed = ask_every_shard(&shard, |reply| MeshMsg::Revoke {
                 revocation: revocation.clone(),
-                reply,
+                reply: Some(reply),
             });
+            // The other nodes do the same (their connections' count is not waited for).
+            shard.tell_nodes(Control::Revoke(revocation), None);
             let closed = total(closed).await;
             Response::json(200, format!(r#"{{"revoked":true,"closed":{closed}}}"#))
         }))

@@ -11,6 +11,7 @@ use smallvec::SmallVec;
 use super::{MeshMsg, Peer, Phase, Shard};
 use crate::auth::Principal;
 use crate::clock::Now;
+use crate::cluster::keys::Control;
 use crate::codes::Close;
 use crate::dialect::{Dialect, Publication, Reply};
 
@@ -271,6 +272,99 @@ impl Shard {
         }
         self.auth.revoke(revocation);
         closed
+    }
+
+    /// Ask the other nodes (or node `node`, its boot id in hex) to do their part of a server
+    /// API request: false on one node, which has no others.
+    pub fn tell_nodes(&self, control: Control, node: Option<&str>) -> bool {
+        self.engine.borrow_mut().tell_nodes(&control, node)
+    }
+
+    /// Another node's server API request: this node's part, sent to its shards (shard 0
+    /// hears them for the node).
+    pub(super) fn controlled(&self, control: Control) {
+        let every_shard = |make: &dyn Fn() -> MeshMsg| {
+            for shard in 0..self.nshards {
+                self.route(shard, make());
+            }
+        };
+        let boxed = |org: Option<String>| org.map(Into::into);
+        match control {
+            Control::Broadcast { org, data } => {
+                let audience = Audience::Org(boxed(org));
+                every_shard(&|| MeshMsg::Direct {
+                    audience: audience.clone(),
+                    direct: Direct::Broadcast(data.clone()),
+                    reply: None,
+                });
+            }
+            Control::CloseUser {
+                user,
+                org,
+                code,
+                reason,
+            } => {
+                let audience = Audience::User {
+                    user: user.into(),
+                    org: boxed(org),
+                };
+                let direct = Direct::Close {
+                    close: Close::Requested(code),
+                    reason: reason.into(),
+                };
+                every_shard(&|| MeshMsg::Direct {
+                    audience: audience.clone(),
+                    direct: direct.clone(),
+                    reply: None,
+                });
+            }
+            Control::CloseConn {
+                shard,
+                conn,
+                org,
+                code,
+                reason,
+            } if shard < self.nshards => {
+                let msg = MeshMsg::Direct {
+                    audience: Audience::Conn {
+                        conn,
+                        org: boxed(org),
+                    },
+                    direct: Direct::Close {
+                        close: Close::Requested(code),
+                        reason: reason.into(),
+                    },
+                    reply: None,
+                };
+                self.route(shard, msg);
+            }
+            Control::CloseConn { .. } => {}
+            Control::Revoke(revocation) => every_shard(&|| MeshMsg::Revoke {
+                revocation: revocation.clone(),
+                reply: None,
+            }),
+            Control::ToUser {
+                user,
+                org,
+                channel,
+                seq,
+                data,
+            } => {
+                let owner = super::offline::owner_of_user(&user, self.nshards);
+                let publication = Publication {
+                    seq,
+                    kind: crate::dialect::Kind::Message,
+                    data,
+                };
+                let msg = MeshMsg::UserMessage {
+                    user: user.into(),
+                    org: boxed(org),
+                    channel: channel.into(),
+                    publication,
+                };
+                self.route(owner, msg);
+            }
+        }
     }
 
     /// Send `msg` to shard `to` (this one too) at `now`, from the server API.

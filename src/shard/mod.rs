@@ -279,8 +279,20 @@ pub enum MeshMsg {
     Revoke {
         /// What is revoked.
         revocation: crate::auth::Revocation,
-        /// Where the count goes.
-        reply: flume::Sender<usize>,
+        /// Where the count goes, if anyone asks.
+        reply: Option<flume::Sender<usize>>,
+    },
+    /// To the owner of `user`'s channels: a message another node numbered on one of them, for
+    /// the user's connections on this node that are not its subscribers.
+    UserMessage {
+        /// The user.
+        user: Box<str>,
+        /// Only this org's connections.
+        org: Option<Box<str>>,
+        /// The user's channel.
+        channel: Box<str>,
+        /// The message.
+        publication: Publication<Vec<u8>>,
     },
     /// To one shard: a page of its connections, with its totals (the server API).
     Connections {
@@ -1619,6 +1631,7 @@ impl Shard {
                 Some(Event::LocksLost(locks)) => self.locks_lost(locks),
                 // At the next tick.
                 Some(Event::Reconnected) => self.next_refresh_ms.set(0),
+                Some(Event::Control(control)) => self.controlled(control),
                 Some(Event::Kill { conn, key, at_ms }) => self.killed(conn, &key, at_ms),
             }
         }
@@ -2111,7 +2124,21 @@ impl Shard {
                 let _ = reply.send(kept);
             }
             MeshMsg::Revoke { revocation, reply } => {
-                let _ = reply.send(self.revoke(revocation));
+                let closed = self.revoke(revocation);
+                if let Some(reply) = reply {
+                    let _ = reply.send(closed);
+                }
+            }
+            MeshMsg::UserMessage {
+                user,
+                org,
+                channel,
+                publication,
+            } => {
+                let publication = publication.into_shared();
+                // Nobody waits for its count.
+                let (reached, _) = flume::bounded(1);
+                self.to_connected(&user, org, &channel, &publication, reached);
             }
             MeshMsg::Connections {
                 filter,

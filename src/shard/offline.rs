@@ -15,6 +15,7 @@ use smallvec::SmallVec;
 
 use super::directory::{Audience, Direct, ToUser};
 use super::{MeshMsg, Shard};
+use crate::cluster::keys::Control;
 use crate::dialect::{Kind, Publication};
 use crate::metrics::Counter;
 use crate::storage::{self, OfflineOp, OfflineRow};
@@ -129,27 +130,34 @@ impl Shard {
     }
 
     /// At the owner, once `publication` is numbered on `user`'s `channel`: to the shards
-    /// with the user's connections, or kept for when there are some.
+    /// with the user's connections, or kept for when there are some. In a cluster the other
+    /// nodes are told too, and nothing is kept (a node does not know where else the user
+    /// is connected).
     pub(super) fn user_message(&self, channel: &str, publication: &Publication, to: ToUser) {
-        let shards = self.offline.borrow().online.get(&*to.user).cloned();
         let ToUser {
             user,
             org,
             reached,
             queued,
         } = to;
-        if let Some(shards) = shards {
-            let audience = Audience::User { user, org };
-            for shard in shards {
-                let direct = Direct::Publication {
-                    channel: channel.into(),
-                    publication: publication.to_sendable(),
-                };
-                self.direct_to(shard, audience.clone(), direct, Some(reached.clone()));
-            }
-            return;
+        if !self.engine.borrow().numbers_locally() {
+            let control = Control::ToUser {
+                user: user.to_string(),
+                org: org.as_deref().map(String::from),
+                channel: channel.into(),
+                seq: publication.seq,
+                data: publication.data.to_vec(),
+            };
+            self.tell_nodes(control, None);
+            return self.to_connected(&user, org, channel, publication, reached);
         }
         if !self.config.offline.enabled {
+            return self.to_connected(&user, org, channel, publication, reached);
+        }
+        // Kept if the user has no connection here as far as this owner knows. One being
+        // opened right now (its shard's word still on the way) gets it right after, in order,
+        // with what was kept before.
+        if self.to_online(&user, org.clone(), channel, publication, Some(reached)) {
             return;
         }
         let Some(row) = self.keep_offline(&user, org, channel, publication) else {
@@ -157,6 +165,68 @@ impl Shard {
         };
         let _ = reached;
         self.store_offline(row, Some(queued));
+    }
+
+    /// At the owner: `publication` of `user`'s `channel` to the shards of this node with
+    /// connections of the user (of `org`), each counting on `reached`; false when there are
+    /// none.
+    pub(super) fn to_online(
+        &self,
+        user: &str,
+        org: Option<Box<str>>,
+        channel: &str,
+        publication: &Publication,
+        reached: Option<flume::Sender<usize>>,
+    ) -> bool {
+        let shards = self.offline.borrow().online.get(user).cloned();
+        let Some(shards) = shards else {
+            return false;
+        };
+        let audience = Audience::User {
+            user: user.into(),
+            org,
+        };
+        for shard in shards {
+            let direct = Direct::Publication {
+                channel: channel.into(),
+                publication: publication.to_sendable(),
+            };
+            self.direct_to(shard, audience.clone(), direct, reached.clone());
+        }
+        true
+    }
+
+    /// At the owner: `publication` to the user's connections on this node, without keeping
+    /// it: to the shards the owner knows of, or, knowing of none, to every shard (a
+    /// connection of the user may be opening, its shard's word still on the way).
+    pub(super) fn to_connected(
+        &self,
+        user: &str,
+        org: Option<Box<str>>,
+        channel: &str,
+        publication: &Publication,
+        reached: flume::Sender<usize>,
+    ) {
+        let reply = Some(reached.clone());
+        if self.to_online(user, org.clone(), channel, publication, reply) {
+            return;
+        }
+        let audience = Audience::User {
+            user: user.into(),
+            org,
+        };
+        for shard in 0..self.nshards {
+            let direct = Direct::Publication {
+                channel: channel.into(),
+                publication: publication.to_sendable(),
+            };
+            self.direct_to(
+                shard as u16,
+                audience.clone(),
+                direct,
+                Some(reached.clone()),
+            );
+        }
     }
 
     /// Send `direct` for `audience` to shard `shard`, whose count (if asked) goes to `reply`.
