@@ -376,6 +376,11 @@ impl Authenticator {
         }
     }
 
+    /// Revocations in force.
+    pub fn revocations(&self) -> usize {
+        self.revoked.borrow().len()
+    }
+
     /// Forget revocations past their `until_ms` (`now_ms`: Unix ms).
     pub fn expire_revocations(&self, now_ms: u64) {
         self.revoked.borrow_mut().retain(|_, r| r.until_ms > now_ms);

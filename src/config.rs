@@ -189,6 +189,9 @@ pub struct Auth {
     /// The longest life of a token `POST /api/tokens` issues, in seconds; revocations are
     /// kept this long (plus the leeway).
     pub max_token_secs: u64,
+    /// Most revocations in force at once (each shard keeps them all); past it
+    /// `POST /api/tokens/revoke` is refused until some expire.
+    pub max_revocations: usize,
 }
 
 /// Channel naming rules.
@@ -593,6 +596,7 @@ impl Default for Auth {
             refuse_with: RefuseWith::Close,
             token_grace_ms: 30_000,
             max_token_secs: 7 * 86_400,
+            max_revocations: 100_000,
         }
     }
 }

@@ -970,3 +970,27 @@ fn a_user_that_has_just_connected_gets_what_is_sent_at_once() {
         assert_eq!(message(&mut client, &channel).1, json!(n));
     }
 }
+
+#[test]
+fn revocations_in_force_are_bounded() {
+    let server = Server::start("[auth]\nmax_revocations = 2\n");
+    for jti in ["a", "b"] {
+        let (status, _) = post(
+            server.addr,
+            "/api/tokens/revoke",
+            ADMIN,
+            &json!({"jti": jti}),
+        );
+        assert_eq!(status, 200);
+    }
+    let (status, refused) = post(
+        server.addr,
+        "/api/tokens/revoke",
+        ADMIN,
+        &json!({"jti": "c"}),
+    );
+    assert_eq!(
+        (status, refused["error"].as_str()),
+        (503, Some("overloaded"))
+    );
+}

@@ -204,6 +204,14 @@ pub fn revoke(shard: &Rc<Shard>, request: &http::Request) -> Route {
             _ => return Err(bad("send \"jti\" or \"sub\" (one of them)")),
         };
         let auth = &shard.config.auth;
+        if shard.auth.revocations() >= auth.max_revocations {
+            let message = format!(
+                "{} revocations are in force, auth.max_revocations: retry once some expire",
+                auth.max_revocations
+            );
+            let response = Response::error(503, ErrorCode::Overloaded, &message);
+            return Err(response.header("Retry-After", "60"));
+        }
         let now = crate::decision::unix_ms();
         let lasts = auth
             .max_token_secs
