@@ -900,6 +900,11 @@ fn messages_to_a_user_not_connected_wait_for_it_in_order_and_survive_a_restart()
     let (_, queue) = get(&server, "/api/users/u7/queue", ACME);
     assert_eq!(queue["messages"], json!([]));
     server.wait_metric("shardcast_offline_delivered_total", 3);
+    let deadline = std::time::Instant::now() + common::WAIT;
+    while server.metric("shardcast_offline_messages") != 0 {
+        assert!(std::time::Instant::now() < deadline, "the gauge stays up");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     drop(u7);
 
     // Deleted through the API: nothing is delivered.

@@ -9,6 +9,8 @@
 //! (one reader thread) so that a restart delivers it still.
 
 use std::collections::{HashMap, VecDeque};
+
+use indexmap::IndexMap;
 use std::rc::Rc;
 
 use smallvec::SmallVec;
@@ -19,6 +21,9 @@ use crate::cluster::keys::Control;
 use crate::dialect::{Kind, Publication};
 use crate::metrics::Counter;
 use crate::storage::{self, OfflineOp, OfflineRow};
+
+/// Users' queues an expiry sweep looks at.
+const SWEEP_QUEUES: usize = 1_024;
 
 /// A message kept for a user.
 #[derive(Debug, Clone)]
@@ -52,9 +57,13 @@ pub(super) struct Offline {
     /// The shards of this node with connections of each user.
     online: HashMap<Box<str>, SmallVec<[u16; 2]>>,
     /// Messages kept for users not connected.
-    queues: HashMap<Box<str>, Queue>,
+    queues: IndexMap<Box<str>, Queue>,
+    /// Where the next expiry sweep starts among `queues` (each sweep looks at a slice).
+    sweep_at: usize,
     /// Their bytes, all users together.
     bytes: usize,
+    /// Their number, all users together.
+    kept: usize,
     /// The last `ord` given.
     ord: i64,
 }
@@ -62,7 +71,7 @@ pub(super) struct Offline {
 impl Offline {
     /// Messages kept, all users together.
     pub fn len(&self) -> usize {
-        self.queues.values().map(|q| q.messages.len()).sum()
+        self.kept
     }
 }
 
@@ -102,11 +111,13 @@ impl Shard {
         if !shards.contains(&shard) {
             shards.push(shard);
         }
-        let Some(queue) = offline.queues.remove(user) else {
+        let Some(queue) = offline.queues.swap_remove(user) else {
             return;
         };
         offline.bytes -= queue.bytes;
+        offline.kept -= queue.messages.len();
         drop(offline);
+        self.recount_offline();
         let now = self.now().unix_ms;
         let mut delivered = 0;
         for kept in queue.messages.into_iter().filter(|k| k.expires_ms > now) {
@@ -288,6 +299,7 @@ impl Shard {
             dropped.push(old.id.to_string());
         }
         offline.bytes = offline.bytes + size - freed;
+        offline.kept = offline.kept + 1 - dropped.len();
         drop(offline);
         self.recount_offline();
         self.counters
@@ -340,17 +352,18 @@ impl Shard {
         let Some(queue) = offline.queues.get_mut(user) else {
             return;
         };
-        let before = queue.bytes;
+        let (before, count) = (queue.bytes, queue.messages.len());
         queue.messages.retain(|k| !sent_by(k, org));
         queue.bytes = queue
             .messages
             .iter()
             .map(|k| k.publication.data.len())
             .sum();
-        let freed = before - queue.bytes;
+        let (freed, gone) = (before - queue.bytes, count - queue.messages.len());
         if queue.messages.is_empty() {
-            offline.queues.remove(user);
+            offline.queues.swap_remove(user);
         }
+        offline.kept -= gone;
         offline.bytes -= freed;
         drop(offline);
         self.recount_offline();
@@ -361,21 +374,36 @@ impl Shard {
         self.store_offline(clear, None);
     }
 
-    /// Drop what has waited past its `ttl_secs` (the store drops its rows on the next change).
+    /// Drop what has waited past its `ttl_secs`, looking at the next [`SWEEP_QUEUES`] users'
+    /// queues (a sweep of every user at once would hold the shard for as long as there are
+    /// users); the store drops its rows on its next change.
     pub(super) fn expire_offline(&self) {
         let now = self.now().unix_ms;
         let mut offline = self.offline.borrow_mut();
-        let mut freed = 0;
-        offline.queues.retain(|_, queue| {
+        let (mut freed, mut gone) = (0, 0);
+        let mut at = offline.sweep_at;
+        for _ in 0..SWEEP_QUEUES {
+            let Some((_, queue)) = offline.queues.get_index_mut(at) else {
+                at = 0;
+                break;
+            };
             while queue.messages.front().is_some_and(|k| k.expires_ms <= now) {
                 if let Some(old) = queue.messages.pop_front() {
                     queue.bytes -= old.publication.data.len();
                     freed += old.publication.data.len();
+                    gone += 1;
                 }
             }
-            !queue.messages.is_empty()
-        });
+            if queue.messages.is_empty() {
+                // The last one takes its place: looked at next.
+                offline.queues.swap_remove_index(at);
+            } else {
+                at += 1;
+            }
+        }
+        offline.sweep_at = at;
         offline.bytes -= freed;
+        offline.kept -= gone;
         drop(offline);
         self.recount_offline();
     }
@@ -402,6 +430,7 @@ impl Shard {
             };
             let size = kept.publication.data.len();
             offline.bytes += size;
+            offline.kept += 1;
             let queue = offline.queues.entry(row.user.as_str().into()).or_default();
             queue.bytes += size;
             queue.messages.push_back(kept);
