@@ -146,8 +146,9 @@ fn send(
     })
 }
 
-/// Wait for a send's seq and reach: its result object, or the error that stopped it.
-async fn outcome(sending: Sending) -> Result<Vec<u8>, Response> {
+/// Wait for a send's seq and reach: its result object and the connections it reached, or
+/// the error that stopped it.
+async fn outcome(sending: Sending) -> Result<(Vec<u8>, usize), Response> {
     let seq = match sending.answer.recv_async().await {
         Ok(Answer::PublishAck { seq, .. }) => seq,
         Ok(Answer::Error { code, message, .. }) => {
@@ -179,7 +180,7 @@ async fn outcome(sending: Sending) -> Result<Vec<u8>, Response> {
     } else {
         br#","queued":false}"#
     });
-    Ok(out)
+    Ok((out, reached))
 }
 
 /// `POST /api/users/{userId}/send {data, event?, category?, idempotencyKey?}` →
@@ -194,7 +195,7 @@ pub fn send_to_user(shard: &Shard, request: &http::Request) -> Route {
         let sending = send(shard, &user, org, &message)?;
         Ok(Box::pin(async move {
             match outcome(sending).await {
-                Ok(body) => Response::json(200, body),
+                Ok((body, _)) => Response::json(200, body),
                 Err(response) => response,
             }
         }))
@@ -231,8 +232,8 @@ pub fn send_to_users(shard: &Shard, request: &http::Request) -> Route {
                     Err(refused) => Err(refused),
                 };
                 match result {
-                    Ok(body) => {
-                        total += reached_of(&body);
+                    Ok((body, reached)) => {
+                        total += reached as u64;
                         out.extend_from_slice(&body);
                     }
                     Err(refused) if refused.status() == 503 => return refused,
@@ -251,14 +252,6 @@ pub fn send_to_users(shard: &Shard, request: &http::Request) -> Route {
             Response::json(200, out)
         }))
     })
-}
-
-/// The `reached` figure of a send's result object.
-fn reached_of(result: &[u8]) -> u64 {
-    json::object_members(result)
-        .and_then(|members| json::member(result, &members, "reached"))
-        .and_then(|raw| std::str::from_utf8(raw).ok()?.parse().ok())
-        .unwrap_or(0)
 }
 
 /// `POST /api/broadcast {data, org?}` → `{"reached":N}`: `{"type":"SYSTEM",

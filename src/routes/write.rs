@@ -40,11 +40,9 @@ pub fn publish(shard: &Shard, request: &http::Request) -> Route {
 pub fn publish_batch(shard: &Shard, request: &http::Request) -> Route {
     respond(|| {
         let principal = principal(shard, request)?;
-        writable(shard, request)?;
-        let body = &request.body;
-        shard.parser.borrow_mut().validate(body).map_err(refused)?;
-        let members = json::object_members(body).ok_or_else(|| bad("body must be an object"))?;
-        let items = json::member(body, &members, "messages")
+        let body = Body::read(shard, request)?;
+        let items = body
+            .raw("messages")
             .and_then(|list| Some((list, json::array_items(list)?)))
             .ok_or_else(|| bad("\"messages\" must be an array of messages"))?;
         let (list, items) = items;
