@@ -80,7 +80,7 @@ impl Grant {
 }
 
 /// A revoked token (`jti`), or every token of a user issued at or before `at_ms`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
 pub struct Revocation {
     /// What is revoked.
     pub what: Revoked,
@@ -91,7 +91,7 @@ pub struct Revocation {
 }
 
 /// What a [`Revocation`] covers.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, Deserialize)]
 pub enum Revoked {
     /// The token with this `jti`.
     Jti(Box<str>),

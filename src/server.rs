@@ -439,6 +439,16 @@ async fn run_shard(
         glommio::spawn_local(timed(shard.clone(), Task::Cluster, async move {
             while let Ok(incoming) = incoming.recv_async().await {
                 heard.heard(Input::PubSub(incoming), Now::read());
+                // Other nodes' questions: this node's part, gathered from its shards.
+                for (to, part) in heard.take_answering() {
+                    let shard = heard.clone();
+                    glommio::spawn_local(async move {
+                        if let Some(answer) = part.gather().await {
+                            shard.answer_node(to, answer);
+                        }
+                    })
+                    .detach();
+                }
             }
         }))
         .detach();

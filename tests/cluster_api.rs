@@ -44,8 +44,8 @@ fn broadcasts_and_messages_to_a_user_reach_the_other_node() {
     let (status, sent) = post(a.addr, "/api/broadcast", ACME, &json!({"data": {"m": 1}}));
     assert_eq!(
         (status, &sent["reached"]),
-        (200, &json!(1)),
-        "{sent}: this node's count"
+        (200, &json!(2)),
+        "{sent}: both nodes' connections"
     );
     for client in [&mut on_a, &mut on_b] {
         assert_eq!(
@@ -56,7 +56,11 @@ fn broadcasts_and_messages_to_a_user_reach_the_other_node() {
     for n in 1..=3 {
         let (status, sent) = post(a.addr, "/api/users/u1/send", ACME, &json!({"data": n}));
         assert_eq!(status, 200, "{sent}");
-        assert_eq!(sent["seq"], n, "{sent}");
+        assert_eq!(
+            (&sent["seq"], &sent["reached"]),
+            (&json!(n), &json!(2)),
+            "{sent}"
+        );
     }
     for client in [&mut on_a, &mut on_b] {
         for n in 1..=3 {
@@ -85,7 +89,7 @@ fn disconnects_and_revocations_reach_the_other_node() {
         &headers,
         "",
     );
-    assert_eq!(status, 200, "{text}");
+    assert_eq!((status, &*text), (200, r#"{"closed":2}"#));
     assert_eq!(on_a.recv_close(), Some(4001));
     assert_eq!(on_b.recv_close(), Some(4001));
 
@@ -96,14 +100,13 @@ fn disconnects_and_revocations_reach_the_other_node() {
         on_b.connection_id
     );
     let (status, text) = http_request(a.addr, "DELETE", &path, &headers, "");
-    assert_eq!(status, 202, "{text}");
-    let forwarded: Value = serde_json::from_str(&text).unwrap();
-    assert!(
-        on_b.connection_id
-            .starts_with(forwarded["forwarded"].as_str().unwrap()),
-        "{text}"
-    );
+    assert_eq!((status, &*text), (200, r#"{"closed":1}"#));
     assert_eq!(on_b.recv_close(), Some(4002));
+    // Gone now, and a node that does not exist: nobody closes it.
+    let (status, text) = http_request(a.addr, "DELETE", &path, &headers, "");
+    assert_eq!(status, 404, "{text}");
+    let (status, text) = http_request(a.addr, "DELETE", "/api/connections/abc-0-1", &headers, "");
+    assert_eq!(status, 404, "{text}");
 
     // A token revoked on A: closed on B, and refused there from then on.
     let mut on_b = user_client(&b, "u4");
@@ -113,10 +116,93 @@ fn disconnects_and_revocations_reach_the_other_node() {
         ADMIN,
         &json!({"jti": "u4-jti"}),
     );
-    assert_eq!(status, 200, "{revoked}");
+    assert_eq!((status, &revoked["closed"]), (200, &json!(1)), "{revoked}");
     assert_eq!(on_b.recv_close(), Some(4403));
     let token =
         jwt_with(json!({"sub": "u4", "org": "acme", "exp": unix_now() + 3600, "jti": "u4-jti"}));
     let mut again = Client::connect(b.addr, &format!("/ws?token={token}")).expect("upgrade");
     assert_eq!(again.recv_close(), Some(4403));
+}
+
+#[test]
+fn connections_users_and_channels_are_answered_by_every_node() {
+    let Some((a, b)) = two_nodes("cluster_api_list") else {
+        return;
+    };
+    let mut q1_a = user_client(&a, "q1");
+    q1_a.subscribe(&["org:acme:notifications"]);
+    let mut q1_b = user_client(&b, "q1");
+    q1_b.subscribe(&["org:acme:notifications", "org:acme:usage"]);
+    let q2_b = user_client(&b, "q2");
+    let key = format!("X-API-Key: {ACME}\r\n");
+    let get = |path: &str| {
+        let (status, text) = http_get(a.addr, path, &key);
+        assert_eq!(status, 200, "{path}: {text}");
+        serde_json::from_str::<Value>(&text).unwrap()
+    };
+
+    let user = get("/api/users/q1");
+    assert_eq!(user["online"], true, "{user}");
+    let mut ids: Vec<&str> = user["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["connectionId"].as_str().unwrap())
+        .collect();
+    ids.sort_unstable();
+    let mut expected = [q1_a.connection_id.as_str(), q1_b.connection_id.as_str()];
+    expected.sort_unstable();
+    assert_eq!(ids, expected, "{user}");
+    assert_eq!(
+        user["channels"],
+        json!(["org:acme:notifications", "org:acme:usage"])
+    );
+
+    let channels = get("/api/channels?prefix=org:acme:");
+    assert_eq!(
+        channels,
+        json!({"channels": [{"channel": "org:acme:notifications", "subscribers": 2},
+            {"channel": "org:acme:usage", "subscribers": 1}], "nextCursor": null})
+    );
+    let first = get("/api/channels?prefix=org:acme:&limit=1");
+    assert_eq!(first["nextCursor"], "org:acme:notifications", "{first}");
+    let second = get("/api/channels?prefix=org:acme:&limit=1&cursor=org:acme:notifications");
+    assert_eq!(
+        second["channels"][0]["channel"], "org:acme:usage",
+        "{second}"
+    );
+    assert_eq!(second["nextCursor"], Value::Null, "{second}");
+
+    // Every connection once, a page of one at a time, across both nodes.
+    let all = get("/api/connections");
+    assert_eq!(all["totals"]["connections"], 3, "{all}");
+    assert_eq!(all["totals"]["orgs"]["acme"], 3, "{all}");
+    let per_node: Vec<u64> = all["totals"]["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["connections"].as_u64().unwrap())
+        .collect();
+    assert_eq!(per_node.iter().sum::<u64>(), 3, "{all}");
+    assert_eq!(per_node.len(), 2, "{all}");
+    let mut seen = Vec::new();
+    let mut path = "/api/connections?limit=1".to_owned();
+    loop {
+        let page = get(&path);
+        let conns = page["connections"].as_array().unwrap();
+        assert_eq!(conns.len(), 1, "{page}");
+        seen.push(conns[0]["connectionId"].as_str().unwrap().to_owned());
+        match page["nextCursor"].as_str() {
+            Some(next) => path = format!("/api/connections?limit=1&cursor={next}"),
+            None => break,
+        }
+    }
+    let mut expected: Vec<String> = [&q1_a, &q1_b, &q2_b]
+        .iter()
+        .map(|c| c.connection_id.clone())
+        .collect();
+    expected.sort_unstable();
+    let mut sorted = seen.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, expected, "each connection once: {seen:?}");
 }

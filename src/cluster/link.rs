@@ -128,8 +128,8 @@ pub enum Op {
     },
     /// Keep the node's session locks (key, holder).
     Refresh(Vec<(String, String)>),
-    /// PUBLISH a control message (`keys::Control`) to every node, or to node `node` (its
-    /// boot id in hex). Not answered: the node that asked has done its own part.
+    /// PUBLISH a control message (`control::Control`) to every node, or to node `node` (its
+    /// boot id in hex). Answered (`Completion::Told`) only with a token other than 0.
     Control {
         /// One node, or all.
         node: Option<String>,
@@ -171,6 +171,14 @@ pub enum Completion {
         token: u64,
         /// Granted, or refused, or why it could not be asked.
         result: Result<Claimed, ClusterError>,
+    },
+    /// How many PUB/SUB connections heard a control message (nodes, the sender's own
+    /// included when it listens on that channel), or why not.
+    Told {
+        /// The request's token.
+        token: u64,
+        /// The receivers.
+        heard: Result<u64, ClusterError>,
     },
     /// A refresh's outcome: the locks of the request (key, holder) that someone else holds.
     Refreshed {
@@ -375,10 +383,11 @@ impl Worker {
             Op::Control { node, payload } => {
                 let keys = Keys::new(&self.settings.prefix);
                 let channel = node.map_or_else(|| keys.control(), |node| keys.node(&node));
-                if let Err(e) = self.with(|c| c.publish_raw(&channel, &payload)) {
+                let heard = self.with(|c| c.publish_raw(&channel, &payload));
+                if let Err(e) = &heard {
                     tracing::warn!("a server API command for the other nodes was lost: {e}");
                 }
-                None
+                (token != 0).then_some(Completion::Told { token, heard })
             }
             Op::Refresh(locks) => {
                 let lost = self.with(|c| c.refresh(&locks, session_ttl)).map(|places| {

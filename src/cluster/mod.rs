@@ -9,6 +9,7 @@
 //! told its history is gone.
 //!
 //! - `keys.rs`: key names and the PUB/SUB payload (`seq:epoch:kind:data`);
+//! - `control.rs`: the server API's commands and questions for the other nodes;
 //! - `lua/`: the scripts;
 //! - `client.rs`: one blocking connection, scripts loaded, publishes pipelined;
 //! - `link.rs`: the thread that owns a client and batches the shards' requests;
@@ -24,6 +25,7 @@
 //! to them over flume and never wait.
 
 pub mod client;
+pub mod control;
 pub mod keys;
 pub mod link;
 pub mod node;

@@ -83,7 +83,7 @@ pub enum Incoming {
         /// When.
         at_ms: u64,
     },
-    /// A control message (`keys::Control`, still encoded) from the control channel or the
+    /// A control message (`control::Control`, still encoded) from the control channel or the
     /// node's own: to shard 0, which acts for the node.
     Control(Vec<u8>),
     /// A [`Wants::subscribe`] of `channel` has taken effect: every message published from
@@ -524,7 +524,7 @@ impl Reader {
     fn route_message(&self, name: &[u8], payload: Vec<u8>) {
         let own = name == self.own.as_bytes();
         let control = name == self.control_channel.as_bytes();
-        if control || (own && super::keys::Control::is_control(&payload)) {
+        if control || (own && super::control::Control::is_control(&payload)) {
             if let Some(to) = self.incoming.first() {
                 // Waits for room, like a kill switch: a lost one would leave a connection
                 // open that the API closed, or a token working that it revoked.

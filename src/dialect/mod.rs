@@ -19,7 +19,7 @@ use crate::codes::ErrorCode;
 pub mod shardcast;
 
 /// The wire format of a connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[repr(u8)]
 pub enum Dialect {
     /// The shardcast JSON protocol.

@@ -146,7 +146,15 @@ pub enum Event {
         at_ms: u64,
     },
     /// Another node asks this one to do its part of a server API request (to shard 0).
-    Control(crate::cluster::keys::Control),
+    Control(crate::cluster::control::Control),
+    /// How many other nodes heard the control message of [`Engine::tell_nodes`]'s `token`
+    /// (`None`: it could not be sent).
+    Told {
+        /// The request's token.
+        token: u64,
+        /// The other nodes that heard it.
+        nodes: Option<usize>,
+    },
     /// Deliver `publication` to `channel`'s subscribers (events of a channel come in seq
     /// order).
     Publication {
@@ -265,9 +273,15 @@ pub trait Engine {
     }
 
     /// Ask the other nodes (or node `node`, its boot id in hex) to do their part of a server
-    /// API request: false on one node, which has no others.
-    fn tell_nodes(&mut self, control: &crate::cluster::keys::Control, node: Option<&str>) -> bool {
-        let _ = (control, node);
+    /// API request: false on one node, which has no others. With a `token` other than 0,
+    /// how many other nodes heard it comes back as [`Event::Told`].
+    fn tell_nodes(
+        &mut self,
+        control: &crate::cluster::control::Control,
+        node: Option<&str>,
+        token: u64,
+    ) -> bool {
+        let _ = (control, node, token);
         false
     }
 

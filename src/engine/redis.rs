@@ -21,9 +21,8 @@ use std::rc::Rc;
 
 use super::history::{Found, Limits, Ring};
 use super::{Arrival, Engine, Event, Numbered};
-use crate::cluster::keys::{
-    connection_place, member_bytes, parse_member, redis_for, Control, Heard,
-};
+use crate::cluster::control::Control;
+use crate::cluster::keys::{connection_place, member_bytes, parse_member, redis_for, Heard};
 use crate::cluster::link::{Completion, Op, Request};
 use crate::cluster::node::Instance;
 use crate::cluster::order::{Order, Step};
@@ -45,6 +44,9 @@ const FETCH: u64 = 1 << 63;
 
 /// Tokens of the reads of a channel's top before subscribing to it have this one.
 const ANCHOR: u64 = 1 << 62;
+/// Marks the token of a control message for every node (not one node's): this node's own
+/// PUB/SUB connection is among its receivers.
+const TOLD_ALL: u64 = 1 << 61;
 
 /// A channel this node numbers itself while its Redis is down.
 struct Local {
@@ -363,6 +365,17 @@ impl Redis {
                     .map_err(|e| e.to_string());
                 self.events.push_back(Event::Claimed { token, result });
             }
+            Completion::Told { token, heard } => {
+                // The control channel's receivers include this node's own PUB/SUB connection,
+                // while it is up; a node's own channel has no other listener.
+                let own = usize::from(!self.down.first().copied().unwrap_or(true));
+                let mut nodes = heard.ok().map(|n| n as usize);
+                if token & TOLD_ALL != 0 {
+                    nodes = nodes.map(|n| n.saturating_sub(own));
+                }
+                let token = token & !TOLD_ALL;
+                self.events.push_back(Event::Told { token, nodes });
+            }
             Completion::Refreshed { lost } => match lost {
                 Ok(lost) if lost.is_empty() => {}
                 Ok(lost) => self.events.push_back(Event::LocksLost(lost)),
@@ -566,9 +579,13 @@ impl Engine for Redis {
         self.in_flight >= self.max_in_flight
     }
 
-    fn tell_nodes(&mut self, control: &Control, node: Option<&str>) -> bool {
+    fn tell_nodes(&mut self, control: &Control, node: Option<&str>, token: u64) -> bool {
         let Some(first) = self.instances.first() else {
             return false;
+        };
+        let token = match node {
+            None if token != 0 => token | TOLD_ALL,
+            _ => token,
         };
         let op = Op::Control {
             node: node.map(str::to_owned),
@@ -576,7 +593,7 @@ impl Engine for Redis {
         };
         let request = Request {
             shard: self.shard,
-            token: 0,
+            token,
             op,
         };
         first.link.send(request).is_ok()

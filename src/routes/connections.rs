@@ -4,17 +4,15 @@
 //! asks them and puts the answers together.
 
 use super::api::{params, principal, stopping};
-use super::deliver::{acting_org, ask_every_shard, direct_everywhere, user_of};
+use super::deliver::{acting_org, ask_cluster, count_cluster, user_of, Nodes};
 use super::write::{bad, respond};
 use super::Route;
-use crate::auth::Channel;
-use crate::clock::Now;
-use crate::cluster::keys::Control;
+use crate::cluster::control::{Control, NodeAnswer, Question};
 use crate::codes::{Close, ErrorCode};
 use crate::http::{self, Response};
 use crate::json;
-use crate::shard::directory::{Audience, ConnInfo, Direct, Filter, Listing};
-use crate::shard::{MeshMsg, Shard};
+use crate::shard::directory::{ConnInfo, Filter, Listing};
+use crate::shard::Shard;
 
 /// Connections per page unless `limit` says otherwise.
 pub const DEFAULT_LIMIT: usize = 100;
@@ -28,106 +26,95 @@ fn limit(value: &str) -> Result<usize, Response> {
     }
 }
 
-/// `GET /api/connections?org=&user=&cursor=&limit=` → `{"totals":{"connections","shards":[…],
-/// "orgs":{…}},"connections":[…],"nextCursor":…}`: the totals of the orgs the caller may
-/// see, and a page of the connections that match, in (shard, connection) order. Every
-/// shard is asked at once: those from the cursor's on for up to a page each, the others
-/// for their totals only.
+/// `GET /api/connections?org=&user=&cursor=&limit=` → `{"totals":{"connections","nodes":[…],
+/// "shards":[…],"orgs":{…}},"connections":[…],"nextCursor":…}`: the totals of the orgs the
+/// caller may see, and a page of the connections that match, in (node, shard, connection)
+/// order, from every node of a cluster. The cursor is the last connection id of a page.
 pub fn list(shard: &Shard, request: &http::Request) -> Route {
     respond(|| {
         let principal = principal(shard, request)?;
         let (mut org, mut user, mut page) = (None, None, DEFAULT_LIMIT);
-        let mut cursor = (0usize, 0u64);
+        let mut after = None;
         for (name, value) in params(&request.query) {
             match name.as_str() {
                 "org" => org = Some(value),
                 "user" => user = Some(value.into()),
                 "limit" => page = limit(&value)?,
-                "cursor" => cursor = parse_cursor(&value, shard.nshards)?,
+                "cursor" if crate::cluster::keys::connection_place(&value).is_some() => {
+                    after = Some(value)
+                }
+                "cursor" => return Err(bad("cursor must be a nextCursor from an earlier page")),
                 _ => {}
             }
         }
         let org = acting_org(&principal, org.as_deref())?;
-        let filter = Filter { org, user };
-        let mut asks = Vec::with_capacity(shard.nshards);
-        for s in 0..shard.nshards {
-            let (reply, answer) = flume::bounded(1);
-            let (after, limit) = match s.cmp(&cursor.0) {
-                std::cmp::Ordering::Less => (u64::MAX, 0),
-                std::cmp::Ordering::Equal => (cursor.1, page),
-                std::cmp::Ordering::Greater => (0, page),
-            };
-            let filter = filter.clone();
-            let msg = MeshMsg::Connections {
-                filter,
-                after,
-                limit,
-                reply,
-            };
-            shard.to_shard(s, msg, Now::read());
-            asks.push(answer);
-        }
+        let question = Question::Connections {
+            filter: Filter { org, user },
+            after,
+            limit: page,
+        };
+        let answers = ask_cluster(shard, question);
+        let here = shard.node_hex();
         Ok(Box::pin(async move {
-            let mut listings = Vec::with_capacity(asks.len());
-            for answer in asks {
-                match answer.recv_async().await {
-                    Ok(listing) => listings.push(listing),
-                    Err(_) => return stopping(),
-                }
-            }
-            let mut conns: Vec<(usize, &ConnInfo)> = Vec::new();
-            let mut next = None;
-            for (s, listing) in listings.iter().enumerate() {
-                for c in &listing.conns {
-                    if conns.len() == page {
-                        next = Some(format!("{}.{}", conns[page - 1].0, conns[page - 1].1.conn));
-                        break;
-                    }
-                    conns.push((s, c));
-                }
-                if next.is_some() {
-                    break;
-                }
-                if conns.len() == page && listing.more {
-                    next = Some(format!("{s}.{}", conns[page - 1].1.conn));
-                    break;
-                }
-            }
-            Response::json(200, list_body(&listings, &conns, next.as_deref()))
+            let Some(answers) = answers.await else {
+                return stopping();
+            };
+            let mut nodes: Vec<(String, Vec<Listing>)> = answers
+                .into_iter()
+                .filter_map(|answer| match answer {
+                    NodeAnswer::Connections { node, shards } => Some((node, shards)),
+                    _ => None,
+                })
+                .collect();
+            nodes.sort_by(|a, b| a.0.cmp(&b.0));
+            Response::json(200, list_body(&nodes, &here, page))
         }))
     })
 }
 
-fn parse_cursor(value: &str, nshards: usize) -> Result<(usize, u64), Response> {
-    let wrong = || bad("cursor must be a nextCursor from an earlier page");
-    let (s, c) = value.split_once('.').ok_or_else(wrong)?;
-    let s: usize = s.parse().map_err(|_| wrong())?;
-    let c: u64 = c.parse().map_err(|_| wrong())?;
-    if s >= nshards {
-        return Err(wrong());
-    }
-    Ok((s, c))
-}
-
-/// The body of `GET /api/connections`.
-fn list_body(listings: &[Listing], conns: &[(usize, &ConnInfo)], next: Option<&str>) -> Vec<u8> {
-    let total: usize = listings.iter().map(|l| l.total).sum();
+/// The body of `GET /api/connections`: nodes' pages in node order, cut to `page`.
+fn list_body(nodes: &[(String, Vec<Listing>)], here: &str, page: usize) -> Vec<u8> {
+    let listings = || nodes.iter().flat_map(|(_, shards)| shards);
+    let mut conns: Vec<(usize, &ConnInfo)> = listings()
+        .flat_map(|l| l.conns.iter().map(move |c| (l.shard, c)))
+        .collect();
+    // A shard with more than it sent sent a whole page.
+    let more = conns.len() > page || listings().any(|l| l.more);
+    conns.truncate(page);
+    let next = conns
+        .last()
+        .filter(|_| more && conns.len() == page)
+        .map(|(_, c)| c.connection_id.as_str());
+    let total: usize = listings().map(|l| l.total).sum();
     let mut orgs: std::collections::BTreeMap<&str, usize> = Default::default();
-    for listing in listings {
+    for listing in listings() {
         for (org, n) in &listing.orgs {
             *orgs.entry(org).or_default() += n;
         }
     }
     let mut out = br#"{"totals":{"connections":"#.to_vec();
     json::push_u64(&mut out, total as u64);
-    out.extend_from_slice(br#","shards":["#);
-    for (s, listing) in listings.iter().enumerate() {
-        if s > 0 {
+    out.extend_from_slice(br#","nodes":["#);
+    for (i, (node, shards)) in nodes.iter().enumerate() {
+        if i > 0 {
             out.push(b',');
         }
-        out.extend_from_slice(
-            format!(r#"{{"shard":{s},"connections":{}}}"#, listing.total).as_bytes(),
-        );
+        out.extend_from_slice(br#"{"node":"#);
+        json::push_str(&mut out, node);
+        out.extend_from_slice(br#","connections":"#);
+        json::push_u64(&mut out, shards.iter().map(|l| l.total as u64).sum());
+        out.push(b'}');
+    }
+    // The shards of the node that answers.
+    out.extend_from_slice(br#"],"shards":["#);
+    let mine = nodes.iter().find(|(node, _)| node == here);
+    for (i, listing) in mine.into_iter().flat_map(|(_, s)| s).enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        let shard = listing.shard;
+        let entry = format!(r#"{{"shard":{shard},"connections":{}}}"#, listing.total);
+        out.extend_from_slice(entry.as_bytes());
     }
     out.extend_from_slice(br#"],"orgs":{"#);
     for (i, (org, n)) in orgs.iter().enumerate() {
@@ -216,7 +203,7 @@ fn close_of(query: &str) -> Result<(Close, Box<str>), Response> {
 }
 
 /// `DELETE /api/connections/{id}?code=&reason=` → `{"closed":1}`, or 404 when no such
-/// connection is open (on this node).
+/// connection is open (of the caller's org), on whichever node of a cluster has it.
 pub fn disconnect(shard: &Shard, request: &http::Request) -> Route {
     respond(|| {
         let principal = principal(shard, request)?;
@@ -225,42 +212,31 @@ pub fn disconnect(shard: &Shard, request: &http::Request) -> Route {
         let id = request.path.strip_prefix("/api/connections/").unwrap_or("");
         let id = http::percent_decode(id);
         let place = crate::cluster::keys::connection_place(&id);
-        let here = format!("{:x}", shard.global.boot_id);
+        let here = shard.node_hex();
         let Some((node, s, conn)) =
-            place.filter(|(node, s, _)| *node != here || *s < shard.nshards)
+            place.filter(|(node, _, _)| node.bytes().all(|b| b.is_ascii_hexdigit()))
         else {
             return Err(not_found(&id));
         };
-        if node != here {
-            // Another node's: it closes it, if it has it (a single node has no others).
-            let control = Control::CloseConn {
-                shard: s,
-                conn,
-                org: org.as_deref().map(String::from),
-                code: close.code(),
-                reason: reason.to_string(),
-            };
-            let hex = node.bytes().all(|b| b.is_ascii_hexdigit());
-            if !hex || !shard.tell_nodes(control, Some(node)) {
-                return Err(not_found(&id));
-            }
-            let mut body = br#"{"forwarded":"#.to_vec();
-            json::push_str(&mut body, node);
-            body.push(b'}');
-            return Err(Response::json(202, body));
-        }
-        let (reply, reached) = flume::bounded(1);
-        let msg = MeshMsg::Direct {
-            // Only a connection of the caller's org is closed.
-            audience: Audience::Conn { conn, org },
-            direct: Direct::Close { close, reason },
-            reply: Some(reply),
+        let command = Control::CloseConn {
+            shard: s,
+            conn,
+            org: org.as_deref().map(String::from),
+            code: close.code(),
+            reason: reason.to_string(),
         };
-        shard.to_shard(s, msg, Now::read());
+        // Another node's connection: that node closes it, if it has it (a single node has
+        // no others, and answers 0 at once).
+        let nodes = if node == here {
+            Nodes::Here
+        } else {
+            Nodes::One(node)
+        };
+        let closed = count_cluster(shard, command, nodes);
         Ok(Box::pin(async move {
-            match reached.recv_async().await {
-                Ok(0) | Err(_) => not_found(&id),
-                Ok(n) => Response::json(200, format!(r#"{{"closed":{n}}}"#)),
+            match closed.await {
+                0 => not_found(&id),
+                n => Response::json(200, format!(r#"{{"closed":{n}}}"#)),
             }
         }))
     })
@@ -271,33 +247,30 @@ fn not_found(id: &str) -> Response {
     Response::error(404, ErrorCode::NotFound, &message)
 }
 
-/// `DELETE /api/users/{userId}/connections?code=&reason=` → `{"closed":N}`.
+/// `DELETE /api/users/{userId}/connections?code=&reason=` → `{"closed":N}`, on every node.
 pub fn disconnect_user(shard: &Shard, request: &http::Request) -> Route {
     respond(|| {
         let principal = principal(shard, request)?;
         let org = acting_org(&principal, None)?;
         let (close, reason) = close_of(&request.query)?;
         let user = user_of(request, "/connections")?;
-        let control = Control::CloseUser {
-            user: user.clone(),
+        let command = Control::CloseUser {
+            user,
             org: org.as_deref().map(String::from),
             code: close.code(),
             reason: reason.to_string(),
         };
-        // The other nodes close theirs; `closed` counts this node's.
-        shard.tell_nodes(control, None);
-        let audience = Audience::User {
-            user: user.into(),
-            org,
-        };
-        let direct = Direct::Close { close, reason };
-        Ok(direct_everywhere(shard, audience, direct, "closed"))
+        let closed = count_cluster(shard, command, Nodes::All);
+        Ok(Box::pin(async move {
+            let closed = closed.await;
+            Response::json(200, format!(r#"{{"closed":{closed}}}"#))
+        }))
     })
 }
 
 /// `GET /api/channels?prefix=&cursor=&limit=` → `{"channels":[{"channel","subscribers"}],
 /// "nextCursor":…}`: the channels with subscribers, by name, with their subscribers on
-/// every shard; an org's key sees its org's channels.
+/// every shard of every node; an org's key sees its org's channels.
 pub fn channels(shard: &Shard, request: &http::Request) -> Route {
     respond(|| {
         let principal = principal(shard, request)?;
@@ -311,28 +284,28 @@ pub fn channels(shard: &Shard, request: &http::Request) -> Route {
                 _ => {}
             }
         }
-        let counts = ask_every_shard(shard, |reply| MeshMsg::Channels {
-            prefix: prefix.as_str().into(),
-            reply,
-        });
-        let categories = shard.config.channels.categories.clone();
+        // Each node's first page + 1 after the cursor holds every name of the whole first
+        // page + 1, with all of its subscribers on that node.
+        let question = Question::Channels {
+            prefix,
+            after,
+            org: org.map(String::from),
+            limit: page + 1,
+        };
+        let answers = ask_cluster(shard, question);
         Ok(Box::pin(async move {
-            let mut all: std::collections::BTreeMap<Box<str>, usize> = Default::default();
-            while let Ok(list) = counts.recv_async().await {
-                for (channel, n) in list {
-                    *all.entry(channel).or_default() += n;
+            let Some(answers) = answers.await else {
+                return stopping();
+            };
+            let mut all: std::collections::BTreeMap<String, usize> = Default::default();
+            for answer in answers {
+                if let NodeAnswer::Channels(list) = answer {
+                    for (channel, n) in list {
+                        *all.entry(channel).or_default() += n;
+                    }
                 }
             }
-            let visible = |name: &str| match &org {
-                None => true,
-                Some(org) => {
-                    Channel::parse(name, &categories).is_ok_and(|c| c.org() == Some(&**org))
-                }
-            };
-            let mut shown = all
-                .iter()
-                .filter(|(name, _)| ***name > *after && visible(name))
-                .take(page + 1);
+            let mut shown = all.iter().take(page + 1);
             let mut out = br#"{"channels":["#.to_vec();
             let mut last = None;
             for (i, (name, n)) in shown.by_ref().take(page).enumerate() {
@@ -358,32 +331,38 @@ pub fn channels(shard: &Shard, request: &http::Request) -> Route {
 }
 
 /// `GET /api/users/{userId}` → `{"user","online","connections":[…],"channels":[…]}`: the
-/// user's open connections (of the caller's org) and the channels they hold.
+/// user's open connections (of the caller's org) on every node, and the channels they hold.
 pub fn user(shard: &Shard, request: &http::Request) -> Route {
     respond(|| {
         let principal = principal(shard, request)?;
         let org = acting_org(&principal, None)?;
         let user = user_of(request, "")?;
-        let filter = Filter {
-            org,
-            user: Some(user.as_str().into()),
-        };
-        let listings = ask_every_shard(shard, |reply| MeshMsg::Connections {
-            filter: filter.clone(),
-            after: 0,
+        let question = Question::Connections {
+            filter: Filter {
+                org,
+                user: Some(user.as_str().into()),
+            },
+            after: None,
             limit: MAX_LIMIT,
-            reply,
-        });
+        };
+        let answers = ask_cluster(shard, question);
         Ok(Box::pin(async move {
-            let mut conns: Vec<(usize, ConnInfo)> = Vec::new();
-            while let Ok(listing) = listings.recv_async().await {
-                let shard = listing.shard;
-                conns.extend(listing.conns.into_iter().map(|c| (shard, c)));
+            let Some(answers) = answers.await else {
+                return stopping();
+            };
+            let mut conns: Vec<(&str, usize, &ConnInfo)> = Vec::new();
+            for answer in &answers {
+                if let NodeAnswer::Connections { node, shards } = answer {
+                    for listing in shards {
+                        let shard = listing.shard;
+                        conns.extend(listing.conns.iter().map(|c| (node.as_str(), shard, c)));
+                    }
+                }
             }
-            conns.sort_by_key(|(shard, c)| (*shard, c.conn));
+            conns.sort_by_key(|(node, shard, c)| (*node, *shard, c.conn));
             let mut channels: Vec<&str> = conns
                 .iter()
-                .flat_map(|(_, c)| c.channels.iter().map(|c| &**c))
+                .flat_map(|(_, _, c)| c.channels.iter().map(|c| &**c))
                 .collect();
             channels.sort_unstable();
             channels.dedup();
@@ -392,7 +371,7 @@ pub fn user(shard: &Shard, request: &http::Request) -> Route {
             out.extend_from_slice(br#","online":"#);
             out.extend_from_slice(if conns.is_empty() { b"false" } else { b"true" });
             out.extend_from_slice(br#","connections":"#);
-            push_conns(&mut out, conns.iter().map(|(s, c)| (*s, c)));
+            push_conns(&mut out, conns.iter().map(|(_, s, c)| (*s, *c)));
             out.extend_from_slice(br#","channels":["#);
             for (i, channel) in channels.iter().enumerate() {
                 if i > 0 {

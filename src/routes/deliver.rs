@@ -8,16 +8,17 @@
 
 use super::api::{principal, stopping};
 use super::write::{bad, refused, respond, Body};
-use super::{Pending, Route};
+use super::Route;
 use crate::auth::Principal;
 use crate::clock::Now;
-use crate::cluster::keys::Control;
+use crate::cluster::control::{Control, NodeAnswer, Question};
 use crate::codes::ErrorCode;
 use crate::config::Scope;
 use crate::dialect::Answer;
 use crate::http::{self, Response};
 use crate::json;
-use crate::shard::directory::{Audience, Direct, ToUser};
+use crate::shard::asks::Sink;
+use crate::shard::directory::ToUser;
 use crate::shard::{MeshMsg, Origin, Shard};
 
 /// Most users in one `POST /api/users/send`.
@@ -263,39 +264,76 @@ pub fn broadcast(shard: &Shard, request: &http::Request) -> Route {
         let body = Body::read(shard, request)?;
         let org = acting_org(&principal, body.text("org")?.as_deref())?;
         let data = body.raw("data").ok_or_else(|| bad("missing \"data\""))?;
-        let control = Control::Broadcast {
+        let command = Control::Broadcast {
             org: org.as_deref().map(String::from),
             data: data.to_vec(),
         };
-        // The other nodes reach theirs; `reached` counts this node's.
-        shard.tell_nodes(control, None);
-        let direct = Direct::Broadcast(data.to_vec());
-        Ok(direct_everywhere(
-            shard,
-            Audience::Org(org),
-            direct,
-            "reached",
-        ))
+        let reached = count_cluster(shard, command, Nodes::All);
+        Ok(Box::pin(async move {
+            let reached = reached.await;
+            Response::json(200, format!(r#"{{"reached":{reached}}}"#))
+        }))
     })
 }
 
-/// Give `direct` to `audience` on every shard; the response counts the connections reached,
-/// as `{"<name>":N}`.
-pub(super) fn direct_everywhere(
+/// Which nodes do a server API command.
+pub(super) enum Nodes<'a> {
+    /// Every node.
+    All,
+    /// This one.
+    Here,
+    /// Node `0` (boot id in hex) only.
+    One(&'a str),
+}
+
+/// Have `nodes` do `command`: the connections they reached or closed, once every node that
+/// heard it has answered (or `[cluster] timeout_ms` has passed).
+pub(super) fn count_cluster(
     shard: &Shard,
-    audience: Audience,
-    direct: Direct,
-    name: &'static str,
-) -> Pending {
-    let reached = ask_every_shard(shard, |reply| MeshMsg::Direct {
-        audience: audience.clone(),
-        direct: direct.clone(),
-        reply: Some(reply),
-    });
-    Box::pin(async move {
-        let total = total(reached).await;
-        Response::json(200, format!(r#"{{"{name}":{total}}}"#))
-    })
+    command: Control,
+    nodes: Nodes<'_>,
+) -> impl std::future::Future<Output = usize> {
+    let question = Question::Count(Box::new(command));
+    let (tx, counts) = flume::unbounded();
+    let here = match nodes {
+        Nodes::One(node) => {
+            shard.ask_nodes(question, Some(node), Sink::Counts(tx));
+            None
+        }
+        Nodes::Here => Some(shard.ask_node(&question, Now::read())),
+        Nodes::All => {
+            let part = shard.ask_node(&question, Now::read());
+            shard.ask_nodes(question, None, Sink::Counts(tx));
+            Some(part)
+        }
+    };
+    async move {
+        let mine = match here {
+            Some(part) => match part.gather().await {
+                Some(NodeAnswer::Count(n)) => n,
+                _ => 0,
+            },
+            None => 0,
+        };
+        mine + total(counts).await
+    }
+}
+
+/// Every node's answer to `question`, this node's first (`None`: the node is stopping).
+pub(super) fn ask_cluster(
+    shard: &Shard,
+    question: Question,
+) -> impl std::future::Future<Output = Option<Vec<NodeAnswer>>> {
+    let part = shard.ask_node(&question, Now::read());
+    let (tx, answers) = flume::unbounded();
+    shard.ask_nodes(question, None, Sink::Answers(tx));
+    async move {
+        let mut all = vec![part.gather().await?];
+        while let Ok(answer) = answers.recv_async().await {
+            all.push(answer);
+        }
+        Some(all)
+    }
 }
 
 /// The sum of the counts sent on `counts`, once every sender is gone.
@@ -305,17 +343,6 @@ pub(super) async fn total(counts: flume::Receiver<usize>) -> usize {
         total += n;
     }
     total
-}
-
-/// Send every shard (this one too) the message `ask` makes with a reply channel; the
-/// answers come in on the receiver, which ends once every shard has answered.
-pub(super) fn ask_every_shard<T>(
-    shard: &Shard,
-    ask: impl Fn(flume::Sender<T>) -> MeshMsg,
-) -> flume::Receiver<T> {
-    let (reply, answers) = flume::unbounded();
-    shard.to_every_shard(|| ask(reply.clone()), Now::read());
-    answers
 }
 
 /// `GET /api/users/{userId}/queue` → `{"user","messages":[{"channel","seq","data",

@@ -11,16 +11,16 @@ use std::rc::Rc;
 use serde::Serialize;
 
 use super::api::{principal, stopping};
-use super::deliver::{ask_every_shard, total};
+use super::deliver::{count_cluster, Nodes};
 use super::write::{bad, respond, Body};
 use super::Route;
 use crate::auth::{Principal, Revocation, Revoked};
-use crate::cluster::keys::Control;
+use crate::cluster::control::Control;
 use crate::codes::ErrorCode;
 use crate::config::Scope;
 use crate::http::{self, Response};
 use crate::json;
-use crate::shard::{MeshMsg, Shard};
+use crate::shard::Shard;
 use crate::storage::reader;
 
 /// What `POST /api/tokens` signs.
@@ -244,13 +244,8 @@ pub fn revoke(shard: &Rc<Shard>, request: &http::Request) -> Route {
                     Err(_) => return stopping(),
                 }
             }
-            let closed = ask_every_shard(&shard, |reply| MeshMsg::Revoke {
-                revocation: revocation.clone(),
-                reply: Some(reply),
-            });
-            // The other nodes do the same (their connections' count is not waited for).
-            shard.tell_nodes(Control::Revoke(revocation), None);
-            let closed = total(closed).await;
+            let command = Control::Revoke(revocation);
+            let closed = count_cluster(&shard, command, Nodes::All).await;
             Response::json(200, format!(r#"{{"revoked":true,"closed":{closed}}}"#))
         }))
     })

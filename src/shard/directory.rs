@@ -11,7 +11,7 @@ use smallvec::SmallVec;
 use super::{MeshMsg, Peer, Phase, Shard};
 use crate::auth::Principal;
 use crate::clock::Now;
-use crate::cluster::keys::Control;
+use crate::cluster::control::Control;
 use crate::codes::Close;
 use crate::dialect::{Dialect, Publication, Reply};
 
@@ -135,7 +135,7 @@ pub struct ToUser {
 }
 
 /// Which connections a listing shows.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Filter {
     /// Of this org.
     pub org: Option<Box<str>>,
@@ -144,7 +144,7 @@ pub struct Filter {
 }
 
 /// One connection as the server API lists it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ConnInfo {
     /// Its id on the shard (the page cursor).
     pub conn: u64,
@@ -171,7 +171,7 @@ pub struct ConnInfo {
 }
 
 /// A page of one shard's connections, and its totals.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Listing {
     /// The shard.
     pub shard: usize,
@@ -274,28 +274,37 @@ impl Shard {
         closed
     }
 
-    /// Ask the other nodes (or node `node`, its boot id in hex) to do their part of a server
-    /// API request: false on one node, which has no others.
-    pub fn tell_nodes(&self, control: Control, node: Option<&str>) -> bool {
-        self.engine.borrow_mut().tell_nodes(&control, node)
+    /// A control message from another node (shard 0 hears them for the node).
+    pub(super) fn controlled(&self, control: Control) {
+        match control {
+            Control::Ask { to, question } => self.asked(to, &question),
+            Control::Answer { to, answer } => {
+                let shard = usize::from(to.shard);
+                if shard < self.nshards {
+                    let id = to.id;
+                    self.route(shard, MeshMsg::NodeAnswer { id, answer });
+                }
+            }
+            command => self.command(&command, None),
+        }
     }
 
-    /// Another node's server API request: this node's part, sent to its shards (shard 0
-    /// hears them for the node).
-    pub(super) fn controlled(&self, control: Control) {
+    /// This node's part of a server API command, sent to its shards, each of which sends
+    /// `reply` how many connections it reached or closed.
+    pub(super) fn command(&self, control: &Control, reply: Option<&flume::Sender<usize>>) {
         let every_shard = |make: &dyn Fn() -> MeshMsg| {
             for shard in 0..self.nshards {
                 self.route(shard, make());
             }
         };
-        let boxed = |org: Option<String>| org.map(Into::into);
+        let boxed = |org: &Option<String>| org.as_deref().map(Into::into);
         match control {
             Control::Broadcast { org, data } => {
                 let audience = Audience::Org(boxed(org));
                 every_shard(&|| MeshMsg::Direct {
                     audience: audience.clone(),
                     direct: Direct::Broadcast(data.clone()),
-                    reply: None,
+                    reply: reply.cloned(),
                 });
             }
             Control::CloseUser {
@@ -305,17 +314,17 @@ impl Shard {
                 reason,
             } => {
                 let audience = Audience::User {
-                    user: user.into(),
+                    user: user.as_str().into(),
                     org: boxed(org),
                 };
                 let direct = Direct::Close {
-                    close: Close::Requested(code),
-                    reason: reason.into(),
+                    close: Close::Requested(*code),
+                    reason: reason.as_str().into(),
                 };
                 every_shard(&|| MeshMsg::Direct {
                     audience: audience.clone(),
                     direct: direct.clone(),
-                    reply: None,
+                    reply: reply.cloned(),
                 });
             }
             Control::CloseConn {
@@ -324,24 +333,23 @@ impl Shard {
                 org,
                 code,
                 reason,
-            } if shard < self.nshards => {
+            } if *shard < self.nshards => {
                 let msg = MeshMsg::Direct {
                     audience: Audience::Conn {
-                        conn,
+                        conn: *conn,
                         org: boxed(org),
                     },
                     direct: Direct::Close {
-                        close: Close::Requested(code),
-                        reason: reason.into(),
+                        close: Close::Requested(*code),
+                        reason: reason.as_str().into(),
                     },
-                    reply: None,
+                    reply: reply.cloned(),
                 };
-                self.route(shard, msg);
+                self.route(*shard, msg);
             }
-            Control::CloseConn { .. } => {}
             Control::Revoke(revocation) => every_shard(&|| MeshMsg::Revoke {
                 revocation: revocation.clone(),
-                reply: None,
+                reply: reply.cloned(),
             }),
             Control::ToUser {
                 user,
@@ -350,20 +358,23 @@ impl Shard {
                 seq,
                 data,
             } => {
-                let owner = super::offline::owner_of_user(&user, self.nshards);
+                let owner = super::offline::owner_of_user(user, self.nshards);
                 let publication = Publication {
-                    seq,
+                    seq: *seq,
                     kind: crate::dialect::Kind::Message,
-                    data,
+                    data: data.clone(),
                 };
                 let msg = MeshMsg::UserMessage {
-                    user: user.into(),
+                    user: user.as_str().into(),
                     org: boxed(org),
-                    channel: channel.into(),
+                    channel: channel.as_str().into(),
                     publication,
+                    reply: reply.cloned(),
                 };
                 self.route(owner, msg);
             }
+            // Not commands: nothing to do, nothing reached.
+            Control::CloseConn { .. } | Control::Ask { .. } | Control::Answer { .. } => {}
         }
     }
 
@@ -371,15 +382,6 @@ impl Shard {
     pub fn to_shard(&self, to: usize, msg: MeshMsg, now: Now) {
         self.enter(now);
         self.route(to, msg);
-    }
-
-    /// Send the message `make` makes to every shard of the node, this one too, at `now`
-    /// (the server API's questions to them all).
-    pub fn to_every_shard(&self, make: impl Fn() -> MeshMsg, now: Now) {
-        self.enter(now);
-        for shard in 0..self.nshards {
-            self.route(shard, make());
-        }
     }
 
     /// A page of this shard's open sessions matching `filter`, after connection `after`, at

@@ -29,6 +29,7 @@ use crate::metrics::{Counter, Global, ShardCounters};
 use crate::queue::{Bounds, OutQueue, Pushed};
 use crate::storage;
 
+pub mod asks;
 mod channels;
 mod clustered;
 pub mod directory;
@@ -293,6 +294,15 @@ pub enum MeshMsg {
         channel: Box<str>,
         /// The message.
         publication: Publication<Vec<u8>>,
+        /// Where the count of connections reached goes, if anyone asks.
+        reply: Option<flume::Sender<usize>>,
+    },
+    /// To the shard that asked question `id` of the other nodes: one node's answer.
+    NodeAnswer {
+        /// The question's number on the shard.
+        id: u64,
+        /// The answer.
+        answer: crate::cluster::control::NodeAnswer,
     },
     /// To one shard: a page of its connections, with its totals (the server API).
     Connections {
@@ -408,6 +418,8 @@ pub struct Shard {
     /// Of the users whose channels this shard owns: where they are connected, and what is
     /// kept for them while they are not.
     offline: RefCell<offline::Offline>,
+    /// Questions to other nodes, and other nodes' questions being answered.
+    asks: RefCell<asks::Asks>,
     /// Idempotency keys of the PUBLISHes this shard numbered ("channel\0key" to seq), when
     /// the engine numbers locally (Redis remembers them in a cluster).
     published: RefCell<decision::DedupTable<u64>>,
@@ -483,6 +495,7 @@ impl Shard {
             user_sends: RefCell::default(),
             directory: RefCell::default(),
             offline: RefCell::default(),
+            asks: RefCell::default(),
             published: RefCell::new(decision::DedupTable::new(
                 std::time::Duration::from_secs(config.ingest.dedup_window_secs),
                 config.ingest.dedup_max_entries,
@@ -1632,6 +1645,7 @@ impl Shard {
                 // At the next tick.
                 Some(Event::Reconnected) => self.next_refresh_ms.set(0),
                 Some(Event::Control(control)) => self.controlled(control),
+                Some(Event::Told { token, nodes }) => self.told(token, nodes),
                 Some(Event::Kill { conn, key, at_ms }) => self.killed(conn, &key, at_ms),
             }
         }
@@ -2134,12 +2148,14 @@ impl Shard {
                 org,
                 channel,
                 publication,
+                reply,
             } => {
                 let publication = publication.into_shared();
-                // Nobody waits for its count.
-                let (reached, _) = flume::bounded(1);
+                // Nobody waiting for its count: one that nobody reads.
+                let reached = reply.unwrap_or_else(|| flume::bounded(1).0);
                 self.to_connected(&user, org, &channel, &publication, reached);
             }
+            MeshMsg::NodeAnswer { id, answer } => self.node_answered(id, answer),
             MeshMsg::Connections {
                 filter,
                 after,
@@ -2304,6 +2320,7 @@ impl Shard {
             self.free_idle_channels(now);
             self.auth.expire_revocations(self.now().unix_ms);
             self.expire_offline();
+            self.expire_asks();
         }
         let peers = self.conns.borrow().slice(slice, slices);
         for peer in peers {

@@ -15,9 +15,10 @@ use std::rc::Rc;
 
 use smallvec::SmallVec;
 
+use super::asks::Sink;
 use super::directory::{Audience, Direct, ToUser};
 use super::{MeshMsg, Shard};
-use crate::cluster::keys::Control;
+use crate::cluster::control::{Control, Question};
 use crate::dialect::{Kind, Publication};
 use crate::metrics::Counter;
 use crate::storage::{self, OfflineOp, OfflineRow};
@@ -142,8 +143,8 @@ impl Shard {
 
     /// At the owner, once `publication` is numbered on `user`'s `channel`: to the shards
     /// with the user's connections, or kept for when there are some. In a cluster the other
-    /// nodes are told too, and nothing is kept (a node does not know where else the user
-    /// is connected).
+    /// nodes are told too (their counts come back on `reached`), and nothing is kept (a node
+    /// does not know where else the user is connected).
     pub(super) fn user_message(&self, channel: &str, publication: &Publication, to: ToUser) {
         let ToUser {
             user,
@@ -159,7 +160,8 @@ impl Shard {
                 seq: publication.seq,
                 data: publication.data.to_vec(),
             };
-            self.tell_nodes(control, None);
+            let question = Question::Count(Box::new(control));
+            self.ask_nodes(question, None, Sink::Counts(reached.clone()));
             return self.to_connected(&user, org, channel, publication, reached);
         }
         if !self.config.offline.enabled {
