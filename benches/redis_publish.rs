@@ -30,6 +30,7 @@ fn run(url: &str, window: usize, total: u64, channels: u64, size: usize) {
             history_ttl_s: 60,
             meta_ttl_s: 60,
             result_ttl_s: 60,
+            kept: Default::default(),
         },
         timeout: Duration::from_secs(5),
         backoff: Duration::from_millis(100),
@@ -58,6 +59,7 @@ fn run(url: &str, window: usize, total: u64, channels: u64, size: usize) {
             data: data.as_bytes().to_vec(),
             idempotency_key: None,
             floor: Some(0),
+            to_user: None,
         }),
     };
     let cpu_before = redis_cpu(&mut admin);

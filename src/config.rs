@@ -706,13 +706,6 @@ impl Config {
         if self.limits.outbound_queue_bytes < self.limits.max_message_bytes {
             return invalid("limits.outbound_queue_bytes must hold at least one message".into());
         }
-        if self.offline.enabled && self.cluster.enabled() {
-            return invalid(
-                "offline.enabled is not available on a cluster node yet: a node cannot tell \
-                 whether a user is connected to another (docs/API.md)"
-                    .into(),
-            );
-        }
         if self.channels.categories.is_empty() {
             return invalid("channels.categories must not be empty".into());
         }

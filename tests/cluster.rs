@@ -18,6 +18,7 @@ fn retention(history_size: usize) -> Retention {
         history_ttl_s: 600,
         meta_ttl_s: 3600,
         result_ttl_s: 300,
+        kept: Default::default(),
     }
 }
 
@@ -33,6 +34,7 @@ fn message(channel: &str, data: &str) -> Publish {
         data: data.as_bytes().to_vec(),
         idempotency_key: None,
         floor: Some(0),
+        to_user: None,
     }
 }
 

@@ -7,23 +7,28 @@ mod common;
 use common::*;
 use serde_json::{json, Value};
 
-/// A node of 2 shards on Redis `url` under `prefix`.
-fn node(url: &str, prefix: &str) -> Server {
+/// A node of 2 shards on Redis `url` under `prefix`, with `extra` configuration.
+fn node(url: &str, prefix: &str, extra: &str) -> Server {
     Server::start_with(
         2,
-        &format!("[cluster]\nredis_url = \"{url}\"\nprefix = \"{prefix}\"\n\n[storage]\nurl = \"memory\"\n"),
+        &format!("[cluster]\nredis_url = \"{url}\"\nprefix = \"{prefix}\"\n\n[storage]\nurl = \"memory\"\n{extra}"),
     )
 }
 
 /// Two nodes under a fresh prefix, each hearing Redis, or `None` when Redis is not here.
 fn two_nodes(test: &str) -> Option<(Server, Server)> {
+    two_nodes_with(test, "").map(|(a, b, _)| (a, b))
+}
+
+/// [`two_nodes`] with `extra` configuration, and the Redis URL and the prefix.
+fn two_nodes_with(test: &str, extra: &str) -> Option<(Server, Server, (String, String))> {
     let url = redis_url(test)?;
     let prefix = format!("sctest.{test}.{}.{}", std::process::id(), unix_now());
-    let nodes = (node(&url, &prefix), node(&url, &prefix));
+    let nodes = (node(&url, &prefix, extra), node(&url, &prefix, extra));
     for n in [&nodes.0, &nodes.1] {
         n.wait_health("pubsub up", |h| h["cluster"]["redis"][0]["pubsub"] == "up");
     }
-    Some(nodes)
+    Some((nodes.0, nodes.1, (url, prefix)))
 }
 
 /// A connection of `user` of org acme, with a token.
@@ -205,4 +210,179 @@ fn connections_users_and_channels_are_answered_by_every_node() {
     let mut sorted = seen.clone();
     sorted.sort_unstable();
     assert_eq!(sorted, expected, "each connection once: {seen:?}");
+}
+
+#[test]
+fn messages_to_one_user_from_two_nodes_arrive_in_seq_order_everywhere() {
+    let Some((a, b)) = two_nodes("cluster_api_order") else {
+        return;
+    };
+    let mut on_a = user_client(&a, "o1");
+    let mut on_b = user_client(&b, "o1");
+    const EACH: usize = 40;
+    let senders: Vec<_> = [a.addr, b.addr]
+        .into_iter()
+        .map(|addr| {
+            std::thread::spawn(move || {
+                for n in 0..EACH {
+                    let (status, sent) =
+                        post(addr, "/api/users/o1/send", ACME, &json!({"data": n}));
+                    assert_eq!((status, &sent["reached"]), (200, &json!(2)), "{sent}");
+                }
+            })
+        })
+        .collect();
+    for sender in senders {
+        sender.join().unwrap();
+    }
+    // Neither connection subscribes to the user's channel: both get every message from
+    // the control channel, in the order Redis numbered them.
+    for client in [&mut on_a, &mut on_b] {
+        let seqs: Vec<u64> = (0..2 * EACH)
+            .map(|_| client.recv_type("MESSAGE")["seq"].as_u64().unwrap())
+            .collect();
+        let expected: Vec<u64> = (1..=2 * EACH as u64).collect();
+        assert_eq!(seqs, expected);
+    }
+}
+
+#[test]
+fn messages_to_a_user_connected_nowhere_wait_in_redis_for_any_node() {
+    let offline = "[offline]\nenabled = true\nmax_messages = 3\n";
+    let Some((a, b, (url, prefix))) = two_nodes_with("cluster_api_offline", offline) else {
+        return;
+    };
+    let send = |node: &Server, n: u64| {
+        let (status, sent) = post(node.addr, "/api/users/w1/send", ACME, &json!({"data": n}));
+        assert_eq!(status, 200, "{sent}");
+        sent
+    };
+    // Kept, the oldest dropped past max_messages, whichever node they are sent to.
+    for n in 1..=4 {
+        let sent = send(if n % 2 == 0 { &a } else { &b }, n);
+        assert_eq!(
+            (&sent["reached"], &sent["queued"]),
+            (&json!(0), &json!(true)),
+            "{sent}"
+        );
+    }
+    let key = format!("X-API-Key: {ACME}\r\n");
+    let (status, text) = http_get(a.addr, "/api/users/w1/queue", &key);
+    assert_eq!(status, 200, "{text}");
+    let queue: Value = serde_json::from_str(&text).unwrap();
+    let kept: Vec<&Value> = queue["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| &m["data"])
+        .collect();
+    assert_eq!(kept, [&json!(2), &json!(3), &json!(4)], "{queue}");
+
+    // The user connects to B: what was kept first, in order, then what is sent after.
+    let mut on_b = user_client(&b, "w1");
+    for n in 2..=4 {
+        let m = on_b.recv_type("MESSAGE");
+        assert_eq!(
+            (&m["channel"], &m["seq"], &m["data"]),
+            (&json!("user:w1:notifications"), &json!(n), &json!(n)),
+            "{m}"
+        );
+    }
+    let sent = send(&a, 5);
+    assert_eq!(
+        (&sent["reached"], &sent["queued"]),
+        (&json!(1), &json!(false)),
+        "{sent}"
+    );
+    assert_eq!(on_b.recv_type("MESSAGE")["seq"], 5);
+    let (_, text) = http_get(a.addr, "/api/users/w1/queue", &key);
+    assert_eq!(
+        serde_json::from_str::<Value>(&text).unwrap()["messages"],
+        json!([]),
+        "{text}"
+    );
+
+    // Gone from every node: kept again once B has said so in Redis.
+    drop(on_b);
+    let mut redis = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let online = format!("{prefix}.online.w1");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while redis::cmd("HLEN")
+        .arg(&online)
+        .query::<u64>(&mut redis)
+        .unwrap()
+        > 0
+    {
+        assert!(std::time::Instant::now() < deadline, "B never said w1 left");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let sent = send(&b, 6);
+    assert_eq!(sent["queued"], true, "{sent}");
+    let headers = format!("X-API-Key: {ACME}\r\n");
+    let (status, text) = http_request(b.addr, "DELETE", "/api/users/w1/queue", &headers, "");
+    assert_eq!((status, &*text), (200, r#"{"deleted":1}"#));
+    let (_, text) = http_get(a.addr, "/api/users/w1/queue", &key);
+    assert_eq!(
+        serde_json::from_str::<Value>(&text).unwrap()["messages"],
+        json!([]),
+        "{text}"
+    );
+}
+
+#[test]
+fn what_is_kept_in_redis_expires_and_gives_its_room_back() {
+    let config = "[offline]\nenabled = true\nttl_secs = 1\n\n[presence]\nttl_ms = 600\n";
+    let Some((a, _b, (url, prefix))) = two_nodes_with("cluster_api_expiry", config) else {
+        return;
+    };
+    for n in 1..=2 {
+        let (status, sent) = post(a.addr, "/api/users/x1/send", ACME, &json!({"data": n}));
+        assert_eq!((status, &sent["queued"]), (200, &json!(true)), "{sent}");
+    }
+    let mut redis = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let queued = format!("{prefix}.queued");
+    let bytes = |redis: &mut redis::Connection| -> u64 {
+        redis::cmd("HGET")
+            .arg(&queued)
+            .arg("*")
+            .query::<Option<u64>>(redis)
+            .unwrap()
+            .unwrap_or(0)
+    };
+    assert!(bytes(&mut redis) > 0);
+    // The nodes' refreshes (every 200 ms here) drop them once their second is up.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while bytes(&mut redis) > 0 {
+        assert!(std::time::Instant::now() < deadline, "never expired");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let queue = format!("{prefix}.queue.x1");
+    assert_eq!(
+        redis::cmd("EXISTS")
+            .arg(&queue)
+            .query::<u64>(&mut redis)
+            .unwrap(),
+        0
+    );
+    let due = format!("{prefix}.queues");
+    assert_eq!(
+        redis::cmd("ZCARD")
+            .arg(&due)
+            .query::<u64>(&mut redis)
+            .unwrap(),
+        0
+    );
+    let key = format!("X-API-Key: {ACME}\r\n");
+    let (_, text) = http_get(a.addr, "/api/users/x1/queue", &key);
+    assert_eq!(
+        serde_json::from_str::<Value>(&text).unwrap()["messages"],
+        json!([]),
+        "{text}"
+    );
 }

@@ -349,9 +349,16 @@ fn health_and_metrics_show_redis_and_ready_follows_it_down_and_back() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     // A publish is numbered and delivered by the node alone, under an epoch of its own,
-    // and says so.
-    publisher.send(json!({"type":"PUBLISH","channel":channel,"data":"during","id":"p2"}));
-    let during = ack(&mut publisher);
+    // and says so (one sent before the shard heard that Redis is gone is refused with
+    // cluster_unavailable, as documented, and nothing ran: Redis is down).
+    let during = loop {
+        publisher.send(json!({"type":"PUBLISH","channel":channel,"data":"during","id":"p2"}));
+        let answer = publisher.recv_type_of(&["ACK", "ERROR"]);
+        if answer["type"] == "ACK" {
+            break answer;
+        }
+        assert_eq!(answer["code"], "cluster_unavailable", "{answer}");
+    };
     assert_eq!(
         (&during["seq"], &during["local"]),
         (&json!(1), &json!(true))
@@ -1004,6 +1011,7 @@ fn a_node_cut_off_from_redis_delivers_its_own_publishes_then_what_it_missed() {
             history_ttl_s: 600,
             meta_ttl_s: 3600,
             result_ttl_s: 300,
+            kept: Default::default(),
         },
         std::time::Duration::from_secs(2),
     )
@@ -1047,6 +1055,7 @@ fn a_node_cut_off_from_redis_delivers_its_own_publishes_then_what_it_missed() {
         data: br#""remote""#.to_vec(),
         idempotency_key: None,
         floor: Some(0),
+        to_user: None,
     };
     let published = other.publish(&[publish]).expect("a round trip").remove(0);
     let published = published.expect("published");

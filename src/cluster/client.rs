@@ -17,6 +17,7 @@ const PUBLISH: &str = include_str!("lua/publish.lua");
 const HISTORY: &str = include_str!("lua/history.lua");
 const PRESENCE: &str = include_str!("lua/presence.lua");
 const SESSION: &str = include_str!("lua/session.lua");
+const USERS: &str = include_str!("lua/users.lua");
 
 /// Members (or locks) per call of the presence (or session) script: a refresh of a channel
 /// with 100,000 members is many short calls, not one that holds Redis for long.
@@ -38,6 +39,34 @@ pub struct Retention {
     pub meta_ttl_s: u64,
     /// Seconds a publish's idempotency result is remembered.
     pub result_ttl_s: u64,
+    /// What is kept for users connected nowhere: messages and bytes per user, bytes for
+    /// all users (`[offline]`).
+    pub kept: KeptBounds,
+}
+
+/// The bounds of what is kept for users connected nowhere.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct KeptBounds {
+    /// Messages per user (the oldest go first).
+    pub messages: usize,
+    /// Bytes per user, as stored (the oldest go first).
+    pub bytes: usize,
+    /// Bytes for all users (past it, nothing more is kept).
+    pub total_bytes: usize,
+}
+
+/// A message to a user: every node is told (`head`, its seq, then `tail`: a control
+/// message), or, while the user is connected nowhere, it is kept.
+#[derive(Debug, Clone)]
+pub struct UserSend {
+    /// The user.
+    pub user: String,
+    /// The control message before its seq.
+    pub head: String,
+    /// The control message after its seq.
+    pub tail: String,
+    /// What is kept after its seq (`created\nexpires\norg\nchannel\ndata`), or nothing.
+    pub keep: Option<Vec<u8>>,
 }
 
 /// One message to number and publish.
@@ -54,6 +83,8 @@ pub struct Publish {
     /// Where the channel's numbering starts when Redis has none (its stored decisions'
     /// highest seq); `None`: such a publish is refused with [`ClusterError::NoFloor`].
     pub floor: Option<u64>,
+    /// A message to a user: told to every node, or kept, in the same step.
+    pub to_user: Option<Box<UserSend>>,
 }
 
 /// What Redis numbered a message.
@@ -65,6 +96,11 @@ pub struct Published {
     pub epoch: String,
     /// The key was known: this is the first publish's outcome, and nothing was published.
     pub repeated: bool,
+    /// A message to a user: how many nodes were told, or -1 when it was kept, -2 when it
+    /// was not (too much is kept already); 0 otherwise.
+    pub reach: i64,
+    /// Kept messages of the user dropped to make room for it.
+    pub dropped: u64,
 }
 
 /// A channel's history after a seq.
@@ -123,6 +159,7 @@ pub struct Client {
     history_sha: String,
     presence_sha: String,
     session_sha: String,
+    users_sha: String,
     epochs: RandomState,
     made: u64,
 }
@@ -150,6 +187,7 @@ impl Client {
             history_sha: String::new(),
             presence_sha: String::new(),
             session_sha: String::new(),
+            users_sha: String::new(),
             epochs: RandomState::new(),
             made: 0,
         };
@@ -173,6 +211,7 @@ impl Client {
         self.history_sha = load(&mut self.conn, HISTORY)?;
         self.presence_sha = load(&mut self.conn, PRESENCE)?;
         self.session_sha = load(&mut self.conn, SESSION)?;
+        self.users_sha = load(&mut self.conn, USERS)?;
         Ok(())
     }
 
@@ -262,7 +301,13 @@ impl Client {
             .arg(r.history_size)
             .arg(r.history_ttl_s)
             .arg(r.meta_ttl_s)
-            .arg(r.result_ttl_s.max(1));
+            .arg(r.result_ttl_s.max(1))
+            .arg(self.keys.control())
+            .arg(self.keys.users())
+            .arg(crate::clock::unix_ms())
+            .arg(r.kept.messages)
+            .arg(r.kept.bytes)
+            .arg(r.kept.total_bytes);
         for p in messages {
             let epoch = self.fresh_epoch();
             let floor = p.floor.map_or(-1, |f| f.min(i64::MAX as u64) as i64);
@@ -270,6 +315,14 @@ impl Client {
                 .arg(kind_code(p.kind))
                 .arg(epoch)
                 .arg(floor);
+            match &p.to_user {
+                Some(send) => call
+                    .arg(&send.user)
+                    .arg(&send.head)
+                    .arg(&send.tail)
+                    .arg(send.keep.as_deref().unwrap_or_default()),
+                None => call.arg("").arg("").arg("").arg(""),
+            };
         }
         call
     }
@@ -475,6 +528,49 @@ impl Client {
             .map_err(unavailable)
     }
 
+    /// `users.lua`'s `op` (`on`, `off`, `refresh`, `read`, `clear`, `back`) for `users`
+    /// (`org` for `read` and `clear`, `entries` for `back`), this node `node` having them until `till_ms`: the kept entries
+    /// (`on`, `read`, `clear`), or none.
+    pub fn users(
+        &mut self,
+        op: &str,
+        node: &str,
+        till_ms: u64,
+        users: &[String],
+        org: &str,
+        entries: &[Vec<u8>],
+    ) -> Result<Vec<Vec<u8>>, ClusterError> {
+        let mut call = redis::cmd("EVALSHA");
+        call.arg(&self.users_sha)
+            .arg(0)
+            .arg(op)
+            .arg(self.keys.users())
+            .arg(node)
+            .arg(crate::clock::unix_ms())
+            .arg(till_ms)
+            .arg(users);
+        if matches!(op, "read" | "clear") {
+            call.arg(org);
+        }
+        for entry in entries {
+            call.arg(&entry[..]);
+        }
+        let value = match call.query::<Value>(&mut self.conn) {
+            Err(e) if e.code() == Some("NOSCRIPT") => {
+                self.load_scripts()?;
+                call.query::<Value>(&mut self.conn).map_err(lost)?
+            }
+            other => other.map_err(lost)?,
+        };
+        Ok(match value {
+            Value::Array(entries) => entries
+                .into_iter()
+                .filter_map(|e| redis::from_redis_value::<Vec<u8>>(e).ok())
+                .collect(),
+            _ => Vec::new(),
+        })
+    }
+
     /// Whether the connection still reaches Redis (a PING).
     pub fn ping(&mut self) -> Result<(), ClusterError> {
         redis::cmd("PING")
@@ -492,7 +588,7 @@ impl Client {
 /// The publish script's answers for `n` messages: `{seq, epoch, flag}` each, flag 2 for a
 /// message that failed (its epoch field is the error).
 fn published_all(value: Value, n: usize) -> Vec<Result<Published, ClusterError>> {
-    let answers: Vec<(u64, String, u8)> = match redis::from_redis_value(value) {
+    let answers: Vec<(u64, String, u8, i64, u64)> = match redis::from_redis_value(value) {
         Ok(answers) => answers,
         Err(e) => return vec![Err(ClusterError::Protocol(e.to_string())); n],
     };
@@ -502,13 +598,15 @@ fn published_all(value: Value, n: usize) -> Vec<Result<Published, ClusterError>>
     }
     answers
         .into_iter()
-        .map(|(seq, epoch, flag)| match flag {
+        .map(|(seq, epoch, flag, reach, dropped)| match flag {
             2 => Err(ClusterError::Refused(epoch)),
             3 => Err(ClusterError::NoFloor),
             _ => Ok(Published {
                 seq,
                 epoch,
                 repeated: flag == 1,
+                reach,
+                dropped,
             }),
         })
         .collect()

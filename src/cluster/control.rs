@@ -167,6 +167,14 @@ impl Control {
         out
     }
 
+    /// Whether the node that sent it acts on it too: a message to a user, which Redis
+    /// tells every node of in the step that numbers it, so that every node (the sender
+    /// too) hands a user's messages to its connections in seq order.
+    pub fn heard_by_sender(&self) -> bool {
+        matches!(self, Control::Ask { question: Question::Count(c), .. }
+            if matches!(**c, Control::ToUser { .. }))
+    }
+
     /// Whether `payload` (on a node's channel) is a control message, not a kill switch.
     pub fn is_control(payload: &[u8]) -> bool {
         payload.first() == Some(&CONTROL_MARK)

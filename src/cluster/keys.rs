@@ -61,6 +61,13 @@ impl Keys {
         format!("{}.control", self.prefix)
     }
 
+    /// The start of users' keys, for `users.lua` and `publish.lua`, which name them:
+    /// `{prefix}.online.{user}`, `{prefix}.queue.{user}`, `{prefix}.queued`,
+    /// `{prefix}.queues`.
+    pub fn users(&self) -> String {
+        format!("{}.", self.prefix)
+    }
+
     /// The prefix, for scripts that name keys themselves.
     pub fn prefix(&self) -> &str {
         &self.prefix
@@ -75,17 +82,31 @@ impl Keys {
 }
 
 /// Which of `n` Redis instances holds `channel` (client-side sharding): FNV-1a of its name,
-/// so that every node, of whatever build, agrees (std's hashers promise no stability).
+/// so that every node, of whatever build, agrees (std's hashers promise no stability). A
+/// user's channels (`user:{id}:…`) all go by `user:{id}`, with the user's keys
+/// ([`user_redis`]): a message to a user is told or kept in one script call.
 pub fn redis_for(channel: &str, n: usize) -> usize {
     if n <= 1 {
         return 0;
     }
+    let name = match channel
+        .strip_prefix("user:")
+        .and_then(|rest| rest.find(':'))
+    {
+        Some(end) => &channel[..5 + end],
+        None => channel,
+    };
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for &byte in channel.as_bytes() {
+    for &byte in name.as_bytes() {
         hash ^= u64::from(byte);
         hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
     }
     (hash % n as u64) as usize
+}
+
+/// Which of `n` Redis instances holds `user`'s keys (and channels).
+pub fn user_redis(user: &str, n: usize) -> usize {
+    redis_for(&format!("user:{user}:_"), n)
 }
 
 /// The kind's one-letter name in Redis.
@@ -304,7 +325,12 @@ mod tests {
         .iter()
         .map(|c| redis_for(c, 3))
         .collect();
-        assert_eq!(fixed, [0, 2, 0]);
+        assert_eq!(fixed, [0, 2, 2]);
+        for n in [2, 3, 5] {
+            let user = user_redis("42", n);
+            assert_eq!(redis_for("user:42:notifications", n), user);
+            assert_eq!(redis_for("user:42:usage", n), user);
+        }
         for n in [2, 3, 5] {
             let mut counts = vec![0; n];
             for i in 0..3000 {

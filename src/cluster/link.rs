@@ -128,6 +128,18 @@ pub enum Op {
     },
     /// Keep the node's session locks (key, holder).
     Refresh(Vec<(String, String)>),
+    /// Where the node's users are connected, and what is kept for users connected nowhere
+    /// (`users.lua`). Answered (`Completion::Kept`) only with a token other than 0.
+    Users {
+        /// What to do.
+        op: UsersOp,
+        /// The users.
+        users: Vec<String>,
+        /// For `Read` and `Clear`: what this org sent ("": all).
+        org: String,
+        /// For `Back`: the entries, oldest first.
+        entries: Vec<Vec<u8>>,
+    },
     /// PUBLISH a control message (`control::Control`) to every node, or to node `node` (its
     /// boot id in hex). Answered (`Completion::Told`) only with a token other than 0.
     Control {
@@ -136,6 +148,36 @@ pub enum Op {
         /// The encoded message.
         payload: Vec<u8>,
     },
+}
+
+/// What `Op::Users` does (`users.lua`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsersOp {
+    /// The node has connections of the user now: take what was kept for it.
+    On,
+    /// The node has no more connections of these users.
+    Off,
+    /// The node still has connections of these users; expired kept messages are dropped.
+    Refresh,
+    /// What is kept for the user.
+    Read,
+    /// Drop what is kept for the user.
+    Clear,
+    /// Keep these entries for the user again, first.
+    Back,
+}
+
+impl UsersOp {
+    fn name(self) -> &'static str {
+        match self {
+            UsersOp::On => "on",
+            UsersOp::Off => "off",
+            UsersOp::Refresh => "refresh",
+            UsersOp::Read => "read",
+            UsersOp::Clear => "clear",
+            UsersOp::Back => "back",
+        }
+    }
 }
 
 /// The answer to a [`Request`].
@@ -171,6 +213,13 @@ pub enum Completion {
         token: u64,
         /// Granted, or refused, or why it could not be asked.
         result: Result<Claimed, ClusterError>,
+    },
+    /// The kept messages `Op::Users` answered with (`On`, `Read`, `Clear`), as stored.
+    Kept {
+        /// The request's token.
+        token: u64,
+        /// The entries, or why not.
+        result: Result<Vec<Vec<u8>>, ClusterError>,
     },
     /// How many PUB/SUB connections heard a control message (nodes, the sender's own
     /// included when it listens on that channel), or why not.
@@ -379,6 +428,20 @@ impl Worker {
             Op::Release { key, holder } => {
                 let _ = self.with(|c| c.release(&key, &holder));
                 None
+            }
+            Op::Users {
+                op,
+                users,
+                org,
+                entries,
+            } => {
+                let node = self.settings.node.clone();
+                let till = crate::clock::unix_ms() + self.settings.presence_ttl_ms;
+                let result = self.with(|c| c.users(op.name(), &node, till, &users, &org, &entries));
+                if let Err(e) = &result {
+                    tracing::debug!(op = op.name(), "users not marked or read: {e}");
+                }
+                (token != 0).then_some(Completion::Kept { token, result })
             }
             Op::Control { node, payload } => {
                 let keys = Keys::new(&self.settings.prefix);

@@ -115,6 +115,14 @@ impl Node {
             history_ttl_s: config.history.ttl_secs,
             meta_ttl_s: cluster.meta_ttl_secs,
             result_ttl_s: cluster.result_ttl_secs,
+            kept: match &config.offline {
+                o if o.enabled => crate::cluster::client::KeptBounds {
+                    messages: o.max_messages,
+                    bytes: o.max_bytes,
+                    total_bytes: o.max_total_bytes,
+                },
+                _ => Default::default(),
+            },
         };
         let floors = floors(&config.storage.url);
         let (completion_tx, completion_rx): (Vec<_>, Vec<_>) =

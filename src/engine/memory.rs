@@ -116,6 +116,7 @@ impl Engine for Memory {
             token,
             result,
             local,
+            reach: None,
         });
         Numbered::Later
     }

@@ -49,6 +49,17 @@ pub enum Numbered {
     Later,
 }
 
+/// Where a message to a user went ([`Engine::publish_to_user`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reach {
+    /// Every node was told: this many heard it (this one too).
+    Told(usize),
+    /// The user is connected nowhere: kept, and this many older ones dropped for room.
+    Kept(u64),
+    /// The user is connected nowhere, and too much is kept already.
+    Refused,
+}
+
 /// What an engine hands back to the owner.
 #[derive(Debug)]
 pub enum Event {
@@ -61,6 +72,17 @@ pub enum Event {
         /// Numbered by this node alone, under the channel's local epoch (its Redis is
         /// down): delivered to this node's subscribers only.
         local: bool,
+        /// A message to a user ([`Engine::publish_to_user`]): whom it reached, or that it
+        /// was kept.
+        reach: Option<Reach>,
+    },
+    /// What is kept for a user ([`Engine::user_online`], [`Engine::kept`]): the entries
+    /// as stored (`seq\ncreated\nexpires\norg\nchannel\ndata`), or why not.
+    Kept {
+        /// The request's token.
+        token: u64,
+        /// The entries.
+        result: Result<Vec<Vec<u8>>, String>,
     },
     /// A history read answered `None`: what was found, or why nothing could be read.
     History {
@@ -270,6 +292,48 @@ pub trait Engine {
     /// come back as [`Event::LocksLost`].
     fn refresh_locks(&mut self, locks: Vec<(String, String)>) {
         let _ = locks;
+    }
+
+    /// Number a message to user `send.user` on `channel` as [`Engine::publish`] does, and in
+    /// the same step tell every node (`send`'s control message, with the seq) or, while the
+    /// user is connected nowhere, keep it: so that every node hears a user's messages in
+    /// seq order. Answered as [`Event::Numbered`] with its [`Reach`]. False: this engine
+    /// does not (on one node the owner does it itself).
+    fn publish_to_user(
+        &mut self,
+        channel: &str,
+        data: &[u8],
+        key: Option<&str>,
+        send: crate::cluster::client::UserSend,
+        token: u64,
+    ) -> bool {
+        let _ = (channel, data, key, send, token);
+        false
+    }
+
+    /// This shard has connections of `user` on the node now (`on`), or no more: marked
+    /// where every node sees it. `on` takes what was kept for the user: [`Event::Kept`]
+    /// with `token`.
+    fn user_online(&mut self, user: &str, on: bool, token: u64) {
+        let _ = (user, on, token);
+    }
+
+    /// The users (whose channels this shard owns) the node still has connections of,
+    /// every third of the presence TTL; kept messages past their TTL are dropped meanwhile.
+    fn users_online(&mut self, users: Vec<String>) {
+        let _ = users;
+    }
+
+    /// Keep `entries` (as [`Event::Kept`] gave them) for `user` again, before what was kept
+    /// since: they were taken for a connection that was gone before they arrived.
+    fn keep_again(&mut self, user: &str, entries: Vec<Vec<u8>>) {
+        let _ = (user, entries);
+    }
+
+    /// What is kept for `user` (sent by `org`, or all), dropped too with `clear`:
+    /// [`Event::Kept`] with `token`.
+    fn kept(&mut self, user: &str, org: Option<&str>, clear: bool, token: u64) {
+        let _ = (user, org, clear, token);
     }
 
     /// Ask the other nodes (or node `node`, its boot id in hex) to do their part of a server

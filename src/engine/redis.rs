@@ -20,10 +20,13 @@ use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 
 use super::history::{Found, Limits, Ring};
-use super::{Arrival, Engine, Event, Numbered};
+use super::{Arrival, Engine, Event, Numbered, Reach};
+use crate::cluster::client::UserSend;
 use crate::cluster::control::Control;
-use crate::cluster::keys::{connection_place, member_bytes, parse_member, redis_for, Heard};
-use crate::cluster::link::{Completion, Op, Request};
+use crate::cluster::keys::{
+    connection_place, member_bytes, parse_member, redis_for, user_redis, Heard,
+};
+use crate::cluster::link::{Completion, Op, Request, UsersOp};
 use crate::cluster::node::Instance;
 use crate::cluster::order::{Order, Step};
 use crate::cluster::{Claimed, ClusterError, Incoming, Page, Publish};
@@ -82,6 +85,8 @@ pub struct Redis {
     wanted: HashMap<Rc<str>, u32>,
     /// The engine's own history reads, by token.
     fetches: HashMap<u64, String>,
+    /// Publishes of messages to users, by token (their answers carry a [`Reach`]).
+    to_users: std::collections::HashSet<u64>,
     next_fetch: u64,
     /// Channels whose top is being read before subscribing, by token.
     anchors: HashMap<u64, Rc<str>>,
@@ -122,6 +127,7 @@ impl Redis {
             events: VecDeque::new(),
             wanted: HashMap::new(),
             fetches: HashMap::new(),
+            to_users: Default::default(),
             next_fetch: 0,
             anchors: HashMap::new(),
             unanchored: Vec::new(),
@@ -181,6 +187,7 @@ impl Redis {
             token,
             result: Ok(seq),
             local: true,
+            reach: None,
         });
     }
 
@@ -194,6 +201,33 @@ impl Redis {
             .retain(|channel, _| redis_for(channel, n) != redis);
         let of = |channel: &str| redis_for(channel, n) == redis;
         self.order.resubscribed(&of, &mut self.steps);
+    }
+
+    /// `users.lua`'s `op`, on the Redis of each user's keys.
+    fn users_op(&self, op: UsersOp, users: Vec<String>, org: &str, token: u64) {
+        let n = self.instances.len();
+        let mut by_redis: Vec<Vec<String>> = vec![Vec::new(); n];
+        for user in users {
+            by_redis[user_redis(&user, n)].push(user);
+        }
+        for (redis, users) in by_redis.into_iter().enumerate() {
+            // A refresh goes to every Redis: it sweeps what is kept there too.
+            if users.is_empty() && op != UsersOp::Refresh {
+                continue;
+            }
+            let op = Op::Users {
+                op,
+                users,
+                org: org.to_owned(),
+                entries: Vec::new(),
+            };
+            let request = Request {
+                shard: self.shard,
+                token,
+                op,
+            };
+            let _ = self.instances[redis].link.send(request);
+        }
     }
 
     fn send(&self, channel: &str, token: u64, op: Op) -> bool {
@@ -234,11 +268,16 @@ impl Redis {
 
     /// The answer to the publish of `token`, numbered by Redis (or not).
     fn answer(&mut self, token: u64, result: Result<u64, String>) {
+        self.answer_reach(token, result, None);
+    }
+
+    fn answer_reach(&mut self, token: u64, result: Result<u64, String>, reach: Option<Reach>) {
         let local = false;
         self.events.push_back(Event::Numbered {
             token,
             result,
             local,
+            reach,
         });
     }
 
@@ -328,8 +367,20 @@ impl Redis {
                         return;
                     }
                 }
+                let reach = result.as_ref().ok().and_then(|p| {
+                    self.to_users.remove(&token).then_some(match p.reach {
+                        -1 => Reach::Kept(p.dropped),
+                        -2 => Reach::Refused,
+                        n => Reach::Told(n.max(0) as usize),
+                    })
+                });
+                self.to_users.remove(&token);
                 let result = result.map(|p| p.seq).map_err(|e| e.to_string());
-                self.answer(token, result);
+                self.answer_reach(token, result, reach);
+            }
+            Completion::Kept { token, result } => {
+                let result = result.map_err(|e| e.to_string());
+                self.events.push_back(Event::Kept { token, result });
             }
             Completion::History { token, result } if token & FETCH != 0 => {
                 let Some(channel) = self.fetches.remove(&token) else {
@@ -417,6 +468,21 @@ impl Redis {
         idempotency_key: Option<&str>,
         token: u64,
     ) -> Numbered {
+        self.send_publish_to(channel, (kind, data), idempotency_key, None, token)
+    }
+
+    /// [`Self::send_publish`], of a message to a user with `to_user`.
+    fn send_publish_to(
+        &mut self,
+        channel: &str,
+        (kind, data): (Kind, &[u8]),
+        idempotency_key: Option<&str>,
+        to_user: Option<Box<UserSend>>,
+        token: u64,
+    ) -> Numbered {
+        if to_user.is_some() {
+            self.to_users.insert(token);
+        }
         let op = Op::Publish(Publish {
             channel: channel.to_owned(),
             kind,
@@ -424,6 +490,7 @@ impl Redis {
             idempotency_key: idempotency_key.map(str::to_owned),
             // The link knows where a channel Redis lost goes on from.
             floor: None,
+            to_user,
         });
         if self.send(channel, token, op) {
             self.in_flight += 1;
@@ -478,6 +545,54 @@ impl Engine for Redis {
 
     fn publish_stored(&mut self, channel: &str, id: &str, data: Rc<[u8]>, token: u64) -> Numbered {
         self.send_publish(channel, Kind::Decision, &data, Some(id), token)
+    }
+
+    fn publish_to_user(
+        &mut self,
+        channel: &str,
+        data: &[u8],
+        key: Option<&str>,
+        send: UserSend,
+        token: u64,
+    ) -> bool {
+        if self.degraded(channel) {
+            return false;
+        }
+        let key = key.map(|key| format!("publish:{key}"));
+        let message = (Kind::Message, data);
+        let send = Some(Box::new(send));
+        self.send_publish_to(channel, message, key.as_deref(), send, token);
+        true
+    }
+
+    fn user_online(&mut self, user: &str, on: bool, token: u64) {
+        let op = if on { UsersOp::On } else { UsersOp::Off };
+        self.users_op(op, vec![user.to_owned()], "", token);
+    }
+
+    fn users_online(&mut self, users: Vec<String>) {
+        self.users_op(UsersOp::Refresh, users, "", 0);
+    }
+
+    fn keep_again(&mut self, user: &str, entries: Vec<Vec<u8>>) {
+        let n = self.instances.len();
+        let op = Op::Users {
+            op: UsersOp::Back,
+            users: vec![user.to_owned()],
+            org: String::new(),
+            entries,
+        };
+        let request = Request {
+            shard: self.shard,
+            token: 0,
+            op,
+        };
+        let _ = self.instances[user_redis(user, n)].link.send(request);
+    }
+
+    fn kept(&mut self, user: &str, org: Option<&str>, clear: bool, token: u64) {
+        let op = if clear { UsersOp::Clear } else { UsersOp::Read };
+        self.users_op(op, vec![user.to_owned()], org.unwrap_or(""), token);
     }
 
     fn numbers_locally(&self) -> bool {
@@ -567,7 +682,7 @@ impl Engine for Redis {
             Input::PubSub(Incoming::Down { redis }) => self.down[redis] = true,
             Input::PubSub(Incoming::Control(payload)) => match Control::parse(&payload) {
                 // Its own: done already, where the request was taken.
-                Ok((from, _)) if from == self.boot => {}
+                Ok((from, control)) if from == self.boot && !control.heard_by_sender() => {}
                 Ok((_, control)) => self.events.push_back(Event::Control(control)),
                 Err(e) => tracing::warn!(shard = self.shard, "{e}"),
             },

@@ -157,6 +157,27 @@ impl Shard {
         asks.waiting.insert(id, waiting);
     }
 
+    /// Number a question whose control message is sent another way (by Redis, in the
+    /// step that numbers a message to a user): its answers go to `sink` once
+    /// [`Shard::told`] says how many to wait for.
+    pub(super) fn expect_answers(&self, sink: Sink) -> ReplyTo {
+        let mut asks = self.asks.borrow_mut();
+        asks.next += 1;
+        let id = asks.next;
+        let waiting = Waiting {
+            expected: None,
+            got: 0,
+            deadline_ms: self.now_ms() + self.config.cluster.timeout_ms,
+            sink,
+        };
+        asks.waiting.insert(id, waiting);
+        ReplyTo {
+            node: self.node_hex(),
+            shard: self.id as u16,
+            id,
+        }
+    }
+
     /// Redis says how many other nodes heard question `id` (`None`: it was not sent).
     pub(super) fn told(&self, id: u64, nodes: Option<usize>) {
         let mut asks = self.asks.borrow_mut();
@@ -215,8 +236,15 @@ impl Shard {
         std::mem::take(&mut self.asks.borrow_mut().answering)
     }
 
-    /// Send this node's answer to the node that asked.
+    /// Send this node's answer to the node that asked (this one: over the mesh).
     pub fn answer_node(&self, to: ReplyTo, answer: NodeAnswer) {
+        if to.node == self.node_hex() {
+            let (shard, id) = (usize::from(to.shard), to.id);
+            if shard < self.nshards {
+                self.route(shard, MeshMsg::NodeAnswer { id, answer });
+            }
+            return;
+        }
         let node = to.node.clone();
         let answer = Control::Answer { to, answer };
         self.engine.borrow_mut().tell_nodes(&answer, Some(&node), 0);

@@ -41,6 +41,7 @@ mod presence;
 mod replays;
 pub mod sessions;
 mod subscriptions;
+mod users;
 
 use channels::{Channels, Held, Hold, Waiter};
 use ingest::{Admission, Decisions, Unconfirmed};
@@ -455,7 +456,9 @@ pub struct Shard {
 }
 
 /// A message to a user waiting for its seq: its channel, its data, whom it goes to.
-type UserSend = (Box<str>, Rc<[u8]>, directory::ToUser);
+/// A message to a user waiting for its seq: its channel, data and addressee, and (in a
+/// cluster) the number of the question every node answers with its reach.
+type UserSend = (Box<str>, Rc<[u8]>, directory::ToUser, Option<u64>);
 
 /// Size of the per-shard read buffer.
 pub const SCRATCH_BYTES: usize = 64 * 1024;
@@ -682,6 +685,7 @@ impl Shard {
         self.next_refresh_ms.set(now + (ttl / 3).max(1));
         self.refresh_presence();
         self.refresh_sessions();
+        self.refresh_users();
     }
 
     /// The connection with this id, if it is still open.
@@ -1616,7 +1620,9 @@ impl Shard {
                     token,
                     result,
                     local,
-                }) => self.numbered(token, result, local),
+                    reach,
+                }) => self.numbered(token, result, local, reach),
+                Some(Event::Kept { token, result }) => self.kept_read(token, result),
                 Some(Event::History { token, found }) => self.history_found(token, found),
                 Some(Event::Reroute {
                     token,
@@ -1653,7 +1659,13 @@ impl Shard {
 
     /// The engine numbered (or could not publish) the publish of `token` (on this node
     /// alone: `local`): acknowledge it.
-    fn numbered(&self, token: u64, result: Result<u64, String>, local: bool) {
+    fn numbered(
+        &self,
+        token: u64,
+        result: Result<u64, String>,
+        local: bool,
+        reach: Option<crate::engine::Reach>,
+    ) {
         // A PUBLISH (the common case), else a decision, else one a stopped node left.
         let publish = self.numbering.borrow_mut().remove(&token);
         let Some(mut origin) = publish else {
@@ -1668,13 +1680,18 @@ impl Shard {
             return;
         };
         let send = self.user_sends.borrow_mut().remove(&token);
-        if let (Some((channel, data, to)), Ok(seq)) = (send, &result) {
-            let publication = Publication {
-                seq: *seq,
-                kind: Kind::Message,
-                data,
-            };
-            self.user_message(&channel, &publication, to);
+        match (send, &result, reach) {
+            (Some((_, _, to, Some(ask))), Ok(_), Some(reach)) => self.user_reached(ask, reach, to),
+            (Some((_, _, _, Some(ask))), _, _) => self.told(ask, None),
+            (Some((channel, data, to, None)), Ok(seq), _) => {
+                let publication = Publication {
+                    seq: *seq,
+                    kind: Kind::Message,
+                    data,
+                };
+                self.user_message(&channel, &publication, to);
+            }
+            _ => {}
         }
         let id = origin.take_ack();
         self.counters
@@ -1786,6 +1803,22 @@ impl Shard {
         }
         let token = self.token();
         let engine_key = key.filter(|_| !numbers_locally);
+        // In a cluster, Redis tells every node of a message to a user, or keeps it, in the
+        // step that numbers it.
+        let to_user = match to_user {
+            Some(to) if !numbers_locally => {
+                match self.publish_to_user(channel, data, engine_key, *to, token) {
+                    Ok(ask) => {
+                        self.numbering.borrow_mut().insert(token, origin);
+                        let send = (channel.into(), Rc::from(data), ask.1, Some(ask.0));
+                        self.user_sends.borrow_mut().insert(token, send);
+                        return self.deliver_events();
+                    }
+                    Err(to) => Some(to),
+                }
+            }
+            other => other,
+        };
         match self.fan_out(channel, (Kind::Message, engine_key), data, t0, token) {
             Numbered::Now(seq) => {
                 if let Some(key) = key {
@@ -1808,7 +1841,7 @@ impl Shard {
             Numbered::Later => {
                 self.numbering.borrow_mut().insert(token, origin);
                 if let Some(to) = to_user {
-                    let send = (channel.into(), Rc::from(data), *to);
+                    let send = (channel.into(), Rc::from(data), *to, None);
                     self.user_sends.borrow_mut().insert(token, send);
                 }
                 // An engine that could not even send it has answered already.
@@ -2131,11 +2164,15 @@ impl Shard {
                 clear,
                 reply,
             } => {
-                let kept = self.offline_queue(&user, org.as_deref());
-                if clear {
-                    self.offline_clear(&user, org.as_deref());
+                if self.engine.borrow().numbers_locally() {
+                    let kept = self.offline_queue(&user, org.as_deref());
+                    if clear {
+                        self.offline_clear(&user, org.as_deref());
+                    }
+                    let _ = reply.send(kept);
+                } else {
+                    self.kept_in_redis(&user, org.as_deref(), clear, reply);
                 }
-                let _ = reply.send(kept);
             }
             MeshMsg::Revoke { revocation, reply } => {
                 let closed = self.revoke(revocation);
@@ -2153,7 +2190,7 @@ impl Shard {
                 let publication = publication.into_shared();
                 // Nobody waiting for its count: one that nobody reads.
                 let reached = reply.unwrap_or_else(|| flume::bounded(1).0);
-                self.to_connected(&user, org, &channel, &publication, reached);
+                self.user_message_heard(user, org, channel, publication, reached);
             }
             MeshMsg::NodeAnswer { id, answer } => self.node_answered(id, answer),
             MeshMsg::Connections {

@@ -15,10 +15,8 @@ use std::rc::Rc;
 
 use smallvec::SmallVec;
 
-use super::asks::Sink;
 use super::directory::{Audience, Direct, ToUser};
 use super::{MeshMsg, Shard};
-use crate::cluster::control::{Control, Question};
 use crate::dialect::{Kind, Publication};
 use crate::metrics::Counter;
 use crate::storage::{self, OfflineOp, OfflineRow};
@@ -56,7 +54,7 @@ struct Queue {
 #[derive(Debug, Default)]
 pub(super) struct Offline {
     /// The shards of this node with connections of each user.
-    online: HashMap<Box<str>, SmallVec<[u16; 2]>>,
+    pub(super) online: HashMap<Box<str>, SmallVec<[u16; 2]>>,
     /// Messages kept for users not connected.
     queues: IndexMap<Box<str>, Queue>,
     /// Where the next expiry sweep starts among `queues` (each sweep looks at a slice).
@@ -67,6 +65,11 @@ pub(super) struct Offline {
     kept: usize,
     /// The last `ord` given.
     ord: i64,
+    /// In a cluster: users whose kept messages are being taken from Redis, and what came
+    /// for them meanwhile.
+    pub(super) taking: HashMap<Box<str>, Vec<super::users::Held>>,
+    /// In a cluster: reads of what Redis keeps, by token.
+    pub(super) reads: HashMap<u64, super::users::Read>,
 }
 
 impl Offline {
@@ -98,6 +101,9 @@ impl Shard {
     /// At the owner: `shard` has (or no longer has) connections of `user`; the first one
     /// gets what was kept for the user.
     pub(super) fn user_online(&self, user: &str, shard: u16, on: bool) {
+        if !self.engine.borrow().numbers_locally() {
+            return self.user_online_in_cluster(user, shard, on);
+        }
         let mut offline = self.offline.borrow_mut();
         if !on {
             if let Some(shards) = offline.online.get_mut(user) {
@@ -142,9 +148,9 @@ impl Shard {
     }
 
     /// At the owner, once `publication` is numbered on `user`'s `channel`: to the shards
-    /// with the user's connections, or kept for when there are some. In a cluster the other
-    /// nodes are told too (their counts come back on `reached`), and nothing is kept (a node
-    /// does not know where else the user is connected).
+    /// with the user's connections, or kept for when there are some. In a cluster this is
+    /// a message the node numbered alone (its Redis is down): for its own connections only,
+    /// like any message numbered so (Redis tells every node of the others: `users.rs`).
     pub(super) fn user_message(&self, channel: &str, publication: &Publication, to: ToUser) {
         let ToUser {
             user,
@@ -152,19 +158,7 @@ impl Shard {
             reached,
             queued,
         } = to;
-        if !self.engine.borrow().numbers_locally() {
-            let control = Control::ToUser {
-                user: user.to_string(),
-                org: org.as_deref().map(String::from),
-                channel: channel.into(),
-                seq: publication.seq,
-                data: publication.data.to_vec(),
-            };
-            let question = Question::Count(Box::new(control));
-            self.ask_nodes(question, None, Sink::Counts(reached.clone()));
-            return self.to_connected(&user, org, channel, publication, reached);
-        }
-        if !self.config.offline.enabled {
+        if !self.config.offline.enabled || !self.engine.borrow().numbers_locally() {
             return self.to_connected(&user, org, channel, publication, reached);
         }
         // Kept if the user has no connection here as far as this owner knows. One being
@@ -243,7 +237,7 @@ impl Shard {
     }
 
     /// Send `direct` for `audience` to shard `shard`, whose count (if asked) goes to `reply`.
-    fn direct_to(
+    pub(super) fn direct_to(
         &self,
         shard: u16,
         audience: Audience,

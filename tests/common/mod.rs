@@ -381,9 +381,14 @@ impl Client {
 
     /// Next message of the given type, skipping others.
     pub fn recv_type(&mut self, kind: &str) -> Value {
+        self.recv_type_of(&[kind])
+    }
+
+    /// The next message of one of these types (others are skipped).
+    pub fn recv_type_of(&mut self, kinds: &[&str]) -> Value {
         loop {
             let v = self.recv();
-            if v["type"] == kind {
+            if kinds.iter().any(|k| v["type"] == *k) {
                 return v;
             }
         }

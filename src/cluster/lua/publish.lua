@@ -3,16 +3,28 @@
 -- batch: at one message per call Redis spent 17 µs per publish, at up to 64 per call 10-16
 -- µs (docs/BENCHMARKS.md, issue 12).
 -- ARGV: history size (0: keep none; trimmed a stream node at a time, so up to 100 more are
--- kept), history TTL in s (0: none), meta TTL in s (0: none), result TTL in s; then per
--- message: data, kind (m|d), a fresh epoch for a channel that has none, and the seq its
--- numbering starts after if it has none (its stored decisions' highest), or -1: then such a
--- message is refused with flag 3 and nothing is done, for the caller to find that seq.
+-- kept), history TTL in s (0: none), meta TTL in s (0: none), result TTL in s; for messages
+-- to users: the control channel, the prefix of users' keys (`{prefix}.`), now (unix ms),
+-- and the bounds of what is kept for users not connected (messages and bytes per user,
+-- bytes for all users); then per message: data, kind (m|d), a fresh epoch for a channel
+-- that has none, and the seq its numbering starts after if it has none (its stored
+-- decisions' highest), or -1: then such a message is refused with flag 3 and nothing is
+-- done, for the caller to find that seq; and for a message to a user (else four ""): the
+-- user, the control message that tells every node (its text before and after the seq), and
+-- what to keep while the user is connected nowhere (after its seq; "": keep nothing).
 -- KEYS, per message: the channel's meta hash (e = epoch, s = top seq), its history stream,
 -- the idempotency result hash ("" when the publish has no key), the PUB/SUB channel.
--- Returns per message {seq, epoch, 1 when answered from the idempotency result else 0}, or
--- {0, error text, 2} for one that failed (the others still ran), or {0, "", 3} (above).
+-- Returns per message {seq, epoch, 1 when answered from the idempotency result else 0,
+-- reach, dropped}, or {0, error text, 2} for one that failed (the others still ran), or
+-- {0, "", 3} (above). For a message to a user, reach is how many nodes heard its control
+-- message, or -1 when it was kept (dropped: how many older ones made room), -2 when it was
+-- not (too much kept already); 0 otherwise.
 local size, ttl, meta_ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local result_ttl = tonumber(ARGV[4])
+local control, users, now = ARGV[5], ARGV[6], tonumber(ARGV[7])
+local max_messages, max_bytes, max_total = tonumber(ARGV[8]), tonumber(ARGV[9]),
+  tonumber(ARGV[10])
+local FIRST, STRIDE = 10, 8
 
 -- Per channel of this call: its epoch, read once (each redis.call costs about as much as
 -- the command it runs).
@@ -20,11 +32,58 @@ local epochs = {}
 -- The streams of those channels, whose TTLs are renewed once, at the end.
 local streams = {}
 
-local function publish(meta, stream, result, pubsub, data, kind, fresh, floor)
+-- Keep `entry` (seq, then what the caller made) for `user`, within the bounds: the oldest
+-- go first; nothing is kept past the bound for all users.
+local function keep(user, entry)
+  local queue, sizes = users .. "queue." .. user, users .. "queued"
+  local total = tonumber(redis.call("hget", sizes, "*")) or 0
+  if #entry > max_bytes or total + #entry > max_total then
+    return -2, 0
+  end
+  redis.call("rpush", queue, entry)
+  local bytes = redis.call("hincrby", sizes, user, #entry)
+  local count = redis.call("llen", queue)
+  local freed, dropped = 0, 0
+  while count > max_messages or bytes > max_bytes do
+    local old = redis.call("lpop", queue)
+    bytes, freed = bytes - #old, freed + #old
+    count, dropped = count - 1, dropped + 1
+  end
+  if freed > 0 then
+    redis.call("hincrby", sizes, user, -freed)
+  end
+  redis.call("hincrby", sizes, "*", #entry - freed)
+  -- When the sweep looks at this user's oldest next (the entry's third line).
+  local expires = string.match(entry, "^%d+\n%d+\n(%d+)\n")
+  redis.call("zadd", users .. "queues", "NX", expires, user)
+  return -1, dropped
+end
+
+-- A message numbered `seq` for `user`: told to every node while the user is connected to
+-- one (or when nothing is to be kept), else kept.
+local function to_user(user, seq, head, tail, entry)
+  local online = users .. "online." .. user
+  local nodes = redis.call("hgetall", online)
+  local connected = false
+  for i = 1, #nodes, 2 do
+    if tonumber(nodes[i + 1]) > now then
+      connected = true
+    else
+      redis.call("hdel", online, nodes[i])
+    end
+  end
+  if connected or entry == "" then
+    return redis.call("publish", control, head .. seq .. tail), 0
+  end
+  return keep(user, seq .. "\n" .. entry)
+end
+
+local function publish(meta, stream, result, pubsub, data, kind, fresh, floor, user, head,
+                       tail, entry)
   if result ~= "" then
     local known = redis.call("hmget", result, "e", "s")
     if known[1] then
-      return {tonumber(known[2]), known[1], 1}
+      return {tonumber(known[2]), known[1], 1, 0, 0}
     end
   end
   local epoch = epochs[meta]
@@ -37,7 +96,7 @@ local function publish(meta, stream, result, pubsub, data, kind, fresh, floor)
       -- seqs stay unique. A history read may have made its epoch already (subscribers
       -- hold it); otherwise a new one, and no history from the old one.
       if floor < 0 then
-        return {0, "", 3}
+        return {0, "", 3, 0, 0}
       end
       if not epoch then
         epoch = fresh
@@ -59,16 +118,21 @@ local function publish(meta, stream, result, pubsub, data, kind, fresh, floor)
     redis.call("hset", result, "e", epoch, "s", seq)
     redis.call("expire", result, result_ttl)
   end
-  return {seq, epoch, 0}
+  if user == "" then
+    return {seq, epoch, 0, 0, 0}
+  end
+  local reach, dropped = to_user(user, id, head, tail, entry)
+  return {seq, epoch, 0, reach, dropped}
 end
 
 local out = {}
 for i = 0, #KEYS / 4 - 1 do
-  local k, a = i * 4, 4 + i * 4
+  local k, a = i * 4, FIRST + i * STRIDE
   local ok, answer = pcall(publish, KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4],
-    ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4]))
+    ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4]), ARGV[a + 5], ARGV[a + 6],
+    ARGV[a + 7], ARGV[a + 8])
   if not ok then
-    answer = {0, tostring(answer.err or answer), 2}
+    answer = {0, tostring(answer.err or answer), 2, 0, 0}
   end
   out[#out + 1] = answer
 end
