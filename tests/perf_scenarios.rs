@@ -63,6 +63,7 @@ fn connect_scenario_opens_and_holds_every_connection() {
         label: "shardcast".into(),
         rooms: 0,
         presence: false,
+        jwt_secret: None,
     };
     let report = connect::run(&params).expect("connect scenario");
     assert_eq!(figure(&report, "connections ok"), 300.0);
@@ -72,10 +73,24 @@ fn connect_scenario_opens_and_holds_every_connection() {
     let rooms = connect::Params {
         rooms: 10,
         presence: true,
-        ..params
+        ..params.clone()
     };
     let report = connect::run(&rooms).expect("connect scenario with rooms");
     assert_eq!(figure(&report, "connections ok"), 300.0);
+    // With a token each: every one READY (a bad token would be refused).
+    let tokens = connect::Params {
+        jwt_secret: Some(JWT_SECRET.into()),
+        ..params.clone()
+    };
+    let report = connect::run(&tokens).expect("connect scenario with tokens");
+    assert_eq!(figure(&report, "connections ok"), 300.0);
+    let wrong = connect::Params {
+        jwt_secret: Some("not-the-secret".into()),
+        connections: 10,
+        ..params
+    };
+    let report = connect::run(&wrong).expect("connect scenario with bad tokens");
+    assert_eq!(figure(&report, "connections ok"), 0.0);
     // Each one joined (the members themselves may be gone by now: they held 0.1 s).
     server.wait_metric("shardcast_presence_changes_total", 300);
 }

@@ -44,6 +44,31 @@ pub struct Params {
     /// Subscribe with presence (each connection a member of its room: JOIN to the others).
     #[arg(long)]
     pub presence: bool,
+    /// Connect with a JWT signed (HS256) with this secret instead of the API key: each
+    /// connection a user of its own (`sub` u{i}, org bench, a `jti`), as browsers connect.
+    #[arg(long)]
+    pub jwt_secret: Option<String>,
+}
+
+/// The path of connection `i`: the API key's, or a token of its own.
+fn paths(params: &Params) -> Vec<String> {
+    let Some(secret) = &params.jwt_secret else {
+        return vec![params.proto.path(&params.key); params.connections];
+    };
+    let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes());
+    let header = jsonwebtoken::Header::default();
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+        + 3_600;
+    (0..params.connections)
+        .map(|i| {
+            let claims = serde_json::json!({"sub": format!("u{i}"), "org": "bench",
+                "exp": exp, "jti": format!("bench-{i}"), "scopes": ["subscribe"]});
+            let token = jsonwebtoken::encode(&header, &claims, &key).expect("a token");
+            format!("/ws?token={token}")
+        })
+        .collect()
 }
 
 struct State {
@@ -129,7 +154,7 @@ pub fn run(params: &Params) -> Result<Report, String> {
     let loop_before = metrics::scrape(params.addr);
     let cpu_before = params.pid.and_then(sys::process_cpu);
     let own_before = sys::own_cpu();
-    let path = params.proto.path(&params.key);
+    let paths = paths(params);
     let begun = Instant::now();
     let deadline = begun + Duration::from_secs(120);
     let mut opened = 0;
@@ -138,7 +163,7 @@ pub fn run(params: &Params) -> Result<Report, String> {
             && opened - state.ready - state.failed < params.concurrency
         {
             let src = std::net::Ipv4Addr::new(127, 0, 0, 2 + (opened % 253) as u8);
-            match engine.connect(params.addr, Some(src), &path) {
+            match engine.connect(params.addr, Some(src), &paths[opened]) {
                 Ok(_) => {
                     state.started.push(Instant::now());
                     let subscriber = params.rooms > 0 && params.proto == Proto::Shardcast;

@@ -362,19 +362,21 @@ impl Redis {
                 unsent,
             } => {
                 self.in_flight = self.in_flight.saturating_sub(1);
+                let to_user = self.to_users.remove(&token);
                 if let Some(unsent) = unsent {
                     if self.unsent(token, *unsent, at) {
                         return;
                     }
                 }
-                let reach = result.as_ref().ok().and_then(|p| {
-                    self.to_users.remove(&token).then_some(match p.reach {
+                let reach = result
+                    .as_ref()
+                    .ok()
+                    .filter(|_| to_user)
+                    .map(|p| match p.reach {
                         -1 => Reach::Kept(p.dropped),
                         -2 => Reach::Refused,
                         n => Reach::Told(n.max(0) as usize),
-                    })
-                });
-                self.to_users.remove(&token);
+                    });
                 let result = result.map(|p| p.seq).map_err(|e| e.to_string());
                 self.answer_reach(token, result, reach);
             }
@@ -571,7 +573,15 @@ impl Engine for Redis {
     }
 
     fn users_online(&mut self, users: Vec<String>) {
-        self.users_op(UsersOp::Refresh, users, "", 0);
+        // A call per thousand users: one script call holds Redis for as long as it runs.
+        let mut users = users.into_iter().peekable();
+        loop {
+            let chunk: Vec<String> = users.by_ref().take(1_000).collect();
+            self.users_op(UsersOp::Refresh, chunk, "", 0);
+            if users.peek().is_none() {
+                break;
+            }
+        }
     }
 
     fn keep_again(&mut self, user: &str, entries: Vec<Vec<u8>>) {

@@ -364,8 +364,14 @@ pub fn queue(shard: &Shard, request: &http::Request) -> Route {
         };
         shard.to_shard(owner, msg, Now::read());
         Ok(Box::pin(async move {
-            let Ok(rows) = answer.recv_async().await else {
-                return stopping();
+            let rows = match answer.recv_async().await {
+                Ok(Ok(rows)) => rows,
+                Ok(Err(e)) => {
+                    let message = format!("what is kept for the user could not be read: {e}");
+                    return Response::error(503, ErrorCode::ClusterUnavailable, &message)
+                        .header("Retry-After", "1");
+                }
+                Err(_) => return stopping(),
             };
             if clear {
                 return Response::json(200, format!(r#"{{"deleted":{}}}"#, rows.len()));

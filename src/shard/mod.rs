@@ -273,8 +273,8 @@ pub enum MeshMsg {
         org: Option<Box<str>>,
         /// Drop it.
         clear: bool,
-        /// Where the messages go.
-        reply: flume::Sender<Vec<storage::OfflineRow>>,
+        /// Where the messages go (or why they could not be read: Redis).
+        reply: flume::Sender<Result<Vec<storage::OfflineRow>, String>>,
     },
     /// To every shard: refuse the tokens `revocation` covers, and close the connections
     /// using them (4403); say how many on `reply`.
@@ -455,7 +455,6 @@ pub struct Shard {
     outboxes: Outboxes,
 }
 
-/// A message to a user waiting for its seq: its channel, its data, whom it goes to.
 /// A message to a user waiting for its seq: its channel, data and addressee, and (in a
 /// cluster) the number of the question every node answers with its reach.
 type UserSend = (Box<str>, Rc<[u8]>, directory::ToUser, Option<u64>);
@@ -1680,18 +1679,26 @@ impl Shard {
             return;
         };
         let send = self.user_sends.borrow_mut().remove(&token);
-        match (send, &result, reach) {
-            (Some((_, _, to, Some(ask))), Ok(_), Some(reach)) => self.user_reached(ask, reach, to),
-            (Some((_, _, _, Some(ask))), _, _) => self.told(ask, None),
-            (Some((channel, data, to, None)), Ok(seq), _) => {
-                let publication = Publication {
-                    seq: *seq,
-                    kind: Kind::Message,
-                    data,
-                };
-                self.user_message(&channel, &publication, to);
+        if let Some((channel, data, to, ask)) = send {
+            match (&result, reach, ask) {
+                (Ok(_), Some(reach), Some(ask)) => self.user_reached(ask, reach, to),
+                (result, _, ask) => {
+                    // Nobody else was told: numbered on one node, or here alone (Redis
+                    // could not be reached), or not at all.
+                    if let Some(ask) = ask {
+                        self.told(ask, None);
+                    }
+                    if let Ok(seq) = result {
+                        let kind = Kind::Message;
+                        let publication = Publication {
+                            seq: *seq,
+                            kind,
+                            data,
+                        };
+                        self.user_message(&channel, &publication, to);
+                    }
+                }
             }
-            _ => {}
         }
         let id = origin.take_ack();
         self.counters
@@ -1808,9 +1815,9 @@ impl Shard {
         let to_user = match to_user {
             Some(to) if !numbers_locally => {
                 match self.publish_to_user(channel, data, engine_key, *to, token) {
-                    Ok(ask) => {
+                    Ok((ask, to)) => {
                         self.numbering.borrow_mut().insert(token, origin);
-                        let send = (channel.into(), Rc::from(data), ask.1, Some(ask.0));
+                        let send = (channel.into(), Rc::from(data), to, Some(ask));
                         self.user_sends.borrow_mut().insert(token, send);
                         return self.deliver_events();
                     }
@@ -2169,7 +2176,7 @@ impl Shard {
                     if clear {
                         self.offline_clear(&user, org.as_deref());
                     }
-                    let _ = reply.send(kept);
+                    let _ = reply.send(Ok(kept));
                 } else {
                     self.kept_in_redis(&user, org.as_deref(), clear, reply);
                 }

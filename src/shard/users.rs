@@ -38,7 +38,7 @@ pub(super) enum Read {
     /// Taken as the node's first connection of the user arrived.
     Take(Box<str>),
     /// For the server API.
-    Queue(flume::Sender<Vec<OfflineRow>>),
+    Queue(flume::Sender<Result<Vec<OfflineRow>, String>>),
 }
 
 impl Shard {
@@ -196,7 +196,7 @@ impl Shard {
         user: &str,
         org: Option<&str>,
         clear: bool,
-        reply: flume::Sender<Vec<OfflineRow>>,
+        reply: flume::Sender<Result<Vec<OfflineRow>, String>>,
     ) {
         let token = self.token();
         self.offline
@@ -209,21 +209,20 @@ impl Shard {
     /// Redis answered read `token` of what it keeps for a user.
     pub(super) fn kept_read(&self, token: u64, result: Result<Vec<Vec<u8>>, String>) {
         let read = self.offline.borrow_mut().reads.remove(&token);
-        let rows: Vec<OfflineRow> = match &result {
-            Ok(entries) => entries.iter().filter_map(|e| entry_row(e)).collect(),
-            Err(e) => {
+        let rows = result.map(|entries| entries.iter().filter_map(|e| entry_row(e)).collect());
+        match (read, rows) {
+            (Some(Read::Queue(reply)), rows) => drop(reply.send(rows)),
+            (Some(Read::Take(user)), Ok(rows)) => self.taken(&user, rows),
+            (Some(Read::Take(user)), Err(e)) => {
+                // Still kept in Redis (or never taken): the user's next first connection
+                // on a node takes it.
                 tracing::warn!(
                     shard = self.id,
-                    "what is kept for a user could not be read: {e}"
+                    "what is kept for a user could not be taken: {e}"
                 );
-                Vec::new()
+                self.taken(&user, Vec::new());
             }
-        };
-        match read {
-            // Dropped unanswered when Redis could not be read: the API answers 503.
-            Some(Read::Queue(reply)) if result.is_ok() => drop(reply.send(rows)),
-            Some(Read::Queue(_)) | None => {}
-            Some(Read::Take(user)) => self.taken(&user, rows),
+            (None, _) => {}
         }
     }
 
