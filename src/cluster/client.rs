@@ -311,18 +311,18 @@ impl Client {
         for p in messages {
             let epoch = self.fresh_epoch();
             let floor = p.floor.map_or(-1, |f| f.min(i64::MAX as u64) as i64);
-            call.arg(&p.data[..])
-                .arg(kind_code(p.kind))
-                .arg(epoch)
-                .arg(floor);
-            match &p.to_user {
-                Some(send) => call
-                    .arg(&send.user)
+            // A message to a user is kind "u", and only it has four more arguments.
+            let kind = match p.to_user {
+                Some(_) => "u",
+                None => kind_code(p.kind),
+            };
+            call.arg(&p.data[..]).arg(kind).arg(epoch).arg(floor);
+            if let Some(send) = &p.to_user {
+                call.arg(&send.user)
                     .arg(&send.head)
                     .arg(&send.tail)
-                    .arg(send.keep.as_deref().unwrap_or_default()),
-                None => call.arg("").arg("").arg("").arg(""),
-            };
+                    .arg(send.keep.as_deref().unwrap_or_default());
+            }
         }
         call
     }
@@ -588,7 +588,8 @@ impl Client {
 /// The publish script's answers for `n` messages: `{seq, epoch, flag}` each, flag 2 for a
 /// message that failed (its epoch field is the error).
 fn published_all(value: Value, n: usize) -> Vec<Result<Published, ClusterError>> {
-    let answers: Vec<(u64, String, u8, i64, u64)> = match redis::from_redis_value(value) {
+    // {seq, epoch, flag}, and for a message to a user numbered now {…, reach, dropped}.
+    let answers: Vec<Vec<Value>> = match redis::from_redis_value(value) {
         Ok(answers) => answers,
         Err(e) => return vec![Err(ClusterError::Protocol(e.to_string())); n],
     };
@@ -598,6 +599,16 @@ fn published_all(value: Value, n: usize) -> Vec<Result<Published, ClusterError>>
     }
     answers
         .into_iter()
+        .map(|answer| {
+            let mut fields = answer.into_iter();
+            let mut next = || fields.next().unwrap_or(Value::Nil);
+            let seq: u64 = redis::from_redis_value(next()).unwrap_or(0);
+            let epoch: String = redis::from_redis_value(next()).unwrap_or_default();
+            let flag: u8 = redis::from_redis_value(next()).unwrap_or(2);
+            let reach: i64 = redis::from_redis_value(next()).unwrap_or(0);
+            let dropped: u64 = redis::from_redis_value(next()).unwrap_or(0);
+            (seq, epoch, flag, reach, dropped)
+        })
         .map(|(seq, epoch, flag, reach, dropped)| match flag {
             2 => Err(ClusterError::Refused(epoch)),
             3 => Err(ClusterError::NoFloor),

@@ -6,25 +6,26 @@
 -- kept), history TTL in s (0: none), meta TTL in s (0: none), result TTL in s; for messages
 -- to users: the control channel, the prefix of users' keys (`{prefix}.`), now (unix ms),
 -- and the bounds of what is kept for users not connected (messages and bytes per user,
--- bytes for all users); then per message: data, kind (m|d), a fresh epoch for a channel
--- that has none, and the seq its numbering starts after if it has none (its stored
--- decisions' highest), or -1: then such a message is refused with flag 3 and nothing is
--- done, for the caller to find that seq; and for a message to a user (else four ""): the
--- user, the control message that tells every node (its text before and after the seq), and
--- what to keep while the user is connected nowhere (after its seq; "": keep nothing).
+-- bytes for all users); then per message: data, kind (m|d, or u: a message to a user), a
+-- fresh epoch for a channel that has none, and the seq its numbering starts after if it has
+-- none (its stored decisions' highest), or -1: then such a message is refused with flag 3
+-- and nothing is done, for the caller to find that seq; and after a message to a user
+-- only (the others pay for no more arguments): the user, the control message that tells
+-- every node (its text before and after the seq), and what to keep while the user is
+-- connected nowhere (after its seq; "": keep nothing).
 -- KEYS, per message: the channel's meta hash (e = epoch, s = top seq), its history stream,
 -- the idempotency result hash ("" when the publish has no key), the PUB/SUB channel.
--- Returns per message {seq, epoch, 1 when answered from the idempotency result else 0,
--- reach, dropped}, or {0, error text, 2} for one that failed (the others still ran), or
--- {0, "", 3} (above). For a message to a user, reach is how many nodes heard its control
--- message, or -1 when it was kept (dropped: how many older ones made room), -2 when it was
--- not (too much kept already); 0 otherwise.
+-- Returns per message {seq, epoch, 1 when answered from the idempotency result else 0}, or
+-- {0, error text, 2} for one that failed (the others still ran), or {0, "", 3} (above); a
+-- message to a user numbered now has {seq, epoch, 0, reach, dropped}: reach is how many
+-- nodes heard its control message, or -1 when it was kept (dropped: how many older ones
+-- made room), -2 when it was not (too much kept already).
 local size, ttl, meta_ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local result_ttl = tonumber(ARGV[4])
 local control, users, now = ARGV[5], ARGV[6], tonumber(ARGV[7])
 local max_messages, max_bytes, max_total = tonumber(ARGV[8]), tonumber(ARGV[9]),
   tonumber(ARGV[10])
-local FIRST, STRIDE = 10, 8
+local FIRST = 10
 
 -- Per channel of this call: its epoch, read once (each redis.call costs about as much as
 -- the command it runs).
@@ -78,12 +79,11 @@ local function to_user(user, seq, head, tail, entry)
   return keep(user, seq .. "\n" .. entry)
 end
 
-local function publish(meta, stream, result, pubsub, data, kind, fresh, floor, user, head,
-                       tail, entry)
+local function publish(meta, stream, result, pubsub, data, kind, fresh, floor, send)
   if result ~= "" then
     local known = redis.call("hmget", result, "e", "s")
     if known[1] then
-      return {tonumber(known[2]), known[1], 1, 0, 0}
+      return {tonumber(known[2]), known[1], 1}
     end
   end
   local epoch = epochs[meta]
@@ -96,7 +96,7 @@ local function publish(meta, stream, result, pubsub, data, kind, fresh, floor, u
       -- seqs stay unique. A history read may have made its epoch already (subscribers
       -- hold it); otherwise a new one, and no history from the old one.
       if floor < 0 then
-        return {0, "", 3, 0, 0}
+        return {0, "", 3}
       end
       if not epoch then
         epoch = fresh
@@ -118,23 +118,27 @@ local function publish(meta, stream, result, pubsub, data, kind, fresh, floor, u
     redis.call("hset", result, "e", epoch, "s", seq)
     redis.call("expire", result, result_ttl)
   end
-  if user == "" then
-    return {seq, epoch, 0, 0, 0}
+  if not send then
+    return {seq, epoch, 0}
   end
-  local reach, dropped = to_user(user, id, head, tail, entry)
+  local reach, dropped = to_user(send[1], id, send[2], send[3], send[4])
   return {seq, epoch, 0, reach, dropped}
 end
 
 local out = {}
+local a = FIRST
 for i = 0, #KEYS / 4 - 1 do
-  local k, a = i * 4, FIRST + i * STRIDE
+  local k, kind, send = i * 4, ARGV[a + 2], nil
+  if kind == "u" then
+    kind, send = "m", {ARGV[a + 5], ARGV[a + 6], ARGV[a + 7], ARGV[a + 8]}
+  end
   local ok, answer = pcall(publish, KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4],
-    ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4]), ARGV[a + 5], ARGV[a + 6],
-    ARGV[a + 7], ARGV[a + 8])
+    ARGV[a + 1], kind, ARGV[a + 3], tonumber(ARGV[a + 4]), send)
   if not ok then
-    answer = {0, tostring(answer.err or answer), 2, 0, 0}
+    answer = {0, tostring(answer.err or answer), 2}
   end
   out[#out + 1] = answer
+  a = a + (send and 8 or 4)
 end
 for meta, stream in pairs(streams) do
   if meta_ttl > 0 then
