@@ -70,6 +70,9 @@ pub(super) struct Offline {
     pub(super) taking: HashMap<Box<str>, Vec<super::users::Held>>,
     /// In a cluster: reads of what Redis keeps, by token.
     pub(super) reads: HashMap<u64, super::users::Read>,
+    /// In a cluster: users connected here whose mark in Redis failed (marked, and what
+    /// was kept for them taken, at the next refresh).
+    pub(super) unmarked: Vec<Box<str>>,
 }
 
 impl Offline {

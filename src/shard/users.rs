@@ -179,6 +179,18 @@ impl Shard {
         if !self.config.offline.enabled {
             return;
         }
+        let unmarked = std::mem::take(&mut self.offline.borrow_mut().unmarked);
+        for user in unmarked {
+            let mut offline = self.offline.borrow_mut();
+            if !offline.online.contains_key(&user) || offline.taking.contains_key(&user) {
+                continue;
+            }
+            let token = self.token();
+            offline.taking.insert(user.clone(), Vec::new());
+            offline.reads.insert(token, Read::Take(user.clone()));
+            drop(offline);
+            self.engine.borrow_mut().user_online(&user, true, token);
+        }
         let users = self
             .offline
             .borrow()
@@ -214,12 +226,13 @@ impl Shard {
             (Some(Read::Queue(reply)), rows) => drop(reply.send(rows)),
             (Some(Read::Take(user)), Ok(rows)) => self.taken(&user, rows),
             (Some(Read::Take(user)), Err(e)) => {
-                // Still kept in Redis (or never taken): the user's next first connection
-                // on a node takes it.
+                // Not marked, and what is kept is still in Redis: the next refresh marks
+                // the user and takes it, if the user is still here.
                 tracing::warn!(
                     shard = self.id,
-                    "what is kept for a user could not be taken: {e}"
+                    "a user could not be marked connected in Redis: {e}"
                 );
+                self.offline.borrow_mut().unmarked.push(user.clone());
                 self.taken(&user, Vec::new());
             }
             (None, _) => {}
