@@ -9,7 +9,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The secret of the demo key shipped in config/shardcast.toml.
 pub const DEMO_SECRET: &str = "demo-secret";
@@ -34,7 +34,7 @@ pub enum ConfigError {
 }
 
 /// What to do when a connection's outbound queue is full.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BackpressurePolicy {
     /// Drop the oldest queued message and tell the client once per burst.
@@ -44,7 +44,7 @@ pub enum BackpressurePolicy {
 }
 
 /// How a refused credential is reported.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RefuseWith {
     /// HTTP 401 before the upgrade.
@@ -55,7 +55,7 @@ pub enum RefuseWith {
 }
 
 /// The whole configuration.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Address every shard listens on (SO_REUSEPORT).
@@ -104,7 +104,7 @@ pub struct Config {
 }
 
 /// Limits applied to every connection.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
     /// Largest message a client may send (larger: close 1009).
@@ -156,7 +156,7 @@ impl Limits {
 }
 
 /// WebSocket timing.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct WebSocket {
     /// Send a WebSocket ping after this long without hearing from the client.
@@ -174,7 +174,7 @@ pub struct WebSocket {
 }
 
 /// Token (JWT) settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Auth {
     /// HS256 secret for JWTs; empty disables tokens.
@@ -195,7 +195,7 @@ pub struct Auth {
 }
 
 /// Channel naming rules.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Channels {
     /// Allowed categories (the third part of `type:id:category`).
@@ -203,7 +203,7 @@ pub struct Channels {
 }
 
 /// Decision ingest settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Ingest {
     /// How long an idempotency key keeps deduplicating, in seconds.
@@ -213,7 +213,7 @@ pub struct Ingest {
 }
 
 /// When an INGEST is acknowledged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AckMode {
     /// After the transaction holding the decision has committed.
@@ -223,7 +223,7 @@ pub enum AckMode {
 }
 
 /// Where decisions are stored, and when they are acknowledged.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Storage {
     /// `"sqlite://PATH"` (embedded), `"postgres://…"`, or `"memory"` (nothing durable).
@@ -255,7 +255,7 @@ impl Default for Storage {
 }
 
 /// Presence: who is in a channel.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Presence {
     /// Most members in one PRESENCE answer (`cursor` pages through the rest).
@@ -284,7 +284,7 @@ impl Default for Presence {
 
 /// Offline delivery: a message the server API sends to a user with no connection is kept
 /// (bounded, for a time, in the store) and delivered when the user next connects.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Offline {
     /// Keep messages for users who are not connected.
@@ -313,7 +313,7 @@ impl Default for Offline {
 }
 
 /// Recent messages each channel's owner keeps, so a reconnecting client can catch up.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct History {
     /// Messages kept per channel (0: none; stored decisions are still replayed from the store).
@@ -342,7 +342,7 @@ impl History {
 }
 
 /// Graceful shutdown settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Shutdown {
     /// Longest time spent flushing queues and closing connections.
@@ -352,7 +352,7 @@ pub struct Shutdown {
 }
 
 /// Cross-shard channel mesh settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Mesh {
     /// Capacity of each shard-to-shard channel, in batches.
@@ -362,7 +362,7 @@ pub struct Mesh {
 }
 
 /// Several nodes as one server: channels numbered, kept and delivered through Redis.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Cluster {
     /// Redis URLs (a string or a list; channels are spread over several by a stable hash of
@@ -411,6 +411,14 @@ impl Default for Cluster {
     }
 }
 
+/// `url` without its credentials, for logs, health and metrics.
+pub fn redacted(url: &str) -> String {
+    match (url.split_once("://"), url.rfind('@')) {
+        (Some((scheme, _)), Some(at)) => format!("{scheme}://***{}", &url[at..]),
+        _ => url.to_owned(),
+    }
+}
+
 /// A string or a list of strings (an empty string: none).
 fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
     #[derive(Deserialize)]
@@ -427,7 +435,7 @@ fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D:
 }
 
 /// The HTTP side of the port.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Http {
     /// Browser origins that may upgrade and call the HTTP API: `*`, an origin
@@ -448,7 +456,7 @@ impl Default for Http {
 }
 
 /// Diagnostic endpoints.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Diagnostics {
     /// Serve `/echo` (no auth; loopback only) for WebSocket conformance testing.
@@ -456,7 +464,7 @@ pub struct Diagnostics {
 }
 
 /// A scope a principal may hold.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Scope {
     /// SUB / UNSUB.
@@ -472,7 +480,7 @@ pub enum Scope {
 }
 
 /// An API key.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiKey {
     /// Public key id (used in `key:<id>:*` channels and logs).
@@ -489,7 +497,7 @@ pub struct ApiKey {
 }
 
 /// Whether a credential's connections share their session.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SessionMode {
     /// Any number of connections at once.
@@ -500,7 +508,7 @@ pub enum SessionMode {
 }
 
 /// What happens when a second connection claims an exclusive session.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SessionPolicy {
     /// The newest wins: the older connection is told `session_replaced` and closed (4408).
@@ -511,7 +519,7 @@ pub enum SessionPolicy {
 }
 
 /// Exclusive sessions.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Sessions {
     /// Who wins a conflict.
@@ -676,6 +684,23 @@ impl Config {
             .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// The configuration as TOML, every secret masked (`***`): the JWT secret, API key
+    /// secrets, and the credentials in storage and Redis URLs.
+    pub fn masked(&self) -> Result<String, ConfigError> {
+        let mut shown = self.clone();
+        if !shown.auth.jwt_secret.is_empty() {
+            shown.auth.jwt_secret = "***".into();
+        }
+        for key in &mut shown.api_keys {
+            key.secret = "***".into();
+        }
+        shown.storage.url = redacted(&shown.storage.url);
+        for url in &mut shown.cluster.redis_url {
+            *url = redacted(url);
+        }
+        toml::to_string(&shown).map_err(|e| ConfigError::Parse(e.to_string()))
     }
 
     /// Check values that parse but cannot work.

@@ -14,7 +14,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(version)]
 struct Args {
     /// Configuration file (TOML). Every field can also be set with SHARDCAST_… variables.
-    #[arg(long, default_value = "config/shardcast.toml")]
+    #[arg(long, global = true, default_value = "config/shardcast.toml")]
     config: PathBuf,
     /// Address to listen on (overrides the file and SHARDCAST_LISTEN).
     #[arg(long)]
@@ -22,6 +22,44 @@ struct Args {
     /// Number of shards, 0 for one per CPU (overrides the file and SHARDCAST_SHARDS).
     #[arg(long)]
     shards: Option<usize>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Check the configuration (file, SHARDCAST_… variables and flags) and print it as it
+    /// would take effect, secrets masked; exit 0 when the server could start with it, 1
+    /// when not (the reason on stderr).
+    CheckConfig,
+}
+
+/// The configuration the arguments and the environment make, checked.
+fn config(args: &Args) -> Result<Config, shardcast::config::ConfigError> {
+    let mut config = Config::load(Some(&args.config), std::env::vars())?;
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if let Some(shards) = args.shards {
+        config.shards = shards;
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+/// `shardcast check-config`.
+fn check_config(args: &Args) -> ExitCode {
+    match config(args).and_then(|c| c.masked()) {
+        Ok(text) => {
+            print!("{text}");
+            eprintln!("{}: the configuration is valid", args.config.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{}: {e}", args.config.display());
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -41,23 +79,16 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
-    let mut config = match Config::load(Some(&args.config), std::env::vars()) {
+    if let Some(Command::CheckConfig) = args.command {
+        return check_config(&args);
+    }
+    let config = match config(&args) {
         Ok(config) => config,
         Err(e) => {
             tracing::error!("{e}");
             return ExitCode::from(2);
         }
     };
-    if let Some(listen) = args.listen {
-        config.listen = listen;
-    }
-    if let Some(shards) = args.shards {
-        config.shards = shards;
-    }
-    if let Err(e) = config.validate() {
-        tracing::error!("{e}");
-        return ExitCode::from(2);
-    }
     let server = match shardcast::server::start(config) {
         Ok(server) => server,
         Err(e) => {

@@ -141,3 +141,84 @@ fn sigterm_sends_restart_notice_and_closes_with_1001() {
     drop(clients);
     assert_eq!(server.wait_exit(), Some(0));
 }
+
+/// `shardcast check-config --config FILE` with `env`: exit code, stdout, stderr.
+fn check_config(file: &std::path::Path, env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_shardcast"));
+    command.arg("check-config").arg("--config").arg(file);
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let out = command.output().expect("shardcast runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_config_prints_the_effective_configuration_with_secrets_masked() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("shardcast.toml");
+    std::fs::write(
+        &file,
+        r#"listen = "127.0.0.1:9000"
+
+[storage]
+url = "postgres://app:pg-s3cret@127.0.0.1/test"
+
+[cluster]
+redis_url = ["redis://:redis-s3cret@127.0.0.1:6379"]
+
+[[api_keys]]
+id = "backend"
+secret = "key-s3cret"
+org = "acme"
+scopes = ["publish"]
+"#,
+    )
+    .unwrap();
+    let env = [
+        ("SHARDCAST_AUTH__JWT_SECRET", "jwt-s3cret"),
+        ("SHARDCAST_SHARDS", "3"),
+    ];
+    let (code, out, err) = check_config(&file, &env);
+    assert_eq!(code, 0, "{err}");
+    for secret in ["pg-s3cret", "redis-s3cret", "key-s3cret", "jwt-s3cret"] {
+        assert!(!out.contains(secret), "{secret} shown:\n{out}");
+    }
+    // What takes effect: the file, the environment and the defaults together.
+    let effective: toml::Table = out.parse().expect("TOML");
+    assert_eq!(effective["listen"].as_str(), Some("127.0.0.1:9000"));
+    assert_eq!(effective["shards"].as_integer(), Some(3));
+    assert_eq!(effective["auth"]["jwt_secret"].as_str(), Some("***"));
+    assert_eq!(effective["api_keys"][0]["secret"].as_str(), Some("***"));
+    assert_eq!(
+        effective["storage"]["url"].as_str(),
+        Some("postgres://***@127.0.0.1/test")
+    );
+    assert_eq!(
+        effective["limits"]["max_subscriptions"].as_integer(),
+        Some(1000)
+    );
+    // It reads back as a configuration itself.
+    let printed = dir.path().join("printed.toml");
+    std::fs::write(&printed, &out).unwrap();
+    let (code, _, err) = check_config(&printed, &[]);
+    assert_eq!(code, 0, "{err}");
+
+    // Refused, with the reason: an unknown field, a value that cannot work, no file.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[limits]\nmax_subscriptionz = 5\n").unwrap();
+    let (code, out, err) = check_config(&bad, &[]);
+    assert_eq!((code, out.as_str()), (1, ""));
+    assert!(err.contains("max_subscriptionz"), "{err}");
+    std::fs::write(&bad, "[limits]\nmax_message_bytes = 0\n").unwrap();
+    let (code, _, err) = check_config(&bad, &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("limits"), "{err}");
+    let (code, _, err) = check_config(&dir.path().join("missing.toml"), &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("cannot read"), "{err}");
+}

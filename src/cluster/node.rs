@@ -23,13 +23,7 @@ pub struct Instance {
     pub wants: Wants,
 }
 
-/// `url` without its password, for health and metrics.
-fn redacted(url: &str) -> String {
-    match (url.split_once("://"), url.rfind('@')) {
-        (Some((scheme, _)), Some(at)) => format!("{scheme}://***{}", &url[at..]),
-        _ => url.to_owned(),
-    }
-}
+use crate::config::redacted;
 
 /// Where a channel Redis has no numbering for goes on from: the highest seq of its decisions
 /// in the store (`None` for "memory", which keeps none), read on a connection of its own.
