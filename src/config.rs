@@ -43,6 +43,38 @@ pub enum BackpressurePolicy {
     Close,
 }
 
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One line of text each (colours only on a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `target`, `fields` (`message` and the
+    /// event's fields) and the spans it is in.
+    Json,
+}
+
+/// Logging (stderr).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Log {
+    /// Text or JSON lines.
+    pub format: LogFormat,
+    /// What is written, as `RUST_LOG` says it (`info`, `warn,shardcast=debug`…);
+    /// `RUST_LOG`, when set, wins.
+    pub level: String,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
 /// How a refused credential is reported.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -99,6 +131,8 @@ pub struct Config {
     pub diagnostics: Diagnostics,
     /// The HTTP side of the port: origins, request bodies.
     pub http: Http,
+    /// Logging.
+    pub log: Log,
     /// API keys.
     pub api_keys: Vec<ApiKey>,
 }
@@ -561,6 +595,7 @@ impl Default for Config {
             cluster: Cluster::default(),
             diagnostics: Diagnostics::default(),
             http: Http::default(),
+            log: Log::default(),
             api_keys: Vec::new(),
         }
     }
@@ -706,6 +741,9 @@ impl Config {
     /// Check values that parse but cannot work.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |msg: String| Err(ConfigError::Invalid(msg));
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return invalid(format!("log.level {:?}: {e}", self.log.level));
+        }
         let exposed = !self.listen.ip().is_loopback();
         if exposed && self.api_keys.iter().any(|k| k.secret == DEMO_SECRET) {
             return invalid(format!(

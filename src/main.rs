@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use shardcast::config::Config;
+use shardcast::config::{Config, LogFormat};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -47,6 +47,22 @@ fn config(args: &Args) -> Result<Config, shardcast::config::ConfigError> {
     Ok(config)
 }
 
+/// Log to stderr as `[log]` says (`RUST_LOG`, when set, chooses what).
+fn init_logs(log: &shardcast::config::Log) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&log.level));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match log.format {
+        // Colour codes only for a terminal: in a log file or journal they are noise.
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => logs.json().with_current_span(true).init(),
+    }
+}
+
 /// `shardcast check-config`.
 fn check_config(args: &Args) -> ExitCode {
     match config(args).and_then(|c| c.masked()) {
@@ -69,15 +85,6 @@ fn main() -> ExitCode {
     // paced ingest's p99. Before anything is allocated, so that no mapping gets one.
     // SAFETY: PR_SET_THP_DISABLE takes plain integers and changes only this process's flags.
     unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        // Colour codes only for a terminal: in a log file or journal they are noise.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let args = Args::parse();
     if let Some(Command::CheckConfig) = args.command {
         return check_config(&args);
@@ -85,10 +92,12 @@ fn main() -> ExitCode {
     let config = match config(&args) {
         Ok(config) => config,
         Err(e) => {
-            tracing::error!("{e}");
+            // Before logging is set up: how is part of the configuration.
+            eprintln!("{e}");
             return ExitCode::from(2);
         }
     };
+    init_logs(&config.log);
     let server = match shardcast::server::start(config) {
         Ok(server) => server,
         Err(e) => {

@@ -218,7 +218,58 @@ scopes = ["publish"]
     let (code, _, err) = check_config(&bad, &[]);
     assert_eq!(code, 1);
     assert!(err.contains("limits"), "{err}");
+    std::fs::write(
+        &bad,
+        "[log]\nformat = \"json\"\nlevel = \"shardcast=loud\"\n",
+    )
+    .unwrap();
+    let (code, _, err) = check_config(&bad, &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("log.level"), "{err}");
     let (code, _, err) = check_config(&dir.path().join("missing.toml"), &[]);
     assert_eq!(code, 1);
     assert!(err.contains("cannot read"), "{err}");
+}
+
+#[test]
+fn json_logs_are_one_json_object_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("shardcast.toml");
+    let config = "listen = \"127.0.0.1:0\"\nshards = 1\n\n[storage]\nurl = \"memory\"\n\n\
+                  [log]\nformat = \"json\"\nlevel = \"info\"\n";
+    std::fs::write(&file, config).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_shardcast"))
+        .arg("--config")
+        .arg(&file)
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start shardcast");
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+    let mut seen: Vec<(String, String)> = Vec::new();
+    // Up to the line that says where it listens (info: the level set in [log]).
+    loop {
+        let line = lines.next().expect("a log line before it listens").unwrap();
+        let entry: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(
+            entry["level"].is_string() && entry["timestamp"].is_string(),
+            "{line}"
+        );
+        let message = entry["fields"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(!line.contains('\u{1b}'), "colour codes: {line}");
+        let level = entry["level"].as_str().unwrap_or_default().to_owned();
+        seen.push((level, message.clone()));
+        if message.starts_with("listening on ws://") {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let warned = |(level, m): &(String, String)| level == "WARN" && m.contains("NOT durable");
+    assert!(seen.iter().any(warned), "{seen:?}");
 }
