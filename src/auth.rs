@@ -292,7 +292,8 @@ pub struct Credentials {
 #[derive(Deserialize)]
 struct Claims {
     sub: String,
-    org: String,
+    #[serde(default)]
+    org: Option<String>,
     exp: u64,
     #[serde(default)]
     scopes: ScopeClaim,
@@ -322,7 +323,10 @@ enum ScopeClaim {
 /// connection costs no allocation.
 pub struct Authenticator {
     keys: HashMap<String, Rc<Principal>>,
-    jwt: Option<(DecodingKey, Validation)>,
+    /// What tokens may be signed with.
+    jwt: Vec<TokenKey>,
+    /// The org of a token without one (`None`: refused).
+    default_org: Option<Box<str>>,
     leeway_secs: u64,
     /// Revoked tokens, until their `until_ms`.
     revoked: std::cell::RefCell<HashMap<Revoked, Revocation>>,
@@ -347,20 +351,18 @@ impl Authenticator {
                 (k.secret.clone(), Rc::new(principal))
             })
             .collect();
-        let jwt = (!config.auth.jwt_secret.is_empty()).then(|| {
-            let mut validation = Validation::new(Algorithm::HS256);
-            validation.leeway = config.auth.jwt_leeway_secs;
-            // A token is refused before its `nbf` as after its `exp`.
-            validation.validate_nbf = true;
-            validation.set_required_spec_claims(&["exp", "sub"]);
-            (
-                DecodingKey::from_secret(config.auth.jwt_secret.as_bytes()),
-                validation,
-            )
+        // `Config::validate` has read them already: an error here is a file changed since.
+        let jwt = token_keys(&config.auth).unwrap_or_else(|e| {
+            tracing::error!("tokens are refused: {e}");
+            Vec::new()
         });
+        let default_org = Some(config.auth.jwt_default_org.as_str())
+            .filter(|o| !o.is_empty())
+            .map(Into::into);
         Self {
             keys,
             jwt,
+            default_org,
             leeway_secs: config.auth.jwt_leeway_secs,
             revoked: Default::default(),
         }
@@ -418,17 +420,30 @@ impl Authenticator {
         let Some(token) = &creds.token else {
             return Err(AuthError::Missing);
         };
-        let Some((key, validation)) = &self.jwt else {
+        if self.jwt.is_empty() {
             return Err(AuthError::BadToken("tokens are not enabled".into()));
-        };
-        let data =
-            jsonwebtoken::decode::<Claims>(token, key, validation).map_err(|e| match e.kind() {
+        }
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|e| AuthError::BadToken(e.to_string()))?;
+        let key = self
+            .jwt
+            .iter()
+            .find(|k| k.algorithm == header.alg && (k.kid.is_none() || k.kid == header.kid))
+            .ok_or_else(|| {
+                AuthError::BadToken(format!(
+                    "no key for {:?} tokens (kid {:?})",
+                    header.alg, header.kid
+                ))
+            })?;
+        let data = jsonwebtoken::decode::<Claims>(token, &key.key, &key.validation).map_err(
+            |e| match e.kind() {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
                 jsonwebtoken::errors::ErrorKind::ImmatureSignature => {
                     AuthError::BadToken("token not valid yet (nbf)".into())
                 }
                 _ => AuthError::BadToken(e.to_string()),
-            })?;
+            },
+        )?;
         let claims = data.claims;
         let scopes: Vec<Scope> = match claims.scopes {
             ScopeClaim::List(list) => list.iter().filter_map(|s| parse_scope(s)).collect(),
@@ -443,8 +458,15 @@ impl Authenticator {
                 .channels
                 .map(|list| list.into_iter().map(Into::into).collect()),
         };
+        let org = match claims.org {
+            Some(org) => org.into(),
+            None => self
+                .default_org
+                .clone()
+                .ok_or_else(|| AuthError::BadToken("the token has no org".into()))?,
+        };
         let principal = Principal {
-            org: claims.org.into(),
+            org,
             user: Some(claims.sub.into()),
             key_id: None,
             scopes: Scopes::from_list(&scopes),
@@ -457,6 +479,82 @@ impl Authenticator {
         }
         Ok(Rc::new(principal))
     }
+}
+
+/// A key tokens may be signed with, and how they are checked with it.
+#[derive(Clone)]
+pub struct TokenKey {
+    algorithm: Algorithm,
+    /// Only for tokens with this `kid` (a JWKS key's); `None`: any.
+    kid: Option<String>,
+    key: DecodingKey,
+    validation: Validation,
+}
+
+/// The keys `[auth]` names (secret, PEM public key, JWKS file), read and checked.
+pub fn token_keys(auth: &crate::config::Auth) -> Result<Vec<TokenKey>, String> {
+    let mut keys: Vec<(Algorithm, Option<String>, DecodingKey)> = Vec::new();
+    if !auth.jwt_secret.is_empty() {
+        let secret = DecodingKey::from_secret(auth.jwt_secret.as_bytes());
+        keys.push((Algorithm::HS256, None, secret));
+    }
+    if !auth.jwt_public_key.is_empty() {
+        let path = &auth.jwt_public_key;
+        let pem = std::fs::read(path).map_err(|e| format!("jwt_public_key {path}: {e}"))?;
+        let key = DecodingKey::from_rsa_pem(&pem)
+            .map(|k| (Algorithm::RS256, k))
+            .or_else(|_| DecodingKey::from_ec_pem(&pem).map(|k| (Algorithm::ES256, k)))
+            .map_err(|e| format!("jwt_public_key {path}: not an RSA or EC public key: {e}"))?;
+        keys.push((key.0, None, key.1));
+    }
+    if !auth.jwks_file.is_empty() {
+        let path = &auth.jwks_file;
+        let mut text = std::fs::read(path).map_err(|e| format!("jwks_file {path}: {e}"))?;
+        let set: jsonwebtoken::jwk::JwkSet = simd_json::serde::from_slice(&mut text)
+            .map_err(|e| format!("jwks_file {path}: {e}"))?;
+        for jwk in &set.keys {
+            let algorithm = match &jwk.algorithm {
+                jsonwebtoken::jwk::AlgorithmParameters::RSA(_) => Algorithm::RS256,
+                jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(ec)
+                    if ec.curve == jsonwebtoken::jwk::EllipticCurve::P256 =>
+                {
+                    Algorithm::ES256
+                }
+                // Other kinds of keys sign no token shardcast takes.
+                _ => continue,
+            };
+            let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("jwks_file {path}: {e}"))?;
+            keys.push((algorithm, jwk.common.key_id.clone(), key));
+        }
+    }
+    Ok(keys
+        .into_iter()
+        .map(|(algorithm, kid, key)| {
+            let mut validation = Validation::new(algorithm);
+            validation.leeway = auth.jwt_leeway_secs;
+            // A token is refused before its `nbf` as after its `exp`.
+            validation.validate_nbf = true;
+            // A configured audience or issuer is required, not only checked when present.
+            let mut required = vec!["exp", "sub"];
+            required.extend((!auth.jwt_audience.is_empty()).then_some("aud"));
+            required.extend((!auth.jwt_issuer.is_empty()).then_some("iss"));
+            validation.set_required_spec_claims(&required);
+            if auth.jwt_audience.is_empty() {
+                validation.validate_aud = false;
+            } else {
+                validation.set_audience(&auth.jwt_audience);
+            }
+            if !auth.jwt_issuer.is_empty() {
+                validation.set_issuer(&auth.jwt_issuer);
+            }
+            TokenKey {
+                algorithm,
+                kid,
+                key,
+                validation,
+            }
+        })
+        .collect())
 }
 
 fn parse_scope(s: &str) -> Option<Scope> {

@@ -211,9 +211,22 @@ pub struct WebSocket {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Auth {
-    /// HS256 secret for JWTs; empty disables tokens.
+    /// HS256 secret for JWTs (and for the tokens `POST /api/tokens` issues); empty: no
+    /// HS256 tokens.
     pub jwt_secret: String,
-    /// Clock skew allowed when checking `exp`, in seconds.
+    /// A PEM public key file (RSA: RS256, EC P-256: ES256) tokens may be signed for.
+    pub jwt_public_key: String,
+    /// A JWKS file (`{"keys":[…]}`, as Auth0 or Supabase publish it): RS256 and ES256
+    /// keys, chosen by the token's `kid`.
+    pub jwks_file: String,
+    /// When not empty, a token's `aud` must be one of these.
+    pub jwt_audience: Vec<String>,
+    /// When not empty, a token's `iss` must be one of these.
+    pub jwt_issuer: Vec<String>,
+    /// The org of a token without an `org` claim (Auth0's and Supabase's have none); empty:
+    /// such tokens are refused.
+    pub jwt_default_org: String,
+    /// Clock skew allowed when checking `exp` and `nbf`, in seconds.
     pub jwt_leeway_secs: u64,
     /// How refused credentials are reported.
     pub refuse_with: RefuseWith,
@@ -635,6 +648,11 @@ impl Default for Auth {
     fn default() -> Self {
         Self {
             jwt_secret: String::new(),
+            jwt_public_key: String::new(),
+            jwks_file: String::new(),
+            jwt_audience: Vec::new(),
+            jwt_issuer: Vec::new(),
+            jwt_default_org: String::new(),
             jwt_leeway_secs: 0,
             refuse_with: RefuseWith::Close,
             token_grace_ms: 30_000,
@@ -741,6 +759,9 @@ impl Config {
     /// Check values that parse but cannot work.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |msg: String| Err(ConfigError::Invalid(msg));
+        if let Err(e) = crate::auth::token_keys(&self.auth) {
+            return invalid(format!("auth: {e}"));
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return invalid(format!("log.level {:?}: {e}", self.log.level));
         }
