@@ -165,6 +165,14 @@ pub struct Limits {
     /// its own costs the server about 360 B of heap, measured by tests/memory.rs); more get
     /// `too_many_subscriptions`.
     pub max_subscriptions: usize,
+    /// New connections one source address may open per second (0: any): past it, upgrades
+    /// get 429 `rate_limited` with `Retry-After`, before their credentials are checked.
+    /// Each shard enforces its share (the kernel spreads an address's connections over
+    /// the shards), so the whole is approximate.
+    pub connections_per_ip_per_second: u32,
+    /// Connections an address may open at once before the rate applies (0: one second's
+    /// worth).
+    pub connection_burst_per_ip: u32,
 }
 
 impl Limits {
@@ -173,6 +181,19 @@ impl Limits {
         crate::queue::ReplyBudget {
             messages: self.reply_queue_messages,
             bytes: self.reply_queue_bytes,
+        }
+    }
+
+    /// Each of `nshards` shards' share of the per-address connection rate.
+    pub fn ip_rate(&self, nshards: usize) -> crate::rate::Rate {
+        let share = |n: u32| n.div_ceil(nshards.max(1) as u32);
+        let burst = match self.connection_burst_per_ip {
+            0 => self.connections_per_ip_per_second,
+            n => n,
+        };
+        crate::rate::Rate {
+            per_second: share(self.connections_per_ip_per_second),
+            burst: share(burst),
         }
     }
 
@@ -628,6 +649,8 @@ impl Default for Limits {
             reply_queue_messages: 1024,
             reply_queue_bytes: 1 << 20,
             max_subscriptions: 1_000,
+            connections_per_ip_per_second: 0,
+            connection_burst_per_ip: 0,
         }
     }
 }

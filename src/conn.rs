@@ -502,6 +502,13 @@ impl Conn {
             Ok(key) => key,
             Err(refused) => return self.respond(&refused, false, Vec::new()),
         };
+        // Before the credentials: checking a token costs more than refusing.
+        if let Err(wait_ms) = shard.admit_connection(self.peer.fd.get()) {
+            let message = "too many new connections from this address";
+            let retry = wait_ms.div_ceil(1_000).max(1).to_string();
+            let refused = Response::error(429, ErrorCode::RateLimited, message);
+            return self.respond(&refused.header("Retry-After", &retry), false, Vec::new());
+        }
         let principal = if echo {
             None
         } else {

@@ -81,9 +81,12 @@ pub enum Counter {
     /// Messages not kept: the node keeps `[offline] max_total_bytes` already, or the message
     /// alone is over `max_bytes`.
     OfflineRefused,
+    /// Upgrades refused: their source address opened connections faster than
+    /// `[limits] connections_per_ip_per_second`.
+    ConnectionsRateLimited,
 }
 
-const COUNTERS: usize = 31;
+const COUNTERS: usize = 32;
 const AUTH_REASONS: [&str; 5] = [
     "missing_credentials",
     "invalid_key",
@@ -628,6 +631,12 @@ impl Global {
             "counter",
             "Messages not kept: the node keeps max_total_bytes already, or one is over max_bytes.",
             self.sum(Counter::OfflineRefused),
+        );
+        metric(
+            "shardcast_connections_rate_limited_total",
+            "counter",
+            "Upgrades refused (429): their source address opened connections too fast.",
+            self.sum(Counter::ConnectionsRateLimited),
         );
         metric(
             "shardcast_decisions_rejected_total",

@@ -741,3 +741,51 @@ mod base64_url {
         out
     }
 }
+
+/// An upgrade from source address `from`: the response's head.
+fn upgrade_from(server: &Server, from: [u8; 4]) -> String {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let local = std::net::SocketAddr::from((from, 0));
+    socket.bind(&local.into()).unwrap();
+    socket.connect(&server.addr.into()).unwrap();
+    let mut s: std::net::TcpStream = socket.into();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        s,
+        "GET /ws?key={ACME} HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        std::io::Read::read_exact(&mut s, &mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    String::from_utf8(head).unwrap()
+}
+
+#[test]
+fn an_address_opening_connections_too_fast_gets_429_and_others_do_not() {
+    // One shard: its share is the whole rate.
+    let server = Server::start_with(
+        1,
+        "[limits]\nconnections_per_ip_per_second = 1\nconnection_burst_per_ip = 3\n",
+    );
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let head = upgrade_from(&server, [127, 0, 0, 7]);
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        open.push(head);
+    }
+    let refused = upgrade_from(&server, [127, 0, 0, 7]);
+    assert!(refused.starts_with("HTTP/1.1 429"), "{refused}");
+    assert!(refused.contains("Retry-After: 1\r\n"), "{refused}");
+    assert_eq!(
+        server.wait_metric("shardcast_connections_rate_limited_total", 1),
+        1
+    );
+    // Another address has its own budget.
+    let other = upgrade_from(&server, [127, 0, 0, 8]);
+    assert!(other.starts_with("HTTP/1.1 101"), "{other}");
+}

@@ -456,6 +456,11 @@ impl Shard {
 
 /// The address of the peer of socket `fd`, if it has one.
 fn remote_address(fd: i32) -> Option<String> {
+    peer_address(fd).map(|a| a.to_string())
+}
+
+/// The address and port of the peer of socket `fd`, if it has one.
+pub(super) fn peer_address(fd: i32) -> Option<std::net::SocketAddr> {
     if fd < 0 {
         return None;
     }
@@ -463,5 +468,5 @@ fn remote_address(fd: i32) -> Option<String> {
     // and unregisters the peer before closing it); the borrow does not outlive this call.
     let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
     let address = socket2::SockRef::from(&socket).peer_addr().ok()?;
-    address.as_socket().map(|a| a.to_string())
+    address.as_socket()
 }

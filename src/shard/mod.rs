@@ -419,6 +419,8 @@ pub struct Shard {
     /// Of the users whose channels this shard owns: where they are connected, and what is
     /// kept for them while they are not.
     offline: RefCell<offline::Offline>,
+    /// New connections per source address (`[limits] connections_per_ip_per_second`).
+    connecting: RefCell<crate::rate::PerAddress>,
     /// Questions to other nodes, and other nodes' questions being answered.
     asks: RefCell<asks::Asks>,
     /// Idempotency keys of the PUBLISHes this shard numbered ("channel\0key" to seq), when
@@ -459,6 +461,9 @@ pub struct Shard {
 /// cluster) the number of the question every node answers with its reach.
 type UserSend = (Box<str>, Rc<[u8]>, directory::ToUser, Option<u64>);
 
+/// Source addresses a shard keeps connection rates for (about 64 B each).
+const ADDRESSES_TRACKED: usize = 65_536;
+
 /// Size of the per-shard read buffer.
 pub const SCRATCH_BYTES: usize = 64 * 1024;
 
@@ -497,6 +502,7 @@ impl Shard {
             user_sends: RefCell::default(),
             directory: RefCell::default(),
             offline: RefCell::default(),
+            connecting: RefCell::new(crate::rate::PerAddress::new(ADDRESSES_TRACKED)),
             asks: RefCell::default(),
             published: RefCell::new(decision::DedupTable::new(
                 std::time::Duration::from_secs(config.ingest.dedup_window_secs),
@@ -685,6 +691,27 @@ impl Shard {
         self.refresh_presence();
         self.refresh_sessions();
         self.refresh_users();
+    }
+
+    /// Admit a new connection from the peer of socket `fd` under `[limits]
+    /// connections_per_ip_per_second` (this shard's share): when not, how many
+    /// milliseconds until it would be.
+    pub fn admit_connection(&self, fd: i32) -> Result<(), u64> {
+        let rate = self.config.limits.ip_rate(self.nshards);
+        if rate.per_second == 0 {
+            return Ok(());
+        }
+        let Some(address) = directory::peer_address(fd) else {
+            return Ok(());
+        };
+        let admitted = self
+            .connecting
+            .borrow_mut()
+            .take(address.ip(), rate, self.now_ms());
+        if admitted.is_err() {
+            self.counters.add(Counter::ConnectionsRateLimited, 1);
+        }
+        admitted
     }
 
     /// The connection with this id, if it is still open.
@@ -2365,6 +2392,10 @@ impl Shard {
             self.auth.expire_revocations(self.now().unix_ms);
             self.expire_offline();
             self.expire_asks();
+            let rate = self.config.limits.ip_rate(self.nshards);
+            self.connecting
+                .borrow_mut()
+                .forget_idle(rate, self.now_ms());
         }
         let peers = self.conns.borrow().slice(slice, slices);
         for peer in peers {
