@@ -165,6 +165,12 @@ pub struct Limits {
     /// its own costs the server about 360 B of heap, measured by tests/memory.rs); more get
     /// `too_many_subscriptions`.
     pub max_subscriptions: usize,
+    /// Bytes of messages one connection may send per second (0: any); over it a message gets
+    /// `rate_limited`, as over `messages_per_second`.
+    pub bytes_per_second: u32,
+    /// Bytes a connection may send at once before the byte rate applies (0: one second's
+    /// worth); never less than `max_message_bytes`, or a large message could never pass.
+    pub byte_burst: u32,
     /// New connections one source address may open per second (0: any): past it, upgrades
     /// get 429 `rate_limited` with `Retry-After`, before their credentials are checked.
     /// Each shard enforces its share (the kernel spreads an address's connections over
@@ -181,6 +187,19 @@ impl Limits {
         crate::queue::ReplyBudget {
             messages: self.reply_queue_messages,
             bytes: self.reply_queue_bytes,
+        }
+    }
+
+    /// The client byte rate limit.
+    pub fn byte_rate(&self) -> crate::rate::Rate {
+        let burst = match self.byte_burst {
+            0 => self.bytes_per_second,
+            n => n,
+        };
+        let largest = u32::try_from(self.max_message_bytes).unwrap_or(u32::MAX);
+        crate::rate::Rate {
+            per_second: self.bytes_per_second,
+            burst: burst.max(largest),
         }
     }
 
@@ -649,6 +668,8 @@ impl Default for Limits {
             reply_queue_messages: 1024,
             reply_queue_bytes: 1 << 20,
             max_subscriptions: 1_000,
+            bytes_per_second: 0,
+            byte_burst: 0,
             connections_per_ip_per_second: 0,
             connection_burst_per_ip: 0,
         }

@@ -122,6 +122,7 @@ pub fn serve(
         bad_messages: 0,
         limited_messages: 0,
         bucket: TokenBucket::default(),
+        byte_bucket: TokenBucket::default(),
         holds_slot: false,
         close_queued: false,
         close_received: false,
@@ -143,6 +144,8 @@ struct Conn {
     /// Consecutive messages refused for exceeding the rate limit.
     limited_messages: u32,
     bucket: TokenBucket,
+    /// Its byte rate (`limits.bytes_per_second`).
+    byte_bucket: TokenBucket,
     /// Holds one of the process's `max_connections` slots.
     holds_slot: bool,
     close_queued: bool,
@@ -570,7 +573,9 @@ impl Conn {
                     shard.answer(&self.peer, &ready);
                 }
                 self.set_token_deadline(&principal);
-                self.bucket = TokenBucket::full(shard.config.limits.rate(), shard.now_ms());
+                let limits = &shard.config.limits;
+                self.bucket = TokenBucket::full(limits.rate(), shard.now_ms());
+                self.byte_bucket = TokenBucket::full(limits.byte_rate(), shard.now_ms());
                 shard.open_session(&self.peer, &principal);
                 self.mode = Mode::Session(principal);
             }
@@ -676,7 +681,15 @@ impl Conn {
         };
         shard.counters.add(Counter::MessagesReceived, 1);
         let limits = &shard.config.limits;
-        if let Err(retry_after_ms) = self.bucket.take(limits.rate(), shard.now_ms()) {
+        let now = shard.now_ms();
+        let size = text.len() as u64;
+        let taken = self.bucket.take(limits.rate(), now).and_then(|()| {
+            // A message refused by its size gives its message token back: nothing was done.
+            self.byte_bucket
+                .take_n(limits.byte_rate(), now, size)
+                .inspect_err(|_| self.bucket.give_back(limits.rate()))
+        });
+        if let Err(retry_after_ms) = taken {
             shard.answer(&self.peer, &Reply::RateLimited { retry_after_ms });
             self.limited_messages += 1;
             if self.limited_messages >= limits.max_rate_limited {

@@ -26,8 +26,21 @@ impl TokenBucket {
         }
     }
 
+    /// Give back a token taken in vain.
+    pub fn give_back(&mut self, rate: Rate) {
+        if rate.per_second > 0 {
+            self.milli_tokens = (self.milli_tokens + 1000).min(u64::from(rate.burst) * 1000);
+        }
+    }
+
     /// Take one token; when none is left, how many milliseconds until one is.
     pub fn take(&mut self, rate: Rate, now_ms: u64) -> Result<(), u64> {
+        self.take_n(rate, now_ms, 1)
+    }
+
+    /// Take `n` tokens (bytes, say); when there are fewer, how many milliseconds until
+    /// there are enough (never, for more than the burst: the caller keeps `n` within it).
+    pub fn take_n(&mut self, rate: Rate, now_ms: u64, n: u64) -> Result<(), u64> {
         if rate.per_second == 0 {
             return Ok(());
         }
@@ -36,11 +49,12 @@ impl TokenBucket {
         self.last_ms = now_ms;
         self.milli_tokens =
             (self.milli_tokens + elapsed * per_ms).min(u64::from(rate.burst) * 1000);
-        if self.milli_tokens >= 1000 {
-            self.milli_tokens -= 1000;
+        let wanted = n.saturating_mul(1000);
+        if self.milli_tokens >= wanted {
+            self.milli_tokens -= wanted;
             Ok(())
         } else {
-            Err((1000 - self.milli_tokens).div_ceil(per_ms))
+            Err((wanted - self.milli_tokens).div_ceil(per_ms))
         }
     }
 }
@@ -154,6 +168,18 @@ mod tests {
             assert_eq!(bucket.take(rate, 10_000), Ok(()));
         }
         assert!(bucket.take(rate, 10_000).is_err());
+    }
+
+    #[test]
+    fn bytes_are_taken_by_size() {
+        let rate = Rate {
+            per_second: 1_000,
+            burst: 2_000,
+        };
+        let mut bucket = TokenBucket::full(rate, 0);
+        assert_eq!(bucket.take_n(rate, 0, 1_500), Ok(()));
+        assert_eq!(bucket.take_n(rate, 0, 600), Err(100));
+        assert_eq!(bucket.take_n(rate, 100, 600), Ok(()));
     }
 
     #[test]

@@ -322,3 +322,29 @@ fn message_rate_limit_refuses_then_closes_with_4429() {
     // Others are unaffected.
     server.client(&format!("/ws?key={ACME}")).ping();
 }
+
+#[test]
+fn byte_rate_limit_refuses_messages_by_their_size() {
+    let server = Server::start(
+        "[limits]\nmax_message_bytes = 1024\nbytes_per_second = 100\nbyte_burst = 2000\n",
+    );
+    let mut c = server.client(&format!("/ws?key={ACME}"));
+    let data = "x".repeat(800);
+    let publish =
+        |id: &str| json!({"type":"PUBLISH","channel":"org:acme:usage","data":data,"id":id});
+    // Two of about 870 bytes pass within 2,000 bytes of burst; the third does not, and says
+    // when it would (at 100 bytes/s, seconds); small messages still pass meanwhile.
+    for id in ["a", "b"] {
+        c.send(publish(id));
+        assert_eq!(c.recv_type_of(&["ACK", "ERROR"])["type"], "ACK");
+    }
+    c.send(publish("c"));
+    let refused = c.recv_type_of(&["ACK", "ERROR"]);
+    assert_eq!(refused["code"], "rate_limited", "{refused}");
+    assert!(
+        refused["retryAfterMs"].as_u64().unwrap() > 1_000,
+        "{refused}"
+    );
+    c.send(json!({"type":"PING"}));
+    assert_eq!(c.recv_type_of(&["PONG", "ERROR"])["type"], "PONG");
+}
