@@ -121,8 +121,7 @@ pub fn serve(
         mode: Mode::Http(Vec::new()),
         bad_messages: 0,
         limited_messages: 0,
-        bucket: TokenBucket::default(),
-        byte_bucket: TokenBucket::default(),
+        rates: None,
         holds_slot: false,
         close_queued: false,
         close_received: false,
@@ -134,6 +133,39 @@ pub fn serve(
     Ok(std::future::poll_fn(move |cx| conn.poll(cx)))
 }
 
+/// A connection's token buckets: messages and bytes per second.
+struct Rates {
+    messages: TokenBucket,
+    bytes: TokenBucket,
+}
+
+impl Rates {
+    /// Full buckets, when `limits` sets a rate.
+    fn of(limits: &crate::config::Limits, now_ms: u64) -> Option<Box<Self>> {
+        let (messages, bytes) = (limits.rate(), limits.byte_rate());
+        (messages.per_second > 0 || bytes.per_second > 0).then(|| {
+            Box::new(Self {
+                messages: TokenBucket::full(messages, now_ms),
+                bytes: TokenBucket::full(bytes, now_ms),
+            })
+        })
+    }
+
+    /// Take a message of `size` bytes; when refused, how many milliseconds until it would
+    /// pass (a message refused by its size gives its message token back: nothing was done).
+    fn take(
+        &mut self,
+        limits: &crate::config::Limits,
+        now_ms: u64,
+        size: usize,
+    ) -> Result<(), u64> {
+        self.messages.take(limits.rate(), now_ms)?;
+        self.bytes
+            .take_n(limits.byte_rate(), now_ms, size as u64)
+            .inspect_err(|_| self.messages.give_back(limits.rate()))
+    }
+}
+
 struct Conn {
     shard: Rc<Shard>,
     peer: Rc<Peer>,
@@ -143,9 +175,9 @@ struct Conn {
     bad_messages: u32,
     /// Consecutive messages refused for exceeding the rate limit.
     limited_messages: u32,
-    bucket: TokenBucket,
-    /// Its byte rate (`limits.bytes_per_second`).
-    byte_bucket: TokenBucket,
+    /// Its message and byte rates, when `[limits]` sets either (boxed: most servers set
+    /// neither, and every idle connection would carry them; tests/memory.rs).
+    rates: Option<Box<Rates>>,
     /// Holds one of the process's `max_connections` slots.
     holds_slot: bool,
     close_queued: bool,
@@ -573,9 +605,7 @@ impl Conn {
                     shard.answer(&self.peer, &ready);
                 }
                 self.set_token_deadline(&principal);
-                let limits = &shard.config.limits;
-                self.bucket = TokenBucket::full(limits.rate(), shard.now_ms());
-                self.byte_bucket = TokenBucket::full(limits.byte_rate(), shard.now_ms());
+                self.rates = Rates::of(&shard.config.limits, shard.now_ms());
                 shard.open_session(&self.peer, &principal);
                 self.mode = Mode::Session(principal);
             }
@@ -681,14 +711,10 @@ impl Conn {
         };
         shard.counters.add(Counter::MessagesReceived, 1);
         let limits = &shard.config.limits;
-        let now = shard.now_ms();
-        let size = text.len() as u64;
-        let taken = self.bucket.take(limits.rate(), now).and_then(|()| {
-            // A message refused by its size gives its message token back: nothing was done.
-            self.byte_bucket
-                .take_n(limits.byte_rate(), now, size)
-                .inspect_err(|_| self.bucket.give_back(limits.rate()))
-        });
+        let taken = match &mut self.rates {
+            Some(rates) => rates.take(limits, shard.now_ms(), text.len()),
+            None => Ok(()),
+        };
         if let Err(retry_after_ms) = taken {
             shard.answer(&self.peer, &Reply::RateLimited { retry_after_ms });
             self.limited_messages += 1;
