@@ -136,25 +136,13 @@ impl Shard {
     /// Put `question` to the other nodes (or to node `node`, boot id in hex): their answers
     /// go to `sink`, which is dropped once they are all in (at once on a single node).
     pub fn ask_nodes(&self, question: Question, node: Option<&str>, sink: Sink) {
-        let mut asks = self.asks.borrow_mut();
-        asks.next += 1;
-        let id = asks.next;
-        let to = ReplyTo {
-            node: self.node_hex(),
-            shard: self.id as u16,
-            id,
-        };
+        let to = self.expect_answers(sink);
+        let id = to.id;
         let ask = Control::Ask { to, question };
         if !self.engine.borrow_mut().tell_nodes(&ask, node, id) {
-            return;
+            // One node, or the link has stopped: nobody else answers.
+            self.asks.borrow_mut().waiting.remove(&id);
         }
-        let waiting = Waiting {
-            expected: None,
-            got: 0,
-            deadline_ms: self.now_ms() + self.config.cluster.timeout_ms,
-            sink,
-        };
-        asks.waiting.insert(id, waiting);
     }
 
     /// Number a question whose control message is sent another way (by Redis, in the
