@@ -29,6 +29,11 @@ impl Scopes {
         Scopes(list.iter().fold(0, |acc, s| acc | Self::bit(*s)))
     }
 
+    /// True when every scope of `other` is held here too.
+    pub fn covers(self, other: Scopes) -> bool {
+        self.0 & other.0 == other.0
+    }
+
     /// True when `scope` is held (admin holds every scope).
     pub fn has(self, scope: Scope) -> bool {
         self.0 & (Self::bit(scope) | Self::bit(Scope::Admin)) != 0
@@ -322,19 +327,33 @@ enum ScopeClaim {
 /// Checks credentials. One per shard: keys resolve to shared `Rc<Principal>`s, so a key-authenticated
 /// connection costs no allocation.
 pub struct Authenticator {
+    /// What the configuration trusts (replaced by [`Authenticator::reload`]).
+    trust: std::cell::RefCell<Trust>,
+    /// Revoked tokens, until their `until_ms`.
+    revoked: std::cell::RefCell<HashMap<Revoked, Revocation>>,
+}
+
+/// The credentials a configuration accepts.
+struct Trust {
     keys: HashMap<String, Rc<Principal>>,
     /// What tokens may be signed with.
     jwt: Vec<TokenKey>,
     /// The org of a token without one (`None`: refused).
     default_org: Option<Box<str>>,
     leeway_secs: u64,
-    /// Revoked tokens, until their `until_ms`.
-    revoked: std::cell::RefCell<HashMap<Revoked, Revocation>>,
 }
 
-impl Authenticator {
-    /// Build from the configuration.
-    pub fn new(config: &Config) -> Self {
+/// What a reload did to the principal of an API key its connections hold.
+#[derive(Debug)]
+pub enum KeyChange {
+    /// Unchanged, or only given more scopes: connections carry on as the new principal.
+    Keep(Rc<Principal>),
+    /// Removed, its secret changed, or its rights narrowed: its connections are closed.
+    Withdrawn,
+}
+
+impl Trust {
+    fn new(config: &Config) -> Self {
         let keys = config
             .api_keys
             .iter()
@@ -364,8 +383,43 @@ impl Authenticator {
             jwt,
             default_org,
             leeway_secs: config.auth.jwt_leeway_secs,
+        }
+    }
+}
+
+impl Authenticator {
+    /// Build from the configuration.
+    pub fn new(config: &Config) -> Self {
+        Self {
+            trust: std::cell::RefCell::new(Trust::new(config)),
             revoked: Default::default(),
         }
+    }
+
+    /// Trust what `config` says from now on (revocations are kept). Returns, by the address
+    /// of the principal its connections hold, what became of each API key: kept (the same
+    /// secret, org and session mode, no scope taken away) or withdrawn.
+    pub fn reload(&self, config: &Config) -> HashMap<*const Principal, KeyChange> {
+        let fresh = Trust::new(config);
+        let old = self.trust.replace(fresh);
+        let trust = self.trust.borrow();
+        old.keys
+            .iter()
+            .map(|(secret, was)| {
+                let change = match trust.keys.get(secret) {
+                    Some(now)
+                        if now.org == was.org
+                            && now.key_id == was.key_id
+                            && now.exclusive == was.exclusive
+                            && now.scopes.covers(was.scopes) =>
+                    {
+                        KeyChange::Keep(now.clone())
+                    }
+                    _ => KeyChange::Withdrawn,
+                };
+                (Rc::as_ptr(was), change)
+            })
+            .collect()
     }
 
     /// Refuse the tokens `revocation` covers from now on (until its `until_ms`).
@@ -414,43 +468,57 @@ impl Authenticator {
 
     /// Resolve credentials to a principal. A key wins over a token when both are given.
     pub fn authenticate(&self, creds: &Credentials) -> Result<Rc<Principal>, AuthError> {
+        let trust = self.trust.borrow();
         if let Some(key) = &creds.key {
-            return self.keys.get(key).cloned().ok_or(AuthError::BadKey);
+            return trust.keys.get(key).cloned().ok_or(AuthError::BadKey);
         }
         let Some(token) = &creds.token else {
             return Err(AuthError::Missing);
         };
-        if self.jwt.is_empty() {
+        if trust.jwt.is_empty() {
             return Err(AuthError::BadToken("tokens are not enabled".into()));
         }
         let header =
             jsonwebtoken::decode_header(token).map_err(|e| AuthError::BadToken(e.to_string()))?;
-        let key = self
+        let mut candidates = trust
             .jwt
             .iter()
-            .find(|k| k.algorithm == header.alg && (k.kid.is_none() || k.kid == header.kid))
-            .ok_or_else(|| {
-                AuthError::BadToken(format!(
-                    "no key for {:?} tokens (kid {:?})",
-                    header.alg, header.kid
-                ))
-            })?;
-        let data = jsonwebtoken::decode::<Claims>(token, &key.key, &key.validation).map_err(
-            |e| match e.kind() {
-                jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
-                jsonwebtoken::errors::ErrorKind::ImmatureSignature => {
-                    AuthError::BadToken("token not valid yet (nbf)".into())
-                }
-                _ => AuthError::BadToken(e.to_string()),
-            },
-        )?;
+            .filter(|k| k.algorithm == header.alg && (k.kid.is_none() || k.kid == header.kid))
+            .peekable();
+        if candidates.peek().is_none() {
+            return Err(AuthError::BadToken(format!(
+                "no key for {:?} tokens (kid {:?})",
+                header.alg, header.kid
+            )));
+        }
+        // Several keys may fit (the secret and `jwt_secret_previous`): the first whose
+        // signature matches decides.
+        let mut outcome = None;
+        for key in candidates {
+            let decoded = jsonwebtoken::decode::<Claims>(token, &key.key, &key.validation);
+            let wrong_key = decoded
+                .as_ref()
+                .is_err_and(|e| *e.kind() == jsonwebtoken::errors::ErrorKind::InvalidSignature);
+            outcome = Some(decoded);
+            if !wrong_key {
+                break;
+            }
+        }
+        let decoded = outcome.ok_or(AuthError::Missing)?;
+        let data = decoded.map_err(|e| match e.kind() {
+            jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
+            jsonwebtoken::errors::ErrorKind::ImmatureSignature => {
+                AuthError::BadToken("token not valid yet (nbf)".into())
+            }
+            _ => AuthError::BadToken(e.to_string()),
+        })?;
         let claims = data.claims;
         let scopes: Vec<Scope> = match claims.scopes {
             ScopeClaim::List(list) => list.iter().filter_map(|s| parse_scope(s)).collect(),
             ScopeClaim::Spaced(s) => s.split_whitespace().filter_map(parse_scope).collect(),
             ScopeClaim::None => vec![Scope::Subscribe],
         };
-        let expires_secs = claims.exp.saturating_add(self.leeway_secs);
+        let expires_secs = claims.exp.saturating_add(trust.leeway_secs);
         let grant = Grant {
             jti: claims.jti.map(Into::into),
             issued_s: claims.iat,
@@ -460,7 +528,7 @@ impl Authenticator {
         };
         let org = match claims.org {
             Some(org) => org.into(),
-            None => self
+            None => trust
                 .default_org
                 .clone()
                 .ok_or_else(|| AuthError::BadToken("the token has no org".into()))?,
@@ -494,9 +562,13 @@ pub struct TokenKey {
 /// The keys `[auth]` names (secret, PEM public key, JWKS file), read and checked.
 pub fn token_keys(auth: &crate::config::Auth) -> Result<Vec<TokenKey>, String> {
     let mut keys: Vec<(Algorithm, Option<String>, DecodingKey)> = Vec::new();
-    if !auth.jwt_secret.is_empty() {
-        let secret = DecodingKey::from_secret(auth.jwt_secret.as_bytes());
-        keys.push((Algorithm::HS256, None, secret));
+    // The previous secret after the current one: a reload that rotates the secret keeps
+    // the tokens signed with the old one valid until they expire.
+    for secret in [&auth.jwt_secret, &auth.jwt_secret_previous] {
+        if !secret.is_empty() {
+            let secret = DecodingKey::from_secret(secret.as_bytes());
+            keys.push((Algorithm::HS256, None, secret));
+        }
     }
     if !auth.jwt_public_key.is_empty() {
         let path = &auth.jwt_public_key;

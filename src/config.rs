@@ -101,6 +101,9 @@ pub struct Config {
     pub max_connections: usize,
     /// Listen backlog per shard.
     pub backlog: u32,
+    /// How often the configuration file is looked at for changes, which reload it as SIGHUP
+    /// does (0: only SIGHUP).
+    pub watch_config_ms: u64,
     /// Message size, queue and abuse limits.
     pub limits: Limits,
     /// Ping/pong and handshake timing.
@@ -190,6 +193,15 @@ impl Limits {
         }
     }
 
+    /// The fan-out bounds of each connection's queue.
+    pub fn bounds(&self) -> crate::queue::Bounds {
+        crate::queue::Bounds {
+            messages: self.outbound_queue_messages,
+            bytes: self.outbound_queue_bytes,
+            drop_oldest: self.backpressure_policy == BackpressurePolicy::DropOldest,
+        }
+    }
+
     /// The client byte rate limit.
     pub fn byte_rate(&self) -> crate::rate::Rate {
         let burst = match self.byte_burst {
@@ -254,6 +266,9 @@ pub struct Auth {
     /// HS256 secret for JWTs (and for the tokens `POST /api/tokens` issues); empty: no
     /// HS256 tokens.
     pub jwt_secret: String,
+    /// A secret HS256 tokens may still be signed with while clients move to `jwt_secret`
+    /// (set it to the old secret when rotating; empty: none).
+    pub jwt_secret_previous: String,
     /// A PEM public key file (RSA: RS256, EC P-256: ES256) tokens may be signed for.
     pub jwt_public_key: String,
     /// A JWKS file (`{"keys":[…]}`, as Auth0 or Supabase publish it): RS256 and ES256
@@ -633,6 +648,7 @@ impl Default for Config {
             cpu_offset: 0,
             max_connections: 0,
             backlog: 4096,
+            watch_config_ms: 1_000,
             limits: Limits::default(),
             websocket: WebSocket::default(),
             auth: Auth::default(),
@@ -692,6 +708,7 @@ impl Default for Auth {
     fn default() -> Self {
         Self {
             jwt_secret: String::new(),
+            jwt_secret_previous: String::new(),
             jwt_public_key: String::new(),
             jwks_file: String::new(),
             jwt_audience: Vec::new(),
@@ -783,12 +800,49 @@ impl Config {
         Ok(config)
     }
 
+    /// `new` as it can take effect on a running server (a reload): what only a restart can
+    /// change (the listener, shards, storage, the cluster, what sizes memory at start) kept
+    /// as it is here. Also returns the names of those settings that differ in `new`.
+    pub fn live_part(&self, mut new: Config) -> (Config, Vec<&'static str>) {
+        let mut restart = Vec::new();
+        macro_rules! keep {
+            ($($field:ident).+) => {
+                let (was, now) = (&self.$($field).+, &new.$($field).+);
+                if toml::Value::try_from(was).ok() != toml::Value::try_from(now).ok() {
+                    restart.push(stringify!($($field).+));
+                    new.$($field).+ = was.clone();
+                }
+            };
+        }
+        keep!(listen);
+        keep!(shards);
+        keep!(cpu_offset);
+        keep!(max_connections);
+        keep!(backlog);
+        keep!(watch_config_ms);
+        keep!(ingest);
+        keep!(storage);
+        keep!(history);
+        keep!(presence.ttl_ms);
+        keep!(sessions.lock_ttl_ms);
+        keep!(offline);
+        keep!(shutdown);
+        keep!(mesh);
+        keep!(cluster);
+        keep!(diagnostics);
+        keep!(log.format);
+        (new, restart)
+    }
+
     /// The configuration as TOML, every secret masked (`***`): the JWT secret, API key
     /// secrets, and the credentials in storage and Redis URLs.
     pub fn masked(&self) -> Result<String, ConfigError> {
         let mut shown = self.clone();
         if !shown.auth.jwt_secret.is_empty() {
             shown.auth.jwt_secret = "***".into();
+        }
+        if !shown.auth.jwt_secret_previous.is_empty() {
+            shown.auth.jwt_secret_previous = "***".into();
         }
         for key in &mut shown.api_keys {
             key.secret = "***".into();
@@ -992,6 +1046,30 @@ mod tests {
         let sqlite = [("SHARDCAST_CLUSTER__REDIS_URL", "redis://127.0.0.1:6379")];
         let err = Config::load(None, env(&sqlite)).unwrap_err();
         assert!(err.to_string().contains("shares"), "{err}");
+    }
+
+    #[test]
+    fn a_reload_keeps_what_needs_a_restart() {
+        let running = Config::default();
+        let mut new = Config {
+            listen: "0.0.0.0:9000".parse().unwrap(),
+            ..Config::default()
+        };
+        new.presence.ttl_ms += 1;
+        new.presence.max_meta_bytes += 1;
+        new.limits.max_subscriptions = 7;
+        new.auth.jwt_secret_previous = "old".into();
+        let (live, restart) = running.live_part(new);
+        assert_eq!(restart, ["listen", "presence.ttl_ms"]);
+        assert_eq!(live.listen, running.listen);
+        assert_eq!(live.presence.ttl_ms, running.presence.ttl_ms);
+        assert_eq!(
+            live.presence.max_meta_bytes,
+            running.presence.max_meta_bytes + 1
+        );
+        assert_eq!(live.limits.max_subscriptions, 7);
+        assert_eq!(live.auth.jwt_secret_previous, "old");
+        assert!(running.live_part(running.clone()).1.is_empty());
     }
 
     #[test]

@@ -49,7 +49,7 @@ enum Mode {
     /// A request is being answered elsewhere (a storage reader, the channel's owner).
     HttpWait(Box<Waiting>),
     /// An authenticated WebSocket session.
-    Session(Rc<Principal>),
+    Session,
     /// The diagnostic echo endpoint.
     Echo,
     /// Upgraded only to deliver a close code for refused credentials.
@@ -278,13 +278,13 @@ impl Conn {
             return Step::Pending;
         }
         if matches!(self.mode, Mode::Http(_)) {
-            let budget = self.shard.config.limits.reply_budget();
+            let budget = self.shard.config().limits.reply_budget();
             if self.peer.out().borrow().replies_over(budget) {
                 // Pipelined requests whose responses are not read: read no more of them.
                 return Step::Pending;
             }
         }
-        if matches!(self.mode, Mode::Session(_)) && !self.close_queued && self.shard.congested() {
+        if matches!(self.mode, Mode::Session) && !self.close_queued && self.shard.congested() {
             self.shard.wait_uncongested(cx.waker());
             return Step::Pending;
         }
@@ -357,7 +357,7 @@ impl Conn {
     /// many requests a client can have in flight without reading (and so how many replies
     /// its queue can ever hold).
     fn reply_debt(&self) -> (bool, bool) {
-        let budget = self.shard.config.limits.reply_budget();
+        let budget = self.shard.config().limits.reply_budget();
         let out = self.peer.out().borrow();
         let queued = out.replies_over(budget);
         let owed = self.peer.owed.get() as usize;
@@ -438,7 +438,7 @@ impl Conn {
                 }
             }
             Mode::HttpReply | Mode::HttpWait(_) => {}
-            Mode::Session(_) | Mode::Echo | Mode::Refused => self.on_frames(data),
+            Mode::Session | Mode::Echo | Mode::Refused => self.on_frames(data),
         }
     }
 
@@ -461,7 +461,7 @@ impl Conn {
                     return self.respond(&response, false, Vec::new());
                 }
             };
-            let max_body = self.shard.config.http.max_body_bytes;
+            let max_body = self.shard.config().http.max_body_bytes;
             if request.transfer_encoding {
                 let message = "request bodies need Content-Length (no Transfer-Encoding)";
                 let response = Response::error(411, ErrorCode::LengthRequired, message);
@@ -483,7 +483,7 @@ impl Conn {
     }
 
     fn is_websocket(&self) -> bool {
-        matches!(self.mode, Mode::Session(_) | Mode::Echo | Mode::Refused)
+        matches!(self.mode, Mode::Session | Mode::Echo | Mode::Refused)
     }
 
     /// Queue an HTTP response; with `keep_alive` the connection goes on to `rest` (the next
@@ -551,7 +551,7 @@ impl Conn {
                 Ok(p) => Some(p),
                 Err(e) => {
                     shard.global.auth_failed(e.code());
-                    if shard.config.auth.refuse_with == RefuseWith::Http {
+                    if shard.config().auth.refuse_with == RefuseWith::Http {
                         let refused = Response::error(401, e.code(), &e.to_string());
                         return self.respond(&refused, false, Vec::new());
                     }
@@ -583,7 +583,7 @@ impl Conn {
             let refused = Response::error(503, ErrorCode::ShuttingDown, "server is restarting");
             return self.respond(&refused.header("Retry-After", "1"), false, Vec::new());
         }
-        if !shard.global.try_open(shard.config.max_connections) {
+        if !shard.global.try_open(shard.config().max_connections) {
             let message = "server is at max_connections";
             let refused = Response::error(503, ErrorCode::OverCapacity, message);
             return self.respond(&refused.header("Retry-After", "1"), false, Vec::new());
@@ -605,9 +605,9 @@ impl Conn {
                     shard.answer(&self.peer, &ready);
                 }
                 self.set_token_deadline(&principal);
-                self.rates = Rates::of(&shard.config.limits, shard.now_ms());
+                self.rates = Rates::of(&shard.config().limits, shard.now_ms());
                 shard.open_session(&self.peer, &principal);
-                self.mode = Mode::Session(principal);
+                self.mode = Mode::Session;
             }
             None => self.mode = Mode::Echo,
         }
@@ -620,7 +620,7 @@ impl Conn {
 
     fn on_frames(&mut self, data: &mut [u8]) {
         let mut decoder = std::mem::take(&mut self.decoder);
-        let max = self.shard.config.limits.max_message_bytes;
+        let max = self.shard.config().limits.max_message_bytes;
         let events = self.events;
         let result = decoder.decode(data, max, &mut |event| self.on_event(event));
         let idle = decoder.is_idle();
@@ -700,7 +700,11 @@ impl Conn {
     fn on_text(&mut self, text: &str) {
         let shard = self.shard.clone();
         let principal = match &self.mode {
-            Mode::Session(p) => p.clone(),
+            // The shard's copy: a reload may have replaced it.
+            Mode::Session => match self.peer.principal() {
+                Some(p) => p,
+                None => return,
+            },
             Mode::Echo => {
                 return shard.answer_frame(
                     &self.peer,
@@ -710,7 +714,12 @@ impl Conn {
             _ => return,
         };
         shard.counters.add(Counter::MessagesReceived, 1);
-        let limits = &shard.config.limits;
+        let config = shard.config();
+        let limits = &config.limits;
+        if self.rates.is_none() && (limits.messages_per_second | limits.bytes_per_second) > 0 {
+            // A reload set a rate since the connection opened.
+            self.rates = Rates::of(limits, shard.now_ms());
+        }
         let taken = match &mut self.rates {
             Some(rates) => rates.take(limits, shard.now_ms(), text.len()),
             None => Ok(()),
@@ -788,7 +797,7 @@ impl Conn {
             };
             return self.refuse(&refusal.with_id(id));
         }
-        let categories = &shard.config.channels.categories;
+        let categories = &shard.config().channels.categories;
         let revoked: Vec<String> = self
             .peer
             .channels
@@ -811,7 +820,7 @@ impl Conn {
         self.set_token_deadline(&fresh);
         let expires = fresh.expires_ms.unwrap_or(u64::MAX);
         shard.refresh_session(&self.peer, &fresh);
-        self.mode = Mode::Session(fresh);
+        self.mode = Mode::Session;
         self.bad_messages = 0;
         let expires_ms = expires;
         shard.answer(&self.peer, &Reply::Refreshed { id, expires_ms });
@@ -844,7 +853,7 @@ impl Conn {
     fn count_bad(&mut self) {
         self.shard.counters.add(Counter::BadMessages, 1);
         self.bad_messages += 1;
-        if self.bad_messages >= self.shard.config.limits.max_bad_messages {
+        if self.bad_messages >= self.shard.config().limits.max_bad_messages {
             self.start_close(
                 Close::BadMessages.code(),
                 "too many malformed or refused messages",

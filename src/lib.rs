@@ -36,7 +36,8 @@
 //! - [`metrics`]: per-shard counters and the `/health` and `/metrics` bodies.
 //! - [`storage`]: durable decisions: SQLite or PostgreSQL behind a group-committing writer
 //!   thread, reader threads for history and queries, and opening the store at start-up.
-//! - [`server`]: start-up (fd limit, CPUs, listeners, executors) and graceful shutdown.
+//! - [`server`]: start-up (fd limit, CPUs, listeners, executors), reloads and graceful
+//!   shutdown; [`reload`]: watching the configuration file.
 //! - [`config`]: the TOML file and its `SHARDCAST_…` overrides.
 
 pub mod auth;
@@ -56,6 +57,7 @@ pub mod metrics;
 pub mod poller;
 pub mod queue;
 pub mod rate;
+pub mod reload;
 pub mod routes;
 pub mod server;
 pub mod shard;

@@ -1,4 +1,5 @@
-//! The `shardcast` binary: load the configuration, start the shards, stop on SIGTERM/SIGINT.
+//! The `shardcast` binary: load the configuration, start the shards, reload on SIGHUP or a
+//! change of the file, stop on SIGTERM/SIGINT.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -47,19 +48,66 @@ fn config(args: &Args) -> Result<Config, shardcast::config::ConfigError> {
     Ok(config)
 }
 
-/// Log to stderr as `[log]` says (`RUST_LOG`, when set, chooses what).
-fn init_logs(log: &shardcast::config::Log) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&log.level));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+/// Sets what is logged (`[log] level`) on a reload.
+type SetLevel = Box<dyn Fn(&str) + Send + Sync>;
+
+/// Log to stderr as `[log]` says (`RUST_LOG`, when set, chooses what, and reloads leave it).
+fn init_logs(log: &shardcast::config::Log) -> SetLevel {
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::EnvFilter;
+    let from_env = EnvFilter::try_from_default_env().ok();
+    let fixed = from_env.is_some();
+    let filter = from_env.unwrap_or_else(|| EnvFilter::new(&log.level));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let logs = tracing_subscriber::registry().with(filter);
+    let lines = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     match log.format {
         // Colour codes only for a terminal: in a log file or journal they are noise.
         LogFormat::Text => logs
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with(lines.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())))
             .init(),
-        LogFormat::Json => logs.json().with_current_span(true).init(),
+        LogFormat::Json => logs.with(lines.json().with_current_span(true)).init(),
+    }
+    Box::new(move |level: &str| {
+        if fixed {
+            return;
+        }
+        match EnvFilter::try_new(level) {
+            Ok(filter) => {
+                if let Err(e) = handle.reload(filter) {
+                    tracing::warn!("log level not changed: {e}");
+                }
+            }
+            Err(e) => tracing::warn!("log level {level:?} not understood: {e}"),
+        }
+    })
+}
+
+/// Read the configuration again and put what can change live in force; an invalid file
+/// changes nothing.
+fn reload(args: &Args, reloader: &shardcast::server::Reloader, set_level: &SetLevel, why: &str) {
+    let path = args.config.display();
+    let new = match config(args) {
+        Ok(new) => new,
+        Err(e) => {
+            reloader.refused();
+            tracing::error!(config = %path, "reload ({why}) refused, the configuration in force stays: {e}");
+            return;
+        }
+    };
+    let reloaded = reloader.reload(new);
+    if !reloaded.restart.is_empty() {
+        tracing::warn!(
+            config = %path,
+            settings = reloaded.restart.join(", "),
+            "changed settings that take effect only after a restart"
+        );
+    }
+    if reloaded.changed {
+        set_level(&reloaded.config.log.level);
+        tracing::info!(config = %path, "configuration reloaded ({why})");
+    } else {
+        tracing::info!(config = %path, "configuration reloaded ({why}): nothing to change");
     }
 }
 
@@ -97,7 +145,8 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logs(&config.log);
+    let set_level = init_logs(&config.log);
+    let watch_ms = config.watch_config_ms;
     let server = match shardcast::server::start(config) {
         Ok(server) => server,
         Err(e) => {
@@ -108,15 +157,29 @@ fn main() -> ExitCode {
     // Scripts and tests read the real address (the configured port may be 0) from stdout.
     println!("shardcast listening on ws://{}/ws", server.local_addr());
     let stopper = server.stopper();
+    let (args, reloader) = (std::sync::Arc::new(args), server.reloader());
+    let set_level = std::sync::Arc::new(set_level);
+    if watch_ms > 0 {
+        let (args, reloader, set_level) = (args.clone(), reloader.clone(), set_level.clone());
+        let every = std::time::Duration::from_millis(watch_ms);
+        shardcast::reload::watch(args.config.clone(), every, move || {
+            reload(&args, &reloader, &set_level, "the file changed")
+        });
+    }
     let signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
     ]);
     match signals {
         Ok(mut signals) => {
             std::thread::spawn(move || {
                 let mut seen = 0;
                 for signal in signals.forever() {
+                    if signal == signal_hook::consts::SIGHUP {
+                        reload(&args, &reloader, &set_level, "SIGHUP");
+                        continue;
+                    }
                     seen += 1;
                     if seen > 1 {
                         tracing::warn!("second signal: exiting without draining");

@@ -253,6 +253,8 @@ pub struct ShardSlot {
     kill_latency: Mutex<Histogram<u64>>,
     longest_poll: [AtomicU64; TASKS.len()],
     slow_polls: [AtomicU64; TASKS.len()],
+    /// Reloads of the configuration this shard has put in force.
+    reloads: AtomicU64,
 }
 
 /// Process-wide state read by the HTTP endpoints.
@@ -274,6 +276,8 @@ pub struct Global {
     pub peak: AtomicUsize,
     /// Upgrades refused because of `max_connections`.
     pub refused_capacity: AtomicU64,
+    /// Reloads refused (the new configuration was invalid).
+    pub reloads_refused: AtomicU64,
     auth_failures: [AtomicU64; 5],
     /// False once shutdown has begun.
     pub ready: AtomicBool,
@@ -302,15 +306,24 @@ impl Global {
                     kill_latency: Mutex::new(new_histogram()),
                     longest_poll: Default::default(),
                     slow_polls: Default::default(),
+                    reloads: AtomicU64::new(0),
                 })
                 .collect(),
             active: AtomicUsize::new(0),
             total: AtomicU64::new(0),
             peak: AtomicUsize::new(0),
             refused_capacity: AtomicU64::new(0),
+            reloads_refused: AtomicU64::new(0),
             auth_failures: Default::default(),
             ready: AtomicBool::new(true),
             cluster: None,
+        }
+    }
+
+    /// `shard` has put the `reloads`-th reload of the configuration in force.
+    pub fn reconfigured(&self, shard: usize, reloads: u64) {
+        if let Some(slot) = self.shards.get(shard) {
+            slot.reloads.store(reloads, Relaxed);
         }
     }
 
@@ -445,6 +458,22 @@ impl Global {
             "gauge",
             "Most WebSocket connections open at once.",
             self.peak.load(Relaxed) as u64,
+        );
+        metric(
+            "shardcast_config_reloads_total",
+            "counter",
+            "Reloads of the configuration (SIGHUP, a change of the file) in force on every shard.",
+            self.shards
+                .iter()
+                .map(|s| s.reloads.load(Relaxed))
+                .min()
+                .unwrap_or(0),
+        );
+        metric(
+            "shardcast_config_reloads_refused_total",
+            "counter",
+            "Reloads refused because the new configuration was invalid (the old one stays).",
+            self.reloads_refused.load(Relaxed),
         );
         metric(
             "shardcast_connections_refused_capacity_total",

@@ -71,6 +71,7 @@ pub struct Server {
     addr: SocketAddr,
     global: Arc<Global>,
     stops: Vec<flume::Sender<()>>,
+    reloader: Reloader,
     shards: Vec<glommio::ExecutorJoinHandle<()>>,
     storage: Option<(Writer, std::thread::JoinHandle<()>)>,
     cluster: Option<Node>,
@@ -90,6 +91,11 @@ impl Server {
     /// A handle that starts graceful shutdown.
     pub fn stopper(&self) -> Stopper {
         Stopper(self.stops.clone())
+    }
+
+    /// A handle that applies a new configuration to the running shards.
+    pub fn reloader(&self) -> Reloader {
+        self.reloader.clone()
     }
 
     /// Wait for every shard to finish, then for the storage writer to commit what it holds.
@@ -121,6 +127,57 @@ impl Stopper {
         for tx in &self.0 {
             let _ = tx.send(());
         }
+    }
+}
+
+/// Applies a new configuration to a running [`Server`] (SIGHUP, a change of the file).
+#[derive(Clone)]
+pub struct Reloader {
+    /// The configuration in force, and how many reloads changed it (reloads are rare: a
+    /// lock is fine here).
+    current: Arc<std::sync::Mutex<(Config, u64)>>,
+    shards: Vec<flume::Sender<(Config, u64)>>,
+    global: Arc<Global>,
+}
+
+/// What a reload did.
+#[derive(Debug)]
+pub struct Reloaded {
+    /// The configuration now in force.
+    pub config: Config,
+    /// Settings that differ in the new file but only change with a restart.
+    pub restart: Vec<&'static str>,
+    /// Whether anything that can change live did.
+    pub changed: bool,
+}
+
+impl Reloader {
+    /// Put `new` (already checked by [`Config::validate`]) in force on every shard, less
+    /// what needs a restart.
+    pub fn reload(&self, new: Config) -> Reloaded {
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        let (config, restart) = current.0.live_part(new);
+        let text = |c: &Config| toml::Value::try_from(c).ok();
+        let changed = text(&config) != text(&current.0);
+        if changed {
+            let reloads = current.1 + 1;
+            for shard in &self.shards {
+                let _ = shard.send((config.clone(), reloads));
+            }
+            *current = (config.clone(), reloads);
+        }
+        Reloaded {
+            config,
+            restart,
+            changed,
+        }
+    }
+
+    /// Count a reload refused because the new configuration was invalid.
+    pub fn refused(&self) {
+        self.global
+            .reloads_refused
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -284,6 +341,11 @@ pub fn start(mut config: Config) -> Result<Server, ServerError> {
     global.cluster = cluster.as_ref().map(|n| n.stats(&config.cluster.node_id));
     let config = Arc::new(config);
     let global = Arc::new(global);
+    let mut reloader = Reloader {
+        current: Arc::new(std::sync::Mutex::new((Config::clone(&config), 0))),
+        shards: Vec::new(),
+        global: global.clone(),
+    };
     let mesh =
         (nshards > 1).then(|| MeshBuilder::<Batch, _>::full(nshards, config.mesh.channel_capacity));
     let mut stops = Vec::new();
@@ -291,6 +353,8 @@ pub fn start(mut config: Config) -> Result<Server, ServerError> {
     for ((id, socket), cluster) in sockets.into_iter().enumerate().zip(sides) {
         let (stop_tx, stop_rx) = flume::bounded(1);
         stops.push(stop_tx);
+        let (reload_tx, reloads) = flume::unbounded();
+        reloader.shards.push(reload_tx);
         let cpu = cpus[(config.cpu_offset + id) % cpus.len()];
         let (config, global, mesh) = (config.clone(), global.clone(), mesh.clone());
         let per_shard = (config.max_connections / nshards + 1).min(u32::MAX as usize) as u32;
@@ -323,6 +387,7 @@ pub fn start(mut config: Config) -> Result<Server, ServerError> {
             ring,
             storage: link,
             cluster,
+            reloads,
         };
         let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard-{id}"))
@@ -338,6 +403,7 @@ pub fn start(mut config: Config) -> Result<Server, ServerError> {
         addr,
         global,
         stops,
+        reloader,
         shards,
         storage: writer.zip(thread),
         cluster,
@@ -353,6 +419,8 @@ struct ShardParts {
     storage: Option<(StorageLink, Inboxes, Recovery)>,
     /// In a cluster: the Redis instances, and where their answers come back.
     cluster: Option<ShardSide>,
+    /// New configurations (reloads).
+    reloads: flume::Receiver<(Config, u64)>,
 }
 
 /// Where the storage threads answer one shard.
@@ -376,6 +444,7 @@ async fn run_shard(
         ring,
         storage,
         cluster,
+        reloads,
     } = parts;
     let (page, max_in_flight) = (config.history.size.max(100), config.cluster.max_in_flight);
     let (node, limits) = ((global.boot_id, id, nshards), config.history.limits());
@@ -453,6 +522,21 @@ async fn run_shard(
         }))
         .detach();
     }
+    let reconfigured = shard.clone();
+    glommio::spawn_local(async move {
+        while let Ok((config, reloads)) = reloads.recv_async().await {
+            let closed = reconfigured.reconfigure(config);
+            reconfigured.global.reconfigured(id, reloads);
+            if closed > 0 {
+                tracing::info!(
+                    shard = id,
+                    closed,
+                    "closed connections on withdrawn API keys"
+                );
+            }
+        }
+    })
+    .detach();
     let poller = Rc::new(Poller::new(ring));
     if let Some(mesh) = mesh {
         match mesh.join().await {
@@ -660,7 +744,7 @@ const TICK: Duration = Duration::from_millis(10);
 /// the HTTP endpoints.
 async fn timers(shard: Rc<Shard>) {
     const PUBLISH_TICKS: u64 = 10;
-    let ws = &shard.config.websocket;
+    let ws = &shard.config().websocket;
     let shortest = ws
         .ping_interval_ms
         .min(ws.idle_timeout_ms)

@@ -290,7 +290,7 @@ pub fn history(shard: &Shard, request: &Request) -> Route {
         let principal = principal(shard, request)?;
         let name = history_channel(&request.path).unwrap_or_default();
         let channel = crate::http::percent_decode(name);
-        let categories = &shard.config.channels.categories;
+        let categories = &shard.config().channels.categories;
         let (since, limit) =
             history_query(&principal, &channel, categories, &request.query).map_err(refusal)?;
         let (reply, page) = flume::bounded(1);

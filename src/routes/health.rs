@@ -55,7 +55,7 @@ pub fn metrics(shard: &Shard) -> Response {
 
 /// `GET /info`.
 pub fn info(shard: &Shard) -> Response {
-    let c = &shard.config;
+    let c = &*shard.config();
     let body = format!(
         concat!(
             r#"{{"name":"shardcast","version":"{}","shards":{},"listen":"{}","#,

@@ -51,7 +51,7 @@ pub enum Route {
 
 /// Where `request` goes.
 pub fn route(shard: &Rc<Shard>, request: &Request) -> Route {
-    let origins = &shard.config.http.allowed_origins;
+    let origins = &shard.config().http.allowed_origins;
     let verdict = cors::judge(origins, request.origin.as_deref());
     if verdict == Verdict::Refused {
         let message = "this origin is not in the server's allowed_origins";
@@ -60,7 +60,7 @@ pub fn route(shard: &Rc<Shard>, request: &Request) -> Route {
     let (method, path) = (request.method.as_str(), request.path.as_str());
     let route = match (method, path) {
         ("GET", "/ws") => return Route::Upgrade(Dialect::Shardcast),
-        ("GET", "/echo") if shard.config.diagnostics.echo => return Route::Echo,
+        ("GET", "/echo") if shard.config().diagnostics.echo => return Route::Echo,
         ("OPTIONS", _) if request.preflight => Route::Respond(cors::preflight(origins, verdict)),
         ("GET", "/health") => Route::Respond(health::health(shard)),
         ("GET", "/health/live") => Route::Respond(health::live()),

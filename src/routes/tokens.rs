@@ -78,7 +78,7 @@ pub fn issue(shard: &Shard, request: &http::Request) -> Route {
     respond(|| {
         let principal = principal(shard, request)?;
         let admin = issuer(&principal)?;
-        let secret = &shard.config.auth.jwt_secret;
+        let secret = &shard.config().auth.jwt_secret;
         if secret.is_empty() {
             let message = "auth.jwt_secret is not set: this server takes no tokens";
             return Err(Response::error(409, ErrorCode::TokensDisabled, message));
@@ -115,7 +115,7 @@ pub fn issue(shard: &Shard, request: &http::Request) -> Route {
             scopes.push(*name);
         }
         let channels = body.texts("channels", 100)?;
-        let categories = &shard.config.channels.categories;
+        let categories = &shard.config().channels.categories;
         for name in channels.iter().flatten() {
             let exact = name.strip_suffix('*').is_none();
             if exact && crate::auth::Channel::parse(name, categories).is_err() {
@@ -130,7 +130,7 @@ pub fn issue(shard: &Shard, request: &http::Request) -> Route {
             Some("exclusive") => Some("exclusive"),
             Some(_) => return Err(bad("\"session\" must be \"exclusive\"")),
         };
-        let max = shard.config.auth.max_token_secs;
+        let max = shard.config().auth.max_token_secs;
         let expires_in = body
             .raw("expiresIn")
             .and_then(|raw| std::str::from_utf8(raw).ok()?.parse::<u64>().ok())
@@ -203,7 +203,7 @@ pub fn revoke(shard: &Rc<Shard>, request: &http::Request) -> Route {
             }
             _ => return Err(bad("send \"jti\" or \"sub\" (one of them)")),
         };
-        let auth = &shard.config.auth;
+        let auth = &shard.config().auth;
         if shard.auth.revocations() >= auth.max_revocations {
             let message = format!(
                 "{} revocations are in force, auth.max_revocations: retry once some expire",

@@ -155,7 +155,7 @@ impl Shard {
         let waiting = Waiting {
             expected: None,
             got: 0,
-            deadline_ms: self.now_ms() + self.config.cluster.timeout_ms,
+            deadline_ms: self.now_ms() + self.config().cluster.timeout_ms,
             sink,
         };
         asks.waiting.insert(id, waiting);
@@ -274,7 +274,7 @@ impl Shard {
                     after: after.clone(),
                     org: org.clone(),
                     limit: *limit,
-                    categories: self.config.channels.categories.clone(),
+                    categories: self.config().channels.categories.clone(),
                 }
             }
         }

@@ -239,7 +239,7 @@ impl Shard {
             return;
         }
         let now = self.now().unix_ms;
-        let after = self.config.cluster.renumber_after_ms;
+        let after = self.config().cluster.renumber_after_ms;
         let mut orphans = self.orphans.borrow_mut();
         if orphans.looking.is_some() || !orphans.numbering.is_empty() || now < orphans.next_look_ms
         {

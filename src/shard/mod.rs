@@ -20,7 +20,7 @@ use crate::auth::{Authenticator, Channel, Principal};
 use crate::clock::Now;
 use crate::codec::{self, Frame};
 use crate::codes::{Close, ErrorCode};
-use crate::config::{BackpressurePolicy, Config, Scope};
+use crate::config::{Config, Scope};
 use crate::decision::{self, Decision, DecisionId, Original};
 use crate::dialect::shardcast::Parser;
 use crate::dialect::{Answer, Dialect, Ingest, Kind, Notice, Publication, Refusal, Reply, Request};
@@ -38,6 +38,7 @@ pub mod offline;
 mod outbox;
 mod peer;
 mod presence;
+mod reconfigure;
 mod replays;
 pub mod sessions;
 mod subscriptions;
@@ -384,8 +385,8 @@ pub struct Shard {
     pub id: usize,
     /// Number of shards.
     pub nshards: usize,
-    /// Configuration.
-    pub config: Arc<Config>,
+    /// Configuration (replaced by [`Shard::reconfigure`]).
+    config: RefCell<Rc<Config>>,
     /// Process-wide counters and connection slots.
     pub global: Arc<Global>,
     /// Credential checks.
@@ -400,7 +401,7 @@ pub struct Shard {
     pub shutting_down: Cell<bool>,
     /// Where a connection gathers its queued frames for one send (used only inside a poll).
     pub write_buf: RefCell<Vec<u8>>,
-    bounds: Bounds,
+    bounds: Cell<Bounds>,
     started: Instant,
     /// The time the I/O edge passed in with the current call (the shard reads no clock).
     now: Cell<Now>,
@@ -476,12 +477,7 @@ impl Shard {
         global: Arc<Global>,
         now: Now,
     ) -> Self {
-        let limits = &config.limits;
-        let bounds = Bounds {
-            messages: limits.outbound_queue_messages,
-            bytes: limits.outbound_queue_bytes,
-            drop_oldest: limits.backpressure_policy == BackpressurePolicy::DropOldest,
-        };
+        let bounds = Cell::new(config.limits.bounds());
         Self {
             id,
             nshards,
@@ -524,7 +520,7 @@ impl Shard {
             storage: None,
             recovered: Cell::new(true),
             outboxes: Outboxes::new(nshards, config.mesh.max_pending),
-            config,
+            config: RefCell::new(Rc::new(Config::clone(&config))),
             global,
         }
     }
@@ -686,7 +682,7 @@ impl Shard {
         if now < self.next_refresh_ms.get() {
             return;
         }
-        let ttl = (self.config.presence.ttl_ms).min(self.config.sessions.lock_ttl_ms);
+        let ttl = (self.config().presence.ttl_ms).min(self.config().sessions.lock_ttl_ms);
         self.next_refresh_ms.set(now + (ttl / 3).max(1));
         self.refresh_presence();
         self.refresh_sessions();
@@ -697,7 +693,7 @@ impl Shard {
     /// connections_per_ip_per_second` (this shard's share): when not, how many
     /// milliseconds until it would be.
     pub fn admit_connection(&self, fd: i32) -> Result<(), u64> {
-        let rate = self.config.limits.ip_rate(self.nshards);
+        let rate = self.config().limits.ip_rate(self.nshards);
         if rate.per_second == 0 {
             return Ok(());
         }
@@ -742,7 +738,7 @@ impl Shard {
         }
         let mut out = peer.out.borrow_mut();
         let was_empty = out.is_empty();
-        let pushed = out.push(frame, self.bounds);
+        let pushed = out.push(frame, self.bounds.get());
         drop(out);
         match pushed {
             Pushed::Queued { dropped: 0 } => {}
@@ -964,7 +960,7 @@ impl Shard {
         now: Now,
     ) -> Result<Sent, Refusal> {
         self.enter(now);
-        let parsed = Channel::parse(channel, &self.config.channels.categories);
+        let parsed = Channel::parse(channel, &self.config().channels.categories);
         let named =
             parsed.is_ok_and(|c| c.kind == crate::auth::ChannelKind::User && c.id == &*to.user);
         if !named {
@@ -1054,7 +1050,7 @@ impl Shard {
         name: &'a str,
     ) -> Result<Channel<'a>, Refusal> {
         let channel =
-            Channel::parse(name, &self.config.channels.categories).map_err(|e| Refusal {
+            Channel::parse(name, &self.config().channels.categories).map_err(|e| Refusal {
                 code: ErrorCode::InvalidChannel,
                 message: format!("{}: {e}", crate::json::echo(name)),
                 id: None,
@@ -1080,7 +1076,7 @@ impl Shard {
     ) -> Handled {
         let mut accepted: Vec<String> = Vec::with_capacity(names.len());
         let mut handled = Handled::Done;
-        let max = self.config.limits.max_subscriptions;
+        let max = self.config().limits.max_subscriptions;
         let mut held = peer.channels.borrow().len();
         for name in names {
             // The shard's subscriber map answers in one lookup (the connection's own list is
@@ -1176,7 +1172,7 @@ impl Shard {
                         token,
                     },
                 };
-                let deadline = self.ms() + self.config.cluster.timeout_ms;
+                let deadline = self.ms() + self.config().cluster.timeout_ms;
                 self.channels.borrow_mut().wait(name, waiter, deadline);
             } else if let Some(since) = since {
                 pending.waiting += 1;
@@ -1235,8 +1231,8 @@ impl Shard {
         let (mut room, mut bytes) = {
             let (queued, queued_bytes) = peer.out().borrow().fanout();
             (
-                self.bounds.messages.saturating_sub(queued),
-                self.bounds.bytes.saturating_sub(queued_bytes),
+                self.bounds.get().messages.saturating_sub(queued),
+                self.bounds.get().bytes.saturating_sub(queued_bytes),
             )
         };
         let dialect = peer.dialect();
@@ -1367,7 +1363,7 @@ impl Shard {
         let missing = found.floor.saturating_sub(since.after) as usize;
         let limit = match &to {
             // A SUB's replay is read only when it can be sent whole (it must fit the queue).
-            ReplayTo::Sub { .. } => (missing <= self.bounds.messages).then_some(missing),
+            ReplayTo::Sub { .. } => (missing <= self.bounds.get().messages).then_some(missing),
             // An HTTP page may end inside the stored range.
             ReplayTo::Http { limit, .. } => Some(missing.min(*limit)),
         };
@@ -1804,10 +1800,13 @@ impl Shard {
         let reply = Reply::Channel { channel, notice };
         let answer = |dialect: Dialect| dialect.reply(&reply);
         let tell = |peer: &Rc<Peer>, frame| self.answer_frame(peer, frame);
-        let dropped =
-            self.subs
-                .borrow_mut()
-                .notify(channel, notice, self.bounds.messages, answer, tell);
+        let dropped = self.subs.borrow_mut().notify(
+            channel,
+            notice,
+            self.bounds.get().messages,
+            answer,
+            tell,
+        );
         self.counters.add(Counter::MessagesDropped, dropped);
     }
 
@@ -1887,7 +1886,7 @@ impl Shard {
     /// Hand a message to every local subscriber of `channel`, encoded once per dialect in use
     /// (subscribers waiting for a replay keep it for later).
     fn deliver_local(&self, channel: &str, publication: &Publication, t0: Instant) {
-        let bound = self.bounds.messages;
+        let bound = self.bounds.get().messages;
         let deliver = |peer: &Rc<Peer>, frame| self.deliver(peer, frame);
         let fanned = self
             .subs
@@ -2270,7 +2269,7 @@ impl Shard {
                         },
                         None => Waiter::Ack { shard: from, token },
                     };
-                    let deadline = self.ms() + self.config.cluster.timeout_ms;
+                    let deadline = self.ms() + self.config().cluster.timeout_ms;
                     return self.channels.borrow_mut().wait(&channel, waiter, deadline);
                 }
                 // Registered first: every message after the replay's `upto` reaches that shard
@@ -2386,13 +2385,13 @@ impl Shard {
         self.enter(now);
         self.refresh_cluster();
         let now = self.ms();
-        let ws = &self.config.websocket;
+        let ws = &self.config().websocket;
         if slice == 0 {
             self.free_idle_channels(now);
             self.auth.expire_revocations(self.now().unix_ms);
             self.expire_offline();
             self.expire_asks();
-            let rate = self.config.limits.ip_rate(self.nshards);
+            let rate = self.config().limits.ip_rate(self.nshards);
             self.connecting
                 .borrow_mut()
                 .forget_idle(rate, self.now_ms());
@@ -2411,7 +2410,7 @@ impl Shard {
                         peer.token_deadline.set(u64::MAX);
                         peer.request_close(Close::TokenRefused, "token expired", false);
                     } else {
-                        let grace = self.config.auth.token_grace_ms;
+                        let grace = self.config().auth.token_grace_ms;
                         peer.token_deadline.set(now.saturating_add(grace));
                         self.answer(&peer, &Reply::TokenExpired { grace_ms: grace });
                     }
@@ -2463,7 +2462,7 @@ impl Shard {
     /// Start graceful shutdown: tell every client to reconnect later, then close with 1001.
     pub fn begin_shutdown(&self) {
         self.shutting_down.set(true);
-        let reconnect_in_ms = self.config.shutdown.reconnect_in_ms;
+        let reconnect_in_ms = self.config().shutdown.reconnect_in_ms;
         for peer in self.peers() {
             match peer.phase.get() {
                 Phase::Open => {

@@ -161,7 +161,7 @@ impl Shard {
             reached,
             queued,
         } = to;
-        if !self.config.offline.enabled || !self.engine.borrow().numbers_locally() {
+        if !self.config().offline.enabled || !self.engine.borrow().numbers_locally() {
             return self.to_connected(&user, org, channel, publication, reached);
         }
         // Kept if the user has no connection here as far as this owner knows. One being
@@ -264,7 +264,7 @@ impl Shard {
         channel: &str,
         publication: &Publication,
     ) -> Option<OfflineOp> {
-        let limits = &self.config.offline;
+        let limits = &self.config().offline;
         let size = publication.data.len();
         let mut offline = self.offline.borrow_mut();
         let node_share = limits.max_total_bytes / self.nshards.max(1);

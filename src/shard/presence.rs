@@ -189,7 +189,7 @@ impl Shard {
         status: Status,
         meta: Option<&[u8]>,
     ) -> Result<(), Refusal> {
-        let max = self.config.presence.max_meta_bytes;
+        let max = self.config().presence.max_meta_bytes;
         if meta.is_some_and(|m| m.len() > max) {
             return Err(Refusal::bad_request(format!(
                 "\"meta\" is over {max} bytes ([presence] max_meta_bytes)"
@@ -292,7 +292,7 @@ impl Shard {
     /// told where its JOIN was, if nobody joined between).
     pub(super) fn presence_changed(&self, channel: &str, change: Change, member: &Member) {
         let with_it = self.rosters.borrow().count(channel) + usize::from(change == Change::Leave);
-        if with_it > self.config.presence.max_announced {
+        if with_it > self.config().presence.max_announced {
             return self.counters.add(Counter::PresenceUntold, 1);
         }
         self.counters.add(Counter::PresenceChanges, 1);
@@ -336,7 +336,7 @@ impl Shard {
     /// On `channel`'s owner: answer a PRESENCE from `origin` with the page after cursor
     /// `after`: asked of the engine (every node's members), or from the node's own.
     pub(super) fn presence_page(&self, channel: &str, after: Option<&str>, origin: Origin) {
-        let max = self.config.presence.max_members;
+        let max = self.config().presence.max_members;
         let token = self.token();
         let asked =
             self.engine
@@ -361,7 +361,7 @@ impl Shard {
         };
         let page = result.unwrap_or_else(|e| {
             tracing::debug!(shard = self.id, %channel, "presence from this node only: {e}");
-            let max = self.config.presence.max_members;
+            let max = self.config().presence.max_members;
             let (total, users, members, next) = self.rosters.borrow().page(&channel, None, max);
             (total, users, members, next.map(cursor_text))
         });

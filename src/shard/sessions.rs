@@ -112,7 +112,7 @@ impl Shard {
 
     /// On the key's owner: a claim, asked of the engine first (in a cluster).
     pub(super) fn session_claimed(&self, key: &str, place: Place) {
-        let policy = self.config.sessions.policy;
+        let policy = self.config().sessions.policy;
         let (token, holder) = (self.token(), self.place_id(place));
         let replace = policy == SessionPolicy::Replace;
         if self.engine.borrow_mut().claim(key, &holder, replace, token) {
@@ -134,7 +134,7 @@ impl Shard {
             Ok(false) => self.tell_outcomes(&key, vec![(place, Outcome::Refused)]),
             Err(e) => {
                 tracing::warn!(shard = self.id, "session decided on this node only: {e}");
-                self.decide(&key, place, self.config.sessions.policy);
+                self.decide(&key, place, self.config().sessions.policy);
             }
         }
     }

@@ -73,10 +73,10 @@ impl Shard {
         let cut = encoded.find(&mark).map(|at| at + "\"seq\":".len());
         // An org with a line break would not read back (none should have one).
         let keep =
-            self.config.offline.enabled && !to.org.as_deref().is_some_and(|o| o.contains('\n'));
+            self.config().offline.enabled && !to.org.as_deref().is_some_and(|o| o.contains('\n'));
         let sent = cut.is_some_and(|at| {
             let now = self.now().unix_ms;
-            let ttl_ms = self.config.offline.ttl_secs.saturating_mul(1_000);
+            let ttl_ms = self.config().offline.ttl_secs.saturating_mul(1_000);
             let keep = keep.then(|| {
                 let org = to.org.as_deref().unwrap_or("");
                 let expires = now.saturating_add(ttl_ms);
@@ -144,7 +144,7 @@ impl Shard {
     /// node's last one unmarks it.
     pub(super) fn user_online_in_cluster(&self, user: &str, shard: u16, on: bool) {
         let mut offline = self.offline.borrow_mut();
-        let marks = self.config.offline.enabled;
+        let marks = self.config().offline.enabled;
         if !on {
             let Some(shards) = offline.online.get_mut(user) else {
                 return;
@@ -176,7 +176,7 @@ impl Shard {
 
     /// Every third of the presence TTL: the users this node still has connections of.
     pub(super) fn refresh_users(&self) {
-        if !self.config.offline.enabled {
+        if !self.config().offline.enabled {
             return;
         }
         let unmarked = std::mem::take(&mut self.offline.borrow_mut().unmarked);

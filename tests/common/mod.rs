@@ -241,6 +241,29 @@ scopes = ["subscribe"]
             .expect("VmRSS")
     }
 
+    /// The server's configuration file.
+    pub fn config_path(&self) -> std::path::PathBuf {
+        self.data_dir().join("shardcast.toml")
+    }
+
+    /// Replace the configuration file with `change` of its text, whole at once (written
+    /// beside it, then renamed over it, as editors and deployment tools do).
+    pub fn rewrite_config(&self, change: impl FnOnce(String) -> String) {
+        let path = self.config_path();
+        let text = change(std::fs::read_to_string(&path).expect("read config"));
+        let next = path.with_extension("toml.new");
+        std::fs::write(&next, text).expect("write config");
+        std::fs::rename(&next, &path).expect("replace config");
+    }
+
+    /// Send SIGHUP (reload the configuration).
+    pub fn hangup(&self) {
+        // SAFETY: sending a signal to our own child.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGHUP);
+        }
+    }
+
     /// Send SIGTERM.
     pub fn terminate(&self) {
         // SAFETY: sending a signal to our own child.
