@@ -160,7 +160,7 @@ pub enum ChannelError {
 }
 
 /// Longest accepted channel name.
-pub const MAX_CHANNEL_LEN: usize = 200;
+pub const MAX_CHANNEL_LEN: usize = 1024;
 
 impl<'a> Channel<'a> {
     /// Parse and check `name` against the configured categories.

@@ -15,6 +15,10 @@ pub enum ErrorCode {
     InvalidDecision,
     /// The connection holds `limits.max_subscriptions` already.
     TooManySubscriptions,
+    /// The channel has `limits.max_subscribers_per_channel` subscribers already.
+    TooManySubscribers,
+    /// The org holds its `max_connections` already.
+    TooManyConnections,
     /// The connection's token has expired (REFRESH to continue).
     TokenExpired,
     /// The decision store cannot take or read decisions now.
@@ -72,6 +76,8 @@ impl ErrorCode {
             ErrorCode::InvalidChannel => "invalid_channel",
             ErrorCode::InvalidDecision => "invalid_decision",
             ErrorCode::TooManySubscriptions => "too_many_subscriptions",
+            ErrorCode::TooManySubscribers => "too_many_subscribers",
+            ErrorCode::TooManyConnections => "too_many_connections",
             ErrorCode::TokenExpired => "token_expired",
             ErrorCode::StorageUnavailable => "storage_unavailable",
             ErrorCode::ShuttingDown => "shutting_down",
@@ -107,6 +113,7 @@ impl ErrorCode {
             | ErrorCode::InvalidChannel
             | ErrorCode::InvalidDecision
             | ErrorCode::TooManySubscriptions
+            | ErrorCode::TooManySubscribers
             | ErrorCode::BadVersion => 400,
             ErrorCode::MissingCredentials
             | ErrorCode::InvalidKey
@@ -121,7 +128,7 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::UnsupportedMediaType => 415,
             ErrorCode::UpgradeRequired => 426,
-            ErrorCode::RateLimited | ErrorCode::SlowConsumer => 429,
+            ErrorCode::RateLimited | ErrorCode::SlowConsumer | ErrorCode::TooManyConnections => 429,
             ErrorCode::Internal => 500,
             ErrorCode::StorageUnavailable
             | ErrorCode::ShuttingDown

@@ -182,6 +182,39 @@ pub struct Limits {
     /// Connections an address may open at once before the rate applies (0: one second's
     /// worth).
     pub connection_burst_per_ip: u32,
+    /// Messages one API key, or one token's user, may send per second over all its
+    /// connections and server API requests (0: any). Each shard holds a share, rebalanced
+    /// every second by where its connections are; in a cluster, per node.
+    pub key_messages_per_second: u32,
+    /// Burst of `key_messages_per_second` (0: one second's worth).
+    pub key_message_burst: u32,
+    /// Messages one org may send per second, all its keys and users together (0: any);
+    /// shared out as `key_messages_per_second` is. `[limits.orgs.NAME]` overrides it.
+    pub org_messages_per_second: u32,
+    /// Burst of `org_messages_per_second` (0: one second's worth).
+    pub org_message_burst: u32,
+    /// WebSocket connections one org may hold at once on a node (0: any); more get HTTP 429
+    /// `too_many_connections`. `[limits.orgs.NAME]` overrides it.
+    pub org_max_connections: usize,
+    /// Subscribers one channel may have (0: any); more get `too_many_subscribers`. Each
+    /// shard holds its share (exact with one shard per node).
+    pub max_subscribers_per_channel: usize,
+    /// Channels one SUB or UNSUB may name.
+    pub max_channels_per_request: usize,
+    /// Limits of particular orgs (tenants), over the defaults above.
+    pub orgs: std::collections::BTreeMap<String, OrgLimits>,
+}
+
+/// One org's own limits (`[limits.orgs.NAME]`); a field left out takes `[limits]`'s.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OrgLimits {
+    /// Messages per second, all the org's connections and requests together.
+    pub messages_per_second: Option<u32>,
+    /// Burst of those.
+    pub message_burst: Option<u32>,
+    /// WebSocket connections at once on a node.
+    pub max_connections: Option<usize>,
 }
 
 impl Limits {
@@ -228,16 +261,51 @@ impl Limits {
         }
     }
 
+    /// The message rate of one API key or token user (all its connections).
+    pub fn key_rate(&self) -> crate::rate::Rate {
+        rate_of(self.key_messages_per_second, self.key_message_burst)
+    }
+
+    /// The message rate of `org` (all its connections).
+    pub fn org_rate(&self, org: &str) -> crate::rate::Rate {
+        match self.orgs.get(org) {
+            // An org's own rate comes with its own burst (one second's worth unless given).
+            Some(OrgLimits {
+                messages_per_second: Some(rate),
+                message_burst,
+                ..
+            }) => rate_of(*rate, message_burst.unwrap_or(0)),
+            own => rate_of(
+                self.org_messages_per_second,
+                own.and_then(|o| o.message_burst)
+                    .unwrap_or(self.org_message_burst),
+            ),
+        }
+    }
+
+    /// Whether some org has a message rate.
+    pub fn any_org_rate(&self) -> bool {
+        self.org_messages_per_second > 0
+            || self.orgs.values().any(|o| o.messages_per_second > Some(0))
+    }
+
+    /// The connections `org` may hold at once on a node (0: any).
+    pub fn org_connections(&self, org: &str) -> usize {
+        let own = self.orgs.get(org).and_then(|o| o.max_connections);
+        own.unwrap_or(self.org_max_connections)
+    }
+
     /// The client message rate limit.
     pub fn rate(&self) -> crate::rate::Rate {
-        crate::rate::Rate {
-            per_second: self.messages_per_second,
-            burst: if self.message_burst == 0 {
-                self.messages_per_second
-            } else {
-                self.message_burst
-            },
-        }
+        rate_of(self.messages_per_second, self.message_burst)
+    }
+}
+
+/// A rate and its burst (0: one second's worth).
+fn rate_of(per_second: u32, burst: u32) -> crate::rate::Rate {
+    crate::rate::Rate {
+        per_second,
+        burst: if burst == 0 { per_second } else { burst },
     }
 }
 
@@ -302,6 +370,8 @@ pub struct Auth {
 pub struct Channels {
     /// Allowed categories (the third part of `type:id:category`).
     pub categories: Vec<String>,
+    /// Longest channel name, in bytes (at most 1,024); longer names get `invalid_channel`.
+    pub max_name_bytes: usize,
 }
 
 /// Decision ingest settings.
@@ -688,6 +758,14 @@ impl Default for Limits {
             byte_burst: 0,
             connections_per_ip_per_second: 0,
             connection_burst_per_ip: 0,
+            key_messages_per_second: 0,
+            key_message_burst: 0,
+            org_messages_per_second: 0,
+            org_message_burst: 0,
+            org_max_connections: 0,
+            max_subscribers_per_channel: 0,
+            max_channels_per_request: 100,
+            orgs: Default::default(),
         }
     }
 }
@@ -729,6 +807,7 @@ impl Default for Channels {
             categories: ["decisions", "notifications", "usage"]
                 .map(String::from)
                 .to_vec(),
+            max_name_bytes: 200,
         }
     }
 }
@@ -887,6 +966,21 @@ impl Config {
         }
         if self.limits.outbound_queue_bytes < self.limits.max_message_bytes {
             return invalid("limits.outbound_queue_bytes must hold at least one message".into());
+        }
+        if self.channels.max_name_bytes == 0
+            || self.channels.max_name_bytes > crate::auth::MAX_CHANNEL_LEN
+        {
+            return invalid(format!(
+                "channels.max_name_bytes must be 1 to {}",
+                crate::auth::MAX_CHANNEL_LEN
+            ));
+        }
+        let most = crate::dialect::shardcast::MAX_CHANNELS_PER_REQUEST;
+        if self.limits.max_channels_per_request == 0 || self.limits.max_channels_per_request > most
+        {
+            return invalid(format!(
+                "limits.max_channels_per_request must be 1 to {most}"
+            ));
         }
         if self.channels.categories.is_empty() {
             return invalid("channels.categories must not be empty".into());

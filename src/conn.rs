@@ -588,6 +588,12 @@ impl Conn {
             let refused = Response::error(503, ErrorCode::OverCapacity, message);
             return self.respond(&refused.header("Retry-After", "1"), false, Vec::new());
         }
+        if let Some(p) = principal.as_ref().filter(|p| !shard.admit_session(p)) {
+            shard.global.close();
+            let message = format!("org {:?} holds all the connections it may", p.org);
+            let refused = Response::error(429, ErrorCode::TooManyConnections, &message);
+            return self.respond(&refused, false, Vec::new());
+        }
         self.holds_slot = true;
         shard.answer_http(&self.peer, Rc::from(http::upgrade_response(key)));
         self.enter(Phase::Open);
@@ -721,9 +727,12 @@ impl Conn {
             self.rates = Rates::of(limits, shard.now_ms());
         }
         let taken = match &mut self.rates {
-            Some(rates) => rates.take(limits, shard.now_ms(), text.len()),
+            Some(rates) => rates
+                .take(limits, shard.now_ms(), text.len())
+                .inspect_err(|_| shard.counters.add(Counter::LimitConnectionRate, 1)),
             None => Ok(()),
         };
+        let taken = taken.and_then(|()| shard.take_quota(&principal, 1));
         if let Err(retry_after_ms) = taken {
             shard.answer(&self.peer, &Reply::RateLimited { retry_after_ms });
             self.limited_messages += 1;

@@ -21,7 +21,9 @@
 //! - [`auth`]: API keys, JWTs, channel names and who may use them.
 //! - [`queue`]: a connection's outbound queue: fan-out frames bounded and dropped oldest
 //!   first, replies never dropped (bounded by the reply budget instead).
-//! - [`rate`]: the per-connection message rate limit.
+//! - [`rate`]: token buckets (per connection, per source address).
+//! - [`quota`]: limits over many connections: sessions per org, key and user, and the
+//!   shard's share of their message rates.
 //! - [`engine`]: a channel's numbering, history and publications behind one trait, with the
 //!   single-node implementation (`engine/memory.rs`) and the contract any engine passes.
 //! - [`shard`]: the core: one shard's state and the dispatch of client requests and mesh
@@ -56,6 +58,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod poller;
 pub mod queue;
+pub mod quota;
 pub mod rate;
 pub mod reload;
 pub mod routes;

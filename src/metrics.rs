@@ -84,9 +84,42 @@ pub enum Counter {
     /// Upgrades refused: their source address opened connections faster than
     /// `[limits] connections_per_ip_per_second`.
     ConnectionsRateLimited,
+    /// Messages refused by a connection's own rates (`messages_per_second`,
+    /// `bytes_per_second`).
+    LimitConnectionRate,
+    /// Messages refused by `key_messages_per_second`.
+    LimitKeyRate,
+    /// Messages refused by an org's message rate.
+    LimitOrgRate,
+    /// Upgrades refused by an org's `max_connections`.
+    LimitOrgConnections,
+    /// Subscriptions refused by `max_subscriptions`.
+    LimitSubscriptions,
+    /// Subscriptions refused by `max_subscribers_per_channel`.
+    LimitSubscribers,
+    /// SUBs and UNSUBs refused by `max_channels_per_request`.
+    LimitChannelList,
+    /// Channel names refused by `[channels] max_name_bytes`.
+    LimitChannelName,
 }
 
-const COUNTERS: usize = 32;
+const COUNTERS: usize = 40;
+
+/// The limits refusals are counted by, with their label in `shardcast_limit_refusals_total`.
+const LIMITS: [(Counter, &str); 9] = [
+    (
+        Counter::ConnectionsRateLimited,
+        "connections_per_ip_per_second",
+    ),
+    (Counter::LimitConnectionRate, "connection_rate"),
+    (Counter::LimitKeyRate, "key_messages_per_second"),
+    (Counter::LimitOrgRate, "org_messages_per_second"),
+    (Counter::LimitOrgConnections, "org_max_connections"),
+    (Counter::LimitSubscriptions, "max_subscriptions"),
+    (Counter::LimitSubscribers, "max_subscribers_per_channel"),
+    (Counter::LimitChannelList, "max_channels_per_request"),
+    (Counter::LimitChannelName, "max_channel_name_bytes"),
+];
 const AUTH_REASONS: [&str; 5] = [
     "missing_credentials",
     "invalid_key",
@@ -151,7 +184,7 @@ pub struct ShardCounters {
 impl Default for ShardCounters {
     fn default() -> Self {
         Self {
-            values: Default::default(),
+            values: std::array::from_fn(|_| Cell::new(0)),
             fanout_latency: RefCell::new(new_histogram()),
             loop_lag: RefCell::new(new_histogram()),
             kill_latency: RefCell::new(new_histogram()),
@@ -278,6 +311,8 @@ pub struct Global {
     pub refused_capacity: AtomicU64,
     /// Reloads refused (the new configuration was invalid).
     pub reloads_refused: AtomicU64,
+    /// Sessions per org, API key and token user (the limits over many connections).
+    pub census: Mutex<crate::quota::Census>,
     auth_failures: [AtomicU64; 5],
     /// False once shutdown has begun.
     pub ready: AtomicBool,
@@ -300,7 +335,7 @@ impl Global {
             boot_id: boot_id(),
             shards: (0..shards)
                 .map(|_| ShardSlot {
-                    values: Default::default(),
+                    values: std::array::from_fn(|_| AtomicU64::new(0)),
                     fanout_latency: Mutex::new(new_histogram()),
                     loop_lag: Mutex::new(new_histogram()),
                     kill_latency: Mutex::new(new_histogram()),
@@ -314,6 +349,7 @@ impl Global {
             peak: AtomicUsize::new(0),
             refused_capacity: AtomicU64::new(0),
             reloads_refused: AtomicU64::new(0),
+            census: Default::default(),
             auth_failures: Default::default(),
             ready: AtomicBool::new(true),
             cluster: None,
@@ -673,6 +709,14 @@ impl Global {
             "Decisions refused by validation.",
             self.sum(Counter::DecisionsRejected),
         );
+        let _ = writeln!(out, "# HELP shardcast_limit_refusals_total Requests refused by each configured limit.\n# TYPE shardcast_limit_refusals_total counter");
+        for (counter, limit) in LIMITS {
+            let n = self.sum(counter);
+            let _ = writeln!(
+                out,
+                "shardcast_limit_refusals_total{{limit=\"{limit}\"}} {n}"
+            );
+        }
         let _ = writeln!(out, "# HELP shardcast_auth_failures_total Refused credentials by reason.\n# TYPE shardcast_auth_failures_total counter");
         for (reason, n) in AUTH_REASONS.iter().zip(&self.auth_failures) {
             let _ = writeln!(

@@ -9,7 +9,7 @@ pub struct TokenBucket {
 }
 
 /// A bucket's settings.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rate {
     /// Tokens added per second (0: unlimited).
     pub per_second: u32,

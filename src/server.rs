@@ -744,6 +744,8 @@ const TICK: Duration = Duration::from_millis(10);
 /// the HTTP endpoints.
 async fn timers(shard: Rc<Shard>) {
     const PUBLISH_TICKS: u64 = 10;
+    // Once a second: key and org rates follow their sessions between shards.
+    const REBALANCE_TICKS: u64 = 100;
     let ws = &shard.config().websocket;
     let shortest = ws
         .ping_interval_ms
@@ -765,6 +767,9 @@ async fn timers(shard: Rc<Shard>) {
         shard.sweep_slice(&ping, now, tick % slices, slices);
         if tick % PUBLISH_TICKS == 0 {
             shard.publish_counters();
+        }
+        if tick % REBALANCE_TICKS == 0 {
+            shard.rebalance_quotas();
         }
     }
 }

@@ -10,7 +10,7 @@ use crate::codes::ErrorCode;
 use crate::json;
 
 /// Most channels in one SUB or UNSUB.
-pub const MAX_CHANNELS_PER_REQUEST: usize = 100;
+pub const MAX_CHANNELS_PER_REQUEST: usize = 10_000;
 /// Longest request id or idempotency key.
 pub const MAX_ID_LEN: usize = 256;
 

@@ -266,11 +266,20 @@ pub fn history_body(channel: &str, since: u64, page: &HistoryPage) -> String {
 // ----- handlers -----
 
 /// Who asks: the request's credentials, or a 401.
+/// Each request counts as a message against its key's (or user's) and org's rates: over
+/// one, a 429 with `Retry-After`.
 pub(super) fn principal(shard: &Shard, request: &Request) -> Result<Rc<Principal>, Response> {
-    shard.auth.authenticate(&request.credentials).map_err(|e| {
+    let principal = shard.auth.authenticate(&request.credentials).map_err(|e| {
         shard.global.auth_failed(e.code());
         Response::error(401, e.code(), &e.to_string())
-    })
+    })?;
+    if let Err(wait_ms) = shard.take_quota(&principal, 1) {
+        let message = "over the message rate of the key or org";
+        let retry = wait_ms.div_ceil(1_000).max(1).to_string();
+        let refused = Response::error(429, ErrorCode::RateLimited, message);
+        return Err(refused.header("Retry-After", &retry));
+    }
+    Ok(principal)
 }
 
 fn refusal(e: ApiError) -> Response {

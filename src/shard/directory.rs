@@ -205,6 +205,7 @@ impl Shard {
         let Some(principal) = peer.principal.borrow_mut().take() else {
             return;
         };
+        self.leave_census(&principal);
         let last = self.directory.borrow_mut().remove(&principal, peer.id);
         if let Some(user) = principal.user.as_deref().filter(|_| last) {
             self.tell_online(user, false);

@@ -38,6 +38,7 @@ pub mod offline;
 mod outbox;
 mod peer;
 mod presence;
+mod quotas;
 mod reconfigure;
 mod replays;
 pub mod sessions;
@@ -402,6 +403,10 @@ pub struct Shard {
     /// Where a connection gathers its queued frames for one send (used only inside a poll).
     pub write_buf: RefCell<Vec<u8>>,
     bounds: Cell<Bounds>,
+    /// Key, user and org message buckets (`[limits] key_messages_per_second`, org rates).
+    quotas: RefCell<crate::quota::Quotas>,
+    /// Whether any of those rates is set (the message path's one test when none is).
+    quota_active: Cell<bool>,
     started: Instant,
     /// The time the I/O edge passed in with the current call (the shard reads no clock).
     now: Cell<Now>,
@@ -488,6 +493,10 @@ impl Shard {
             shutting_down: Cell::new(false),
             write_buf: RefCell::new(Vec::with_capacity(256 * 1024)),
             bounds,
+            quotas: RefCell::default(),
+            quota_active: Cell::new(
+                config.limits.key_messages_per_second > 0 || config.limits.any_org_rate(),
+            ),
             started: now.instant,
             now: Cell::new(now),
             conns: RefCell::default(),
@@ -839,9 +848,15 @@ impl Shard {
                         (channel, since)
                     })
                     .collect();
+                if let Err(refusal) = self.check_list(channels.len()) {
+                    return self.refuse(peer, &refusal.with_id(id));
+                }
                 return self.subscribe(peer, principal, (channels, presence), id, since);
             }
             Request::Unsub { channels, id } => {
+                if let Err(refusal) = self.check_list(channels.len()) {
+                    return self.refuse(peer, &refusal.with_id(id));
+                }
                 for channel in &channels {
                     let removed = {
                         let mut mine = peer.channels.borrow_mut();
@@ -1042,6 +1057,18 @@ impl Shard {
         Ok(Sent::Away)
     }
 
+    /// Refuse a SUB or UNSUB naming more than `[limits] max_channels_per_request` channels.
+    fn check_list(&self, names: usize) -> Result<(), Refusal> {
+        let max = self.config().limits.max_channels_per_request;
+        if names <= max {
+            return Ok(());
+        }
+        self.counters.add(Counter::LimitChannelList, 1);
+        Err(Refusal::bad_request(format!(
+            "\"channels\" must hold 1 to {max} names"
+        )))
+    }
+
     /// Parse `name` and check that `principal` may use it for `scope`.
     fn check_channel<'a>(
         &self,
@@ -1049,12 +1076,21 @@ impl Shard {
         scope: Scope,
         name: &'a str,
     ) -> Result<Channel<'a>, Refusal> {
-        let channel =
-            Channel::parse(name, &self.config().channels.categories).map_err(|e| Refusal {
+        let config = self.config();
+        let max = config.channels.max_name_bytes;
+        if name.len() > max {
+            self.counters.add(Counter::LimitChannelName, 1);
+            return Err(Refusal {
                 code: ErrorCode::InvalidChannel,
-                message: format!("{}: {e}", crate::json::echo(name)),
+                message: format!("channel names are at most {max} bytes"),
                 id: None,
-            })?;
+            });
+        }
+        let channel = Channel::parse(name, &config.channels.categories).map_err(|e| Refusal {
+            code: ErrorCode::InvalidChannel,
+            message: format!("{}: {e}", crate::json::echo(name)),
+            id: None,
+        })?;
         if principal.may(scope, &channel) {
             Ok(channel)
         } else {
@@ -1074,9 +1110,15 @@ impl Shard {
         id: Option<&[u8]>,
         since: HashMap<String, Since>,
     ) -> Handled {
+        let config = self.config();
         let mut accepted: Vec<String> = Vec::with_capacity(names.len());
         let mut handled = Handled::Done;
-        let max = self.config().limits.max_subscriptions;
+        let max = config.limits.max_subscriptions;
+        // Each shard holds its share of a channel's subscribers.
+        let crowd = match config.limits.max_subscribers_per_channel {
+            0 => usize::MAX,
+            n => n.div_ceil(self.nshards),
+        };
         let mut held = peer.channels.borrow().len();
         for name in names {
             // The shard's subscriber map answers in one lookup (the connection's own list is
@@ -1088,7 +1130,18 @@ impl Shard {
                 .and_then(|()| {
                     if known || accepted.contains(&name) {
                         Ok(())
+                    } else if self.subs.borrow().count(&name) >= crowd {
+                        self.counters.add(Counter::LimitSubscribers, 1);
+                        Err(Refusal {
+                            code: ErrorCode::TooManySubscribers,
+                            message: format!(
+                                "the channel has {} subscribers, the most allowed",
+                                config.limits.max_subscribers_per_channel
+                            ),
+                            id: None,
+                        })
                     } else if held >= max {
+                        self.counters.add(Counter::LimitSubscriptions, 1);
                         Err(Refusal {
                             code: ErrorCode::TooManySubscriptions,
                             message: format!(
@@ -1105,7 +1158,7 @@ impl Shard {
                 Ok(()) => accepted.push(name),
                 Err(refusal) => {
                     // Named so the client knows which one; a name too long to be valid is cut.
-                    let named = Some(crate::json::truncate(&name, crate::auth::MAX_CHANNEL_LEN));
+                    let named = Some(crate::json::truncate(&name, config.channels.max_name_bytes));
                     let reply = Reply::Error {
                         code: refusal.code,
                         message: &refusal.message,

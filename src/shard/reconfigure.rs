@@ -23,6 +23,8 @@ impl Shard {
         let changes = self.auth.reload(&config);
         self.bounds.set(config.limits.bounds());
         *self.config.borrow_mut() = Rc::new(config);
+        // New rates and their shares now, not at the next second.
+        self.rebalance_quotas();
         let mut closed = 0;
         for peer in self.peers() {
             let Some(principal) = peer.principal() else {

@@ -75,6 +75,13 @@ impl Subscriptions {
         named.map(|(c, subs)| ((**c).into(), subs.len())).collect()
     }
 
+    /// How many local subscribers `channel` has.
+    pub fn count(&self, channel: &str) -> usize {
+        self.by_channel
+            .get(channel)
+            .map_or(0, |members| members.len())
+    }
+
     /// Whether `channel` has any local subscriber.
     pub fn wanted(&self, channel: &str) -> bool {
         self.by_channel.contains_key(channel)

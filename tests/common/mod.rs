@@ -315,6 +315,28 @@ pub fn http_request(
     headers: &str,
     body: &str,
 ) -> (u16, String) {
+    let text = http_response(addr, method, path, headers, body);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("bad response {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1)
+        .unwrap_or("")
+        .to_string();
+    (status, body)
+}
+
+/// One HTTP request as [`http_request`] makes it: the whole response, head and body.
+pub fn http_response(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: &str,
+) -> String {
     let mut s = TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(WAIT)).unwrap();
     let length = if body.is_empty() && method == "GET" {
@@ -329,17 +351,7 @@ pub fn http_request(
     .unwrap();
     let mut text = String::new();
     s.read_to_string(&mut text).expect("read response");
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("bad response {text:?}"));
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|x| x.1)
-        .unwrap_or("")
-        .to_string();
-    (status, body)
+    text
 }
 
 /// A WebSocket client (tungstenite, blocking, with a read timeout so a missing message fails
