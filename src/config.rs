@@ -55,6 +55,18 @@ pub enum LogFormat {
     Json,
 }
 
+/// TLS (rustls): a listener of its own, beside the plain one.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Tls {
+    /// Address the TLS listener binds (every shard, SO_REUSEPORT); none: no TLS.
+    pub listen: Option<SocketAddr>,
+    /// PEM file of the certificate chain, the server's first; read again on every reload.
+    pub cert: String,
+    /// PEM file of its private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: String,
+}
+
 /// Logging (stderr).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -136,6 +148,8 @@ pub struct Config {
     pub http: Http,
     /// Logging.
     pub log: Log,
+    /// `wss://` and `https://`.
+    pub tls: Tls,
     /// API keys.
     pub api_keys: Vec<ApiKey>,
 }
@@ -735,6 +749,7 @@ impl Default for Config {
             diagnostics: Diagnostics::default(),
             http: Http::default(),
             log: Log::default(),
+            tls: Tls::default(),
             api_keys: Vec::new(),
         }
     }
@@ -881,16 +896,18 @@ impl Config {
 
     /// `new` as it can take effect on a running server (a reload): what only a restart can
     /// change (the listener, shards, storage, the cluster, what sizes memory at start) kept
-    /// as it is here. Also returns the names of those settings that differ in `new`.
-    pub fn live_part(&self, mut new: Config) -> (Config, Vec<&'static str>) {
+    /// as it is here, in force. Also returns the names of those settings that differ in
+    /// `new` from `loaded`, the configuration as it was read before (start-up fills in some
+    /// of what is in force: `max_connections`, the node id).
+    pub fn live_part(&self, loaded: &Config, mut new: Config) -> (Config, Vec<&'static str>) {
         let mut restart = Vec::new();
         macro_rules! keep {
             ($($field:ident).+) => {
-                let (was, now) = (&self.$($field).+, &new.$($field).+);
+                let (was, now) = (&loaded.$($field).+, &new.$($field).+);
                 if toml::Value::try_from(was).ok() != toml::Value::try_from(now).ok() {
                     restart.push(stringify!($($field).+));
-                    new.$($field).+ = was.clone();
                 }
+                new.$($field).+ = self.$($field).+.clone();
             };
         }
         keep!(listen);
@@ -910,6 +927,7 @@ impl Config {
         keep!(cluster);
         keep!(diagnostics);
         keep!(log.format);
+        keep!(tls.listen);
         (new, restart)
     }
 
@@ -938,6 +956,11 @@ impl Config {
         let invalid = |msg: String| Err(ConfigError::Invalid(msg));
         if let Err(e) = crate::auth::token_keys(&self.auth) {
             return invalid(format!("auth: {e}"));
+        }
+        if self.tls.listen.is_some() {
+            if let Err(e) = crate::tls::acceptor(&self.tls) {
+                return invalid(e);
+            }
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return invalid(format!("log.level {:?}: {e}", self.log.level));
@@ -1153,7 +1176,7 @@ mod tests {
         new.presence.max_meta_bytes += 1;
         new.limits.max_subscriptions = 7;
         new.auth.jwt_secret_previous = "old".into();
-        let (live, restart) = running.live_part(new);
+        let (live, restart) = running.live_part(&running, new);
         assert_eq!(restart, ["listen", "presence.ttl_ms"]);
         assert_eq!(live.listen, running.listen);
         assert_eq!(live.presence.ttl_ms, running.presence.ttl_ms);
@@ -1163,7 +1186,15 @@ mod tests {
         );
         assert_eq!(live.limits.max_subscriptions, 7);
         assert_eq!(live.auth.jwt_secret_previous, "old");
-        assert!(running.live_part(running.clone()).1.is_empty());
+        assert!(running.live_part(&running, running.clone()).1.is_empty());
+        // What start-up filled in is kept, and not taken for a change.
+        let started = Config {
+            max_connections: 1_000,
+            ..Config::default()
+        };
+        let (live, restart) = started.live_part(&running, Config::default());
+        assert!(restart.is_empty(), "{restart:?}");
+        assert_eq!(live.max_connections, 1_000);
     }
 
     #[test]

@@ -34,6 +34,8 @@ const READ_BUDGET: usize = 16;
 const LINGER_BYTES: usize = 1 << 20;
 /// Bytes gathered for one send (whole frames; at least one).
 const WRITE_CHUNK: usize = 128 * 1024;
+/// Plaintext taken out of TLS records at a time (a record holds at most 16 KiB).
+const SCRATCH_PLAIN: usize = 16 * 1024;
 
 enum Mode {
     /// Reading HTTP requests: the bytes read and not yet used (an incomplete request, or
@@ -100,7 +102,13 @@ pub fn serve(
     shard: Rc<Shard>,
     poller: Rc<Poller>,
     fd: OwnedFd,
+    tls: bool,
 ) -> io::Result<impl std::future::Future<Output = ()>> {
+    let tls = match shard.tls().filter(|_| tls) {
+        Some(acceptor) => Some(crate::tls::accept(&acceptor).map_err(io::Error::other)?),
+        None if tls => return Err(io::Error::other("no TLS certificate")),
+        None => None,
+    };
     let _ = socket2::SockRef::from(&fd).set_tcp_nodelay(true);
     let peer = shard.add_conn(Now::read());
     let socket = match Watched::new(fd, poller, peer.id) {
@@ -117,6 +125,7 @@ pub fn serve(
         shard,
         peer,
         socket,
+        tls,
         decoder: Decoder::default(),
         mode: Mode::Http(Vec::new()),
         bad_messages: 0,
@@ -170,6 +179,8 @@ struct Conn {
     shard: Rc<Shard>,
     peer: Rc<Peer>,
     socket: Watched,
+    /// TLS state, for a connection to the TLS listener.
+    tls: Option<Box<rustls::ServerConnection>>,
     decoder: Decoder,
     mode: Mode,
     bad_messages: u32,
@@ -256,11 +267,16 @@ impl Conn {
     }
 
     fn finished(&mut self) -> bool {
-        let flushed = self.peer.out().borrow().is_empty();
+        let sealed = self.tls.as_ref().is_none_or(|tls| !tls.wants_write());
+        let flushed = self.peer.out().borrow().is_empty() && sealed;
         match self.mode {
             Mode::HttpReply if flushed && !self.eof => {
                 // Our side is done: the client sees the end of the response, and its own
                 // unread bytes are drained rather than reset.
+                if let Some(tls) = &mut self.tls {
+                    tls.send_close_notify();
+                    let _ = crate::tls::send_records(tls, self.socket.fd());
+                }
                 // SAFETY: shutting down one direction of the socket this connection owns.
                 unsafe { libc::shutdown(self.socket.fd(), libc::SHUT_WR) };
                 self.mode = Mode::Lingering { left: LINGER_BYTES };
@@ -348,8 +364,32 @@ impl Conn {
             self.clear(ready::READABLE);
         }
         self.peer.last_heard.set(shard.now_ms());
-        self.on_bytes(&mut scratch[..n]);
-        Step::Progress
+        let Some(mut tls) = self.tls.take() else {
+            self.on_bytes(&mut scratch[..n]);
+            return Step::Progress;
+        };
+        let mut plain = shard.plain.borrow_mut();
+        if plain.is_empty() {
+            plain.resize(SCRATCH_PLAIN, 0);
+        }
+        let received = crate::tls::receive(&mut tls, &scratch[..n], &mut plain, |data| {
+            self.on_bytes(data)
+        });
+        self.tls = Some(tls);
+        match received {
+            Ok(ended) => {
+                self.eof |= ended;
+                Step::Progress
+            }
+            Err(e) => {
+                tracing::debug!(conn = self.peer.id, "TLS: {e}");
+                // The alert rustls queued for it, if the socket takes it.
+                if let Some(tls) = &mut self.tls {
+                    let _ = crate::tls::send_records(tls, self.socket.fd());
+                }
+                Step::Done
+            }
+        }
     }
 
     /// The connection's answers against its reply budget: over it with the queued ones alone,
@@ -382,6 +422,13 @@ impl Conn {
         let shard = self.shard.clone();
         let mut buf = shard.write_buf.borrow_mut();
         loop {
+            if let Some(tls) = &mut self.tls {
+                // Records first (the handshake's, then what was encrypted before): what the
+                // socket cannot take yet waits in rustls, bounded by its buffer limit.
+                if !crate::tls::send_records(tls, fd)? {
+                    return self.wait_writable();
+                }
+            }
             {
                 let mut out = self.peer.out().borrow_mut();
                 if out.is_empty() {
@@ -394,26 +441,25 @@ impl Conn {
                 buf.clear();
                 out.gather(&mut buf, WRITE_CHUNK);
             }
-            // MSG_DONTWAIT whatever the socket's mode: one blocked send would stall the shard.
-            let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
-            // SAFETY: `buf` is a live, initialised buffer of `buf.len()` bytes.
-            let sent = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), flags) };
-            shard.counters.add(Counter::Writes, 1);
-            let written = if sent >= 0 {
-                sent as usize
+            let written = if let Some(tls) = &mut self.tls {
+                // Encrypted into rustls's buffer; sent at the top of the next turn.
+                io::Write::write(&mut tls.writer(), &buf)?
             } else {
-                let err = io::Error::last_os_error();
-                match err.kind() {
-                    io::ErrorKind::Interrupted => continue,
-                    io::ErrorKind::WouldBlock => {
-                        let bits = self.peer.readiness.get();
-                        if bits & ready::WRITE_WATCHED == 0 {
-                            self.socket.poller().watch_writable(fd, self.peer.id)?;
-                            self.peer.readiness.set(bits | ready::WRITE_WATCHED);
-                        }
-                        return Ok(());
+                // MSG_DONTWAIT whatever the socket's mode: one blocked send would stall the
+                // shard.
+                let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+                // SAFETY: `buf` is a live, initialised buffer of `buf.len()` bytes.
+                let sent = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), flags) };
+                shard.counters.add(Counter::Writes, 1);
+                if sent >= 0 {
+                    sent as usize
+                } else {
+                    let err = io::Error::last_os_error();
+                    match err.kind() {
+                        io::ErrorKind::Interrupted => continue,
+                        io::ErrorKind::WouldBlock => return self.wait_writable(),
+                        _ => return Err(err),
                     }
-                    _ => return Err(err),
                 }
             };
             let messages = self.peer.out().borrow_mut().consume(written);
@@ -423,6 +469,17 @@ impl Conn {
                 self.peer.stall_since.set(shard.now_ms());
             }
         }
+    }
+
+    /// The socket is full: have the poller say when it is not.
+    fn wait_writable(&self) -> io::Result<()> {
+        let bits = self.peer.readiness.get();
+        if bits & ready::WRITE_WATCHED == 0 {
+            let fd = self.socket.fd();
+            self.socket.poller().watch_writable(fd, self.peer.id)?;
+            self.peer.readiness.set(bits | ready::WRITE_WATCHED);
+        }
+        Ok(())
     }
 
     fn on_bytes(&mut self, data: &mut [u8]) {

@@ -34,6 +34,7 @@
 //!   the thread that batches the shards' requests.
 //! - [`mesh`]: the tasks moving message batches between shards (and why they cannot deadlock).
 //! - [`conn`]: one connection's state machine: read, handle, write.
+//! - [`tls`]: `wss://` and `https://` (rustls), fed and drained by the connection's I/O.
 //! - [`poller`]: socket readiness from the shard's own io_uring (no per-socket heap).
 //! - [`metrics`]: per-shard counters and the `/health` and `/metrics` bodies.
 //! - [`storage`]: durable decisions: SQLite or PostgreSQL behind a group-committing writer
@@ -65,3 +66,4 @@ pub mod routes;
 pub mod server;
 pub mod shard;
 pub mod storage;
+pub mod tls;

@@ -156,6 +156,9 @@ fn main() -> ExitCode {
     };
     // Scripts and tests read the real address (the configured port may be 0) from stdout.
     println!("shardcast listening on ws://{}/ws", server.local_addr());
+    if let Some(tls) = server.tls_addr() {
+        println!("shardcast listening on wss://{tls}/ws");
+    }
     let stopper = server.stopper();
     let (args, reloader) = (std::sync::Arc::new(args), server.reloader());
     let set_level = std::sync::Arc::new(set_level);

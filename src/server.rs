@@ -48,6 +48,9 @@ pub enum ServerError {
     /// The cluster's Redis threads could not be started.
     #[error("cannot start the cluster's Redis threads: {0}")]
     Cluster(std::io::Error),
+    /// The TLS certificate or key could not be used.
+    #[error("{0}")]
+    Tls(String),
     /// A shard's readiness ring could not be made.
     #[error("cannot set up io_uring for shard {shard}: {source}")]
     Ring {
@@ -69,6 +72,7 @@ pub enum ServerError {
 /// A running server.
 pub struct Server {
     addr: SocketAddr,
+    tls_addr: Option<SocketAddr>,
     global: Arc<Global>,
     stops: Vec<flume::Sender<()>>,
     reloader: Reloader,
@@ -81,6 +85,11 @@ impl Server {
     /// The address actually bound (the port is real even if the config said 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The TLS listener's address, when `[tls] listen` is set.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_addr
     }
 
     /// Process-wide counters.
@@ -133,11 +142,38 @@ impl Stopper {
 /// Applies a new configuration to a running [`Server`] (SIGHUP, a change of the file).
 #[derive(Clone)]
 pub struct Reloader {
-    /// The configuration in force, and how many reloads changed it (reloads are rare: a
-    /// lock is fine here).
-    current: Arc<std::sync::Mutex<(Config, u64)>>,
-    shards: Vec<flume::Sender<(Config, u64)>>,
+    /// What is in force (reloads are rare: a lock is fine here).
+    current: Arc<std::sync::Mutex<InForce>>,
+    shards: Vec<flume::Sender<Reconfig>>,
     global: Arc<Global>,
+}
+
+/// The configuration in force.
+struct InForce {
+    config: Config,
+    /// The configuration as last read (before start-up filled in what it does).
+    loaded: Config,
+    /// Reloads that changed something.
+    reloads: u64,
+    /// The TLS certificate and key files as last read (a renewed certificate comes with
+    /// the same configuration).
+    tls_files: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+/// The contents of `[tls]`'s files, when TLS is on.
+fn tls_files(tls: &crate::config::Tls) -> Option<(Vec<u8>, Vec<u8>)> {
+    tls.listen?;
+    let read = |path: &str| std::fs::read(path).unwrap_or_default();
+    Some((read(&tls.cert), read(&tls.key)))
+}
+
+/// What a shard is told on a reload.
+struct Reconfig {
+    config: Config,
+    /// The reload's number.
+    reloads: u64,
+    /// New TLS connections' settings (the certificate read again).
+    tls: Option<crate::tls::Acceptor>,
 }
 
 /// What a reload did.
@@ -156,16 +192,35 @@ impl Reloader {
     /// what needs a restart.
     pub fn reload(&self, new: Config) -> Reloaded {
         let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
-        let (config, restart) = current.0.live_part(new);
+        let (config, restart) = current.config.live_part(&current.loaded, new.clone());
         let text = |c: &Config| toml::Value::try_from(c).ok();
-        let changed = text(&config) != text(&current.0);
+        let files = tls_files(&config.tls);
+        let changed = text(&config) != text(&current.config) || files != current.tls_files;
         if changed {
-            let reloads = current.1 + 1;
+            // `validate` read the files a moment ago: an error here is a file changed since,
+            // and the certificate in force stays.
+            let tls = match config.tls.listen.map(|_| crate::tls::acceptor(&config.tls)) {
+                Some(Err(e)) => {
+                    tracing::error!("the TLS certificate in force stays: {e}");
+                    None
+                }
+                built => built.and_then(Result::ok),
+            };
+            let reloads = current.reloads + 1;
             for shard in &self.shards {
-                let _ = shard.send((config.clone(), reloads));
+                let config = config.clone();
+                let tls = tls.clone();
+                let _ = shard.send(Reconfig {
+                    config,
+                    reloads,
+                    tls,
+                });
             }
-            *current = (config.clone(), reloads);
+            current.config = config.clone();
+            current.reloads = reloads;
+            current.tls_files = files;
         }
+        current.loaded = new;
         Reloaded {
             config,
             restart,
@@ -265,6 +320,7 @@ fn listener_socket(addr: SocketAddr, backlog: u32) -> std::io::Result<socket2::S
 
 /// Start the server in the background.
 pub fn start(mut config: Config) -> Result<Server, ServerError> {
+    let loaded = config.clone();
     let fd_limit = raise_fd_limit();
     // Leave room for listeners, the io_uring rings, logs and the database connections.
     let capacity = fd_limit.saturating_sub(64) as usize;
@@ -308,6 +364,31 @@ pub fn start(mut config: Config) -> Result<Server, ServerError> {
             .map_err(|source| ServerError::Listen { addr, source })?;
         sockets.push(socket);
     }
+    let (tls, tls_addr, mut tls_sockets) = match config.tls.listen {
+        Some(at) => {
+            let acceptor = crate::tls::acceptor(&config.tls).map_err(ServerError::Tls)?;
+            let bind = |addr| {
+                listener_socket(addr, config.backlog)
+                    .map_err(|source| ServerError::Listen { addr, source })
+            };
+            let first = bind(at)?;
+            let at = first
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_socket())
+                .unwrap_or(at);
+            let mut sockets = vec![first];
+            for _ in 1..nshards {
+                sockets.push(bind(at)?);
+            }
+            (
+                Some(acceptor),
+                Some(at),
+                sockets.into_iter().map(Some).collect::<Vec<_>>(),
+            )
+        }
+        None => (None, None, (0..nshards).map(|_| None).collect()),
+    };
 
     let (writer, thread, reader, recovery) = match storage::open(&config, nshards)? {
         Some(opened) => (
@@ -342,7 +423,12 @@ pub fn start(mut config: Config) -> Result<Server, ServerError> {
     let config = Arc::new(config);
     let global = Arc::new(global);
     let mut reloader = Reloader {
-        current: Arc::new(std::sync::Mutex::new((Config::clone(&config), 0))),
+        current: Arc::new(std::sync::Mutex::new(InForce {
+            config: Config::clone(&config),
+            loaded,
+            reloads: 0,
+            tls_files: tls_files(&config.tls),
+        })),
         shards: Vec::new(),
         global: global.clone(),
     };
@@ -361,6 +447,7 @@ pub fn start(mut config: Config) -> Result<Server, ServerError> {
         let ring =
             Ring::new(per_shard).map_err(|source| ServerError::Ring { shard: id, source })?;
         let listener = OwnedFd::from(socket);
+        let tls_listener = tls_sockets[id].take().map(OwnedFd::from);
         let link = writer
             .as_ref()
             .zip(reader.as_ref())
@@ -388,6 +475,7 @@ pub fn start(mut config: Config) -> Result<Server, ServerError> {
             storage: link,
             cluster,
             reloads,
+            tls: tls.clone().zip(tls_listener),
         };
         let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard-{id}"))
@@ -401,6 +489,7 @@ pub fn start(mut config: Config) -> Result<Server, ServerError> {
     tracing::info!("listening on ws://{addr}/ws with {nshards} shard(s)");
     Ok(Server {
         addr,
+        tls_addr,
         global,
         stops,
         reloader,
@@ -420,7 +509,9 @@ struct ShardParts {
     /// In a cluster: the Redis instances, and where their answers come back.
     cluster: Option<ShardSide>,
     /// New configurations (reloads).
-    reloads: flume::Receiver<(Config, u64)>,
+    reloads: flume::Receiver<Reconfig>,
+    /// TLS: what connections are served with, and the shard's TLS listener.
+    tls: Option<(crate::tls::Acceptor, OwnedFd)>,
 }
 
 /// Where the storage threads answer one shard.
@@ -445,6 +536,7 @@ async fn run_shard(
         storage,
         cluster,
         reloads,
+        tls,
     } = parts;
     let (page, max_in_flight) = (config.history.size.max(100), config.cluster.max_in_flight);
     let (node, limits) = ((global.boot_id, id, nshards), config.history.limits());
@@ -524,7 +616,15 @@ async fn run_shard(
     }
     let reconfigured = shard.clone();
     glommio::spawn_local(async move {
-        while let Ok((config, reloads)) = reloads.recv_async().await {
+        while let Ok(Reconfig {
+            config,
+            reloads,
+            tls,
+        }) = reloads.recv_async().await
+        {
+            if tls.is_some() {
+                reconfigured.set_tls(tls);
+            }
             let closed = reconfigured.reconfigure(config);
             reconfigured.global.reconfigured(id, reloads);
             if closed > 0 {
@@ -549,11 +649,17 @@ async fn run_shard(
     }
     let timers = timed(shard.clone(), Task::Timers, timers(shard.clone()));
     let timers = glommio::spawn_local(timers);
-    let accepts = Rc::new(Accepts::default());
+    let accepts = Rc::new([Accepts::default(), Accepts::default()]);
     let readiness = readiness(shard.clone(), poller.clone(), accepts.clone());
     let readiness = glommio::spawn_local(timed(shard.clone(), Task::Readiness, readiness));
-    let accepting = accept_loop(shard.clone(), poller, listener, accepts);
+    let plain = Listener::Plain(listener);
+    let accepting = accept_loop(shard.clone(), poller.clone(), plain, accepts.clone());
     let accepting = glommio::spawn_local(timed(shard.clone(), Task::Accept, accepting));
+    let accepting_tls = tls.map(|(acceptor, listener)| {
+        shard.set_tls(Some(acceptor));
+        let tls = accept_loop(shard.clone(), poller, Listener::Tls(listener), accepts);
+        glommio::spawn_local(timed(shard.clone(), Task::Accept, tls))
+    });
     let _ = stop.recv_async().await;
     // Still accepting while draining: probes get 503 from /health/ready and upgrades 503 with
     // Retry-After, instead of "connection refused".
@@ -570,8 +676,9 @@ async fn run_shard(
     {
         glommio::timer::sleep(Duration::from_millis(5)).await;
     }
-    // The listener goes: new connections are refused by the kernel from here on.
+    // The listeners go: new connections are refused by the kernel from here on.
     drop(accepting);
+    drop(accepting_tls);
     let left = shard.conn_count();
     if left > 0 {
         tracing::warn!(
@@ -586,8 +693,27 @@ async fn run_shard(
     drop(stored);
 }
 
-/// Token of the listener in the shard's poller (connections use their ids).
+/// Token of the plain listener in the shard's poller (connections use their ids); the TLS
+/// listener's is the one below it.
 const LISTENER: u64 = poller::MAX_TOKEN;
+
+/// A shard's listening socket.
+enum Listener {
+    /// `ws://` and `http://`.
+    Plain(OwnedFd),
+    /// `wss://` and `https://`.
+    Tls(OwnedFd),
+}
+
+impl Listener {
+    /// Its token in the poller and its index among the shard's [`Accepts`].
+    fn index(&self) -> usize {
+        match self {
+            Listener::Plain(_) => 0,
+            Listener::Tls(_) => 1,
+        }
+    }
+}
 
 /// What the readiness task tells the accept loop.
 #[derive(Default)]
@@ -600,7 +726,7 @@ struct Accepts {
 }
 
 /// Hand the poller's events to the connections (and the accept loop) they are for.
-async fn readiness(shard: Rc<Shard>, poller: Rc<Poller>, accepts: Rc<Accepts>) {
+async fn readiness(shard: Rc<Shard>, poller: Rc<Poller>, accepts: Rc<[Accepts; 2]>) {
     loop {
         poller.drain(|event| dispatch(&shard, &accepts, event));
         if let Err(e) = poller.wait().await {
@@ -611,8 +737,9 @@ async fn readiness(shard: Rc<Shard>, poller: Rc<Poller>, accepts: Rc<Accepts>) {
 }
 
 /// Hand one readiness event to the connection (or the accept loop) it is for.
-fn dispatch(shard: &Shard, accepts: &Accepts, event: poller::Event) {
-    if event.token == LISTENER {
+fn dispatch(shard: &Shard, accepts: &[Accepts; 2], event: poller::Event) {
+    if event.token >= LISTENER - 1 {
+        let accepts = &accepts[(LISTENER - event.token) as usize];
         accepts.pending.set(true);
         accepts.rewatch.set(accepts.rewatch.get() || event.ended);
         if let Some(waker) = accepts.waker.take() {
@@ -659,10 +786,13 @@ async fn yield_now() {
 async fn accept_loop(
     shard: Rc<Shard>,
     poller: Rc<Poller>,
-    listener: OwnedFd,
-    accepts: Rc<Accepts>,
+    listener: Listener,
+    all: Rc<[Accepts; 2]>,
 ) {
-    let listener = match Watched::new(listener, poller.clone(), LISTENER) {
+    let index = listener.index();
+    let (token, accepts, tls) = (LISTENER - index as u64, &all[index], index == 1);
+    let (Listener::Plain(listener) | Listener::Tls(listener)) = listener;
+    let listener = match Watched::new(listener, poller.clone(), token) {
         Ok(listener) => listener,
         Err(e) => {
             tracing::error!(shard = shard.id, "cannot watch the listener: {e}");
@@ -683,7 +813,7 @@ async fn accept_loop(
         let error = if accepted >= 0 {
             // SAFETY: a freshly accepted socket that nothing else owns.
             let fd = unsafe { OwnedFd::from_raw_fd(accepted) };
-            match crate::conn::serve(shard.clone(), poller.clone(), fd) {
+            match crate::conn::serve(shard.clone(), poller.clone(), fd, tls) {
                 Ok(conn) => {
                     glommio::spawn_local(conn).detach();
                     burst += 1;
@@ -697,7 +827,7 @@ async fn accept_loop(
                         // of milliseconds: hand out what the poller has seen here, so
                         // connections whose requests came after their accept are not kept
                         // waiting behind the ones still being accepted.
-                        poller.drain(|event| dispatch(&shard, &accepts, event));
+                        poller.drain(|event| dispatch(&shard, &all, event));
                         yield_now().await;
                     }
                     continue;
@@ -709,7 +839,7 @@ async fn accept_loop(
                 e if e.kind() == std::io::ErrorKind::WouldBlock => {
                     burst = 0;
                     if accepts.rewatch.take() {
-                        if let Err(e) = poller.watch(listener.fd(), LISTENER) {
+                        if let Err(e) = poller.watch(listener.fd(), token) {
                             tracing::error!(shard = shard.id, "cannot watch the listener: {e}");
                         }
                     }

@@ -398,6 +398,8 @@ pub struct Shard {
     pub parser: RefCell<Parser>,
     /// Read buffer shared by every connection of the shard (used only inside a poll).
     pub scratch: RefCell<Vec<u8>>,
+    /// Plaintext out of TLS records (empty until a TLS connection reads).
+    pub plain: RefCell<Vec<u8>>,
     /// Set when graceful shutdown begins.
     pub shutting_down: Cell<bool>,
     /// Where a connection gathers its queued frames for one send (used only inside a poll).
@@ -407,6 +409,8 @@ pub struct Shard {
     quotas: RefCell<crate::quota::Quotas>,
     /// Whether any of those rates is set (the message path's one test when none is).
     quota_active: Cell<bool>,
+    /// TLS connections' settings, when there is a TLS listener.
+    tls: RefCell<Option<crate::tls::Acceptor>>,
     started: Instant,
     /// The time the I/O edge passed in with the current call (the shard reads no clock).
     now: Cell<Now>,
@@ -490,10 +494,12 @@ impl Shard {
             counters: ShardCounters::default(),
             parser: RefCell::default(),
             scratch: RefCell::new(vec![0; SCRATCH_BYTES]),
+            plain: RefCell::default(),
             shutting_down: Cell::new(false),
             write_buf: RefCell::new(Vec::with_capacity(256 * 1024)),
             bounds,
             quotas: RefCell::default(),
+            tls: RefCell::default(),
             quota_active: Cell::new(
                 config.limits.key_messages_per_second > 0 || config.limits.any_org_rate(),
             ),

@@ -10,6 +10,16 @@ use crate::config::Config;
 use super::{Phase, Shard};
 
 impl Shard {
+    /// What new TLS connections are served with (`None`: no TLS listener).
+    pub fn tls(&self) -> Option<crate::tls::Acceptor> {
+        self.tls.borrow().clone()
+    }
+
+    /// Serve new TLS connections with `acceptor` (at start, and a reloaded certificate).
+    pub fn set_tls(&self, acceptor: Option<crate::tls::Acceptor>) {
+        *self.tls.borrow_mut() = acceptor;
+    }
+
     /// The configuration in force.
     pub fn config(&self) -> Rc<Config> {
         self.config.borrow().clone()

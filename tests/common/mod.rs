@@ -25,6 +25,8 @@ pub const JWT_SECRET: &str = "test-jwt-secret";
 pub struct Server {
     pub child: Child,
     pub addr: SocketAddr,
+    /// The TLS listener's address, when the configuration has `[tls]`.
+    pub tls_addr: Option<SocketAddr>,
     dir: Option<tempfile::TempDir>,
 }
 
@@ -110,20 +112,24 @@ scopes = ["subscribe"]
             .spawn()
             .expect("start shardcast");
         let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("read listen line");
-        let addr = line
-            .trim()
-            .strip_prefix("shardcast listening on ws://")
-            .and_then(|s| s.strip_suffix("/ws"))
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .parse()
-            .expect("address");
+        let mut lines = BufReader::new(stdout);
+        let mut listening = |scheme: &str| -> SocketAddr {
+            let mut line = String::new();
+            lines.read_line(&mut line).expect("read listen line");
+            line.trim()
+                .strip_prefix(&format!("shardcast listening on {scheme}://"))
+                .and_then(|s| s.strip_suffix("/ws"))
+                .unwrap_or_else(|| panic!("unexpected line {line:?}"))
+                .parse()
+                .expect("address")
+        };
+        let addr = listening("ws");
+        let config = std::fs::read_to_string(&path).unwrap_or_default();
+        let tls_addr = config.contains("[tls]").then(|| listening("wss"));
         Server {
             child,
             addr,
+            tls_addr,
             dir: Some(dir),
         }
     }
@@ -290,6 +296,20 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Run openssl with `args`; its stdout.
+pub fn openssl(args: &[&str]) -> String {
+    let out = Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("openssl (Debian: apt-get install openssl)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A plain HTTP GET with optional extra header lines (asking the server to close the
