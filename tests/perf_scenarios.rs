@@ -25,6 +25,7 @@ fn fanout_params(server: &Server) -> fanout::Params {
         read_bytes: 256 * 1024,
         pid: Some(server.child.id()),
         label: "shardcast".into(),
+        tls_ca: None,
     }
 }
 
@@ -64,6 +65,7 @@ fn connect_scenario_opens_and_holds_every_connection() {
         rooms: 0,
         presence: false,
         jwt_secret: None,
+        tls_ca: None,
     };
     let report = connect::run(&params).expect("connect scenario");
     assert_eq!(figure(&report, "connections ok"), 300.0);
@@ -100,6 +102,42 @@ fn fanout_scenario_at_a_rate_loses_nothing() {
     let server = Server::start("");
     let report = fanout::run(&fanout_params(&server), false, "fanout").expect("fanout");
     assert_complete(&report);
+}
+
+#[test]
+fn fanout_and_connect_scenarios_run_over_tls() {
+    let ca = common::ca::Ca::new();
+    let (cert, key) = ca.issue("server");
+    let server = Server::start(&format!(
+        "[tls]\nlisten = \"127.0.0.1:0\"\ncert = \"{}\"\nkey = \"{}\"\n",
+        cert.display(),
+        key.display()
+    ));
+    let params = fanout::Params {
+        addr: server.tls_addr.expect("a TLS listener"),
+        tls_ca: Some(ca.path("ca.pem")),
+        // Small reads: records split across reads.
+        read_bytes: 1_000,
+        ..fanout_params(&server)
+    };
+    let report = fanout::run(&params, false, "fanout").expect("fanout over TLS");
+    assert_complete(&report);
+    let params = connect::Params {
+        addr: server.tls_addr.expect("a TLS listener"),
+        proto: Proto::Shardcast,
+        key: ADMIN.into(),
+        connections: 100,
+        concurrency: 16,
+        hold: 0.1,
+        pid: Some(server.child.id()),
+        label: "shardcast".into(),
+        rooms: 0,
+        presence: false,
+        jwt_secret: None,
+        tls_ca: Some(ca.path("ca.pem")),
+    };
+    let report = connect::run(&params).expect("connect over TLS");
+    assert_eq!(figure(&report, "connections ok"), 100.0);
 }
 
 #[test]

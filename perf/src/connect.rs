@@ -48,6 +48,9 @@ pub struct Params {
     /// connection a user of its own (`sub` u{i}, org bench, a `jti`), as browsers connect.
     #[arg(long)]
     pub jwt_secret: Option<String>,
+    /// Connect with TLS (`wss://`), trusting the CA certificate in this PEM file.
+    #[arg(long)]
+    pub tls_ca: Option<std::path::PathBuf>,
 }
 
 /// The path of connection `i`: the API key's, or a token of its own.
@@ -139,6 +142,13 @@ pub fn run(params: &Params) -> Result<Report, String> {
         );
     }
     let mut engine = Engine::new(params.addr.to_string(), 256 * 1024).map_err(|e| e.to_string())?;
+    engine.set_tls(
+        params
+            .tls_ca
+            .as_deref()
+            .map(crate::net::tls_config)
+            .transpose()?,
+    );
     let mut state = State {
         proto: params.proto,
         rooms: params.rooms,

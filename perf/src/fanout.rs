@@ -66,6 +66,9 @@ pub struct Params {
     /// Label for the server in reports.
     #[arg(long, default_value = "shardcast")]
     pub label: String,
+    /// Connect with TLS (`wss://`), trusting the CA certificate in this PEM file.
+    #[arg(long)]
+    pub tls_ca: Option<std::path::PathBuf>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -280,6 +283,13 @@ pub fn run(params: &Params, ingest: bool, scenario: &str) -> Result<Report, Stri
     sys::raise_fd_limit();
     let mut engine =
         Engine::new(params.addr.to_string(), params.read_bytes).map_err(|e| e.to_string())?;
+    engine.set_tls(
+        params
+            .tls_ca
+            .as_deref()
+            .map(crate::net::tls_config)
+            .transpose()?,
+    );
     let publishers = params.publishers.max(1);
     let subscribers = if ingest { 0 } else { params.subscribers };
     let channels = if params.proto == Proto::Shardcast {

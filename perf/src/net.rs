@@ -6,6 +6,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::Arc;
 use std::time::Duration;
 
 use mio::net::TcpStream;
@@ -28,6 +29,8 @@ pub enum Phase {
 
 struct Conn {
     stream: TcpStream,
+    /// TLS state (`wss://`): plaintext in and out of it, records on the stream.
+    tls: Option<Box<rustls::ClientConnection>>,
     phase: Phase,
     /// Bytes of an incomplete frame or response head.
     partial: Vec<u8>,
@@ -95,6 +98,29 @@ pub struct Engine {
     pub frames_in: u64,
     /// Bytes received.
     pub bytes_in: u64,
+    /// Connect with TLS, trusting what this says.
+    tls: Option<Arc<rustls::ClientConfig>>,
+    /// Plaintext out of TLS records.
+    plain: Vec<u8>,
+}
+
+/// A TLS client setting that trusts the CA certificate(s) in the PEM file at `ca`.
+pub fn tls_config(ca: &std::path::Path) -> Result<Arc<rustls::ClientConfig>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca).map_err(|e| e.to_string())? {
+        roots
+            .add(cert.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
+    #[allow(deprecated)] // ring, as the server uses
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
 }
 
 impl Engine {
@@ -111,7 +137,14 @@ impl Engine {
             paths: Vec::new(),
             frames_in: 0,
             bytes_in: 0,
+            tls: None,
+            plain: vec![0; 16 * 1024],
         })
+    }
+
+    /// Open the connections from now on with TLS (the server's name: `localhost`).
+    pub fn set_tls(&mut self, config: Option<Arc<rustls::ClientConfig>>) {
+        self.tls = config;
     }
 
     /// Start connecting to `addr` from `src` (spread sources to get past ~28k ports per
@@ -140,8 +173,18 @@ impl Engine {
             Token(id),
             Interest::READABLE | Interest::WRITABLE,
         )?;
+        let tls = match &self.tls {
+            Some(config) => {
+                let name = rustls::pki_types::ServerName::try_from("localhost").expect("a name");
+                let conn = rustls::ClientConnection::new(config.clone(), name)
+                    .map_err(io::Error::other)?;
+                Some(Box::new(conn))
+            }
+            None => None,
+        };
         self.conns.push(Conn {
             stream,
+            tls,
             phase: Phase::Connecting,
             partial: Vec::new(),
         });
@@ -224,7 +267,8 @@ impl Engine {
             let request = ws::upgrade_request(&self.host, &self.paths[id]);
             self.outs.raw(id, &request);
         }
-        if self.outs.pending(id) > 0 && !self.outs.dirty.contains(&id) {
+        let records = self.conns[id].tls.as_ref().is_some_and(|t| t.wants_write());
+        if (records || self.outs.pending(id) > 0) && !self.outs.dirty.contains(&id) {
             self.outs.dirty.push(id);
         }
     }
@@ -245,13 +289,70 @@ impl Engine {
             self.bytes_in += n as u64;
             handler.on_read();
             let mut read_buf = std::mem::take(&mut self.read_buf);
-            let keep_going = self.consume(id, &read_buf[..n], handler);
+            let keep_going = match self.conns[id].tls.take() {
+                None => self.consume(id, &read_buf[..n], handler),
+                Some(mut tls) => {
+                    let alive = self.decrypt(id, &mut tls, &read_buf[..n], handler);
+                    if tls.wants_write() && !self.outs.dirty.contains(&id) {
+                        self.outs.dirty.push(id);
+                    }
+                    self.conns[id].tls = Some(tls);
+                    alive
+                }
+            };
             std::mem::swap(&mut self.read_buf, &mut read_buf);
             if !keep_going || n < self.read_buf.len() {
                 // A short read means the socket is drained; new data brings a new edge.
                 return;
             }
         }
+    }
+
+    /// Feed records read on `id` to `tls` and parse the plaintext; false if it died.
+    fn decrypt(
+        &mut self,
+        id: usize,
+        tls: &mut rustls::ClientConnection,
+        mut data: &[u8],
+        handler: &mut dyn Handler,
+    ) -> bool {
+        let mut plain = std::mem::take(&mut self.plain);
+        let mut alive = true;
+        'records: while !data.is_empty() && alive {
+            let fed = tls.read_tls(&mut data).and_then(|_| {
+                tls.process_new_packets()
+                    .map(drop)
+                    .map_err(io::Error::other)
+            });
+            if let Err(e) = fed {
+                self.fail(id, Some(e), handler);
+                alive = false;
+                break;
+            }
+            loop {
+                match tls.reader().read(&mut plain) {
+                    Ok(0) => {
+                        self.fail(id, None, handler);
+                        alive = false;
+                        break 'records;
+                    }
+                    Ok(n) => {
+                        if !self.consume(id, &plain[..n], handler) {
+                            alive = false;
+                            break 'records;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        self.fail(id, Some(e), handler);
+                        alive = false;
+                        break 'records;
+                    }
+                }
+            }
+        }
+        self.plain = plain;
+        alive
     }
 
     /// Parse `data` (after any partial bytes) for connection `id`; false if it died.
@@ -307,11 +408,47 @@ impl Engine {
         true
     }
 
+    /// Records onto the socket, plaintext into records, until the socket is full or
+    /// nothing is left.
+    fn flush_tls(&mut self, id: usize) -> io::Result<()> {
+        let conn = &mut self.conns[id];
+        let Some(tls) = conn.tls.as_mut() else {
+            return Ok(());
+        };
+        loop {
+            while tls.wants_write() {
+                match tls.write_tls(&mut conn.stream) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            let start = self.outs.sent[id];
+            if start >= self.outs.bufs[id].len() {
+                self.outs.bufs[id].clear();
+                self.outs.sent[id] = 0;
+                return Ok(());
+            }
+            let taken = tls.writer().write(&self.outs.bufs[id][start..])?;
+            if taken == 0 {
+                return Ok(());
+            }
+            self.outs.sent[id] += taken;
+        }
+    }
+
     /// Write every connection's pending output.
     pub fn flush(&mut self, handler: &mut dyn Handler) {
         let dirty = std::mem::take(&mut self.outs.dirty);
         for &id in &dirty {
             if matches!(self.conns[id].phase, Phase::Dead | Phase::Connecting) {
+                continue;
+            }
+            if self.conns[id].tls.is_some() {
+                if let Err(e) = self.flush_tls(id) {
+                    self.fail(id, Some(e), handler);
+                }
                 continue;
             }
             loop {

@@ -1,6 +1,8 @@
 //! Test harness: a real `shardcast` process on an ephemeral port, and real WebSocket clients.
 #![allow(dead_code)]
 
+pub mod ca;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
