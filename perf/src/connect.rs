@@ -219,11 +219,11 @@ pub fn run(params: &Params) -> Result<Report, String> {
     report.add("connect rate", state.ready as f64 / elapsed, "/s");
     report.add("client cpu busy", 100.0 * own_cpu / elapsed, "%");
     if let (Some(b), Some(a)) = (cpu_before, cpu_after) {
-        report.add(
-            "server cpu busy",
-            100.0 * (a - b).as_secs_f64() / elapsed,
-            "%",
-        );
+        let server = (a - b).as_secs_f64();
+        report.add("server cpu busy", 100.0 * server / elapsed, "%");
+        // The whole cost of accepting one (its TLS handshake, when there is one).
+        let per = 1e6 * server / state.ready.max(1) as f64;
+        report.add("server cpu per connection", per, "us");
     }
     if let (Some(before), Some(after)) = (rss_before, rss_after) {
         report.add("server rss before", before as f64, "KiB");
