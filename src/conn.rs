@@ -80,6 +80,30 @@ mod ready {
     pub const HUNG_UP: u8 = 8;
 }
 
+/// Log a line about connection `$conn` (a `Conn`), with who it is as fields: shard,
+/// connection id, org and principal (`key:ID` or `user:SUB`). The fields are worked out only
+/// when the line is written.
+macro_rules! conn_log {
+    ($level:ident, $conn:expr, $($rest:tt)+) => {
+        tracing::$level!(
+            shard = $conn.shard.id,
+            conn = %$conn.shard.connection_id($conn.peer.id),
+            org = $conn.peer.principal().map(|p| p.org.to_string()),
+            principal = $conn.peer.principal().map(|p| who(&p)),
+            $($rest)+
+        )
+    };
+}
+
+/// A principal as logs name it.
+fn who(principal: &Principal) -> String {
+    match (&principal.key_id, &principal.user) {
+        (Some(key), _) => format!("key:{key}"),
+        (None, Some(user)) => format!("user:{user}"),
+        (None, None) => "anonymous".into(),
+    }
+}
+
 /// Record what the shard's poller reported for `peer`'s socket and wake its task.
 pub fn on_ready(peer: &Peer, event: poller::Event) {
     let bits = peer.readiness.get();
@@ -382,7 +406,7 @@ impl Conn {
                 Step::Progress
             }
             Err(e) => {
-                tracing::debug!(conn = self.peer.id, "TLS: {e}");
+                conn_log!(debug, self, "TLS refused: {e}");
                 // The alert rustls queued for it, if the socket takes it.
                 if let Some(tls) = &mut self.tls {
                     let _ = crate::tls::send_records(tls, self.socket.fd());
@@ -671,6 +695,7 @@ impl Conn {
                 self.rates = Rates::of(&shard.config().limits, shard.now_ms());
                 shard.open_session(&self.peer, &principal);
                 self.mode = Mode::Session;
+                conn_log!(debug, self, tls = self.tls.is_some(), "session opened");
             }
             None => self.mode = Mode::Echo,
         }
@@ -936,6 +961,13 @@ impl Conn {
         }
         if self.close_queued {
             return;
+        }
+        // Closes for the client's conduct or rights (4400-4499, 1008, 1009) are worth an
+        // operator's attention; the others (normal, going away) are routine.
+        if (4400..4500).contains(&code) || code == 1008 || code == 1009 {
+            conn_log!(info, self, code, reason, "closing the connection");
+        } else {
+            conn_log!(debug, self, code, reason, "closing the connection");
         }
         let mut out = self.peer.out().borrow_mut();
         if discard {

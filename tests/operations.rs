@@ -235,18 +235,33 @@ scopes = ["publish"]
 fn json_logs_are_one_json_object_per_line() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("shardcast.toml");
-    let config = "listen = \"127.0.0.1:0\"\nshards = 1\n\n[storage]\nurl = \"memory\"\n\n\
-                  [log]\nformat = \"json\"\nlevel = \"info\"\n";
+    let config = format!(
+        "listen = \"127.0.0.1:0\"\nshards = 1\n\n[storage]\nurl = \"memory\"\n\n\
+         [limits]\nmax_bad_messages = 1\n\n[log]\nformat = \"json\"\nlevel = \"info\"\n\n\
+         [[api_keys]]\nid = \"acme-key\"\nsecret = \"{ACME}\"\norg = \"acme\"\nscopes = [\"subscribe\"]\n"
+    );
     std::fs::write(&file, config).unwrap();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_shardcast"))
         .arg("--config")
         .arg(&file)
         .env_remove("RUST_LOG")
-        .stdout(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("start shardcast");
     let stderr = child.stderr.take().unwrap();
+    let mut listening = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut listening,
+    )
+    .unwrap();
+    let addr: std::net::SocketAddr = listening
+        .trim()
+        .trim_start_matches("shardcast listening on ws://")
+        .trim_end_matches("/ws")
+        .parse()
+        .unwrap();
     let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
     let mut seen: Vec<(String, String)> = Vec::new();
     // Up to the line that says where it listens (info: the level set in [log]).
@@ -268,8 +283,26 @@ fn json_logs_are_one_json_object_per_line() {
             break;
         }
     }
-    let _ = child.kill();
-    let _ = child.wait();
     let warned = |(level, m): &(String, String)| level == "WARN" && m.contains("NOT durable");
     assert!(seen.iter().any(warned), "{seen:?}");
+    // A connection closed for its conduct: the line says which connection, and whose.
+    let mut c = Client::connect(addr, &format!("/ws?key={ACME}")).unwrap();
+    let ready = c.recv();
+    c.send_text("not json");
+    assert_eq!(c.recv_close(), Some(4400));
+    let closed = loop {
+        let line = lines.next().expect("the close's log line").unwrap();
+        let entry: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        if entry["fields"]["message"] == "closing the connection" {
+            break entry;
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let fields = &closed["fields"];
+    assert_eq!(fields["code"], 4400, "{closed}");
+    assert_eq!(fields["org"], "acme", "{closed}");
+    assert_eq!(fields["principal"], "key:acme-key", "{closed}");
+    assert_eq!(fields["shard"], 0, "{closed}");
+    assert_eq!(fields["conn"], ready["connectionId"], "{closed}");
 }
