@@ -113,8 +113,20 @@ pub fn tls_config(ca: &std::path::Path) -> Result<Arc<rustls::ClientConfig>, Str
             .add(cert.map_err(|e| e.to_string())?)
             .map_err(|e| e.to_string())?;
     }
-    #[allow(deprecated)] // ring, as the server uses
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    // ring, offering what browsers offer first: X25519 (ring's own default puts P-384
+    // first) and AES-128-GCM (its default puts AES-256 first).
+    #[allow(deprecated)]
+    use rustls::crypto::ring::{cipher_suite, default_provider, kx_group};
+    #[allow(deprecated)]
+    let provider = Arc::new(rustls::crypto::CryptoProvider {
+        kx_groups: vec![kx_group::X25519, kx_group::SECP256R1],
+        cipher_suites: vec![
+            cipher_suite::TLS13_AES_128_GCM_SHA256,
+            cipher_suite::TLS13_AES_256_GCM_SHA384,
+            cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+        ],
+        ..default_provider()
+    });
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
