@@ -277,11 +277,6 @@ impl Quotas {
             });
     }
 
-    /// Buckets held.
-    pub fn len(&self) -> usize {
-        self.buckets.len()
-    }
-
     /// Whether none is held.
     pub fn is_empty(&self) -> bool {
         self.buckets.is_empty()

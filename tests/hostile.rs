@@ -748,21 +748,7 @@ fn upgrade_from(server: &Server, from: [u8; 4]) -> String {
     let local = std::net::SocketAddr::from((from, 0));
     socket.bind(&local.into()).unwrap();
     socket.connect(&server.addr.into()).unwrap();
-    let mut s: std::net::TcpStream = socket.into();
-    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
-        .unwrap();
-    write!(
-        s,
-        "GET /ws?key={ACME} HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
-    .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        std::io::Read::read_exact(&mut s, &mut byte).unwrap();
-        head.push(byte[0]);
-    }
-    String::from_utf8(head).unwrap()
+    upgrade_response(&mut socket.into(), &format!("/ws?key={ACME}"))
 }
 
 #[test]

@@ -29,6 +29,23 @@ fn fanout_params(server: &Server) -> fanout::Params {
     }
 }
 
+fn connect_params(server: &Server) -> connect::Params {
+    connect::Params {
+        addr: server.addr,
+        proto: Proto::Shardcast,
+        key: ADMIN.into(),
+        connections: 300,
+        concurrency: 32,
+        hold: 0.1,
+        pid: Some(server.child.id()),
+        label: "shardcast".into(),
+        rooms: 0,
+        presence: false,
+        jwt_secret: None,
+        tls_ca: None,
+    }
+}
+
 fn figure(report: &shardcast_bench::report::Report, name: &str) -> f64 {
     report
         .get(name)
@@ -53,20 +70,7 @@ fn assert_complete(report: &shardcast_bench::report::Report) {
 #[test]
 fn connect_scenario_opens_and_holds_every_connection() {
     let server = Server::start("");
-    let params = connect::Params {
-        addr: server.addr,
-        proto: Proto::Shardcast,
-        key: ADMIN.into(),
-        connections: 300,
-        concurrency: 32,
-        hold: 0.1,
-        pid: Some(server.child.id()),
-        label: "shardcast".into(),
-        rooms: 0,
-        presence: false,
-        jwt_secret: None,
-        tls_ca: None,
-    };
+    let params = connect_params(&server);
     let report = connect::run(&params).expect("connect scenario");
     assert_eq!(figure(&report, "connections ok"), 300.0);
     assert_eq!(figure(&report, "connections failed"), 0.0);
@@ -124,17 +128,9 @@ fn fanout_and_connect_scenarios_run_over_tls() {
     assert_complete(&report);
     let params = connect::Params {
         addr: server.tls_addr.expect("a TLS listener"),
-        proto: Proto::Shardcast,
-        key: ADMIN.into(),
         connections: 100,
-        concurrency: 16,
-        hold: 0.1,
-        pid: Some(server.child.id()),
-        label: "shardcast".into(),
-        rooms: 0,
-        presence: false,
-        jwt_secret: None,
         tls_ca: Some(ca.path("ca.pem")),
+        ..connect_params(&server)
     };
     let report = connect::run(&params).expect("connect over TLS");
     assert_eq!(figure(&report, "connections ok"), 100.0);

@@ -145,3 +145,45 @@ fn a_previous_jwt_secret_set_by_a_reload_accepts_tokens_signed_with_it() {
         .client(&format!("/ws?token={}", jwt(600, &["subscribe"])))
         .ping();
 }
+
+#[test]
+fn allowed_origins_change_with_a_reload() {
+    let server = Server::start(&format!(
+        "{NO_WATCH}[http]\nallowed_origins = [\"https://app.example.com\"]\n"
+    ));
+    let upgrade_from = |origin: &str| {
+        let request = tungstenite::http::Request::builder()
+            .uri(format!("ws://{}/ws?key={ACME}", server.addr))
+            .header("Host", "t")
+            .header("Origin", origin)
+            .header("Connection", "Upgrade")
+            .header("Upgrade", "websocket")
+            .header("Sec-WebSocket-Version", "13")
+            .header(
+                "Sec-WebSocket-Key",
+                tungstenite::handshake::client::generate_key(),
+            )
+            .body(())
+            .unwrap();
+        let stream = std::net::TcpStream::connect(server.addr).unwrap();
+        match tungstenite::client(request, stream) {
+            Ok(_) => 101,
+            Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(r))) => {
+                r.status().as_u16()
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(upgrade_from("https://app.example.com"), 101);
+    assert_eq!(upgrade_from("https://new.example.com"), 403);
+    server.rewrite_config(|text| {
+        text.replace(
+            "allowed_origins = [\"https://app.example.com\"]",
+            "allowed_origins = [\"https://new.example.com\"]",
+        )
+    });
+    server.hangup();
+    server.wait_metric("shardcast_config_reloads_total", 1);
+    assert_eq!(upgrade_from("https://new.example.com"), 101);
+    assert_eq!(upgrade_from("https://app.example.com"), 403);
+}

@@ -142,13 +142,7 @@ pub fn run(params: &Params) -> Result<Report, String> {
         );
     }
     let mut engine = Engine::new(params.addr.to_string(), 256 * 1024).map_err(|e| e.to_string())?;
-    engine.set_tls(
-        params
-            .tls_ca
-            .as_deref()
-            .map(crate::net::tls_config)
-            .transpose()?,
-    );
+    engine.trust(params.tls_ca.as_deref())?;
     let mut state = State {
         proto: params.proto,
         rooms: params.rooms,

@@ -283,13 +283,7 @@ pub fn run(params: &Params, ingest: bool, scenario: &str) -> Result<Report, Stri
     sys::raise_fd_limit();
     let mut engine =
         Engine::new(params.addr.to_string(), params.read_bytes).map_err(|e| e.to_string())?;
-    engine.set_tls(
-        params
-            .tls_ca
-            .as_deref()
-            .map(crate::net::tls_config)
-            .transpose()?,
-    );
+    engine.trust(params.tls_ca.as_deref())?;
     let publishers = params.publishers.max(1);
     let subscribers = if ingest { 0 } else { params.subscribers };
     let channels = if params.proto == Proto::Shardcast {

@@ -154,9 +154,11 @@ impl Engine {
         })
     }
 
-    /// Open the connections from now on with TLS (the server's name: `localhost`).
-    pub fn set_tls(&mut self, config: Option<Arc<rustls::ClientConfig>>) {
-        self.tls = config;
+    /// Open the connections from now on with TLS when `ca` names a PEM file of the CA
+    /// certificate(s) to trust (the server's name: `localhost`).
+    pub fn trust(&mut self, ca: Option<&std::path::Path>) -> Result<(), String> {
+        self.tls = ca.map(tls_config).transpose()?;
+        Ok(())
     }
 
     /// Start connecting to `addr` from `src` (spread sources to get past ~28k ports per

@@ -529,22 +529,29 @@ impl Client {
 /// A raw socket that has completed the upgrade and read READY.
 pub fn raw_ws(server: &Server, path: &str) -> TcpStream {
     let mut s = TcpStream::connect(server.addr).unwrap();
+    let head = upgrade_response(&mut s, path);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    // The READY frame.
+    read_frame(&mut s);
+    s
+}
+
+/// Send an upgrade request for `path` on `s` and read the response head, byte by byte (what
+/// follows it stays unread).
+pub fn upgrade_response(s: &mut TcpStream, path: &str) -> String {
     s.set_read_timeout(Some(WAIT)).unwrap();
     write!(
         s,
         "GET {path} HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
     )
     .unwrap();
-    // Read the 101 head and the READY frame.
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
-        std::io::Read::read_exact(&mut s, &mut byte).unwrap();
+        std::io::Read::read_exact(s, &mut byte).unwrap();
         head.push(byte[0]);
     }
-    assert!(head.starts_with(b"HTTP/1.1 101"));
-    read_frame(&mut s);
-    s
+    String::from_utf8(head).unwrap()
 }
 
 /// One frame from the server: opcode and payload.
