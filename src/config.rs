@@ -207,8 +207,9 @@ pub struct Limits {
     pub org_messages_per_second: u32,
     /// Burst of `org_messages_per_second` (0: one second's worth).
     pub org_message_burst: u32,
-    /// WebSocket connections one org may hold at once on a node (0: any); more get HTTP 429
-    /// `too_many_connections`. `[limits.orgs.NAME]` overrides it.
+    /// WebSocket connections one org may hold at once (0: any); more get HTTP 429
+    /// `too_many_connections`. `[limits.orgs.NAME]` overrides it. In a cluster the other
+    /// nodes' count as of the last second's census.
     pub org_max_connections: usize,
     /// Subscribers one channel may have (0: any); more get `too_many_subscribers`. Each
     /// shard holds its share (exact with one shard per node).
@@ -303,7 +304,12 @@ impl Limits {
             || self.orgs.values().any(|o| o.messages_per_second > Some(0))
     }
 
-    /// The connections `org` may hold at once on a node (0: any).
+    /// Whether some org has a cap on its connections.
+    pub fn any_org_max(&self) -> bool {
+        self.org_max_connections > 0 || self.orgs.values().any(|o| o.max_connections > Some(0))
+    }
+
+    /// The connections `org` may hold at once (0: any).
     pub fn org_connections(&self, org: &str) -> usize {
         let own = self.orgs.get(org).and_then(|o| o.max_connections);
         own.unwrap_or(self.org_max_connections)

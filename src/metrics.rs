@@ -495,6 +495,13 @@ impl Global {
             "Most WebSocket connections open at once.",
             self.peak.load(Relaxed) as u64,
         );
+        let census = self.census.lock().map(|c| c.nodes_heard()).unwrap_or(0);
+        metric(
+            "shardcast_census_nodes",
+            "gauge",
+            "Nodes sharing key and org limits, as the last census over Redis said (0: none yet).",
+            u64::from(census),
+        );
         metric(
             "shardcast_config_reloads_total",
             "counter",

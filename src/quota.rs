@@ -62,6 +62,26 @@ impl Tenant {
         }
     }
 
+    /// Its name in the cluster's census (`o\nORG`, `k\nID`, `u\nORG\nSUB`).
+    pub fn name(&self) -> String {
+        match self {
+            Tenant::Org(org) => format!("o\n{org}"),
+            Tenant::Key(id) => format!("k\n{id}"),
+            Tenant::User(org, user) => format!("u\n{org}\n{user}"),
+        }
+    }
+
+    /// The tenant [`Tenant::name`] names.
+    pub fn parse(name: &str) -> Option<Tenant> {
+        let mut parts = name.splitn(3, '\n');
+        match (parts.next()?, parts.next()?, parts.next()) {
+            ("o", org, None) => Some(Tenant::Org(org.into())),
+            ("k", id, None) => Some(Tenant::Key(id.into())),
+            ("u", org, Some(user)) => Some(Tenant::User(org.into(), user.into())),
+            _ => None,
+        }
+    }
+
     /// The org and the key or user `principal` counts against.
     pub fn of(principal: &Principal) -> [Tenant; 2] {
         let [org, who] = tenants(principal);
@@ -101,10 +121,17 @@ fn tenants(principal: &Principal) -> [TenantRef<'_>; 2] {
     [org, who]
 }
 
-/// Sessions per tenant and shard, process-wide.
+/// Sessions per tenant and shard, process-wide; in a cluster, also the other nodes'.
 #[derive(Debug, Default)]
 pub struct Census {
     counts: HashMap<Tenant, Box<[u32]>>,
+    /// In a cluster: each tenant's sessions on the other nodes, as of the exchange numbered
+    /// beside it.
+    others: HashMap<Tenant, (u32, u64)>,
+    /// Nodes of the cluster (0: alone, or not heard yet).
+    nodes: u32,
+    /// Exchanges begun.
+    round: u64,
 }
 
 impl Census {
@@ -118,7 +145,8 @@ impl Census {
         org_max: usize,
     ) -> bool {
         if let Some(org) = tenants.first().filter(|_| org_max > 0) {
-            let held = self.counts.get(org).map_or(0, |c| c.iter().sum::<u32>());
+            // This node's sessions, and in a cluster the others' as last heard.
+            let (_, held) = self.held(shard, org);
             if held as usize >= org_max {
                 return false;
             }
@@ -149,11 +177,46 @@ impl Census {
         }
     }
 
-    /// `tenant`'s sessions on `shard`, and everywhere.
+    /// `tenant`'s sessions on `shard`, and everywhere (on every node, in a cluster).
     pub fn held(&self, shard: usize, tenant: &Tenant) -> (u32, u32) {
-        self.counts.get(tenant).map_or((0, 0), |c| {
+        let (local, node) = self.counts.get(tenant).map_or((0, 0), |c| {
             (c.get(shard).copied().unwrap_or(0), c.iter().sum())
-        })
+        });
+        let others = self.others.get(tenant).map_or(0, |o| o.0);
+        (local, node + others)
+    }
+
+    /// Nodes the last census heard of (0: none yet, or alone).
+    pub fn nodes_heard(&self) -> u32 {
+        self.nodes
+    }
+
+    /// Nodes sharing the rates (1 when alone).
+    pub fn nodes(&self) -> u32 {
+        self.nodes.max(1)
+    }
+
+    /// This node's sessions of the tenants `wanted` says have a rate, to tell the other
+    /// nodes; begins an exchange (what no exchange since the one before answered is
+    /// forgotten).
+    pub fn to_tell(&mut self, wanted: impl Fn(&Tenant) -> bool) -> Vec<(String, u32)> {
+        self.round += 1;
+        let stale = self.round.saturating_sub(2);
+        self.others.retain(|_, (_, round)| *round >= stale);
+        let tell = self.counts.iter().filter(|(t, _)| wanted(t));
+        tell.map(|(t, c)| (t.name(), c.iter().sum())).collect()
+    }
+
+    /// What the cluster's census said: `nodes` alive, and per tenant this node's sessions as
+    /// told and everyone's.
+    pub fn heard(&mut self, nodes: u32, counts: &[(String, u32, u32)]) {
+        self.nodes = nodes;
+        for (name, mine, all) in counts {
+            if let Some(tenant) = Tenant::parse(name) {
+                self.others
+                    .insert(tenant, (all.saturating_sub(*mine), self.round));
+            }
+        }
     }
 
     /// Sessions `org` holds.
@@ -164,14 +227,14 @@ impl Census {
 }
 
 /// The part of `rate` a shard holding `local` of a tenant's `total` sessions gets, of
-/// `shards` shards.
-pub fn share(rate: Rate, (local, total): (u32, u32), shards: usize) -> Rate {
+/// `shards` shards on each of `nodes` nodes.
+pub fn share(rate: Rate, (local, total): (u32, u32), shards: usize, nodes: u32) -> Rate {
     let part = |n: u32| -> u32 {
         if n == 0 {
             return 0;
         }
         let part = if local == 0 || total == 0 {
-            u64::from(n).div_ceil(shards.max(1) as u64)
+            u64::from(n).div_ceil(shards.max(1) as u64 * u64::from(nodes.max(1)))
         } else {
             (u64::from(n) * u64::from(local)).div_ceil(u64::from(total))
         };
@@ -322,13 +385,39 @@ mod tests {
     }
 
     #[test]
+    fn the_other_nodes_sessions_count_until_an_exchange_forgets_them() {
+        let mut census = Census::default();
+        let p = key_principal("acme", "k1");
+        let tenants = Tenant::of(&p);
+        assert!(census.open(0, 1, &tenants, 0));
+        let told = census.to_tell(|t| matches!(t, Tenant::Key(_)));
+        assert_eq!(told, [("k\nk1".to_string(), 1)]);
+        assert_eq!(Tenant::parse(&told[0].0).as_ref(), Some(&tenants[1]));
+        // Another node holds 3 of k1's sessions.
+        census.heard(2, &[("k\nk1".into(), 1, 4)]);
+        assert_eq!(census.held(0, &tenants[1]), (1, 4));
+        assert_eq!(census.nodes(), 2);
+        // Two exchanges without news of k1 from the cluster: forgotten.
+        census.to_tell(|_| false);
+        assert_eq!(census.held(0, &tenants[1]), (1, 4));
+        census.to_tell(|_| false);
+        census.to_tell(|_| false);
+        assert_eq!(census.held(0, &tenants[1]), (1, 1));
+    }
+
+    #[test]
     fn shares_follow_sessions_and_sum_to_the_rate() {
         let r = rate(100, 10);
-        assert_eq!(share(r, (1, 1), 2), r, "all its sessions here");
-        assert_eq!(share(r, (1, 4), 2), rate(25, 3));
-        assert_eq!(share(r, (3, 4), 2), rate(75, 8));
-        assert_eq!(share(r, (0, 4), 2), rate(50, 5), "no session here");
-        assert_eq!(share(rate(1, 1), (1, 4), 4), rate(1, 1), "never below one");
+        assert_eq!(share(r, (1, 1), 2, 1), r, "all its sessions here");
+        assert_eq!(share(r, (1, 4), 2, 1), rate(25, 3));
+        assert_eq!(share(r, (3, 4), 2, 1), rate(75, 8));
+        assert_eq!(share(r, (0, 4), 2, 1), rate(50, 5), "no session here");
+        assert_eq!(share(r, (0, 4), 2, 2), rate(25, 3), "nor on this node");
+        assert_eq!(
+            share(rate(1, 1), (1, 4), 4, 1),
+            rate(1, 1),
+            "never below one"
+        );
     }
 
     #[test]

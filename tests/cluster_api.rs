@@ -386,3 +386,54 @@ fn what_is_kept_in_redis_expires_and_gives_its_room_back() {
         "{text}"
     );
 }
+
+/// Both nodes have heard each other in the census of key and org limits.
+fn census_done(a: &Server, b: &Server) {
+    for n in [a, b] {
+        n.wait_metric("shardcast_census_nodes", 2);
+    }
+}
+
+#[test]
+fn a_keys_rate_and_an_orgs_connections_are_shared_across_nodes() {
+    let extra = "[limits]\nkey_messages_per_second = 2\nkey_message_burst = 2\n\
+                 org_max_connections = 3\n";
+    let Some((a, b, _)) = two_nodes_with("census", extra) else {
+        return;
+    };
+    let mut on_a = a.client(&format!("/ws?key={ACME}"));
+    let mut on_b = b.client(&format!("/ws?key={ACME}"));
+    census_done(&a, &b);
+    // The key has a session on each node: each node's part of its 2 a second (burst 2)
+    // is 1, where alone it would have had both.
+    for c in [&mut on_a, &mut on_b] {
+        c.send(json!({"type":"PING"}));
+        assert_eq!(c.recv_type_of(&["PONG", "ERROR"])["type"], "PONG");
+        c.send(json!({"type":"PING"}));
+        let refused = c.recv_type_of(&["PONG", "ERROR"]);
+        assert_eq!(refused["code"], "rate_limited", "{refused}");
+    }
+    // Org acme holds 2 of its 3 connections; a third on A makes 3 in all.
+    let _third = a.client(&format!("/ws?key={ACME_READONLY}"));
+    // Once the census has it, a fourth is refused on B, which holds only one itself.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        match Client::connect(b.addr, &format!("/ws?key={ACME_READONLY}")) {
+            Err(tungstenite::Error::Http(r)) => {
+                assert_eq!(r.status(), 429);
+                break;
+            }
+            Ok(mut extra) => {
+                // Not heard yet: let it go and ask again.
+                extra.ws.close(None).unwrap();
+                assert_eq!(extra.recv_close(), Some(1000));
+            }
+            Err(e) => panic!("{e}"),
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "B never counted A's connections"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

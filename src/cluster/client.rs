@@ -18,6 +18,7 @@ const HISTORY: &str = include_str!("lua/history.lua");
 const PRESENCE: &str = include_str!("lua/presence.lua");
 const SESSION: &str = include_str!("lua/session.lua");
 const USERS: &str = include_str!("lua/users.lua");
+const CENSUS: &str = include_str!("lua/census.lua");
 
 /// Members (or locks) per call of the presence (or session) script: a refresh of a channel
 /// with 100,000 members is many short calls, not one that holds Redis for long.
@@ -160,6 +161,7 @@ pub struct Client {
     presence_sha: String,
     session_sha: String,
     users_sha: String,
+    census_sha: String,
     epochs: RandomState,
     made: u64,
 }
@@ -188,6 +190,7 @@ impl Client {
             presence_sha: String::new(),
             session_sha: String::new(),
             users_sha: String::new(),
+            census_sha: String::new(),
             epochs: RandomState::new(),
             made: 0,
         };
@@ -212,6 +215,7 @@ impl Client {
         self.presence_sha = load(&mut self.conn, PRESENCE)?;
         self.session_sha = load(&mut self.conn, SESSION)?;
         self.users_sha = load(&mut self.conn, USERS)?;
+        self.census_sha = load(&mut self.conn, CENSUS)?;
         Ok(())
     }
 
@@ -569,6 +573,35 @@ impl Client {
                 .collect(),
             _ => Vec::new(),
         })
+    }
+
+    /// Write `node`'s sessions per tenant (its record living `ttl_ms`) and read every
+    /// node's (`census.lua`): how many nodes are alive, and each tenant's sessions over
+    /// them, in the order given.
+    pub fn census(
+        &mut self,
+        node: &str,
+        ttl_ms: u64,
+        counts: &[(String, u32)],
+    ) -> Result<(u32, Vec<u32>), ClusterError> {
+        let mut call = redis::cmd("EVALSHA");
+        call.arg(&self.census_sha)
+            .arg(0)
+            .arg(self.keys.prefix())
+            .arg(node)
+            .arg(ttl_ms);
+        for (tenant, count) in counts {
+            call.arg(tenant).arg(count);
+        }
+        let totals = match call.query::<Vec<u32>>(&mut self.conn) {
+            Err(e) if e.code() == Some("NOSCRIPT") => {
+                self.load_scripts()?;
+                call.query::<Vec<u32>>(&mut self.conn).map_err(lost)?
+            }
+            other => other.map_err(lost)?,
+        };
+        let nodes = totals.first().copied().unwrap_or(1);
+        Ok((nodes, totals.get(1..).unwrap_or_default().to_vec()))
     }
 
     /// Whether the connection still reaches Redis (a PING).

@@ -128,6 +128,8 @@ pub enum Op {
     },
     /// Keep the node's session locks (key, holder).
     Refresh(Vec<(String, String)>),
+    /// The node's sessions per tenant (`census.lua`); answered with the cluster's.
+    Census(Vec<(String, u32)>),
     /// Where the node's users are connected, and what is kept for users connected nowhere
     /// (`users.lua`). Answered (`Completion::Kept`) only with a token other than 0.
     Users {
@@ -233,6 +235,13 @@ pub enum Completion {
     Refreshed {
         /// Those locks, or why not.
         lost: Result<Vec<(String, String)>, ClusterError>,
+    },
+    /// A census's outcome.
+    Census {
+        /// The node's counts it wrote.
+        counts: Vec<(String, u32)>,
+        /// Nodes alive and each tenant's sessions over them, or why not.
+        result: Result<(u32, Vec<u32>), ClusterError>,
     },
 }
 
@@ -451,6 +460,12 @@ impl Worker {
                     tracing::warn!("a server API command for the other nodes was lost: {e}");
                 }
                 (token != 0).then_some(Completion::Told { token, heard })
+            }
+            Op::Census(counts) => {
+                let node = self.settings.node.clone();
+                // Three missed seconds and a node's counts are gone.
+                let result = self.with(|c| c.census(&node, 3_000, &counts));
+                Some(Completion::Census { counts, result })
             }
             Op::Refresh(locks) => {
                 let lost = self.with(|c| c.refresh(&locks, session_ttl)).map(|places| {

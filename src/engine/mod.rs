@@ -76,6 +76,14 @@ pub enum Event {
         /// was kept.
         reach: Option<Reach>,
     },
+    /// Every node's sessions per tenant ([`Engine::census`]).
+    Census {
+        /// Nodes alive (this one among them).
+        nodes: u32,
+        /// Per tenant (as [`crate::quota::Tenant::name`] writes it): this node's sessions,
+        /// and the cluster's.
+        counts: Vec<(String, u32, u32)>,
+    },
     /// What is kept for a user ([`Engine::user_online`], [`Engine::kept`]): the entries
     /// as stored (`seq\ncreated\nexpires\norg\nchannel\ndata`), or why not.
     Kept {
@@ -316,6 +324,12 @@ pub trait Engine {
     /// with `token`.
     fn user_online(&mut self, user: &str, on: bool, token: u64) {
         let _ = (user, on, token);
+    }
+
+    /// In a cluster: write this node's sessions per tenant (name, count) where every node
+    /// reads them, and learn every node's: [`Event::Census`]. Alone, nothing to learn.
+    fn census(&mut self, counts: Vec<(String, u32)>) {
+        let _ = counts;
     }
 
     /// The users (whose channels this shard owns) the node still has connections of,

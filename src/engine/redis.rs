@@ -429,6 +429,18 @@ impl Redis {
                 let token = token & !TOLD_ALL;
                 self.events.push_back(Event::Told { token, nodes });
             }
+            Completion::Census { counts, result } => match result {
+                Ok((nodes, totals)) => {
+                    let counts = counts
+                        .into_iter()
+                        .zip(totals)
+                        .map(|((tenant, mine), all)| (tenant, mine, all))
+                        .collect();
+                    self.events.push_back(Event::Census { nodes, counts });
+                }
+                // The shares stay as they were; the next second tries again.
+                Err(e) => tracing::debug!(shard = self.shard, "census not taken: {e}"),
+            },
             Completion::Refreshed { lost } => match lost {
                 Ok(lost) if lost.is_empty() => {}
                 Ok(lost) => self.events.push_back(Event::LocksLost(lost)),
@@ -581,6 +593,21 @@ impl Engine for Redis {
             if users.peek().is_none() {
                 break;
             }
+        }
+    }
+
+    fn census(&mut self, counts: Vec<(String, u32)>) {
+        // On the first Redis, a call per thousand tenants (one script holds Redis while it
+        // runs).
+        let mut counts = counts.into_iter().peekable();
+        while counts.peek().is_some() {
+            let chunk: Vec<(String, u32)> = counts.by_ref().take(1_000).collect();
+            let request = Request {
+                shard: self.shard,
+                token: 0,
+                op: Op::Census(chunk),
+            };
+            let _ = self.instances[0].link.send(request);
         }
     }
 

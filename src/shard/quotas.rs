@@ -61,9 +61,9 @@ impl Shard {
     /// This shard's part of `tenant`'s `rate`, by where its sessions are.
     fn share_of(&self, tenant: &Tenant, rate: Rate) -> Rate {
         let census = self.global.census.lock().unwrap_or_else(|e| e.into_inner());
-        let held = census.held(self.id, tenant);
+        let (held, nodes) = (census.held(self.id, tenant), census.nodes());
         drop(census);
-        crate::quota::share(rate, held, self.nshards)
+        crate::quota::share(rate, held, self.nshards, nodes)
     }
 
     /// Give the buckets their shares as the sessions now are (and the rates as configured
@@ -73,18 +73,39 @@ impl Shard {
         let limits = &config.limits;
         self.quota_active
             .set(limits.key_messages_per_second > 0 || limits.any_org_rate());
+        let mut census = self.global.census.lock().unwrap_or_else(|e| e.into_inner());
+        let rate_of = |tenant: &Tenant| match tenant {
+            Tenant::Org(org) => limits.org_rate(org),
+            Tenant::Key(_) | Tenant::User(..) => limits.key_rate(),
+        };
+        let capped = limits.any_org_max();
+        let clustered = !self.engine.borrow().numbers_locally();
+        if self.id == 0 && (self.quota_active.get() || capped) && clustered {
+            // In a cluster, shard 0 tells the other nodes how many sessions of each tenant
+            // with a rate or a cap this node holds, and hears theirs (`Event::Census`).
+            let tell = census.to_tell(|t| {
+                let org_cap = matches!(t, Tenant::Org(org) if limits.org_connections(org) > 0);
+                org_cap || rate_of(t).per_second > 0
+            });
+            if !tell.is_empty() {
+                self.engine.borrow_mut().census(tell);
+            }
+        }
         if self.quotas.borrow().is_empty() {
             return;
         }
-        let census = self.global.census.lock().unwrap_or_else(|e| e.into_inner());
-        let rate_of = |tenant: &Tenant| {
-            let rate = match tenant {
-                Tenant::Org(org) => limits.org_rate(org),
-                Tenant::Key(_) | Tenant::User(..) => limits.key_rate(),
-            };
-            (rate.per_second > 0)
-                .then(|| crate::quota::share(rate, census.held(self.id, tenant), self.nshards))
+        let nodes = census.nodes();
+        let share_of = |tenant: &Tenant| {
+            let rate = rate_of(tenant);
+            let held = census.held(self.id, tenant);
+            (rate.per_second > 0).then(|| crate::quota::share(rate, held, self.nshards, nodes))
         };
-        self.quotas.borrow_mut().rebalance(self.now_ms(), rate_of);
+        self.quotas.borrow_mut().rebalance(self.now_ms(), share_of);
+    }
+
+    /// What the cluster's census said (shard 0 hears it for the node).
+    pub(super) fn census_heard(&self, nodes: u32, counts: &[(String, u32, u32)]) {
+        let mut census = self.global.census.lock().unwrap_or_else(|e| e.into_inner());
+        census.heard(nodes, counts);
     }
 }
