@@ -7,6 +7,7 @@
 //! in use among a shard's subscribers ([`Encoded`]) and those bytes are shared by all of them.
 //!
 //! - [`shardcast`]: the shardcast JSON protocol (`/ws`).
+//! - [`socketio`]: Socket.IO v4 (`/socket.io/`).
 //!
 //! A new dialect is a module beside `shardcast` with a parser producing [`Request`]s and an
 //! encoder for [`Reply`] and [`Publication`], a variant of [`Dialect`], and a route.
@@ -17,6 +18,7 @@ use crate::codec::Frame;
 use crate::codes::ErrorCode;
 
 pub mod shardcast;
+pub mod socketio;
 
 /// The wire format of a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -25,16 +27,19 @@ pub enum Dialect {
     /// The shardcast JSON protocol.
     #[default]
     Shardcast,
+    /// Socket.IO v4 (Engine.IO protocol 4, Socket.IO protocol 5).
+    SocketIo,
 }
 
 impl Dialect {
     /// Number of dialects (the size of an [`Encoded`] cache).
-    pub const COUNT: usize = 1;
+    pub const COUNT: usize = 2;
 
     /// `publication` of `channel`, framed for this dialect.
     pub fn publication(self, channel: &str, publication: &Publication<impl AsRef<[u8]>>) -> Frame {
         match self {
             Dialect::Shardcast => shardcast::publication(channel, publication),
+            Dialect::SocketIo => socketio::publication(channel, publication),
         }
     }
 
@@ -42,6 +47,7 @@ impl Dialect {
     pub fn reply(self, reply: &Reply<'_>) -> Frame {
         match self {
             Dialect::Shardcast => shardcast::reply(reply),
+            Dialect::SocketIo => socketio::reply(reply),
         }
     }
 }

@@ -390,7 +390,7 @@ fn push_opt_raw(out: &mut Vec<u8>, name: &str, raw: Option<&[u8]>) {
     }
 }
 
-fn push_channels(out: &mut Vec<u8>, channels: &[impl AsRef<str>]) {
+pub(super) fn push_channels(out: &mut Vec<u8>, channels: &[impl AsRef<str>]) {
     out.push(b'[');
     for (i, c) in channels.iter().enumerate() {
         if i > 0 {
@@ -548,7 +548,7 @@ fn unsubscribed(channels: &[impl AsRef<str>], id: Option<&[u8]>) -> Frame {
 }
 
 /// A presence member's JSON object.
-fn push_member(out: &mut Vec<u8>, member: &Member) {
+pub(super) fn push_member(out: &mut Vec<u8>, member: &Member) {
     out.extend_from_slice(br#"{"user":"#);
     json::push_str(out, &member.user);
     out.extend_from_slice(br#","connectionId":"#);

@@ -776,7 +776,11 @@ impl Shard {
     /// Answer one of `peer`'s own requests, in its dialect: never dropped (a client that
     /// does not read its answers stops being read instead; see `conn.rs`).
     pub fn answer(&self, peer: &Peer, reply: &Reply<'_>) {
-        self.answer_frame(peer, peer.dialect().reply(reply));
+        let frame = peer.dialect().reply(reply);
+        // A dialect may have nothing to say (Socket.IO: an ack nobody asked for).
+        if !frame.is_empty() {
+            self.answer_frame(peer, frame);
+        }
     }
 
     /// Queue an already framed answer (echo, control replies).
