@@ -144,6 +144,8 @@ pub struct Config {
     pub cluster: Cluster,
     /// Diagnostic endpoints.
     pub diagnostics: Diagnostics,
+    /// The Socket.IO endpoint.
+    pub socketio: SocketIo,
     /// The HTTP side of the port: origins, request bodies.
     pub http: Http,
     /// Logging.
@@ -653,6 +655,51 @@ impl Default for Http {
 pub struct Diagnostics {
     /// Serve `/echo` (no auth; loopback only) for WebSocket conformance testing.
     pub echo: bool,
+    /// Make `/socket.io/` the Socket.IO protocol suite's reference app (no auth; loopback
+    /// only) instead of the gateway.
+    pub socketio_conformance: bool,
+}
+
+/// The Socket.IO endpoint (Engine.IO protocol 4, Socket.IO protocol 5).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SocketIo {
+    /// Serve it at all.
+    pub enabled: bool,
+    /// Its path (socket.io-client's `path` option).
+    pub path: String,
+    /// The Engine.IO ping interval: the server pings this often.
+    pub ping_interval_ms: u64,
+    /// How long a ping waits for its pong before the session is closed.
+    pub ping_timeout_ms: u64,
+    /// How long a new connection has to join a namespace (CONNECT).
+    pub connect_timeout_ms: u64,
+    /// Namespaces clients may join besides `/`.
+    pub namespaces: Vec<String>,
+    /// Most binary attachments in one packet.
+    pub max_attachments: usize,
+}
+
+impl Default for SocketIo {
+    fn default() -> Self {
+        // Socket.IO 4's own defaults (packages/socket.io/lib/index.ts, engine.io/lib/server.ts).
+        Self {
+            enabled: true,
+            path: "/socket.io/".into(),
+            ping_interval_ms: 25_000,
+            ping_timeout_ms: 20_000,
+            connect_timeout_ms: 45_000,
+            namespaces: Vec::new(),
+            max_attachments: 10,
+        }
+    }
+}
+
+impl SocketIo {
+    /// Whether clients may join `namespace`.
+    pub fn serves(&self, namespace: &str) -> bool {
+        namespace == "/" || self.namespaces.iter().any(|n| n == namespace)
+    }
 }
 
 /// A scope a principal may hold.
@@ -753,6 +800,7 @@ impl Default for Config {
             mesh: Mesh::default(),
             cluster: Cluster::default(),
             diagnostics: Diagnostics::default(),
+            socketio: SocketIo::default(),
             http: Http::default(),
             log: Log::default(),
             tls: Tls::default(),
@@ -977,6 +1025,28 @@ impl Config {
                 "refusing to listen on {} with the demo API key configured; replace it \
                  (SHARDCAST_API_KEYS) or listen on loopback",
                 self.listen
+            ));
+        }
+        if exposed && self.diagnostics.socketio_conformance {
+            return invalid(format!(
+                "the unauthenticated Socket.IO conformance app is loopback-only; disable \
+                 diagnostics.socketio_conformance to listen on {}",
+                self.listen
+            ));
+        }
+        if !self.socketio.path.starts_with('/') || !self.socketio.path.ends_with('/') {
+            return invalid("socketio.path must begin and end with '/'".into());
+        }
+        if self.socketio.ping_interval_ms == 0 || self.socketio.ping_timeout_ms == 0 {
+            return invalid("socketio ping times must be greater than zero".into());
+        }
+        if let Some(bad) = self.socketio.namespaces.iter().find(|n| {
+            !n.starts_with('/')
+                || n.contains(',')
+                || n.len() > crate::dialect::socketio::packet::MAX_NAMESPACE_BYTES
+        }) {
+            return invalid(format!(
+                "socketio namespace {bad:?} must begin with '/' and hold no ','"
             ));
         }
         if exposed && self.diagnostics.echo {

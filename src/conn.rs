@@ -19,7 +19,7 @@ use crate::codec::{self, Decoder, Event, Flow};
 use crate::codes::{Close, ErrorCode};
 use crate::config::RefuseWith;
 use crate::config::Scope;
-use crate::dialect::{Refusal, Reply, Request};
+use crate::dialect::{Dialect, Refusal, Reply, Request};
 use crate::http::{self, Response};
 use crate::metrics::{Counter, Task};
 use crate::poller::{self, Poller, Watched};
@@ -27,6 +27,7 @@ use crate::queue::ReplyBudget;
 use crate::rate::TokenBucket;
 use crate::routes::{self, Pending, Route};
 use crate::shard::{Handled, Peer, Phase, Shard, Stall};
+use crate::socketio::session::{Cx, Outcome, Session};
 
 /// Reads handled per poll before yielding to other connections.
 const READ_BUDGET: usize = 16;
@@ -52,6 +53,8 @@ enum Mode {
     HttpWait(Box<Waiting>),
     /// An authenticated WebSocket session.
     Session,
+    /// An Engine.IO session over WebSocket (its Socket.IO state is `Conn::sio`).
+    SocketIo,
     /// The diagnostic echo endpoint.
     Echo,
     /// Upgraded only to deliver a close code for refused credentials.
@@ -162,6 +165,7 @@ pub fn serve(
         paused: false,
         events: 0,
         reads_paused: false,
+        sio: None,
     };
     Ok(std::future::poll_fn(move |cx| conn.poll(cx)))
 }
@@ -225,6 +229,8 @@ struct Conn {
     events: u32,
     /// Requests are not being read (counted once per pause).
     reads_paused: bool,
+    /// Socket.IO state, for an Engine.IO session (boxed: most connections have none).
+    sio: Option<Box<Session>>,
 }
 
 enum Step {
@@ -253,6 +259,9 @@ impl Conn {
             }
         }
         for _ in 0..READ_BUDGET {
+            // Again each turn: a WebSocket that took over a long-polling session has its
+            // peer now.
+            self.peer.set_waker(cx.waker());
             if self.peer.abort.get() {
                 return Poll::Ready(());
             }
@@ -324,7 +333,10 @@ impl Conn {
                 return Step::Pending;
             }
         }
-        if matches!(self.mode, Mode::Session) && !self.close_queued && self.shard.congested() {
+        if matches!(self.mode, Mode::Session | Mode::SocketIo)
+            && !self.close_queued
+            && self.shard.congested()
+        {
             self.shard.wait_uncongested(cx.waker());
             return Step::Pending;
         }
@@ -519,7 +531,7 @@ impl Conn {
                 }
             }
             Mode::HttpReply | Mode::HttpWait(_) => {}
-            Mode::Session | Mode::Echo | Mode::Refused => self.on_frames(data),
+            Mode::Session | Mode::SocketIo | Mode::Echo | Mode::Refused => self.on_frames(data),
         }
     }
 
@@ -564,7 +576,10 @@ impl Conn {
     }
 
     fn is_websocket(&self) -> bool {
-        matches!(self.mode, Mode::Session | Mode::Echo | Mode::Refused)
+        matches!(
+            self.mode,
+            Mode::Session | Mode::SocketIo | Mode::Echo | Mode::Refused
+        )
     }
 
     /// Queue an HTTP response; with `keep_alive` the connection goes on to `rest` (the next
@@ -593,6 +608,13 @@ impl Conn {
                     rest,
                 };
                 self.mode = Mode::HttpWait(Box::new(waiting));
+            }
+            Route::Upgrade(Dialect::SocketIo) => {
+                self.peer.set_dialect(Dialect::SocketIo);
+                self.upgrade_socketio(request);
+                if !rest.is_empty() && self.is_websocket() {
+                    self.on_frames(&mut rest);
+                }
             }
             Route::Upgrade(dialect) => {
                 self.peer.set_dialect(dialect);
@@ -731,7 +753,7 @@ impl Conn {
             if stall == Stall::Message {
                 self.peer.set_stall(Stall::None, 0);
             }
-        } else if stall != Stall::Message || self.events != events {
+        } else if stall != Stall::Connect && (stall != Stall::Message || self.events != events) {
             // The clock, not last_heard: bytes read long ago may be decoded only now (after a
             // pause for unread replies), and must not start the wait already expired.
             self.peer.stall.set(Stall::Message);
@@ -751,6 +773,12 @@ impl Conn {
             return Flow::Continue;
         }
         match event {
+            Event::Text(text) if self.sio.is_some() => {
+                self.on_sio(text.len(), |sio, cx| sio.on_text(cx, text))
+            }
+            Event::Binary(bytes) if self.sio.is_some() => {
+                self.on_sio(bytes.len(), |sio, cx| sio.on_binary(cx, bytes))
+            }
             Event::Text(text) => self.on_text(text),
             Event::Binary(bytes) => {
                 if matches!(self.mode, Mode::Echo) {
@@ -801,29 +829,9 @@ impl Conn {
             }
             _ => return,
         };
-        shard.counters.add(Counter::MessagesReceived, 1);
-        let config = shard.config();
-        let limits = &config.limits;
-        if self.rates.is_none() && (limits.messages_per_second | limits.bytes_per_second) > 0 {
-            // A reload set a rate since the connection opened.
-            self.rates = Rates::of(limits, shard.now_ms());
-        }
-        let taken = match &mut self.rates {
-            Some(rates) => rates
-                .take(limits, shard.now_ms(), text.len())
-                .inspect_err(|_| shard.counters.add(Counter::LimitConnectionRate, 1)),
-            None => Ok(()),
-        };
-        let taken = taken.and_then(|()| shard.take_quota(&principal, 1));
-        if let Err(retry_after_ms) = taken {
-            shard.answer(&self.peer, &Reply::RateLimited { retry_after_ms });
-            self.limited_messages += 1;
-            if self.limited_messages >= limits.max_rate_limited {
-                self.start_close(Close::RateLimited.code(), "rate limit exceeded", false);
-            }
+        if !self.take_rate(Some(&principal), text.len()) {
             return;
         }
-        self.limited_messages = 0;
         let parsed = shard.parser.borrow_mut().parse(text.as_bytes());
         match parsed {
             Ok(Request::Refresh { token, id }) => self.refresh(&principal, token, id),
@@ -852,6 +860,188 @@ impl Conn {
             },
             Err(refusal) => self.refuse(&refusal),
         }
+    }
+
+    /// Count a message of `size` bytes against the connection's rates and its principal's
+    /// quota; when over, answer `RateLimited` (and close after too many in a row) and say
+    /// it is not to be handled.
+    fn take_rate(&mut self, principal: Option<&Principal>, size: usize) -> bool {
+        let shard = self.shard.clone();
+        shard.counters.add(Counter::MessagesReceived, 1);
+        let config = shard.config();
+        let limits = &config.limits;
+        if self.rates.is_none() && (limits.messages_per_second | limits.bytes_per_second) > 0 {
+            // A reload set a rate since the connection opened.
+            self.rates = Rates::of(limits, shard.now_ms());
+        }
+        let taken = match &mut self.rates {
+            Some(rates) => rates
+                .take(limits, shard.now_ms(), size)
+                .inspect_err(|_| shard.counters.add(Counter::LimitConnectionRate, 1)),
+            None => Ok(()),
+        };
+        let taken = match principal {
+            Some(principal) => taken.and_then(|()| shard.take_quota(principal, 1)),
+            None => taken,
+        };
+        if let Err(retry_after_ms) = taken {
+            shard.answer(&self.peer, &Reply::RateLimited { retry_after_ms });
+            self.limited_messages += 1;
+            if self.limited_messages >= limits.max_rate_limited {
+                self.start_close(Close::RateLimited.code(), "rate limit exceeded", false);
+            }
+            return false;
+        }
+        self.limited_messages = 0;
+        true
+    }
+
+    /// Hand a Socket.IO frame of `size` bytes to the session, and act on what it says.
+    fn on_sio(&mut self, size: usize, handle: impl FnOnce(&mut Session, &Cx<'_>) -> Outcome) {
+        let principal = self.peer.principal();
+        if !self.take_rate(principal.as_deref(), size) {
+            return;
+        }
+        let Some(mut sio) = self.sio.take() else {
+            return;
+        };
+        let (shard, peer) = (self.shard.clone(), self.peer.clone());
+        let outcome = handle(
+            &mut sio,
+            &Cx {
+                shard: &shard,
+                peer: &peer,
+            },
+        );
+        self.sio = Some(sio);
+        match outcome {
+            Outcome::Handled => self.bad_messages = 0,
+            Outcome::Refused => self.count_bad(),
+            Outcome::Close => self.start_close(Close::Normal.code(), "", false),
+            Outcome::Upgrade => self.take_over(),
+        }
+    }
+
+    /// The probe said `5`: this WebSocket carries the long-polling session from now on. Its
+    /// peer (subscriptions, queue, Socket.IO state, connection slot) becomes this
+    /// connection's, and the socket is watched under that peer's id.
+    fn take_over(&mut self) {
+        let shard = self.shard.clone();
+        let polling = self.sio.as_mut().and_then(|sio| sio.taking_over());
+        let Some((peer, sio)) = polling.and_then(|p| p.take_over(&shard)) else {
+            return self.start_close(Close::Normal.code(), "session gone", false);
+        };
+        let probe = std::mem::replace(&mut self.peer, peer);
+        // What the probe's peer still holds (its `3probe`) goes first.
+        {
+            let mut old = probe.out().borrow_mut();
+            let mut new = self.peer.out().borrow_mut();
+            let mut pending = Vec::new();
+            let n = old.gather(&mut pending, usize::MAX);
+            old.consume(n);
+            if !pending.is_empty() {
+                new.push_urgent(Rc::from(pending));
+            }
+        }
+        shard.remove_conn(&probe);
+        let fd = self.socket.fd();
+        let rewatched = self
+            .socket
+            .poller()
+            .forget(fd)
+            .and_then(|()| self.socket.poller().watch(fd, self.peer.id));
+        if let Err(e) = rewatched {
+            conn_log!(
+                warn,
+                self,
+                "could not watch the socket after an upgrade: {e}"
+            );
+            self.peer.abort.set(true);
+        }
+        self.peer.fd.set(fd);
+        self.peer.readiness.set(ready::READABLE);
+        self.holds_slot = true;
+        self.sio = Some(Box::new(sio));
+        conn_log!(debug, self, "Socket.IO session upgraded to WebSocket");
+    }
+
+    /// An Engine.IO session over WebSocket: checks and a connection slot, then `101` and the
+    /// open packet. Credentials are not required here: a CONNECT's auth payload may bring
+    /// them, and a refusal is the namespace's CONNECT_ERROR, as Socket.IO clients expect.
+    fn upgrade_socketio(&mut self, request: http::Request) {
+        let shard = self.shard.clone();
+        let key = match http::check_upgrade(&request) {
+            Ok(key) => key,
+            Err(refused) => return self.respond(&refused, false, Vec::new()),
+        };
+        if let Err(wait_ms) = shard.admit_connection(self.peer.fd.get()) {
+            let message = "too many new connections from this address";
+            let retry = wait_ms.div_ceil(1_000).max(1).to_string();
+            let refused = Response::error(429, ErrorCode::RateLimited, message);
+            return self.respond(&refused.header("Retry-After", &retry), false, Vec::new());
+        }
+        if shard.shutting_down.get() {
+            let refused = Response::error(503, ErrorCode::ShuttingDown, "server is restarting");
+            return self.respond(&refused.header("Retry-After", "1"), false, Vec::new());
+        }
+        let params = crate::routes::api::params(&request.query);
+        let sid = params
+            .iter()
+            .find(|(k, _)| k == "sid")
+            .map(|(_, v)| v.as_str());
+        if let Some(sid) = sid {
+            // An upgrade of a long-polling session of this shard. (One held by another shard
+            // is refused: the client goes on polling.)
+            let conn = crate::socketio::polling::parse_sid(&shard, sid)
+                .filter(|(owner, _)| *owner == shard.id)
+                .map(|(_, conn)| conn);
+            let polling = conn
+                .and_then(|conn| shard.polls.get(conn))
+                .filter(|p| !p.is_upgraded());
+            let Some(polling) = polling else {
+                if conn.and_then(|conn| shard.peer(conn)).is_some() {
+                    // Upgraded already: as Engine.IO does, accept this one and close it.
+                    shard.answer_http(&self.peer, Rc::from(http::upgrade_response(key)));
+                    self.mode = Mode::Refused;
+                    self.enter(Phase::Open);
+                    return self.start_close(Close::Normal.code(), "session upgraded", false);
+                }
+                let refused = crate::socketio::polling::refusal(1, "Session ID unknown");
+                return self.respond(&refused, false, Vec::new());
+            };
+            shard.answer_http(&self.peer, Rc::from(http::upgrade_response(key)));
+            self.enter(Phase::Open);
+            self.mode = Mode::SocketIo;
+            self.sio = Some(Box::new(Session::takeover(polling)));
+            self.peer.set_stall(Stall::Connect, shard.now_ms());
+            return;
+        }
+        if !shard.global.try_open(shard.config().max_connections) {
+            let message = "server is at max_connections";
+            let refused = Response::error(503, ErrorCode::OverCapacity, message);
+            return self.respond(&refused.header("Retry-After", "1"), false, Vec::new());
+        }
+        self.holds_slot = true;
+        shard.answer_http(&self.peer, Rc::from(http::upgrade_response(key)));
+        self.enter(Phase::Open);
+        self.mode = Mode::SocketIo;
+        let config = shard.config();
+        let conformance = config.diagnostics.socketio_conformance;
+        self.sio = Some(Box::new(Session::new(request.credentials, conformance)));
+        let sid = shard.connection_id(self.peer.id);
+        let open = Session::open_packet(&shard, &sid, false);
+        shard.answer_frame(
+            &self.peer,
+            codec::frame(codec::opcode::TEXT, open.as_bytes()),
+        );
+        self.peer.set_stall(Stall::Connect, shard.now_ms());
+        self.rates = Rates::of(&config.limits, shard.now_ms());
+        conn_log!(
+            debug,
+            self,
+            tls = self.tls.is_some(),
+            "Socket.IO session opened"
+        );
     }
 
     /// Take a fresh token for this connection: the same user and org, new scopes and expiry

@@ -65,5 +65,6 @@ pub mod reload;
 pub mod routes;
 pub mod server;
 pub mod shard;
+pub mod socketio;
 pub mod storage;
 pub mod tls;

@@ -883,7 +883,9 @@ async fn timers(shard: Rc<Shard>) {
         .min(ws.handshake_timeout_ms)
         .min(ws.message_timeout_ms)
         .min(ws.reply_timeout_ms)
-        .min(crate::shard::CLOSE_TIMEOUT_MS);
+        .min(crate::shard::CLOSE_TIMEOUT_MS)
+        .min(shard.config().socketio.ping_interval_ms)
+        .min(shard.config().socketio.ping_timeout_ms);
     let sweep_ms = (shortest / 4).clamp(10, 1_000);
     let slices = (sweep_ms / TICK.as_millis() as u64).max(1);
     let ping = Shard::ping_frame();

@@ -11,6 +11,7 @@
 //! - [`connections`]: who is connected, and disconnects (`/api/connections`,
 //!   `/api/users/{id}`, `/api/channels`).
 //! - [`tokens`]: `/api/tokens` and `/api/tokens/revoke`.
+//! - [`socketio`]: `/socket.io/`, Engine.IO's handshake and long-polling.
 //!
 //! docs/API.md describes them; docs/openapi.yaml is their contract.
 //! - [`cors`]: which origins may use the server, and the headers that let them.
@@ -20,6 +21,7 @@ pub mod connections;
 pub mod cors;
 pub mod deliver;
 pub mod health;
+pub mod socketio;
 pub mod tokens;
 pub mod write;
 
@@ -62,6 +64,7 @@ pub fn route(shard: &Rc<Shard>, request: &Request) -> Route {
         ("GET", "/ws") => return Route::Upgrade(Dialect::Shardcast),
         ("GET", "/echo") if shard.config().diagnostics.echo => return Route::Echo,
         ("OPTIONS", _) if request.preflight => Route::Respond(cors::preflight(origins, verdict)),
+        _ if socketio::serves(shard, path) => socketio::route(shard, request),
         ("GET", "/health") => Route::Respond(health::health(shard)),
         ("GET", "/health/live") => Route::Respond(health::live()),
         ("GET", "/health/ready") => Route::Respond(health::ready(shard)),

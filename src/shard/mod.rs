@@ -307,6 +307,8 @@ pub enum MeshMsg {
         /// The answer.
         answer: crate::cluster::control::NodeAnswer,
     },
+    /// To the shard holding a Socket.IO long-polling session: a GET or POST for it.
+    Polling(Box<crate::socketio::polling::Exchange>),
     /// To one shard: a page of its connections, with its totals (the server API).
     Connections {
         /// Which.
@@ -404,6 +406,8 @@ pub struct Shard {
     pub shutting_down: Cell<bool>,
     /// Where a connection gathers its queued frames for one send (used only inside a poll).
     pub write_buf: RefCell<Vec<u8>>,
+    /// Socket.IO sessions on HTTP long-polling (connections without a socket).
+    pub polls: crate::socketio::polling::Sessions,
     bounds: Cell<Bounds>,
     /// Key, user and org message buckets (`[limits] key_messages_per_second`, org rates).
     quotas: RefCell<crate::quota::Quotas>,
@@ -497,6 +501,7 @@ impl Shard {
             plain: RefCell::default(),
             shutting_down: Cell::new(false),
             write_buf: RefCell::new(Vec::with_capacity(256 * 1024)),
+            polls: Default::default(),
             bounds,
             quotas: RefCell::default(),
             tls: RefCell::default(),
@@ -2296,6 +2301,7 @@ impl Shard {
                 limit,
                 reply,
             } => drop(reply.send(self.listing(&filter, after, limit))),
+            MeshMsg::Polling(exchange) => crate::socketio::polling::exchange(self, *exchange),
             MeshMsg::Channels { prefix, reply } => {
                 drop(reply.send(self.subs.borrow().counts(&prefix)))
             }
@@ -2449,7 +2455,8 @@ impl Shard {
         self.enter(now);
         self.refresh_cluster();
         let now = self.ms();
-        let ws = &self.config().websocket;
+        let config = self.config();
+        let (ws, sio) = (&config.websocket, &config.socketio);
         if slice == 0 {
             self.free_idle_channels(now);
             self.auth.expire_revocations(self.now().unix_ms);
@@ -2488,8 +2495,14 @@ impl Shard {
                     self.counters.add(Counter::StalledCloses, 1);
                     peer.request_close(Close::Stalled, "message incomplete for too long", false);
                 }
+                (Phase::Open, Stall::Connect) if stalled > sio.connect_timeout_ms => {
+                    peer.request_close(Close::Stalled, "no Socket.IO CONNECT in time", false);
+                }
                 // Its requests are not being read, so it cannot be heard: no idle check.
                 (Phase::Open, Stall::Replies) => {}
+                (Phase::Open, _) if peer.dialect() == Dialect::SocketIo => {
+                    heartbeat(&peer, sio, now);
+                }
                 (Phase::Open, _) if quiet > ws.idle_timeout_ms => {
                     self.counters.add(Counter::SlowConsumerCloses, 1);
                     abort(&peer);
@@ -2598,6 +2611,22 @@ fn ingest_ack(key: &str, decision_id: &str, dedup: bool, seq: u64) -> Answer {
 /// `storage_unavailable` for a decision, owed to a client on any shard.
 fn storage_unavailable(key: &str) -> Answer {
     Answer::StorageUnavailable { key: key.into() }
+}
+
+/// Engine.IO's heartbeat: the server pings every `ping_interval_ms` and closes a session
+/// whose pong has not come `ping_timeout_ms` after the ping was due. Anything heard counts
+/// as the pong (a client busy sending is alive), so a session is dead once nothing has been
+/// heard for the interval and the timeout together, whenever the sweep sent the ping.
+fn heartbeat(peer: &Peer, sio: &crate::config::SocketIo, now: u64) {
+    let last_ping = peer.last_ping.get();
+    if crate::socketio::silent_too_long(peer, sio, now) {
+        peer.request_close(Close::Stalled, "ping timeout", false);
+    } else if peer.last_heard.get() >= last_ping
+        && now.saturating_sub(last_ping) >= sio.ping_interval_ms
+    {
+        peer.last_ping.set(now);
+        peer.send_urgent(crate::codec::frame(crate::codec::opcode::TEXT, b"2"));
+    }
 }
 
 fn abort(peer: &Peer) {

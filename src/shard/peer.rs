@@ -93,6 +93,8 @@ pub enum Stall {
     /// Reading its replies: its reply budget is spent, so its requests are not being read
     /// (`websocket.reply_timeout_ms`, counted from the last byte written to it).
     Replies,
+    /// A Socket.IO connection's first CONNECT (`socketio.connect_timeout_ms`).
+    Connect,
 }
 
 impl Peer {
