@@ -59,6 +59,8 @@ enum Mode {
     Echo,
     /// Upgraded only to deliver a close code for refused credentials.
     Refused,
+    /// Handed to another shard (`Conn::move_to`): nothing more happens here.
+    Moved,
 }
 
 /// An HTTP request being answered elsewhere, and what follows it.
@@ -137,37 +139,79 @@ pub fn serve(
         None => None,
     };
     let _ = socket2::SockRef::from(&fd).set_tcp_nodelay(true);
-    let peer = shard.add_conn(Now::read());
-    let socket = match Watched::new(fd, poller, peer.id) {
-        Ok(socket) => socket,
-        Err(e) => {
-            shard.remove_conn(&peer);
-            return Err(e);
-        }
-    };
-    // Read at once: the request may already be waiting.
-    peer.readiness.set(ready::READABLE);
-    peer.fd.set(socket.fd());
-    let mut conn = Conn {
-        shard,
-        peer,
-        socket,
-        tls,
-        decoder: Decoder::default(),
-        mode: Mode::Http(Vec::new()),
-        bad_messages: 0,
-        limited_messages: 0,
-        rates: None,
-        holds_slot: false,
-        close_queued: false,
-        close_received: false,
-        eof: false,
-        paused: false,
-        events: 0,
-        reads_paused: false,
-        sio: None,
-    };
+    let mut conn = Conn::open(shard, poller, fd, tls)?;
     Ok(std::future::poll_fn(move |cx| conn.poll(cx)))
+}
+
+/// A connection moving to the shard that holds its Engine.IO session: a WebSocket upgrade of
+/// a long-polling session that SO_REUSEPORT gave to another shard. Its socket (a duplicate:
+/// the shard it leaves closes its own descriptor), its TLS state, and the request to answer.
+pub struct Adoption {
+    fd: OwnedFd,
+    tls: Option<Box<rustls::ServerConnection>>,
+    request: http::Request,
+    rest: Vec<u8>,
+}
+
+impl std::fmt::Debug for Adoption {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Adoption")
+            .field("fd", &self.fd)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Serve a connection another shard handed over: its request is answered here.
+pub fn adopt(
+    shard: Rc<Shard>,
+    poller: Rc<Poller>,
+    adoption: Adoption,
+) -> io::Result<impl std::future::Future<Output = ()>> {
+    let mut conn = Conn::open(shard, poller, adoption.fd, adoption.tls)?;
+    conn.on_request(adoption.request, adoption.rest);
+    Ok(std::future::poll_fn(move |cx| conn.poll(cx)))
+}
+
+impl Conn {
+    /// The state of a new connection on `fd`, watched by the shard's poller.
+    fn open(
+        shard: Rc<Shard>,
+        poller: Rc<Poller>,
+        fd: OwnedFd,
+        tls: Option<Box<rustls::ServerConnection>>,
+    ) -> io::Result<Self> {
+        let peer = shard.add_conn(Now::read());
+        let socket = match Watched::new(fd, poller, peer.id) {
+            Ok(socket) => socket,
+            Err(e) => {
+                shard.remove_conn(&peer);
+                return Err(e);
+            }
+        };
+        // Read at once: the request may already be waiting.
+        peer.readiness.set(ready::READABLE);
+        peer.fd.set(socket.fd());
+        let conn = Conn {
+            shard,
+            peer,
+            socket,
+            tls,
+            decoder: Decoder::default(),
+            mode: Mode::Http(Vec::new()),
+            bad_messages: 0,
+            limited_messages: 0,
+            rates: None,
+            holds_slot: false,
+            close_queued: false,
+            close_received: false,
+            eof: false,
+            paused: false,
+            events: 0,
+            reads_paused: false,
+            sio: None,
+        };
+        Ok(conn)
+    }
 }
 
 /// A connection's token buckets: messages and bytes per second.
@@ -530,7 +574,7 @@ impl Conn {
                     self.eof = true;
                 }
             }
-            Mode::HttpReply | Mode::HttpWait(_) => {}
+            Mode::HttpReply | Mode::HttpWait(_) | Mode::Moved => {}
             Mode::Session | Mode::SocketIo | Mode::Echo | Mode::Refused => self.on_frames(data),
         }
     }
@@ -610,6 +654,10 @@ impl Conn {
                 self.mode = Mode::HttpWait(Box::new(waiting));
             }
             Route::Upgrade(Dialect::SocketIo) => {
+                if let Some(owner) = crate::socketio::polling::held_elsewhere(&self.shard, &request)
+                {
+                    return self.move_to(owner, request, rest);
+                }
                 self.peer.set_dialect(Dialect::SocketIo);
                 self.upgrade_socketio(request);
                 if !rest.is_empty() && self.is_websocket() {
@@ -631,6 +679,35 @@ impl Conn {
                 }
             }
         }
+    }
+
+    /// Hand this connection to shard `owner`, which holds the session its request names:
+    /// the socket goes on there, and this side ends without a word to the client.
+    fn move_to(&mut self, owner: usize, request: http::Request, rest: Vec<u8>) {
+        // SAFETY: the descriptor is this connection's own, open for as long as `self.socket`.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.socket.fd()) };
+        let fd = match fd.try_clone_to_owned() {
+            Ok(fd) => fd,
+            Err(e) => {
+                conn_log!(
+                    warn,
+                    self,
+                    "could not hand the connection to shard {owner}: {e}"
+                );
+                let refused = Response::error(503, ErrorCode::Overloaded, "try again");
+                return self.respond(&refused.header("Retry-After", "1"), false, Vec::new());
+            }
+        };
+        let adoption = Adoption {
+            fd,
+            tls: self.tls.take(),
+            request,
+            rest,
+        };
+        let msg = crate::shard::MeshMsg::Adopt(Box::new(adoption));
+        self.shard.to_shard(owner, msg, Now::read());
+        self.mode = Mode::Moved;
+        self.peer.abort.set(true);
     }
 
     /// The WebSocket handshake: checks, credentials, a connection slot, then `101`.
@@ -990,8 +1067,8 @@ impl Conn {
             .find(|(k, _)| k == "sid")
             .map(|(_, v)| v.as_str());
         if let Some(sid) = sid {
-            // An upgrade of a long-polling session of this shard. (One held by another shard
-            // is refused: the client goes on polling.)
+            // An upgrade of a long-polling session of this shard (one of another shard's was
+            // handed to it: `move_to`).
             let conn = crate::socketio::polling::parse_sid(&shard, sid)
                 .filter(|(owner, _)| *owner == shard.id)
                 .map(|(_, conn)| conn);

@@ -638,6 +638,19 @@ async fn run_shard(
     })
     .detach();
     let poller = Rc::new(Poller::new(ring));
+    {
+        // Not the shard itself: it holds the adopter (a cycle would keep it for ever).
+        let (weak, poller) = (Rc::downgrade(&shard), poller.clone());
+        shard.set_adopter(Box::new(move |adoption| {
+            let Some(shard) = weak.upgrade() else {
+                return;
+            };
+            match crate::conn::adopt(shard, poller.clone(), adoption) {
+                Ok(conn) => drop(glommio::spawn_local(conn).detach()),
+                Err(e) => tracing::warn!("could not serve a handed-over connection: {e}"),
+            }
+        }));
+    }
     if let Some(mesh) = mesh {
         match mesh.join().await {
             Ok((senders, receivers)) => mesh::spawn(&shard, senders, receivers),

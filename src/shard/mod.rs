@@ -309,6 +309,9 @@ pub enum MeshMsg {
     },
     /// To the shard holding a Socket.IO long-polling session: a GET or POST for it.
     Polling(Box<crate::socketio::polling::Exchange>),
+    /// To the shard holding a Socket.IO long-polling session: the connection of a WebSocket
+    /// upgrading it, to be served there.
+    Adopt(Box<crate::conn::Adoption>),
     /// To one shard: a page of its connections, with its totals (the server API).
     Connections {
         /// Which.
@@ -408,6 +411,9 @@ pub struct Shard {
     pub write_buf: RefCell<Vec<u8>>,
     /// Socket.IO sessions on HTTP long-polling (connections without a socket).
     pub polls: crate::socketio::polling::Sessions,
+    /// Serves a connection another shard handed over (set by the server, which holds the
+    /// poller: the core does no I/O).
+    adopter: RefCell<Option<Box<dyn Fn(crate::conn::Adoption)>>>,
     bounds: Cell<Bounds>,
     /// Key, user and org message buckets (`[limits] key_messages_per_second`, org rates).
     quotas: RefCell<crate::quota::Quotas>,
@@ -502,6 +508,7 @@ impl Shard {
             shutting_down: Cell::new(false),
             write_buf: RefCell::new(Vec::with_capacity(256 * 1024)),
             polls: Default::default(),
+            adopter: RefCell::new(None),
             bounds,
             quotas: RefCell::default(),
             tls: RefCell::default(),
@@ -2302,6 +2309,12 @@ impl Shard {
                 reply,
             } => drop(reply.send(self.listing(&filter, after, limit))),
             MeshMsg::Polling(exchange) => crate::socketio::polling::exchange(self, *exchange),
+            MeshMsg::Adopt(adoption) => match &*self.adopter.borrow() {
+                Some(adopt) => adopt(*adoption),
+                None => {
+                    tracing::warn!(shard = self.id, "a connection came with no way to serve it")
+                }
+            },
             MeshMsg::Channels { prefix, reply } => {
                 drop(reply.send(self.subs.borrow().counts(&prefix)))
             }

@@ -15,6 +15,11 @@ impl Shard {
         self.tls.borrow().clone()
     }
 
+    /// Serve connections other shards hand over with `adopt` (the server's, at start).
+    pub fn set_adopter(&self, adopt: Box<dyn Fn(crate::conn::Adoption)>) {
+        *self.adopter.borrow_mut() = Some(adopt);
+    }
+
     /// Serve new TLS connections with `acceptor` (at start, and a reloaded certificate).
     pub fn set_tls(&self, acceptor: Option<crate::tls::Acceptor>) {
         *self.tls.borrow_mut() = acceptor;

@@ -56,6 +56,10 @@ pub struct Polling {
 #[derive(Default)]
 pub struct Sessions {
     by_conn: RefCell<HashMap<u64, Rc<Polling>>>,
+    /// Sessions the client closed while no GET was waiting, and until when (shard clock) the
+    /// GET it may have had in flight gets the noop it would have had: a GET sent before the
+    /// close can arrive after it, through the mesh or another connection.
+    closed: RefCell<HashMap<u64, u64>>,
 }
 
 impl Sessions {
@@ -136,12 +140,29 @@ pub fn parse_sid(shard: &Shard, sid: &str) -> Option<(usize, u64)> {
         .then_some((owner, conn.parse().ok()?))
 }
 
+/// The shard holding the session a WebSocket upgrade names (`?sid=`), when it is not this
+/// one.
+pub fn held_elsewhere(shard: &Shard, request: &crate::http::Request) -> Option<usize> {
+    let params = crate::routes::api::params(&request.query);
+    let sid = params.iter().find(|(k, _)| k == "sid")?;
+    parse_sid(shard, &sid.1)
+        .map(|(owner, _)| owner)
+        .filter(|owner| *owner != shard.id)
+}
+
 /// Serve a GET or POST for session `conn` of this shard.
 pub fn exchange(shard: &Shard, exchange: Exchange) {
     let answer = |response| {
         let _ = exchange.reply.send(response);
     };
     let Some(session) = shard.polls.get(exchange.conn).filter(|s| !s.upgraded.get()) else {
+        let mut closed = shard.polls.closed.borrow_mut();
+        let late = closed
+            .remove(&exchange.conn)
+            .is_some_and(|until| shard.now_ms() <= until);
+        if late && !exchange.post {
+            return answer(text(&b"6"[..]));
+        }
         return answer(refusal(1, "Session ID unknown"));
     };
     let peer = &session.peer;
@@ -192,6 +213,13 @@ pub fn exchange(shard: &Shard, exchange: Exchange) {
     *session.sio.borrow_mut() = Some(sio);
     if matches!(outcome, Outcome::Close | Outcome::Upgrade) {
         session.client_closed.set(true);
+        if session.get.borrow().is_none() {
+            let now = shard.now_ms();
+            let mut closed = shard.polls.closed.borrow_mut();
+            closed.retain(|_, until| *until >= now);
+            let until = now.saturating_add(shard.config().socketio.ping_timeout_ms);
+            closed.insert(peer.id, until);
+        }
         session.end(shard);
     }
     answer(Response::new(200, "text/html", &b"ok"[..]));
