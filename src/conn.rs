@@ -704,6 +704,7 @@ impl Conn {
             request,
             rest,
         };
+        conn_log!(debug, self, owner, "moving");
         let msg = crate::shard::MeshMsg::Adopt(Box::new(adoption));
         self.shard.to_shard(owner, msg, Now::read());
         self.mode = Mode::Moved;
@@ -1089,6 +1090,7 @@ impl Conn {
             shard.answer_http(&self.peer, Rc::from(http::upgrade_response(key)));
             self.enter(Phase::Open);
             self.mode = Mode::SocketIo;
+            conn_log!(debug, self, sid, "probing");
             self.sio = Some(Box::new(Session::takeover(polling)));
             self.peer.set_stall(Stall::Connect, shard.now_ms());
             return;

@@ -101,6 +101,9 @@ impl Origin {
     }
 }
 
+/// Serves a connection handed over by another shard (see [`MeshMsg::Adopt`]).
+pub type Adopter = Box<dyn Fn(crate::conn::Adoption)>;
+
 /// What shards tell each other. Sent in batches; owned data only (it crosses threads).
 #[derive(Debug)]
 pub enum MeshMsg {
@@ -413,7 +416,7 @@ pub struct Shard {
     pub polls: crate::socketio::polling::Sessions,
     /// Serves a connection another shard handed over (set by the server, which holds the
     /// poller: the core does no I/O).
-    adopter: RefCell<Option<Box<dyn Fn(crate::conn::Adoption)>>>,
+    adopter: RefCell<Option<Adopter>>,
     bounds: Cell<Bounds>,
     /// Key, user and org message buckets (`[limits] key_messages_per_second`, org rates).
     quotas: RefCell<crate::quota::Quotas>,

@@ -16,7 +16,7 @@ impl Shard {
     }
 
     /// Serve connections other shards hand over with `adopt` (the server's, at start).
-    pub fn set_adopter(&self, adopt: Box<dyn Fn(crate::conn::Adoption)>) {
+    pub fn set_adopter(&self, adopt: super::Adopter) {
         *self.adopter.borrow_mut() = Some(adopt);
     }
 

@@ -50,6 +50,9 @@ pub struct Polling {
     upgraded: Cell<bool>,
     /// The client closed the session (a pending GET gets a noop, not a close).
     client_closed: Cell<bool>,
+    /// A WebSocket probed to take the session over: GETs are answered at once (the client
+    /// pauses polling, and waits for its GET, before it completes the upgrade).
+    probed: Cell<bool>,
 }
 
 /// A shard's polling sessions, by connection id.
@@ -119,6 +122,7 @@ pub fn handshake(shard: &Rc<Shard>, credentials: Credentials) -> Response {
         get: RefCell::new(None),
         upgraded: Cell::new(false),
         client_closed: Cell::new(false),
+        probed: Cell::new(false),
     });
     shard
         .polls
@@ -178,6 +182,9 @@ pub fn exchange(shard: &Shard, exchange: Exchange) {
             return answer(refusal(3, "overlapping GET requests"));
         }
         *session.get.borrow_mut() = Some(exchange.reply);
+        if session.probed.get() && peer.out().borrow().is_empty() {
+            session.release_get();
+        }
         peer.wake();
         return;
     }
@@ -249,6 +256,14 @@ impl Polling {
         }
         self.peer.wake();
         Some((self.peer.clone(), sio))
+    }
+
+    /// Answer the waiting GET with a noop, if one waits (a WebSocket probes to take over).
+    pub fn release_get(&self) {
+        self.probed.set(true);
+        if let Some(get) = self.get.borrow_mut().take() {
+            let _ = get.send(text(&b"6"[..]));
+        }
     }
 
     /// Answer the waiting GET with what the queue holds, if anything.

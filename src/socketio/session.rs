@@ -118,6 +118,11 @@ impl Session {
     pub fn on_text(&mut self, cx: &Cx<'_>, text: &str) -> Outcome {
         match packet::engine(text) {
             Ok(Engine::Ping(data)) => {
+                if let Some(polling) = &self.takeover {
+                    // The client pauses polling before it says `5`: its waiting GET must
+                    // come back first.
+                    polling.release_get();
+                }
                 let mut pong = b"3".to_vec();
                 pong.extend_from_slice(data.as_bytes());
                 cx.send(&pong);

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod ca;
+pub mod sio;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};

@@ -1,0 +1,49 @@
+// A socket.io-client 4 driven over stdin/stdout, one JSON object per line, for
+// tests/socketio.rs. Commands in:
+//   {"op":"connect","url":URL,"opts":{…}}        io(URL, opts): reports connect / connect_error
+//   {"op":"emit","event":E,"args":[…],"ack":true} socket.emit(E, …args[, ack]): reports the ack
+//   {"op":"transport"}                             reports the engine's transport name
+//   {"op":"disconnect"}                            socket.disconnect()
+// Reports out: {"connect":{"id","recovered"}}, {"connect_error":{"message","data"}},
+// {"event":E,"args":[…]} for every event, {"ack":N,"args":[…]}, {"transport":NAME},
+// {"upgrade":NAME}, {"disconnect":REASON}.
+import { io } from "socket.io-client";
+import { createInterface } from "node:readline";
+
+const say = (o) => process.stdout.write(JSON.stringify(o) + "\n");
+const plain = (v) => (v instanceof ArrayBuffer || ArrayBuffer.isView(v))
+  ? { binary: Array.from(new Uint8Array(v.buffer ?? v, v.byteOffset ?? 0, v.byteLength)) }
+  : v;
+let socket;
+let acks = 0;
+
+createInterface({ input: process.stdin }).on("line", (line) => {
+  const cmd = JSON.parse(line);
+  switch (cmd.op) {
+    case "connect":
+      socket = io(cmd.url, { reconnection: false, ...cmd.opts });
+      socket.on("connect", () => say({ connect: { id: socket.id, recovered: socket.recovered } }));
+      socket.on("connect_error", (e) => say({ connect_error: { message: e.message, data: e.data } }));
+      socket.on("disconnect", (reason) => say({ disconnect: reason }));
+      socket.onAny((event, ...args) => say({ event, args: args.map(plain) }));
+      socket.io.on("open", () => socket.io.engine.on("upgrade", (t) => say({ upgrade: t.name })));
+      break;
+    case "emit": {
+      const args = (cmd.args ?? []).map((a) => (a && a.binary) ? Uint8Array.from(a.binary) : a);
+      if (cmd.ack) {
+        const n = ++acks;
+        socket.emit(cmd.event, ...args, (...reply) => say({ ack: n, args: reply.map(plain) }));
+      } else {
+        socket.emit(cmd.event, ...args);
+      }
+      break;
+    }
+    case "transport":
+      say({ transport: socket.io.engine.transport.name });
+      break;
+    case "disconnect":
+      socket.disconnect();
+      break;
+  }
+});
+process.stdin.on("end", () => process.exit(0));
