@@ -146,13 +146,16 @@ pub struct Channel<'a> {
     pub id: &'a str,
     /// The category.
     pub category: &'a str,
+    /// What follows the category, if anything (`org:acme:rooms:investigation:123`: a room
+    /// of Socket.IO clients): its own channel, with the category's rights.
+    pub sub: Option<&'a str>,
 }
 
 /// Why a channel name was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ChannelError {
-    /// Not `type:id:category` with a known type and sane characters.
-    #[error("channel must look like type:id:category with type org, user or key")]
+    /// Not `type:id:category[:name]` with a known type and sane characters.
+    #[error("channel must look like type:id:category[:name] with type org, user or key")]
     Malformed,
     /// Category not in the configured list.
     #[error("unknown channel category {0:?}")]
@@ -168,11 +171,12 @@ impl<'a> Channel<'a> {
         if name.len() > MAX_CHANNEL_LEN {
             return Err(ChannelError::Malformed);
         }
-        let mut parts = name.splitn(3, ':');
+        let mut parts = name.splitn(4, ':');
         let (Some(kind), Some(id), Some(category)) = (parts.next(), parts.next(), parts.next())
         else {
             return Err(ChannelError::Malformed);
         };
+        let sub = parts.next();
         let kind = match kind {
             "org" => ChannelKind::Org,
             "user" => ChannelKind::User,
@@ -184,13 +188,20 @@ impl<'a> Channel<'a> {
                 && s.bytes()
                     .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@'))
         };
-        if !valid(id) || !valid(category) {
+        // A name may hold colons of its own (`investigation:123`), but no empty part.
+        let valid_sub = |s: &str| s.split(':').all(valid);
+        if !valid(id) || !valid(category) || !sub.is_none_or(valid_sub) {
             return Err(ChannelError::Malformed);
         }
         if !categories.iter().any(|c| c == category) {
             return Err(ChannelError::UnknownCategory(category.to_string()));
         }
-        Ok(Channel { kind, id, category })
+        Ok(Channel {
+            kind,
+            id,
+            category,
+            sub,
+        })
     }
 
     /// The org this channel belongs to, when the name says so.
@@ -200,10 +211,11 @@ impl<'a> Channel<'a> {
 
     /// `type:id`: every channel of one owner shares a shard (and so an ingest dedup table).
     pub fn owner_key(name: &str) -> &str {
-        match name.rfind(':') {
-            Some(i) => &name[..i],
-            None => name,
-        }
+        let second = name
+            .match_indices(':')
+            .nth(1)
+            .map_or(name.len(), |(i, _)| i);
+        &name[..second]
     }
 }
 
@@ -215,12 +227,16 @@ impl Principal {
         }
         // Only a token with a channel list pays for composing the name.
         if let Some(grant) = self.grant.as_ref().filter(|g| g.channels.is_some()) {
-            let name = format!(
+            let mut name = format!(
                 "{}:{}:{}",
                 kind_name(channel.kind),
                 channel.id,
                 channel.category
             );
+            if let Some(sub) = channel.sub {
+                name.push(':');
+                name.push_str(sub);
+            }
             if !grant.allows(&name) {
                 return false;
             }
@@ -707,6 +723,26 @@ mod tests {
             Err(ChannelError::UnknownCategory(_))
         ));
         assert_eq!(Channel::owner_key("org:acme:decisions"), "org:acme");
+        let room = Channel::parse("org:acme:usage:investigation:123", &categories()).unwrap();
+        assert_eq!(
+            (room.category, room.sub),
+            ("usage", Some("investigation:123"))
+        );
+        assert_eq!(
+            Channel::owner_key("org:acme:usage:investigation:123"),
+            "org:acme"
+        );
+        for bad in [
+            "org:acme:usage:",
+            "org:acme:usage:a::b",
+            "org:acme:usage:a b",
+        ] {
+            assert_eq!(
+                Channel::parse(bad, &categories()),
+                Err(ChannelError::Malformed),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

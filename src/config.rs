@@ -678,6 +678,9 @@ pub struct SocketIo {
     pub namespaces: Vec<String>,
     /// Most binary attachments in one packet.
     pub max_attachments: usize,
+    /// Where rooms that are not channel names go: room `R` of a client of org `O` is channel
+    /// `org:O:{room_category}:R` (a category of `[channels]`).
+    pub room_category: String,
 }
 
 impl Default for SocketIo {
@@ -691,6 +694,7 @@ impl Default for SocketIo {
             connect_timeout_ms: 45_000,
             namespaces: Vec::new(),
             max_attachments: 10,
+            room_category: "rooms".into(),
         }
     }
 }
@@ -873,7 +877,7 @@ impl Default for Auth {
 impl Default for Channels {
     fn default() -> Self {
         Self {
-            categories: ["decisions", "notifications", "usage"]
+            categories: ["decisions", "notifications", "usage", "rooms"]
                 .map(String::from)
                 .to_vec(),
             max_name_bytes: 200,

@@ -127,3 +127,185 @@ fn query_credentials_authenticate() {
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("acme-key"), "{body}");
 }
+
+/// The intelligence-graph service's event set: rooms joined, left, sent to, queried, with
+/// presence, acks and `room:message`; a shardcast-dialect client sees the same channel.
+#[test]
+fn intelligence_graph_rooms_end_to_end() {
+    if !sio::available("intelligence_graph_rooms_end_to_end") {
+        return;
+    }
+    let server = server();
+    let opts = json!({ "transports": ["websocket"], "auth": { "key": ACME } });
+    let mut a = SioClient::connect(&server, opts.clone());
+    a.connected();
+    let mut b = SioClient::connect(&server, opts);
+    b.connected();
+    let room = json!({ "room": "investigation:123", "metadata": { "role": "lead" } });
+    a.emit("room:join", json!([room]), true);
+    assert_eq!(
+        a.event("room:joined")[0],
+        json!({ "room": "investigation:123" })
+    );
+    let ack = a.wait("join ack", |r| r.get("ack").is_some());
+    assert_eq!(ack["args"][0]["success"], true, "{ack}");
+
+    let mut plain = server.client(&format!("/ws?key={ACME}"));
+    plain.subscribe(&["org:acme:rooms:investigation:123"]);
+
+    b.emit("room:join", json!([{ "room": "investigation:123" }]), true);
+    b.wait("join ack", |r| r.get("ack").is_some());
+    let joined = a.event("presence:join");
+    assert_eq!(joined[0]["room"], "investigation:123", "{joined:?}");
+
+    let comment = json!({ "type": "comment", "text": "Hello, world!" });
+    let send = json!({ "room": "investigation:123", "payload": comment, "persistent": true });
+    a.emit("room:send", json!([send]), true);
+    let ack = a.wait("send ack", |r| r.get("ack").is_some());
+    assert_eq!(ack["args"][0]["success"], true, "{ack}");
+    let message = b.event("room:message");
+    assert_eq!(message[0]["room"], "investigation:123", "{message:?}");
+    assert_eq!(message[0]["from"], "acme-key");
+    assert_eq!(message[0]["payload"], comment);
+    assert_eq!(message[0]["id"], "1");
+    assert!(message[0]["timestamp"].is_u64());
+    let seen = plain.recv_type("MESSAGE");
+    assert_eq!(seen["data"]["payload"], comment, "{seen}");
+
+    plain.send(json!({"type":"PUBLISH","channel":"org:acme:rooms:investigation:123","data":{"x":1},"id":"p"}));
+    plain.recv_type("ACK");
+    let message = b.event("room:message");
+    assert_eq!(message[0]["payload"], json!({ "x": 1 }), "{message:?}");
+    assert_eq!(message[0]["from"], "");
+
+    a.emit("query:rooms", json!([]), true);
+    let rooms = a.wait("rooms ack", |r| r.get("ack").is_some());
+    assert_eq!(
+        rooms["args"][0]["rooms"],
+        json!(["investigation:123"]),
+        "{rooms}"
+    );
+    a.emit(
+        "query:presence",
+        json!([{ "room": "investigation:123" }]),
+        true,
+    );
+    let presence = a.wait("presence ack", |r| r.get("ack").is_some());
+    assert_eq!(
+        presence["args"][0]["presence"].as_array().map(Vec::len),
+        Some(2),
+        "{presence}"
+    );
+
+    b.emit("room:leave", json!([{ "room": "investigation:123" }]), true);
+    assert_eq!(
+        b.event("room:left")[0],
+        json!({ "room": "investigation:123" })
+    );
+    let left = a.event("presence:leave");
+    assert_eq!(left[0]["userId"], "acme-key", "{left:?}");
+}
+
+/// The document service's rooms (`analysis:123`) are channels of the client's org; a
+/// message naming an event arrives as that event.
+#[test]
+fn document_service_rooms_and_events() {
+    if !sio::available("document_service_rooms_and_events") {
+        return;
+    }
+    let server = server();
+    let opts = json!({ "transports": ["websocket"], "auth": { "key": ACME } });
+    let mut sio = SioClient::connect(&server, opts);
+    sio.connected();
+    sio.emit(
+        "subscribe",
+        json!([{ "channels": ["analysis:123", "document:456"] }]),
+        true,
+    );
+    let ack = sio.wait("subscribe ack", |r| r.get("ack").is_some());
+    assert_eq!(
+        ack["args"][0]["channels"],
+        json!(["analysis:123", "document:456"]),
+        "{ack}"
+    );
+
+    let mut publisher = server.client(&format!("/ws?key={ACME}"));
+    let done = json!({"event":"analysis_complete","payload":{"analysisId":"123"}});
+    publisher.send(
+        json!({"type":"PUBLISH","channel":"org:acme:rooms:analysis:123","data":done,"id":"p"}),
+    );
+    publisher.recv_type("ACK");
+    assert_eq!(sio.event("analysis_complete")[0], done);
+    publisher.send(
+        json!({"type":"PUBLISH","channel":"org:acme:rooms:document:456","data":[2],"id":"q"}),
+    );
+    publisher.recv_type("ACK");
+    let message = sio.event("message");
+    assert_eq!(message[0]["channel"], "document:456", "{message:?}");
+}
+
+/// SIGTERM: every Socket.IO client is told `system:restart {reason, reconnectIn}` before its
+/// connection closes.
+#[test]
+fn drain_tells_system_restart() {
+    if !sio::available("drain_tells_system_restart") {
+        return;
+    }
+    let mut server = server();
+    let mut sio = SioClient::connect(&server, json!({ "auth": { "key": ACME } }));
+    sio.connected();
+    sio.wait("upgrade", |r| r["upgrade"] == "websocket");
+    server.terminate();
+    let restart = sio.event("system:restart");
+    assert!(restart[0]["reconnectIn"].is_u64(), "{restart:?}");
+    assert!(restart[0]["reason"].is_string(), "{restart:?}");
+    sio.wait("disconnect", |r| r.get("disconnect").is_some());
+    server.wait_exit();
+}
+
+/// The document service's HTTP endpoints: a send to a user arrives as the event its `type`
+/// names, a broadcast too; the user's status and queue answer as the server API's.
+#[test]
+fn document_service_http_endpoints_are_aliases() {
+    if !sio::available("document_service_http_endpoints_are_aliases") {
+        return;
+    }
+    let server = server();
+    let token = common::jwt(300, &["subscribe"]);
+    let opts = json!({ "transports": ["websocket"], "auth": { "token": token } });
+    let mut sio = SioClient::connect(&server, opts);
+    sio.connected();
+    sio.event("connected");
+
+    let note =
+        json!({"type":"notification","payload":{"title":"Analysis Complete"},"priority":"high"});
+    let (status, sent) = common::post(server.addr, "/ws/send/u1", ACME, &note);
+    assert_eq!(status, 200, "{sent}");
+    assert_eq!(sent["reached"], 1, "{sent}");
+    let got = sio.event("notification");
+    assert_eq!(got[0]["payload"]["title"], "Analysis Complete", "{got:?}");
+
+    let bulk = json!({"userIds":["u1","u2"],"message":{"type":"notification","payload":{"n":2}}});
+    let (status, sent) = common::post(server.addr, "/ws/send/bulk", ACME, &bulk);
+    assert_eq!(status, 200, "{sent}");
+    assert_eq!(sent["reached"], 1, "{sent}");
+    assert_eq!(sio.event("notification")[0]["payload"]["n"], 2);
+
+    let alert = json!({"type":"maintenance","payload":{"title":"Scheduled Maintenance"}});
+    let (status, sent) = common::post(server.addr, "/ws/broadcast", ACME, &alert);
+    assert_eq!(status, 200, "{sent}");
+    let got = sio.event("maintenance");
+    assert_eq!(
+        got[0]["payload"]["title"], "Scheduled Maintenance",
+        "{got:?}"
+    );
+
+    let key = format!("X-API-Key: {ACME}\r\n");
+    let (status, body) = common::http_get(server.addr, "/ws/status/u1", &key);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(r#""online":true"#), "{body}");
+    let (status, body) = common::http_get(server.addr, "/ws/queue/u1", &key);
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = common::http_get(server.addr, "/ws/nothing", &key);
+    assert_eq!(status, 404);
+}

@@ -27,19 +27,24 @@ pub enum Dialect {
     /// The shardcast JSON protocol.
     #[default]
     Shardcast,
-    /// Socket.IO v4 (Engine.IO protocol 4, Socket.IO protocol 5).
+    /// Socket.IO v4 (Engine.IO protocol 4, Socket.IO protocol 5): channel messages as the
+    /// document service's events.
     SocketIo,
+    /// Socket.IO v4, channel messages as the intelligence-graph service's `room:message`
+    /// (a connection that joined a room with `room:join`).
+    SocketIoRooms,
 }
 
 impl Dialect {
     /// Number of dialects (the size of an [`Encoded`] cache).
-    pub const COUNT: usize = 2;
+    pub const COUNT: usize = 3;
 
     /// `publication` of `channel`, framed for this dialect.
     pub fn publication(self, channel: &str, publication: &Publication<impl AsRef<[u8]>>) -> Frame {
         match self {
             Dialect::Shardcast => shardcast::publication(channel, publication),
             Dialect::SocketIo => socketio::publication(channel, publication),
+            Dialect::SocketIoRooms => socketio::room_message(channel, publication),
         }
     }
 
@@ -47,7 +52,7 @@ impl Dialect {
     pub fn reply(self, reply: &Reply<'_>) -> Frame {
         match self {
             Dialect::Shardcast => shardcast::reply(reply),
-            Dialect::SocketIo => socketio::reply(reply),
+            Dialect::SocketIo | Dialect::SocketIoRooms => socketio::reply(reply),
         }
     }
 }

@@ -12,10 +12,13 @@
 //!   `/api/users/{id}`, `/api/channels`).
 //! - [`tokens`]: `/api/tokens` and `/api/tokens/revoke`.
 //! - [`socketio`]: `/socket.io/`, Engine.IO's handshake and long-polling.
+//! - [`aliases`]: the document-analysis service's `/ws/send/…`, `/ws/broadcast`,
+//!   `/ws/status/…`, `/ws/queue/…`, over the server API.
 //!
 //! docs/API.md describes them; docs/openapi.yaml is their contract.
 //! - [`cors`]: which origins may use the server, and the headers that let them.
 
+pub mod aliases;
 pub mod api;
 pub mod connections;
 pub mod cors;
@@ -65,6 +68,13 @@ pub fn route(shard: &Rc<Shard>, request: &Request) -> Route {
         ("GET", "/echo") if shard.config().diagnostics.echo => return Route::Echo,
         ("OPTIONS", _) if request.preflight => Route::Respond(cors::preflight(origins, verdict)),
         _ if socketio::serves(shard, path) => socketio::route(shard, request),
+        _ if path.starts_with("/ws/") => aliases::route(shard, request).unwrap_or_else(|| {
+            Route::Respond(Response::error(
+                404,
+                ErrorCode::NotFound,
+                "no such endpoint",
+            ))
+        }),
         ("GET", "/health") => Route::Respond(health::health(shard)),
         ("GET", "/health/live") => Route::Respond(health::live()),
         ("GET", "/health/ready") => Route::Respond(health::ready(shard)),

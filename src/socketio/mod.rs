@@ -1,7 +1,9 @@
 //! Socket.IO at the edge: Engine.IO sessions over WebSocket (`conn.rs`) and HTTP
-//! long-polling ([`polling`]), and what their packets do ([`session`]). The wire format
-//! itself is `dialect::socketio`.
+//! long-polling ([`polling`]), what their packets do ([`session`]), and the seed services'
+//! client events as requests to the core ([`events`]). The wire format itself is
+//! `dialect::socketio`.
 
+pub mod events;
 pub mod polling;
 pub mod session;
 

@@ -11,11 +11,11 @@ use smallvec::SmallVec;
 use crate::auth::Credentials;
 use crate::clock::Now;
 use crate::codec::{self, opcode};
+use crate::dialect::socketio as dialect;
 use crate::dialect::socketio::packet::{self, Engine, Kind, Packet};
-use crate::dialect::socketio::{self as dialect, Asked};
 use crate::dialect::{Refusal, Request};
 use crate::json;
-use crate::shard::{Handled, Peer, Shard, Stall};
+use crate::shard::{Peer, Shard, Stall};
 
 /// What the transport does after a packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -363,63 +363,8 @@ impl Session {
             return Outcome::Close;
         };
         let arg = items.get(1).map(|r| &raw[r.clone()]);
-        let asked = match name.as_str() {
-            "subscribe" => Asked::Subscribe,
-            "unsubscribe" => Asked::Unsubscribe,
-            "ping" => {
-                let ping = Request::Ping { timestamp: None };
-                let _ = cx.shard.request(cx.peer, &principal, ping, Now::read());
-                return Outcome::Handled;
-            }
-            // Unknown events are ignored, as a Socket.IO server without a listener does.
-            _ => return Outcome::Handled,
-        };
-        let id = dialect::request_id(asked, packet.ack);
-        let Some(channels) = channels(arg) else {
-            let message = "expected {\"channels\": [names]}";
-            let refusal = Refusal::bad_request(message).with_id(Some(&id));
-            cx.shard
-                .answer(cx.peer, &crate::dialect::Reply::refusal(&refusal));
-            return Outcome::Refused;
-        };
-        let id = Some(&id[..]);
-        let request = match asked {
-            Asked::Subscribe => Request::Sub {
-                channels,
-                id,
-                since: Vec::new(),
-                epoch: None,
-                epochs: Vec::new(),
-                presence: false,
-            },
-            _ => Request::Unsub { channels, id },
-        };
-        match cx.shard.request(cx.peer, &principal, request, Now::read()) {
-            Handled::Done => Outcome::Handled,
-            Handled::Refused => Outcome::Refused,
-        }
+        super::events::handle(cx, &principal, &name, arg, packet.ack)
     }
-}
-
-/// `{"channels": [names]}` (or a bare array, or one name).
-fn channels(arg: Option<&[u8]>) -> Option<Vec<String>> {
-    let arg = arg?;
-    let list = match arg.first() {
-        Some(b'{') => {
-            let members = json::object_members(arg)?;
-            json::member(arg, &members, "channels")?
-        }
-        _ => arg,
-    };
-    if list.first() == Some(&b'"') {
-        return Some(vec![json::string(list)?]);
-    }
-    let items = json::array_items(list)?;
-    items
-        .into_iter()
-        .map(|r| json::string(&list[r]))
-        .collect::<Option<Vec<_>>>()
-        .filter(|c| !c.is_empty())
 }
 
 /// The event name of an EVENT packet: its array's first item, a string.

@@ -9,10 +9,16 @@
 //! echoes it, and [`reply`] turns the answer into that event's answer (`room:joined`, an ack
 //! `{success, …}`, …).
 //!
-//! Publications are one frame for every Socket.IO subscriber: a message whose data is an
-//! object with an `"event"` string member is emitted as that event with the data as its
-//! argument (the document service's `analysis_progress`, `notification`, …); any other as
-//! `message` with `{channel, seq, data}`.
+//! Publications are one frame for every Socket.IO subscriber of a flavour. The document
+//! service's ([`publication`]): a message whose data is an object with an `"event"` string
+//! member is emitted as that event with the data as its argument (`analysis_progress`,
+//! `notification`, …); any other as `message` with `{channel, seq, data}`. The
+//! intelligence-graph service's ([`room_message`]): `room:message {id, room, from, payload,
+//! timestamp}`.
+//!
+//! Channels are shown as the rooms their clients named: what follows the category of a
+//! four-part name (`org:acme:rooms:investigation:123` is `investigation:123`, see
+//! `socketio::events`), the whole name otherwise.
 
 pub mod packet;
 
@@ -125,6 +131,54 @@ fn one(packet: Vec<u8>) -> Frame {
     codec::frame(codec::opcode::TEXT, &packet)
 }
 
+/// The room `channel` is to a Socket.IO client (see the module's documentation).
+pub fn room(channel: &str) -> &str {
+    channel
+        .match_indices(':')
+        .nth(2)
+        .map_or(channel, |(i, _)| &channel[i + 1..])
+}
+
+/// `publication` of `channel` as `room:message` (see the module's documentation). A message
+/// sent with `room:send` carries `{from, timestamp, payload}`; any other is all payload.
+pub fn room_message(channel: &str, publication: &Publication<impl AsRef<[u8]>>) -> Frame {
+    const NO_ONE: &[u8] = b"\"\"";
+    let data = publication.data.as_ref();
+    let sent = (data.first() == Some(&b'{'))
+        .then(|| json::object_members(data))
+        .flatten()
+        .and_then(|members| {
+            let payload = json::member(data, &members, "payload")?;
+            let from = json::member(data, &members, "from").filter(|f| f.first() == Some(&b'"'));
+            let at = json::member(data, &members, "timestamp")
+                .filter(|t| t.first().is_some_and(u8::is_ascii_digit));
+            Some((payload, from, at))
+        });
+    let (payload, from, at) = sent.unwrap_or((data, None, None));
+    let mut f = FrameBuilder::new(codec::opcode::TEXT, 128 + 2 * channel.len() + data.len());
+    let out = f.payload_mut();
+    packet::push_head(out, Kind::Event, 0, "/", None);
+    out.extend_from_slice(br#"["room:message",{"id":""#);
+    json::push_u64(out, publication.seq);
+    out.extend_from_slice(br#"","room":"#);
+    json::push_str(out, room(channel));
+    out.extend_from_slice(br#","channel":"#);
+    json::push_str(out, channel);
+    out.extend_from_slice(br#","seq":"#);
+    json::push_u64(out, publication.seq);
+    out.extend_from_slice(br#","from":"#);
+    out.extend_from_slice(from.unwrap_or(NO_ONE));
+    out.extend_from_slice(br#","payload":"#);
+    out.extend_from_slice(payload);
+    out.extend_from_slice(br#","timestamp":"#);
+    match at {
+        Some(at) => out.extend_from_slice(at),
+        None => json::push_u64(out, crate::decision::unix_ms()),
+    }
+    out.extend_from_slice(b"}]");
+    f.finish()
+}
+
 /// `publication` of `channel` as an event (see the module's documentation).
 pub fn publication(channel: &str, publication: &Publication<impl AsRef<[u8]>>) -> Frame {
     let data = publication.data.as_ref();
@@ -140,7 +194,7 @@ pub fn publication(channel: &str, publication: &Publication<impl AsRef<[u8]>>) -
         }
         None => {
             out.extend_from_slice(br#""message",{"channel":"#);
-            json::push_str(out, channel);
+            json::push_str(out, room(channel));
             out.extend_from_slice(br#","seq":"#);
             json::push_u64(out, publication.seq);
             if publication.kind == PublicationKind::Decision {
@@ -221,7 +275,7 @@ pub fn reply(reply: &Reply<'_>) -> Frame {
             if let Some(id) = ack_id {
                 packets.push(ack(id, |out| {
                     out.extend_from_slice(br#"{"success":true,"channels":"#);
-                    super::shardcast::push_channels(out, channels);
+                    push_rooms(out, channels);
                     out.push(b'}');
                 }));
             }
@@ -243,7 +297,7 @@ pub fn reply(reply: &Reply<'_>) -> Frame {
         Reply::Channels { channels, id } => match parse_id(id) {
             Some((_, Some(id))) => one(ack(id, |out| {
                 out.extend_from_slice(br#"{"rooms":"#);
-                super::shardcast::push_channels(out, channels);
+                push_rooms(out, channels);
                 out.push(b'}');
             })),
             _ => frames(&[]),
@@ -257,7 +311,7 @@ pub fn reply(reply: &Reply<'_>) -> Frame {
         } => match parse_id(id) {
             Some((_, Some(id))) => one(ack(id, |out| {
                 out.extend_from_slice(br#"{"room":"#);
-                json::push_str(out, channel);
+                json::push_str(out, room(channel));
                 out.extend_from_slice(br#","total":"#);
                 json::push_u64(out, total as u64);
                 out.extend_from_slice(br#","presence":["#);
@@ -283,11 +337,17 @@ pub fn reply(reply: &Reply<'_>) -> Frame {
             };
             one(event(name, |out| {
                 out.extend_from_slice(br#"{"room":"#);
-                json::push_str(out, channel);
+                json::push_str(out, room(channel));
                 out.extend_from_slice(br#","userId":"#);
                 json::push_str(out, &member.user);
                 out.extend_from_slice(br#","user":"#);
                 push_member(out, member);
+                if change == Change::Status {
+                    // The intelligence-graph service's `presence:update` carried a list.
+                    out.extend_from_slice(br#","presence":["#);
+                    push_member(out, member);
+                    out.push(b']');
+                }
                 out.push(b'}');
             }))
         }
@@ -358,11 +418,16 @@ pub fn reply(reply: &Reply<'_>) -> Frame {
             json::push_u64(out, reconnect_in_ms);
             out.push(b'}');
         })),
-        Reply::Broadcast { data } => one(event("system_alert", |out| out.extend_from_slice(data))),
+        // A broadcast naming an event is that event; any other a `system_alert`.
+        Reply::Broadcast { data } => {
+            let name = named_event(data);
+            let name = name.as_deref().unwrap_or("system_alert");
+            one(event(name, |out| out.extend_from_slice(data)))
+        }
         Reply::Channel { channel, notice } => one(event("system:error", |out| match notice {
             Notice::Lost { from, to } => {
                 out.extend_from_slice(br#"{"code":"messages_lost","room":"#);
-                json::push_str(out, channel);
+                json::push_str(out, room(channel));
                 out.extend_from_slice(br#","from":"#);
                 json::push_u64(out, *from);
                 out.extend_from_slice(br#","to":"#);
@@ -371,7 +436,7 @@ pub fn reply(reply: &Reply<'_>) -> Frame {
             }
             Notice::Reset { epoch } => {
                 out.extend_from_slice(br#"{"code":"channel_reset","room":"#);
-                json::push_str(out, channel);
+                json::push_str(out, room(channel));
                 out.extend_from_slice(br#","epoch":"#);
                 json::push_str(out, epoch);
                 out.push(b'}');
@@ -380,11 +445,23 @@ pub fn reply(reply: &Reply<'_>) -> Frame {
     }
 }
 
-/// `{"room":CHANNEL}`.
+/// `{"room":ROOM}`.
 fn push_room(out: &mut Vec<u8>, channel: &str) {
     out.extend_from_slice(br#"{"room":"#);
-    json::push_str(out, channel);
+    json::push_str(out, room(channel));
     out.push(b'}');
+}
+
+/// `[ROOM,…]`.
+fn push_rooms(out: &mut Vec<u8>, channels: &[impl AsRef<str>]) {
+    out.push(b'[');
+    for (i, channel) in channels.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        json::push_str(out, room(channel.as_ref()));
+    }
+    out.push(b']');
 }
 
 #[cfg(test)]
