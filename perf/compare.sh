@@ -7,7 +7,8 @@
 #   perf/compare.sh fanout -n 1000 -d 5            # as fast as a 64-message window allows
 #   perf/compare.sh fanout -n 1000 -r 100 -d 10    # 100 messages/s
 #   perf/compare.sh connect -n 10000
-# SERVERS="shardcast tokio" limits the servers (default: shardcast tokio node-ws socketio).
+# SERVERS="shardcast tokio" limits the servers (default: shardcast tokio node-ws socketio);
+# shardcast-socketio is shardcast with Socket.IO clients (its /socket.io/ dialect).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scenario=${1:?usage: perf/compare.sh SCENARIO [args...]}
@@ -16,7 +17,7 @@ servers=${SERVERS:-"shardcast tokio node-ws socketio"}
 out=perf/results
 mkdir -p "$out"
 cargo build --release --quiet --workspace
-if [ "$servers" != "shardcast" ]; then perf/reference/setup.sh >/dev/null; fi
+case " $servers " in *" tokio "*|*" node-ws "*|*" socketio "*) perf/reference/setup.sh >/dev/null ;; esac
 
 wait_port() {
   for _ in $(seq 1 100); do
@@ -31,6 +32,8 @@ files=()
 for server in $servers; do
   case $server in
     shardcast) port=8080; proto=shardcast
+      cmd=(./target/release/shardcast --config perf/bench.toml --listen "127.0.0.1:$port") ;;
+    shardcast-socketio) port=8080; proto=shardcast-socketio
       cmd=(./target/release/shardcast --config perf/bench.toml --listen "127.0.0.1:$port") ;;
     tokio) port=8081; proto=broadcast
       cmd=(perf/reference/tokio-broadcast/target/release/tokio-broadcast "$port" 4096) ;;

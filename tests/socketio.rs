@@ -309,3 +309,55 @@ fn document_service_http_endpoints_are_aliases() {
     let (status, _) = common::http_get(server.addr, "/ws/nothing", &key);
     assert_eq!(status, 404);
 }
+
+/// Two nodes on one Redis: a Socket.IO client on one hears what is published on the other,
+/// and a room message it sends reaches a Socket.IO client on the other.
+#[test]
+fn across_two_nodes_with_redis() {
+    if !sio::available("across_two_nodes_with_redis") {
+        return;
+    }
+    let Some(url) = common::redis_url("across_two_nodes_with_redis") else {
+        return;
+    };
+    let prefix = format!(
+        "sctest.socketio.{}.{}",
+        std::process::id(),
+        common::unix_now()
+    );
+    let node = || {
+        Server::start_with(
+            2,
+            &format!(
+                "[cluster]\nredis_url = \"{url}\"\nprefix = \"{prefix}\"\n\n[storage]\nurl = \"memory\"\n"
+            ),
+        )
+    };
+    let (a, b) = (node(), node());
+    let opts = json!({ "auth": { "key": ACME } });
+    let mut on_a = SioClient::connect(&a, opts.clone());
+    on_a.connected();
+    let mut on_b = SioClient::connect(&b, opts);
+    on_b.connected();
+    for sio in [&mut on_a, &mut on_b] {
+        sio.emit("room:join", json!([{ "room": "ops" }]), true);
+        let ack = sio.wait("join ack", |r| r.get("ack").is_some());
+        assert_eq!(ack["args"][0]["success"], true, "{ack}");
+    }
+    let mut publisher = b.client(&format!("/ws?key={ACME}"));
+    publisher
+        .send(json!({"type":"PUBLISH","channel":"org:acme:rooms:ops","data":{"n":1},"id":"p"}));
+    publisher.recv_type("ACK");
+    assert_eq!(on_a.event("room:message")[0]["payload"], json!({ "n": 1 }));
+
+    on_a.emit(
+        "room:send",
+        json!([{ "room": "ops", "payload": "from a" }]),
+        true,
+    );
+    let message = on_b.wait("room:message from a", |r| {
+        r["event"] == "room:message" && r["args"][0]["payload"] == "from a"
+    });
+    assert_eq!(message["args"][0]["from"], "acme-key", "{message}");
+    assert_eq!(message["args"][0]["seq"], 2, "{message}");
+}

@@ -13,6 +13,9 @@ pub enum Proto {
     Broadcast,
     /// Socket.IO 4 (Engine.IO v4 over WebSocket): `42["msg",…]` broadcast to everyone.
     Socketio,
+    /// shardcast's Socket.IO dialect: `subscribe` to channels, `room:send` with an ack,
+    /// deliveries as `message` events.
+    ShardcastSocketio,
 }
 
 /// What a server frame means to a scenario.
@@ -39,6 +42,7 @@ impl Proto {
             Proto::Shardcast => format!("/ws?key={key}"),
             Proto::Broadcast => "/".into(),
             Proto::Socketio => "/socket.io/?EIO=4&transport=websocket".into(),
+            Proto::ShardcastSocketio => format!("/socket.io/?EIO=4&transport=websocket&key={key}"),
         }
     }
 
@@ -52,7 +56,20 @@ impl Proto {
             }
             Proto::Broadcast => {}
             Proto::Socketio => {}
+            Proto::ShardcastSocketio => {
+                // Pipelined: the server reads them after its open packet, in order.
+                out(b"40");
+                if let Some(channel) = subscribe {
+                    let sub = format!(r#"421["subscribe",{{"channels":["{channel}"]}}]"#);
+                    out(sub.as_bytes());
+                }
+            }
         }
+    }
+
+    /// Whether publications go to named channels (the others broadcast to everyone).
+    pub fn has_channels(self) -> bool {
+        matches!(self, Proto::Shardcast | Proto::ShardcastSocketio)
     }
 
     /// How many `Ready` signals a connection waits for before it counts as ready.
@@ -61,12 +78,14 @@ impl Proto {
             Proto::Shardcast => 1 + u32::from(subscriber), // READY, then SUBSCRIBED
             Proto::Broadcast => 0,
             Proto::Socketio => 1,
+            // CONNECT's answer, then the subscription's ack.
+            Proto::ShardcastSocketio => 1 + u32::from(subscriber),
         }
     }
 
     /// True when a publisher receives its own messages (then they serve as its acks).
     pub fn echoes_to_sender(self) -> bool {
-        !matches!(self, Proto::Shardcast)
+        !self.has_channels()
     }
 
     /// Append the text of one publish of `data` (a JSON object) to `channel`.
@@ -88,6 +107,14 @@ impl Proto {
                 out.extend_from_slice(br#"42["msg","#);
                 out.extend_from_slice(data);
                 out.push(b']');
+            }
+            Proto::ShardcastSocketio => {
+                out.extend_from_slice(if ack { b"421" } else { b"42" });
+                out.extend_from_slice(br#"["room:send",{"room":""#);
+                out.extend_from_slice(channel.as_bytes());
+                out.extend_from_slice(br#"","payload":"#);
+                out.extend_from_slice(data);
+                out.extend_from_slice(b"}]");
             }
         }
     }
@@ -127,6 +154,18 @@ impl Proto {
                 [b'4', b'0', ..] => Incoming::Ready,
                 [b'0', ..] => Incoming::Reply(b"40"), // open packet: join the default namespace
                 [b'2'] => Incoming::Reply(b"3"),      // ping: pong
+                _ => Incoming::Other,
+            },
+            Proto::ShardcastSocketio => match text {
+                [b'4', b'2', b'[', b'"', b'm', ..] => Incoming::Delivery(&text[2..]),
+                [b'4', b'0', ..] => Incoming::Ready,
+                // room:send's ack carries its seq; subscribe's its channels.
+                [b'4', b'3', ..] if memfind(text, br#""seq":"#).is_some() => Incoming::Ack,
+                [b'4', b'3', ..] if memfind(text, br#""success":true"#).is_some() => {
+                    Incoming::Ready
+                }
+                [b'4', b'3', ..] => Incoming::Refused,
+                [b'2'] => Incoming::Reply(b"3"),
                 _ => Incoming::Other,
             },
         }
@@ -210,5 +249,29 @@ mod tests {
         let mut out = Vec::new();
         Proto::Socketio.publish(&mut out, "c", b"{}", false);
         assert_eq!(out, b"42[\"msg\",{}]");
+
+        let sio = Proto::ShardcastSocketio;
+        let delivery =
+            br#"42["message",{"channel":"c","seq":1,"data":{"payload":{"t":5,"p":0,"s":1}}}]"#;
+        match sio.classify(delivery) {
+            Incoming::Delivery(d) => assert_eq!(stamp(d).unwrap().t, 5),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            sio.classify(br#"431[{"success":true,"seq":3}]"#),
+            Incoming::Ack
+        );
+        assert_eq!(
+            sio.classify(br#"431[{"success":true,"channels":["c"]}]"#),
+            Incoming::Ready
+        );
+        assert_eq!(
+            sio.classify(br#"431[{"success":false,"code":"forbidden"}]"#),
+            Incoming::Refused
+        );
+        assert_eq!(sio.classify(br#"42["connected",{}]"#), Incoming::Other);
+        out.clear();
+        sio.publish(&mut out, "c", b"{}", true);
+        assert_eq!(out, br#"421["room:send",{"room":"c","payload":{}}]"#);
     }
 }

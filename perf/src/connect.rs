@@ -97,7 +97,7 @@ impl State {
 
 impl Handler for State {
     fn on_open(&mut self, id: usize, outs: &mut Outs) {
-        if self.rooms > 0 && self.proto == Proto::Shardcast {
+        if self.rooms > 0 && self.proto.has_channels() {
             let room = id % self.rooms;
             let sub = format!(
                 r#"{{"type":"SUB","channels":["org:room{room}:usage"],"presence":{}}}"#,
@@ -170,7 +170,7 @@ pub fn run(params: &Params) -> Result<Report, String> {
             match engine.connect(params.addr, Some(src), &paths[opened]) {
                 Ok(_) => {
                     state.started.push(Instant::now());
-                    let subscriber = params.rooms > 0 && params.proto == Proto::Shardcast;
+                    let subscriber = params.rooms > 0 && params.proto.has_channels();
                     state
                         .readies_left
                         .push(params.proto.readies_needed(subscriber));

@@ -286,7 +286,7 @@ pub fn run(params: &Params, ingest: bool, scenario: &str) -> Result<Report, Stri
     engine.trust(params.tls_ca.as_deref())?;
     let publishers = params.publishers.max(1);
     let subscribers = if ingest { 0 } else { params.subscribers };
-    let channels = if params.proto == Proto::Shardcast {
+    let channels = if params.proto.has_channels() {
         params.channels.max(1)
     } else {
         1
