@@ -209,6 +209,7 @@ impl Conn {
             events: 0,
             reads_paused: false,
             sio: None,
+            took_over: false,
         };
         Ok(conn)
     }
@@ -275,6 +276,8 @@ struct Conn {
     reads_paused: bool,
     /// Socket.IO state, for an Engine.IO session (boxed: most connections have none).
     sio: Option<Box<Session>>,
+    /// The connection's peer was just replaced (`take_over`): its waker is to be set.
+    took_over: bool,
 }
 
 enum Step {
@@ -303,9 +306,11 @@ impl Conn {
             }
         }
         for _ in 0..READ_BUDGET {
-            // Again each turn: a WebSocket that took over a long-polling session has its
-            // peer now.
-            self.peer.set_waker(cx.waker());
+            if self.took_over {
+                // A WebSocket that took over a long-polling session has its peer now.
+                self.took_over = false;
+                self.peer.set_waker(cx.waker());
+            }
             if self.peer.abort.get() {
                 return Poll::Ready(());
             }
@@ -1040,6 +1045,7 @@ impl Conn {
         self.peer.readiness.set(ready::READABLE);
         self.holds_slot = true;
         self.sio = Some(Box::new(sio));
+        self.took_over = true;
         conn_log!(debug, self, "Socket.IO session upgraded to WebSocket");
     }
 

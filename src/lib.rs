@@ -14,7 +14,10 @@
 //!   `Origin` allow-list and CORS.
 //! - [`dialect`]: what crosses the wire boundary: requests in, typed replies and
 //!   publications out, each encoded by the connection's dialect (the shardcast JSON protocol
-//!   in `dialect/shardcast.rs`: simd-json in, frames built once out).
+//!   in `dialect/shardcast.rs`: simd-json in, frames built once out; Socket.IO in
+//!   `dialect/socketio/`).
+//! - [`socketio`]: Socket.IO at the edge: Engine.IO sessions over WebSocket and
+//!   long-polling, what their packets do, the seed services' events as requests.
 //! - [`json`]: raw value spans (so `data` is relayed byte for byte), the duplicate-key and
 //!   depth checks, and string escaping.
 //! - [`decision`]: decision validation, ids, timestamps, the idempotency table.

@@ -163,6 +163,7 @@ fn intelligence_graph_rooms_end_to_end() {
     a.emit("room:send", json!([send]), true);
     let ack = a.wait("send ack", |r| r.get("ack").is_some());
     assert_eq!(ack["args"][0]["success"], true, "{ack}");
+    assert_eq!(ack["args"][0]["messageId"], "1", "{ack}");
     let message = b.event("room:message");
     assert_eq!(message[0]["room"], "investigation:123", "{message:?}");
     assert_eq!(message[0]["from"], "acme-key");
@@ -360,4 +361,25 @@ fn across_two_nodes_with_redis() {
     });
     assert_eq!(message["args"][0]["from"], "acme-key", "{message}");
     assert_eq!(message["args"][0]["seq"], 2, "{message}");
+}
+
+/// A binary payload on a channel is refused with an error and a failed ack, not published
+/// as placeholders; the connection goes on.
+#[test]
+fn binary_payloads_are_refused_clearly() {
+    if !sio::available("binary_payloads_are_refused_clearly") {
+        return;
+    }
+    let server = server();
+    let opts = json!({ "transports": ["websocket"], "auth": { "key": ACME } });
+    let mut sio = SioClient::connect(&server, opts);
+    sio.connected();
+    let send = json!({ "room": "ops", "payload": { "binary": [1, 2, 3] } });
+    sio.emit("room:send", json!([send]), true);
+    let ack = sio.wait("send ack", |r| r.get("ack").is_some());
+    assert_eq!(ack["args"][0]["success"], false, "{ack}");
+    assert_eq!(ack["args"][0]["code"], "bad_request", "{ack}");
+    sio.emit("query:rooms", json!([]), true);
+    let rooms = sio.wait("rooms ack", |r| r.get("ack").is_some());
+    assert_eq!(rooms["args"][0]["rooms"], json!([]), "{rooms}");
 }

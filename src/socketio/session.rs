@@ -355,6 +355,15 @@ impl Session {
             // Channels are served on the main namespace: one encoding for every subscriber.
             return Outcome::Handled;
         }
+        if packet.kind == Kind::BinaryEvent {
+            // Channel data is JSON: say so rather than publish placeholders.
+            let id = dialect::request_id(dialect::Asked::Send, packet.ack);
+            let message = "binary payloads are not supported on channels: send JSON";
+            let refusal = crate::dialect::Refusal::bad_request(message).with_id(Some(&id));
+            cx.shard
+                .answer(cx.peer, &crate::dialect::Reply::refusal(&refusal));
+            return Outcome::Refused;
+        }
         let raw = packet.data.as_bytes();
         let Some(items) = json::array_items(raw) else {
             return Outcome::Close;

@@ -2,6 +2,7 @@
 // tests/socketio.rs. Commands in:
 //   {"op":"connect","url":URL,"opts":{…}}        io(URL, opts): reports connect / connect_error
 //   {"op":"emit","event":E,"args":[…],"ack":true} socket.emit(E, …args[, ack]): reports the ack
+//                                                ({"binary":[bytes]} in args is binary)
 //   {"op":"transport"}                             reports the engine's transport name
 //   {"op":"disconnect"}                            socket.disconnect()
 // Reports out: {"connect":{"id","recovered"}}, {"connect_error":{"message","data"}},
@@ -14,6 +15,15 @@ const say = (o) => process.stdout.write(JSON.stringify(o) + "\n");
 const plain = (v) => (v instanceof ArrayBuffer || ArrayBuffer.isView(v))
   ? { binary: Array.from(new Uint8Array(v.buffer ?? v, v.byteOffset ?? 0, v.byteLength)) }
   : v;
+// {"binary":[bytes]} anywhere in an argument is sent as binary (an attachment).
+const revive = (v) => {
+  if (v && typeof v === "object") {
+    if (Array.isArray(v.binary)) return Uint8Array.from(v.binary);
+    if (Array.isArray(v)) return v.map(revive);
+    return Object.fromEntries(Object.entries(v).map(([k, x]) => [k, revive(x)]));
+  }
+  return v;
+};
 let socket;
 let acks = 0;
 
@@ -29,7 +39,7 @@ createInterface({ input: process.stdin }).on("line", (line) => {
       socket.io.on("open", () => socket.io.engine.on("upgrade", (t) => say({ upgrade: t.name })));
       break;
     case "emit": {
-      const args = (cmd.args ?? []).map((a) => (a && a.binary) ? Uint8Array.from(a.binary) : a);
+      const args = (cmd.args ?? []).map(revive);
       if (cmd.ack) {
         const n = ++acks;
         socket.emit(cmd.event, ...args, (...reply) => say({ ack: n, args: reply.map(plain) }));

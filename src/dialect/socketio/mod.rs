@@ -358,7 +358,10 @@ pub fn reply(reply: &Reply<'_>) -> Frame {
         })),
         Reply::PublishAck { id, seq, local } => match parse_id(Some(id)) {
             Some((_, Some(ack_id))) => one(ack(ack_id, |out| {
-                out.extend_from_slice(br#"{"success":true,"seq":"#);
+                // `messageId` is the id its `room:message` carries.
+                out.extend_from_slice(br#"{"success":true,"messageId":""#);
+                json::push_u64(out, seq);
+                out.extend_from_slice(br#"","seq":"#);
                 json::push_u64(out, seq);
                 if local {
                     out.extend_from_slice(br#","local":true"#);
