@@ -383,3 +383,63 @@ fn binary_payloads_are_refused_clearly() {
     let rooms = sio.wait("rooms ack", |r| r.get("ack").is_some());
     assert_eq!(rooms["args"][0]["rooms"], json!([]), "{rooms}");
 }
+
+/// What no Socket.IO client sends, on the raw wire (no node needed): a frame whose first
+/// character is not ASCII (it once panicked the shard: fuzz/corpus/socketio_packet), garbage
+/// packets, attachments nobody announced. Each closes its connection; the server serves on.
+#[test]
+fn hostile_engine_io_frames_close_only_their_connection() {
+    use std::io::Write;
+    let server = server();
+    let path = "/socket.io/?EIO=4&transport=websocket";
+    let open = || {
+        let mut ws = std::net::TcpStream::connect(server.addr).unwrap();
+        let head = common::upgrade_response(&mut ws, path);
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        ws
+    };
+    for hostile in [
+        &b"\xc3\xa9"[..],
+        b"4\xc3\xa9",
+        b"0{}",
+        b"45\xc3\xa9",
+        b"42\xc3\xa9",
+    ] {
+        let mut ws = open();
+        let (_, first) = common::read_frame(&mut ws);
+        assert!(
+            first.starts_with(b"0{"),
+            "{}",
+            String::from_utf8_lossy(&first)
+        );
+        ws.write_all(&common::client_frame(1, hostile)).unwrap();
+        let mut closed = false;
+        for _ in 0..4 {
+            let (opcode, _) = common::read_frame(&mut ws);
+            if opcode == 8 {
+                closed = true;
+                break;
+            }
+        }
+        assert!(closed, "{hostile:?} did not close its connection");
+    }
+    // An unknown namespace is refused, and the connection stays.
+    let mut ws = open();
+    common::read_frame(&mut ws);
+    ws.write_all(&common::client_frame(1, "40/é,{}".as_bytes()))
+        .unwrap();
+    let (_, refused) = common::read_frame(&mut ws);
+    assert_eq!(
+        refused,
+        r#"44/é,{"message":"Invalid namespace"}"#.as_bytes()
+    );
+    let mut ws = open();
+    ws.write_all(&common::client_frame(2, &[1, 2, 3])).unwrap();
+    assert_eq!(common::read_frame(&mut ws).1[0], b'0', "open packet first");
+    assert_eq!(
+        common::read_frame(&mut ws).0,
+        8,
+        "an unannounced attachment closes"
+    );
+    assert_eq!(server.health()["status"], "healthy");
+}

@@ -53,7 +53,8 @@ pub enum Invalid {
 
 /// Read an Engine.IO text packet.
 pub fn engine(text: &str) -> Result<Engine<'_>, Invalid> {
-    let Some(kind) = text.bytes().next() else {
+    // An ASCII type byte, so that the data starts on a character boundary.
+    let Some(kind) = text.bytes().next().filter(u8::is_ascii) else {
         return Err(Invalid::EngineType);
     };
     let data = &text[1..];
@@ -261,6 +262,11 @@ mod tests {
         assert_eq!(engine("0{}"), Err(Invalid::EngineType));
         assert_eq!(engine(""), Err(Invalid::EngineType));
         assert_eq!(engine("x"), Err(Invalid::EngineType));
+        assert_eq!(
+            engine("é"),
+            Err(Invalid::EngineType),
+            "a client's multi-byte first char"
+        );
     }
 
     #[test]
