@@ -216,14 +216,14 @@ impl Conn {
 }
 
 /// A connection's token buckets: messages and bytes per second.
-struct Rates {
+pub(crate) struct Rates {
     messages: TokenBucket,
     bytes: TokenBucket,
 }
 
 impl Rates {
     /// Full buckets, when `limits` sets a rate.
-    fn of(limits: &crate::config::Limits, now_ms: u64) -> Option<Box<Self>> {
+    pub(crate) fn of(limits: &crate::config::Limits, now_ms: u64) -> Option<Box<Self>> {
         let (messages, bytes) = (limits.rate(), limits.byte_rate());
         (messages.per_second > 0 || bytes.per_second > 0).then(|| {
             Box::new(Self {
@@ -235,7 +235,7 @@ impl Rates {
 
     /// Take a message of `size` bytes; when refused, how many milliseconds until it would
     /// pass (a message refused by its size gives its message token back: nothing was done).
-    fn take(
+    pub(crate) fn take(
         &mut self,
         limits: &crate::config::Limits,
         now_ms: u64,

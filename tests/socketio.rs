@@ -443,3 +443,36 @@ fn hostile_engine_io_frames_close_only_their_connection() {
     );
     assert_eq!(server.health()["status"], "healthy");
 }
+
+/// Long-polling is held to the same limits as a WebSocket: past the connection's message
+/// rate a packet is answered `rate_limited` (in the next GET) and not handled, and too many
+/// in a row end the session. Raw HTTP, as the Engine.IO protocol has it.
+#[test]
+fn long_polling_is_rate_limited_like_a_websocket() {
+    let server = Server::start_with(
+        1,
+        "[limits]\nmessages_per_second = 2\nmax_rate_limited = 5\n",
+    );
+    let url = "/socket.io/?EIO=4&transport=polling";
+    let (status, open) = common::http_get(server.addr, url, "");
+    assert_eq!(status, 200, "{open}");
+    let sid = serde_json::from_str::<serde_json::Value>(&open[1..]).unwrap()["sid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let session = format!("{url}&sid={sid}");
+    let post = |body: &str| common::http_request(server.addr, "POST", &session, "", body);
+    assert_eq!(post(&format!(r#"40{{"key":"{ACME}"}}"#)).0, 200);
+    let (_, connected) = common::http_get(server.addr, &session, "");
+    assert!(connected.starts_with("40{"), "{connected}");
+    // Two pings pass (the second with the first's token back), the third is over.
+    let pings = ["42[\"ping\"]"; 3].join("\u{1e}");
+    assert_eq!(post(&pings).0, 200);
+    let (_, answers) = common::http_get(server.addr, &session, "");
+    assert!(answers.contains("rate_limited"), "{answers}");
+    // Five more in a row over the rate end the session.
+    let flood = ["42[\"ping\"]"; 6].join("\u{1e}");
+    post(&flood);
+    let (status, gone) = common::http_get(server.addr, &session, "");
+    assert!(status == 400 || gone.ends_with('1'), "{status} {gone}");
+}

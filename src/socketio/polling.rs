@@ -21,6 +21,7 @@ use crate::clock::Now;
 use crate::codec::opcode;
 use crate::dialect::Dialect;
 use crate::http::Response;
+use crate::metrics::Counter;
 use crate::shard::{Peer, Phase, Shard, Stall};
 
 /// Most bytes of packets one GET takes (socket.io-client accepts any; the bound keeps one
@@ -53,6 +54,12 @@ pub struct Polling {
     /// A WebSocket probed to take the session over: GETs are answered at once (the client
     /// pauses polling, and waits for its GET, before it completes the upgrade).
     probed: Cell<bool>,
+    /// Its message and byte rates, when `[limits]` sets either (as a WebSocket's).
+    rates: RefCell<Option<Box<crate::conn::Rates>>>,
+    /// Refused packets in a row (`limits.max_bad_messages` end the session).
+    bad: Cell<u32>,
+    /// Rate-limited packets in a row (`limits.max_rate_limited` end the session).
+    limited: Cell<u32>,
 }
 
 /// A shard's polling sessions, by connection id.
@@ -123,6 +130,12 @@ pub fn handshake(shard: &Rc<Shard>, credentials: Credentials) -> Response {
         upgraded: Cell::new(false),
         client_closed: Cell::new(false),
         probed: Cell::new(false),
+        rates: RefCell::new(crate::conn::Rates::of(
+            &shard.config().limits,
+            shard.now_ms(),
+        )),
+        bad: Cell::new(0),
+        limited: Cell::new(0),
     });
     shard
         .polls
@@ -202,7 +215,21 @@ pub fn exchange(shard: &Shard, exchange: Exchange) {
     };
     let cx = Cx { shard, peer };
     let mut outcome = Outcome::Handled;
+    // The client's own close (`1`), rather than one for its conduct.
+    let mut said_close = false;
     for record in exchange.body.split(|b| *b == 0x1e) {
+        said_close = record == b"1";
+        if !session.admit(shard, record.len()) {
+            outcome = if session.limited.get() >= shard.config().limits.max_rate_limited {
+                Outcome::Close
+            } else {
+                Outcome::Handled
+            };
+            if outcome == Outcome::Close {
+                break;
+            }
+            continue;
+        }
         outcome = match record.split_first() {
             Some((b'b', b64)) => match base64::engine::general_purpose::STANDARD.decode(b64) {
                 Ok(bytes) => sio.on_binary(&cx, &bytes),
@@ -213,14 +240,24 @@ pub fn exchange(shard: &Shard, exchange: Exchange) {
                 Err(_) => Outcome::Close,
             },
         };
+        match outcome {
+            Outcome::Refused => {
+                session.bad.set(session.bad.get() + 1);
+                if session.bad.get() >= shard.config().limits.max_bad_messages {
+                    outcome = Outcome::Close;
+                }
+            }
+            Outcome::Handled => session.bad.set(0),
+            Outcome::Close | Outcome::Upgrade => {}
+        }
         if matches!(outcome, Outcome::Close | Outcome::Upgrade) {
             break;
         }
     }
     *session.sio.borrow_mut() = Some(sio);
     if matches!(outcome, Outcome::Close | Outcome::Upgrade) {
-        session.client_closed.set(true);
-        if session.get.borrow().is_none() {
+        session.client_closed.set(said_close);
+        if said_close && session.get.borrow().is_none() {
             let now = shard.now_ms();
             let mut closed = shard.polls.closed.borrow_mut();
             closed.retain(|_, until| *until >= now);
@@ -233,6 +270,40 @@ pub fn exchange(shard: &Shard, exchange: Exchange) {
 }
 
 impl Polling {
+    /// Count a packet of `size` bytes against the session's rates and its principal's
+    /// quota, as a WebSocket's messages are; over them, tell the client (`RateLimited`)
+    /// and say it is not to be handled.
+    fn admit(&self, shard: &Shard, size: usize) -> bool {
+        let limits = &shard.config().limits;
+        let now = shard.now_ms();
+        let mut rates = self.rates.borrow_mut();
+        if rates.is_none() && (limits.messages_per_second | limits.bytes_per_second) > 0 {
+            *rates = crate::conn::Rates::of(limits, now);
+        }
+        shard.counters.add(Counter::MessagesReceived, 1);
+        let mut taken = match rates.as_mut() {
+            Some(rates) => rates
+                .take(limits, now, size)
+                .inspect_err(|_| shard.counters.add(Counter::LimitConnectionRate, 1)),
+            None => Ok(()),
+        };
+        if let Some(principal) = self.peer.principal().filter(|_| taken.is_ok()) {
+            taken = shard.take_quota(&principal, 1);
+        }
+        match taken {
+            Ok(()) => {
+                self.limited.set(0);
+                true
+            }
+            Err(retry_after_ms) => {
+                self.limited.set(self.limited.get() + 1);
+                let limited = crate::dialect::Reply::RateLimited { retry_after_ms };
+                shard.answer(&self.peer, &limited);
+                false
+            }
+        }
+    }
+
     /// End the session: its task answers a waiting GET and removes it.
     fn end(&self, shard: &Shard) {
         shard.polls.by_conn.borrow_mut().remove(&self.peer.id);
