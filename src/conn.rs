@@ -646,7 +646,8 @@ impl Conn {
         }
     }
 
-    fn on_request(&mut self, request: http::Request, mut rest: Vec<u8>) {
+    fn on_request(&mut self, mut request: http::Request, mut rest: Vec<u8>) {
+        request.socket = self.peer.fd.get();
         let keep_alive = request.keep_alive;
         match routes::route(&self.shard, &request) {
             Route::Respond(response) => self.respond(&response, keep_alive, rest),

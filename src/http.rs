@@ -44,6 +44,9 @@ pub struct Request {
     pub transfer_encoding: bool,
     /// The body (filled in once `content_length` bytes have arrived).
     pub body: Vec<u8>,
+    /// The connection's socket, for its peer's address (set by the connection; 0 or -1:
+    /// none known).
+    pub socket: i32,
 }
 
 /// Why a request head could not be used.

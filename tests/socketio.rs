@@ -476,3 +476,20 @@ fn long_polling_is_rate_limited_like_a_websocket() {
     let (status, gone) = common::http_get(server.addr, &session, "");
     assert!(status == 400 || gone.ends_with('1'), "{status} {gone}");
 }
+
+/// A long-polling handshake opens a connection: it is held to the per-address connection
+/// rate like an upgrade.
+#[test]
+fn long_polling_handshakes_are_held_to_the_address_rate() {
+    let server = Server::start_with(
+        1,
+        "[limits]\nconnections_per_ip_per_second = 1\nconnection_burst_per_ip = 3\n",
+    );
+    let url = "/socket.io/?EIO=4&transport=polling";
+    for _ in 0..3 {
+        assert_eq!(common::http_get(server.addr, url, "").0, 200);
+    }
+    let (status, body) = common::http_get(server.addr, url, "");
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("rate_limited"), "{body}");
+}

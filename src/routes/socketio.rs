@@ -37,9 +37,7 @@ pub fn route(shard: &Rc<Shard>, request: &Request) -> Route {
         (Some("websocket"), _) if request.upgrade && !post => Route::Upgrade(Dialect::SocketIo),
         (Some("websocket"), _) => Route::Respond(refusal(3, "Bad request")),
         (Some("polling"), None) if post => Route::Respond(refusal(2, "Bad handshake method")),
-        (Some("polling"), None) => {
-            Route::Respond(polling::handshake(shard, request.credentials.clone()))
-        }
+        (Some("polling"), None) => Route::Respond(polling::handshake(shard, request)),
         (Some("polling"), Some(sid)) => {
             let Some((owner, conn)) = polling::parse_sid(shard, sid) else {
                 return Route::Respond(refusal(1, "Session ID unknown"));

@@ -16,7 +16,6 @@ use std::task::Poll;
 use base64::Engine as _;
 
 use super::session::{Cx, Outcome, Session};
-use crate::auth::Credentials;
 use crate::clock::Now;
 use crate::codec::opcode;
 use crate::dialect::Dialect;
@@ -103,8 +102,16 @@ fn text(body: impl Into<Vec<u8>>) -> Response {
     Response::new(200, "text/plain; charset=UTF-8", body)
 }
 
-/// Open a session: the open packet is the answer.
-pub fn handshake(shard: &Rc<Shard>, credentials: Credentials) -> Response {
+/// Open a session: the open packet is the answer. A new session is a new connection, held
+/// to the same per-address rate (`[limits] connections_per_ip_per_second`).
+pub fn handshake(shard: &Rc<Shard>, request: &crate::http::Request) -> Response {
+    if let Err(wait_ms) = shard.admit_connection(request.socket) {
+        let message = "too many new connections from this address";
+        let retry = wait_ms.div_ceil(1_000).max(1).to_string();
+        let refused = Response::error(429, crate::codes::ErrorCode::RateLimited, message);
+        return refused.header("Retry-After", &retry);
+    }
+    let credentials = request.credentials.clone();
     if shard.shutting_down.get() {
         let refused = Response::error(
             503,
