@@ -215,6 +215,36 @@ impl Conn {
     }
 }
 
+/// `429` for a new connection (an upgrade, a long-polling session) from the address of
+/// `socket` past the per-address rate, else nothing.
+pub(crate) fn refuse_address(shard: &Shard, socket: i32) -> Option<Response> {
+    let wait_ms = shard.admit_connection(socket).err()?;
+    let message = "too many new connections from this address";
+    let retry = wait_ms.div_ceil(1_000).max(1).to_string();
+    let refused = Response::error(429, ErrorCode::RateLimited, message);
+    Some(refused.header("Retry-After", &retry))
+}
+
+/// Take one of the process's `max_connections` slots for a new connection, or the `503`
+/// that refuses it (draining, or at the limit).
+pub(crate) fn take_slot(shard: &Shard) -> Result<(), Response> {
+    if shard.shutting_down.get() {
+        return Err(draining());
+    }
+    if !shard.global.try_open(shard.config().max_connections) {
+        let message = "server is at max_connections";
+        let refused = Response::error(503, ErrorCode::OverCapacity, message);
+        return Err(refused.header("Retry-After", "1"));
+    }
+    Ok(())
+}
+
+/// `503` while the server drains.
+fn draining() -> Response {
+    let refused = Response::error(503, ErrorCode::ShuttingDown, "server is restarting");
+    refused.header("Retry-After", "1")
+}
+
 /// A connection's token buckets: messages and bytes per second.
 pub(crate) struct Rates {
     messages: TokenBucket,
@@ -725,11 +755,8 @@ impl Conn {
             Err(refused) => return self.respond(&refused, false, Vec::new()),
         };
         // Before the credentials: checking a token costs more than refusing.
-        if let Err(wait_ms) = shard.admit_connection(self.peer.fd.get()) {
-            let message = "too many new connections from this address";
-            let retry = wait_ms.div_ceil(1_000).max(1).to_string();
-            let refused = Response::error(429, ErrorCode::RateLimited, message);
-            return self.respond(&refused.header("Retry-After", &retry), false, Vec::new());
+        if let Some(refused) = refuse_address(&shard, self.peer.fd.get()) {
+            return self.respond(&refused, false, Vec::new());
         }
         let principal = if echo {
             None
@@ -766,14 +793,8 @@ impl Conn {
             }
             _ => None,
         };
-        if shard.shutting_down.get() {
-            let refused = Response::error(503, ErrorCode::ShuttingDown, "server is restarting");
-            return self.respond(&refused.header("Retry-After", "1"), false, Vec::new());
-        }
-        if !shard.global.try_open(shard.config().max_connections) {
-            let message = "server is at max_connections";
-            let refused = Response::error(503, ErrorCode::OverCapacity, message);
-            return self.respond(&refused.header("Retry-After", "1"), false, Vec::new());
+        if let Err(refused) = take_slot(&shard) {
+            return self.respond(&refused, false, Vec::new());
         }
         if let Some(p) = principal.as_ref().filter(|p| !shard.admit_session(p)) {
             shard.global.close();
@@ -1059,15 +1080,11 @@ impl Conn {
             Ok(key) => key,
             Err(refused) => return self.respond(&refused, false, Vec::new()),
         };
-        if let Err(wait_ms) = shard.admit_connection(self.peer.fd.get()) {
-            let message = "too many new connections from this address";
-            let retry = wait_ms.div_ceil(1_000).max(1).to_string();
-            let refused = Response::error(429, ErrorCode::RateLimited, message);
-            return self.respond(&refused.header("Retry-After", &retry), false, Vec::new());
+        if let Some(refused) = refuse_address(&shard, self.peer.fd.get()) {
+            return self.respond(&refused, false, Vec::new());
         }
         if shard.shutting_down.get() {
-            let refused = Response::error(503, ErrorCode::ShuttingDown, "server is restarting");
-            return self.respond(&refused.header("Retry-After", "1"), false, Vec::new());
+            return self.respond(&draining(), false, Vec::new());
         }
         let params = crate::routes::api::params(&request.query);
         let sid = params
@@ -1102,10 +1119,8 @@ impl Conn {
             self.peer.set_stall(Stall::Connect, shard.now_ms());
             return;
         }
-        if !shard.global.try_open(shard.config().max_connections) {
-            let message = "server is at max_connections";
-            let refused = Response::error(503, ErrorCode::OverCapacity, message);
-            return self.respond(&refused.header("Retry-After", "1"), false, Vec::new());
+        if let Err(refused) = take_slot(&shard) {
+            return self.respond(&refused, false, Vec::new());
         }
         self.holds_slot = true;
         shard.answer_http(&self.peer, Rc::from(http::upgrade_response(key)));

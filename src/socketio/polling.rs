@@ -105,26 +105,13 @@ fn text(body: impl Into<Vec<u8>>) -> Response {
 /// Open a session: the open packet is the answer. A new session is a new connection, held
 /// to the same per-address rate (`[limits] connections_per_ip_per_second`).
 pub fn handshake(shard: &Rc<Shard>, request: &crate::http::Request) -> Response {
-    if let Err(wait_ms) = shard.admit_connection(request.socket) {
-        let message = "too many new connections from this address";
-        let retry = wait_ms.div_ceil(1_000).max(1).to_string();
-        let refused = Response::error(429, crate::codes::ErrorCode::RateLimited, message);
-        return refused.header("Retry-After", &retry);
+    if let Some(refused) = crate::conn::refuse_address(shard, request.socket) {
+        return refused;
+    }
+    if let Err(refused) = crate::conn::take_slot(shard) {
+        return refused;
     }
     let credentials = request.credentials.clone();
-    if shard.shutting_down.get() {
-        let refused = Response::error(
-            503,
-            crate::codes::ErrorCode::ShuttingDown,
-            "server is restarting",
-        );
-        return refused.header("Retry-After", "1");
-    }
-    if !shard.global.try_open(shard.config().max_connections) {
-        let message = "server is at max_connections";
-        let refused = Response::error(503, crate::codes::ErrorCode::OverCapacity, message);
-        return refused.header("Retry-After", "1");
-    }
     let peer = shard.add_conn(Now::read());
     peer.set_dialect(Dialect::SocketIo);
     peer.phase.set(Phase::Open);
