@@ -608,6 +608,13 @@ impl Shard {
                 engine.recover(channel, *seq);
             }
         }
+        // What is kept for users goes out with its numbers: what follows on their channels
+        // must come after them, not start again at 1.
+        for row in &recovered.offline {
+            if self.owner_of(&row.channel) == self.id {
+                engine.recover(&row.channel, row.seq);
+            }
+        }
         drop(engine);
         for revocation in &recovered.revocations {
             self.auth.revoke(revocation.clone());
