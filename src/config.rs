@@ -681,6 +681,11 @@ pub struct SocketIo {
     /// Where rooms that are not channel names go: room `R` of a client of org `O` is channel
     /// `org:O:{room_category}:R` (a category of `[channels]`).
     pub room_category: String,
+    /// How long a dropped connection's state waits for its client to recover it (Socket.IO's
+    /// `maxDisconnectionDuration`); 0: no recovery (no `pid` in the CONNECT answer).
+    pub recovery_ms: u64,
+    /// Most dropped connections' states kept at once (the node's; past it, no more).
+    pub max_recoverable: usize,
 }
 
 impl Default for SocketIo {
@@ -695,6 +700,8 @@ impl Default for SocketIo {
             namespaces: Vec::new(),
             max_attachments: 10,
             room_category: "rooms".into(),
+            recovery_ms: 120_000,
+            max_recoverable: 100_000,
         }
     }
 }

@@ -493,3 +493,110 @@ fn long_polling_handshakes_are_held_to_the_address_rate() {
     assert_eq!(status, 429, "{body}");
     assert!(body.contains("rate_limited"), "{body}");
 }
+
+/// Connection state recovery: a client that loses its connection and comes back with its
+/// `pid` and `offset` (any shard, any transport) gets `socket.recovered` and exactly what it
+/// missed on each of its channels, whether the messages were published while it was away or
+/// were on their way to it when the connection dropped; a client that said goodbye starts
+/// afresh.
+#[test]
+fn a_dropped_client_recovers_exactly_what_it_missed() {
+    if !sio::available("a_dropped_client_recovers_exactly_what_it_missed") {
+        return;
+    }
+    let server = server();
+    let mut sio = SioClient::connect(&server, json!({ "auth": { "key": ACME } }));
+    assert_eq!(sio.connected()["recovered"], false);
+    let (a, b) = ("org:acme:usage", "org:acme:notifications");
+    // Quiet until the client is away: where it stood is where it subscribed.
+    let quiet = "org:acme:decisions";
+    sio.emit("subscribe", json!([{ "channels": [a, b, quiet] }]), true);
+    let ack = sio.wait("subscribe ack", |r| r.get("ack").is_some());
+    assert_eq!(ack["args"][0]["success"], true, "{ack}");
+
+    let mut publisher = server.client(&format!("/ws?key={ACME}"));
+    let mut next = std::collections::HashMap::new();
+    let mut publish = |channel: &str| -> u64 {
+        let n = next.entry(channel.to_string()).or_insert(0u64);
+        *n += 1;
+        let data = json!({ "n": *n });
+        publisher.send(json!({"type":"PUBLISH","channel":channel,"data":data,"id":"p"}));
+        let ack = publisher.recv();
+        assert_eq!(ack["seq"], *n, "{ack}");
+        *n
+    };
+    // The messages of `channel` the client gets next, up to `seq`, in order, each once.
+    let expect = |sio: &mut SioClient, channel: &str, seqs: std::ops::RangeInclusive<u64>| {
+        for seq in seqs {
+            let message = sio.wait("a message", |r| {
+                r["event"] == "message" && r["args"][0]["channel"] == channel
+            });
+            let args = &message["args"];
+            assert_eq!(args[0]["seq"], seq, "{message}");
+            assert_eq!(args[0]["data"], json!({ "n": seq }), "{message}");
+            // The offset the client keeps, as its last argument.
+            assert_eq!(args[1], format!("{seq}:{channel}"), "{message}");
+        }
+    };
+    publish(a);
+    publish(b);
+    publish(a);
+    expect(&mut sio, a, 1..=2);
+    expect(&mut sio, b, 1..=1);
+
+    // Lost several times (each time on whichever shard the new connection lands, with the
+    // record on the old one's): what came meanwhile arrives after the reconnection, once.
+    for round in 0..4u64 {
+        sio.send(json!({ "op": "drop" }));
+        sio.wait("disconnect", |r| r.get("disconnect").is_some());
+        let top_a = publish(a);
+        let missed_b = publish(b);
+        let top_b = if round % 2 == 1 { publish(b) } else { missed_b };
+        if round == 0 {
+            publish(quiet);
+        }
+        sio.send(json!({ "op": "reconnect" }));
+        assert_eq!(sio.connected()["recovered"], true, "round {round}");
+        if round == 0 {
+            expect(&mut sio, quiet, 1..=1);
+        }
+        expect(&mut sio, a, top_a..=top_a);
+        expect(&mut sio, b, missed_b..=top_b);
+        // Subscribed still, live again.
+        let live = publish(a);
+        expect(&mut sio, a, live..=live);
+    }
+    assert!(
+        !sio.backlog_has(|r| r["event"] == "message"),
+        "no message twice"
+    );
+
+    // A client that had handled nothing yet (no offset) gets all that followed its
+    // subscription.
+    let mut fresh = SioClient::connect(&server, json!({ "auth": { "key": ACME } }));
+    fresh.connected();
+    fresh.emit("subscribe", json!([{ "channels": [b] }]), true);
+    fresh.wait("subscribe ack", |r| r.get("ack").is_some());
+    fresh.send(json!({ "op": "drop" }));
+    fresh.wait("disconnect", |r| r.get("disconnect").is_some());
+    let missed = publish(b);
+    fresh.send(json!({ "op": "reconnect" }));
+    assert_eq!(fresh.connected()["recovered"], true);
+    expect(&mut fresh, b, missed..=missed);
+    drop(fresh);
+    expect(&mut sio, b, missed..=missed);
+
+    // A goodbye: nothing to recover, and no channel either.
+    sio.send(json!({ "op": "disconnect" }));
+    sio.wait("disconnect", |r| r.get("disconnect").is_some());
+    sio.send(json!({ "op": "reconnect" }));
+    assert_eq!(sio.connected()["recovered"], false);
+    publish(a);
+    sio.emit("ping", json!([]), false);
+    sio.event("pong");
+    assert!(
+        !sio.backlog_has(|r| r["event"] == "message"),
+        "{:?}",
+        sio.backlog
+    );
+}

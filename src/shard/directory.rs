@@ -246,7 +246,7 @@ impl Shard {
                         continue;
                     }
                     let f = slot.get_or_insert_with(|| dialect.publication(channel, publication));
-                    self.deliver(&peer, f.clone());
+                    self.deliver_publication(&peer, channel, publication.seq, f.clone());
                 }
                 Direct::Broadcast(data) => {
                     let f = slot.get_or_insert_with(|| dialect.reply(&Reply::Broadcast { data }));

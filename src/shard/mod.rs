@@ -40,9 +40,11 @@ mod peer;
 mod presence;
 mod quotas;
 mod reconfigure;
+pub mod recovery;
 mod replays;
 pub mod sessions;
 mod subscriptions;
+mod trail;
 mod users;
 
 use channels::{Channels, Held, Hold, Waiter};
@@ -173,6 +175,35 @@ pub enum MeshMsg {
         token: u64,
         /// The channel.
         channel: Box<str>,
+    },
+    /// To the shard a Socket.IO pid names: take its record for the connection at `to`.
+    TakeRecord {
+        /// The pid.
+        pid: Box<str>,
+        /// The last message the client handled: `(channel, seq)`.
+        offset: Option<(String, u64)>,
+        /// Who asks (the record's owner must be the same).
+        owner: (Box<str>, Box<str>),
+        /// The connection that asks.
+        to: (u16, u64),
+        /// Its CONNECT's answers.
+        ids: recovery::ConnectIds,
+    },
+    /// To the shard a Socket.IO pid names: keep this dropped connection's record.
+    KeepRecord {
+        /// The pid.
+        pid: Box<str>,
+        /// The record.
+        record: Box<recovery::Record>,
+    },
+    /// From the shard that held a record: resume connection `conn` (or not).
+    Resume {
+        /// The connection.
+        conn: u64,
+        /// Where it resumes; `None`: a fresh session.
+        resume: Option<recovery::Resume>,
+        /// Its CONNECT's answers.
+        ids: recovery::ConnectIds,
     },
     /// From a channel's owner: the interest with this token is registered.
     InterestAck {
@@ -442,6 +473,8 @@ pub struct Shard {
     /// Of the users whose channels this shard owns: where they are connected, and what is
     /// kept for them while they are not.
     offline: RefCell<offline::Offline>,
+    /// What dropped Socket.IO connections left for their clients to recover.
+    records: RefCell<recovery::Records>,
     /// New connections per source address (`[limits] connections_per_ip_per_second`).
     connecting: RefCell<crate::rate::PerAddress>,
     /// Questions to other nodes, and other nodes' questions being answered.
@@ -528,6 +561,7 @@ impl Shard {
             user_sends: RefCell::default(),
             directory: RefCell::default(),
             offline: RefCell::default(),
+            records: RefCell::default(),
             connecting: RefCell::new(crate::rate::PerAddress::new(ADDRESSES_TRACKED)),
             asks: RefCell::default(),
             published: RefCell::new(decision::DedupTable::new(
@@ -687,6 +721,7 @@ impl Shard {
 
     /// Forget a connection and its subscriptions.
     pub fn remove_conn(&self, peer: &Peer) {
+        self.keep_for_recovery(peer);
         let channels = std::mem::take(&mut *peer.channels.borrow_mut());
         for channel in channels {
             self.unsubscribe_one(peer.id, &channel);
@@ -793,6 +828,15 @@ impl Shard {
         if was_empty {
             peer.wake();
         }
+    }
+
+    /// [`Shard::deliver`] of message `seq` of `channel`, which a recoverable connection's
+    /// trail records.
+    fn deliver_publication(&self, peer: &Peer, channel: &str, seq: u64, frame: Frame) {
+        if let Some(recoverable) = peer.recovery.borrow_mut().as_mut() {
+            recoverable.trail.record(channel, seq);
+        }
+        self.deliver(peer, frame);
     }
 
     /// Answer one of `peer`'s own requests, in its dialect: never dropped (a client that
@@ -1216,6 +1260,7 @@ impl Shard {
             replays: Vec::new(),
             epochs: Vec::new(),
             failed: Vec::new(),
+            probes: Vec::new(),
         };
         for name in &accepted {
             let channel: Rc<str> = Rc::from(name.as_str());
@@ -1223,6 +1268,9 @@ impl Shard {
                 peer.channels.borrow_mut().push(channel.clone());
             }
             let since = since.get(name).cloned();
+            if since.as_ref().is_some_and(|s| s.after == replays::TOP) {
+                pending.probes.push(name.clone());
+            }
             if since.is_some() {
                 // From here until its replay is sent, live messages for this subscriber wait.
                 self.subs
@@ -1347,9 +1395,11 @@ impl Shard {
             room -= keep;
             bytes -= size;
         }
+        let probe = |r: &Replay| p.probes.iter().any(|c| **c == *r.channel);
         let recovered: Vec<(&str, bool)> = p
             .replays
             .iter()
+            .filter(|r| !probe(r))
             .map(|r| (&*r.channel, r.complete))
             .collect();
         let incomplete = recovered.iter().filter(|(_, complete)| !complete).count();
@@ -1373,16 +1423,32 @@ impl Shard {
             epochs: &epochs,
             recovered: &recovered,
         };
-        self.answer(&peer, &subscribed);
+        match p.id.as_deref() {
+            Some(id) if peer.recovery.borrow().is_some() => {
+                self.resumed(&peer, id, incomplete == 0, || {
+                    self.answer(&peer, &subscribed)
+                });
+            }
+            _ => self.answer(&peer, &subscribed),
+        }
         for ((replay, frames), live) in p.replays.iter().zip(frames).zip(live) {
             // Unsubscribed meanwhile: nothing more for that channel.
             let Some(live) = live else { continue };
-            for frame in frames {
-                self.deliver(&peer, frame);
+            let channel = &*replay.channel;
+            // What did not fit was left out of the front.
+            let sent = &replay.messages[replay.messages.len() - frames.len()..];
+            if let Some(recoverable) = peer.recovery.borrow_mut().as_mut() {
+                let before = sent
+                    .first()
+                    .map_or(replay.upto, |m| m.seq.saturating_sub(1));
+                recoverable.trail.start(channel, before);
+            }
+            for (frame, m) in frames.into_iter().zip(sent) {
+                self.deliver_publication(&peer, channel, m.seq, frame);
             }
             for (seq, frame) in live {
                 if seq > replay.upto {
-                    self.deliver(&peer, frame);
+                    self.deliver_publication(&peer, channel, seq, frame);
                 }
             }
         }
@@ -1973,7 +2039,8 @@ impl Shard {
     /// (subscribers waiting for a replay keep it for later).
     fn deliver_local(&self, channel: &str, publication: &Publication, t0: Instant) {
         let bound = self.bounds.get().messages;
-        let deliver = |peer: &Rc<Peer>, frame| self.deliver(peer, frame);
+        let seq = publication.seq;
+        let deliver = |peer: &Rc<Peer>, frame| self.deliver_publication(peer, channel, seq, frame);
         let fanned = self
             .subs
             .borrow_mut()
@@ -2277,6 +2344,18 @@ impl Shard {
                 }
             }
             MeshMsg::UserOnline { user, shard, on } => self.user_online(&user, shard, on),
+            MeshMsg::TakeRecord {
+                pid,
+                offset,
+                owner,
+                to: (shard, conn),
+                ids,
+            } => {
+                let resume = self.take_record(&pid, offset, &owner);
+                self.route(usize::from(shard), MeshMsg::Resume { conn, resume, ids });
+            }
+            MeshMsg::Resume { conn, resume, ids } => self.resume(conn, resume, ids),
+            MeshMsg::KeepRecord { pid, record } => self.keep_record(pid, *record),
             MeshMsg::OfflineQueue {
                 user,
                 org,

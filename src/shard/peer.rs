@@ -69,6 +69,8 @@ pub struct Peer {
     /// Answers other shards owe this connection (a PUBLISH with an id or an INGEST on a
     /// channel owned elsewhere): they count against its reply budget before they arrive.
     pub owed: Cell<u32>,
+    /// A Socket.IO connection's recovery state (`None` for every other connection).
+    pub(super) recovery: RefCell<Option<Box<super::recovery::Recoverable>>>,
 }
 
 /// A close the shard asked a connection to make.
@@ -121,6 +123,7 @@ impl Peer {
             token_expired: Cell::new(false),
             owed: Cell::new(0),
             dialect: Cell::new(Dialect::default()),
+            recovery: RefCell::new(None),
         }
     }
 
@@ -132,6 +135,11 @@ impl Peer {
     /// Speak `dialect` from now on (chosen by the route, before anything is sent).
     pub fn set_dialect(&self, dialect: Dialect) {
         self.dialect.set(dialect);
+    }
+
+    /// Whether it is a Socket.IO connection its client may recover.
+    pub fn recoverable(&self) -> bool {
+        self.recovery.borrow().is_some()
     }
 
     /// The outbound queue (for the connection's writer).

@@ -9,6 +9,10 @@ use std::rc::Rc;
 
 use crate::dialect::{Kind, Publication};
 
+/// A `since` that asks for nothing but where the channel stands (the replay's `upto`): a
+/// recoverable connection's subscription, whose trail starts there.
+pub const TOP: u64 = u64::MAX;
+
 /// Where a reconnecting subscriber left a channel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Since {

@@ -31,6 +31,8 @@ pub(super) struct PendingSub {
     pub epochs: Vec<(Box<str>, Box<str>)>,
     /// Channels the node could not subscribe to in time (taken out of `channels`).
     pub failed: Vec<String>,
+    /// Channels whose replay only says where they stand ([`super::replays::TOP`]).
+    pub probes: Vec<String>,
 }
 
 /// A subscriber waiting for its replay: live messages for it are kept until the replay is

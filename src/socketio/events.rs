@@ -67,7 +67,7 @@ pub fn handle(
             };
             let channels = rooms.iter().map(|r| channel_of(cx, principal, r)).collect();
             let wanted = if asked == Asked::Subscribe {
-                subscribe(channels, id, false)
+                subscribe(cx, channels, id, false)
             } else {
                 Request::Unsub { channels, id }
             };
@@ -88,7 +88,7 @@ pub fn handle(
             }
             // Its room messages come as `room:message` from now on.
             cx.peer.set_dialect(crate::dialect::Dialect::SocketIoRooms);
-            request(cx, principal, subscribe(vec![channel], id, true))
+            request(cx, principal, subscribe(cx, vec![channel], id, true))
         }
         Asked::Leave => match room() {
             Some(channel) => request(
@@ -159,11 +159,23 @@ fn status(cx: &Cx<'_>, principal: &Principal, arg: Option<&[u8]>, ack: Option<u6
     request(cx, principal, Request::Status { status, meta })
 }
 
-fn subscribe(channels: Vec<String>, id: Option<&[u8]>, presence: bool) -> Request<'_> {
+fn subscribe<'a>(
+    cx: &Cx<'_>,
+    channels: Vec<String>,
+    id: Option<&'a [u8]>,
+    presence: bool,
+) -> Request<'a> {
+    // A recoverable connection learns where each channel stands: its trail starts there.
+    let since = if cx.peer.recoverable() {
+        let top = crate::shard::recovery::TOP;
+        channels.iter().map(|c| (c.clone(), top)).collect()
+    } else {
+        Vec::new()
+    };
     Request::Sub {
         channels,
         id,
-        since: Vec::new(),
+        since,
         epoch: None,
         epochs: Vec::new(),
         presence,

@@ -15,6 +15,7 @@ use crate::dialect::socketio as dialect;
 use crate::dialect::socketio::packet::{self, Engine, Kind, Packet};
 use crate::dialect::{Refusal, Request};
 use crate::json;
+use crate::shard::recovery::ConnectIds;
 use crate::shard::{Peer, Shard, Stall};
 
 /// What the transport does after a packet.
@@ -198,6 +199,8 @@ impl Session {
             Kind::Disconnect => {
                 self.joined.retain(|n| **n != *packet.namespace);
                 if packet.namespace == "/" && !self.conformance {
+                    // A goodbye: nothing to recover.
+                    cx.shard.disable_recovery(cx.peer);
                     self.leave_all(cx);
                 }
                 Outcome::Handled
@@ -231,12 +234,35 @@ impl Session {
         }
         cx.peer.set_stall(Stall::None, cx.shard.now_ms());
         let sid = cx.shard.connection_id(cx.peer.id);
-        let mut out = Vec::with_capacity(64);
-        packet::push_head(&mut out, Kind::Connect, 0, namespace, None);
-        out.extend_from_slice(br#"{"sid":"#);
-        json::push_str(&mut out, &sid);
-        out.push(b'}');
-        cx.send(&out);
+        let recovery = cx.shard.config().socketio.recovery_ms > 0;
+        if namespace == "/" && recovery && !self.conformance {
+            // Channels live on the main namespace: its session is the one recovered.
+            let pid = cx.shard.enable_recovery(cx.peer);
+            let raw = auth.as_bytes();
+            let members = json::object_members(raw).unwrap_or_default();
+            let field = |name| json::member(raw, &members, name).and_then(json::string);
+            match field("pid") {
+                Some(old) => {
+                    // Answered by the core once the channels are resumed (or not).
+                    let ids = ConnectIds {
+                        recovered: dialect::connect_id(&sid, &old, &pid).into(),
+                        fresh: dialect::connect_id(&sid, &pid, &pid).into(),
+                        pid: old.as_str().into(),
+                    };
+                    let offset = field("offset");
+                    cx.shard
+                        .recover_session(cx.peer, &old, offset.as_deref(), ids);
+                }
+                None => cx.send(&dialect::connect_answer(&sid, &pid)),
+            }
+        } else {
+            let mut out = Vec::with_capacity(64);
+            packet::push_head(&mut out, Kind::Connect, 0, namespace, None);
+            out.extend_from_slice(br#"{"sid":"#);
+            json::push_str(&mut out, &sid);
+            out.push(b'}');
+            cx.send(&out);
+        }
         if self.conformance {
             // The reference app: `socket.emit("auth", socket.handshake.auth)`.
             let mut out = Vec::with_capacity(32 + auth.len());

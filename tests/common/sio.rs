@@ -78,7 +78,7 @@ pub struct SioClient {
     stdin: ChildStdin,
     lines: mpsc::Receiver<Value>,
     /// Reports received and not yet taken.
-    backlog: std::collections::VecDeque<Value>,
+    pub backlog: std::collections::VecDeque<Value>,
 }
 
 impl SioClient {
@@ -147,6 +147,14 @@ impl SioClient {
                 ),
             }
         }
+    }
+
+    /// Whether a report already received and not taken matches `wanted`.
+    pub fn backlog_has(&mut self, wanted: impl Fn(&Value) -> bool) -> bool {
+        while let Ok(report) = self.lines.try_recv() {
+            self.backlog.push_back(report);
+        }
+        self.backlog.iter().any(wanted)
     }
 
     /// The arguments of the next `event`.

@@ -5,6 +5,8 @@
 //                                                ({"binary":[bytes]} in args is binary)
 //   {"op":"transport"}                             reports the engine's transport name
 //   {"op":"disconnect"}                            socket.disconnect()
+//   {"op":"drop"}                                  socket.io.engine.close(): a lost connection
+//   {"op":"reconnect"}                             socket.connect() again
 // Reports out: {"connect":{"id","recovered"}}, {"connect_error":{"message","data"}},
 // {"event":E,"args":[…]} for every event, {"ack":N,"args":[…]}, {"transport":NAME},
 // {"upgrade":NAME}, {"disconnect":REASON}.
@@ -53,6 +55,13 @@ createInterface({ input: process.stdin }).on("line", (line) => {
       break;
     case "disconnect":
       socket.disconnect();
+      break;
+    case "drop":
+      // The connection is lost without a goodbye (the client may recover its session).
+      socket.io.engine.close();
+      break;
+    case "reconnect":
+      socket.connect();
       break;
   }
 });

@@ -79,6 +79,27 @@ pub fn request_id(asked: Asked, ack: Option<u64>) -> Vec<u8> {
     id
 }
 
+/// The request id of a CONNECT answered by the core (a recovery's SUB): the answer is
+/// `40{"sid","pid"}` with `recovered` as the pid when every replay is complete, else `fresh`.
+pub fn connect_id(sid: &str, recovered: &str, fresh: &str) -> Vec<u8> {
+    format!("{CONNECT_TAG}{sid}\n{recovered}\n{fresh}").into_bytes()
+}
+
+/// The first byte of [`connect_id`]s (no [`Asked`] has it).
+const CONNECT_TAG: char = 'c';
+
+/// `40{"sid":SID,"pid":PID}`: the main namespace joined, recoverable as `pid`.
+pub fn connect_answer(sid: &str, pid: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(24 + sid.len() + pid.len());
+    packet::push_head(&mut out, Kind::Connect, 0, "/", None);
+    out.extend_from_slice(br#"{"sid":"#);
+    json::push_str(&mut out, sid);
+    out.extend_from_slice(br#","pid":"#);
+    json::push_str(&mut out, pid);
+    out.push(b'}');
+    out
+}
+
 /// What a request id says: the event that asked, and its ack id.
 fn parse_id(id: Option<&[u8]>) -> Option<(Asked, Option<u64>)> {
     let (&tag, digits) = id?.split_first()?;
@@ -175,8 +196,17 @@ pub fn room_message(channel: &str, publication: &Publication<impl AsRef<[u8]>>) 
         Some(at) => out.extend_from_slice(at),
         None => json::push_u64(out, crate::decision::unix_ms()),
     }
-    out.extend_from_slice(b"}]");
+    out.push(b'}');
+    push_offset(out, channel, publication.seq);
+    out.push(b']');
     f.finish()
+}
+
+/// `,"{seq}:{channel}"`: the offset a Socket.IO 4.6+ client keeps of the last message it
+/// handled and sends back to recover its session (see `shard::recovery`).
+fn push_offset(out: &mut Vec<u8>, channel: &str, seq: u64) {
+    out.push(b',');
+    json::push_str(out, &format!("{seq}:{channel}"));
 }
 
 /// `publication` of `channel` as an event (see the module's documentation).
@@ -205,6 +235,7 @@ pub fn publication(channel: &str, publication: &Publication<impl AsRef<[u8]>>) -
             out.push(b'}');
         }
     }
+    push_offset(out, channel, publication.seq);
     out.push(b']');
     f.finish()
 }
@@ -264,6 +295,21 @@ pub fn reply(reply: &Reply<'_>) -> Frame {
             json::push_str(out, connection_id);
             out.push(b'}');
         })),
+        Reply::Subscribed {
+            id: Some(id),
+            recovered,
+            ..
+        } if id.first() == Some(&(CONNECT_TAG as u8)) => {
+            let text = std::str::from_utf8(&id[1..]).unwrap_or_default();
+            let mut parts = text.split('\n');
+            let (sid, pid, fresh) = (parts.next(), parts.next(), parts.next());
+            let complete = recovered.iter().all(|(_, complete)| *complete);
+            let pid = if complete { pid } else { fresh };
+            one(connect_answer(
+                sid.unwrap_or_default(),
+                pid.unwrap_or_default(),
+            ))
+        }
         Reply::Subscribed { channels, id, .. } => {
             let (asked, ack_id) = parse_id(id).unwrap_or((Asked::Subscribe, None));
             let mut packets = Vec::new();
@@ -496,7 +542,9 @@ mod tests {
         };
         assert_eq!(
             payloads(&publication("org:a:x", &named)),
-            [r#"42["analysis_progress",{"event":"analysis_progress","payload":{"p":50}}]"#]
+            [
+                r#"42["analysis_progress",{"event":"analysis_progress","payload":{"p":50}},"3:org:a:x"]"#
+            ]
         );
         let plain = Publication {
             seq: 4,
@@ -505,7 +553,7 @@ mod tests {
         };
         assert_eq!(
             payloads(&publication("org:a:x", &plain)),
-            [r#"42["message",{"channel":"org:a:x","seq":4,"data":[1]}]"#]
+            [r#"42["message",{"channel":"org:a:x","seq":4,"data":[1]},"4:org:a:x"]"#]
         );
         let reserved = Publication {
             data: Rc::from(&br#"{"event":"disconnect"}"#[..]),
