@@ -312,7 +312,8 @@ fn document_service_http_endpoints_are_aliases() {
 }
 
 /// Two nodes on one Redis: a Socket.IO client on one hears what is published on the other,
-/// and a room message it sends reaches a Socket.IO client on the other.
+/// and a room message it sends reaches a Socket.IO client on the other; dropped, it recovers
+/// its room and what it missed on the other node.
 #[test]
 fn across_two_nodes_with_redis() {
     if !sio::available("across_two_nodes_with_redis") {
@@ -361,6 +362,30 @@ fn across_two_nodes_with_redis() {
     });
     assert_eq!(message["args"][0]["from"], "acme-key", "{message}");
     assert_eq!(message["args"][0]["seq"], 2, "{message}");
+    let own = on_a.wait("its own room:message", |r| r["event"] == "room:message");
+    assert_eq!(own["args"][0]["seq"], 2, "{own}");
+
+    on_a.send(json!({ "op": "drop" }));
+    on_a.wait("disconnect", |r| r.get("disconnect").is_some());
+    for n in [3, 4] {
+        publisher
+            .send(json!({"type":"PUBLISH","channel":"org:acme:rooms:ops","data":{"n":n},"id":"p"}));
+        assert_eq!(publisher.recv_type("ACK")["seq"], n);
+    }
+    on_a.send(json!({ "op": "reconnect", "url": format!("http://{}", b.addr) }));
+    assert_eq!(on_a.connected()["recovered"], true);
+    for n in [3, 4] {
+        let message = on_a.event("room:message");
+        assert_eq!(
+            (&message[0]["seq"], &message[0]["payload"]),
+            (&json!(n), &json!({ "n": n }))
+        );
+    }
+    // In the room still, on b now.
+    publisher
+        .send(json!({"type":"PUBLISH","channel":"org:acme:rooms:ops","data":{"n":5},"id":"p"}));
+    publisher.recv_type("ACK");
+    assert_eq!(on_a.event("room:message")[0]["seq"], 5);
 }
 
 /// A binary payload on a channel is refused with an error and a failed ack, not published

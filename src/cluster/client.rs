@@ -524,6 +524,25 @@ impl Client {
     }
 
     /// PUBLISH `payload` on the PUB/SUB channel `channel`: how many connections heard it.
+    /// Keep `value` at `key` for `ttl_ms`.
+    pub fn keep(&mut self, key: &str, value: &[u8], ttl_ms: u64) -> Result<(), ClusterError> {
+        redis::cmd("SET")
+            .arg(key)
+            .arg(value)
+            .arg("PX")
+            .arg(ttl_ms.max(1))
+            .query::<()>(&mut self.conn)
+            .map_err(unavailable)
+    }
+
+    /// The value at `key`, taken (at most one caller gets it).
+    pub fn take(&mut self, key: &str) -> Result<Option<Vec<u8>>, ClusterError> {
+        redis::cmd("GETDEL")
+            .arg(key)
+            .query::<Option<Vec<u8>>>(&mut self.conn)
+            .map_err(unavailable)
+    }
+
     pub fn publish_raw(&mut self, channel: &str, payload: &[u8]) -> Result<u64, ClusterError> {
         redis::cmd("PUBLISH")
             .arg(channel)

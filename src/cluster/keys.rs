@@ -50,6 +50,11 @@ impl Keys {
         format!("{}.session.{key}", self.prefix)
     }
 
+    /// What a dropped Socket.IO connection left for its client to recover, by pid.
+    pub fn record(&self, pid: &str) -> String {
+        format!("{}.recovery.{pid}", self.prefix)
+    }
+
     /// The PUB/SUB channel of node `node` (its boot id in hex): kill switches.
     pub fn node(&self, node: &str) -> String {
         format!("{}.node.{node}", self.prefix)

@@ -142,6 +142,16 @@ pub enum Op {
         /// For `Back`: the entries, oldest first.
         entries: Vec<Vec<u8>>,
     },
+    /// Keep a dropped Socket.IO connection's record (`Some`) for `ttl_ms`, or take it
+    /// (`None`; answered with `Completion::Record`).
+    Record {
+        /// The connection's pid.
+        pid: String,
+        /// The record, to keep.
+        value: Option<Vec<u8>>,
+        /// How long it is kept.
+        ttl_ms: u64,
+    },
     /// PUBLISH a control message (`control::Control`) to every node, or to node `node` (its
     /// boot id in hex). Answered (`Completion::Told`) only with a token other than 0.
     Control {
@@ -222,6 +232,13 @@ pub enum Completion {
         token: u64,
         /// The entries, or why not.
         result: Result<Vec<Vec<u8>>, ClusterError>,
+    },
+    /// A record taken (or none there), or why not.
+    Record {
+        /// The request's token.
+        token: u64,
+        /// The record.
+        result: Result<Option<Vec<u8>>, ClusterError>,
     },
     /// How many PUB/SUB connections heard a control message (nodes, the sender's own
     /// included when it listens on that channel), or why not.
@@ -451,6 +468,21 @@ impl Worker {
                     tracing::debug!(op = op.name(), "users not marked or read: {e}");
                 }
                 (token != 0).then_some(Completion::Kept { token, result })
+            }
+            Op::Record { pid, value, ttl_ms } => {
+                let key = Keys::new(&self.settings.prefix).record(&pid);
+                match value {
+                    Some(value) => {
+                        if let Err(e) = self.with(|c| c.keep(&key, &value, ttl_ms)) {
+                            tracing::warn!("a Socket.IO session's record was not kept: {e}");
+                        }
+                        None
+                    }
+                    None => {
+                        let result = self.with(|c| c.take(&key));
+                        Some(Completion::Record { token, result })
+                    }
+                }
             }
             Op::Control { node, payload } => {
                 let keys = Keys::new(&self.settings.prefix);

@@ -92,6 +92,13 @@ pub enum Event {
         /// The entries.
         result: Result<Vec<Vec<u8>>, String>,
     },
+    /// A Socket.IO connection's record taken ([`Engine::take_record`]), or why not.
+    Record {
+        /// The request's token.
+        token: u64,
+        /// The record, if one was there.
+        result: Result<Option<Vec<u8>>, String>,
+    },
     /// A history read answered `None`: what was found, or why nothing could be read.
     History {
         /// The read's token.
@@ -342,6 +349,17 @@ pub trait Engine {
     /// since: they were taken for a connection that was gone before they arrived.
     fn keep_again(&mut self, user: &str, entries: Vec<Vec<u8>>) {
         let _ = (user, entries);
+    }
+
+    /// Keep a dropped Socket.IO connection's record where every node finds it, for
+    /// `ttl_ms` (an engine that numbers locally keeps none: its shards do).
+    fn keep_record(&mut self, pid: &str, record: Vec<u8>, ttl_ms: u64) {
+        let _ = (pid, record, ttl_ms);
+    }
+
+    /// Take the record kept for `pid`: [`Event::Record`] with `token`.
+    fn take_record(&mut self, pid: &str, token: u64) {
+        let _ = (pid, token);
     }
 
     /// What is kept for `user` (sent by `org`, or all), dropped too with `clear`:

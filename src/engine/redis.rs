@@ -204,6 +204,31 @@ impl Redis {
     }
 
     /// `users.lua`'s `op`, on the Redis of each user's keys.
+    /// Keep or take a Socket.IO connection's record, on the Redis its pid hashes to.
+    fn record_op(&mut self, pid: &str, value: Option<Vec<u8>>, ttl_ms: u64, token: u64) {
+        let n = self.instances.len();
+        let taking = value.is_none();
+        let op = Op::Record {
+            pid: pid.to_owned(),
+            value,
+            ttl_ms,
+        };
+        let request = Request {
+            shard: self.shard,
+            token,
+            op,
+        };
+        if self.instances[redis_for(pid, n)]
+            .link
+            .send(request)
+            .is_err()
+            && taking
+        {
+            let result = Err("the Redis link has stopped".to_owned());
+            self.events.push_back(Event::Record { token, result });
+        }
+    }
+
     fn users_op(&self, op: UsersOp, users: Vec<String>, org: &str, token: u64) {
         let n = self.instances.len();
         let mut by_redis: Vec<Vec<String>> = vec![Vec::new(); n];
@@ -383,6 +408,10 @@ impl Redis {
             Completion::Kept { token, result } => {
                 let result = result.map_err(|e| e.to_string());
                 self.events.push_back(Event::Kept { token, result });
+            }
+            Completion::Record { token, result } => {
+                let result = result.map_err(|e| e.to_string());
+                self.events.push_back(Event::Record { token, result });
             }
             Completion::History { token, result } if token & FETCH != 0 => {
                 let Some(channel) = self.fetches.remove(&token) else {
@@ -625,6 +654,14 @@ impl Engine for Redis {
             op,
         };
         let _ = self.instances[user_redis(user, n)].link.send(request);
+    }
+
+    fn keep_record(&mut self, pid: &str, record: Vec<u8>, ttl_ms: u64) {
+        self.record_op(pid, Some(record), ttl_ms, 0);
+    }
+
+    fn take_record(&mut self, pid: &str, token: u64) {
+        self.record_op(pid, None, 0, token);
     }
 
     fn kept(&mut self, user: &str, org: Option<&str>, clear: bool, token: u64) {

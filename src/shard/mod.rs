@@ -1796,6 +1796,7 @@ impl Shard {
                     reach,
                 }) => self.numbered(token, result, local, reach),
                 Some(Event::Kept { token, result }) => self.kept_read(token, result),
+                Some(Event::Record { token, result }) => self.record_taken(token, result),
                 Some(Event::Census { nodes, counts }) => self.census_heard(nodes, &counts),
                 Some(Event::History { token, found }) => self.history_found(token, found),
                 Some(Event::Reroute {

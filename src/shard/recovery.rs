@@ -6,8 +6,11 @@
 //! answer keeps the old `pid`, so `socket.recovered` is true, only when every replay is
 //! complete.
 //!
-//! The pid names the shard holding the record (`{boot}-{shard}-{random}`); a reconnection
-//! landing elsewhere asks that shard over the mesh.
+//! On one node, the pid names the shard holding the record (`{boot}-{shard}-{random}`); a
+//! reconnection landing elsewhere asks that shard over the mesh. In a cluster the record is
+//! kept in Redis (`{prefix}.recovery.{pid}`, expiring with the window) and taken from there
+//! by whichever node the client comes back to; the channels' own epochs go with it, so a
+//! replay on another node is complete only if the channel's numbering is the same one.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, Hasher};
@@ -17,6 +20,7 @@ use super::trail::Trail;
 use super::{MeshMsg, Peer, Shard};
 use crate::auth::Principal;
 use crate::dialect::{Dialect, Reply, Request};
+use serde::{Deserialize, Serialize};
 
 /// A Socket.IO connection's recovery state, while it is open.
 #[derive(Debug)]
@@ -41,11 +45,13 @@ pub struct ConnectIds {
 }
 
 /// What a dropped connection left.
-#[derive(Debug)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Record {
     /// Whose it was: `org` and user (or key id).
     owner: (Box<str>, Box<str>),
     channels: Vec<Box<str>>,
+    /// The channels' own epochs, where the engine has them (in a cluster).
+    epochs: Vec<Option<Box<str>>>,
     /// Joined as rooms (presence members, `room:message`).
     rooms: bool,
     trail: Trail,
@@ -58,6 +64,17 @@ pub(super) struct Records {
     by_pid: HashMap<Box<str>, Record>,
     /// Pids by expiry (records taken early leave stale entries, skipped).
     order: VecDeque<(u64, Box<str>)>,
+    /// In a cluster: records being taken from Redis, by token.
+    taking: HashMap<u64, Taking>,
+}
+
+/// A record being taken from Redis for a connection of this shard.
+#[derive(Debug)]
+struct Taking {
+    conn: u64,
+    offset: Option<(String, u64)>,
+    owner: (Box<str>, Box<str>),
+    ids: ConnectIds,
 }
 
 /// Where a recovered connection resumes: its channels with the last seq it has of each.
@@ -67,6 +84,8 @@ pub struct Resume {
     pub since: Vec<(String, u64)>,
     /// Joined as rooms.
     pub rooms: bool,
+    /// `(channel, epoch)` of the channels whose own epoch the record has.
+    pub epochs: Vec<(String, String)>,
 }
 
 /// Who a principal is, for matching a record: its org and its user (or key id).
@@ -125,19 +144,34 @@ impl Shard {
         }
         let now = self.now().unix_ms;
         let Recoverable { pid, trail, .. } = *recoverable;
-        let channels = peer
+        let channels: Vec<Box<str>> = peer
             .channels
             .borrow()
             .iter()
             .map(|c| Box::from(&**c))
             .collect();
+        let engine = self.engine.borrow();
+        let epochs = channels
+            .iter()
+            .map(|c| engine.epoch(c).map(Into::into))
+            .collect();
+        let cluster = !engine.numbers_locally();
+        drop(engine);
         let record = Record {
             owner: owner(&principal),
             channels,
+            epochs,
             rooms: peer.dialect() == Dialect::SocketIoRooms,
             trail,
             expires_ms: now.saturating_add(window),
         };
+        if cluster {
+            match simd_json::serde::to_vec(&record) {
+                Ok(bytes) => self.engine.borrow_mut().keep_record(&pid, bytes, window),
+                Err(e) => tracing::warn!("a Socket.IO session's record was not kept: {e}"),
+            }
+            return;
+        }
         // Where the pid says, for the reconnection to find it (a recovered connection kept
         // the pid of its first shard).
         match pid_shard(&pid, self.global.boot_id, self.nshards) {
@@ -175,6 +209,18 @@ impl Shard {
         let offset = offset
             .and_then(parse_offset)
             .map(|(c, s)| (c.to_owned(), s));
+        if !self.engine.borrow().numbers_locally() {
+            let token = self.token();
+            let taking = Taking {
+                conn: peer.id,
+                offset,
+                owner: owner(&principal),
+                ids,
+            };
+            self.records.borrow_mut().taking.insert(token, taking);
+            self.engine.borrow_mut().take_record(pid, token);
+            return self.deliver_events();
+        }
         match pid_shard(pid, self.global.boot_id, self.nshards) {
             Some(shard) if shard != self.id => self.route(
                 shard,
@@ -207,13 +253,30 @@ impl Shard {
             return None;
         }
         let record = records.by_pid.remove(pid)?;
-        let offset = offset.as_ref().map(|(c, s)| (c.as_str(), *s));
-        let seqs = record.trail.position(offset, &record.channels)?;
-        let since = record.channels.iter().map(|c| c.to_string()).zip(seqs);
-        Some(Resume {
-            since: since.collect(),
-            rooms: record.rooms,
-        })
+        record.resume(offset)
+    }
+
+    /// Redis answered the take of a record (token `token`).
+    pub(super) fn record_taken(&self, token: u64, result: Result<Option<Vec<u8>>, String>) {
+        let Some(taking) = self.records.borrow_mut().taking.remove(&token) else {
+            return;
+        };
+        let record = match result {
+            Ok(bytes) => {
+                bytes.and_then(|mut b| simd_json::serde::from_slice::<Record>(&mut b).ok())
+            }
+            Err(e) => {
+                tracing::warn!(
+                    shard = self.id,
+                    "a Socket.IO session could not be recovered: {e}"
+                );
+                None
+            }
+        };
+        let resume = record
+            .filter(|r| r.owner == taking.owner)
+            .and_then(|r| r.resume(taking.offset));
+        self.resume(taking.conn, resume, taking.ids);
     }
 
     /// Resume connection `conn` as `resume` says (or not at all): a SUB from where it stood,
@@ -253,8 +316,10 @@ impl Shard {
             channels: channels.clone(),
             id: Some(&ids.recovered),
             since: resume.since,
-            epoch: Some(self.epoch),
-            epochs: Vec::new(),
+            // A record of this process is of this epoch; one from Redis carries its
+            // channels' own, which the owners compare.
+            epoch: resume.epochs.is_empty().then_some(self.epoch),
+            epochs: resume.epochs,
             presence: resume.rooms,
         };
         let now = self.now();
@@ -284,6 +349,26 @@ impl Shard {
         }
         drop(recovery);
         answer();
+    }
+}
+
+impl Record {
+    /// Where a client that handled up to `offset` resumes.
+    fn resume(self, offset: Option<(String, u64)>) -> Option<Resume> {
+        let offset = offset.as_ref().map(|(c, s)| (c.as_str(), *s));
+        let seqs = self.trail.position(offset, &self.channels)?;
+        let epochs = self.channels.iter().zip(&self.epochs);
+        let epochs = epochs.filter_map(|(c, e)| Some((c.to_string(), e.as_deref()?.to_owned())));
+        Some(Resume {
+            since: self
+                .channels
+                .iter()
+                .map(|c| c.to_string())
+                .zip(seqs)
+                .collect(),
+            rooms: self.rooms,
+            epochs: epochs.collect(),
+        })
     }
 }
 

@@ -18,10 +18,12 @@ use std::collections::VecDeque;
 /// channels interleave has more than a few).
 pub const MAX_RUNS: usize = 64;
 
+use serde::{Deserialize, Serialize};
+
 /// Consecutive messages of one channel queued to the connection: seqs `first..=last`. A run
 /// with `first == last + 1` sent nothing: the subscription started there, live messages
 /// following `last`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 struct Run {
     channel: u32,
     first: u64,
@@ -29,7 +31,7 @@ struct Run {
 }
 
 /// One connection's trail.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Trail {
     /// Channels named by the runs.
     channels: Vec<Box<str>>,

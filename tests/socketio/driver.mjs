@@ -6,7 +6,7 @@
 //   {"op":"transport"}                             reports the engine's transport name
 //   {"op":"disconnect"}                            socket.disconnect()
 //   {"op":"drop"}                                  socket.io.engine.close(): a lost connection
-//   {"op":"reconnect"}                             socket.connect() again
+//   {"op":"reconnect","url":URL}                   socket.connect() again (to URL if given)
 // Reports out: {"connect":{"id","recovered"}}, {"connect_error":{"message","data"}},
 // {"event":E,"args":[…]} for every event, {"ack":N,"args":[…]}, {"transport":NAME},
 // {"upgrade":NAME}, {"disconnect":REASON}.
@@ -61,6 +61,8 @@ createInterface({ input: process.stdin }).on("line", (line) => {
       socket.io.engine.close();
       break;
     case "reconnect":
+      // To another server, when `url` is given.
+      if (cmd.url) socket.io.uri = cmd.url;
       socket.connect();
       break;
   }
