@@ -101,9 +101,13 @@ pub enum Counter {
     LimitChannelList,
     /// Channel names refused by `[channels] max_name_bytes`.
     LimitChannelName,
+    /// Socket.IO reconnections that recovered their session (`socket.recovered`).
+    SocketIoRecovered,
+    /// Socket.IO reconnections with a pid that could not recover it (a fresh session).
+    SocketIoNotRecovered,
 }
 
-const COUNTERS: usize = 40;
+const COUNTERS: usize = 42;
 
 /// The limits refusals are counted by, with their label in `shardcast_limit_refusals_total`.
 const LIMITS: [(Counter, &str); 9] = [
@@ -691,6 +695,18 @@ impl Global {
             "counter",
             "Kept messages delivered when their user connected.",
             self.sum(Counter::OfflineDelivered),
+        );
+        metric(
+            "shardcast_socketio_recovered_total",
+            "counter",
+            "Socket.IO reconnections that recovered their session and what they missed.",
+            self.sum(Counter::SocketIoRecovered),
+        );
+        metric(
+            "shardcast_socketio_not_recovered_total",
+            "counter",
+            "Socket.IO reconnections with a pid that started a fresh session instead.",
+            self.sum(Counter::SocketIoNotRecovered),
         );
         metric(
             "shardcast_offline_dropped_total",

@@ -834,6 +834,15 @@ impl Shard {
     /// trail records.
     fn deliver_publication(&self, peer: &Peer, channel: &str, seq: u64, frame: Frame) {
         if let Some(recoverable) = peer.recovery.borrow_mut().as_mut() {
+            recoverable.trail.record_named(channel, seq);
+        }
+        self.deliver(peer, frame);
+    }
+
+    /// [`Shard::deliver_publication`] on the fan-out path, with the shard's own `Rc` of the
+    /// channel's name (the trail compares pointers).
+    fn fan_out_to(&self, peer: &Peer, channel: &Rc<str>, seq: u64, frame: Frame) {
+        if let Some(recoverable) = peer.recovery.borrow_mut().as_mut() {
             recoverable.trail.record(channel, seq);
         }
         self.deliver(peer, frame);
@@ -2041,7 +2050,8 @@ impl Shard {
     fn deliver_local(&self, channel: &str, publication: &Publication, t0: Instant) {
         let bound = self.bounds.get().messages;
         let seq = publication.seq;
-        let deliver = |peer: &Rc<Peer>, frame| self.deliver_publication(peer, channel, seq, frame);
+        let deliver =
+            |peer: &Rc<Peer>, name: &Rc<str>, frame| self.fan_out_to(peer, name, seq, frame);
         let fanned = self
             .subs
             .borrow_mut()

@@ -16,10 +16,11 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, Hasher};
 
 pub use super::replays::TOP;
-use super::trail::Trail;
+use super::trail::{Recording, Trail};
 use super::{MeshMsg, Peer, Shard};
 use crate::auth::Principal;
 use crate::dialect::{Dialect, Reply, Request};
+use crate::metrics::Counter;
 use serde::{Deserialize, Serialize};
 
 /// A Socket.IO connection's recovery state, while it is open.
@@ -28,7 +29,7 @@ pub struct Recoverable {
     /// Its pid (what its client sends back to recover it).
     pub pid: Box<str>,
     /// What it was sent, in order.
-    pub trail: Trail,
+    pub trail: Recording,
     /// The SUB resuming it (its request id) and the pid it takes if that recovers it.
     resuming: Option<(Box<[u8]>, Box<str>)>,
 }
@@ -119,7 +120,7 @@ impl Shard {
         let pid: Box<str> = format!("{:x}-{}-{random:x}", self.global.boot_id, self.id).into();
         *peer.recovery.borrow_mut() = Some(Box::new(Recoverable {
             pid: pid.clone(),
-            trail: Trail::default(),
+            trail: Recording::default(),
             resuming: None,
         }));
         pid
@@ -162,7 +163,7 @@ impl Shard {
             channels,
             epochs,
             rooms: peer.dialect() == Dialect::SocketIoRooms,
-            trail,
+            trail: trail.seal(),
             expires_ms: now.saturating_add(window),
         };
         if cluster {
@@ -299,6 +300,7 @@ impl Shard {
             self.answer(&peer, &subscribed);
         };
         let Some(resume) = resume else {
+            self.counters.add(Counter::SocketIoNotRecovered, 1);
             return answer(&ids.fresh);
         };
         if let Some(recoverable) = peer.recovery.borrow_mut().as_mut() {
@@ -342,6 +344,12 @@ impl Shard {
                 .as_ref()
                 .is_some_and(|(i, _)| **i == *id)
             {
+                let counter = if complete {
+                    Counter::SocketIoRecovered
+                } else {
+                    Counter::SocketIoNotRecovered
+                };
+                self.counters.add(counter, 1);
                 if let Some((_, pid)) = recoverable.resuming.take().filter(|_| complete) {
                     recoverable.pid = pid;
                 }

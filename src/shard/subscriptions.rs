@@ -146,9 +146,9 @@ impl Subscriptions {
         channel: &str,
         publication: &Publication,
         bound: usize,
-        mut deliver: impl FnMut(&Rc<Peer>, Frame),
+        mut deliver: impl FnMut(&Rc<Peer>, &Rc<str>, Frame),
     ) -> Option<(u64, u64)> {
-        let members = self.by_channel.get(channel)?;
+        let (name, members) = self.by_channel.get_key_value(channel)?;
         let mut waiting = if self.catching_up.is_empty() {
             None
         } else {
@@ -160,7 +160,7 @@ impl Subscriptions {
             let frame = encoded.frame(peer.dialect()).clone();
             match waiting.as_mut().and_then(|w| w.get_mut(&peer.id)) {
                 Some(catch) => dropped += keep(catch, peer, publication.seq, frame, bound),
-                None => deliver(peer, frame),
+                None => deliver(peer, name, frame),
             }
         }
         Some((dropped, encoded.encodings))

@@ -9,14 +9,20 @@
 //! channel stood, and an offset inside them can no longer be placed (recovery then fails, as
 //! Socket.IO's does past its buffer).
 //!
-//! Plain data (it crosses shards with its record): the shard records into it, the recovery
-//! reads it.
+//! The shard records into a [`Recording`] on the fan-out path: the open run is held apart
+//! with the shard's own `Rc` of its channel's name, so one more message of the same channel
+//! is a pointer comparison and a store, in the connection's own state. What a dropped
+//! connection leaves is the sealed [`Trail`], plain data that crosses shards and nodes.
 
 use std::collections::VecDeque;
+use std::rc::Rc;
 
 /// Runs kept before the oldest are folded (24 bytes each, and only a connection whose
 /// channels interleave has more than a few).
 pub const MAX_RUNS: usize = 64;
+
+/// Channel names kept: past it, those no kept run names are forgotten.
+const MAX_NAMES: usize = 2 * MAX_RUNS;
 
 use serde::{Deserialize, Serialize};
 
@@ -40,34 +46,77 @@ pub struct Trail {
     runs: VecDeque<Run>,
 }
 
-impl Trail {
-    /// `channel`'s live messages follow `top` from here (a subscription, or a replay that
-    /// ended there).
-    pub fn start(&mut self, channel: &str, top: u64) {
-        let channel = self.index(channel);
-        self.push(Run {
-            channel,
-            first: top + 1,
-            last: top,
-        });
-    }
+/// A trail being recorded (a recoverable connection's, while it is open).
+#[derive(Debug, Default)]
+pub struct Recording {
+    /// The open run: its channel and seqs `first..=last`.
+    open: Option<(Rc<str>, u64, u64)>,
+    /// The runs before it.
+    trail: Trail,
+}
 
-    /// Message `seq` of `channel` was queued to the connection.
-    pub fn record(&mut self, channel: &str, seq: u64) {
-        if let Some(run) = self.runs.back_mut() {
-            if *self.channels[run.channel as usize] == *channel && seq > run.last {
-                run.last = seq;
+impl Recording {
+    /// Message `seq` of `channel` (the shard's own `Rc` of its name) was queued to the
+    /// connection.
+    #[inline]
+    pub fn record(&mut self, channel: &Rc<str>, seq: u64) {
+        if let Some((name, _, last)) = &mut self.open {
+            if Rc::ptr_eq(name, channel) && seq > *last {
+                *last = seq;
                 return;
             }
         }
-        let channel = self.index(channel);
-        self.push(Run {
-            channel,
-            first: seq,
-            last: seq,
-        });
+        self.extend(channel.clone(), seq, seq);
     }
 
+    /// [`Recording::record`] of a channel named by a string of its own.
+    pub fn record_named(&mut self, channel: &str, seq: u64) {
+        match &mut self.open {
+            Some((name, _, last)) if **name == *channel && seq > *last => *last = seq,
+            _ => self.extend(Rc::from(channel), seq, seq),
+        }
+    }
+
+    /// `channel`'s live messages follow `top` from here (a subscription, or a replay that
+    /// ended there).
+    pub fn start(&mut self, channel: &str, top: u64) {
+        self.close();
+        self.open = Some((Rc::from(channel), top + 1, top));
+    }
+
+    /// The trail recorded.
+    pub fn seal(mut self) -> Trail {
+        self.close();
+        self.trail
+    }
+
+    /// Seqs `first..=last` of `channel` follow: the open run grows, or another opens.
+    fn extend(&mut self, channel: Rc<str>, first: u64, last: u64) {
+        if let Some((name, _, end)) = &mut self.open {
+            if **name == *channel && first > *end {
+                // The same channel under another `Rc` (a start, a replay): this one next.
+                *name = channel;
+                *end = last;
+                return;
+            }
+        }
+        self.close();
+        self.open = Some((channel, first, last));
+    }
+
+    fn close(&mut self) {
+        if let Some((name, first, last)) = self.open.take() {
+            let channel = self.trail.index(&name);
+            self.trail.push(Run {
+                channel,
+                first,
+                last,
+            });
+        }
+    }
+}
+
+impl Trail {
     /// Where the client stood on each of `channels` once it had handled message `offset`
     /// (`None`: none yet): the last seq it has of each. `None` when that cannot be told
     /// exactly (the offset is not one the connection was sent, or its run was folded).
@@ -118,9 +167,37 @@ impl Trail {
         if let Some(i) = self.channels.iter().position(|c| **c == *channel) {
             return i as u32;
         }
+        if self.channels.len() >= MAX_NAMES {
+            self.forget_unused();
+        }
         self.channels.push(channel.into());
         self.folded.push(None);
         (self.channels.len() - 1) as u32
+    }
+
+    /// Forget the channels no kept run names (a connection that went through many channels
+    /// must not grow its trail without end): where they stood is lost, and an offset needing
+    /// it can no longer be placed.
+    fn forget_unused(&mut self) {
+        let mut used = vec![false; self.channels.len()];
+        for run in &self.runs {
+            used[run.channel as usize] = true;
+        }
+        let mut new_index = vec![0u32; self.channels.len()];
+        let mut kept = 0;
+        for (i, used) in used.iter().enumerate() {
+            if *used {
+                new_index[i] = kept;
+                self.channels.swap(kept as usize, i);
+                self.folded.swap(kept as usize, i);
+                kept += 1;
+            }
+        }
+        self.channels.truncate(kept as usize);
+        self.folded.truncate(kept as usize);
+        for run in &mut self.runs {
+            run.channel = new_index[run.channel as usize];
+        }
     }
 
     fn push(&mut self, run: Run) {
@@ -144,11 +221,12 @@ mod tests {
     #[test]
     fn one_channel_is_one_run_and_the_offset_says_where_the_client_is() {
         let a = "org:acme:a";
-        let mut trail = Trail::default();
-        trail.start(a, 10);
+        let mut rec = Recording::default();
+        rec.start(a, 10);
         for seq in 11..=1_000 {
-            trail.record(a, seq);
+            rec.record_named(a, seq);
         }
+        let trail = rec.seal();
         assert_eq!(trail.runs.len(), 1);
         let channels = names(&["org:acme:a"]);
         assert_eq!(
@@ -165,16 +243,17 @@ mod tests {
     #[test]
     fn other_channels_stand_at_their_last_message_before_the_offset() {
         let (a, b, c) = ("a", "b", "c");
-        let mut trail = Trail::default();
-        trail.start(a, 0);
-        trail.start(b, 7);
-        trail.record(a, 1);
-        trail.record(b, 8);
-        trail.record(b, 9);
-        trail.record(a, 2);
-        trail.start(c, 40);
-        trail.record(b, 10);
-        trail.record(c, 41);
+        let mut rec = Recording::default();
+        rec.start(a, 0);
+        rec.start(b, 7);
+        rec.record_named(a, 1);
+        rec.record_named(b, 8);
+        rec.record_named(b, 9);
+        rec.record_named(a, 2);
+        rec.start(c, 40);
+        rec.record_named(b, 10);
+        rec.record_named(c, 41);
+        let trail = rec.seal();
         let all = names(&["a", "b", "c"]);
         assert_eq!(trail.position(Some(("b", 8)), &all), Some(vec![1, 8, 40]));
         assert_eq!(trail.position(Some(("a", 2)), &all), Some(vec![2, 9, 40]));
@@ -185,15 +264,57 @@ mod tests {
     }
 
     #[test]
+    fn the_shards_own_names_and_other_copies_make_one_run() {
+        let shared: Rc<str> = Rc::from("a");
+        let other: Rc<str> = Rc::from("a");
+        let b: Rc<str> = Rc::from("b");
+        let mut rec = Recording::default();
+        rec.start("a", 4);
+        rec.record(&shared, 5);
+        rec.record(&shared, 6);
+        rec.record(&other, 7);
+        rec.record_named("a", 8);
+        rec.record(&b, 1);
+        rec.record(&shared, 9);
+        let trail = rec.seal();
+        assert_eq!(trail.runs.len(), 3);
+        let both = names(&["a", "b"]);
+        assert_eq!(trail.position(Some(("a", 6)), &both), Some(vec![6, 0]));
+        assert_eq!(trail.position(Some(("b", 1)), &both), Some(vec![8, 1]));
+        assert_eq!(trail.position(Some(("a", 9)), &both), Some(vec![9, 1]));
+        assert_eq!(trail.position(None, &both), Some(vec![4, 0]));
+    }
+
+    #[test]
+    fn a_connection_through_many_channels_keeps_few_names() {
+        let mut rec = Recording::default();
+        for i in 0..10_000u64 {
+            rec.record_named(&format!("c{i}"), 1);
+        }
+        rec.record_named("c9999", 2);
+        let trail = rec.seal();
+        assert!(
+            trail.channels.len() <= MAX_NAMES,
+            "{}",
+            trail.channels.len()
+        );
+        let kept = names(&["c9999", "c9990"]);
+        assert_eq!(trail.position(Some(("c9999", 2)), &kept), Some(vec![2, 1]));
+        // Forgotten: cannot be placed.
+        assert_eq!(trail.position(Some(("c9999", 2)), &names(&["c5"])), None);
+    }
+
+    #[test]
     fn folded_runs_still_place_later_offsets_but_not_their_own() {
         let (a, b) = ("a", "b");
-        let mut trail = Trail::default();
-        trail.start(a, 0);
-        trail.start(b, 0);
+        let mut rec = Recording::default();
+        rec.start(a, 0);
+        rec.start(b, 0);
         for seq in 1..=100 {
-            trail.record(a, seq);
-            trail.record(b, seq);
+            rec.record_named(a, seq);
+            rec.record_named(b, seq);
         }
+        let trail = rec.seal();
         assert_eq!(trail.runs.len(), MAX_RUNS);
         let both = names(&["a", "b"]);
         assert_eq!(trail.position(Some(("a", 99)), &both), Some(vec![99, 98]));
