@@ -388,25 +388,58 @@ fn across_two_nodes_with_redis() {
     assert_eq!(on_a.event("room:message")[0]["seq"], 5);
 }
 
-/// A binary payload on a channel is refused with an error and a failed ack, not published
-/// as placeholders; the connection goes on.
+/// Binary values on channels: a `room:send` with binary in its payload reaches the room's
+/// Socket.IO clients as binary (on polling and on WebSocket), and `/ws` subscribers as
+/// `{"_binary":"BASE64"}`; a `/ws` client publishing that form reaches Socket.IO clients
+/// as binary too.
 #[test]
-fn binary_payloads_are_refused_clearly() {
-    if !sio::available("binary_payloads_are_refused_clearly") {
+fn binary_values_cross_channels_as_binary() {
+    if !sio::available("binary_values_cross_channels_as_binary") {
         return;
     }
     let server = server();
     let opts = json!({ "transports": ["websocket"], "auth": { "key": ACME } });
-    let mut sio = SioClient::connect(&server, opts);
-    sio.connected();
-    let send = json!({ "room": "ops", "payload": { "binary": [1, 2, 3] } });
-    sio.emit("room:send", json!([send]), true);
-    let ack = sio.wait("send ack", |r| r.get("ack").is_some());
-    assert_eq!(ack["args"][0]["success"], false, "{ack}");
-    assert_eq!(ack["args"][0]["code"], "bad_request", "{ack}");
-    sio.emit("query:rooms", json!([]), true);
-    let rooms = sio.wait("rooms ack", |r| r.get("ack").is_some());
-    assert_eq!(rooms["args"][0]["rooms"], json!([]), "{rooms}");
+    let mut sender = SioClient::connect(&server, opts);
+    sender.connected();
+    // Long-polling only: binary frames go as `b<base64>` records.
+    let opts = json!({ "transports": ["polling"], "auth": { "key": ACME } });
+    let mut receiver = SioClient::connect(&server, opts);
+    receiver.connected();
+    for sio in [&mut sender, &mut receiver] {
+        sio.emit("room:join", json!([{ "room": "ops" }]), true);
+        sio.wait("join ack", |r| r.get("ack").is_some());
+    }
+    let mut ws = server.client(&format!("/ws?key={ACME}"));
+    ws.subscribe(&["org:acme:rooms:ops"]);
+
+    let payload = json!({ "image": { "binary": [0, 1, 2, 255] }, "name": "scan" });
+    sender.emit(
+        "room:send",
+        json!([{ "room": "ops", "payload": payload }]),
+        true,
+    );
+    let ack = sender.wait("send ack", |r| r.get("ack").is_some());
+    assert_eq!(ack["args"][0]["success"], true, "{ack}");
+    for sio in [&mut receiver, &mut sender] {
+        let message = sio.event("room:message");
+        assert_eq!(message[0]["payload"], payload, "{message:?}");
+    }
+    let seen = ws.recv_type("MESSAGE");
+    assert_eq!(
+        seen["data"]["payload"],
+        json!({ "image": { "_binary": "AAEC/w==" }, "name": "scan" }),
+        "{seen}"
+    );
+
+    ws.send(json!({"type":"PUBLISH","channel":"org:acme:rooms:ops",
+        "data":{"from":"ws","payload":[{"_binary":"3q2+7w=="}]},"id":"p"}));
+    ws.recv_type("ACK");
+    let message = receiver.event("room:message");
+    assert_eq!(
+        message[0]["payload"],
+        json!([{ "binary": [0xde, 0xad, 0xbe, 0xef] }]),
+        "{message:?}"
+    );
 }
 
 /// What no Socket.IO client sends, on the raw wire (no node needed): a frame whose first
@@ -624,4 +657,8 @@ fn a_dropped_client_recovers_exactly_what_it_missed() {
         "{:?}",
         sio.backlog
     );
+    // Five recoveries (four drops, the client that had handled nothing), one refused.
+    let metric = |name| server.wait_metric(name, 1);
+    assert_eq!(metric("shardcast_socketio_recovered_total"), 5);
+    assert_eq!(metric("shardcast_socketio_not_recovered_total"), 1);
 }

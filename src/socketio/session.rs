@@ -212,7 +212,7 @@ impl Session {
                 reference_app(cx, &packet, attachments);
                 Outcome::Handled
             }
-            Kind::Event | Kind::BinaryEvent => self.event(cx, &packet),
+            Kind::Event | Kind::BinaryEvent => self.event(cx, &packet, attachments),
             Kind::ConnectError => Outcome::Close,
         }
     }
@@ -373,7 +373,7 @@ impl Session {
     }
 
     /// A gateway event: the seed services' client events, as requests to the core.
-    fn event(&mut self, cx: &Cx<'_>, packet: &Packet<'_>) -> Outcome {
+    fn event(&mut self, cx: &Cx<'_>, packet: &Packet<'_>, attachments: &[Vec<u8>]) -> Outcome {
         let Some(principal) = cx.peer.principal() else {
             return Outcome::Close;
         };
@@ -381,16 +381,20 @@ impl Session {
             // Channels are served on the main namespace: one encoding for every subscriber.
             return Outcome::Handled;
         }
-        if packet.kind == Kind::BinaryEvent {
-            // Channel data is JSON: say so rather than publish placeholders.
-            let id = dialect::request_id(dialect::Asked::Send, packet.ack);
-            let message = "binary payloads are not supported on channels: send JSON";
-            let refusal = crate::dialect::Refusal::bad_request(message).with_id(Some(&id));
-            cx.shard
-                .answer(cx.peer, &crate::dialect::Reply::refusal(&refusal));
-            return Outcome::Refused;
-        }
-        let raw = packet.data.as_bytes();
+        // Binary values go into channel data as `{"_binary":"BASE64"}`.
+        let embedded;
+        let raw = if packet.kind == Kind::BinaryEvent {
+            match dialect::binary::embed(packet.data.as_bytes(), attachments) {
+                Some(data) => {
+                    embedded = data;
+                    &embedded[..]
+                }
+                // A placeholder for an attachment the packet does not have.
+                None => return Outcome::Close,
+            }
+        } else {
+            packet.data.as_bytes()
+        };
         let Some(items) = json::array_items(raw) else {
             return Outcome::Close;
         };

@@ -14,9 +14,17 @@ import { io } from "socket.io-client";
 import { createInterface } from "node:readline";
 
 const say = (o) => process.stdout.write(JSON.stringify(o) + "\n");
-const plain = (v) => (v instanceof ArrayBuffer || ArrayBuffer.isView(v))
-  ? { binary: Array.from(new Uint8Array(v.buffer ?? v, v.byteOffset ?? 0, v.byteLength)) }
-  : v;
+// Binary anywhere in a value as {"binary":[bytes]}.
+const plain = (v) => {
+  if (v instanceof ArrayBuffer || ArrayBuffer.isView(v)) {
+    return { binary: Array.from(new Uint8Array(v.buffer ?? v, v.byteOffset ?? 0, v.byteLength)) };
+  }
+  if (Array.isArray(v)) return v.map(plain);
+  if (v && typeof v === "object") {
+    return Object.fromEntries(Object.entries(v).map(([k, x]) => [k, plain(x)]));
+  }
+  return v;
+};
 // {"binary":[bytes]} anywhere in an argument is sent as binary (an attachment).
 const revive = (v) => {
   if (v && typeof v === "object") {

@@ -20,6 +20,7 @@
 //! four-part name (`org:acme:rooms:investigation:123` is `investigation:123`, see
 //! `socketio::events`), the whole name otherwise.
 
+pub mod binary;
 pub mod packet;
 
 use super::{Change, Kind as PublicationKind, Member, Notice, Publication, Reply};
@@ -176,9 +177,14 @@ pub fn room_message(channel: &str, publication: &Publication<impl AsRef<[u8]>>) 
             Some((payload, from, at))
         });
     let (payload, from, at) = sent.unwrap_or((data, None, None));
+    let binary = binary::extract(payload);
+    let (payload, attachments) = match &binary {
+        Some((text, attachments)) => (&text[..], attachments.len()),
+        None => (payload, 0),
+    };
     let mut f = FrameBuilder::new(codec::opcode::TEXT, 128 + 2 * channel.len() + data.len());
     let out = f.payload_mut();
-    packet::push_head(out, Kind::Event, 0, "/", None);
+    push_event_head(out, attachments);
     out.extend_from_slice(br#"["room:message",{"id":""#);
     json::push_u64(out, publication.seq);
     out.extend_from_slice(br#"","room":"#);
@@ -199,7 +205,29 @@ pub fn room_message(channel: &str, publication: &Publication<impl AsRef<[u8]>>) 
     out.push(b'}');
     push_offset(out, channel, publication.seq);
     out.push(b']');
-    f.finish()
+    with_attachments(f.finish(), binary)
+}
+
+/// The head of an EVENT, or of a BINARY_EVENT when it has `attachments`.
+fn push_event_head(out: &mut Vec<u8>, attachments: usize) {
+    let kind = if attachments > 0 {
+        Kind::BinaryEvent
+    } else {
+        Kind::Event
+    };
+    packet::push_head(out, kind, attachments, "/", None);
+}
+
+/// `text` followed by the binary frames of `binary`'s attachments, if any.
+fn with_attachments(text: Frame, binary: Option<(Vec<u8>, Vec<Vec<u8>>)>) -> Frame {
+    let Some((_, attachments)) = binary else {
+        return text;
+    };
+    let mut all = text.to_vec();
+    for attachment in &attachments {
+        all.extend_from_slice(&codec::frame(codec::opcode::BINARY, attachment));
+    }
+    Frame::from(all)
 }
 
 /// `,"{seq}:{channel}"`: the offset a Socket.IO 4.6+ client keeps of the last message it
@@ -211,10 +239,15 @@ fn push_offset(out: &mut Vec<u8>, channel: &str, seq: u64) {
 
 /// `publication` of `channel` as an event (see the module's documentation).
 pub fn publication(channel: &str, publication: &Publication<impl AsRef<[u8]>>) -> Frame {
-    let data = publication.data.as_ref();
-    let mut f = FrameBuilder::new(codec::opcode::TEXT, 48 + channel.len() + data.len());
+    let original = publication.data.as_ref();
+    let binary = binary::extract(original);
+    let (data, attachments) = match &binary {
+        Some((text, attachments)) => (&text[..], attachments.len()),
+        None => (original, 0),
+    };
+    let mut f = FrameBuilder::new(codec::opcode::TEXT, 72 + 2 * channel.len() + data.len());
     let out = f.payload_mut();
-    packet::push_head(out, Kind::Event, 0, "/", None);
+    push_event_head(out, attachments);
     out.push(b'[');
     match named_event(data) {
         Some(name) => {
@@ -237,7 +270,7 @@ pub fn publication(channel: &str, publication: &Publication<impl AsRef<[u8]>>) -
     }
     push_offset(out, channel, publication.seq);
     out.push(b']');
-    f.finish()
+    with_attachments(f.finish(), binary)
 }
 
 /// Events a publication may not be emitted as: Socket.IO's own (a client library would take
