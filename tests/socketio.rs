@@ -309,6 +309,20 @@ fn document_service_http_endpoints_are_aliases() {
     assert_eq!(status, 200, "{body}");
     let (status, _) = common::http_get(server.addr, "/ws/nothing", &key);
     assert_eq!(status, 404);
+    // A wrong method is told which one; a priority that is not a string is refused, and
+    // nothing is sent.
+    let (status, body) = common::http_get(server.addr, "/ws/broadcast", &key);
+    assert_eq!(status, 405, "{body}");
+    let odd = json!({"type":"notification","payload":{},"priority":{"level":1}});
+    let (status, body) = common::post(server.addr, "/ws/send/u1", ACME, &odd);
+    assert_eq!(
+        (status, &body["error"]),
+        (400, &json!("bad_request")),
+        "{body}"
+    );
+    sio.emit("ping", json!([]), false);
+    sio.event("pong");
+    assert!(!sio.backlog_has(|r| r["event"] == "notification"));
 }
 
 /// Two nodes on one Redis: a Socket.IO client on one hears what is published on the other,

@@ -24,10 +24,7 @@ use crate::shard::Shard;
 /// The alias `request` is, if it is one.
 pub fn route(shard: &Rc<Shard>, request: &Request) -> Option<Route> {
     let path = request.path.strip_prefix("/ws/")?;
-    let user = |prefix: &str| {
-        path.strip_prefix(prefix)
-            .filter(|u| !u.is_empty() && !u.contains('/'))
-    };
+    let user = |prefix: &str| user_of(path, prefix);
     let method = request.method.as_str();
     let route = match (method, path) {
         ("POST", "send/bulk") => {
@@ -65,6 +62,33 @@ pub fn route(shard: &Rc<Shard>, request: &Request) -> Option<Route> {
     Some(route)
 }
 
+/// Whether `path` is an alias that takes POST.
+pub fn posted(path: &str) -> bool {
+    let Some(path) = path.strip_prefix("/ws/") else {
+        return false;
+    };
+    matches!(path, "send/bulk" | "broadcast") || user_of(path, "send/").is_some()
+}
+
+/// Whether `path` is an alias that takes GET.
+pub fn read(path: &str) -> bool {
+    let Some(path) = path.strip_prefix("/ws/") else {
+        return false;
+    };
+    user_of(path, "status/").is_some() || user_of(path, "queue/").is_some()
+}
+
+/// The user of alias path `path` (after `/ws/`) under `prefix`.
+fn user_of<'a>(path: &'a str, prefix: &str) -> Option<&'a str> {
+    path.strip_prefix(prefix)
+        .filter(|u| !u.is_empty() && !u.contains('/'))
+}
+
+/// `priority`, where the body has one, must be a string (its value is not kept).
+fn check_priority(body: &Body<'_>) -> Result<(), Response> {
+    body.text("priority").map(drop)
+}
+
 /// `request` at `path` with `body`.
 fn rewritten(request: &Request, path: &str, body: Vec<u8>) -> Request {
     let mut aliased = request.clone();
@@ -80,6 +104,7 @@ fn rewritten(request: &Request, path: &str, body: Vec<u8>) -> Request {
 /// `{type, payload}` as the server API's `{event, data}` (a body with `data` as it is).
 fn message_body(shard: &Shard, request: &Request) -> Result<Vec<u8>, Response> {
     let body = Body::read(shard, request)?;
+    check_priority(&body)?;
     if body.raw("data").is_some() {
         return Ok(request.body.clone());
     }
@@ -90,6 +115,7 @@ fn message_body(shard: &Shard, request: &Request) -> Result<Vec<u8>, Response> {
 /// gets (Socket.IO clients as the event `type` names).
 fn broadcast_body(shard: &Shard, request: &Request) -> Result<Vec<u8>, Response> {
     let body = Body::read(shard, request)?;
+    check_priority(&body)?;
     if body.raw("data").is_some() {
         return Ok(request.body.clone());
     }
@@ -112,6 +138,9 @@ fn broadcast_body(shard: &Shard, request: &Request) -> Result<Vec<u8>, Response>
 /// data}`.
 fn bulk_body(shard: &Shard, request: &Request) -> Result<Vec<u8>, Response> {
     let body = Body::read(shard, request)?;
+    check_priority(&body)?;
+    // Beside `message` it is not used, but it is still the service's field.
+    body.text("type")?;
     if body.raw("data").is_some() {
         return Ok(request.body.clone());
     }

@@ -68,13 +68,9 @@ pub fn route(shard: &Rc<Shard>, request: &Request) -> Route {
         ("GET", "/echo") if shard.config().diagnostics.echo => return Route::Echo,
         ("OPTIONS", _) if request.preflight => Route::Respond(cors::preflight(origins, verdict)),
         _ if socketio::serves(shard, path) => socketio::route(shard, request),
-        _ if path.starts_with("/ws/") => aliases::route(shard, request).unwrap_or_else(|| {
-            Route::Respond(Response::error(
-                404,
-                ErrorCode::NotFound,
-                "no such endpoint",
-            ))
-        }),
+        _ if path.starts_with("/ws/") => {
+            aliases::route(shard, request).unwrap_or_else(|| Route::Respond(unserved(method, path)))
+        }
         ("GET", "/health") => Route::Respond(health::health(shard)),
         ("GET", "/health/live") => Route::Respond(health::live()),
         ("GET", "/health/ready") => Route::Respond(health::ready(shard)),
@@ -102,14 +98,7 @@ pub fn route(shard: &Rc<Shard>, request: &Request) -> Route {
         ("GET", _) if deliver::path_user(path, "").is_some() => connections::user(shard, request),
         ("DELETE", _) if connection_path(path) => connections::disconnect(shard, request),
         ("GET", _) if api::history_channel(path).is_some() => api::history(shard, request),
-        (_, _) => Route::Respond(match methods(path) {
-            Some(allow) if method == "OPTIONS" => Response::empty(204).header("Allow", allow),
-            Some(allow) => {
-                let message = format!("use {allow}");
-                Response::error(405, ErrorCode::MethodNotAllowed, &message).header("Allow", allow)
-            }
-            None => Response::error(404, ErrorCode::NotFound, "no such endpoint"),
-        }),
+        (_, _) => Route::Respond(unserved(method, path)),
     };
     let exposed = cors::exposing(origins, verdict);
     match route {
@@ -118,6 +107,18 @@ pub fn route(shard: &Rc<Shard>, request: &Request) -> Route {
             Route::Wait(Box::pin(async move { pending.await.raw_headers(&exposed) }))
         }
         upgrade => upgrade,
+    }
+}
+
+/// The answer to `method` on `path` when nothing serves it: the methods that do, or 404.
+fn unserved(method: &str, path: &str) -> Response {
+    match methods(path) {
+        Some(allow) if method == "OPTIONS" => Response::empty(204).header("Allow", allow),
+        Some(allow) => {
+            let message = format!("use {allow}");
+            Response::error(405, ErrorCode::MethodNotAllowed, &message).header("Allow", allow)
+        }
+        None => Response::error(404, ErrorCode::NotFound, "no such endpoint"),
     }
 }
 
@@ -144,8 +145,11 @@ fn methods(path: &str) -> Option<&'static str> {
             | "/api/tokens"
             | "/api/tokens/revoke"
     ) || deliver::path_user(path, "/send").is_some();
-    if post {
+    if post || aliases::posted(path) {
         return Some("POST, OPTIONS");
+    }
+    if aliases::read(path) {
+        return Some("GET, OPTIONS");
     }
     if deliver::path_user(path, "/queue").is_some() {
         return Some("GET, DELETE, OPTIONS");
