@@ -264,6 +264,54 @@ fn drain_tells_system_restart() {
     server.wait_exit();
 }
 
+/// A rolling restart of a cluster: a client of the node that drains is told `system:restart`,
+/// reconnects to the other node, and recovers its subscription and what was published while
+/// it moved.
+#[test]
+fn a_drained_nodes_clients_recover_on_another() {
+    if !sio::available("a_drained_nodes_clients_recover_on_another") {
+        return;
+    }
+    let Some(url) = common::redis_url("a_drained_nodes_clients_recover_on_another") else {
+        return;
+    };
+    let prefix = format!("sctest.drain.{}.{}", std::process::id(), common::unix_now());
+    let node = || {
+        let cluster = format!("[cluster]\nredis_url = \"{url}\"\nprefix = \"{prefix}\"\n");
+        Server::start_with(2, &format!("{cluster}\n[storage]\nurl = \"memory\"\n"))
+    };
+    let (mut a, b) = (node(), node());
+    let mut sio = SioClient::connect(&a, json!({ "auth": { "key": ACME } }));
+    sio.connected();
+    sio.emit(
+        "subscribe",
+        json!([{ "channels": ["org:acme:usage"] }]),
+        true,
+    );
+    sio.wait("subscribe ack", |r| r.get("ack").is_some());
+    let mut publisher = b.client(&format!("/ws?key={ACME}"));
+    let mut publish = |n: u64| {
+        let data = json!({ "n": n });
+        publisher.send(json!({"type":"PUBLISH","channel":"org:acme:usage","data":data,"id":"p"}));
+        assert_eq!(publisher.recv_type("ACK")["seq"], n);
+    };
+    publish(1);
+    assert_eq!(sio.event("message")[0]["seq"], 1);
+    sio.wait("upgrade", |r| r["upgrade"] == "websocket");
+
+    a.terminate();
+    let restart = sio.event("system:restart");
+    assert!(restart[0]["reconnectIn"].is_u64(), "{restart:?}");
+    sio.wait("disconnect", |r| r.get("disconnect").is_some());
+    a.wait_exit();
+    publish(2);
+    sio.send(json!({ "op": "reconnect", "url": format!("http://{}", b.addr) }));
+    assert_eq!(sio.connected()["recovered"], true);
+    assert_eq!(sio.event("message")[0]["seq"], 2);
+    publish(3);
+    assert_eq!(sio.event("message")[0]["seq"], 3);
+}
+
 /// The document service's HTTP endpoints: a send to a user arrives as the event its `type`
 /// names, a broadcast too; the user's status and queue answer as the server API's.
 #[test]

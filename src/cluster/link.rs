@@ -130,6 +130,8 @@ pub enum Op {
     Refresh(Vec<(String, String)>),
     /// The node's sessions per tenant (`census.lua`); answered with the cluster's.
     Census(Vec<(String, u32)>),
+    /// Serve what came before, then end the thread.
+    Stop,
     /// Where the node's users are connected, and what is kept for users connected nowhere
     /// (`users.lua`). Answered (`Completion::Kept`) only with a token other than 0.
     Users {
@@ -311,7 +313,7 @@ impl Link {
         settings: Settings,
         completions: Vec<flume::Sender<Completion>>,
     ) -> std::io::Result<Self> {
-        let (requests, incoming) = flume::unbounded();
+        let (requests, incoming) = flume::unbounded::<Request>();
         let backoff = Backoff::new(settings.backoff);
         let stats = Arc::new(Stats::default());
         let mut worker = Worker {
@@ -350,6 +352,11 @@ impl Link {
                     let Ok(first) = first else { break };
                     let mut batch = vec![first];
                     batch.extend(incoming.try_iter().take(MAX_BATCH - 1));
+                    if let Some(stop) = batch.iter().position(|r| matches!(r.op, Op::Stop)) {
+                        batch.truncate(stop);
+                        worker.serve(batch);
+                        break;
+                    }
                     worker.serve(batch);
                 }
             })?;
@@ -362,6 +369,13 @@ impl Link {
 
     /// Stop taking requests and wait for the thread to answer those it has.
     pub fn join(self) {
+        // Told, not left to the last sender's drop: state leaked at exit may still hold one.
+        let stop = Request {
+            shard: 0,
+            token: 0,
+            op: Op::Stop,
+        };
+        let _ = self.requests.send(stop);
         drop(self.requests);
         let _ = self.thread.join();
     }
@@ -422,8 +436,9 @@ impl Worker {
         let started = Instant::now();
         let session_ttl = self.settings.session_ttl_ms;
         match op {
-            // Taken apart in `serve`: publishes pipelined, presence writes batched.
-            Op::Publish(_) | Op::Presence { .. } => None,
+            // Taken apart in `serve`: publishes pipelined, presence writes batched; the
+            // thread ends at a stop.
+            Op::Publish(_) | Op::Presence { .. } | Op::Stop => None,
             Op::History {
                 channel,
                 since,

@@ -127,6 +127,8 @@ enum Control {
     ReaderDown(u64, bool),
     /// Connection `generation` answered a PING.
     Pong(u64),
+    /// The node stops (whoever still holds a [`Wants`]).
+    Stop,
 }
 
 /// How shards say which channels the node wants (cheap to clone, never blocks).
@@ -199,6 +201,8 @@ impl Subscriber {
     /// Stop: close the connection and wait for the control thread (every [`Wants`] clone
     /// must be gone).
     pub fn join(self) {
+        // Told, not left to the last sender's drop: state leaked at exit may still hold one.
+        let _ = self.wants.0.send(Control::Stop);
         drop(self.wants);
         let _ = self.thread.join();
     }
@@ -254,6 +258,11 @@ impl ControlThread {
                 Ok(first) => {
                     let mut batch = vec![first];
                     batch.extend(rx.try_iter());
+                    if let Some(stop) = batch.iter().position(|c| matches!(c, Control::Stop)) {
+                        batch.truncate(stop);
+                        self.handle(batch);
+                        break;
+                    }
                     self.handle(batch);
                 }
                 Err(flume::RecvTimeoutError::Timeout) => self.probe(),
@@ -295,7 +304,7 @@ impl ControlThread {
                         conn.probing = None;
                     }
                 }
-                Control::Pong(_) => {}
+                Control::Pong(_) | Control::Stop => {}
             }
         }
         let wanted = self.wanted.len() as u64;
