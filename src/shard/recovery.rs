@@ -101,6 +101,9 @@ pub fn parse_offset(offset: &str) -> Option<(&str, u64)> {
     Some((channel, seq.parse().ok()?))
 }
 
+/// The longest pid looked for.
+const MAX_PID: usize = 128;
+
 /// The shard named by `pid` (`{boot}-{shard}-{random}`), when it is one of this node's.
 fn pid_shard(pid: &str, boot_id: u64, nshards: usize) -> Option<usize> {
     let mut parts = pid.splitn(3, '-');
@@ -207,6 +210,10 @@ impl Shard {
         let Some(principal) = peer.principal() else {
             return;
         };
+        if pid.len() > MAX_PID {
+            // Not one of ours (they are about 40 bytes): nothing to look for.
+            return self.resume(peer.id, None, ids);
+        }
         let offset = offset
             .and_then(parse_offset)
             .map(|(c, s)| (c.to_owned(), s));
