@@ -1291,7 +1291,6 @@ mod tests {
         let peer = std::mem::size_of::<Peer>();
         println!("Conn {conn} B, Peer {peer} B");
         assert!(conn <= 256, "Conn is {conn} bytes");
-        // 256 until Socket.IO recovery took 16 (the state itself is boxed, only for them).
-        assert!(peer <= 272, "Peer is {peer} bytes");
+        assert!(peer <= 256, "Peer is {peer} bytes");
     }
 }

@@ -36,8 +36,10 @@ static ALLOCATOR: Counting = Counting;
 /// The heap counter is process-wide: one measurement at a time.
 static MEASURING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// Heap bytes one idle, authenticated WebSocket connection may hold on the server.
-const BUDGET: isize = 520;
+/// Heap bytes one idle, authenticated WebSocket connection may hold on the server. c9a1c9c
+/// measured 520 on one machine and 521 on another (the count is the whole process's, test
+/// side included): 8 bytes of slack, while a field added to `Peer` still shows as 16.
+const BUDGET: isize = 528;
 
 fn open(addr: std::net::SocketAddr) -> TcpStream {
     let mut s = TcpStream::connect(addr).unwrap();

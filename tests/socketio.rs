@@ -264,6 +264,46 @@ fn drain_tells_system_restart() {
     server.wait_exit();
 }
 
+/// Decisions missed while away come back from the store when the in-memory history holds
+/// fewer than were missed (`[history] size = 2`, eight decisions): recovered, all of them, in
+/// order, as `message` events with `decision: true`.
+#[test]
+fn recovery_replays_decisions_from_the_store() {
+    if !sio::available("recovery_replays_decisions_from_the_store") {
+        return;
+    }
+    const CHANNEL: &str = "org:acme:decisions";
+    let server = Server::start("[history]\nsize = 2\n");
+    let opts = json!({ "transports": ["websocket"], "auth": { "key": ACME } });
+    let mut sio = SioClient::connect(&server, opts);
+    sio.connected();
+    sio.emit("subscribe", json!([{ "channels": [CHANNEL] }]), true);
+    sio.wait("subscribe ack", |r| r.get("ack").is_some());
+    let mut producer = server.client(&format!("/ws?key={ACME}"));
+    let mut ingest = |n: u64| {
+        let decision = common::ingest(CHANNEL, &format!("k{n}"), common::decision("acme"));
+        producer.send(decision);
+        assert_eq!(producer.recv_type("ACK")["seq"], n);
+    };
+    ingest(1);
+    assert_eq!(sio.event("message")[0]["seq"], 1);
+
+    sio.send(json!({ "op": "drop" }));
+    sio.wait("disconnect", |r| r.get("disconnect").is_some());
+    for n in 2..=9 {
+        ingest(n);
+    }
+    sio.send(json!({ "op": "reconnect" }));
+    assert_eq!(sio.connected()["recovered"], true);
+    for n in 2..=9 {
+        let message = sio.event("message");
+        assert_eq!(
+            (&message[0]["seq"], &message[0]["decision"]),
+            (&json!(n), &json!(true))
+        );
+    }
+}
+
 /// A rolling restart of a cluster: a client of the node that drains is told `system:restart`,
 /// reconnects to the other node, and recovers its subscription and what was published while
 /// it moved.

@@ -189,7 +189,7 @@ impl Shard {
     /// `peer`'s session opens as `principal`: the server API can find it from now on.
     pub fn open_session(&self, peer: &Peer, principal: &Rc<Principal>) {
         let first = self.directory.borrow_mut().add(principal, peer.id);
-        *peer.principal.borrow_mut() = Some(principal.clone());
+        peer.set_principal(Some(principal.clone()));
         if let Some(user) = principal.user.as_deref().filter(|_| first) {
             self.tell_online(user, true);
         }
@@ -197,12 +197,12 @@ impl Shard {
 
     /// `peer` runs on a refreshed credential (the same user and org).
     pub fn refresh_session(&self, peer: &Peer, principal: &Rc<Principal>) {
-        *peer.principal.borrow_mut() = Some(principal.clone());
+        peer.set_principal(Some(principal.clone()));
     }
 
     /// `peer` is gone.
     pub(super) fn close_session(&self, peer: &Peer) {
-        let Some(principal) = peer.principal.borrow_mut().take() else {
+        let Some(principal) = peer.take_principal() else {
             return;
         };
         self.leave_census(&principal);

@@ -833,18 +833,14 @@ impl Shard {
     /// [`Shard::deliver`] of message `seq` of `channel`, which a recoverable connection's
     /// trail records.
     fn deliver_publication(&self, peer: &Peer, channel: &str, seq: u64, frame: Frame) {
-        if let Some(recoverable) = peer.recovery.borrow_mut().as_mut() {
-            recoverable.trail.record_named(channel, seq);
-        }
+        peer.with_recovery(|r| r.trail.record_named(channel, seq));
         self.deliver(peer, frame);
     }
 
     /// [`Shard::deliver_publication`] on the fan-out path, with the shard's own `Rc` of the
     /// channel's name (the trail compares pointers).
     fn fan_out_to(&self, peer: &Peer, channel: &Rc<str>, seq: u64, frame: Frame) {
-        if let Some(recoverable) = peer.recovery.borrow_mut().as_mut() {
-            recoverable.trail.record(channel, seq);
-        }
+        peer.with_recovery(|r| r.trail.record(channel, seq));
         self.deliver(peer, frame);
     }
 
@@ -1433,7 +1429,7 @@ impl Shard {
             recovered: &recovered,
         };
         match p.id.as_deref() {
-            Some(id) if peer.recovery.borrow().is_some() => {
+            Some(id) if peer.recoverable() => {
                 self.resumed(&peer, id, incomplete == 0, || {
                     self.answer(&peer, &subscribed)
                 });
@@ -1446,12 +1442,10 @@ impl Shard {
             let channel = &*replay.channel;
             // What did not fit was left out of the front.
             let sent = &replay.messages[replay.messages.len() - frames.len()..];
-            if let Some(recoverable) = peer.recovery.borrow_mut().as_mut() {
-                let before = sent
-                    .first()
-                    .map_or(replay.upto, |m| m.seq.saturating_sub(1));
-                recoverable.trail.start(channel, before);
-            }
+            let before = sent
+                .first()
+                .map_or(replay.upto, |m| m.seq.saturating_sub(1));
+            peer.with_recovery(|r| r.trail.start(channel, before));
             for (frame, m) in frames.into_iter().zip(sent) {
                 self.deliver_publication(&peer, channel, m.seq, frame);
             }

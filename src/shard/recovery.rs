@@ -121,22 +121,22 @@ impl Shard {
         hasher.write_u64(peer.id);
         let random = hasher.finish();
         let pid: Box<str> = format!("{:x}-{}-{random:x}", self.global.boot_id, self.id).into();
-        *peer.recovery.borrow_mut() = Some(Box::new(Recoverable {
+        peer.replace_recovery(Some(Box::new(Recoverable {
             pid: pid.clone(),
             trail: Recording::default(),
             resuming: None,
-        }));
+        })));
         pid
     }
 
     /// `peer`'s client said goodbye (or its session ended for good): nothing to recover.
     pub fn disable_recovery(&self, peer: &Peer) {
-        peer.recovery.borrow_mut().take();
+        peer.replace_recovery(None);
     }
 
     /// `peer` is going: keep what its client needs to recover it.
     pub(super) fn keep_for_recovery(&self, peer: &Peer) {
-        let Some(recoverable) = peer.recovery.borrow_mut().take() else {
+        let Some(recoverable) = peer.replace_recovery(None) else {
             return;
         };
         let Some(principal) = peer.principal() else {
@@ -310,9 +310,7 @@ impl Shard {
             self.counters.add(Counter::SocketIoNotRecovered, 1);
             return answer(&ids.fresh);
         };
-        if let Some(recoverable) = peer.recovery.borrow_mut().as_mut() {
-            recoverable.resuming = Some((ids.recovered.clone(), ids.pid.clone()));
-        }
+        peer.with_recovery(|r| r.resuming = Some((ids.recovered.clone(), ids.pid.clone())));
         if resume.since.is_empty() {
             // Nothing to replay: recovered as it is.
             return self.resumed(&peer, &ids.recovered, true, || answer(&ids.recovered));
@@ -344,25 +342,26 @@ impl Shard {
     /// The SUB with request id `id` is answered (`complete`: every replay whole): if it
     /// resumes `peer`, the connection takes the old pid when recovered. Then `answer`.
     pub(super) fn resumed(&self, peer: &Peer, id: &[u8], complete: bool, answer: impl FnOnce()) {
-        let mut recovery = peer.recovery.borrow_mut();
-        if let Some(recoverable) = recovery.as_mut() {
-            if recoverable
+        let resumed = peer.with_recovery(|recoverable| {
+            let mine = recoverable
                 .resuming
                 .as_ref()
-                .is_some_and(|(i, _)| **i == *id)
-            {
-                let counter = if complete {
-                    Counter::SocketIoRecovered
-                } else {
-                    Counter::SocketIoNotRecovered
-                };
-                self.counters.add(counter, 1);
+                .is_some_and(|(i, _)| **i == *id);
+            if mine {
                 if let Some((_, pid)) = recoverable.resuming.take().filter(|_| complete) {
                     recoverable.pid = pid;
                 }
             }
+            mine
+        });
+        if resumed == Some(true) {
+            let counter = if complete {
+                Counter::SocketIoRecovered
+            } else {
+                Counter::SocketIoNotRecovered
+            };
+            self.counters.add(counter, 1);
         }
-        drop(recovery);
         answer();
     }
 }
