@@ -2568,6 +2568,7 @@ impl Shard {
             self.free_idle_channels(now);
             self.auth.expire_revocations(self.now().unix_ms);
             self.expire_offline();
+            self.expire_records();
             self.expire_asks();
             let rate = self.config().limits.ip_rate(self.nshards);
             self.connecting

@@ -187,6 +187,11 @@ impl Shard {
         }
     }
 
+    /// Forget the records whose window has passed (the sweep; keeping and taking do too).
+    pub(super) fn expire_records(&self) {
+        self.records.borrow_mut().expire(self.now().unix_ms);
+    }
+
     /// Keep `record` for `pid` until it expires or is taken.
     pub(super) fn keep_record(&self, pid: Box<str>, record: Record) {
         let mut records = self.records.borrow_mut();

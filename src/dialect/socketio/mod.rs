@@ -233,8 +233,14 @@ fn with_attachments(text: Frame, binary: Option<(Vec<u8>, Vec<Vec<u8>>)>) -> Fra
 /// `,"{seq}:{channel}"`: the offset a Socket.IO 4.6+ client keeps of the last message it
 /// handled and sends back to recover its session (see `shard::recovery`).
 fn push_offset(out: &mut Vec<u8>, channel: &str, seq: u64) {
-    out.push(b',');
-    json::push_str(out, &format!("{seq}:{channel}"));
+    out.extend_from_slice(b",\"");
+    json::push_u64(out, seq);
+    out.push(b':');
+    // The channel as a JSON string less its opening quote (the offset's is above): no
+    // allocation per encoding.
+    let quote = out.len();
+    json::push_str(out, channel);
+    out.remove(quote);
 }
 
 /// `publication` of `channel` as an event (see the module's documentation).
